@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs, idempotently, everything palisade's build and tests need on a fresh Debian
+# machine run as root: Debian packages, the rust-src component, bpf-linker built against
+# rustc's own LLVM, and a mounted bpffs. Each step is skipped when it is already done.
+set -euo pipefail
+
+say() { printf 'palisade setup: %s\n' "$*" >&2; }
+
+# Where bpf-linker's LLVM link folder lives; its path is baked into bpf-linker's rpath,
+# so it must stay put.
+TOOLS_DIR=${PALISADE_TOOLS_DIR:-/opt/palisade-tools}
+BPF_LINKER_VERSION=${BPF_LINKER_VERSION:-0.13.0}
+
+if [ "$(id -u)" -ne 0 ]; then
+  say "must run as root (it installs Debian packages and mounts bpffs)"; exit 1
+fi
+
+# Debian packages: iproute2 (ip netns, veth), iptables/nftables (benchmark baselines),
+# tcpdump is not needed: captures are done by the testbed itself.
+need_pkgs=()
+for p in iproute2 iptables nftables procps; do
+  dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  say "installing Debian packages: ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+if ! rustup component list --installed 2>/dev/null | grep -q '^rust-src'; then
+  say "adding the rust-src component (the eBPF crate is built with -Z build-std=core)"
+  rustup component add rust-src
+fi
+
+if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version >/dev/null 2>&1; then
+  SR=$(rustc --print sysroot)
+  LIB=$(cd "$SR/lib" && ls libLLVM.so.*-rust-* 2>/dev/null | head -n1)
+  if [ -z "$LIB" ]; then say "rustc's libLLVM not found under $SR/lib"; exit 1; fi
+  LLVM_MAJOR=$(echo "$LIB" | sed -E 's/libLLVM\.so\.([0-9]+)\..*/\1/')
+  say "building bpf-linker $BPF_LINKER_VERSION against rustc's LLVM $LLVM_MAJOR (about a minute)"
+  mkdir -p "$TOOLS_DIR/llvm/lib"
+  for n in libLLVM.so "$LIB"; do ln -sf "$SR/lib/$LIB" "$TOOLS_DIR/llvm/lib/$n"; done
+  LLVM_PREFIX="$TOOLS_DIR/llvm" cargo install --locked bpf-linker --version "$BPF_LINKER_VERSION" \
+    --no-default-features --features "llvm-$LLVM_MAJOR"
+fi
+
+if ! mountpoint -q /sys/fs/bpf; then
+  say "mounting bpffs at /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf
+fi

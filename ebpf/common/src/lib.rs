@@ -1,0 +1,457 @@
+//! The datapath ABI: the one definition of every eBPF map key and value, the map names,
+//! and the named constants (directions, verdicts, reasons, flags) that the kernel programs
+//! and the agent share.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so that both sides agree on every
+//! byte. Fields whose bytes are matched as a prefix by an LPM trie are stored in network
+//! byte order as byte arrays, and their names end in `_be`. With the `user` feature the
+//! types implement `aya::Pod` so the agent can read and write them.
+#![no_std]
+
+/// Names of the maps in the eBPF object (at most 15 bytes: the kernel's limit).
+pub mod map_names {
+    /// Host-side interface index -> [`EndpointInfo`](super::EndpointInfo).
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    /// LPM trie: IPv4 prefix -> [`IpcacheValue`](super::IpcacheValue).
+    pub const IPCACHE_V4: &str = "IPCACHE_V4";
+    /// LPM trie: IPv6 prefix -> [`IpcacheValue`](super::IpcacheValue).
+    pub const IPCACHE_V6: &str = "IPCACHE_V6";
+    /// LPM trie: [`PolicyKey`](super::PolicyKey) -> [`PolicyValue`](super::PolicyValue).
+    pub const POLICY: &str = "POLICY";
+    /// LRU hash: [`CtKey`](super::CtKey) -> [`CtValue`](super::CtValue).
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// Ring buffer of [`VerdictEvent`](super::VerdictEvent).
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU array of [`Counter`](super::Counter), indexed by [`counter_index`](super::counter_index).
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Array of u32 settings, indexed by [`config`](super::config) constants.
+    pub const CONFIG: &str = "CONFIG";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    /// Attached to the host side's tc ingress: sees what the pod sends (pod egress).
+    pub const FROM_POD: &str = "palisade_from_pod";
+    /// Attached to the host side's tc egress: sees what the pod receives (pod ingress).
+    pub const TO_POD: &str = "palisade_to_pod";
+}
+
+/// Default map sizes (entries). The agent may override them at load time.
+pub mod map_sizes {
+    pub const ENDPOINTS: u32 = 4096;
+    pub const IPCACHE_V4: u32 = 262_144;
+    pub const IPCACHE_V6: u32 = 262_144;
+    pub const POLICY: u32 = 262_144;
+    pub const CONNTRACK: u32 = 262_144;
+    /// Bytes; a power of two multiple of the page size.
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+}
+
+/// Policy direction, always from the pod's point of view.
+pub mod direction {
+    /// Traffic the pod receives.
+    pub const INGRESS: u8 = 0;
+    /// Traffic the pod sends.
+    pub const EGRESS: u8 = 1;
+}
+
+/// Numeric security identities with a fixed meaning (the same numbers as Cilium).
+pub mod identity {
+    /// In a policy key: any peer identity.
+    pub const ANY: u32 = 0;
+    pub const HOST: u32 = 1;
+    pub const WORLD: u32 = 2;
+    pub const UNMANAGED: u32 = 3;
+    pub const HEALTH: u32 = 4;
+    pub const INIT: u32 = 5;
+    pub const REMOTE_NODE: u32 = 6;
+    pub const KUBE_APISERVER: u32 = 7;
+    pub const INGRESS: u32 = 8;
+    /// What an IPv4 peer without an ipcache entry is.
+    pub const WORLD_IPV4: u32 = 9;
+    /// What an IPv6 peer without an ipcache entry is.
+    pub const WORLD_IPV6: u32 = 10;
+    /// First identity allocated for label sets.
+    pub const FIRST_CLUSTER: u32 = 256;
+    /// Scope bit of node-local identities (CIDR identities).
+    pub const LOCAL_SCOPE: u32 = 1 << 24;
+}
+
+/// IP protocol numbers the datapath understands. `ANY` (0) in a policy key means every
+/// protocol (the entry's prefix then stops before the protocol byte).
+pub mod proto {
+    pub const ANY: u8 = 0;
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// Address families in events and conntrack keys.
+pub mod family {
+    pub const IPV4: u8 = 4;
+    pub const IPV6: u8 = 6;
+}
+
+/// What happened to a packet.
+pub mod verdict {
+    pub const ALLOW: u8 = 1;
+    pub const DROP: u8 = 2;
+}
+
+/// Why a packet was allowed or dropped. Values below [`DROP_FIRST`](reason::DROP_FIRST)
+/// allow, the others drop. Also the index into the counters (see [`counter_index`]).
+pub mod reason {
+    /// A policy entry allowed it.
+    pub const ALLOWED_BY_POLICY: u8 = 1;
+    /// The endpoint is not enforced in this direction (no policy selects it).
+    pub const ALLOWED_NOT_ENFORCED: u8 = 2;
+    /// Reply (or related) traffic of a connection that policy allowed.
+    pub const ALLOWED_REPLY: u8 = 3;
+    /// Traffic that is always allowed (ICMPv6 neighbour discovery).
+    pub const ALLOWED_ALWAYS: u8 = 4;
+    /// First drop reason.
+    pub const DROP_FIRST: u8 = 16;
+    /// The endpoint is enforced and no allow matched (default deny).
+    pub const DROP_POLICY_DENIED: u8 = 16;
+    /// An explicit deny rule matched.
+    pub const DROP_POLICY_DENY_RULE: u8 = 17;
+    /// The pod sent a packet with a source address that is not its own.
+    pub const DROP_SPOOFED_SOURCE: u8 = 18;
+    /// Truncated or malformed headers on an enforced endpoint.
+    pub const DROP_MALFORMED: u8 = 19;
+    /// A non-first fragment whose first fragment was not seen.
+    pub const DROP_FRAGMENT_UNKNOWN: u8 = 20;
+    /// Number of reason slots (the counters array is sized from it).
+    pub const SLOTS: u32 = 32;
+
+    /// Whether `r` is a drop reason.
+    pub const fn is_drop(r: u8) -> bool {
+        r >= DROP_FIRST
+    }
+}
+
+/// How specific the policy entry that decided was.
+pub mod match_kind {
+    /// No policy entry decided (not enforced, reply, default deny...).
+    pub const NONE: u8 = 0;
+    /// Both peer identity and port were wildcards.
+    pub const ALL: u8 = 1;
+    /// Peer identity given, any port.
+    pub const L3_ONLY: u8 = 2;
+    /// Any peer identity, port (or protocol) given.
+    pub const L4_ONLY: u8 = 3;
+    /// Peer identity and port (or protocol) given.
+    pub const L3_L4: u8 = 4;
+}
+
+/// Indices into the CONFIG array.
+pub mod config {
+    /// Bit flags, see the `FLAG_*` constants.
+    pub const FLAGS: u32 = 0;
+    pub const SLOTS: u32 = 4;
+    /// Emit a verdict event for the first packet of every allowed new flow (drops are always
+    /// reported).
+    pub const FLAG_EMIT_ALLOW_EVENTS: u32 = 1;
+}
+
+/// Bits of [`EndpointInfo::flags`].
+pub mod endpoint_flags {
+    /// Ingress policy is enforced (some policy selects the endpoint for ingress).
+    pub const INGRESS_ENFORCED: u32 = 1;
+    /// Egress policy is enforced.
+    pub const EGRESS_ENFORCED: u32 = 2;
+    /// `ipv4` holds the endpoint's IPv4 address.
+    pub const HAS_IPV4: u32 = 4;
+    /// `ipv6` holds the endpoint's IPv6 address.
+    pub const HAS_IPV6: u32 = 8;
+}
+
+/// Value of the ENDPOINTS map, keyed by the host-side interface index (u32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// Node-local endpoint id (1..=65535); the first field of every policy key.
+    pub endpoint_id: u32,
+    /// The endpoint's security identity.
+    pub identity: u32,
+    /// [`endpoint_flags`] bits.
+    pub flags: u32,
+    /// IPv4 address, network order.
+    pub ipv4: [u8; 4],
+    /// IPv6 address, network order.
+    pub ipv6: [u8; 16],
+}
+
+/// LPM data of the IPCACHE_V4 map (wrapped in the LPM key with its prefix length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv4Prefix {
+    pub addr: [u8; 4],
+}
+
+/// LPM data of the IPCACHE_V6 map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ipv6Prefix {
+    pub addr: [u8; 16],
+}
+
+/// Value of both ipcache maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    /// Reserved for later use; zero.
+    pub flags: u32,
+}
+
+/// LPM data of the POLICY map. The fields are matched as a bit prefix in this order:
+/// endpoint, direction, reserved byte, peer identity ([`POLICY_PREFIX_FIXED`] bits, always
+/// matched), then protocol (8 bits) and destination port (16 bits). An entry for any
+/// protocol stops after the identity; one for any port stops after the protocol; a port
+/// range is a few entries whose prefix ends inside the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub endpoint_id_be: [u8; 2],
+    pub direction: u8,
+    pub reserved: u8,
+    /// Peer identity; [`identity::ANY`] for "any peer".
+    pub identity_be: [u8; 4],
+    /// IP protocol ([`proto`]); zero when the prefix ends before it.
+    pub protocol: u8,
+    /// Destination port (TCP/UDP/SCTP) or ICMP type (in the high byte's place: see
+    /// [`PolicyKey::new`]).
+    pub dport_be: [u8; 2],
+    pub pad: u8,
+}
+
+/// Prefix bits of endpoint + direction + reserved + identity.
+pub const POLICY_PREFIX_FIXED: u32 = 64;
+/// Prefix bits up to and including the protocol.
+pub const POLICY_PREFIX_PROTO: u32 = 72;
+/// Prefix bits of a fully specified key.
+pub const POLICY_PREFIX_FULL: u32 = 88;
+
+impl PolicyKey {
+    /// A key for a packet or an entry. For ICMP and ICMPv6 pass the type as `dport`.
+    pub const fn new(
+        endpoint_id: u16,
+        direction: u8,
+        identity: u32,
+        protocol: u8,
+        dport: u16,
+    ) -> Self {
+        PolicyKey {
+            endpoint_id_be: endpoint_id.to_be_bytes(),
+            direction,
+            reserved: 0,
+            identity_be: identity.to_be_bytes(),
+            protocol,
+            dport_be: dport.to_be_bytes(),
+            pad: 0,
+        }
+    }
+    pub const fn endpoint_id(&self) -> u16 {
+        u16::from_be_bytes(self.endpoint_id_be)
+    }
+    pub const fn identity(&self) -> u32 {
+        u32::from_be_bytes(self.identity_be)
+    }
+    pub const fn dport(&self) -> u16 {
+        u16::from_be_bytes(self.dport_be)
+    }
+}
+
+/// Bits of [`PolicyValue::flags`].
+pub mod policy_flags {
+    /// The entry denies (a deny beats every allow; see the resolver).
+    pub const DENY: u32 = 1;
+}
+
+/// Value of the POLICY map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    /// [`policy_flags`] bits.
+    pub flags: u32,
+    /// Names the rules that produced the entry; the agent maps it back to policies.
+    pub cookie: u32,
+    /// The entry's prefix length, so the datapath can tell how specific the match was.
+    pub prefix_len: u32,
+}
+
+/// Key of the CONNTRACK map: a flow as its first packet saw it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Source port (ICMP echo: the identifier), network order.
+    pub sport_be: [u8; 2],
+    /// Destination port (ICMP echo: the identifier), network order.
+    pub dport_be: [u8; 2],
+    pub protocol: u8,
+    pub family: u8,
+    pub pad: [u8; 2],
+}
+
+impl CtKey {
+    /// The same flow seen from the other end.
+    pub const fn reversed(&self) -> CtKey {
+        CtKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport_be: self.dport_be,
+            dport_be: self.sport_be,
+            protocol: self.protocol,
+            family: self.family,
+            pad: [0; 2],
+        }
+    }
+}
+
+/// Bits of [`CtValue::flags`].
+pub mod ct_flags {
+    /// The source pod's egress allowed the flow (or was not enforced).
+    pub const EGRESS_OK: u32 = 1;
+    /// The destination pod's ingress allowed the flow (or was not enforced).
+    pub const INGRESS_OK: u32 = 2;
+    /// A reply was seen.
+    pub const SEEN_REPLY: u32 = 4;
+    /// TCP: FIN seen in the forward direction.
+    pub const TCP_FIN_FWD: u32 = 8;
+    /// TCP: FIN seen in the reply direction.
+    pub const TCP_FIN_REV: u32 = 16;
+    /// TCP: RST seen.
+    pub const TCP_RST: u32 = 32;
+}
+
+/// Value of the CONNTRACK map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// bpf_ktime_get_ns() of the last packet.
+    pub last_seen_ns: u64,
+    /// bpf_ktime_get_ns() of the first packet.
+    pub created_ns: u64,
+    /// [`ct_flags`] bits.
+    pub flags: u32,
+    /// Cookie of the policy entry that allowed the flow.
+    pub cookie: u32,
+}
+
+/// One packet verdict, sent to user space through the EVENTS ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictEvent {
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub endpoint_id: u32,
+    pub ifindex: u32,
+    pub peer_identity: u32,
+    /// Cookie of the deciding policy entry (0: none decided).
+    pub cookie: u32,
+    /// Addresses, network order; IPv4 in the first 4 bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Ports in host order (ICMP: type in `dport`, code in `sport`).
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub protocol: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub match_kind: u8,
+    pub tcp_flags: u8,
+    pub pad: u8,
+    pub pkt_len: u32,
+}
+
+/// Packets and bytes for one (reason, direction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Slots in the COUNTERS array.
+pub const COUNTER_SLOTS: u32 = reason::SLOTS * 2;
+
+/// Index into the COUNTERS array.
+pub const fn counter_index(reason: u8, direction: u8) -> u32 {
+    (reason as u32 % reason::SLOTS) * 2 + (direction as u32 & 1)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
+    // with no implicit padding (checked by the size assertions below).
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl aya::Pod for super::Ipv4Prefix {}
+    unsafe impl aya::Pod for super::Ipv6Prefix {}
+    unsafe impl aya::Pod for super::IpcacheValue {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::VerdictEvent {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+// No implicit padding anywhere: the sizes are the sums of the fields.
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 32);
+const _: () = assert!(core::mem::size_of::<Ipv4Prefix>() == 4);
+const _: () = assert!(core::mem::size_of::<Ipv6Prefix>() == 16);
+const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 12);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+const _: () = assert!(core::mem::size_of::<VerdictEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_key_bytes_are_big_endian_prefix_order() {
+        let k = PolicyKey::new(0x0102, direction::EGRESS, 0x0a0b0c0d, proto::TCP, 8080);
+        assert_eq!(k.endpoint_id_be, [1, 2]);
+        assert_eq!(k.identity_be, [0x0a, 0x0b, 0x0c, 0x0d]);
+        assert_eq!(k.dport(), 8080);
+        assert_eq!(k.identity(), 0x0a0b0c0d);
+        assert_eq!(k.endpoint_id(), 0x0102);
+    }
+
+    #[test]
+    fn ct_key_reverses() {
+        let k = CtKey {
+            saddr: [1; 16],
+            daddr: [2; 16],
+            sport_be: [0, 1],
+            dport_be: [0, 2],
+            protocol: 6,
+            family: 4,
+            pad: [0; 2],
+        };
+        let r = k.reversed();
+        assert_eq!(r.saddr, [2; 16]);
+        assert_eq!(r.sport_be, [0, 2]);
+        assert_eq!(r.reversed(), k);
+    }
+
+    #[test]
+    fn counter_indices_are_distinct() {
+        assert_ne!(
+            counter_index(reason::DROP_POLICY_DENIED, 0),
+            counter_index(reason::DROP_POLICY_DENIED, 1)
+        );
+        assert!(counter_index(reason::DROP_FRAGMENT_UNKNOWN, 1) < COUNTER_SLOTS);
+    }
+}

@@ -1,0 +1,2 @@
+//! palisade's node agent.
+pub mod datapath;
