@@ -1,0 +1,228 @@
+//! Client of the agent's local API, used by the CLI, the CNI plugin and the testbed.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+
+use super::types::*;
+
+/// Why a call to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot connect to the agent at {socket}: {source} (is palisade-agent running, and are you root?)"
+    )]
+    Connect { socket: PathBuf, source: std::io::Error },
+    #[error("talking to the agent at {socket}: {source}")]
+    Http { socket: PathBuf, source: hyper::Error },
+    #[error("the agent answered {status} to {method} {path}: {message}")]
+    Status { method: String, path: String, status: u16, message: String },
+    #[error("the agent's answer to {path} is not what this client expects: {source}")]
+    Decode { path: String, source: serde_json::Error },
+    #[error("waiting for revision {revision}: not realized within {timeout_ms} ms")]
+    WaitTimeout { revision: u64, timeout_ms: u64 },
+}
+
+/// A handle on the agent's API socket. Each call opens its own connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl AsRef<Path>) -> Self {
+        Client { socket: socket.as_ref().to_path_buf() }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ClientError::Http { socket: self.socket.clone(), source })?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<R, ClientError> {
+        let mut sender = self.connect().await?;
+        let bytes = match body {
+            Some(b) => Bytes::from(serde_json::to_vec(b).expect("API bodies serialize")),
+            None => Bytes::new(),
+        };
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header("host", "palisade")
+            .header("content-type", "application/json")
+            .body(Full::new(bytes))
+            .expect("valid request");
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| ClientError::Http { socket: self.socket.clone(), source })?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|source| ClientError::Http { socket: self.socket.clone(), source })?
+            .to_bytes();
+        if !status.is_success() {
+            if status == StatusCode::REQUEST_TIMEOUT && path.starts_with("/v1/wait") {
+                let q = |k: &str| {
+                    path.split(['?', '&'])
+                        .find_map(|kv| kv.strip_prefix(k))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0)
+                };
+                return Err(ClientError::WaitTimeout {
+                    revision: q("revision="),
+                    timeout_ms: q("timeout_ms="),
+                });
+            }
+            let message = serde_json::from_slice::<ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(ClientError::Status {
+                method: method.to_string(),
+                path: path.to_string(),
+                status: status.as_u16(),
+                message,
+            });
+        }
+        serde_json::from_slice(&body)
+            .map_err(|source| ClientError::Decode { path: path.to_string(), source })
+    }
+
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/status", None).await
+    }
+
+    pub async fn put_namespace(&self, name: &str, spec: &NamespaceSpec) -> Result<Ack, ClientError> {
+        self.call(Method::PUT, &format!("/v1/namespaces/{name}"), Some(spec)).await
+    }
+
+    pub async fn put_endpoint(
+        &self,
+        namespace: &str,
+        name: &str,
+        spec: &EndpointSpec,
+    ) -> Result<EndpointStatus, ClientError> {
+        self.call(Method::PUT, &format!("/v1/endpoints/{namespace}/{name}"), Some(spec)).await
+    }
+
+    pub async fn delete_endpoint(&self, namespace: &str, name: &str) -> Result<Ack, ClientError> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/endpoints/{namespace}/{name}"), None)
+            .await
+    }
+
+    pub async fn endpoints(&self) -> Result<Vec<EndpointStatus>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/endpoints", None).await
+    }
+
+    pub async fn put_ipcache(&self, spec: &IpcacheEntrySpec) -> Result<Ack, ClientError> {
+        self.call(Method::PUT, "/v1/ipcache", Some(spec)).await
+    }
+
+    pub async fn identities(&self) -> Result<Vec<IdentityInfo>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/identities", None).await
+    }
+
+    pub async fn policies(&self) -> Result<Vec<PolicyStatus>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/policies", None).await
+    }
+
+    /// Waits until every endpoint has realized `revision` in the kernel.
+    pub async fn wait_revision(&self, revision: u64, timeout: Duration) -> Result<Status, ClientError> {
+        let ms = timeout.as_millis() as u64;
+        self.call::<(), _>(Method::GET, &format!("/v1/wait?revision={revision}&timeout_ms={ms}"), None)
+            .await
+    }
+
+    /// Waits until the agent has realized everything it has accepted so far.
+    pub async fn wait_current(&self, timeout: Duration) -> Result<Status, ClientError> {
+        let rev = self.status().await?.revision;
+        self.wait_revision(rev, timeout).await
+    }
+
+    /// Opens the verdict-event stream. Events arrive as they happen from the moment the
+    /// call returns.
+    pub async fn monitor(&self) -> Result<MonitorStream, ClientError> {
+        let mut sender = self.connect().await?;
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri("/v1/monitor")
+            .header("host", "palisade")
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| ClientError::Http { socket: self.socket.clone(), source })?;
+        if !resp.status().is_success() {
+            return Err(ClientError::Status {
+                method: "GET".into(),
+                path: "/v1/monitor".into(),
+                status: resp.status().as_u16(),
+                message: "monitor refused".into(),
+            });
+        }
+        Ok(MonitorStream { body: resp.into_body(), buf: Vec::new(), socket: self.socket.clone() })
+    }
+}
+
+/// A live stream of verdict events.
+pub struct MonitorStream {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+    socket: PathBuf,
+}
+
+impl MonitorStream {
+    /// The next event; `None` when the agent closed the stream.
+    pub async fn next(&mut self) -> Result<Option<MonitorEvent>, ClientError> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return serde_json::from_slice(&line)
+                    .map(Some)
+                    .map_err(|source| ClientError::Decode { path: "/v1/monitor".into(), source });
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(source)) => {
+                    return Err(ClientError::Http { socket: self.socket.clone(), source });
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}

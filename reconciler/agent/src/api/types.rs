@@ -1,0 +1,197 @@
+//! Request and response bodies of the agent's local API (JSON over HTTP/1.1 on a unix
+//! socket). The CLI, the CNI plugin and the testbed all use these types.
+//!
+//! Routes (all under `/v1`):
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | GET | `/v1/status` | | [`Status`] |
+//! | PUT | `/v1/namespaces/{name}` | [`NamespaceSpec`] | [`Ack`] |
+//! | PUT | `/v1/endpoints/{namespace}/{name}` | [`EndpointSpec`] | [`EndpointStatus`] |
+//! | DELETE | `/v1/endpoints/{namespace}/{name}` | | [`Ack`] |
+//! | GET | `/v1/endpoints` | | `Vec<`[`EndpointStatus`]`>` |
+//! | PUT | `/v1/ipcache` | [`IpcacheEntrySpec`] | [`Ack`] |
+//! | GET | `/v1/identities` | | `Vec<`[`IdentityInfo`]`>` |
+//! | GET | `/v1/policies` | | `Vec<`[`PolicyStatus`]`>` |
+//! | GET | `/v1/wait?revision=N&timeout_ms=M` | | [`Status`] once every endpoint realized N (408 on timeout) |
+//! | GET | `/v1/monitor` | | a stream of [`MonitorEvent`], one JSON document per line |
+//!
+//! Errors come back as a non-2xx status with an [`ApiError`] body.
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+/// Labels of a namespace (as `kubectl get ns -o yaml` shows them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespaceSpec {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A named container port of a pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortSpec {
+    pub name: String,
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+}
+
+/// What a CNI plugin (or the testbed) tells the agent about a pod on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointSpec {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default)]
+    pub ipv4: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Addr>,
+    /// Host-side interface name (the veth peer in the node's namespace).
+    pub interface: String,
+    /// Named ports (for policies that name a port).
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+}
+
+fn default_service_account() -> String {
+    "default".into()
+}
+
+/// An endpoint as the agent holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointStatus {
+    pub id: u16,
+    pub namespace: String,
+    pub name: String,
+    pub identity: u32,
+    /// Security labels (`source:key=value`) the identity stands for.
+    pub security_labels: Vec<String>,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    pub interface: String,
+    pub ifindex: u32,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    /// Revision realized in the kernel for this endpoint.
+    pub realized_revision: u64,
+    /// Policy entries loaded for this endpoint.
+    pub policy_entries: usize,
+}
+
+/// Reserved identities an address can be given through the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReservedEntity {
+    Host,
+    RemoteNode,
+    KubeApiserver,
+    Health,
+    Ingress,
+}
+
+/// Gives an address or prefix outside this node's pods a reserved identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpcacheEntrySpec {
+    /// An address (`10.0.0.1`) or prefix (`10.0.0.0/24`).
+    pub cidr: String,
+    pub entity: ReservedEntity,
+}
+
+/// One identity and what it stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityInfo {
+    pub id: u32,
+    pub labels: Vec<String>,
+    pub references: u32,
+}
+
+/// Whether a manifest is enforced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// File (or source) the manifest came from.
+    pub source: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    /// `true` when accepted and part of the policy repository.
+    pub enforced: bool,
+    /// Why it was rejected (kind, name, field path, reason), when it was.
+    pub error: Option<String>,
+    /// Parts of the manifest that are accepted but not enforced (L7 rules...).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// The revision at which this manifest last changed.
+    pub revision: u64,
+}
+
+/// The agent as a whole.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// Current revision of the desired state: increases with every accepted change of
+    /// policies, endpoints or identities.
+    pub revision: u64,
+    /// Lowest revision realized in the kernel over all endpoints (equals `revision` when
+    /// everything is loaded).
+    pub realized_revision: u64,
+    pub endpoints: usize,
+    pub identities: usize,
+    pub policies: usize,
+    pub rejected_policies: usize,
+    /// "tcx" or "clsact".
+    pub attach_mode: String,
+    pub bpffs: String,
+    pub warnings: Vec<String>,
+}
+
+/// A decoded verdict event from the datapath.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitorEvent {
+    /// Nanoseconds, CLOCK_MONOTONIC.
+    pub ts_ns: u64,
+    pub endpoint_id: u32,
+    /// `namespace/name` of the endpoint, when known.
+    pub endpoint: Option<String>,
+    /// "ingress" or "egress" (the endpoint's point of view).
+    pub direction: String,
+    /// "allow" or "drop".
+    pub verdict: String,
+    /// Reason name, e.g. "policy-denied".
+    pub reason: String,
+    /// "L3-only", "L3-L4", "L4-only", "all" or "none".
+    pub match_kind: String,
+    pub src: String,
+    pub dst: String,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// "TCP", "UDP", "SCTP", "ICMP", "ICMPv6" or the number.
+    pub protocol: String,
+    pub peer_identity: u32,
+    /// Policies whose rules produced the deciding entry (`Kind/namespace/name`).
+    #[serde(default)]
+    pub policies: Vec<String>,
+}
+
+/// Empty success answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Revision of the desired state after the call (see [`Status::revision`]).
+    pub revision: u64,
+}
+
+/// Error answer body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
