@@ -1,1 +1,23 @@
-//! palisade policy model (placeholder).
+//! palisade's policy model and resolution, pure: no kernel, Kubernetes or actor crate.
+//!
+//! - [`labels`]: labels, label sets, the labels derived for a pod.
+//! - [`selector`]: label selectors (`matchLabels`, `matchExpressions`, source prefixes).
+//! - [`identity`]: label set -> numeric identity, reference counted.
+//! - [`model`]: the one internal rule model every policy kind translates into.
+//! - [`parse`]: manifests -> policies, or errors with field paths.
+//! - [`resolve`]: policies x endpoints x identities -> desired policy entries.
+
+pub mod identity;
+pub mod labels;
+pub mod model;
+pub mod parse;
+pub mod ports;
+pub mod resolve;
+pub mod selector;
+
+pub use identity::IdentityAllocator;
+pub use labels::{Label, LabelSet};
+pub use model::{Direction, NamedPort, Policy, PolicyKind, Protocol};
+pub use parse::{ManifestOutcome, ParseError, PolicyError, parse_manifests};
+pub use resolve::{DesiredState, EndpointPolicy, EndpointView, EntryKey, EntryValue, RuleOrigin, resolve};
+pub use selector::EndpointSelector;

@@ -1,0 +1,203 @@
+//! Numeric security identities: label set -> number, with reference counts.
+//!
+//! The reserved identities have fixed numbers (the same as Cilium's and as
+//! `palisade_common::identity`, which this crate does not depend on) and are always
+//! registered. Label sets get numbers from [`FIRST_CLUSTER`] on; a number whose last
+//! reference is released is free, and the lowest free number is handed out first.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+
+use crate::labels::LabelSet;
+
+/// Any peer (in policy entries only; never allocated).
+pub const ANY: u32 = 0;
+pub const HOST: u32 = 1;
+pub const WORLD: u32 = 2;
+pub const UNMANAGED: u32 = 3;
+pub const HEALTH: u32 = 4;
+pub const INIT: u32 = 5;
+pub const REMOTE_NODE: u32 = 6;
+pub const KUBE_APISERVER: u32 = 7;
+pub const INGRESS: u32 = 8;
+pub const WORLD_IPV4: u32 = 9;
+pub const WORLD_IPV6: u32 = 10;
+/// First number for label sets.
+pub const FIRST_CLUSTER: u32 = 256;
+/// Scope bit of node-local identities (CIDR identities, later).
+pub const LOCAL_SCOPE: u32 = 1 << 24;
+
+/// The reserved identities: number and name (the name is the `reserved:` label key).
+pub const RESERVED: [(u32, &str); 10] = [
+    (HOST, "host"),
+    (WORLD, "world"),
+    (UNMANAGED, "unmanaged"),
+    (HEALTH, "health"),
+    (INIT, "init"),
+    (REMOTE_NODE, "remote-node"),
+    (KUBE_APISERVER, "kube-apiserver"),
+    (INGRESS, "ingress"),
+    (WORLD_IPV4, "world-ipv4"),
+    (WORLD_IPV6, "world-ipv6"),
+];
+
+/// Whether `id` is one of the reserved identities.
+pub fn is_reserved(id: u32) -> bool {
+    (1..FIRST_CLUSTER).contains(&id)
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Slot {
+    labels: LabelSet,
+    /// References; reserved identities are never counted or freed.
+    refs: u32,
+}
+
+/// Allocates identities for label sets and counts references to them.
+#[derive(Clone, Debug)]
+pub struct IdentityAllocator {
+    by_id: BTreeMap<u32, Slot>,
+    by_labels: HashMap<LabelSet, u32>,
+    /// Numbers below `next` that were freed.
+    free: BTreeSet<u32>,
+    next: u32,
+}
+
+impl Default for IdentityAllocator {
+    fn default() -> Self {
+        IdentityAllocator::new()
+    }
+}
+
+impl IdentityAllocator {
+    /// An allocator holding only the reserved identities.
+    pub fn new() -> IdentityAllocator {
+        let mut a = IdentityAllocator {
+            by_id: BTreeMap::new(),
+            by_labels: HashMap::new(),
+            free: BTreeSet::new(),
+            next: FIRST_CLUSTER,
+        };
+        for (id, name) in RESERVED {
+            let labels = LabelSet::reserved(name);
+            a.by_labels.insert(labels.clone(), id);
+            a.by_id.insert(id, Slot { labels, refs: 0 });
+        }
+        a
+    }
+
+    /// The identity of `labels`, allocated if new; adds one reference. A reserved label
+    /// set returns its reserved number (not counted).
+    pub fn allocate(&mut self, labels: &LabelSet) -> u32 {
+        if let Some(&id) = self.by_labels.get(labels) {
+            if !is_reserved(id) {
+                self.by_id.get_mut(&id).expect("maps agree").refs += 1;
+            }
+            return id;
+        }
+        let id = match self.free.pop_first() {
+            Some(id) => id,
+            None => {
+                let id = self.next;
+                self.next += 1;
+                id
+            }
+        };
+        self.by_labels.insert(labels.clone(), id);
+        self.by_id.insert(id, Slot { labels: labels.clone(), refs: 1 });
+        id
+    }
+
+    /// Drops one reference; returns true when that freed the identity. Unknown and
+    /// reserved identities are left alone (false).
+    pub fn release(&mut self, id: u32) -> bool {
+        if is_reserved(id) {
+            return false;
+        }
+        let Some(slot) = self.by_id.get_mut(&id) else {
+            return false;
+        };
+        slot.refs -= 1;
+        if slot.refs > 0 {
+            return false;
+        }
+        let slot = self.by_id.remove(&id).expect("just seen");
+        self.by_labels.remove(&slot.labels);
+        self.free.insert(id);
+        true
+    }
+
+    pub fn get(&self, id: u32) -> Option<&LabelSet> {
+        self.by_id.get(&id).map(|s| &s.labels)
+    }
+
+    pub fn lookup(&self, labels: &LabelSet) -> Option<u32> {
+        self.by_labels.get(labels).copied()
+    }
+
+    /// References held on `id` (0 for reserved and unknown identities).
+    pub fn refs(&self, id: u32) -> u32 {
+        self.by_id.get(&id).map_or(0, |s| s.refs)
+    }
+
+    /// Every identity with its labels and reference count, in numeric order (reserved
+    /// ones first, with 0 references).
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &LabelSet, u32)> {
+        self.by_id.iter().map(|(id, s)| (*id, &s.labels, s.refs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::Label;
+
+    fn set(app: &str) -> LabelSet {
+        [Label::k8s("app", app)].into_iter().collect()
+    }
+
+    #[test]
+    fn reserved_identities_are_preregistered() {
+        let a = IdentityAllocator::new();
+        assert_eq!(a.get(HOST).unwrap().to_string(), "reserved:host");
+        assert_eq!(a.get(WORLD_IPV6).unwrap().to_string(), "reserved:world,reserved:world-ipv6");
+        assert_eq!(a.lookup(&LabelSet::reserved("kube-apiserver")), Some(7));
+        assert_eq!(a.iter().count(), 10);
+    }
+
+    #[test]
+    fn same_labels_same_identity_counted() {
+        let mut a = IdentityAllocator::new();
+        let web = a.allocate(&set("web"));
+        assert_eq!(web, FIRST_CLUSTER);
+        assert_eq!(a.allocate(&set("web")), web);
+        assert_eq!(a.allocate(&set("db")), FIRST_CLUSTER + 1);
+        assert_eq!(a.refs(web), 2);
+        assert!(!a.release(web), "one reference left");
+        assert_eq!(a.get(web), Some(&set("web")));
+        assert!(a.release(web), "last reference frees it");
+        assert_eq!(a.get(web), None);
+        assert_eq!(a.lookup(&set("web")), None);
+        assert!(!a.release(web), "already free");
+    }
+
+    #[test]
+    fn freed_numbers_are_reused_lowest_first() {
+        let mut a = IdentityAllocator::new();
+        let ids: Vec<u32> = ["a", "b", "c"].iter().map(|n| a.allocate(&set(n))).collect();
+        assert!(a.release(ids[2]));
+        assert!(a.release(ids[0]));
+        assert_eq!(a.allocate(&set("d")), ids[0]);
+        assert_eq!(a.allocate(&set("e")), ids[2]);
+        assert_eq!(a.allocate(&set("f")), FIRST_CLUSTER + 3);
+    }
+
+    #[test]
+    fn reserved_are_never_freed() {
+        let mut a = IdentityAllocator::new();
+        assert_eq!(a.allocate(&LabelSet::reserved("host")), HOST);
+        assert!(!a.release(HOST));
+        assert!(a.get(HOST).is_some());
+    }
+}
