@@ -2,11 +2,13 @@
 //!
 //! - [`labels`]: labels, label sets, the labels derived for a pod.
 //! - [`selector`]: label selectors (`matchLabels`, `matchExpressions`, source prefixes).
+//! - [`cidr`]: prefixes, CIDR blocks, CIDR identities, ipBlock membership labels.
 //! - [`identity`]: label set -> numeric identity, reference counted.
 //! - [`model`]: the one internal rule model every policy kind translates into.
 //! - [`parse`]: manifests -> policies, or errors with field paths.
 //! - [`resolve`]: policies x endpoints x identities -> desired policy entries.
 
+pub mod cidr;
 pub mod identity;
 pub mod labels;
 pub mod model;
@@ -15,9 +17,10 @@ pub mod ports;
 pub mod resolve;
 pub mod selector;
 
+pub use cidr::{CidrBlock, CidrIdentities, Prefix, ipblock_labels};
 pub use identity::IdentityAllocator;
 pub use labels::{Label, LabelSet};
-pub use model::{Direction, NamedPort, Policy, PolicyKind, Protocol};
+pub use model::{Direction, Entity, NamedPort, Policy, PolicyKind, Protocol};
 pub use parse::{ManifestOutcome, ParseError, PolicyError, parse_manifests};
 pub use resolve::{DesiredState, EndpointPolicy, EndpointView, EntryKey, EntryValue, RuleOrigin, resolve};
 pub use selector::EndpointSelector;

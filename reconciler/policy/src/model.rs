@@ -10,6 +10,7 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::cidr::CidrBlock;
 use crate::selector::EndpointSelector;
 
 /// Which kind of manifest a policy came from.
@@ -155,22 +156,123 @@ pub struct PeerRule {
     pub peers: Peers,
     /// Empty: every protocol and port.
     pub ports: Vec<PortRule>,
+    /// Cilium's `fromRequires` / `toRequires` (already namespace-scoped). They grant
+    /// nothing here: for an endpoint this rule selects, every [`Peer::Endpoints`] selector
+    /// of the same direction and verdict, in any rule selecting the endpoint, must also
+    /// match all of them.
+    pub requires: Vec<EndpointSelector>,
 }
 
 /// Which peers a peer rule is about.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Peers {
-    /// Every peer, whatever its identity (a rule with ports but no L3 part).
+    /// Every peer, whatever its identity (a rule with ports but no L3 part, a
+    /// NetworkPolicy rule without `from` / `to`).
     Any,
     /// The union of these; empty = no peer at all (a CNP's `{}` rule).
     Only(Vec<Peer>),
 }
 
-/// One way of naming peers. Entities and CIDRs come here.
+impl Peers {
+    /// The peers listed (none for [`Peers::Any`]).
+    pub fn list(&self) -> &[Peer] {
+        match self {
+            Peers::Any => &[],
+            Peers::Only(list) => list,
+        }
+    }
+}
+
+/// One way of naming peers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Peer {
     /// Endpoints whose identity's labels match (final, already namespace-scoped).
     Endpoints(EndpointSelector),
+    /// A Cilium entity.
+    Entity(Entity),
+    /// Cilium's `fromCIDR` / `fromCIDRSet`: the CIDR identities of the prefixes inside
+    /// the block (never pods: their addresses are more specific ipcache entries).
+    Cidr(CidrBlock),
+    /// A NetworkPolicy `ipBlock`: what [`Peer::Cidr`] selects, and also the pods whose
+    /// address is inside the block (they carry its `ipblock:` label, see
+    /// [`crate::cidr::ipblock_labels`]).
+    IpBlock(CidrBlock),
+}
+
+/// Cilium's entities: named groups of peers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Entity {
+    /// Every peer (identity 0).
+    All,
+    /// Everything outside the cluster: the world identities and every CIDR identity.
+    World,
+    WorldIpv4,
+    WorldIpv6,
+    /// Every endpoint of the cluster, and host, remote-node, init, health, unmanaged,
+    /// kube-apiserver and ingress.
+    Cluster,
+    Host,
+    RemoteNode,
+    KubeApiserver,
+    Health,
+    Init,
+    Unmanaged,
+    Ingress,
+    /// No peer.
+    None,
+}
+
+impl Entity {
+    pub const ALL: [Entity; 13] = [
+        Entity::All,
+        Entity::World,
+        Entity::WorldIpv4,
+        Entity::WorldIpv6,
+        Entity::Cluster,
+        Entity::Host,
+        Entity::RemoteNode,
+        Entity::KubeApiserver,
+        Entity::Health,
+        Entity::Init,
+        Entity::Unmanaged,
+        Entity::Ingress,
+        Entity::None,
+    ];
+
+    /// The name as policies write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Entity::All => "all",
+            Entity::World => "world",
+            Entity::WorldIpv4 => "world-ipv4",
+            Entity::WorldIpv6 => "world-ipv6",
+            Entity::Cluster => "cluster",
+            Entity::Host => "host",
+            Entity::RemoteNode => "remote-node",
+            Entity::KubeApiserver => "kube-apiserver",
+            Entity::Health => "health",
+            Entity::Init => "init",
+            Entity::Unmanaged => "unmanaged",
+            Entity::Ingress => "ingress",
+            Entity::None => "none",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Entity> {
+        Entity::ALL.into_iter().find(|e| e.as_str() == name)
+    }
+}
+
+impl fmt::Display for Entity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Entity {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// A protocol and port (range) a peer rule applies to.

@@ -113,6 +113,12 @@ impl EndpointSelector {
         self
     }
 
+    /// The selector that matches what both match.
+    pub fn and(mut self, other: &EndpointSelector) -> EndpointSelector {
+        self.requirements.extend(other.requirements.iter().cloned());
+        self
+    }
+
     pub fn requirements(&self) -> impl Iterator<Item = &Requirement> {
         self.requirements.iter()
     }

@@ -2,16 +2,22 @@
 //! endpoints and snapshots the outcome: accepted policies with their warnings, rejected
 //! documents with their errors, and the desired state of every endpoint.
 //!
-//! The endpoints: frontend, backend and other in namespaces `default` and `prod`.
-//! Identities are allocated in that order: 256..=258 in default, 259..=261 in prod.
+//! The endpoints: frontend, backend and other in namespaces `default` (10.0.1.1-3) and
+//! `prod` (10.0.2.1-3). Identities are allocated in that order: 256..=258 in default,
+//! 259..=261 in prod. A pod inside a NetworkPolicy ipBlock carries the block's
+//! `ipblock:` label, as the agent derives it, so its identity depends on the policies.
+//!
+//! When policies name CIDRs, the snapshot also shows which identity a few addresses
+//! (the pods and some outside ones) get by longest-prefix match, as the datapath would.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::Path;
 
 use palisade_policy::model::Protocol;
 use palisade_policy::{
-    DesiredState, EndpointView, IdentityAllocator, LabelSet, ManifestOutcome, NamedPort, Policy, parse_manifests,
-    resolve,
+    DesiredState, EndpointView, IdentityAllocator, LabelSet, ManifestOutcome, NamedPort, Policy, ipblock_labels,
+    parse_manifests, resolve,
 };
 use serde::Serialize;
 
@@ -19,12 +25,22 @@ struct Fixture {
     identities: IdentityAllocator,
     endpoints: Vec<EndpointView>,
     names: BTreeMap<u16, String>,
+    addresses: BTreeMap<IpAddr, u32>,
 }
 
-fn fixture() -> Fixture {
-    let mut f = Fixture { identities: IdentityAllocator::new(), endpoints: Vec::new(), names: BTreeMap::new() };
+/// Outside addresses whose identity the snapshots show when policies name CIDRs.
+const OUTSIDE: [&str; 8] =
+    ["10.0.1.200", "10.5.5.5", "10.96.0.1", "172.16.5.9", "172.16.9.9", "192.0.2.1", "203.0.113.7", "8.8.8.8"];
+
+fn fixture(policies: &[Policy]) -> Fixture {
+    let mut f = Fixture {
+        identities: IdentityAllocator::new(),
+        endpoints: Vec::new(),
+        names: BTreeMap::new(),
+        addresses: BTreeMap::new(),
+    };
     let mut id = 0;
-    for (ns, ns_labels) in [("default", vec![]), ("prod", vec![("env", "prod")])] {
+    for (subnet, (ns, ns_labels)) in [("default", vec![]), ("prod", vec![("env", "prod")])].into_iter().enumerate() {
         let ns_labels: BTreeMap<String, String> =
             ns_labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         for (app, extra) in [("frontend", None), ("backend", Some(("tier", "api"))), ("other", None)] {
@@ -33,8 +49,13 @@ fn fixture() -> Fixture {
             if let Some((k, v)) = extra {
                 labels.insert(k.to_owned(), v.to_owned());
             }
-            let labels = LabelSet::for_pod(ns, &ns_labels, &labels, "default", "default");
+            let ip: IpAddr = format!("10.0.{}.{}", subnet + 1, (id - 1) % 3 + 1).parse().unwrap();
+            let mut labels = LabelSet::for_pod(ns, &ns_labels, &labels, "default", "default");
+            for l in ipblock_labels(policies, &[ip]) {
+                labels.insert(l);
+            }
             let identity = f.identities.allocate(&labels);
+            f.addresses.insert(ip, identity);
             let named_ports = if app == "backend" {
                 vec![NamedPort { name: "http".into(), port: 8080, protocol: Protocol::Tcp }]
             } else {
@@ -52,7 +73,28 @@ struct Outcome {
     endpoints: BTreeMap<u16, String>,
     accepted: Vec<Accepted>,
     rejected: Vec<String>,
+    /// Address -> identity by longest-prefix match over the pods' addresses and the CIDR
+    /// identities (no match: world-ipv4, 9); only when policies name CIDRs.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    addresses: BTreeMap<String, u32>,
     desired: DesiredState,
+}
+
+/// The identity the datapath would find for `ip`.
+fn lookup(f: &Fixture, desired: &DesiredState, ip: IpAddr) -> u32 {
+    if let Some(id) = f.addresses.get(&ip) {
+        return *id;
+    }
+    let host = palisade_policy::Prefix::host(ip);
+    desired
+        .cidr_ipcache
+        .iter()
+        .filter_map(|((addr, len), id)| {
+            let p = palisade_policy::Prefix::new(*addr, *len)?;
+            p.contains(&host).then_some((*len, *id))
+        })
+        .max()
+        .map_or(9, |(_, id)| id)
 }
 
 #[derive(Serialize)]
@@ -67,7 +109,7 @@ fn fixtures_dir() -> std::path::PathBuf {
 
 #[test]
 fn endpoint_identities() {
-    let f = fixture();
+    let f = fixture(&[]);
     let table: BTreeMap<u32, String> =
         f.identities.iter().filter(|(id, _, _)| *id >= 256).map(|(id, labels, _)| (id, labels.to_string())).collect();
     insta::assert_yaml_snapshot!("identities", table);
@@ -75,7 +117,6 @@ fn endpoint_identities() {
 
 #[test]
 fn policy_fixtures_resolve_to_the_reviewed_state() {
-    let f = fixture();
     let mut files: Vec<_> = std::fs::read_dir(fixtures_dir())
         .expect("fixtures/policies exists")
         .map(|e| e.expect("readable dir").path())
@@ -95,6 +136,15 @@ fn policy_fixtures_resolve_to_the_reviewed_state() {
                 ManifestOutcome::Rejected(e) => rejected.push(e.to_string()),
             }
         }
+        let f = fixture(&policies);
+        let desired = resolve(&policies, &f.endpoints, &f.identities);
+        let mut addresses = BTreeMap::new();
+        if !desired.cidr_ipcache.is_empty() {
+            let probes = f.addresses.keys().copied().chain(OUTSIDE.iter().map(|a| a.parse().unwrap()));
+            for ip in probes.collect::<Vec<_>>() {
+                addresses.insert(ip.to_string(), lookup(&f, &desired, ip));
+            }
+        }
         let outcome = Outcome {
             endpoints: f.names.clone(),
             accepted: policies
@@ -102,7 +152,8 @@ fn policy_fixtures_resolve_to_the_reviewed_state() {
                 .map(|p| Accepted { policy: p.display_name(), warnings: p.warnings.clone() })
                 .collect(),
             rejected,
-            desired: resolve(&policies, &f.endpoints, &f.identities),
+            addresses,
+            desired,
         };
         insta::assert_yaml_snapshot!(stem, outcome);
     }

@@ -7,13 +7,27 @@
 use serde_yaml::Value;
 
 use super::Invalid;
+use super::common::{KeyStyle, cidr_block, label_selector, prefix, serde_invalid};
+use super::icmp;
 use super::raw;
+use crate::cidr::CidrBlock;
 use crate::labels::{keys, source};
-use crate::model::{Peer, PeerRule, Peers, Policy, PolicyKind, Port, PortRule, Protocol, Rule, Verdict, is_port_name};
+use crate::model::{
+    Entity, Peer, PeerRule, Peers, Policy, PolicyKind, Port, PortRule, Protocol, Rule, Verdict, is_port_name,
+};
 use crate::selector::{EndpointSelector, Operator, SelectorKey};
 
+/// Cilium's limit of ports in one `toPorts` item and of fields in one `icmps` item.
+const MAX_PORTS: usize = 40;
+
 pub(super) fn translate(value: Value, kind: PolicyKind, origin: &str) -> Result<Policy, Invalid> {
-    let raw: raw::CiliumPolicy = serde_path_to_error::deserialize(value).map_err(|e| serde_invalid(&e))?;
+    let raw: raw::CiliumPolicy = serde_path_to_error::deserialize(value).map_err(|e| {
+        serde_invalid(
+            &e,
+            "CiliumNetworkPolicy",
+            "Cilium's CRD schema would silently drop this field, so the policy would not do what it says",
+        )
+    })?;
     let name = raw
         .metadata
         .name
@@ -52,19 +66,6 @@ pub(super) fn translate(value: Value, kind: PolicyKind, origin: &str) -> Result<
     Ok(Policy { kind, namespace, name, source: origin.to_owned(), rules, warnings })
 }
 
-fn serde_invalid(e: &serde_path_to_error::Error<serde_yaml::Error>) -> Invalid {
-    let reason = e.inner().to_string();
-    let hint = if reason.starts_with("unknown field") {
-        "Cilium's CRD schema would silently drop this field, so the policy would not do what \
-         it says; fix the spelling or remove the field"
-    } else if reason.starts_with("missing field") {
-        "add the field"
-    } else {
-        "check the field's type against the CiliumNetworkPolicy reference"
-    };
-    Invalid::new(e.path().to_string(), reason, hint)
-}
-
 /// Translation context of one policy.
 struct Ctx<'a> {
     /// The policy's namespace; `None` for clusterwide policies.
@@ -73,47 +74,81 @@ struct Ctx<'a> {
 
 /// The parts of an ingress or egress item, with Cilium's field names.
 struct PeerParts<'a> {
-    endpoints: Option<(&'static str, &'a Vec<raw::LabelSelector>)>,
-    /// Fields not supported yet, and whether each is present.
-    unsupported: Vec<(&'static str, bool)>,
-    to_ports: Option<&'a Vec<raw::PortRule>>,
+    endpoints: (&'static str, &'a [raw::LabelSelector]),
+    requires: (&'static str, &'a [raw::LabelSelector]),
+    cidr: (&'static str, &'a [String]),
+    cidr_set: (&'static str, &'a [raw::CidrRule]),
+    entities: (&'static str, &'a [String]),
+    /// Peer fields accepted but not enforced: name, number of items, why.
+    unenforced: Vec<(&'static str, usize, &'static str)>,
+    /// Peer fields rejected: name, number of items.
+    unsupported: Vec<(&'static str, usize)>,
+    authentication: bool,
+    icmps: &'a [raw::IcmpRule],
+    to_ports: &'a [raw::PortRule],
 }
+
+fn items<T>(v: &Option<Vec<T>>) -> &[T] {
+    v.as_deref().unwrap_or_default()
+}
+
+const FQDN_WHY: &str = "palisade has no DNS proxy yet, so it cannot learn the addresses of these names";
+const SERVICES_WHY: &str = "palisade does not resolve Services to their backends yet";
+const GROUPS_WHY: &str = "palisade does not resolve cloud provider groups";
 
 impl<'a> PeerParts<'a> {
     fn ingress(r: &'a raw::IngressRule) -> PeerParts<'a> {
         PeerParts {
-            endpoints: r.from_endpoints.as_ref().map(|e| ("fromEndpoints", e)),
-            unsupported: vec![
-                ("fromRequires", r.from_requires.is_some()),
-                ("fromCIDR", r.from_cidr.is_some()),
-                ("fromCIDRSet", r.from_cidr_set.is_some()),
-                ("fromEntities", r.from_entities.is_some()),
-                ("fromGroups", r.from_groups.is_some()),
-                ("fromNodes", r.from_nodes.is_some()),
-                ("icmps", r.icmps.is_some()),
-                ("authentication", r.authentication.is_some()),
-            ],
-            to_ports: r.to_ports.as_ref(),
+            endpoints: ("fromEndpoints", items(&r.from_endpoints)),
+            requires: ("fromRequires", items(&r.from_requires)),
+            cidr: ("fromCIDR", items(&r.from_cidr)),
+            cidr_set: ("fromCIDRSet", items(&r.from_cidr_set)),
+            entities: ("fromEntities", items(&r.from_entities)),
+            unenforced: vec![("fromGroups", items(&r.from_groups).len(), GROUPS_WHY)],
+            unsupported: vec![("fromNodes", items(&r.from_nodes).len())],
+            authentication: r.authentication.is_some(),
+            icmps: items(&r.icmps),
+            to_ports: items(&r.to_ports),
         }
     }
 
     fn egress(r: &'a raw::EgressRule) -> PeerParts<'a> {
         PeerParts {
-            endpoints: r.to_endpoints.as_ref().map(|e| ("toEndpoints", e)),
-            unsupported: vec![
-                ("toRequires", r.to_requires.is_some()),
-                ("toCIDR", r.to_cidr.is_some()),
-                ("toCIDRSet", r.to_cidr_set.is_some()),
-                ("toEntities", r.to_entities.is_some()),
-                ("toServices", r.to_services.is_some()),
-                ("toFQDNs", r.to_fqdns.is_some()),
-                ("toGroups", r.to_groups.is_some()),
-                ("toNodes", r.to_nodes.is_some()),
-                ("icmps", r.icmps.is_some()),
-                ("authentication", r.authentication.is_some()),
+            endpoints: ("toEndpoints", items(&r.to_endpoints)),
+            requires: ("toRequires", items(&r.to_requires)),
+            cidr: ("toCIDR", items(&r.to_cidr)),
+            cidr_set: ("toCIDRSet", items(&r.to_cidr_set)),
+            entities: ("toEntities", items(&r.to_entities)),
+            unenforced: vec![
+                ("toServices", items(&r.to_services).len(), SERVICES_WHY),
+                ("toFQDNs", items(&r.to_fqdns).len(), FQDN_WHY),
+                ("toGroups", items(&r.to_groups).len(), GROUPS_WHY),
             ],
-            to_ports: r.to_ports.as_ref(),
+            unsupported: vec![("toNodes", items(&r.to_nodes).len())],
+            authentication: r.authentication.is_some(),
+            icmps: items(&r.icmps),
+            to_ports: items(&r.to_ports),
         }
+    }
+
+    /// The peer fields with items, in Cilium's order.
+    fn l3_fields(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for (field, n) in [
+            (self.endpoints.0, self.endpoints.1.len()),
+            (self.cidr.0, self.cidr.1.len()),
+            (self.cidr_set.0, self.cidr_set.1.len()),
+            (self.entities.0, self.entities.1.len()),
+        ]
+        .into_iter()
+        .chain(self.unsupported.iter().copied())
+        .chain(self.unenforced.iter().map(|(f, n, _)| (*f, *n)))
+        {
+            if n > 0 {
+                out.push(field);
+            }
+        }
+        out
     }
 }
 
@@ -122,8 +157,8 @@ impl Ctx<'_> {
         if spec.node_selector.is_some() {
             return Err(Invalid::new(
                 format!("{path}.nodeSelector"),
-                "host policies (nodeSelector) are not supported yet",
-                "select pods with endpointSelector",
+                "host policies (nodeSelector) are not supported: palisade enforces policy on pods only",
+                "select pods with endpointSelector; protect nodes with a host firewall for now",
             ));
         }
         let sel_path = format!("{path}.endpointSelector");
@@ -134,7 +169,7 @@ impl Ctx<'_> {
                 "add `endpointSelector: {}` to select every pod in the namespace, or matchLabels to select some",
             ));
         };
-        let mut subject = label_selector(raw_subject, &sel_path)?;
+        let mut subject = label_selector(raw_subject, &sel_path, KeyStyle::Cilium)?;
         if let Some(ns) = self.namespace {
             let removed = subject.remove_key(keys::POD_NAMESPACE, &[source::K8S, source::ANY]);
             if removed.iter().any(|r| r.operator != Operator::In || r.values.len() != 1 || !r.values.contains(ns)) {
@@ -181,29 +216,98 @@ impl Ctx<'_> {
         parts: &PeerParts<'_>,
         warnings: &mut Vec<String>,
     ) -> Result<PeerRule, Invalid> {
-        for (field, present) in &parts.unsupported {
-            if *present {
+        for (field, n) in &parts.unsupported {
+            if *n > 0 {
                 return Err(Invalid::new(
                     format!("{path}.{field}"),
-                    format!("{field} is not supported yet"),
-                    "remove it from the rule or wait for support; ignoring it would change \
-                     which peers the rule applies to",
+                    format!("{field} is not supported: it selects nodes by their labels"),
+                    "use the entities remote-node and host (fromEntities / toEntities) to select nodes",
+                ));
+            }
+        }
+        if let [first, second, ..] = parts.l3_fields()[..] {
+            return Err(Invalid::new(
+                format!("{path}.{second}"),
+                format!("combining {first} and {second} in one rule is not supported"),
+                "Cilium rejects this too; put each kind of peer in a rule (list item) of its own",
+            ));
+        }
+        if verdict == Verdict::Deny {
+            let denied = parts.unenforced.iter().find(|(_, n, _)| *n > 0).map(|(f, _, _)| *f);
+            if let Some(field) = denied.or(parts.authentication.then_some("authentication")) {
+                return Err(Invalid::new(
+                    format!("{path}.{field}"),
+                    format!("{field} cannot be part of a deny rule"),
+                    "deny rules take endpoints, CIDRs, entities, ports and ICMP types only",
                 ));
             }
         }
         let mut peer_list = Vec::new();
-        if let Some((field, selectors)) = parts.endpoints {
-            for (i, s) in selectors.iter().enumerate() {
-                let sel = label_selector(s, &format!("{path}.{field}[{i}]"))?;
-                peer_list.push(Peer::Endpoints(self.scope_peer(sel)));
+        let (field, selectors) = parts.endpoints;
+        for (i, s) in selectors.iter().enumerate() {
+            let sel = label_selector(s, &format!("{path}.{field}[{i}]"), KeyStyle::Cilium)?;
+            peer_list.push(Peer::Endpoints(self.scope_peer(sel)));
+        }
+        let (field, cidrs) = parts.cidr;
+        for (i, c) in cidrs.iter().enumerate() {
+            let cidr = prefix(&format!("{path}.{field}[{i}]"), c, warnings)?;
+            push_new(&mut peer_list, Peer::Cidr(CidrBlock { cidr, except: vec![] }));
+        }
+        let (field, sets) = parts.cidr_set;
+        for (i, set) in sets.iter().enumerate() {
+            let p = format!("{path}.{field}[{i}]");
+            push_new(&mut peer_list, Peer::Cidr(cidr_rule(&p, set, warnings)?));
+        }
+        let (field, entities) = parts.entities;
+        for (i, name) in entities.iter().enumerate() {
+            let entity = Entity::parse(name).ok_or_else(|| {
+                let known: Vec<&str> = Entity::ALL.iter().map(|e| e.as_str()).collect();
+                Invalid::new(
+                    format!("{path}.{field}[{i}]"),
+                    format!("{name:?} is not an entity"),
+                    format!("entities are {}", known.join(", ")),
+                )
+            })?;
+            push_new(&mut peer_list, Peer::Entity(entity));
+        }
+        let mut unenforced_peers = false;
+        for (field, n, why) in &parts.unenforced {
+            if *n > 0 {
+                unenforced_peers = true;
+                warnings.push(format!(
+                    "{path}.{field}: not enforced ({why}); it is this rule's only kind of peer, so the rule \
+                     matches no peer and allows nothing"
+                ));
             }
         }
-        let to_ports = parts.to_ports.map(Vec::as_slice).unwrap_or_default();
-        let ports = port_rules(path, verdict, to_ports, warnings)?;
+        if parts.authentication {
+            warnings.push(format!(
+                "{path}.authentication: mutual authentication is not enforced; the rule allows its peers \
+                 without it"
+            ));
+        }
+        let (field, requires) = parts.requires;
+        let mut required = Vec::new();
+        for (i, s) in requires.iter().enumerate() {
+            let sel = label_selector(s, &format!("{path}.{field}[{i}]"), KeyStyle::Cilium)?;
+            required.push(self.scope_peer(sel));
+        }
+        if !parts.icmps.is_empty() && !parts.to_ports.is_empty() {
+            return Err(Invalid::new(
+                format!("{path}.icmps"),
+                "icmps and toPorts cannot be in the same rule",
+                "Cilium rejects this too; put the ICMP types in a rule (list item) of their own",
+            ));
+        }
+        let mut ports = port_rules(path, verdict, parts.to_ports, warnings)?;
+        ports.extend(icmp_rules(path, parts.icmps)?);
+        let has_l4 = !parts.to_ports.is_empty() || !parts.icmps.is_empty();
         // Cilium: an item with no L3 part but ports applies to every peer; an item with
-        // neither (`{}`) applies to no peer.
-        let peers = if peer_list.is_empty() && !to_ports.is_empty() { Peers::Any } else { Peers::Only(peer_list) };
-        Ok(PeerRule { path: path.to_owned(), verdict, peers, ports })
+        // neither (`{}`) applies to no peer. A peer field that is not enforced still
+        // counts as the L3 part: its rule must not widen to every peer.
+        let peers =
+            if peer_list.is_empty() && !unenforced_peers && has_l4 { Peers::Any } else { Peers::Only(peer_list) };
+        Ok(PeerRule { path: path.to_owned(), verdict, peers, ports, requires: required })
     }
 
     /// Scopes a peer selector to the policy's namespace unless it names the namespace
@@ -219,55 +323,68 @@ impl Ctx<'_> {
     }
 }
 
-fn label_selector(raw: &raw::LabelSelector, path: &str) -> Result<EndpointSelector, Invalid> {
-    let mut sel = EndpointSelector::all();
-    for (key, value) in raw.match_labels.iter().flatten() {
-        if key.is_empty() {
+/// Adds a peer unless it is there already.
+fn push_new(list: &mut Vec<Peer>, peer: Peer) {
+    if !list.contains(&peer) {
+        list.push(peer);
+    }
+}
+
+fn cidr_rule(path: &str, rule: &raw::CidrRule, warnings: &mut Vec<String>) -> Result<CidrBlock, Invalid> {
+    for (field, present) in
+        [("cidrGroupRef", rule.cidr_group_ref.is_some()), ("cidrGroupSelector", rule.cidr_group_selector.is_some())]
+    {
+        if present {
             return Err(Invalid::new(
-                format!("{path}.matchLabels"),
-                "a label key is empty",
-                "write matchLabels as `key: value`",
+                format!("{path}.{field}"),
+                format!("{field} is not supported: palisade does not read CiliumCIDRGroups"),
+                "list the prefixes with cidr and except",
             ));
         }
-        sel = sel.match_label(key, value);
     }
-    for (i, req) in raw.match_expressions.iter().flatten().enumerate() {
-        let p = format!("{path}.matchExpressions[{i}]");
-        let operator = match req.operator.as_str() {
-            "In" => Operator::In,
-            "NotIn" => Operator::NotIn,
-            "Exists" => Operator::Exists,
-            "DoesNotExist" => Operator::DoesNotExist,
-            other => {
-                return Err(Invalid::new(
-                    format!("{p}.operator"),
-                    format!("operator {other:?} is not one of In, NotIn, Exists, DoesNotExist"),
-                    "operators are case-sensitive",
-                ));
+    let Some(cidr) = &rule.cidr else {
+        return Err(Invalid::new(format!("{path}.cidr"), "cidr is missing", "give the prefix, like 10.0.0.0/8"));
+    };
+    cidr_block(path, cidr, rule.except.as_deref().unwrap_or_default(), warnings)
+}
+
+fn icmp_rules(path: &str, icmps: &[raw::IcmpRule]) -> Result<Vec<PortRule>, Invalid> {
+    let mut out = Vec::new();
+    for (i, rule) in icmps.iter().enumerate() {
+        let base = format!("{path}.icmps[{i}].fields");
+        let fields = rule.fields.as_deref().unwrap_or_default();
+        if fields.is_empty() {
+            return Err(Invalid::new(base, "an icmps item needs fields", "list the ICMP types, like `- type: 8`"));
+        }
+        if fields.len() > MAX_PORTS {
+            return Err(Invalid::new(
+                base,
+                format!("{} ICMP fields in one item; at most {MAX_PORTS} are allowed", fields.len()),
+                "split them over several icmps items",
+            ));
+        }
+        for (j, f) in fields.iter().enumerate() {
+            let p = format!("{base}[{j}]");
+            let v6 = match f.family.as_deref() {
+                None | Some("IPv4") => false,
+                Some("IPv6") => true,
+                Some(other) => {
+                    return Err(Invalid::new(
+                        format!("{p}.family"),
+                        format!("family {other:?} is not IPv4 or IPv6"),
+                        "leave it out for IPv4",
+                    ));
+                }
+            };
+            let t = icmp::icmp_type(&format!("{p}.type"), &f.icmp_type, v6)?;
+            let protocol = if v6 { Protocol::IcmpV6 } else { Protocol::Icmp };
+            let rule = PortRule { protocol, port: Port::Range { first: t.into(), last: t.into() } };
+            if !out.contains(&rule) {
+                out.push(rule);
             }
-        };
-        let values: Vec<&str> = req.values.iter().flatten().map(String::as_str).collect();
-        let needs_values = matches!(operator, Operator::In | Operator::NotIn);
-        if needs_values && values.is_empty() {
-            return Err(Invalid::new(
-                format!("{p}.values"),
-                format!("operator {} needs at least one value", req.operator),
-                "list the values, or use Exists / DoesNotExist",
-            ));
         }
-        if !needs_values && !values.is_empty() {
-            return Err(Invalid::new(
-                format!("{p}.values"),
-                format!("operator {} takes no values", req.operator),
-                "remove values, or use In / NotIn",
-            ));
-        }
-        if req.key.is_empty() {
-            return Err(Invalid::new(format!("{p}.key"), "the key is empty", "name a label key"));
-        }
-        sel.require(SelectorKey::parse(&req.key), operator, &values);
     }
-    Ok(sel)
+    Ok(out)
 }
 
 fn port_rules(
@@ -303,6 +420,13 @@ fn port_rules(
             ));
         }
         let ports = pr.ports.as_deref().unwrap_or_default();
+        if ports.len() > MAX_PORTS {
+            return Err(Invalid::new(
+                format!("{base}.ports"),
+                format!("{} ports in one toPorts item; at most {MAX_PORTS} are allowed", ports.len()),
+                "split them over several toPorts items, or use port ranges (endPort)",
+            ));
+        }
         if ports.is_empty() {
             out.push(PortRule { protocol: Protocol::Any, port: Port::Any });
         }

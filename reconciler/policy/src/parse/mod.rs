@@ -5,6 +5,9 @@
 //! Only text that is not readable YAML at all fails as a whole ([`ParseError`]).
 
 mod cilium;
+mod common;
+mod icmp;
+mod network_policy;
 mod raw;
 
 use std::fmt;
@@ -149,11 +152,13 @@ fn parse_document(value: Value, source: &str, document: usize) -> ManifestOutcom
             }
             check_api_version(v, "cilium.io/v2", kind.as_str()).and_then(|()| cilium::translate(value, kind, source))
         }
-        (Some("NetworkPolicy"), _) => Err(Invalid::new(
-            "kind",
-            "Kubernetes NetworkPolicy is not supported yet",
-            "express it as a CiliumNetworkPolicy for now",
-        )),
+        (Some("NetworkPolicy"), v) => {
+            if namespace.is_none() {
+                namespace = Some("default".to_owned());
+            }
+            check_api_version(v, "networking.k8s.io/v1", "NetworkPolicy")
+                .and_then(|()| network_policy::translate(value, source))
+        }
         (Some(other), _) => Err(Invalid::new(
             "kind",
             format!("{other} is not a policy kind palisade knows"),
@@ -196,3 +201,7 @@ fn check_api_version(found: Option<&str>, want: &str, kind: &str) -> Result<(), 
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_network_policy;
+#[cfg(test)]
+mod tests_peers;

@@ -1,7 +1,8 @@
 //! Serde mirrors of the manifests as users write them. Spec types reject unknown fields
 //! (Cilium's CRD schema would silently drop them, so a typo would change the policy
-//! without a word). Fields that palisade does not support yet are still listed, as raw
-//! values, so the translator can name them in a clear error instead of "unknown field".
+//! without a word). Fields that palisade does not enforce are still listed, as raw
+//! values, so the translator can name them in a clear error or warning instead of
+//! "unknown field".
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -73,15 +74,15 @@ pub struct LabelSelectorRequirement {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IngressRule {
     pub from_endpoints: Option<Vec<LabelSelector>>,
-    pub from_requires: Option<Value>,
+    pub from_requires: Option<Vec<LabelSelector>>,
     #[serde(rename = "fromCIDR")]
-    pub from_cidr: Option<Value>,
+    pub from_cidr: Option<Vec<String>>,
     #[serde(rename = "fromCIDRSet")]
-    pub from_cidr_set: Option<Value>,
-    pub from_entities: Option<Value>,
-    pub from_groups: Option<Value>,
-    pub from_nodes: Option<Value>,
-    pub icmps: Option<Value>,
+    pub from_cidr_set: Option<Vec<CidrRule>>,
+    pub from_entities: Option<Vec<String>>,
+    pub from_groups: Option<Vec<Value>>,
+    pub from_nodes: Option<Vec<Value>>,
+    pub icmps: Option<Vec<IcmpRule>>,
     pub authentication: Option<Value>,
     pub to_ports: Option<Vec<PortRule>>,
 }
@@ -91,20 +92,101 @@ pub struct IngressRule {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EgressRule {
     pub to_endpoints: Option<Vec<LabelSelector>>,
-    pub to_requires: Option<Value>,
+    pub to_requires: Option<Vec<LabelSelector>>,
     #[serde(rename = "toCIDR")]
-    pub to_cidr: Option<Value>,
+    pub to_cidr: Option<Vec<String>>,
     #[serde(rename = "toCIDRSet")]
-    pub to_cidr_set: Option<Value>,
-    pub to_entities: Option<Value>,
-    pub to_services: Option<Value>,
+    pub to_cidr_set: Option<Vec<CidrRule>>,
+    pub to_entities: Option<Vec<String>>,
+    pub to_services: Option<Vec<Value>>,
     #[serde(rename = "toFQDNs")]
-    pub to_fqdns: Option<Value>,
-    pub to_groups: Option<Value>,
-    pub to_nodes: Option<Value>,
-    pub icmps: Option<Value>,
+    pub to_fqdns: Option<Vec<Value>>,
+    pub to_groups: Option<Vec<Value>>,
+    pub to_nodes: Option<Vec<Value>>,
+    pub icmps: Option<Vec<IcmpRule>>,
     pub authentication: Option<Value>,
     pub to_ports: Option<Vec<PortRule>>,
+}
+
+/// Cilium's `CIDRRule` (an item of `fromCIDRSet` / `toCIDRSet`).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CidrRule {
+    pub cidr: Option<String>,
+    pub except: Option<Vec<String>>,
+    pub cidr_group_ref: Option<Value>,
+    pub cidr_group_selector: Option<Value>,
+}
+
+/// Cilium's `ICMPRule`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IcmpRule {
+    pub fields: Option<Vec<IcmpField>>,
+}
+
+/// Cilium's `ICMPField`: a type number or name, and the family.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IcmpField {
+    pub family: Option<String>,
+    #[serde(rename = "type")]
+    pub icmp_type: PortValue,
+}
+
+/// A Kubernetes NetworkPolicy (networking.k8s.io/v1). `status` and other top-level
+/// fields are ignored.
+#[derive(Debug, Deserialize)]
+pub struct NetworkPolicy {
+    #[serde(default)]
+    pub metadata: Metadata,
+    pub spec: Option<NetworkPolicySpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkPolicySpec {
+    pub pod_selector: Option<LabelSelector>,
+    pub policy_types: Option<Vec<String>>,
+    pub ingress: Option<Vec<NetworkPolicyIngressRule>>,
+    pub egress: Option<Vec<NetworkPolicyEgressRule>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPolicyIngressRule {
+    pub from: Option<Vec<NetworkPolicyPeer>>,
+    pub ports: Option<Vec<NetworkPolicyPort>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPolicyEgressRule {
+    pub to: Option<Vec<NetworkPolicyPeer>>,
+    pub ports: Option<Vec<NetworkPolicyPort>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkPolicyPeer {
+    pub pod_selector: Option<LabelSelector>,
+    pub namespace_selector: Option<LabelSelector>,
+    pub ip_block: Option<IpBlock>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpBlock {
+    pub cidr: String,
+    pub except: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkPolicyPort {
+    pub protocol: Option<String>,
+    pub port: Option<PortValue>,
+    pub end_port: Option<i64>,
 }
 
 /// Cilium's `PortRule`.

@@ -65,7 +65,7 @@ fn seed_policy_parses_into_the_model() {
     assert_eq!(pr.path, "spec.ingress[0]");
     assert_eq!(pr.verdict, Verdict::Allow);
     let Peers::Only(peers) = &pr.peers else { panic!("{:?}", pr.peers) };
-    let Peer::Endpoints(sel) = &peers[0];
+    let Peer::Endpoints(sel) = &peers[0] else { panic!("{peers:?}") };
     assert_eq!(sel.to_string(), "any:app=frontend, k8s:io.kubernetes.pod.namespace=default");
     assert_eq!(pr.ports, vec![PortRule { protocol: Protocol::Tcp, port: Port::Range { first: 8080, last: 8080 } }]);
 }
@@ -167,7 +167,13 @@ fn peers_any_none_and_scoping() {
     assert_eq!(peers("{}"), Peers::Only(vec![]), "an empty item matches no peer");
     assert_eq!(peers("{toPorts: [{ports: [{port: \"80\"}]}]}"), Peers::Any, "L4 only: any peer");
     let sel = |item: &str| match peers(item) {
-        Peers::Only(v) => v.iter().map(|Peer::Endpoints(s)| s.to_string()).collect::<Vec<_>>(),
+        Peers::Only(v) => v
+            .iter()
+            .map(|p| match p {
+                Peer::Endpoints(s) => s.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect::<Vec<_>>(),
         Peers::Any => panic!(),
     };
     assert_eq!(sel("{fromEndpoints: [{}]}"), ["k8s:io.kubernetes.pod.namespace=default"]);
@@ -239,11 +245,14 @@ fn l7_rules_are_accepted_with_a_warning_but_not_in_deny_rules() {
 
 #[test]
 fn unsupported_parts_are_named() {
-    let e = rejected(&cnp_ingress("{fromCIDR: [10.0.0.0/8]}"));
-    assert_eq!(e.path, "spec.ingress[0].fromCIDR");
-    assert_eq!(e.reason, "fromCIDR is not supported yet");
-    let e = rejected(&cnp_ingress("{fromEntities: [world]}"));
-    assert_eq!(e.path, "spec.ingress[0].fromEntities");
+    let e = rejected(&cnp_ingress("{fromNodes: [{matchLabels: {a: b}}]}"));
+    assert_eq!(e.path, "spec.ingress[0].fromNodes");
+    assert_eq!(e.reason, "fromNodes is not supported: it selects nodes by their labels");
+    let e = rejected(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  nodeSelector: {}\n",
+    );
+    assert_eq!(e.path, "spec.nodeSelector");
+    assert!(e.reason.starts_with("host policies (nodeSelector) are not supported"), "{}", e.reason);
 }
 
 #[test]

@@ -6,18 +6,26 @@
 //! same identity or for any identity covers is dropped, so that a longest-prefix lookup can
 //! never find a more specific allow under a broader deny. The result knows nothing of BPF;
 //! the map writer encodes it.
+//!
+//! Peers are identities: those of the allocator (reserved ones and label sets) and the
+//! node-local CIDR identities of the prefixes policies name ([`CidrIdentities`]), which
+//! the result also lists so that the agent can put them into the ipcache.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
 
 use serde::{Serialize, Serializer};
 
 pub use crate::model::NamedPort;
 pub use crate::ports::range_to_prefixes;
 
+use crate::cidr::{CidrBlock, CidrIdentities, IPBLOCK_SOURCE};
 use crate::identity::{self, IdentityAllocator};
 use crate::labels::{LabelSet, source};
-use crate::model::{Direction, Peer, PeerRule, Peers, Policy, PolicyKind, Port, PortRule, Protocol, Verdict};
+use crate::model::{
+    Direction, Entity, Peer, PeerRule, Peers, Policy, PolicyKind, Port, PortRule, Protocol, Rule, Verdict,
+};
 use crate::ports::{block_contains, block_last};
 use crate::selector::EndpointSelector;
 
@@ -31,10 +39,22 @@ pub struct EndpointView {
     pub named_ports: Vec<NamedPort>,
 }
 
-/// The desired policy of every endpoint, by endpoint id.
+/// The desired policy of every endpoint, by endpoint id, and the CIDR identities the
+/// entries may name.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
     pub endpoints: BTreeMap<u16, EndpointPolicy>,
+    /// Prefix -> CIDR identity, for the ipcache. Endpoint addresses (and reserved
+    /// entries such as node addresses) must win over these for the same prefix.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", serialize_with = "prefixes_by_text")]
+    pub cidr_ipcache: BTreeMap<(IpAddr, u8), u32>,
+    /// The labels of every CIDR identity (`cidr:10.0.0.0/8`, `reserved:world`, ...).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cidr_identities: BTreeMap<u32, LabelSet>,
+}
+
+fn prefixes_by_text<S: Serializer>(map: &BTreeMap<(IpAddr, u8), u32>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(map.iter().map(|((addr, len), id)| (format!("{addr}/{len}"), id)))
 }
 
 /// What one endpoint should have loaded.
@@ -159,33 +179,67 @@ impl Policy {
     }
 }
 
-/// Resolves every endpoint's desired policy.
+/// Resolves every endpoint's desired policy, with CIDR identities numbered afresh for
+/// these policies (in prefix order). An agent that keeps running should hold a
+/// [`CidrIdentities`], [`CidrIdentities::sync`] it when policies change and call
+/// [`resolve_with_cidrs`], so that numbers stay put while their prefix is in use.
 pub fn resolve(policies: &[Policy], endpoints: &[EndpointView], identities: &IdentityAllocator) -> DesiredState {
-    let mut state = DesiredState::default();
+    resolve_with_cidrs(policies, endpoints, identities, &CidrIdentities::for_policies(policies))
+}
+
+/// Resolves every endpoint's desired policy. `cidrs` should hold the prefixes these
+/// policies name (see [`CidrIdentities::sync`]); a prefix without an identity selects
+/// nothing.
+pub fn resolve_with_cidrs(
+    policies: &[Policy],
+    endpoints: &[EndpointView],
+    identities: &IdentityAllocator,
+    cidrs: &CidrIdentities,
+) -> DesiredState {
+    let universe = Universe { identities, cidrs, cidr_labels: cidrs.labels() };
+    let mut state = DesiredState {
+        endpoints: BTreeMap::new(),
+        cidr_ipcache: cidrs.ipcache(),
+        cidr_identities: universe.cidr_labels.clone(),
+    };
     for ep in endpoints {
-        let mut r =
-            EndpointResolver { endpoint: ep, endpoints, identities, allow: BTreeMap::new(), deny: BTreeMap::new() };
-        let mut policy = EndpointPolicy::default();
-        for p in policies {
-            for (rule_index, rule) in p.rules.iter().enumerate() {
-                if !rule.subject.matches(&ep.labels) {
-                    continue;
+        let selecting: Vec<(&Policy, usize, &Rule)> = policies
+            .iter()
+            .flat_map(|p| p.rules.iter().enumerate().map(move |(i, r)| (p, i, r)))
+            .filter(|(_, _, rule)| rule.subject.matches(&ep.labels))
+            .collect();
+        let mut requires: BTreeMap<(Direction, Verdict), Vec<&EndpointSelector>> = BTreeMap::new();
+        for (_, _, rule) in &selecting {
+            for direction in Direction::BOTH {
+                for pr in rule.peer_rules(direction) {
+                    requires.entry((direction, pr.verdict)).or_default().extend(pr.requires.iter());
                 }
-                policy.ingress_enforced |= rule.enforce_ingress;
-                policy.egress_enforced |= rule.enforce_egress;
-                for direction in Direction::BOTH {
-                    for (peer_rule_index, pr) in rule.peer_rules(direction).iter().enumerate() {
-                        let origin = RuleOrigin {
-                            kind: p.kind,
-                            namespace: p.namespace.clone(),
-                            name: p.name.clone(),
-                            direction,
-                            rule_index,
-                            peer_rule_index,
-                            path: pr.path.clone(),
-                        };
-                        r.add(direction, pr, &origin);
-                    }
+            }
+        }
+        let mut r = EndpointResolver {
+            endpoint: ep,
+            endpoints,
+            universe: &universe,
+            requires,
+            allow: BTreeMap::new(),
+            deny: BTreeMap::new(),
+        };
+        let mut policy = EndpointPolicy::default();
+        for (p, rule_index, rule) in selecting {
+            policy.ingress_enforced |= rule.enforce_ingress;
+            policy.egress_enforced |= rule.enforce_egress;
+            for direction in Direction::BOTH {
+                for (peer_rule_index, pr) in rule.peer_rules(direction).iter().enumerate() {
+                    let origin = RuleOrigin {
+                        kind: p.kind,
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        direction,
+                        rule_index,
+                        peer_rule_index,
+                        path: pr.path.clone(),
+                    };
+                    r.add(direction, pr, &origin);
                 }
             }
         }
@@ -195,18 +249,83 @@ pub fn resolve(policies: &[Policy], endpoints: &[EndpointView], identities: &Ide
     state
 }
 
+/// Every identity a peer can have.
+struct Universe<'a> {
+    identities: &'a IdentityAllocator,
+    cidrs: &'a CidrIdentities,
+    cidr_labels: BTreeMap<u32, LabelSet>,
+}
+
+impl Universe<'_> {
+    fn iter(&self) -> impl Iterator<Item = (u32, &LabelSet)> {
+        self.identities
+            .iter()
+            .map(|(id, labels, _)| (id, labels))
+            .chain(self.cidr_labels.iter().map(|(id, l)| (*id, l)))
+    }
+
+    /// The identities with the label `reserved:<name>`.
+    fn reserved(&self, name: &str) -> impl Iterator<Item = u32> {
+        self.iter().filter(move |(_, l)| l.get(name).is_some_and(|l| l.source == source::RESERVED)).map(|(id, _)| id)
+    }
+
+    fn entity(&self, entity: Entity) -> BTreeSet<u32> {
+        match entity {
+            Entity::All => BTreeSet::from([identity::ANY]),
+            Entity::None => BTreeSet::new(),
+            Entity::Cluster => {
+                let mut out: BTreeSet<u32> =
+                    self.iter().filter(|(_, l)| l.has_source(source::K8S)).map(|(id, _)| id).collect();
+                for e in [
+                    Entity::Host,
+                    Entity::RemoteNode,
+                    Entity::Init,
+                    Entity::Health,
+                    Entity::Unmanaged,
+                    Entity::KubeApiserver,
+                    Entity::Ingress,
+                ] {
+                    out.extend(self.reserved(e.as_str()));
+                }
+                out
+            }
+            named => self.reserved(named.as_str()).collect(),
+        }
+    }
+
+    /// The CIDR identities of the prefixes inside the block, and for `0.0.0.0/0` or
+    /// `::/0` the world identities of that family (the identities of addresses no named
+    /// prefix covers).
+    fn cidr(&self, block: &CidrBlock) -> BTreeSet<u32> {
+        let mut out: BTreeSet<u32> = self.cidrs.iter().filter(|(p, _)| block.covers(p)).map(|(_, id)| id).collect();
+        if block.cidr.is_everything() {
+            out.insert(identity::WORLD);
+            out.insert(if block.cidr.is_ipv4() { identity::WORLD_IPV4 } else { identity::WORLD_IPV6 });
+        }
+        out
+    }
+
+    /// The pod identities that carry the block's `ipblock:` label.
+    fn ipblock_members(&self, block: &CidrBlock) -> impl Iterator<Item = u32> {
+        let key = block.label_key();
+        self.iter().filter(move |(_, l)| l.get(&key).is_some_and(|l| l.source == IPBLOCK_SOURCE)).map(|(id, _)| id)
+    }
+}
+
 /// Accumulates the entries of one endpoint.
 struct EndpointResolver<'a> {
     endpoint: &'a EndpointView,
     endpoints: &'a [EndpointView],
-    identities: &'a IdentityAllocator,
+    universe: &'a Universe<'a>,
+    /// The `fromRequires` / `toRequires` of every rule selecting the endpoint.
+    requires: BTreeMap<(Direction, Verdict), Vec<&'a EndpointSelector>>,
     allow: BTreeMap<EntryKey, BTreeSet<RuleOrigin>>,
     deny: BTreeMap<EntryKey, BTreeSet<RuleOrigin>>,
 }
 
 impl EndpointResolver<'_> {
     fn add(&mut self, direction: Direction, pr: &PeerRule, origin: &RuleOrigin) {
-        let peers = self.peer_identities(&pr.peers);
+        let peers = self.peer_identities(direction, pr);
         let any_port = [PortRule { protocol: Protocol::Any, port: Port::Any }];
         let ports = if pr.ports.is_empty() { &any_port[..] } else { &pr.ports };
         let target = match pr.verdict {
@@ -225,22 +344,30 @@ impl EndpointResolver<'_> {
         }
     }
 
-    fn peer_identities(&self, peers: &Peers) -> BTreeSet<u32> {
+    fn peer_identities(&self, direction: Direction, pr: &PeerRule) -> BTreeSet<u32> {
+        let list = match &pr.peers {
+            Peers::Any => return BTreeSet::from([identity::ANY]),
+            Peers::Only(list) => list,
+        };
+        let requires = self.requires.get(&(direction, pr.verdict)).map(Vec::as_slice).unwrap_or_default();
         let mut out = BTreeSet::new();
-        match peers {
-            Peers::Any => {
-                out.insert(identity::ANY);
-            }
-            Peers::Only(list) => {
-                for peer in list {
-                    match peer {
-                        Peer::Endpoints(sel) => out.extend(
-                            self.identities
-                                .iter()
-                                .filter(|(_, labels, _)| endpoint_selectable(sel, labels) && sel.matches(labels))
-                                .map(|(id, _, _)| id),
-                        ),
-                    }
+        for peer in list {
+            match peer {
+                Peer::Endpoints(sel) => out.extend(
+                    self.universe
+                        .iter()
+                        .filter(|(_, labels)| {
+                            endpoint_selectable(sel, labels)
+                                && sel.matches(labels)
+                                && requires.iter().all(|r| r.matches(labels))
+                        })
+                        .map(|(id, _)| id),
+                ),
+                Peer::Entity(entity) => out.extend(self.universe.entity(*entity)),
+                Peer::Cidr(block) => out.extend(self.universe.cidr(block)),
+                Peer::IpBlock(block) => {
+                    out.extend(self.universe.cidr(block));
+                    out.extend(self.universe.ipblock_members(block));
                 }
             }
         }

@@ -262,3 +262,5 @@ fn enable_default_deny_false_keeps_allows_without_enforcing() {
     assert!(!s.endpoints[&1].egress_enforced);
     assert_eq!(shown(&s, 1), ["egress to any UDP/53 => allow"]);
 }
+
+mod peers;

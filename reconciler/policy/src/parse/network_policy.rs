@@ -1,0 +1,255 @@
+//! Kubernetes NetworkPolicy (networking.k8s.io/v1) -> the internal model.
+//!
+//! Kubernetes' rules: the subject is `podSelector` in the policy's namespace;
+//! `policyTypes` omitted means Ingress, plus Egress when there are egress rules; a peer
+//! with podSelector only is a pod of the policy's namespace, with namespaceSelector only
+//! any pod of the matching namespaces, with both a pod matching both (AND); several
+//! peers are an OR; a rule without peers (`from` / `to` absent or empty) applies to every
+//! peer, the world included; no rules for an enforced direction deny everything. Ports
+//! default to TCP; a port may be a container port name (resolved on the destination)
+//! and `endPort` makes a range. An `ipBlock` matches outside addresses and also pods
+//! whose address is inside it (see [`crate::cidr::ipblock_labels`]).
+
+use serde_yaml::Value;
+
+use super::Invalid;
+use super::common::{KeyStyle, cidr_block, label_selector, serde_invalid};
+use super::raw;
+use crate::labels::{keys, source};
+use crate::model::{Peer, PeerRule, Peers, Policy, PolicyKind, Port, PortRule, Protocol, Rule, Verdict, is_port_name};
+use crate::selector::{EndpointSelector, Operator, SelectorKey};
+
+pub(super) fn translate(value: Value, origin: &str) -> Result<Policy, Invalid> {
+    let raw: raw::NetworkPolicy = serde_path_to_error::deserialize(value).map_err(|e| {
+        serde_invalid(&e, "NetworkPolicy", "the Kubernetes API server would drop this field or reject the policy")
+    })?;
+    let name = raw
+        .metadata
+        .name
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| Invalid::new("metadata.name", "the policy has no name", "set metadata.name"))?;
+    let namespace = raw.metadata.namespace.unwrap_or_else(|| "default".to_owned());
+    let Some(spec) = raw.spec else {
+        return Err(Invalid::new("spec", "the policy has no spec", "add a spec with a podSelector"));
+    };
+    let Some(pod_selector) = &spec.pod_selector else {
+        return Err(Invalid::new(
+            "spec.podSelector",
+            "podSelector is missing",
+            "add `podSelector: {}` to select every pod in the namespace, or matchLabels to select some",
+        ));
+    };
+    let mut subject = label_selector(pod_selector, "spec.podSelector", KeyStyle::PodLabels)?;
+    in_namespace(&mut subject, &namespace);
+
+    let ingress_items = spec.ingress.as_deref().unwrap_or_default();
+    let egress_items = spec.egress.as_deref().unwrap_or_default();
+    let (enforce_ingress, enforce_egress) = match spec.policy_types.as_deref() {
+        None | Some([]) => (true, !egress_items.is_empty()),
+        Some(types) => {
+            let (mut ingress, mut egress) = (false, false);
+            for (i, t) in types.iter().enumerate() {
+                match t.as_str() {
+                    "Ingress" => ingress = true,
+                    "Egress" => egress = true,
+                    other => {
+                        return Err(Invalid::new(
+                            format!("spec.policyTypes[{i}]"),
+                            format!("policy type {other:?} is not Ingress or Egress"),
+                            "policy types are case-sensitive",
+                        ));
+                    }
+                }
+            }
+            (ingress, egress)
+        }
+    };
+    let mut warnings = Vec::new();
+    let ctx = Ctx { namespace: &namespace };
+    let mut ingress = Vec::new();
+    if enforce_ingress {
+        for (i, item) in ingress_items.iter().enumerate() {
+            let path = format!("spec.ingress[{i}]");
+            ingress.push(ctx.peer_rule(&path, "from", item.from.as_deref(), item.ports.as_deref(), &mut warnings)?);
+        }
+    } else if !ingress_items.is_empty() {
+        warnings.push(
+            "spec.ingress: ignored, spec.policyTypes does not list Ingress (Kubernetes ignores these rules too)"
+                .to_owned(),
+        );
+    }
+    let mut egress = Vec::new();
+    if enforce_egress {
+        for (i, item) in egress_items.iter().enumerate() {
+            let path = format!("spec.egress[{i}]");
+            egress.push(ctx.peer_rule(&path, "to", item.to.as_deref(), item.ports.as_deref(), &mut warnings)?);
+        }
+    } else if !egress_items.is_empty() {
+        warnings.push(
+            "spec.egress: ignored, spec.policyTypes does not list Egress (Kubernetes ignores these rules too)"
+                .to_owned(),
+        );
+    }
+    let rule = Rule { path: "spec".to_owned(), subject, enforce_ingress, enforce_egress, ingress, egress };
+    Ok(Policy {
+        kind: PolicyKind::NetworkPolicy,
+        namespace: Some(namespace),
+        name,
+        source: origin.to_owned(),
+        rules: vec![rule],
+        warnings,
+    })
+}
+
+/// Requires the pod namespace label to be `namespace`.
+fn in_namespace(sel: &mut EndpointSelector, namespace: &str) {
+    sel.require(SelectorKey::new(source::K8S, keys::POD_NAMESPACE), Operator::In, &[namespace]);
+}
+
+struct Ctx<'a> {
+    namespace: &'a str,
+}
+
+impl Ctx<'_> {
+    fn peer_rule(
+        &self,
+        path: &str,
+        field: &str,
+        peers: Option<&[raw::NetworkPolicyPeer]>,
+        ports: Option<&[raw::NetworkPolicyPort]>,
+        warnings: &mut Vec<String>,
+    ) -> Result<PeerRule, Invalid> {
+        let peers = match peers {
+            None | Some([]) => Peers::Any,
+            Some(list) => {
+                let mut out = Vec::new();
+                for (i, p) in list.iter().enumerate() {
+                    let peer = self.peer(&format!("{path}.{field}[{i}]"), p, warnings)?;
+                    if !out.contains(&peer) {
+                        out.push(peer);
+                    }
+                }
+                Peers::Only(out)
+            }
+        };
+        let mut port_rules = Vec::new();
+        for (i, p) in ports.unwrap_or_default().iter().enumerate() {
+            let rule = port(&format!("{path}.ports[{i}]"), p)?;
+            if !port_rules.contains(&rule) {
+                port_rules.push(rule);
+            }
+        }
+        Ok(PeerRule { path: path.to_owned(), verdict: Verdict::Allow, peers, ports: port_rules, requires: vec![] })
+    }
+
+    fn peer(&self, path: &str, p: &raw::NetworkPolicyPeer, warnings: &mut Vec<String>) -> Result<Peer, Invalid> {
+        if let Some(block) = &p.ip_block {
+            if p.pod_selector.is_some() || p.namespace_selector.is_some() {
+                return Err(Invalid::new(
+                    format!("{path}.ipBlock"),
+                    "a peer with ipBlock cannot also have podSelector or namespaceSelector",
+                    "make them two peers of the list (they are then an OR)",
+                ));
+            }
+            let block = cidr_block(
+                &format!("{path}.ipBlock"),
+                &block.cidr,
+                block.except.as_deref().unwrap_or_default(),
+                warnings,
+            )?;
+            return Ok(Peer::IpBlock(block));
+        }
+        let pods = p
+            .pod_selector
+            .as_ref()
+            .map(|s| label_selector(s, &format!("{path}.podSelector"), KeyStyle::PodLabels))
+            .transpose()?;
+        let namespaces = p
+            .namespace_selector
+            .as_ref()
+            .map(|s| label_selector(s, &format!("{path}.namespaceSelector"), KeyStyle::NamespaceLabels))
+            .transpose()?;
+        let sel = match (pods, namespaces) {
+            (None, None) => {
+                return Err(Invalid::new(
+                    path,
+                    "a peer needs podSelector, namespaceSelector or ipBlock",
+                    "remove the empty peer, or give it a selector (`podSelector: {}` is every pod of the namespace)",
+                ));
+            }
+            (Some(mut pods), None) => {
+                in_namespace(&mut pods, self.namespace);
+                pods
+            }
+            (pods, Some(namespaces)) => {
+                let mut sel = pods.unwrap_or_default().and(&namespaces);
+                // Pods of any namespace (and only pods), even for `namespaceSelector: {}`.
+                sel.require(SelectorKey::new(source::K8S, keys::POD_NAMESPACE), Operator::Exists, &[]);
+                sel
+            }
+        };
+        Ok(Peer::Endpoints(sel))
+    }
+}
+
+fn port(path: &str, p: &raw::NetworkPolicyPort) -> Result<PortRule, Invalid> {
+    let protocol = match p.protocol.as_deref() {
+        None | Some("TCP") => Protocol::Tcp,
+        Some("UDP") => Protocol::Udp,
+        Some("SCTP") => Protocol::Sctp,
+        Some(other) => {
+            return Err(Invalid::new(
+                format!("{path}.protocol"),
+                format!("protocol {other:?} is not one of TCP, UDP, SCTP"),
+                "protocols are upper case; leave it out for TCP",
+            ));
+        }
+    };
+    let port = match &p.port {
+        None => Port::Any,
+        Some(raw::PortValue::Number(n)) => match u16::try_from(*n) {
+            Ok(n) if n > 0 => Port::Range { first: n, last: n },
+            _ => {
+                return Err(Invalid::new(
+                    format!("{path}.port"),
+                    format!("port {n} is out of range"),
+                    "ports are 1 to 65535; leave port out for every port",
+                ));
+            }
+        },
+        Some(raw::PortValue::Text(t)) if is_port_name(t) => Port::Named(t.clone()),
+        Some(raw::PortValue::Text(t)) => {
+            let hint = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+                "a port number is written without quotes in a NetworkPolicy"
+            } else {
+                "name a container port (lower case letters, digits and '-', at most 15 characters, one letter at least)"
+            };
+            return Err(Invalid::new(
+                format!("{path}.port"),
+                format!("port {t:?} is neither a number nor a port name"),
+                hint,
+            ));
+        }
+    };
+    let port = match (p.end_port, port) {
+        (None, port) => port,
+        (Some(end), Port::Range { first, .. }) => {
+            if end < i64::from(first) || end > 65535 {
+                return Err(Invalid::new(
+                    format!("{path}.endPort"),
+                    format!("endPort {end} is not between port {first} and 65535"),
+                    "endPort is the last port of the range and must not be below port",
+                ));
+            }
+            Port::Range { first, last: u16::try_from(end).expect("checked above") }
+        }
+        (Some(_), _) => {
+            return Err(Invalid::new(
+                format!("{path}.endPort"),
+                "endPort needs a numeric port to start the range",
+                "set port to the first port of the range",
+            ));
+        }
+    };
+    Ok(PortRule { protocol, port })
+}
