@@ -26,6 +26,9 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     /// Array of u32 settings, indexed by [`config`](super::config) constants.
     pub const CONFIG: &str = "CONFIG";
+    /// LRU hash: [`FragKey`](super::FragKey) -> [`FragValue`](super::FragValue), the ports of
+    /// fragmented datagrams, recorded from their first fragment (kernel-internal).
+    pub const FRAGMENTS: &str = "FRAGMENTS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -45,6 +48,7 @@ pub mod map_sizes {
     pub const CONNTRACK: u32 = 262_144;
     /// Bytes; a power of two multiple of the page size.
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    pub const FRAGMENTS: u32 = 8192;
 }
 
 /// Policy direction, always from the pod's point of view.
@@ -237,13 +241,7 @@ pub const POLICY_PREFIX_FULL: u32 = 88;
 
 impl PolicyKey {
     /// A key for a packet or an entry. For ICMP and ICMPv6 pass the type as `dport`.
-    pub const fn new(
-        endpoint_id: u16,
-        direction: u8,
-        identity: u32,
-        protocol: u8,
-        dport: u16,
-    ) -> Self {
+    pub const fn new(endpoint_id: u16, direction: u8, identity: u32, protocol: u8, dport: u16) -> Self {
         PolicyKey {
             endpoint_id_be: endpoint_id.to_be_bytes(),
             direction,
@@ -333,9 +331,10 @@ pub mod ct_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    /// bpf_ktime_get_ns() of the last packet.
+    /// CLOCK_MONOTONIC nanoseconds of the last packet (bpf_ktime_get_coarse_ns(): tick
+    /// resolution, which is plenty for timeouts in seconds and much cheaper).
     pub last_seen_ns: u64,
-    /// bpf_ktime_get_ns() of the first packet.
+    /// CLOCK_MONOTONIC nanoseconds (coarse, as above) of the first packet.
     pub created_ns: u64,
     /// [`ct_flags`] bits.
     pub flags: u32,
@@ -371,6 +370,33 @@ pub struct VerdictEvent {
     pub pkt_len: u32,
 }
 
+/// Key of the FRAGMENTS map: one fragmented datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Addresses, network order; IPv4 in the first 4 bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// IPv4: the 16-bit identification in the last two bytes; IPv6: the fragment header's
+    /// 32-bit identification. Network order.
+    pub id_be: [u8; 4],
+    pub protocol: u8,
+    pub family: u8,
+    pub pad: [u8; 2],
+}
+
+/// Value of the FRAGMENTS map: what the first fragment's L4 header said.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    /// Ports, host order (ICMP: code in `sport`, type in `dport`).
+    pub sport: u16,
+    pub dport: u16,
+    /// ICMP echo identifier, host order; zero otherwise.
+    pub icmp_id: u16,
+    pub pad: u16,
+}
+
 /// Packets and bytes for one (reason, direction).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -401,6 +427,8 @@ mod pod {
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::VerdictEvent {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
@@ -414,6 +442,8 @@ const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 const _: () = assert!(core::mem::size_of::<VerdictEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FragValue>() == 8);
 
 #[cfg(test)]
 mod tests {
@@ -448,10 +478,7 @@ mod tests {
 
     #[test]
     fn counter_indices_are_distinct() {
-        assert_ne!(
-            counter_index(reason::DROP_POLICY_DENIED, 0),
-            counter_index(reason::DROP_POLICY_DENIED, 1)
-        );
+        assert_ne!(counter_index(reason::DROP_POLICY_DENIED, 0), counter_index(reason::DROP_POLICY_DENIED, 1));
         assert!(counter_index(reason::DROP_FRAGMENT_UNKNOWN, 1) < COUNTER_SLOTS);
     }
 }

@@ -1,4 +1,9 @@
 //! palisade's node agent: actors that reconcile policies and endpoints into eBPF maps, the
-//! datapath loader, and the local API.
+//! datapath loader, the local API, and the decoding of verdict events.
+pub mod actors;
 pub mod api;
 pub mod datapath;
+pub mod endpoint;
+pub mod error;
+pub mod mapstate;
+pub mod monitor;

@@ -15,9 +15,7 @@ use super::types::*;
 /// Why a call to the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error(
-        "cannot connect to the agent at {socket}: {source} (is palisade-agent running, and are you root?)"
-    )]
+    #[error("cannot connect to the agent at {socket}: {source} (is palisade-agent running, and are you root?)")]
     Connect { socket: PathBuf, source: std::io::Error },
     #[error("talking to the agent at {socket}: {source}")]
     Http { socket: PathBuf, source: hyper::Error },
@@ -44,9 +42,7 @@ impl Client {
         &self.socket
     }
 
-    async fn connect(
-        &self,
-    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
+    async fn connect(&self) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
@@ -91,15 +87,9 @@ impl Client {
         if !status.is_success() {
             if status == StatusCode::REQUEST_TIMEOUT && path.starts_with("/v1/wait") {
                 let q = |k: &str| {
-                    path.split(['?', '&'])
-                        .find_map(|kv| kv.strip_prefix(k))
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0)
+                    path.split(['?', '&']).find_map(|kv| kv.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap_or(0)
                 };
-                return Err(ClientError::WaitTimeout {
-                    revision: q("revision="),
-                    timeout_ms: q("timeout_ms="),
-                });
+                return Err(ClientError::WaitTimeout { revision: q("revision="), timeout_ms: q("timeout_ms=") });
             }
             let message = serde_json::from_slice::<ApiError>(&body)
                 .map(|e| e.error)
@@ -111,8 +101,7 @@ impl Client {
                 message,
             });
         }
-        serde_json::from_slice(&body)
-            .map_err(|source| ClientError::Decode { path: path.to_string(), source })
+        serde_json::from_slice(&body).map_err(|source| ClientError::Decode { path: path.to_string(), source })
     }
 
     pub async fn status(&self) -> Result<Status, ClientError> {
@@ -133,8 +122,7 @@ impl Client {
     }
 
     pub async fn delete_endpoint(&self, namespace: &str, name: &str) -> Result<Ack, ClientError> {
-        self.call::<(), _>(Method::DELETE, &format!("/v1/endpoints/{namespace}/{name}"), None)
-            .await
+        self.call::<(), _>(Method::DELETE, &format!("/v1/endpoints/{namespace}/{name}"), None).await
     }
 
     pub async fn endpoints(&self) -> Result<Vec<EndpointStatus>, ClientError> {
@@ -153,11 +141,16 @@ impl Client {
         self.call::<(), _>(Method::GET, "/v1/policies", None).await
     }
 
+    /// Makes the agent re-read its policy directory now; answers the revision that
+    /// includes what it found (wait for it with [`Client::wait_revision`]).
+    pub async fn rescan_policies(&self) -> Result<Ack, ClientError> {
+        self.call::<(), _>(Method::POST, "/v1/policies/rescan", None).await
+    }
+
     /// Waits until every endpoint has realized `revision` in the kernel.
     pub async fn wait_revision(&self, revision: u64, timeout: Duration) -> Result<Status, ClientError> {
         let ms = timeout.as_millis() as u64;
-        self.call::<(), _>(Method::GET, &format!("/v1/wait?revision={revision}&timeout_ms={ms}"), None)
-            .await
+        self.call::<(), _>(Method::GET, &format!("/v1/wait?revision={revision}&timeout_ms={ms}"), None).await
     }
 
     /// Waits until the agent has realized everything it has accepted so far.

@@ -1,5 +1,6 @@
-//! The agent's local API: types, client and (in `server`) the HTTP server on a unix socket.
+//! The agent's local API: types, client, and the HTTP server on a unix socket.
 pub mod client;
+pub mod server;
 pub mod types;
 
 pub use client::{Client, ClientError, MonitorStream};

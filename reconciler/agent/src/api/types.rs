@@ -13,6 +13,7 @@
 //! | PUT | `/v1/ipcache` | [`IpcacheEntrySpec`] | [`Ack`] |
 //! | GET | `/v1/identities` | | `Vec<`[`IdentityInfo`]`>` |
 //! | GET | `/v1/policies` | | `Vec<`[`PolicyStatus`]`>` |
+//! | POST | `/v1/policies/rescan` | | [`Ack`] with the revision that includes the directory as it is now |
 //! | GET | `/v1/wait?revision=N&timeout_ms=M` | | [`Status`] once every endpoint realized N (408 on timeout) |
 //! | GET | `/v1/monitor` | | a stream of [`MonitorEvent`], one JSON document per line |
 //!

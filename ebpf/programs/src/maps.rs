@@ -1,0 +1,37 @@
+//! The maps of the datapath, named as in `palisade_common::map_names` and pinned by name
+//! so that the agent finds (and a restarted agent reuses) them under its pin directory.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use palisade_common::{
+    COUNTER_SLOTS, Counter, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IpcacheValue, Ipv4Prefix, Ipv6Prefix,
+    PolicyKey, PolicyValue, config, map_sizes,
+};
+
+#[map]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(map_sizes::ENDPOINTS, 0);
+
+#[map]
+pub static IPCACHE_V4: LpmTrie<Ipv4Prefix, IpcacheValue> = LpmTrie::pinned(map_sizes::IPCACHE_V4, 0);
+
+#[map]
+pub static IPCACHE_V6: LpmTrie<Ipv6Prefix, IpcacheValue> = LpmTrie::pinned(map_sizes::IPCACHE_V6, 0);
+
+#[map]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(map_sizes::POLICY, 0);
+
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(map_sizes::CONNTRACK, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::pinned(map_sizes::EVENTS_BYTES, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+#[map]
+pub static CONFIG: Array<u32> = Array::pinned(config::SLOTS, 0);
+
+#[map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(map_sizes::FRAGMENTS, 0);

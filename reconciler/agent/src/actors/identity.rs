@@ -1,0 +1,184 @@
+//! Identity cache actor: label set -> numeric identity with reference counts, and the
+//! addresses given reserved identities through the API (host, remote nodes, API server).
+//! Every change is pushed to the resolver as a snapshot.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use palisade_common::identity as reserved;
+use palisade_policy::identity::IdentityAllocator;
+use palisade_policy::labels::LabelSet;
+
+use super::resolver::{IdentitiesChanged, Resolver};
+use crate::api::types::{IdentityInfo, ReservedEntity};
+use crate::error::AgentError;
+
+/// An IP prefix: (address, prefix length).
+pub type Prefix = (IpAddr, u8);
+
+/// Parses `10.0.0.1` or `10.0.0.0/24` (host bits must be zero).
+pub fn parse_prefix(s: &str) -> Result<Prefix, AgentError> {
+    let bad = |reason: String| AgentError::InvalidCidr { cidr: s.to_string(), reason };
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| bad("not an IPv4 or IPv6 address".into()))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => {
+            l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| bad(format!("prefix length must be 0..={max}")))?
+        }
+    };
+    let masked = mask(addr, len);
+    if masked != addr {
+        return Err(bad(format!("host bits are set; did you mean {masked}/{len}?")));
+    }
+    Ok((addr, len))
+}
+
+/// `addr` with the bits after `len` cleared.
+pub fn mask(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+fn entity_identity(e: ReservedEntity) -> u32 {
+    match e {
+        ReservedEntity::Host => reserved::HOST,
+        ReservedEntity::RemoteNode => reserved::REMOTE_NODE,
+        ReservedEntity::KubeApiserver => reserved::KUBE_APISERVER,
+        ReservedEntity::Health => reserved::HEALTH,
+        ReservedEntity::Ingress => reserved::INGRESS,
+    }
+}
+
+pub struct IdentityCache {
+    allocator: IdentityAllocator,
+    reserved_ipcache: BTreeMap<Prefix, u32>,
+    resolver: Addr<Resolver>,
+}
+
+impl IdentityCache {
+    pub fn new(resolver: Addr<Resolver>) -> Self {
+        IdentityCache { allocator: IdentityAllocator::new(), reserved_ipcache: BTreeMap::new(), resolver }
+    }
+
+    fn publish(&self) {
+        self.resolver.do_send(IdentitiesChanged {
+            allocator: Arc::new(self.allocator.clone()),
+            reserved_ipcache: Arc::new(self.reserved_ipcache.clone()),
+        });
+    }
+}
+
+impl Actor for IdentityCache {
+    type Context = Context<Self>;
+    fn started(&mut self, _ctx: &mut Self::Context) {
+        self.publish();
+    }
+}
+
+/// Takes a reference on the identity of `labels`, allocating it if new.
+#[derive(Message)]
+#[rtype(result = "u32")]
+pub struct AllocateIdentity {
+    pub labels: LabelSet,
+}
+
+impl Handler<AllocateIdentity> for IdentityCache {
+    type Result = u32;
+    fn handle(&mut self, msg: AllocateIdentity, _: &mut Self::Context) -> u32 {
+        let known = self.allocator.lookup(&msg.labels).is_some();
+        let id = self.allocator.allocate(&msg.labels);
+        if !known {
+            tracing::info!(identity = id, labels = %msg.labels, "identity allocated");
+            self.publish();
+        }
+        id
+    }
+}
+
+/// Drops a reference taken with [`AllocateIdentity`].
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReleaseIdentity {
+    pub id: u32,
+}
+
+impl Handler<ReleaseIdentity> for IdentityCache {
+    type Result = ();
+    fn handle(&mut self, msg: ReleaseIdentity, _: &mut Self::Context) {
+        if self.allocator.release(msg.id) {
+            tracing::info!(identity = msg.id, "identity released");
+            self.publish();
+        }
+    }
+}
+
+/// Gives a prefix a reserved identity.
+#[derive(Message)]
+#[rtype(result = "Result<(), AgentError>")]
+pub struct UpsertReservedPrefix {
+    pub cidr: String,
+    pub entity: ReservedEntity,
+}
+
+impl Handler<UpsertReservedPrefix> for IdentityCache {
+    type Result = Result<(), AgentError>;
+    fn handle(&mut self, msg: UpsertReservedPrefix, _: &mut Self::Context) -> Self::Result {
+        let prefix = parse_prefix(&msg.cidr)?;
+        let id = entity_identity(msg.entity);
+        if self.reserved_ipcache.insert(prefix, id) != Some(id) {
+            self.publish();
+        }
+        Ok(())
+    }
+}
+
+/// Every identity with its labels and references.
+#[derive(Message)]
+#[rtype(result = "Vec<IdentityInfo>")]
+pub struct ListIdentities;
+
+impl Handler<ListIdentities> for IdentityCache {
+    type Result = MessageResult<ListIdentities>;
+    fn handle(&mut self, _: ListIdentities, _: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.allocator
+                .iter()
+                .map(|(id, labels, refs)| IdentityInfo {
+                    id,
+                    labels: labels.iter().map(|l| l.to_string()).collect(),
+                    references: refs,
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_parse_and_reject_host_bits() {
+        assert_eq!(parse_prefix("10.0.0.1").unwrap(), ("10.0.0.1".parse().unwrap(), 32));
+        assert_eq!(parse_prefix("10.0.0.0/8").unwrap(), ("10.0.0.0".parse().unwrap(), 8));
+        assert_eq!(parse_prefix("fd00::/64").unwrap(), ("fd00::".parse().unwrap(), 64));
+        let e = parse_prefix("10.0.0.1/8").unwrap_err().to_string();
+        assert!(e.contains("did you mean 10.0.0.0/8"), "{e}");
+        assert!(parse_prefix("10.0.0.0/33").is_err());
+        assert!(parse_prefix("nonsense").is_err());
+    }
+}

@@ -1,0 +1,82 @@
+//! `palisade-agent`: the node agent. Loads the datapath, starts the actors and serves the
+//! local API. SIGTERM/SIGINT stop the agent but leave the datapath (pinned maps and
+//! program links) in place, so enforcement continues across restarts.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use palisade_agent::actors::{Agent, AgentConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "palisade-agent", version, about = "palisade node agent: network policy enforced by eBPF")]
+struct Args {
+    /// Directory in bpffs where maps and program links are pinned.
+    #[arg(long, default_value = "/sys/fs/bpf/palisade")]
+    bpffs: PathBuf,
+    /// Directory of policy manifests (YAML or JSON), re-read when a file changes.
+    #[arg(long, default_value = "/etc/palisade/policies")]
+    policy_dir: PathBuf,
+    /// Unix socket of the local API (created with mode 0600).
+    #[arg(long, default_value = "/run/palisade/agent.sock")]
+    api_socket: PathBuf,
+    /// Cluster name (label io.cilium.k8s.policy.cluster of every pod).
+    #[arg(long, default_value = "default")]
+    cluster: String,
+    /// Seconds between full compares of the kernel maps against the desired state.
+    #[arg(long, default_value_t = 10)]
+    repair_interval_secs: u64,
+    /// Seconds between re-reads of the policy directory (besides inotify).
+    #[arg(long, default_value_t = 2)]
+    policy_rescan_secs: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PALISADE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = AgentConfig {
+        bpffs: args.bpffs,
+        policy_dir: args.policy_dir,
+        cluster: args.cluster,
+        repair_interval: Duration::from_secs(args.repair_interval_secs.max(1)),
+        policy_rescan_interval: Duration::from_secs(args.policy_rescan_secs.max(1)),
+    };
+    let socket = args.api_socket;
+    let system = actix_rt::System::new();
+    let result = system.block_on(async move {
+        let agent = match Agent::start(config) {
+            Ok(a) => a,
+            Err(e) => return Err(format!("cannot start the datapath: {e}")),
+        };
+        let server = tokio::spawn({
+            let socket = socket.clone();
+            async move { palisade_agent::api::server::serve(agent, &socket).await }
+        });
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("installing the SIGTERM handler: {e}"))?;
+        let outcome = tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping; the datapath stays loaded"); Ok(()) }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping; the datapath stays loaded"); Ok(()) }
+            r = server => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("local API on {}: {e}", socket.display())),
+                Err(e) => Err(format!("local API task: {e}")),
+            },
+        };
+        let _ = std::fs::remove_file(&socket);
+        outcome
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("palisade-agent: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

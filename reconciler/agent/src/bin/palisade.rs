@@ -1,0 +1,324 @@
+//! `palisade`: the operator's CLI over the agent's local API.
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use palisade_agent::api::Client;
+use palisade_agent::api::types::MonitorEvent;
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(name = "palisade", version, about = "Inspect a running palisade agent")]
+struct Cli {
+    /// The agent's API socket.
+    #[arg(long, global = true, default_value = "/run/palisade/agent.sock", env = "PALISADE_SOCKET")]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The agent: revision, realized revision, counts, warnings.
+    Status,
+    /// Local endpoints.
+    Endpoint {
+        #[command(subcommand)]
+        command: ListGet,
+    },
+    /// Security identities.
+    Identity {
+        #[command(subcommand)]
+        command: ListGet,
+    },
+    /// Policy manifests: whether they are enforced; offline validation.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Live verdict events.
+    Monitor {
+        /// Only events of this endpoint (`namespace/name`).
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only this verdict (`allow` or `drop`).
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Only this direction (`ingress` or `egress`).
+        #[arg(long)]
+        direction: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// All policy manifests the agent has seen.
+    List,
+    /// One policy, by `name` or `namespace/name`.
+    Get { name: String },
+    /// Checks manifests offline (no agent, no root): exit 0 when all are valid, 1 with one
+    /// line per error otherwise.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ListGet {
+    /// All of them.
+    List,
+    /// One, by name (`namespace/name`) or number.
+    Get { name: String },
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("API types serialize"));
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn monitor_line(e: &MonitorEvent) -> String {
+    let ep = e.endpoint.clone().unwrap_or_else(|| format!("ep{}", e.endpoint_id));
+    let decided = if e.policies.is_empty() { String::new() } else { format!(" by {}", e.policies.join(", ")) };
+    format!(
+        "{:<5} {:<7} {ep} {}:{} -> {}:{} {} identity={} reason={} match={}{decided}",
+        e.verdict,
+        e.direction,
+        e.src,
+        e.src_port,
+        e.dst,
+        e.dst_port,
+        e.protocol,
+        e.peer_identity,
+        e.reason,
+        e.match_kind
+    )
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let c = Client::new(&cli.socket);
+    let json = cli.output == Output::Json;
+    match cli.command {
+        Command::Status => {
+            let s = c.status().await.map_err(|e| e.to_string())?;
+            if json {
+                print_json(&s);
+            } else {
+                println!("revision:          {}", s.revision);
+                println!("realized revision: {}", s.realized_revision);
+                println!("endpoints:         {}", s.endpoints);
+                println!("identities:        {}", s.identities);
+                println!("policies:          {} enforced, {} rejected", s.policies, s.rejected_policies);
+                println!("datapath:          {} (pinned under {})", s.attach_mode, s.bpffs);
+                for w in &s.warnings {
+                    println!("warning:           {w}");
+                }
+            }
+        }
+        Command::Endpoint { command } => {
+            let mut eps = c.endpoints().await.map_err(|e| e.to_string())?;
+            if let ListGet::Get { name } = &command {
+                eps.retain(|e| format!("{}/{}", e.namespace, e.name) == *name || e.id.to_string() == *name);
+                if eps.is_empty() {
+                    return Err(format!("no endpoint {name}"));
+                }
+            }
+            if json {
+                print_json(&eps);
+            } else {
+                let rows = eps
+                    .iter()
+                    .map(|e| {
+                        let enf = match (e.ingress_enforced, e.egress_enforced) {
+                            (true, true) => "ingress+egress",
+                            (true, false) => "ingress",
+                            (false, true) => "egress",
+                            (false, false) => "none",
+                        };
+                        vec![
+                            e.id.to_string(),
+                            format!("{}/{}", e.namespace, e.name),
+                            e.identity.to_string(),
+                            e.ipv4.map(|a| a.to_string()).unwrap_or_default(),
+                            e.interface.clone(),
+                            enf.to_string(),
+                            e.policy_entries.to_string(),
+                            e.realized_revision.to_string(),
+                        ]
+                    })
+                    .collect();
+                table(&["ID", "ENDPOINT", "IDENTITY", "IPV4", "INTERFACE", "ENFORCED", "ENTRIES", "REVISION"], rows);
+            }
+        }
+        Command::Identity { command } => {
+            let mut ids = c.identities().await.map_err(|e| e.to_string())?;
+            if let ListGet::Get { name } = &command {
+                ids.retain(|i| i.id.to_string() == *name);
+                if ids.is_empty() {
+                    return Err(format!("no identity {name}"));
+                }
+            }
+            if json {
+                print_json(&ids);
+            } else {
+                let rows =
+                    ids.iter().map(|i| vec![i.id.to_string(), i.references.to_string(), i.labels.join(" ")]).collect();
+                table(&["ID", "REFS", "LABELS"], rows);
+            }
+        }
+        Command::Policy { command: PolicyCommand::Validate { files } } => {
+            return validate(&files, json);
+        }
+        Command::Policy { command } => {
+            let mut ps = c.policies().await.map_err(|e| e.to_string())?;
+            if let PolicyCommand::Get { name } = &command {
+                ps.retain(|p| {
+                    p.name == *name || p.namespace.as_ref().is_some_and(|ns| format!("{ns}/{}", p.name) == *name)
+                });
+                if ps.is_empty() {
+                    return Err(format!("no policy {name}"));
+                }
+            }
+            if json {
+                print_json(&ps);
+            } else {
+                let rows = ps
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.kind.clone(),
+                            p.namespace.clone().unwrap_or_else(|| "-".into()),
+                            p.name.clone(),
+                            if p.enforced { "enforced".into() } else { "REJECTED".into() },
+                            p.revision.to_string(),
+                            p.error.clone().unwrap_or_else(|| p.warnings.join("; ")),
+                        ]
+                    })
+                    .collect();
+                table(&["KIND", "NAMESPACE", "NAME", "STATE", "REVISION", "DETAIL"], rows);
+            }
+        }
+        Command::Monitor { pod, verdict, direction, count } => {
+            let mut stream = c.monitor().await.map_err(|e| e.to_string())?;
+            let mut seen = 0usize;
+            while let Some(e) = stream.next().await.map_err(|e| e.to_string())? {
+                if pod.as_ref().is_some_and(|p| e.endpoint.as_deref() != Some(p.as_str()))
+                    || verdict.as_ref().is_some_and(|v| *v != e.verdict)
+                    || direction.as_ref().is_some_and(|d| *d != e.direction)
+                {
+                    continue;
+                }
+                if json {
+                    println!("{}", serde_json::to_string(&e).expect("serializes"));
+                } else {
+                    println!("{}", monitor_line(&e));
+                }
+                seen += 1;
+                if count.is_some_and(|n| seen >= n) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Outcome of `policy validate`: invalid manifests make the exit code 1.
+struct Invalid(usize);
+
+fn validate(files: &[PathBuf], json: bool) -> Result<(), String> {
+    use palisade_policy::parse::{ManifestOutcome, parse_manifests};
+    let mut errors = Vec::new();
+    let mut valid = 0usize;
+    for f in files {
+        let origin = f.display().to_string();
+        let text = match std::fs::read(f) {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(t) => t,
+                Err(e) => {
+                    errors.push(format!(
+                        "{origin}: not UTF-8 text (invalid byte at offset {})",
+                        e.utf8_error().valid_up_to()
+                    ));
+                    continue;
+                }
+            },
+            Err(e) => {
+                errors.push(format!("{origin}: cannot read: {e}"));
+                continue;
+            }
+        };
+        match parse_manifests(&text, &origin) {
+            Err(e) => errors.push(e.to_string()),
+            Ok(outcomes) => {
+                for o in outcomes {
+                    match o {
+                        ManifestOutcome::Accepted(p) => {
+                            valid += 1;
+                            for w in &p.warnings {
+                                eprintln!("{origin}: warning: {}: {w}", p.display_name());
+                            }
+                        }
+                        ManifestOutcome::Rejected(e) => errors.push(e.to_string()),
+                    }
+                }
+            }
+        }
+    }
+    if json {
+        print_json(&serde_json::json!({ "valid": valid, "errors": errors }));
+    } else {
+        for e in &errors {
+            println!("{e}");
+        }
+        if errors.is_empty() {
+            println!("{valid} manifest(s) valid");
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { Err(Invalid(errors.len()).to_string()) }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} invalid manifest(s)", self.0)
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("palisade: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Errors of the agent's operations, as the API reports them.
+use std::path::PathBuf;
+
+/// What went wrong, with what a user needs to act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(
+        "endpoint {namespace}/{name}: interface {interface:?} does not exist in the agent's network namespace; create the pod's veth first (the host side must be visible to the agent)"
+    )]
+    InterfaceNotFound { namespace: String, name: String, interface: String },
+    #[error(
+        "endpoint {namespace}/{name}: namespace {namespace:?} is unknown; register it first (PUT /v1/namespaces/{namespace})"
+    )]
+    UnknownNamespace { namespace: String, name: String },
+    #[error("endpoint {namespace}/{name} not found")]
+    EndpointNotFound { namespace: String, name: String },
+    #[error("endpoint {namespace}/{name}: {reason}")]
+    InvalidEndpoint { namespace: String, name: String, reason: String },
+    #[error("no endpoint ids left (65535 endpoints on this node)")]
+    EndpointIdsExhausted,
+    #[error("ipcache entry {cidr:?}: {reason}")]
+    InvalidCidr { cidr: String, reason: String },
+    #[error("datapath: {0}")]
+    Datapath(#[from] crate::datapath::DatapathError),
+    #[error("policy directory {path}: {source}")]
+    PolicyDir { path: PathBuf, source: std::io::Error },
+    #[error("the agent is shutting down ({0})")]
+    Mailbox(#[from] actix::MailboxError),
+}
+
+impl AgentError {
+    /// HTTP status the API answers with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            AgentError::EndpointNotFound { .. } => 404,
+            AgentError::InterfaceNotFound { .. }
+            | AgentError::UnknownNamespace { .. }
+            | AgentError::InvalidEndpoint { .. }
+            | AgentError::InvalidCidr { .. } => 400,
+            AgentError::EndpointIdsExhausted => 507,
+            _ => 500,
+        }
+    }
+}
