@@ -30,7 +30,8 @@ pub mod icmp_class {
     /// Destination unreachable, time exceeded, parameter problem, packet too big: related
     /// to the flow quoted inside.
     pub const ERROR: u8 = 3;
-    /// ICMPv6 neighbour discovery (router/neighbour solicitation/advertisement, redirect).
+    /// ICMPv6 link-local control: neighbour discovery (router/neighbour solicitation and
+    /// advertisement, redirect) and multicast listener discovery (query, report, done).
     pub const NEIGHBOUR_DISCOVERY: u8 = 4;
     /// Any other type.
     pub const OTHER: u8 = 5;
@@ -322,7 +323,9 @@ fn classify_icmp(protocol: u8, ty: u8) -> u8 {
             128 => icmp_class::ECHO_REQUEST,
             129 => icmp_class::ECHO_REPLY,
             1..=4 => icmp_class::ERROR,
-            133..=137 => icmp_class::NEIGHBOUR_DISCOVERY,
+            // Neighbour discovery and multicast listener discovery: link-local control
+            // that IPv6 needs to work at all.
+            130..=137 | 143 => icmp_class::NEIGHBOUR_DISCOVERY,
             _ => icmp_class::OTHER,
         }
     }

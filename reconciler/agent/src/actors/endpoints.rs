@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use palisade_policy::labels::LabelSet;
+use palisade_policy::model::Policy;
 use palisade_policy::resolve::NamedPort;
 
 use super::identity::{AllocateIdentity, IdentityCache, ReleaseIdentity};
@@ -18,6 +19,8 @@ pub struct EndpointTracker {
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     specs: BTreeMap<(String, String), EndpointSpec>,
     endpoints: BTreeMap<(String, String), LocalEndpoint>,
+    /// Accepted policies, for the ipBlock membership labels of each pod.
+    policies: Arc<Vec<Policy>>,
     identities: Addr<IdentityCache>,
     resolver: Addr<Resolver>,
 }
@@ -29,6 +32,7 @@ impl EndpointTracker {
             namespaces: BTreeMap::new(),
             specs: BTreeMap::new(),
             endpoints: BTreeMap::new(),
+            policies: Arc::default(),
             identities,
             resolver,
         }
@@ -42,7 +46,56 @@ impl EndpointTracker {
     fn labels_for(&self, namespace: &str, spec: &EndpointSpec) -> LabelSet {
         let mut ns_labels = self.namespaces.get(namespace).cloned().unwrap_or_default();
         ns_labels.insert("kubernetes.io/metadata.name".into(), namespace.to_string());
-        LabelSet::for_pod(namespace, &ns_labels, &spec.labels, &spec.service_account, &self.cluster)
+        let mut labels = LabelSet::for_pod(namespace, &ns_labels, &spec.labels, &spec.service_account, &self.cluster);
+        // Kubernetes NetworkPolicy ipBlocks match pod addresses too: pods inside different
+        // blocks must not share an identity.
+        let ips: Vec<std::net::IpAddr> =
+            spec.ipv4.map(Into::into).into_iter().chain(spec.ipv6.map(Into::into)).collect();
+        for l in palisade_policy::ipblock_labels(&self.policies, &ips) {
+            labels.insert(l);
+        }
+        labels
+    }
+
+    /// Gives every endpoint for which `pick` is true the label set its spec now derives,
+    /// with a new identity where the set changed; answers the new revision.
+    fn relabel(&mut self, pick: impl Fn(&LocalEndpoint) -> bool) -> AtomicResponse<Self, Result<u64, AgentError>> {
+        let mut relabel = Vec::new();
+        for (key, ep) in &self.endpoints {
+            if !pick(ep) {
+                continue;
+            }
+            let labels = self.labels_for(&ep.namespace, &self.specs[key]);
+            if labels != ep.labels {
+                relabel.push((key.clone(), labels));
+            }
+        }
+        let identities = self.identities.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let mut out = Vec::new();
+                for (key, labels) in relabel {
+                    let id = identities.send(AllocateIdentity { labels: labels.clone() }).await?;
+                    out.push((key, labels, id));
+                }
+                Ok::<_, actix::MailboxError>(out)
+            }
+            .into_actor(self)
+            .then(|res, act, _| {
+                let rev = res.map(|changes| {
+                    for (key, labels, id) in changes {
+                        if let Some(ep) = act.endpoints.get_mut(&key) {
+                            act.identities.do_send(ReleaseIdentity { id: ep.identity });
+                            tracing::info!(endpoint = %ep.full_name(), old = ep.identity, new = id, "endpoint relabelled");
+                            ep.labels = labels;
+                            ep.identity = id;
+                        }
+                    }
+                    act.publish()
+                });
+                async move { Ok(rev?.await?) }.into_actor(act)
+            }),
+        ))
     }
 
     fn publish(&self) -> Request<Resolver, EndpointsChanged> {
@@ -182,42 +235,22 @@ impl Handler<UpsertNamespace> for EndpointTracker {
     type Result = AtomicResponse<Self, Result<u64, AgentError>>;
     fn handle(&mut self, msg: UpsertNamespace, _: &mut Context<Self>) -> Self::Result {
         self.namespaces.insert(msg.name.clone(), msg.spec.labels);
-        // Endpoints of the namespace whose label set changes.
-        let mut relabel = Vec::new();
-        for (key, ep) in &self.endpoints {
-            if ep.namespace != msg.name {
-                continue;
-            }
-            let labels = self.labels_for(&ep.namespace, &self.specs[key]);
-            if labels != ep.labels {
-                relabel.push((key.clone(), labels));
-            }
-        }
-        let identities = self.identities.clone();
-        AtomicResponse::new(Box::pin(
-            async move {
-                let mut out = Vec::new();
-                for (key, labels) in relabel {
-                    let id = identities.send(AllocateIdentity { labels: labels.clone() }).await?;
-                    out.push((key, labels, id));
-                }
-                Ok::<_, actix::MailboxError>(out)
-            }
-            .into_actor(self)
-            .then(|res, act, _| {
-                let rev = res.map(|changes| {
-                    for (key, labels, id) in changes {
-                        if let Some(ep) = act.endpoints.get_mut(&key) {
-                            act.identities.do_send(ReleaseIdentity { id: ep.identity });
-                            ep.labels = labels;
-                            ep.identity = id;
-                        }
-                    }
-                    act.publish()
-                });
-                async move { Ok(rev?.await?) }.into_actor(act)
-            }),
-        ))
+        self.relabel(|ep| ep.namespace == msg.name)
+    }
+}
+
+/// The accepted policies changed: pods may have moved in or out of ipBlocks.
+#[derive(Message)]
+#[rtype(result = "Result<u64, AgentError>")]
+pub struct PoliciesForLabels {
+    pub policies: Arc<Vec<Policy>>,
+}
+
+impl Handler<PoliciesForLabels> for EndpointTracker {
+    type Result = AtomicResponse<Self, Result<u64, AgentError>>;
+    fn handle(&mut self, msg: PoliciesForLabels, _: &mut Context<Self>) -> Self::Result {
+        self.policies = msg.policies;
+        self.relabel(|_| true)
     }
 }
 

@@ -60,9 +60,13 @@ impl Agent {
         let identities = identity::IdentityCache::new(resolver.clone()).start();
         let endpoints =
             endpoints::EndpointTracker::new(config.cluster.clone(), identities.clone(), resolver.clone()).start();
-        let policy_watch =
-            policy_watch::PolicyWatch::new(config.policy_dir.clone(), resolver.clone(), config.policy_rescan_interval)
-                .start();
+        let policy_watch = policy_watch::PolicyWatch::new(
+            config.policy_dir.clone(),
+            resolver.clone(),
+            endpoints.clone(),
+            config.policy_rescan_interval,
+        )
+        .start();
         let (events, _) = broadcast::channel(4096);
         let tx = events.clone();
         actix_rt::spawn(async move {

@@ -17,6 +17,7 @@ use notify::Watcher;
 use palisade_policy::model::Policy;
 use palisade_policy::parse::{ManifestOutcome, parse_manifests};
 
+use super::endpoints::{EndpointTracker, PoliciesForLabels};
 use super::resolver::{PoliciesChanged, Resolver};
 use crate::api::types::PolicyStatus;
 
@@ -41,18 +42,25 @@ pub struct PolicyWatch {
     accepted: BTreeMap<PolicyId, (PathBuf, Policy)>,
     revision: u64,
     resolver: Addr<Resolver>,
+    endpoints: Addr<EndpointTracker>,
     rescan_interval: Duration,
     watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl PolicyWatch {
-    pub fn new(dir: PathBuf, resolver: Addr<Resolver>, rescan_interval: Duration) -> Self {
+    pub fn new(
+        dir: PathBuf,
+        resolver: Addr<Resolver>,
+        endpoints: Addr<EndpointTracker>,
+        rescan_interval: Duration,
+    ) -> Self {
         PolicyWatch {
             dir,
             files: BTreeMap::new(),
             accepted: BTreeMap::new(),
             revision: 0,
             resolver,
+            endpoints,
             rescan_interval,
             watcher: None,
         }
@@ -273,7 +281,11 @@ impl Actor for PolicyWatch {
         }
         let addr = ctx.address();
         match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            // Only changes matter: our own reads produce access events, which must not
+            // trigger another read.
+            if let Ok(ev) = res
+                && (ev.kind.is_create() || ev.kind.is_modify() || ev.kind.is_remove())
+            {
                 addr.do_send(Rescan);
             }
         }) {
@@ -301,10 +313,20 @@ impl Handler<Rescan> for PolicyWatch {
             self.stamp(rev);
             return AtomicResponse::new(Box::pin(fut::ready(rev)));
         }
-        let policies: Vec<Policy> = self.accepted.values().map(|(_, p)| p.clone()).collect();
+        let policies: Arc<Vec<Policy>> = Arc::new(self.accepted.values().map(|(_, p)| p.clone()).collect());
         tracing::info!(policies = policies.len(), "policy repository changed");
+        let (endpoints, resolver) = (self.endpoints.clone(), self.resolver.clone());
         AtomicResponse::new(Box::pin(
-            self.resolver.send(PoliciesChanged { policies: Arc::new(policies) }).into_actor(self).map(|res, act, _| {
+            async move {
+                // Pods' ipBlock memberships first, then the rules that use them.
+                let relabelled = endpoints.send(PoliciesForLabels { policies: policies.clone() }).await;
+                if let Ok(Err(e)) = &relabelled {
+                    tracing::error!(error = %e, "re-deriving pod labels for ipBlocks failed");
+                }
+                resolver.send(PoliciesChanged { policies }).await
+            }
+            .into_actor(self)
+            .map(|res, act, _| {
                 if let Ok(rev) = res {
                     act.revision = rev;
                 }
