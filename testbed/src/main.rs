@@ -1,1 +1,4 @@
-fn main() {}
+//! `palisade-testbed`: see the library.
+fn main() -> std::process::ExitCode {
+    palisade_testbed::main()
+}

@@ -1,0 +1,472 @@
+//! The real agent, run as a node runs it: its working directories, its process (inside the
+//! node's network namespace), and everything the testbed tells it through its local API
+//! (namespaces, endpoints, the node's address, policy manifests).
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use palisade_agent::api::types::{
+    EndpointSpec, EndpointStatus, IpcacheEntrySpec, NamespaceSpec, PolicyStatus, PortSpec, ReservedEntity,
+};
+use palisade_agent::api::{Client, ClientError};
+
+use crate::cleanup;
+use crate::error::SetupError;
+use crate::scenario::{Plan, PlanPolicy};
+use crate::topology::Topology;
+
+/// How long the agent may take to answer on its socket, and to realize a revision.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long any other API call may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound of a wait call: the agent's own timeout plus slack.
+const WAIT_CALL_TIMEOUT: Duration = Duration::from_secs(READY_TIMEOUT.as_secs() + 5);
+
+/// Makes one call to the agent, bounded by `limit`: a hung agent fails the run instead of
+/// hanging it.
+pub async fn call<T>(
+    what: impl Into<String>,
+    limit: Duration,
+    fut: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, SetupError> {
+    let what = what.into();
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.map_err(|source| SetupError::Api { call: what, source }),
+        Err(_) => Err(SetupError::AgentHung { call: what, secs: limit.as_secs() }),
+    }
+}
+
+/// The run's directories: a private temporary directory (policy dir, API socket, log) and
+/// a pin directory in bpffs. Both are removed when dropped (the temporary one is kept with
+/// `--keep-logs`).
+pub struct RunDirs {
+    pub root: PathBuf,
+    pub policies: PathBuf,
+    /// Files are written here, then renamed into `policies` (the agent never sees half a file).
+    pub staging: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub bpffs: PathBuf,
+    // Dropped in this order: the pins first, then the temporary directory.
+    _bpffs_guard: cleanup::Guard,
+    _root_guard: cleanup::Guard,
+}
+
+/// Where bpffs is mounted.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+impl RunDirs {
+    /// Creates `$TMPDIR/palisade-testbed-<tag>` and `/sys/fs/bpf/palisade-testbed-<tag>`.
+    pub fn create(tag: &str, keep_logs: bool) -> Result<RunDirs, SetupError> {
+        let root = std::env::temp_dir().join(format!("palisade-testbed-{tag}"));
+        let bpffs = Path::new(BPFFS).join(format!("palisade-testbed-{tag}"));
+        for p in [&root, &bpffs] {
+            if p.exists() {
+                return Err(SetupError::PathExists { path: p.clone() });
+            }
+        }
+        let root_guard = {
+            let root = root.clone();
+            cleanup::register(format!("directory {}", root.display()), move || {
+                if keep_logs {
+                    eprintln!("palisade-testbed: logs kept in {}", root.display());
+                } else {
+                    let _ = std::fs::remove_dir_all(&root);
+                }
+            })?
+        };
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&root)
+            .map_err(SetupError::io(format!("creating {}", root.display())))?;
+        let bpffs_guard = {
+            let bpffs = bpffs.clone();
+            cleanup::register(format!("bpffs directory {}", bpffs.display()), move || {
+                let _ = std::fs::remove_dir_all(&bpffs);
+            })?
+        };
+        std::fs::create_dir(&bpffs)
+            .map_err(SetupError::io(format!("creating {} (is bpffs mounted on {BPFFS}?)", bpffs.display())))?;
+        let policies = root.join("policies");
+        let staging = root.join("staging");
+        for d in [&policies, &staging] {
+            std::fs::create_dir(d).map_err(SetupError::io(format!("creating {}", d.display())))?;
+        }
+        let socket = root.join("agent.sock");
+        if socket.as_os_str().len() >= 100 {
+            return Err(SetupError::Io {
+                what: format!("API socket path {}", socket.display()),
+                source: std::io::Error::other("too long for a unix socket: set TMPDIR to a shorter directory"),
+            });
+        }
+        Ok(RunDirs {
+            log: root.join("agent.log"),
+            socket,
+            policies,
+            staging,
+            root,
+            bpffs,
+            _bpffs_guard: bpffs_guard,
+            _root_guard: root_guard,
+        })
+    }
+
+    /// Writes `text` as `policies/<name>` atomically.
+    pub fn write_policy(&self, name: &str, text: &str) -> Result<PathBuf, SetupError> {
+        let staged = self.staging.join(name);
+        let target = self.policies.join(name);
+        std::fs::write(&staged, text).map_err(SetupError::io(format!("writing {}", staged.display())))?;
+        std::fs::rename(&staged, &target).map_err(SetupError::io(format!("moving {}", target.display())))?;
+        Ok(target)
+    }
+}
+
+/// The agent process. Dropping it stops the agent (SIGTERM, then SIGKILL after 5 s).
+pub struct AgentProcess {
+    child: Arc<Mutex<Option<Child>>>,
+    pub client: Client,
+    pub log: PathBuf,
+    pub socket: PathBuf,
+    _guard: cleanup::Guard,
+}
+
+impl AgentProcess {
+    /// Starts `binary` inside the node's network namespace (and in its own process group,
+    /// so a terminal's Ctrl-C reaches the testbed, which then stops the agent in order).
+    pub fn spawn(
+        binary: &Path,
+        node_ns: File,
+        dirs: &RunDirs,
+        cluster: Option<&str>,
+    ) -> Result<AgentProcess, SetupError> {
+        if !binary.is_file() {
+            return Err(SetupError::AgentMissing { path: binary.to_path_buf() });
+        }
+        let log = File::create(&dirs.log).map_err(SetupError::io(format!("creating {}", dirs.log.display())))?;
+        let log2 = log.try_clone().map_err(SetupError::io("duplicating the log file handle"))?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--bpffs")
+            .arg(&dirs.bpffs)
+            .arg("--policy-dir")
+            .arg(&dirs.policies)
+            .arg("--api-socket")
+            .arg(&dirs.socket);
+        if let Some(c) = cluster {
+            cmd.arg("--cluster").arg(c);
+        }
+        // The log is a file people read: no colour escapes.
+        cmd.env("NO_COLOR", "1").stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
+        let ns_fd = node_ns.as_raw_fd();
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe calls (sigemptyset, sigprocmask, setns, prctl, getppid); `node_ns` stays open
+        // until `spawn` returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The testbed blocks its stop signals (see `cleanup`); the agent must get
+                // its SIGTERM.
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // If the testbed is killed outright (no cleanup possible), the agent goes too.
+                // Spawned from the thread that runs the whole scenario, which outlives it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 || libc::getppid() != parent {
+                    return Err(std::io::Error::other("the testbed exited while starting the agent"));
+                }
+                Ok(())
+            });
+        }
+
+        let child: Arc<Mutex<Option<Child>>> = Arc::new(Mutex::new(None));
+        let guard = {
+            let child = child.clone();
+            cleanup::register(format!("agent process ({})", binary.display()), move || {
+                if let Some(c) = child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    stop(c);
+                }
+            })?
+        };
+        let spawned = cmd.spawn().map_err(|source| SetupError::AgentSpawn { path: binary.to_path_buf(), source })?;
+        drop(node_ns);
+        tracing::debug!(pid = spawned.id(), "agent started");
+        *child.lock().unwrap_or_else(|e| e.into_inner()) = Some(spawned);
+        Ok(AgentProcess {
+            child,
+            client: Client::new(&dirs.socket),
+            log: dirs.log.clone(),
+            socket: dirs.socket.clone(),
+            _guard: guard,
+        })
+    }
+
+    /// The agent's exit status if it has exited.
+    pub fn exited(&self) -> Option<String> {
+        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        match c.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(status))) => Some(status.to_string()),
+            None => Some("stopped".into()),
+            _ => None,
+        }
+    }
+
+    /// The last `n` lines of the agent's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        log_tail(&self.log, n)
+    }
+
+    /// An error for an agent that has exited, if it has.
+    pub fn check_alive(&self, when: &str) -> Result<(), SetupError> {
+        match self.exited() {
+            Some(status) => Err(SetupError::AgentExited {
+                status,
+                when: when.to_string(),
+                log: self.log.clone(),
+                tail: self.log_tail(30),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the agent answers `status` on its socket.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), SetupError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive("before answering on its API socket")?;
+            let last = match call("status", Duration::from_secs(2), self.client.status()).await {
+                Ok(_) => return Ok(()),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(SetupError::AgentNotReady {
+                    socket: self.socket.clone(),
+                    secs: timeout.as_secs(),
+                    last,
+                    log: self.log.clone(),
+                    tail: self.log_tail(30),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// SIGTERM, up to 5 s to exit, then SIGKILL. Only ever this child, by its PID.
+fn stop(mut child: Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(n)..].join("\n");
+    if tail.is_empty() { "(empty)".into() } else { tail }
+}
+
+/// Tells the agent about the scenario's namespaces and pods and the node's address, and
+/// waits until it has realized all of it. Returns the endpoints by pod index.
+pub async fn register(
+    client: &Client,
+    plan: &Plan,
+    topology: &Topology,
+) -> Result<HashMap<usize, EndpointStatus>, SetupError> {
+    for (name, labels) in &plan.namespaces {
+        let spec = NamespaceSpec { labels: labels.clone() };
+        call(format!("registering namespace {name}"), CALL_TIMEOUT, client.put_namespace(name, &spec)).await?;
+    }
+    let mut endpoints = HashMap::new();
+    for (pod, net) in plan.pods.iter().zip(&topology.pods) {
+        let spec = EndpointSpec {
+            labels: pod.labels.clone(),
+            service_account: pod.service_account.clone(),
+            ipv4: Some(net.ipv4),
+            ipv6: None,
+            interface: net.host_interface.clone(),
+            ports: pod
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    p.name.as_ref().map(|n| PortSpec {
+                        name: n.clone(),
+                        port: p.port,
+                        protocol: p.protocol.to_string(),
+                    })
+                })
+                .collect(),
+        };
+        let status = call(
+            format!("registering pod {}", pod.key()),
+            CALL_TIMEOUT,
+            client.put_endpoint(&pod.namespace, &pod.name, &spec),
+        )
+        .await?;
+        endpoints.insert(pod.index, status);
+    }
+    let node = IpcacheEntrySpec { cidr: format!("{}/32", topology.node.ipv4), entity: ReservedEntity::Host };
+    call("registering the node's address as host", CALL_TIMEOUT, client.put_ipcache(&node)).await?;
+    call("waiting until the endpoints are realized", WAIT_CALL_TIMEOUT, client.wait_current(READY_TIMEOUT)).await?;
+    Ok(endpoints)
+}
+
+/// What applying the scenario's policies found, besides hard errors.
+#[derive(Debug, Default)]
+pub struct PolicyOutcome {
+    /// Warnings the agent reported on enforced manifests (L7 parts not enforced...).
+    pub warnings: Vec<String>,
+    /// Checks that failed (a manifest expected to be rejected was enforced, or a rejected
+    /// manifest changed what is enforced): the scenario fails (exit 1).
+    pub failures: Vec<String>,
+}
+
+/// Writes every manifest into the policy directory and waits until the agent has realized
+/// them. Manifests are applied in two steps: first those that must be enforced, then those
+/// the scenario expects to be rejected, checking that the second step changed nothing that
+/// is enforced. A manifest rejected unexpectedly is an error.
+pub async fn apply_policies(client: &Client, dirs: &RunDirs, plan: &Plan) -> Result<PolicyOutcome, SetupError> {
+    let mut outcome = PolicyOutcome::default();
+    let (rejected, accepted): (Vec<&PlanPolicy>, Vec<&PlanPolicy>) =
+        plan.policies.iter().partition(|p| p.expect_rejected);
+
+    let statuses = write_and_settle(client, dirs, &accepted).await?;
+    for p in &accepted {
+        let st = find_status(&statuses, &p.file_name)
+            .ok_or_else(|| SetupError::PolicyNotSeen { file: p.file_name.clone(), secs: READY_TIMEOUT.as_secs() })?;
+        if !st.enforced {
+            return Err(SetupError::ManifestRejected {
+                manifest: p.label(),
+                index: p.index,
+                error: st.error.clone().unwrap_or_else(|| "(the agent gave no reason)".into()),
+            });
+        }
+        outcome.warnings.extend(st.warnings.iter().map(|w| format!("{}: {w}", p.label())));
+    }
+    if rejected.is_empty() {
+        return Ok(outcome);
+    }
+
+    let before = enforcement(client).await?;
+    let statuses = write_and_settle(client, dirs, &rejected).await?;
+    for p in &rejected {
+        match find_status(&statuses, &p.file_name) {
+            None => {
+                return Err(SetupError::PolicyNotSeen { file: p.file_name.clone(), secs: READY_TIMEOUT.as_secs() });
+            }
+            Some(st) if st.enforced => outcome.failures.push(format!(
+                "policies[{}] {} has expectRejected: true, but the agent accepted and enforces it",
+                p.index,
+                p.label()
+            )),
+            Some(st) => tracing::info!(manifest = %p.label(), error = ?st.error, "rejected as expected"),
+        }
+    }
+    let after = enforcement(client).await?;
+    if before != after {
+        outcome.failures.push(format!(
+            "applying the manifests expected to be rejected changed what is enforced:\n  before: {before:?}\n  after:  {after:?}"
+        ));
+    }
+    Ok(outcome)
+}
+
+/// Writes the manifests, makes the agent take them in, waits until that revision is
+/// realized, and returns the agent's view of every manifest.
+async fn write_and_settle(
+    client: &Client,
+    dirs: &RunDirs,
+    policies: &[&PlanPolicy],
+) -> Result<Vec<PolicyStatus>, SetupError> {
+    for p in policies {
+        let text = serde_yaml::to_string(&p.manifest).map_err(|e| SetupError::Io {
+            what: format!("encoding {}", p.label()),
+            source: std::io::Error::other(e),
+        })?;
+        dirs.write_policy(&p.file_name, &text)?;
+    }
+    match tokio::time::timeout(CALL_TIMEOUT, client.rescan_policies()).await {
+        Err(_) => Err(SetupError::AgentHung {
+            call: "asking the agent to re-read its policy directory".into(),
+            secs: CALL_TIMEOUT.as_secs(),
+        }),
+        Ok(Ok(ack)) => {
+            call(
+                "waiting until the policies are realized",
+                WAIT_CALL_TIMEOUT,
+                client.wait_revision(ack.revision, READY_TIMEOUT),
+            )
+            .await?;
+            call("listing policies", CALL_TIMEOUT, client.policies()).await
+        }
+        // An agent without the rescan call: wait until it lists every file.
+        Ok(Err(ClientError::Status { status: 404 | 405, .. })) => {
+            let deadline = Instant::now() + READY_TIMEOUT;
+            loop {
+                let statuses = call("listing policies", CALL_TIMEOUT, client.policies()).await?;
+                let missing = policies.iter().find(|p| find_status(&statuses, &p.file_name).is_none());
+                match missing {
+                    None => {
+                        call(
+                            "waiting until the policies are realized",
+                            WAIT_CALL_TIMEOUT,
+                            client.wait_current(READY_TIMEOUT),
+                        )
+                        .await?;
+                        return call("listing policies", CALL_TIMEOUT, client.policies()).await;
+                    }
+                    Some(p) if Instant::now() >= deadline => {
+                        return Err(SetupError::PolicyNotSeen {
+                            file: p.file_name.clone(),
+                            secs: READY_TIMEOUT.as_secs(),
+                        });
+                    }
+                    Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+        Ok(Err(e)) => {
+            Err(SetupError::Api { call: "asking the agent to re-read its policy directory".into(), source: e })
+        }
+    }
+}
+
+/// The agent's status of the manifest written as `file_name`.
+pub fn find_status<'a>(statuses: &'a [PolicyStatus], file_name: &str) -> Option<&'a PolicyStatus> {
+    statuses.iter().find(|s| s.source == file_name || Path::new(&s.source).file_name().is_some_and(|f| f == file_name))
+}
+
+/// What is enforced, per endpoint: (key, identity, ingress enforced, egress enforced, entries).
+type Enforcement = Vec<(String, u32, bool, bool, usize)>;
+
+async fn enforcement(client: &Client) -> Result<Enforcement, SetupError> {
+    let mut v: Enforcement = call("listing endpoints", CALL_TIMEOUT, client.endpoints())
+        .await?
+        .into_iter()
+        .map(|e| {
+            (format!("{}/{}", e.namespace, e.name), e.identity, e.ingress_enforced, e.egress_enforced, e.policy_entries)
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}

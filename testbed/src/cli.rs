@@ -1,0 +1,189 @@
+//! The `palisade-testbed` command line: `run` (build, probe, report) and `check` (validate
+//! scenario files only). Exit codes: 0 every probe matched, 1 some did not, 2 invalid
+//! scenario, unexpected manifest rejection or setup failure.
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::report::{self, ScenarioReport};
+use crate::runner::{self, RunNames, RunOptions};
+use crate::scenario::{self, Plan};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "palisade-testbed",
+    version,
+    about = "Runs policy scenarios against the real palisade agent in network namespaces"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build each scenario out of network namespaces, run the agent, probe, report.
+    Run(RunArgs),
+    /// Only parse and validate scenario files.
+    Check(CheckArgs),
+    /// Remove what runs killed outright (SIGKILL) left behind: namespaces `pt<pid>-*` and
+    /// directories `palisade-testbed-<pid>-*` of processes that no longer exist.
+    Cleanup,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// One JSON document on stdout instead of the truth tables.
+    #[arg(long)]
+    pub json: bool,
+    /// How long a probe waits for its answer, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=30_000))]
+    pub timeout_ms: u64,
+    /// The agent binary (default: palisade-agent next to this executable).
+    #[arg(long, env = "PALISADE_AGENT")]
+    pub agent: Option<PathBuf>,
+    /// Keep each scenario's temporary directory (agent log, policy files) and say where.
+    #[arg(long)]
+    pub keep_logs: bool,
+    /// Debug the testbed's own plumbing: no agent, no policies, every probe must connect.
+    #[arg(long, hide = true)]
+    pub no_agent: bool,
+    /// Scenario files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Scenario files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_MISMATCH: u8 = 1;
+pub const EXIT_SETUP: u8 = 2;
+
+/// Loads every file; prints every problem. `None` if any file is invalid.
+fn load_all(files: &[PathBuf]) -> Option<Vec<Plan>> {
+    let mut plans = Vec::new();
+    let mut ok = true;
+    for f in files {
+        match scenario::load(f) {
+            Ok(p) => plans.push(p),
+            Err(e) => {
+                eprintln!("palisade-testbed: {e}");
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(plans)
+}
+
+pub fn check(args: &CheckArgs) -> ExitCode {
+    let Some(plans) = load_all(&args.files) else { return ExitCode::from(EXIT_SETUP) };
+    for p in plans {
+        println!(
+            "{}: {} ok ({} namespaces, {} pods, {} policies, {} probes)",
+            p.file.display(),
+            p.name,
+            p.namespaces.len(),
+            p.pods.len(),
+            p.policies.len(),
+            p.probes.len()
+        );
+    }
+    ExitCode::from(EXIT_OK)
+}
+
+pub fn cleanup() -> ExitCode {
+    let found = crate::stale::find();
+    if found.is_empty() {
+        println!("nothing left behind by earlier runs");
+        return ExitCode::from(EXIT_OK);
+    }
+    let failed = crate::stale::remove(&found);
+    for l in &found {
+        if !failed.iter().any(|(f, _)| f == l) {
+            println!("removed {l}");
+        }
+    }
+    for (l, why) in &failed {
+        eprintln!("palisade-testbed: could not remove {l}: {why}");
+    }
+    ExitCode::from(if failed.is_empty() { EXIT_OK } else { EXIT_SETUP })
+}
+
+/// The default agent: `palisade-agent` next to this executable.
+fn default_agent() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("palisade-agent")))
+        .unwrap_or_else(|| PathBuf::from("palisade-agent"))
+}
+
+pub fn run(args: &RunArgs) -> ExitCode {
+    let mut reports: Vec<ScenarioReport> = Vec::new();
+    let code = run_inner(args, &mut reports);
+    if args.json {
+        println!("{}", report::json(&reports));
+    } else if code != EXIT_SETUP || !reports.is_empty() {
+        println!("{}", report::summary(&reports));
+    }
+    ExitCode::from(code)
+}
+
+fn run_inner(args: &RunArgs, reports: &mut Vec<ScenarioReport>) -> u8 {
+    let Some(plans) = load_all(&args.files) else { return EXIT_SETUP };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("palisade-testbed: run needs root (network namespaces, eBPF)");
+        return EXIT_SETUP;
+    }
+    let agent = if args.no_agent {
+        None
+    } else {
+        let path = args.agent.clone().unwrap_or_else(default_agent);
+        if !path.is_file() {
+            eprintln!("palisade-testbed: {}", crate::error::SetupError::AgentMissing { path });
+            return EXIT_SETUP;
+        }
+        Some(absolute(&path))
+    };
+    let opts = RunOptions { timeout: Duration::from_millis(args.timeout_ms), agent, keep_logs: args.keep_logs };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("palisade-testbed: cannot start the async runtime: {e}");
+            return EXIT_SETUP;
+        }
+    };
+    let mut code = EXIT_OK;
+    for (i, plan) in plans.iter().enumerate() {
+        let names = RunNames::for_scenario(i);
+        match runtime.block_on(runner::run_scenario(plan, &opts, &names)) {
+            Ok(r) => {
+                if !args.json {
+                    print!("{}", report::table(&r));
+                    println!();
+                }
+                if !r.ok() {
+                    code = EXIT_MISMATCH;
+                }
+                reports.push(r);
+            }
+            Err(e) => {
+                if !crate::cleanup::terminating() {
+                    eprintln!("palisade-testbed: scenario {} ({}): {e}", plan.name, plan.file.display());
+                }
+                return EXIT_SETUP;
+            }
+        }
+    }
+    code
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}

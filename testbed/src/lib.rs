@@ -1,0 +1,54 @@
+//! palisade's network-namespace testbed: builds a scenario's pods out of network
+//! namespaces on one machine, runs the real agent binary against them, sends real packets,
+//! and checks every verdict against the scenario (see spec/scenario-format.md).
+//!
+//! Modules, in the order a run uses them:
+//! - [`scenario`]: the file format, parsing with key paths, validation, the resolved plan;
+//! - [`cleanup`]: removal of everything a run creates, on any exit (guards + signals);
+//! - [`netns`], [`topology`]: namespaces, veth pairs, routes;
+//! - [`listen`]: what pods listen on; [`probe`]: TCP, UDP and ICMP probes;
+//! - [`agent`]: the agent process and what it is told; [`events`]: its verdict events;
+//! - [`runner`]: one scenario end to end; [`report`]: truth tables and JSON; [`cli`];
+//! - [`stale`]: leftovers of runs that were killed outright.
+pub mod agent;
+pub mod cleanup;
+pub mod cli;
+pub mod error;
+pub mod events;
+pub mod listen;
+pub mod netns;
+pub mod probe;
+pub mod report;
+pub mod runner;
+pub mod scenario;
+pub mod stale;
+pub mod topology;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// The whole program: parse the command line, run, clean up, exit code.
+pub fn main() -> ExitCode {
+    // Before any other thread exists, so that every thread inherits the blocked signals.
+    if let Err(e) = cleanup::install_signal_handler() {
+        eprintln!("palisade-testbed: cannot install the signal handler: {e}");
+        return ExitCode::from(cli::EXIT_SETUP);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PALISADE_TESTBED_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = cli::Cli::parse();
+    let code = match &args.command {
+        cli::Command::Run(a) => cli::run(a),
+        cli::Command::Check(a) => cli::check(a),
+        cli::Command::Cleanup => cli::cleanup(),
+    };
+    cleanup::finish();
+    code
+}

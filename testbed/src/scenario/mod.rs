@@ -1,0 +1,117 @@
+//! Scenario files (spec/scenario-format.md, version 1): the YAML model exactly as people
+//! write it, parsing with the path of the offending key in every error, and the validated,
+//! resolved [`Plan`] that the rest of the testbed builds and probes.
+//!
+//! Parsing is strict: an unknown key anywhere outside the policy manifests is an error that
+//! names its path (`pods[1].lables`). Policy manifests are passed to the agent as they are
+//! (only the testbed's own `expectRejected` key is taken out): judging them is the agent's job.
+mod model;
+mod plan;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use model::{Expect, IpFamily, PodPort, PortProtocol, ProbeProtocol, RawPod, RawProbe, RawScenario};
+pub use plan::{
+    Entity, HostRef, NODE_IPV4, POD_GATEWAY_IPV4, Plan, PlanPod, PlanPolicy, PlanProbe, host_interface_name,
+};
+pub use validate::{MAX_PODS, MAX_PROBES};
+
+/// One thing wrong with a scenario, at a key path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issue {
+    /// Key path in the file, e.g. `probes[2].port`.
+    pub path: String,
+    pub message: String,
+    /// The scenario is valid but uses something this testbed version cannot run yet.
+    pub unsupported: bool,
+}
+
+impl Issue {
+    pub(crate) fn invalid(path: impl Into<String>, message: impl Into<String>) -> Issue {
+        Issue { path: path.into(), message: message.into(), unsupported: false }
+    }
+    pub(crate) fn unsupported(path: impl Into<String>, message: impl Into<String>) -> Issue {
+        Issue { path: path.into(), message: message.into(), unsupported: true }
+    }
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.unsupported {
+            write!(f, "{}: {}: not supported yet by this testbed version", self.path, self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Why a scenario file cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("{}: cannot read the scenario: {source}", file.display())]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{}: {}: {message}{}", file.display(), if path.is_empty() { "(top level)" } else { path.as_str() }, location.map(|(l, c)| format!(" (line {l}, column {c})")).unwrap_or_default())]
+    Syntax {
+        file: PathBuf,
+        /// Key path of the error (`pods[0].foo`), empty at the top level.
+        path: String,
+        message: String,
+        /// Line and column, 1-based, when the YAML parser knows them.
+        location: Option<(usize, usize)>,
+    },
+    #[error("{}: invalid scenario:\n{}", file.display(), issues.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { file: PathBuf, issues: Vec<Issue> },
+}
+
+impl ScenarioError {
+    /// Every issue of an [`ScenarioError::Invalid`] error (empty for the others).
+    pub fn issues(&self) -> &[Issue] {
+        match self {
+            ScenarioError::Invalid { issues, .. } => issues,
+            _ => &[],
+        }
+    }
+}
+
+/// Reads, parses and validates a scenario file.
+pub fn load(file: &Path) -> Result<Plan, ScenarioError> {
+    let text =
+        std::fs::read_to_string(file).map_err(|source| ScenarioError::Read { file: file.to_path_buf(), source })?;
+    load_str(&text, file)
+}
+
+/// Parses and validates scenario text; `file` is only used in messages and the report.
+pub fn load_str(text: &str, file: &Path) -> Result<Plan, ScenarioError> {
+    let raw = parse(text, file)?;
+    validate::resolve(raw, file).map_err(|issues| ScenarioError::Invalid { file: file.to_path_buf(), issues })
+}
+
+/// Parses scenario text into the raw model (no cross-checks).
+pub fn parse(text: &str, file: &Path) -> Result<RawScenario, ScenarioError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let location = inner.location().map(|l| (l.line(), l.column()));
+        ScenarioError::Syntax {
+            file: file.to_path_buf(),
+            path: if path == "." { String::new() } else { path },
+            message: strip_location(&inner.to_string()),
+            location,
+        }
+    })
+}
+
+/// serde_yaml appends " at line L column C" to its messages; the location is reported
+/// separately.
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) if message[i..].contains(" column ") => message[..i].to_string(),
+        _ => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

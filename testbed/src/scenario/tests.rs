@@ -1,0 +1,277 @@
+//! Parsing and validation, without root.
+use std::path::Path;
+
+use super::*;
+
+const BASE: &str = r#"
+name: t
+namespaces:
+  default: {}
+  prod: {env: prod}
+pods:
+  - name: frontend
+    namespace: default
+    labels: {app: frontend}
+  - name: backend
+    namespace: default
+    labels: {app: backend}
+    ip: 10.200.1.20
+    ports:
+      - {port: 8080, protocol: TCP, name: http}
+      - {port: 9090, protocol: TCP}
+      - {port: 53, protocol: UDP}
+policies:
+  - apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: allow, namespace: default}
+    spec:
+      endpointSelector: {matchLabels: {app: backend}}
+probes:
+  - {from: default/frontend, to: default/backend, port: 8080, protocol: TCP, expect: allow}
+"#;
+
+fn load(text: &str) -> Result<Plan, ScenarioError> {
+    load_str(text, Path::new("t.yaml"))
+}
+
+fn issues(text: &str) -> Vec<Issue> {
+    match load(text) {
+        Err(ScenarioError::Invalid { issues, .. }) => issues,
+        other => panic!("expected validation issues, got {other:?}"),
+    }
+}
+
+fn syntax(text: &str) -> (String, String) {
+    match load(text) {
+        Err(ScenarioError::Syntax { path, message, .. }) => (path, message),
+        other => panic!("expected a syntax error, got {other:?}"),
+    }
+}
+
+#[test]
+fn base_scenario_resolves() {
+    let plan = load(BASE).unwrap();
+    assert_eq!(plan.name, "t");
+    assert_eq!(plan.ip_families, vec![IpFamily::IPv4]);
+    assert_eq!(plan.pods.len(), 2);
+    assert_eq!(plan.pods[1].ipv4.to_string(), "10.200.1.20");
+    assert_eq!(plan.pods[0].service_account, "default");
+    assert_eq!(plan.probes[0].from, HostRef::Pod(0));
+    assert_eq!(plan.probes[0].to, HostRef::Pod(1));
+    assert_eq!(plan.namespaces["prod"]["env"], "prod");
+    assert!(plan.pods.iter().all(|p| p.host_interface.len() <= 15 && p.host_interface.starts_with("lxc")));
+    assert_ne!(plan.pods[0].host_interface, plan.pods[1].host_interface);
+}
+
+#[test]
+fn the_seed_fixture_is_valid() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/seed-allow-frontend-to-backend.yaml");
+    let plan = super::load(&file).unwrap();
+    assert_eq!(plan.pods.len(), 6);
+    assert_eq!(plan.policies.len(), 1);
+    assert!(plan.probes.iter().any(|p| p.protocol == ProbeProtocol::ICMP));
+}
+
+#[test]
+fn unknown_key_is_an_error_naming_its_path() {
+    let (path, message) = syntax(&BASE.replace("labels: {app: frontend}", "labels: {app: frontend}\n    lables: {}"));
+    assert_eq!(path, "pods[0].lables");
+    assert!(message.contains("unknown field `lables`"), "{message}");
+    let (path, _) = syntax(&BASE.replace("name: t\n", "name: t\nfoo: 1\n"));
+    assert_eq!(path, "foo");
+    let (path, _) = syntax(&BASE.replace("expect: allow}", "expect: allow, colour: red}"));
+    assert_eq!(path, "probes[0].colour");
+    let (path, _) = syntax(&BASE.replace("name: http}", "name: http, hostPort: 1}"));
+    assert_eq!(path, "pods[1].ports[0].hostPort");
+}
+
+#[test]
+fn error_message_names_file_path_and_line() {
+    let err = load(&BASE.replace("name: t\n", "name: t\nfoo: 1\n")).unwrap_err().to_string();
+    assert!(err.starts_with("t.yaml: foo: unknown field `foo`"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+}
+
+#[test]
+fn bad_values_name_their_path() {
+    let (path, message) = syntax(&BASE.replace("protocol: TCP, expect", "protocol: TCPX, expect"));
+    assert_eq!(path, "probes[0].protocol");
+    assert!(message.contains("TCPX"), "{message}");
+    let (path, _) = syntax(&BASE.replace("expect: allow}", "expect: maybe}"));
+    assert_eq!(path, "probes[0].expect");
+    let (path, message) =
+        syntax(&BASE.replace("port: 8080, protocol: TCP, expect", "port: 70000, protocol: TCP, expect"));
+    assert_eq!(path, "probes[0].port");
+    assert!(message.contains("out of range"), "{message}");
+    let (path, _) = syntax(&BASE.replace("ip: 10.200.1.20", "ip: 10.200.1.300"));
+    assert_eq!(path, "pods[1].ip");
+}
+
+#[test]
+fn missing_required_key_is_an_error() {
+    let (path, message) = syntax(&BASE.replace(", expect: allow}", "}"));
+    assert_eq!(path, "probes[0]");
+    assert!(message.contains("missing field `expect`"), "{message}");
+}
+
+#[test]
+fn probe_port_must_be_listed_by_the_destination() {
+    let i = issues(&BASE.replace("port: 8080, protocol: TCP, expect", "port: 8081, protocol: TCP, expect"));
+    assert_eq!(i.len(), 1);
+    assert_eq!(i[0].path, "probes[0].port");
+    assert!(i[0].message.contains("does not list 8081/TCP"), "{}", i[0].message);
+    assert!(i[0].message.contains("8080/TCP, 9090/TCP, 53/UDP"), "{}", i[0].message);
+    // Right port, wrong protocol.
+    let i = issues(&BASE.replace("port: 8080, protocol: TCP, expect", "port: 8080, protocol: UDP, expect"));
+    assert_eq!(i[0].path, "probes[0].port");
+}
+
+#[test]
+fn port_as_string_is_accepted() {
+    let plan =
+        load(&BASE.replace("port: 8080, protocol: TCP, expect", "port: \"8080\", protocol: TCP, expect")).unwrap();
+    assert_eq!(plan.probes[0].port, Some(8080));
+}
+
+#[test]
+fn icmp_probes_have_no_port_and_default_to_echo() {
+    let plan = load(&BASE.replace("port: 8080, protocol: TCP, expect", "protocol: ICMP, expect")).unwrap();
+    assert_eq!(plan.probes[0].icmp_type, Some(8));
+    assert_eq!(plan.probes[0].port, None);
+    let i = issues(&BASE.replace("protocol: TCP, expect", "protocol: ICMP, expect"));
+    assert_eq!(i[0].path, "probes[0].port");
+    let i = issues(&BASE.replace("port: 8080, protocol: TCP, expect", "protocol: TCP, expect"));
+    assert_eq!(i[0].path, "probes[0].port");
+}
+
+#[test]
+fn namespaces_must_be_listed() {
+    let i = issues(&BASE.replace(
+        "    namespace: default\n    labels: {app: frontend}",
+        "    namespace: dev\n    labels: {app: frontend}",
+    ));
+    assert_eq!(i[0].path, "pods[0].namespace");
+    assert!(i[0].message.contains("\"dev\""));
+    let i =
+        issues(&BASE.replace("metadata: {name: allow, namespace: default}", "metadata: {name: allow, namespace: qa}"));
+    assert_eq!(i[0].path, "policies[0].metadata.namespace");
+}
+
+#[test]
+fn unknown_pod_and_bad_reference() {
+    let i = issues(&BASE.replace("to: default/backend", "to: default/nope"));
+    assert_eq!(i[0].path, "probes[0].to");
+    assert!(i[0].message.contains("no pod \"default/nope\""));
+    let i = issues(&BASE.replace("to: default/backend", "to: backend"));
+    assert_eq!(i[0].path, "probes[0].to");
+    let i = issues(&BASE.replace("to: default/backend", "to: entity:moon"));
+    assert!(i[0].message.contains("unknown entity"));
+    let i = issues(&BASE.replace("to: default/backend", "to: 10.200.1.20"));
+    assert!(i[0].message.contains("is the address of pod default/backend"), "{}", i[0].message);
+}
+
+#[test]
+fn names_must_be_unique() {
+    let dup = BASE.replace("  - name: backend\n", "  - name: frontend\n");
+    let i = issues(&dup.replace("to: default/backend", "to: default/frontend"));
+    assert!(i.iter().any(|i| i.path == "pods[1].name" && i.message.contains("already defined at pods[0]")), "{i:?}");
+    let i = issues(&BASE.replace("{port: 9090, protocol: TCP}", "{port: 8080, protocol: TCP}"));
+    assert!(i.iter().any(|i| i.path == "pods[1].ports[1].port"), "{i:?}");
+    let i = issues(&BASE.replace("{port: 9090, protocol: TCP}", "{port: 9090, protocol: TCP, name: http}"));
+    assert!(i.iter().any(|i| i.path == "pods[1].ports[1].name"), "{i:?}");
+}
+
+#[test]
+fn addresses_are_checked_and_assigned_around_explicit_ones() {
+    let i = issues(&BASE.replace("ip: 10.200.1.20", "ip: 10.200.0.1"));
+    assert_eq!(i[0].path, "pods[1].ip");
+    let i = issues(&BASE.replace("ip: 10.200.1.20", "ip: 127.0.0.1"));
+    assert_eq!(i[0].path, "pods[1].ip");
+    let plan = load(&BASE.replace("ip: 10.200.1.20", "ip: 10.200.1.10")).unwrap();
+    assert_eq!(plan.pods[1].ipv4.to_string(), "10.200.1.10");
+    assert_eq!(plan.pods[0].ipv4.to_string(), "10.200.1.11");
+    let two = BASE.replace(
+        "  - name: frontend\n    namespace: default\n    labels: {app: frontend}",
+        "  - name: frontend\n    namespace: default\n    ip: 10.200.1.20\n    labels: {app: frontend}",
+    );
+    let i = issues(&two);
+    assert!(i.iter().any(|i| i.path == "pods[1].ip" && i.message.contains("pods[0]")), "{i:?}");
+}
+
+#[test]
+fn every_issue_is_reported_not_only_the_first() {
+    let text = BASE
+        .replace("to: default/backend, port: 8080", "to: default/backend, port: 1234")
+        .replace("namespace: default}", "namespace: qa}");
+    let i = issues(&text);
+    assert_eq!(i.len(), 2, "{i:?}");
+}
+
+#[test]
+fn expect_rejected_is_taken_out_of_the_manifest() {
+    let text =
+        BASE.replace("  - apiVersion: cilium.io/v2\n", "  - apiVersion: cilium.io/v2\n    expectRejected: true\n");
+    let plan = load(&text).unwrap();
+    assert!(plan.policies[0].expect_rejected);
+    assert!(plan.policies[0].manifest.get("expectRejected").is_none());
+    assert_eq!(plan.policies[0].label(), "CiliumNetworkPolicy/default/allow");
+    let i =
+        issues(&BASE.replace(
+            "  - apiVersion: cilium.io/v2\n",
+            "  - apiVersion: cilium.io/v2\n    expectRejected: yes please\n",
+        ));
+    assert_eq!(i[0].path, "policies[0].expectRejected");
+}
+
+#[test]
+fn a_manifest_expected_to_be_rejected_is_not_judged_by_the_testbed() {
+    // Unlisted namespace, unknown kind: that is for the agent to reject.
+    let text = BASE.replace(
+        "  - apiVersion: cilium.io/v2\n    kind: CiliumNetworkPolicy\n    metadata: {name: allow, namespace: default}",
+        "  - apiVersion: cilium.io/v2\n    expectRejected: true\n    kind: Nonsense\n    metadata: {name: allow, namespace: nowhere}",
+    );
+    assert!(load(&text).is_ok());
+}
+
+#[test]
+fn not_yet_supported_parts_say_so() {
+    for (from, to, path) in [
+        ("protocol: TCP, expect", "protocol: SCTP, expect", "probes[0].protocol"),
+        ("to: default/backend, port: 8080", "to: 192.0.2.1, port: 8080", "probes[0].to"),
+        ("to: default/backend, port: 8080", "to: entity:host, port: 8080", "probes[0].to"),
+        ("name: t\n", "name: t\nipFamilies: [IPv4, IPv6]\n", "ipFamilies"),
+    ] {
+        let i = issues(&BASE.replace(from, to));
+        let hit = i.iter().find(|i| i.path == path).unwrap_or_else(|| panic!("{path}: {i:?}"));
+        assert!(hit.unsupported, "{hit:?}");
+        assert!(hit.to_string().contains("not supported yet by this testbed version"));
+    }
+}
+
+#[test]
+fn family_must_fit_protocol_and_scenario() {
+    let i = issues(&BASE.replace("protocol: TCP, expect", "protocol: TCP, family: IPv6, expect"));
+    assert!(i.iter().any(|i| i.path == "probes[0].family" && !i.unsupported), "{i:?}");
+    let i = issues(&BASE.replace("ip: 10.200.1.20", "ip: 10.200.1.20\n    ipv6: fd00::1"));
+    assert_eq!(i[0].path, "pods[1].ipv6");
+}
+
+#[test]
+fn at_least_one_end_is_a_pod() {
+    let i = issues(&BASE.replace("from: default/frontend, to: default/backend", "from: 192.0.2.1, to: entity:host"));
+    assert!(i.iter().any(|i| !i.unsupported && i.message.contains("at least one end")), "{i:?}");
+}
+
+#[test]
+fn host_interface_names_fit_the_kernel_limit() {
+    let a = host_interface_name("default", "frontend", 0);
+    assert_eq!(a.len(), 15);
+    assert_eq!(a, host_interface_name("default", "frontend", 0));
+    assert_ne!(a, host_interface_name("default", "frontend", 1));
+}
+
+#[test]
+fn namespace_labels_may_be_null() {
+    let plan = load(&BASE.replace("  default: {}", "  default:")).unwrap();
+    assert!(plan.namespaces["default"].is_empty());
+}

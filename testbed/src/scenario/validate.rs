@@ -1,0 +1,488 @@
+//! Cross-checks of a parsed scenario and its resolution into a [`Plan`]: every issue is
+//! collected (not only the first) with the key path it is about.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+use super::Issue;
+use super::model::{IpFamily, ProbeProtocol, RawPod, RawProbe, RawScenario};
+use super::plan::{
+    Entity, HostRef, NODE_IPV4, POD_GATEWAY_IPV4, Plan, PlanPod, PlanPolicy, PlanProbe, host_interface_name,
+};
+
+/// Most pods a scenario may have (each is a network namespace and a veth pair).
+pub const MAX_PODS: usize = 250;
+/// Most probes a scenario may have (each can take up to the probe timeout).
+pub const MAX_PROBES: usize = 500;
+/// First address given to pods without an `ip`.
+const FIRST_ASSIGNED: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 10);
+/// ICMP echo request, the only ICMP type this version probes with.
+const ICMP_ECHO_REQUEST: u8 = 8;
+
+pub(super) fn resolve(raw: RawScenario, file: &Path) -> Result<Plan, Vec<Issue>> {
+    let mut issues = Vec::new();
+
+    if raw.name.trim().is_empty() {
+        issues.push(Issue::invalid("name", "must not be empty"));
+    }
+    let ip_families = check_families(raw.ip_families.as_deref(), &mut issues);
+    if let Some(c) = &raw.cluster
+        && !is_dns_label(c)
+    {
+        issues.push(Issue::invalid("cluster", format!("{c:?} is not a valid cluster name (lowercase DNS label)")));
+    }
+
+    let mut namespaces = BTreeMap::new();
+    for (name, labels) in &raw.namespaces {
+        if !is_dns_label(name) {
+            issues.push(Issue::invalid(
+                format!("namespaces.{name}"),
+                "not a valid namespace name (lowercase letters, digits and '-', at most 63)",
+            ));
+        }
+        let labels = labels.clone().unwrap_or_default();
+        check_labels(&format!("namespaces.{name}"), &labels, &mut issues);
+        namespaces.insert(name.clone(), labels);
+    }
+
+    let pods = resolve_pods(&raw.pods, &namespaces, &ip_families, &mut issues);
+    let policies = resolve_policies(&raw.policies, &namespaces, &mut issues);
+    let probes = resolve_probes(&raw.probes, &pods, &ip_families, &mut issues);
+
+    if issues.is_empty() {
+        Ok(Plan {
+            name: raw.name,
+            description: raw.description,
+            file: file.to_path_buf(),
+            cluster: raw.cluster,
+            ip_families,
+            namespaces,
+            pods,
+            policies,
+            probes,
+        })
+    } else {
+        Err(issues)
+    }
+}
+
+fn check_families(families: Option<&[IpFamily]>, issues: &mut Vec<Issue>) -> Vec<IpFamily> {
+    let Some(families) = families else { return vec![IpFamily::IPv4] };
+    if families.is_empty() {
+        issues.push(Issue::invalid("ipFamilies", "must name at least one family (IPv4, IPv6)"));
+    }
+    let unique: BTreeSet<_> = families.iter().collect();
+    if unique.len() != families.len() {
+        issues.push(Issue::invalid("ipFamilies", "lists a family twice"));
+    }
+    if families.contains(&IpFamily::IPv6) {
+        issues.push(Issue::unsupported("ipFamilies", "IPv6"));
+    }
+    families.to_vec()
+}
+
+fn resolve_pods(
+    raw: &[RawPod],
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    families: &[IpFamily],
+    issues: &mut Vec<Issue>,
+) -> Vec<PlanPod> {
+    if raw.len() > MAX_PODS {
+        issues.push(Issue::invalid("pods", format!("{} pods: at most {MAX_PODS} are supported", raw.len())));
+    }
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    let mut explicit_ips: HashMap<Ipv4Addr, usize> = HashMap::new();
+    for (i, pod) in raw.iter().enumerate() {
+        let at = |k: &str| format!("pods[{i}].{k}");
+        if !is_dns_subdomain(&pod.name) {
+            issues.push(Issue::invalid(
+                at("name"),
+                format!("{:?} is not a valid pod name (lowercase letters, digits, '-' and '.')", pod.name),
+            ));
+        }
+        if !namespaces.contains_key(&pod.namespace) {
+            issues.push(Issue::invalid(
+                at("namespace"),
+                format!("namespace {:?} is not listed under `namespaces`", pod.namespace),
+            ));
+        }
+        if let Some(j) = seen.insert((pod.namespace.clone(), pod.name.clone()), i) {
+            issues.push(Issue::invalid(
+                at("name"),
+                format!("pod {}/{} is already defined at pods[{j}]", pod.namespace, pod.name),
+            ));
+        }
+        check_labels(&at("labels"), &pod.labels, issues);
+        if let Some(sa) = &pod.service_account
+            && !is_dns_subdomain(sa)
+        {
+            issues.push(Issue::invalid(at("serviceAccount"), format!("{sa:?} is not a valid service account name")));
+        }
+        if let Some(ip) = pod.ip {
+            if let Some(why) = unusable_ipv4(ip) {
+                issues.push(Issue::invalid(at("ip"), format!("{ip} cannot be a pod address: {why}")));
+            }
+            if let Some(j) = explicit_ips.insert(ip, i) {
+                issues.push(Issue::invalid(at("ip"), format!("{ip} is already the address of pods[{j}]")));
+            }
+        }
+        if pod.ipv6.is_some() && !families.contains(&IpFamily::IPv6) {
+            issues.push(Issue::invalid(at("ipv6"), "set, but ipFamilies does not include IPv6"));
+        }
+        check_ports(i, pod, issues);
+    }
+
+    let mut next = u32::from(FIRST_ASSIGNED);
+    let mut names = BTreeSet::new();
+    raw.iter()
+        .enumerate()
+        .map(|(i, pod)| {
+            let ipv4 = pod.ip.unwrap_or_else(|| {
+                loop {
+                    let candidate = Ipv4Addr::from(next);
+                    next += 1;
+                    if !explicit_ips.contains_key(&candidate) && unusable_ipv4(candidate).is_none() {
+                        break candidate;
+                    }
+                }
+            });
+            let mut host_interface = host_interface_name(&pod.namespace, &pod.name, i);
+            let mut salt = raw.len();
+            while !names.insert(host_interface.clone()) {
+                salt += 1;
+                host_interface = host_interface_name(&pod.namespace, &pod.name, salt);
+            }
+            PlanPod {
+                index: i,
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                labels: pod.labels.clone(),
+                service_account: pod.service_account.clone().unwrap_or_else(|| "default".into()),
+                ipv4,
+                ipv6: pod.ipv6,
+                ports: pod.ports.clone(),
+                host_interface,
+            }
+        })
+        .collect()
+}
+
+fn check_ports(i: usize, pod: &RawPod, issues: &mut Vec<Issue>) {
+    let mut seen = HashMap::new();
+    let mut names = HashMap::new();
+    for (k, p) in pod.ports.iter().enumerate() {
+        let at = |key: &str| format!("pods[{i}].ports[{k}].{key}");
+        if let Some(j) = seen.insert((p.port, p.protocol), k) {
+            issues
+                .push(Issue::invalid(at("port"), format!("{}/{} is already listed at ports[{j}]", p.port, p.protocol)));
+        }
+        if let Some(name) = &p.name {
+            if !is_port_name(name) {
+                issues.push(Issue::invalid(
+                    at("name"),
+                    format!(
+                        "{name:?} is not a valid port name (at most 15 lowercase letters, digits and '-', with a letter)"
+                    ),
+                ));
+            }
+            if let Some(j) = names.insert(name.clone(), k) {
+                issues.push(Issue::invalid(at("name"), format!("port name {name:?} is already used by ports[{j}]")));
+            }
+        }
+    }
+}
+
+fn resolve_policies(
+    raw: &[serde_yaml::Value],
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    issues: &mut Vec<Issue>,
+) -> Vec<PlanPolicy> {
+    let mut out = Vec::new();
+    let mut seen: HashMap<(String, Option<String>, String), usize> = HashMap::new();
+    for (i, manifest) in raw.iter().enumerate() {
+        let at = |k: &str| if k.is_empty() { format!("policies[{i}]") } else { format!("policies[{i}].{k}") };
+        let serde_yaml::Value::Mapping(map) = manifest else {
+            issues.push(Issue::invalid(at(""), "a policy must be a manifest (a mapping with apiVersion, kind, ...)"));
+            continue;
+        };
+        let mut map = map.clone();
+        let expect_rejected = match map.remove("expectRejected") {
+            None => false,
+            Some(serde_yaml::Value::Bool(b)) => b,
+            Some(_) => {
+                issues.push(Issue::invalid(at("expectRejected"), "must be true or false"));
+                false
+            }
+        };
+        let text = |v: Option<&serde_yaml::Value>| v.and_then(serde_yaml::Value::as_str).map(str::to_string);
+        let kind = text(map.get("kind")).unwrap_or_else(|| "(no kind)".into());
+        let metadata = map.get("metadata");
+        let name = text(metadata.and_then(|m| m.get("name"))).unwrap_or_else(|| "(no name)".into());
+        let namespace = text(metadata.and_then(|m| m.get("namespace")));
+        if !expect_rejected {
+            // A namespaced manifest without a namespace lands in `default`, as with kubectl.
+            let effective = match (&namespace, kind.as_str()) {
+                (Some(ns), _) => Some(ns.clone()),
+                (None, "NetworkPolicy" | "CiliumNetworkPolicy") => Some("default".to_string()),
+                (None, _) => None,
+            };
+            if let Some(ns) = effective
+                && !namespaces.contains_key(&ns)
+            {
+                issues.push(Issue::invalid(
+                    at("metadata.namespace"),
+                    format!("the manifest is in namespace {ns:?}, which is not listed under `namespaces`"),
+                ));
+            }
+            if let Some(j) = seen.insert((kind.clone(), namespace.clone(), name.clone()), i) {
+                issues.push(Issue::invalid(at("metadata.name"), format!("the same manifest as policies[{j}]")));
+            }
+        }
+        let file_name = format!("{i:03}-{}-{}.yaml", file_part(&kind), file_part(&name));
+        out.push(PlanPolicy {
+            index: i,
+            kind,
+            namespace,
+            name,
+            expect_rejected,
+            manifest: serde_yaml::Value::Mapping(map),
+            file_name,
+        });
+    }
+    out
+}
+
+fn resolve_probes(
+    raw: &[RawProbe],
+    pods: &[PlanPod],
+    families: &[IpFamily],
+    issues: &mut Vec<Issue>,
+) -> Vec<PlanProbe> {
+    if raw.len() > MAX_PROBES {
+        issues.push(Issue::invalid("probes", format!("{} probes: at most {MAX_PROBES} are supported", raw.len())));
+    }
+    let by_key: HashMap<(&str, &str), usize> =
+        pods.iter().map(|p| ((p.namespace.as_str(), p.name.as_str()), p.index)).collect();
+    let by_ip: HashMap<IpAddr, usize> = pods
+        .iter()
+        .flat_map(|p| [Some(IpAddr::V4(p.ipv4)), p.ipv6.map(IpAddr::V6)].into_iter().flatten().map(|ip| (ip, p.index)))
+        .collect();
+    let mut out = Vec::new();
+    for (i, probe) in raw.iter().enumerate() {
+        let at = |k: &str| format!("probes[{i}].{k}");
+        let before = issues.len();
+        let from = resolve_ref(&probe.from, &at("from"), &by_key, &by_ip, pods, issues);
+        let to = resolve_ref(&probe.to, &at("to"), &by_key, &by_ip, pods, issues);
+
+        let family = match (probe.family, probe.protocol) {
+            (Some(IpFamily::IPv4), ProbeProtocol::ICMPv6) => {
+                issues.push(Issue::invalid(at("family"), "ICMPv6 probes are IPv6"));
+                IpFamily::IPv4
+            }
+            (Some(IpFamily::IPv6), ProbeProtocol::ICMP) => {
+                issues.push(Issue::invalid(at("family"), "ICMP probes are IPv4 (use ICMPv6 for IPv6)"));
+                IpFamily::IPv6
+            }
+            (Some(f), _) => f,
+            (None, ProbeProtocol::ICMPv6) => IpFamily::IPv6,
+            (None, _) => IpFamily::IPv4,
+        };
+        if !families.contains(&family) {
+            issues.push(Issue::invalid(at("family"), format!("{family}, but ipFamilies does not include it")));
+        }
+
+        match (probe.protocol.is_icmp(), probe.port) {
+            (true, Some(_)) => issues.push(Issue::invalid(at("port"), "ICMP probes have no port")),
+            (false, None) => {
+                issues.push(Issue::invalid(at("port"), format!("a {} probe needs a destination port", probe.protocol)))
+            }
+            _ => {}
+        }
+        if probe.icmp_type.is_some() && !probe.protocol.is_icmp() {
+            issues.push(Issue::invalid(at("icmp_type"), "only ICMP and ICMPv6 probes have a type"));
+        }
+        if let (Some(HostRef::Pod(dst)), Some(proto), Some(port)) = (&to, probe.protocol.port_protocol(), probe.port) {
+            let pod = &pods[*dst];
+            if !pod.ports.iter().any(|p| p.port == port && p.protocol == proto) {
+                let listed: Vec<String> = pod.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect();
+                issues.push(Issue::invalid(
+                    at("port"),
+                    format!(
+                        "pod {} does not list {port}/{proto} under its ports (it lists {})",
+                        pod.key(),
+                        if listed.is_empty() { "none".to_string() } else { listed.join(", ") }
+                    ),
+                ));
+            }
+        }
+        if let (Some(f), Some(t)) = (&from, &to)
+            && !matches!(f, HostRef::Pod(_))
+            && !matches!(t, HostRef::Pod(_))
+        {
+            issues.push(Issue::invalid(
+                at("to"),
+                "at least one end of a probe must be a pod (the datapath only sees pods' traffic)",
+            ));
+        }
+
+        // What the format allows but this version cannot run yet.
+        match probe.protocol {
+            ProbeProtocol::SCTP => issues.push(Issue::unsupported(at("protocol"), "SCTP probes")),
+            ProbeProtocol::ICMPv6 => issues.push(Issue::unsupported(at("protocol"), "ICMPv6 probes")),
+            _ => {}
+        }
+        if family == IpFamily::IPv6 && probe.protocol != ProbeProtocol::ICMPv6 {
+            issues.push(Issue::unsupported(at("family"), "IPv6 probes"));
+        }
+        if let Some(t) = probe.icmp_type
+            && probe.protocol == ProbeProtocol::ICMP
+            && t != ICMP_ECHO_REQUEST
+        {
+            issues
+                .push(Issue::unsupported(at("icmp_type"), format!("ICMP type {t} (only 8, echo request, is probed)")));
+        }
+        for (key, end) in [("from", &from), ("to", &to)] {
+            match end {
+                Some(HostRef::Entity(e)) => {
+                    issues.push(Issue::unsupported(at(key), format!("probes to or from entity:{}", e.as_str())))
+                }
+                Some(HostRef::World(ip)) => {
+                    issues.push(Issue::unsupported(at(key), format!("probes to or from world hosts ({ip})")))
+                }
+                _ => {}
+            }
+        }
+
+        if issues.len() == before
+            && let (Some(from), Some(to)) = (from, to)
+        {
+            out.push(PlanProbe {
+                index: i,
+                from_text: probe.from.clone(),
+                to_text: probe.to.clone(),
+                from,
+                to,
+                protocol: probe.protocol,
+                port: probe.port,
+                icmp_type: probe.protocol.is_icmp().then(|| probe.icmp_type.unwrap_or(ICMP_ECHO_REQUEST)),
+                family,
+                expect: probe.expect,
+            });
+        }
+    }
+    out
+}
+
+fn resolve_ref(
+    text: &str,
+    path: &str,
+    by_key: &HashMap<(&str, &str), usize>,
+    by_ip: &HashMap<IpAddr, usize>,
+    pods: &[PlanPod],
+    issues: &mut Vec<Issue>,
+) -> Option<HostRef> {
+    let text = text.trim();
+    if let Some(name) = text.strip_prefix("entity:") {
+        return match Entity::parse(name) {
+            Some(e) => Some(HostRef::Entity(e)),
+            None => {
+                issues.push(Issue::invalid(
+                    path,
+                    format!("unknown entity {name:?} (probes can name entity:host, entity:remote-node, entity:kube-apiserver)"),
+                ));
+                None
+            }
+        };
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        if let Some(&i) = by_ip.get(&ip) {
+            issues.push(Issue::invalid(
+                path,
+                format!("{ip} is the address of pod {}: name the pod ({})", pods[i].key(), pods[i].key()),
+            ));
+            return None;
+        }
+        let bad = match ip {
+            IpAddr::V4(v4) => unusable_ipv4(v4),
+            IpAddr::V6(v6) if v6.is_unspecified() || v6.is_loopback() || v6.is_multicast() => {
+                Some("unspecified, loopback and multicast addresses cannot be hosts")
+            }
+            IpAddr::V6(_) => None,
+        };
+        if let Some(why) = bad {
+            issues.push(Issue::invalid(path, format!("{ip} cannot be a world host: {why}")));
+            return None;
+        }
+        return Some(HostRef::World(ip));
+    }
+    if let Some((ns, name)) = text.split_once('/') {
+        return match by_key.get(&(ns, name)) {
+            Some(&i) => Some(HostRef::Pod(i)),
+            None => {
+                issues.push(Issue::invalid(path, format!("no pod {text:?} in the scenario")));
+                None
+            }
+        };
+    }
+    issues.push(Issue::invalid(path, format!("{text:?} is neither NAMESPACE/POD, entity:NAME nor an IP address")));
+    None
+}
+
+/// Why an IPv4 address cannot be a pod's or a world host's, if it cannot.
+fn unusable_ipv4(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
+        Some("unspecified, loopback, multicast and broadcast addresses cannot be hosts")
+    } else if ip == POD_GATEWAY_IPV4 {
+        Some("it is the pods' gateway address")
+    } else if u32::from(ip) & 0xffff_ff00 == u32::from(NODE_IPV4) & 0xffff_ff00 {
+        Some("10.200.0.0/24 is kept for the testbed's node and infrastructure hosts")
+    } else {
+        None
+    }
+}
+
+fn check_labels(path: &str, labels: &BTreeMap<String, String>, issues: &mut Vec<Issue>) {
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > 317 || k.chars().any(char::is_whitespace) {
+            issues.push(Issue::invalid(format!("{path}.{k}"), "not a valid label key"));
+        }
+        if v.len() > 63 || v.chars().any(char::is_whitespace) {
+            issues.push(Issue::invalid(format!("{path}.{k}"), format!("{v:?} is not a valid label value")));
+        }
+    }
+}
+
+/// RFC 1123 label: what Kubernetes requires of namespace names.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain: what Kubernetes requires of pod and service account names.
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// IANA service name: what Kubernetes requires of named ports.
+fn is_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+/// A piece of a file name: lowercase letters, digits, '-' and '.'.
+fn file_part(s: &str) -> String {
+    let p: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c.to_ascii_lowercase() } else { '_' })
+        .take(60)
+        .collect();
+    if p.is_empty() { "_".into() } else { p }
+}

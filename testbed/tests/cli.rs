@@ -1,0 +1,63 @@
+//! The command line without root: validation errors and their exit code.
+mod common;
+
+use common::*;
+
+fn scenario_file(dir: &tempfile::TempDir, text: &str) -> String {
+    let p = dir.path().join("s.yaml");
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn check_accepts_the_seed_fixture() {
+    let file = fixture("seed-allow-frontend-to-backend.yaml");
+    let (_, out) = run(&["check", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("6 pods, 1 policies, 12 probes"));
+}
+
+#[test]
+fn unknown_key_exits_2_and_names_the_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = scenario_file(
+        &dir,
+        "name: x\nnamespaces: {default: {}}\npods:\n  - {name: a, namespace: default, lables: {app: a}}\n",
+    );
+    let (_, out) = run(&["run", "--json", &f]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("pods[0].lables"), "{stderr}");
+    // Still one JSON document on stdout.
+    let doc: serde_json::Value = serde_json::from_str(&text(&out.stdout)).unwrap();
+    assert_eq!(doc["scenarios"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn probe_to_an_unlisted_port_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = scenario_file(
+        &dir,
+        "name: x\nnamespaces: {default: {}}\npods:\n  - {name: a, namespace: default}\n  - {name: b, namespace: default, ports: [{port: 80}]}\nprobes:\n  - {from: default/a, to: default/b, port: 81, protocol: TCP, expect: allow}\n",
+    );
+    let (_, out) = run(&["check", &f]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("probes[0].port") && stderr.contains("does not list 81/TCP"), "{stderr}");
+}
+
+#[test]
+fn unsupported_parts_exit_2_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = scenario_file(
+        &dir,
+        "name: x\nnamespaces: {default: {}}\npods:\n  - {name: a, namespace: default}\nprobes:\n  - {from: default/a, to: 192.0.2.7, port: 443, protocol: TCP, expect: deny}\n",
+    );
+    let (_, out) = run(&["run", &f]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("probes[0].to") && stderr.contains("not supported yet by this testbed version"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,54 @@
+//! Helpers shared by the testbed's integration tests: running the binary, finding what a
+//! run left behind.
+#![allow(dead_code, reason = "each test crate uses a different part")]
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_palisade-testbed");
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios").join(name)
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Starts `palisade-testbed ARGS...` with piped output.
+pub fn spawn(args: &[&str]) -> Child {
+    Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("palisade-testbed starts")
+}
+
+/// Runs `palisade-testbed ARGS...`; returns its PID (the run's names derive from it) and output.
+pub fn run(args: &[&str]) -> (u32, Output) {
+    let child = spawn(args);
+    let pid = child.id();
+    (pid, child.wait_with_output().expect("palisade-testbed runs"))
+}
+
+/// Everything named after run `pid` that still exists: network namespaces `pt<pid>-*`,
+/// bpffs pin directories and temporary directories `palisade-testbed-<pid>-*`.
+pub fn leftovers(pid: u32) -> Vec<String> {
+    let mut left = Vec::new();
+    let ns_prefix = format!("pt{pid}-");
+    let dir_prefix = format!("palisade-testbed-{pid}-");
+    for (dir, prefix) in [
+        (PathBuf::from("/var/run/netns"), &ns_prefix),
+        (PathBuf::from("/sys/fs/bpf"), &dir_prefix),
+        (std::env::temp_dir(), &dir_prefix),
+    ] {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(prefix.as_str()) {
+                    left.push(dir.join(name).display().to_string());
+                }
+            }
+        }
+    }
+    left
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}

@@ -1,0 +1,74 @@
+//! The topology and the probes on their own, without an agent (needs root): what answers,
+//! what is refused, and what is silently lost.
+mod common;
+
+use std::net::SocketAddrV4;
+use std::path::Path;
+use std::time::Duration;
+
+use common::is_root;
+use palisade_testbed::listen::Listeners;
+use palisade_testbed::netns;
+use palisade_testbed::probe::{self, Attempt};
+use palisade_testbed::scenario;
+use palisade_testbed::topology::Topology;
+
+const TWO_PODS: &str = r#"
+name: two pods
+namespaces: {default: {}}
+pods:
+  - {name: a, namespace: default}
+  - name: b
+    namespace: default
+    ports: [{port: 8080, protocol: TCP}, {port: 5353, protocol: UDP}]
+"#;
+
+#[test]
+fn probes_answer_get_refused_and_see_loss_privileged() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let plan = scenario::load_str(TWO_PODS, Path::new("two-pods.yaml")).unwrap();
+    let prefix = format!("pt{}-probes", std::process::id());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let topo = Topology::build(&plan, &prefix).unwrap();
+        let mut listeners = Listeners::new();
+        listeners.start(1, &topo.pods[1].netns, &plan.pods[1].ports).unwrap();
+        let b = topo.pods[1].ipv4;
+        let t = Duration::from_millis(300);
+        let from_a = |f: Box<dyn FnOnce() -> probe::ProbeRun + Send>| {
+            let ns = topo.pods[0].netns.open().unwrap();
+            netns::run_in(ns, f).unwrap()
+        };
+
+        let tcp = from_a(Box::new(move || probe::tcp(SocketAddrV4::new(b, 8080), t)));
+        assert_eq!(tcp.attempt, Attempt::Answered);
+        assert!(tcp.local_port.is_some());
+        let udp = from_a(Box::new(move || probe::udp(SocketAddrV4::new(b, 5353), b"hello", t)));
+        assert_eq!(udp.attempt, Attempt::Answered);
+        let icmp = from_a(Box::new(move || probe::icmp_echo(b, 0x4242, 1, t)));
+        assert_eq!(icmp.attempt, Attempt::Answered);
+        // Nothing listens on 8081: the pod's kernel answers with a reset.
+        let refused = from_a(Box::new(move || probe::tcp(SocketAddrV4::new(b, 8081), t)));
+        assert_eq!(refused.attempt, Attempt::Refused);
+        // The listener noted the TCP and UDP arrivals from a's address and source port.
+        let a = std::net::SocketAddr::new(topo.pods[0].ipv4.into(), tcp.local_port.unwrap());
+        assert!(listeners.arrived(1, scenario::PortProtocol::TCP, 8080, a));
+
+        // b's link down: packets to it vanish without an answer.
+        topo.pods[1].netns.ip(&["link", "set", "eth0", "down"]).unwrap();
+        let lost = from_a(Box::new(move || probe::tcp(SocketAddrV4::new(b, 8080), t)));
+        assert_eq!(lost.attempt, Attempt::NoAnswer);
+        assert!(lost.elapsed >= t);
+        let lost = from_a(Box::new(move || probe::udp(SocketAddrV4::new(b, 5353), b"hello", t)));
+        assert_eq!(lost.attempt, Attempt::NoAnswer);
+        let lost = from_a(Box::new(move || probe::icmp_echo(b, 0x4242, 2, t)));
+        assert_eq!(lost.attempt, Attempt::NoAnswer);
+
+        listeners.stop().await;
+        drop(topo);
+    });
+    assert_eq!(netns::list_with_prefix(&prefix), Vec::<String>::new());
+}
