@@ -18,7 +18,7 @@ use palisade_agent::api::{Client, ClientError};
 
 use crate::cleanup;
 use crate::error::SetupError;
-use crate::scenario::{Plan, PlanPolicy};
+use crate::scenario::{Entity, IpFamily, Plan, PlanPolicy};
 use crate::topology::Topology;
 
 /// How long the agent may take to answer on its socket, and to realize a revision.
@@ -144,6 +144,7 @@ impl AgentProcess {
         node_ns: File,
         dirs: &RunDirs,
         cluster: Option<&str>,
+        extra_args: &[String],
     ) -> Result<AgentProcess, SetupError> {
         if !binary.is_file() {
             return Err(SetupError::AgentMissing { path: binary.to_path_buf() });
@@ -160,6 +161,7 @@ impl AgentProcess {
         if let Some(c) = cluster {
             cmd.arg("--cluster").arg(c);
         }
+        cmd.args(extra_args);
         // The log is a file people read: no colour escapes.
         cmd.env("NO_COLOR", "1").stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
         let ns_fd = node_ns.as_raw_fd();
@@ -286,7 +288,8 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     if tail.is_empty() { "(empty)".into() } else { tail }
 }
 
-/// Tells the agent about the scenario's namespaces and pods and the node's address, and
+/// Tells the agent about the scenario's namespaces and pods, the node's addresses (entity
+/// host) and those the testbed designates as remote node and API server, and
 /// waits until it has realized all of it. Returns the endpoints by pod index.
 pub async fn register(
     client: &Client,
@@ -302,8 +305,8 @@ pub async fn register(
         let spec = EndpointSpec {
             labels: pod.labels.clone(),
             service_account: pod.service_account.clone(),
-            ipv4: Some(net.ipv4),
-            ipv6: None,
+            ipv4: net.ipv4,
+            ipv6: net.ipv6,
             interface: net.host_interface.clone(),
             ports: pod
                 .ports
@@ -325,8 +328,25 @@ pub async fn register(
         .await?;
         endpoints.insert(pod.index, status);
     }
-    let node = IpcacheEntrySpec { cidr: format!("{}/32", topology.node.ipv4), entity: ReservedEntity::Host };
-    call("registering the node's address as host", CALL_TIMEOUT, client.put_ipcache(&node)).await?;
+    for (entity, reserved) in [
+        (Entity::Host, ReservedEntity::Host),
+        (Entity::RemoteNode, ReservedEntity::RemoteNode),
+        (Entity::KubeApiserver, ReservedEntity::KubeApiserver),
+    ] {
+        let (v4, v6) = entity.addresses();
+        let mut cidrs = Vec::new();
+        if plan.has_family(IpFamily::IPv4) {
+            cidrs.push(format!("{v4}/32"));
+        }
+        if plan.has_family(IpFamily::IPv6) {
+            cidrs.push(format!("{v6}/128"));
+        }
+        for cidr in cidrs {
+            let spec = IpcacheEntrySpec { cidr: cidr.clone(), entity: reserved };
+            let what = format!("registering {cidr} as entity {}", entity.as_str());
+            call(what, CALL_TIMEOUT, client.put_ipcache(&spec)).await?;
+        }
+    }
     call("waiting until the endpoints are realized", WAIT_CALL_TIMEOUT, client.wait_current(READY_TIMEOUT)).await?;
     Ok(endpoints)
 }

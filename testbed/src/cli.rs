@@ -151,7 +151,12 @@ fn run_inner(args: &RunArgs, reports: &mut Vec<ScenarioReport>) -> u8 {
         }
         Some(absolute(&path))
     };
-    let opts = RunOptions { timeout: Duration::from_millis(args.timeout_ms), agent, keep_logs: args.keep_logs };
+    let opts = RunOptions {
+        timeout: Duration::from_millis(args.timeout_ms),
+        agent,
+        agent_args: Vec::new(),
+        keep_logs: args.keep_logs,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -6,8 +6,10 @@
 //! - [`scenario`]: the file format, parsing with key paths, validation, the resolved plan;
 //! - [`cleanup`]: removal of everything a run creates, on any exit (guards + signals);
 //! - [`netns`], [`topology`]: namespaces, veth pairs, routes;
-//! - [`listen`]: what pods listen on; [`probe`]: TCP, UDP and ICMP probes;
+//! - [`listen`]: what hosts listen on (and SCTP captures); [`probe`]: TCP, UDP, ICMP,
+//!   ICMPv6 and SCTP probes;
 //! - [`agent`]: the agent process and what it is told; [`events`]: its verdict events;
+//! - [`session`]: a scenario brought up, probed (concurrently), edited, taken down;
 //! - [`runner`]: one scenario end to end; [`report`]: truth tables and JSON; [`cli`];
 //! - [`stale`]: leftovers of runs that were killed outright.
 pub mod agent;
@@ -21,6 +23,7 @@ pub mod probe;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod session;
 pub mod stale;
 pub mod topology;
 

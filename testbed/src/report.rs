@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::scenario::Expect;
+use crate::scenario::{Expect, IpFamily};
 
 /// What a probe observed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -32,6 +32,9 @@ pub struct ProbeResult {
     pub to: String,
     pub port: Option<u16>,
     pub protocol: String,
+    /// Which addresses the probe used (shown in the table for IPv6).
+    #[serde(skip)]
+    pub family: IpFamily,
     pub expect: Expect,
     pub observed: Observed,
     /// Why: what decided (policies, default deny, not enforced) or what went wrong.
@@ -96,9 +99,10 @@ pub fn table(r: &ScenarioReport) -> String {
                 (i + 1).to_string(),
                 p.from.clone(),
                 p.to.clone(),
-                match p.port {
-                    Some(port) => format!("{port}/{}", p.protocol),
-                    None => p.protocol.clone(),
+                match (p.port, p.family) {
+                    (Some(port), IpFamily::IPv6) => format!("{port}/{} v6", p.protocol),
+                    (Some(port), IpFamily::IPv4) => format!("{port}/{}", p.protocol),
+                    (None, _) => p.protocol.clone(),
                 },
                 p.expect.as_str().to_string(),
                 p.observed.as_str().to_string(),
@@ -167,6 +171,7 @@ mod tests {
                     to: "default/b".into(),
                     port: Some(8080),
                     protocol: "TCP".into(),
+                    family: IpFamily::IPv4,
                     expect: Expect::Allow,
                     observed: Observed::Allow,
                     detail: Some("not enforced".into()),
@@ -178,6 +183,7 @@ mod tests {
                     to: "default/b".into(),
                     port: None,
                     protocol: "ICMP".into(),
+                    family: IpFamily::IPv4,
                     expect: Expect::Deny,
                     observed: Observed::Error,
                     detail: Some("unexplained loss".into()),

@@ -1,63 +1,97 @@
-//! The scenario's network: a namespace for the node and one per pod, wired like a CNI
-//! plugin (Calico/Cilium style) would, and nothing in the machine's root namespace.
+//! The scenario's network: a namespace for the node, one per pod and one per other host
+//! (world hosts, the simulated remote node and API server), each wired to the node like a
+//! CNI plugin (Calico/Cilium style) wires a pod, and nothing in the machine's root namespace.
 //!
 //! ```text
 //!   pod netns pt<pid>-p<i>                    node netns pt<pid>-node
 //!   eth0  10.200.1.x/32  <---- veth ---->  lxc<hash>   (proxy_arp, route 10.200.1.x/32)
-//!   169.254.1.1 dev eth0 scope link         lo: 10.200.0.1/32; route 169.254.1.1/32 dev lo
-//!   default via 169.254.1.1                 ip_forward=1, no default route
+//!         fd00:10:200::1:x/128                         fe80::1/64, route fd00:10:200::1:x/128
+//!   169.254.1.1 dev eth0 scope link         lo: 10.200.0.1/32, fd00:10:200::1/128
+//!   default via 169.254.1.1                 route 169.254.1.1/32 dev lo
+//!   default via fe80::1 dev eth0            ip_forward=1, no default route
+//!
+//!   host netns pt<pid>-h<i>  (world host 203.0.113.7, remote node 10.200.0.2, ...)
+//!   eth0  <addr>/32 or /128  <--- veth ---> tbh<i>     (same wiring, never an endpoint)
 //! ```
 //!
-//! The node's address sits on its loopback (this kernel has no dummy interfaces). The node
+//! The node's addresses sit on its loopback (this kernel has no dummy interfaces). The node
 //! answers the pods' ARP for the gateway 169.254.1.1 by proxy ARP (it has a route for it
-//! on another interface, the loopback) and forwards between the pods' /32 routes. The node has no route
-//! out, so nothing a scenario sends can leave the testbed. Later hosts (world addresses,
-//! entities) become further namespaces wired to the node the same way.
-use std::net::Ipv4Addr;
+//! on another interface, the loopback); for IPv6 every host-side interface carries the
+//! link-local gateway fe80::1 itself. The node forwards between the /32 and /128 routes.
+//! It has no route out, so nothing a scenario sends can leave the testbed: a "world"
+//! address exists only as the namespace the testbed made for it. IPv6 duplicate address
+//! detection and router solicitations are off, so addresses work at once.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::error::SetupError;
 use crate::netns::Netns;
-use crate::scenario::{HostRef, IpFamily, NODE_IPV4, POD_GATEWAY_IPV4, Plan, PlanPod};
+use crate::scenario::{
+    HostRef, IpFamily, NODE_IPV4, NODE_IPV6, POD_GATEWAY_IPV4, POD_GATEWAY_IPV6, Plan, PlanHost, PlanPod,
+};
 
-/// The node's interface that holds its address.
+/// The node's interface that holds its addresses.
 const NODE_ADDRESS_DEV: &str = "lo";
 
 /// The node's namespace.
 #[derive(Debug)]
 pub struct Node {
     pub netns: Netns,
-    pub ipv4: Ipv4Addr,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
 }
 
 /// One pod's namespace and wiring.
 #[derive(Debug)]
 pub struct PodNet {
     pub netns: Netns,
-    pub ipv4: Ipv4Addr,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
     /// Host side of the veth, in the node's namespace.
     pub host_interface: String,
 }
 
-/// Everything built for a scenario. Dropping it removes the pods' namespaces (and with
-/// them the veth pairs), then the node's.
+/// A host other than a pod: its own namespace, or `None` for the node itself.
+#[derive(Debug)]
+pub struct OtherHostNet {
+    pub netns: Option<Netns>,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+/// Everything built for a scenario. Dropping it removes the pods' and hosts' namespaces
+/// (and with them the veth pairs), then the node's.
 #[derive(Debug)]
 pub struct Topology {
     /// Same order as [`Plan::pods`]. Declared before `node` so that it is dropped first.
     pub pods: Vec<PodNet>,
+    /// Same order as [`Plan::hosts`].
+    pub hosts: Vec<OtherHostNet>,
     pub node: Node,
 }
 
-/// A host probes start from or go to: a pod now; world hosts and entities (each its own
-/// namespace wired to the node) later.
+/// A host probes start from or go to: a pod, a world host, an entity.
 #[derive(Clone, Copy, Debug)]
 pub struct Host<'a> {
     pub netns: &'a Netns,
-    pub ipv4: Ipv4Addr,
-    /// Key of the host's listeners (see [`crate::listen::Listeners`]).
-    pub listener_key: usize,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// Key of the host's listeners (see [`Plan::host_key`]).
+    pub key: usize,
+    /// The node's own namespace (`entity:host`): many interfaces, not one `eth0`.
+    pub is_node: bool,
 }
 
-/// Namespace names of a run: `<prefix>-node`, `<prefix>-p<index>`.
+impl Host<'_> {
+    /// The host's address of `family`.
+    pub fn addr(&self, family: IpFamily) -> Option<IpAddr> {
+        match family {
+            IpFamily::IPv4 => self.ipv4.map(IpAddr::V4),
+            IpFamily::IPv6 => self.ipv6.map(IpAddr::V6),
+        }
+    }
+}
+
+/// Namespace names of a run: `<prefix>-node`, `<prefix>-p<index>`, `<prefix>-h<index>`.
 pub fn node_netns_name(prefix: &str) -> String {
     format!("{prefix}-node")
 }
@@ -66,26 +100,58 @@ pub fn pod_netns_name(prefix: &str, index: usize) -> String {
     format!("{prefix}-p{index}")
 }
 
+pub fn host_netns_name(prefix: &str, index: usize) -> String {
+    format!("{prefix}-h{index}")
+}
+
+/// Node side of the veth of the `index`-th other host.
+pub fn host_side_name(index: usize) -> String {
+    format!("tbh{index}")
+}
+
 impl Topology {
-    /// Builds the node and every pod of `plan`, with namespace names starting with `prefix`.
+    /// Builds the node, every pod and every other host of `plan`, with namespace names
+    /// starting with `prefix`.
     pub fn build(plan: &Plan, prefix: &str) -> Result<Topology, SetupError> {
-        let ipv4_only = !plan.ip_families.contains(&IpFamily::IPv6);
-        let node = build_node(prefix, ipv4_only)?;
-        let mut pods = Vec::with_capacity(plan.pods.len());
+        let families = Families { v4: plan.has_family(IpFamily::IPv4), v6: plan.has_family(IpFamily::IPv6) };
+        let node = build_node(prefix, families)?;
+        let mut topo = Topology { pods: Vec::with_capacity(plan.pods.len()), hosts: Vec::new(), node };
         for pod in &plan.pods {
-            pods.push(build_pod(&node, pod, prefix, ipv4_only)?);
+            let net = build_pod(&topo.node, pod, prefix, families)?;
+            topo.pods.push(net);
         }
-        Ok(Topology { pods, node })
+        for (i, host) in plan.hosts.iter().enumerate() {
+            let net = build_other_host(&topo.node, host, i, prefix, families)?;
+            topo.hosts.push(net);
+        }
+        Ok(topo)
     }
 
     /// The host a probe end names, if this topology has it.
-    pub fn host(&self, end: &HostRef) -> Option<Host<'_>> {
+    pub fn host(&self, plan: &Plan, end: &HostRef) -> Option<Host<'_>> {
+        let key = plan.host_key(end)?;
         match end {
-            HostRef::Pod(i) => self.pods.get(*i).map(|p| Host { netns: &p.netns, ipv4: p.ipv4, listener_key: *i }),
-            // World hosts and entities: not built by this version (rejected by validation).
-            HostRef::Entity(_) | HostRef::World(_) => None,
+            HostRef::Pod(i) => {
+                self.pods.get(*i).map(|p| Host { netns: &p.netns, ipv4: p.ipv4, ipv6: p.ipv6, key, is_node: false })
+            }
+            HostRef::Entity(_) | HostRef::World(_) => {
+                let h = self.hosts.get(key - plan.pods.len())?;
+                Some(Host {
+                    netns: h.netns.as_ref().unwrap_or(&self.node.netns),
+                    ipv4: h.ipv4,
+                    ipv6: h.ipv6,
+                    key,
+                    is_node: h.netns.is_none(),
+                })
+            }
         }
     }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Families {
+    v4: bool,
+    v6: bool,
 }
 
 /// IPv6 off in an IPv4-only scenario: no router solicitations or MLD reports crossing the
@@ -93,45 +159,119 @@ impl Topology {
 const IPV6_OFF: [(&str, &str); 2] =
     [("net/ipv6/conf/all/disable_ipv6", "1"), ("net/ipv6/conf/default/disable_ipv6", "1")];
 
-fn build_node(prefix: &str, ipv4_only: bool) -> Result<Node, SetupError> {
+/// IPv6 on, without the delays and chatter of autoconfiguration: no duplicate address
+/// detection (addresses usable at once), no router solicitations or advertisements.
+const IPV6_QUIET: [(&str, &str); 5] = [
+    ("net/ipv6/conf/all/accept_dad", "0"),
+    ("net/ipv6/conf/default/accept_dad", "0"),
+    ("net/ipv6/conf/default/router_solicitations", "0"),
+    ("net/ipv6/conf/all/accept_ra", "0"),
+    ("net/ipv6/conf/default/accept_ra", "0"),
+];
+
+/// Settings every namespace of the run gets, before any interface is made in it.
+fn family_settings(netns: &Netns, families: Families) -> Result<(), SetupError> {
+    if families.v6 { netns.sysctls(&IPV6_QUIET) } else { netns.sysctls(&IPV6_OFF) }
+}
+
+fn build_node(prefix: &str, families: Families) -> Result<Node, SetupError> {
     let netns = Netns::create(&node_netns_name(prefix))?;
-    let mut settings = vec![
+    family_settings(&netns, families)?;
+    netns.sysctls(&[
         ("net/ipv4/ip_forward", "1"),
         ("net/ipv4/conf/all/rp_filter", "0"),
         ("net/ipv4/conf/default/rp_filter", "0"),
-    ];
-    if ipv4_only {
-        settings.extend(IPV6_OFF);
+    ])?;
+    if families.v6 {
+        netns.sysctls(&[("net/ipv6/conf/all/forwarding", "1")])?;
     }
-    netns.sysctls(&settings)?;
+    // The node's IPv4 address exists in every scenario (the agent's own API is a unix
+    // socket; the address only matters to probes), its IPv6 one when IPv6 is on.
     netns.ip(&["addr", "add", &format!("{NODE_IPV4}/32"), "dev", NODE_ADDRESS_DEV])?;
     // Proxy ARP answers for an address only if the node routes it elsewhere than where
     // the request came from: give the gateway address a route on the loopback.
     netns.ip(&["route", "add", &format!("{POD_GATEWAY_IPV4}/32"), "dev", NODE_ADDRESS_DEV])?;
-    Ok(Node { netns, ipv4: NODE_IPV4 })
+    if families.v6 {
+        netns.ip(&["-6", "addr", "add", &format!("{NODE_IPV6}/128"), "dev", NODE_ADDRESS_DEV, "nodad"])?;
+    }
+    Ok(Node { netns, ipv4: families.v4.then_some(NODE_IPV4), ipv6: families.v6.then_some(NODE_IPV6) })
 }
 
-fn build_pod(node: &Node, pod: &PlanPod, prefix: &str, ipv4_only: bool) -> Result<PodNet, SetupError> {
+fn build_pod(node: &Node, pod: &PlanPod, prefix: &str, families: Families) -> Result<PodNet, SetupError> {
     let netns = Netns::create(&pod_netns_name(prefix, pod.index))?;
-    if ipv4_only {
-        netns.sysctls(&IPV6_OFF)?;
-    }
-    let lxc = pod.host_interface.as_str();
-    // Both ends are created directly in their namespaces: never in the root namespace.
-    node.netns.ip(&["link", "add", lxc, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
-    let gw = POD_GATEWAY_IPV4.to_string();
-    netns.ip(&["addr", "add", &format!("{}/32", pod.ipv4), "dev", "eth0"])?;
-    netns.ip(&["link", "set", "eth0", "up"])?;
-    netns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
-    netns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+    family_settings(&netns, families)?;
+    wire(node, &netns, &pod.host_interface, pod.ipv4, pod.ipv6)?;
+    Ok(PodNet { netns, ipv4: pod.ipv4, ipv6: pod.ipv6, host_interface: pod.host_interface.clone() })
+}
 
-    let proxy_arp = format!("net/ipv4/conf/{lxc}/proxy_arp");
-    let rp_filter = format!("net/ipv4/conf/{lxc}/rp_filter");
-    // Answer proxy ARP at once instead of after a random delay of up to 0.8 s.
-    let proxy_delay = format!("net/ipv4/neigh/{lxc}/proxy_delay");
-    node.netns.sysctls(&[(&proxy_arp, "1"), (&rp_filter, "0"), (&proxy_delay, "0")])?;
-    node.netns.ip(&["link", "set", lxc, "up"])?;
-    let node_ip = node.ipv4.to_string();
-    node.netns.ip(&["route", "add", &format!("{}/32", pod.ipv4), "dev", lxc, "src", &node_ip])?;
-    Ok(PodNet { netns, ipv4: pod.ipv4, host_interface: lxc.to_string() })
+fn build_other_host(
+    node: &Node,
+    host: &PlanHost,
+    index: usize,
+    prefix: &str,
+    families: Families,
+) -> Result<OtherHostNet, SetupError> {
+    if host.is_node() {
+        return Ok(OtherHostNet { netns: None, ipv4: host.ipv4, ipv6: host.ipv6 });
+    }
+    let netns = Netns::create(&host_netns_name(prefix, index))?;
+    family_settings(&netns, families)?;
+    wire(node, &netns, &host_side_name(index), host.ipv4, host.ipv6)?;
+    Ok(OtherHostNet { netns: Some(netns), ipv4: host.ipv4, ipv6: host.ipv6 })
+}
+
+/// A veth pair between the node (interface `dev`) and `netns` (interface `eth0`) with the
+/// host's addresses, its default routes via the gateways, and the node's routes to it.
+fn wire(
+    node: &Node,
+    netns: &Netns,
+    dev: &str,
+    ipv4: Option<Ipv4Addr>,
+    ipv6: Option<Ipv6Addr>,
+) -> Result<(), SetupError> {
+    // Both ends are created directly in their namespaces: never in the root namespace.
+    node.netns.ip(&["link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
+    if ipv4.is_some() {
+        let proxy_arp = format!("net/ipv4/conf/{dev}/proxy_arp");
+        let rp_filter = format!("net/ipv4/conf/{dev}/rp_filter");
+        // Answer proxy ARP at once instead of after a random delay of up to 0.8 s.
+        let proxy_delay = format!("net/ipv4/neigh/{dev}/proxy_delay");
+        node.netns.sysctls(&[(&proxy_arp, "1"), (&rp_filter, "0"), (&proxy_delay, "0")])?;
+    }
+    if ipv6.is_some() {
+        node.netns.ip(&["-6", "addr", "add", &format!("{POD_GATEWAY_IPV6}/64"), "dev", dev, "nodad"])?;
+    }
+    node.netns.ip(&["link", "set", dev, "up"])?;
+
+    if let Some(v4) = ipv4 {
+        netns.ip(&["addr", "add", &format!("{v4}/32"), "dev", "eth0"])?;
+    }
+    if let Some(v6) = ipv6 {
+        netns.ip(&["-6", "addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"])?;
+    }
+    netns.ip(&["link", "set", "eth0", "up"])?;
+    if ipv4.is_some() {
+        let gw = POD_GATEWAY_IPV4.to_string();
+        netns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
+        netns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+    }
+    if ipv6.is_some() {
+        netns.ip(&["-6", "route", "add", "default", "via", &POD_GATEWAY_IPV6.to_string(), "dev", "eth0"])?;
+    }
+
+    if let Some(v4) = ipv4 {
+        let src = NODE_IPV4.to_string();
+        node.netns.ip(&["route", "add", &format!("{v4}/32"), "dev", dev, "src", &src])?;
+    }
+    if let Some(v6) = ipv6 {
+        let mut args = vec!["-6", "route", "add"];
+        let dst = format!("{v6}/128");
+        args.extend([dst.as_str(), "dev", dev]);
+        let src = NODE_IPV6.to_string();
+        if node.ipv6.is_some() {
+            args.extend(["src", src.as_str()]);
+        }
+        node.netns.ip(&args)?;
+    }
+    Ok(())
 }

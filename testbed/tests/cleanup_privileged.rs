@@ -17,7 +17,7 @@ fn plumbing_run_without_agent_passes_and_leaves_nothing_privileged() {
     let (pid, out) = run(&["run", "--no-agent", file.to_str().unwrap()]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
-    assert!(stdout.contains("12 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("15 passed, 0 failed"), "{stdout}");
     assert_eq!(leftovers(pid), Vec::<String>::new());
 }
 

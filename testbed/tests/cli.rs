@@ -14,7 +14,7 @@ fn check_accepts_the_seed_fixture() {
     let file = fixture("seed-allow-frontend-to-backend.yaml");
     let (_, out) = run(&["check", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("6 pods, 1 policies, 12 probes"));
+    assert!(text(&out.stdout).contains("6 pods, 2 policies, 15 probes"));
 }
 
 #[test]
@@ -47,17 +47,29 @@ fn probe_to_an_unlisted_port_exits_2() {
 }
 
 #[test]
+fn world_hosts_entities_sctp_and_ipv6_are_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = scenario_file(
+        &dir,
+        "name: x\nipFamilies: [IPv4, IPv6]\nnamespaces: {default: {}}\npods:\n  - {name: a, namespace: default, ports: [{port: 9, protocol: SCTP}]}\nprobes:\n  - {from: default/a, to: 192.0.2.7, port: 443, protocol: TCP, expect: deny}\n  - {from: 2001:db8::7, to: default/a, port: 9, protocol: SCTP, expect: allow}\n  - {from: entity:remote-node, to: default/a, protocol: ICMPv6, expect: allow}\n  - {from: default/a, to: entity:kube-apiserver, port: 6443, protocol: TCP, family: IPv6, expect: allow}\n",
+    );
+    let (_, out) = run(&["check", &f]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("1 pods, 0 policies, 4 probes"), "{}", text(&out.stdout));
+}
+
+#[test]
 fn unsupported_parts_exit_2_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let f = scenario_file(
         &dir,
-        "name: x\nnamespaces: {default: {}}\npods:\n  - {name: a, namespace: default}\nprobes:\n  - {from: default/a, to: 192.0.2.7, port: 443, protocol: TCP, expect: deny}\n",
+        "name: x\nnamespaces: {default: {}}\npods:\n  - {name: a, namespace: default}\nprobes:\n  - {from: default/a, to: 192.0.2.7, protocol: ICMP, icmp_type: 13, expect: deny}\n",
     );
     let (_, out) = run(&["run", &f]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("probes[0].to") && stderr.contains("not supported yet by this testbed version"),
+        stderr.contains("probes[0].icmp_type") && stderr.contains("not supported yet by this testbed version"),
         "{stderr}"
     );
 }

@@ -31,7 +31,7 @@ fn seed_scenario_passes_with_the_real_agent_privileged() {
     assert_eq!(s["name"], "allow-frontend-to-backend");
     assert_eq!(s["file"], file.to_str().unwrap());
     let probes = s["probes"].as_array().expect("probes");
-    assert_eq!(probes.len(), 12);
+    assert_eq!(probes.len(), 15);
     for p in probes {
         assert_eq!(p["observed"], p["expect"], "{p}");
         assert!(p["ms"].is_u64(), "{p}");

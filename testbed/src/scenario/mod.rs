@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 pub use model::{Expect, IpFamily, PodPort, PortProtocol, ProbeProtocol, RawPod, RawProbe, RawScenario};
 pub use plan::{
-    Entity, HostRef, NODE_IPV4, POD_GATEWAY_IPV4, Plan, PlanPod, PlanPolicy, PlanProbe, host_interface_name,
+    Entity, HostRef, KUBE_APISERVER_IPV4, KUBE_APISERVER_IPV6, NODE_IPV4, NODE_IPV6, POD_GATEWAY_IPV4,
+    POD_GATEWAY_IPV6, Plan, PlanHost, PlanPod, PlanPolicy, PlanProbe, REMOTE_NODE_IPV4, REMOTE_NODE_IPV6,
+    host_interface_name,
 };
 pub use validate::{MAX_PODS, MAX_PROBES};
 

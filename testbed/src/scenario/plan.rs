@@ -7,11 +7,21 @@ use std::path::PathBuf;
 
 use super::model::{Expect, IpFamily, PodPort, ProbeProtocol};
 
-/// The node's own address (on a dummy interface in the node's namespace). 10.200.0.0/24 is
-/// kept for the testbed's infrastructure hosts (node, and later simulated entities).
+/// The node's own address (on the loopback of the node's namespace). 10.200.0.0/24 and
+/// fd00:10:200::/112 are kept for the testbed's infrastructure hosts: the node and the
+/// simulated entities.
 pub const NODE_IPV4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x200, 0, 0, 0, 0, 1);
+/// The simulated other node of the cluster (`entity:remote-node`).
+pub const REMOTE_NODE_IPV4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+pub const REMOTE_NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x200, 0, 0, 0, 0, 2);
+/// The address the testbed designates as the cluster's API server (`entity:kube-apiserver`).
+pub const KUBE_APISERVER_IPV4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+pub const KUBE_APISERVER_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x200, 0, 0, 0, 0, 3);
 /// The gateway every pod routes through; the node answers ARP for it (proxy ARP).
 pub const POD_GATEWAY_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The IPv6 gateway of every pod: a link-local address on every host-side interface.
+pub const POD_GATEWAY_IPV6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// A validated, resolved scenario.
 #[derive(Clone, Debug)]
@@ -25,6 +35,9 @@ pub struct Plan {
     /// Namespace name -> labels as written (the agent adds `kubernetes.io/metadata.name`).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub pods: Vec<PlanPod>,
+    /// Hosts other than pods that probes start from or go to (world hosts, entities), in
+    /// the order probes first name them.
+    pub hosts: Vec<PlanHost>,
     pub policies: Vec<PlanPolicy>,
     pub probes: Vec<PlanProbe>,
 }
@@ -32,6 +45,38 @@ pub struct Plan {
 impl Plan {
     pub fn pod(&self, index: usize) -> &PlanPod {
         &self.pods[index]
+    }
+
+    pub fn has_family(&self, family: IpFamily) -> bool {
+        self.ip_families.contains(&family)
+    }
+
+    /// The key of a probe end among all hosts: pods are `0..pods.len()`, then
+    /// [`Plan::hosts`] in order. Listeners and captures are keyed by it.
+    pub fn host_key(&self, end: &HostRef) -> Option<usize> {
+        match end {
+            HostRef::Pod(i) => Some(*i),
+            other => self.hosts.iter().position(|h| &h.host == other).map(|i| self.pods.len() + i),
+        }
+    }
+}
+
+/// A host that is not a pod: a world host (its own namespace, with the scenario's
+/// address) or an entity (the node itself, or a namespace the testbed designates).
+#[derive(Clone, Debug)]
+pub struct PlanHost {
+    /// [`HostRef::World`] or [`HostRef::Entity`].
+    pub host: HostRef,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// What it listens on: every port probes aim at it.
+    pub ports: Vec<PodPort>,
+}
+
+impl PlanHost {
+    /// `entity:host`: the node's own namespace, not a namespace of its own.
+    pub fn is_node(&self) -> bool {
+        self.host == HostRef::Entity(Entity::Host)
     }
 }
 
@@ -43,7 +88,9 @@ pub struct PlanPod {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
-    pub ipv4: Ipv4Addr,
+    /// Set when IPv4 is in the scenario's families.
+    pub ipv4: Option<Ipv4Addr>,
+    /// Set when IPv6 is in the scenario's families.
     pub ipv6: Option<Ipv6Addr>,
     pub ports: Vec<PodPort>,
     /// Host side of the pod's veth, in the node's namespace.
@@ -93,6 +140,15 @@ pub enum Entity {
 }
 
 impl Entity {
+    /// The entity's addresses (the node's own for `host`).
+    pub fn addresses(self) -> (Ipv4Addr, Ipv6Addr) {
+        match self {
+            Entity::Host => (NODE_IPV4, NODE_IPV6),
+            Entity::RemoteNode => (REMOTE_NODE_IPV4, REMOTE_NODE_IPV6),
+            Entity::KubeApiserver => (KUBE_APISERVER_IPV4, KUBE_APISERVER_IPV6),
+        }
+    }
+
     pub fn parse(name: &str) -> Option<Entity> {
         match name {
             "host" => Some(Entity::Host),

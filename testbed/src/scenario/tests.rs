@@ -54,7 +54,7 @@ fn base_scenario_resolves() {
     assert_eq!(plan.name, "t");
     assert_eq!(plan.ip_families, vec![IpFamily::IPv4]);
     assert_eq!(plan.pods.len(), 2);
-    assert_eq!(plan.pods[1].ipv4.to_string(), "10.200.1.20");
+    assert_eq!(plan.pods[1].ipv4.unwrap().to_string(), "10.200.1.20");
     assert_eq!(plan.pods[0].service_account, "default");
     assert_eq!(plan.probes[0].from, HostRef::Pod(0));
     assert_eq!(plan.probes[0].to, HostRef::Pod(1));
@@ -68,7 +68,7 @@ fn the_seed_fixture_is_valid() {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/seed-allow-frontend-to-backend.yaml");
     let plan = super::load(&file).unwrap();
     assert_eq!(plan.pods.len(), 6);
-    assert_eq!(plan.policies.len(), 1);
+    assert_eq!(plan.policies.len(), 2);
     assert!(plan.probes.iter().any(|p| p.protocol == ProbeProtocol::ICMP));
 }
 
@@ -188,8 +188,8 @@ fn addresses_are_checked_and_assigned_around_explicit_ones() {
     let i = issues(&BASE.replace("ip: 10.200.1.20", "ip: 127.0.0.1"));
     assert_eq!(i[0].path, "pods[1].ip");
     let plan = load(&BASE.replace("ip: 10.200.1.20", "ip: 10.200.1.10")).unwrap();
-    assert_eq!(plan.pods[1].ipv4.to_string(), "10.200.1.10");
-    assert_eq!(plan.pods[0].ipv4.to_string(), "10.200.1.11");
+    assert_eq!(plan.pods[1].ipv4.unwrap().to_string(), "10.200.1.10");
+    assert_eq!(plan.pods[0].ipv4.unwrap().to_string(), "10.200.1.11");
     let two = BASE.replace(
         "  - name: frontend\n    namespace: default\n    labels: {app: frontend}",
         "  - name: frontend\n    namespace: default\n    ip: 10.200.1.20\n    labels: {app: frontend}",
@@ -235,17 +235,52 @@ fn a_manifest_expected_to_be_rejected_is_not_judged_by_the_testbed() {
 
 #[test]
 fn not_yet_supported_parts_say_so() {
-    for (from, to, path) in [
-        ("protocol: TCP, expect", "protocol: SCTP, expect", "probes[0].protocol"),
-        ("to: default/backend, port: 8080", "to: 192.0.2.1, port: 8080", "probes[0].to"),
-        ("to: default/backend, port: 8080", "to: entity:host, port: 8080", "probes[0].to"),
-        ("name: t\n", "name: t\nipFamilies: [IPv4, IPv6]\n", "ipFamilies"),
-    ] {
-        let i = issues(&BASE.replace(from, to));
-        let hit = i.iter().find(|i| i.path == path).unwrap_or_else(|| panic!("{path}: {i:?}"));
-        assert!(hit.unsupported, "{hit:?}");
-        assert!(hit.to_string().contains("not supported yet by this testbed version"));
-    }
+    let i = issues(&BASE.replace("port: 8080, protocol: TCP, expect", "protocol: ICMP, icmp_type: 13, expect"));
+    let hit = i.iter().find(|i| i.path == "probes[0].icmp_type").unwrap_or_else(|| panic!("{i:?}"));
+    assert!(hit.unsupported, "{hit:?}");
+    assert!(hit.to_string().contains("not supported yet by this testbed version"));
+}
+
+#[test]
+fn world_hosts_and_entities_become_hosts_with_the_ports_probes_use() {
+    let text = BASE.replace(
+        "probes:\n",
+        "probes:\n  - {from: default/frontend, to: 192.0.2.1, port: 443, protocol: TCP, expect: allow}\n  - {from: default/frontend, to: 192.0.2.1, port: 53, protocol: UDP, expect: allow}\n  - {from: entity:remote-node, to: default/backend, port: 8080, protocol: SCTP, expect: deny}\n  - {from: default/frontend, to: entity:host, protocol: ICMP, expect: allow}\n",
+    ).replace("{port: 53, protocol: UDP}", "{port: 53, protocol: UDP}\n      - {port: 8080, protocol: SCTP}");
+    let plan = load(&text).unwrap();
+    assert_eq!(plan.hosts.len(), 3);
+    let world = &plan.hosts[0];
+    assert_eq!(world.host, HostRef::World("192.0.2.1".parse().unwrap()));
+    assert_eq!((world.ipv4, world.ipv6), (Some("192.0.2.1".parse().unwrap()), None));
+    assert_eq!(world.ports.len(), 2);
+    assert_eq!(plan.hosts[1].host, HostRef::Entity(Entity::RemoteNode));
+    assert_eq!(plan.hosts[1].ipv4, Some(REMOTE_NODE_IPV4));
+    assert!(plan.hosts[1].ports.is_empty());
+    assert!(plan.hosts[2].is_node());
+    assert_eq!(plan.host_key(&HostRef::Entity(Entity::Host)), Some(plan.pods.len() + 2));
+    // Testbed addresses are not world hosts.
+    let i = issues(&BASE.replace("to: default/backend, port: 8080", "to: 10.200.0.2, port: 8080"));
+    assert_eq!(i[0].path, "probes[0].to");
+}
+
+#[test]
+fn ipv6_addresses_are_assigned_and_the_family_follows_world_literals() {
+    let dual = BASE.replace("name: t\n", "name: t\nipFamilies: [IPv4, IPv6]\n");
+    let plan = load(&dual).unwrap();
+    assert_eq!(plan.pods[0].ipv6.unwrap().to_string(), "fd00:10:200::1:10");
+    assert!(plan.pods[0].ipv4.is_some());
+    let v6 = BASE.replace("name: t\n", "name: t\nipFamilies: [IPv6]\n").replace("    ip: 10.200.1.20\n", "");
+    let plan =
+        load(&v6.replace("port: 8080, protocol: TCP, expect", "port: 8080, protocol: TCP, family: IPv6, expect"))
+            .unwrap();
+    assert_eq!(plan.pods[1].ipv4, None);
+    let world = v6.replace("to: default/backend, port: 8080", "to: 2001:db8::7, port: 8080");
+    let plan = load(&world).unwrap();
+    assert_eq!(plan.probes[0].family, IpFamily::IPv6);
+    let i = issues(&v6.replace("ipv6: x", ""));
+    assert!(i.iter().any(|i| i.path == "probes[0].family"), "{i:?}");
+    let i = issues(&dual.replace("ip: 10.200.1.20", "ip: 10.200.1.20\n    ipv6: fe80::5"));
+    assert_eq!(i[0].path, "pods[1].ipv6");
 }
 
 #[test]

@@ -1,13 +1,14 @@
 //! Cross-checks of a parsed scenario and its resolution into a [`Plan`]: every issue is
 //! collected (not only the first) with the key path it is about.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use super::Issue;
-use super::model::{IpFamily, ProbeProtocol, RawPod, RawProbe, RawScenario};
+use super::model::{IpFamily, PodPort, ProbeProtocol, RawPod, RawProbe, RawScenario};
 use super::plan::{
-    Entity, HostRef, NODE_IPV4, POD_GATEWAY_IPV4, Plan, PlanPod, PlanPolicy, PlanProbe, host_interface_name,
+    Entity, HostRef, NODE_IPV4, NODE_IPV6, POD_GATEWAY_IPV4, Plan, PlanHost, PlanPod, PlanPolicy, PlanProbe,
+    host_interface_name,
 };
 
 /// Most pods a scenario may have (each is a network namespace and a veth pair).
@@ -16,8 +17,11 @@ pub const MAX_PODS: usize = 250;
 pub const MAX_PROBES: usize = 500;
 /// First address given to pods without an `ip`.
 const FIRST_ASSIGNED: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 10);
-/// ICMP echo request, the only ICMP type this version probes with.
+/// First IPv6 address given to pods without an `ipv6` (when IPv6 is in `ipFamilies`).
+const FIRST_ASSIGNED_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x200, 0, 0, 0, 1, 0x10);
+/// ICMP and ICMPv6 echo requests, the only ICMP types this version probes with.
 const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
 
 pub(super) fn resolve(raw: RawScenario, file: &Path) -> Result<Plan, Vec<Issue>> {
     let mut issues = Vec::new();
@@ -48,6 +52,7 @@ pub(super) fn resolve(raw: RawScenario, file: &Path) -> Result<Plan, Vec<Issue>>
     let pods = resolve_pods(&raw.pods, &namespaces, &ip_families, &mut issues);
     let policies = resolve_policies(&raw.policies, &namespaces, &mut issues);
     let probes = resolve_probes(&raw.probes, &pods, &ip_families, &mut issues);
+    let hosts = resolve_hosts(&probes, &ip_families);
 
     if issues.is_empty() {
         Ok(Plan {
@@ -58,6 +63,7 @@ pub(super) fn resolve(raw: RawScenario, file: &Path) -> Result<Plan, Vec<Issue>>
             ip_families,
             namespaces,
             pods,
+            hosts,
             policies,
             probes,
         })
@@ -75,9 +81,6 @@ fn check_families(families: Option<&[IpFamily]>, issues: &mut Vec<Issue>) -> Vec
     if unique.len() != families.len() {
         issues.push(Issue::invalid("ipFamilies", "lists a family twice"));
     }
-    if families.contains(&IpFamily::IPv6) {
-        issues.push(Issue::unsupported("ipFamilies", "IPv6"));
-    }
     families.to_vec()
 }
 
@@ -92,6 +95,7 @@ fn resolve_pods(
     }
     let mut seen: HashMap<(String, String), usize> = HashMap::new();
     let mut explicit_ips: HashMap<Ipv4Addr, usize> = HashMap::new();
+    let mut explicit_ipv6: HashMap<Ipv6Addr, usize> = HashMap::new();
     for (i, pod) in raw.iter().enumerate() {
         let at = |k: &str| format!("pods[{i}].{k}");
         if !is_dns_subdomain(&pod.name) {
@@ -118,6 +122,17 @@ fn resolve_pods(
         {
             issues.push(Issue::invalid(at("serviceAccount"), format!("{sa:?} is not a valid service account name")));
         }
+        if pod.ip.is_some() && !families.contains(&IpFamily::IPv4) {
+            issues.push(Issue::invalid(at("ip"), "set, but ipFamilies does not include IPv4"));
+        }
+        if let Some(ip) = pod.ipv6 {
+            if let Some(why) = unusable_ipv6(ip) {
+                issues.push(Issue::invalid(at("ipv6"), format!("{ip} cannot be a pod address: {why}")));
+            }
+            if let Some(j) = explicit_ipv6.insert(ip, i) {
+                issues.push(Issue::invalid(at("ipv6"), format!("{ip} is already the address of pods[{j}]")));
+            }
+        }
         if let Some(ip) = pod.ip {
             if let Some(why) = unusable_ipv4(ip) {
                 issues.push(Issue::invalid(at("ip"), format!("{ip} cannot be a pod address: {why}")));
@@ -133,18 +148,33 @@ fn resolve_pods(
     }
 
     let mut next = u32::from(FIRST_ASSIGNED);
+    let mut next_v6 = u128::from(FIRST_ASSIGNED_V6);
+    let (has_v4, has_v6) = (families.contains(&IpFamily::IPv4), families.contains(&IpFamily::IPv6));
     let mut names = BTreeSet::new();
     raw.iter()
         .enumerate()
         .map(|(i, pod)| {
-            let ipv4 = pod.ip.unwrap_or_else(|| {
-                loop {
-                    let candidate = Ipv4Addr::from(next);
-                    next += 1;
-                    if !explicit_ips.contains_key(&candidate) && unusable_ipv4(candidate).is_none() {
-                        break candidate;
+            let ipv4 = has_v4.then(|| {
+                pod.ip.unwrap_or_else(|| {
+                    loop {
+                        let candidate = Ipv4Addr::from(next);
+                        next += 1;
+                        if !explicit_ips.contains_key(&candidate) && unusable_ipv4(candidate).is_none() {
+                            break candidate;
+                        }
                     }
-                }
+                })
+            });
+            let ipv6 = has_v6.then(|| {
+                pod.ipv6.unwrap_or_else(|| {
+                    loop {
+                        let candidate = Ipv6Addr::from(next_v6);
+                        next_v6 += 1;
+                        if !explicit_ipv6.contains_key(&candidate) && unusable_ipv6(candidate).is_none() {
+                            break candidate;
+                        }
+                    }
+                })
             });
             let mut host_interface = host_interface_name(&pod.namespace, &pod.name, i);
             let mut salt = raw.len();
@@ -159,7 +189,7 @@ fn resolve_pods(
                 labels: pod.labels.clone(),
                 service_account: pod.service_account.clone().unwrap_or_else(|| "default".into()),
                 ipv4,
-                ipv6: pod.ipv6,
+                ipv6,
                 ports: pod.ports.clone(),
                 host_interface,
             }
@@ -265,7 +295,7 @@ fn resolve_probes(
         pods.iter().map(|p| ((p.namespace.as_str(), p.name.as_str()), p.index)).collect();
     let by_ip: HashMap<IpAddr, usize> = pods
         .iter()
-        .flat_map(|p| [Some(IpAddr::V4(p.ipv4)), p.ipv6.map(IpAddr::V6)].into_iter().flatten().map(|ip| (ip, p.index)))
+        .flat_map(|p| [p.ipv4.map(IpAddr::V4), p.ipv6.map(IpAddr::V6)].into_iter().flatten().map(|ip| (ip, p.index)))
         .collect();
     let mut out = Vec::new();
     for (i, probe) in raw.iter().enumerate() {
@@ -274,6 +304,12 @@ fn resolve_probes(
         let from = resolve_ref(&probe.from, &at("from"), &by_key, &by_ip, pods, issues);
         let to = resolve_ref(&probe.to, &at("to"), &by_key, &by_ip, pods, issues);
 
+        // A world host's address says which family the probe is.
+        let literal = [&from, &to].into_iter().find_map(|end| match end {
+            Some(HostRef::World(IpAddr::V4(_))) => Some(IpFamily::IPv4),
+            Some(HostRef::World(IpAddr::V6(_))) => Some(IpFamily::IPv6),
+            _ => None,
+        });
         let family = match (probe.family, probe.protocol) {
             (Some(IpFamily::IPv4), ProbeProtocol::ICMPv6) => {
                 issues.push(Issue::invalid(at("family"), "ICMPv6 probes are IPv6"));
@@ -285,8 +321,17 @@ fn resolve_probes(
             }
             (Some(f), _) => f,
             (None, ProbeProtocol::ICMPv6) => IpFamily::IPv6,
-            (None, _) => IpFamily::IPv4,
+            (None, ProbeProtocol::ICMP) => IpFamily::IPv4,
+            (None, _) => literal.unwrap_or(IpFamily::IPv4),
         };
+        if let Some(l) = literal
+            && l != family
+        {
+            issues.push(Issue::invalid(
+                at("family"),
+                format!("the probe is {family}, but its world host's address is {l}"),
+            ));
+        }
         if !families.contains(&family) {
             issues.push(Issue::invalid(at("family"), format!("{family}, but ipFamilies does not include it")));
         }
@@ -326,31 +371,15 @@ fn resolve_probes(
         }
 
         // What the format allows but this version cannot run yet.
-        match probe.protocol {
-            ProbeProtocol::SCTP => issues.push(Issue::unsupported(at("protocol"), "SCTP probes")),
-            ProbeProtocol::ICMPv6 => issues.push(Issue::unsupported(at("protocol"), "ICMPv6 probes")),
-            _ => {}
-        }
-        if family == IpFamily::IPv6 && probe.protocol != ProbeProtocol::ICMPv6 {
-            issues.push(Issue::unsupported(at("family"), "IPv6 probes"));
-        }
+        let echo = if probe.protocol == ProbeProtocol::ICMPv6 { ICMPV6_ECHO_REQUEST } else { ICMP_ECHO_REQUEST };
         if let Some(t) = probe.icmp_type
-            && probe.protocol == ProbeProtocol::ICMP
-            && t != ICMP_ECHO_REQUEST
+            && probe.protocol.is_icmp()
+            && t != echo
         {
-            issues
-                .push(Issue::unsupported(at("icmp_type"), format!("ICMP type {t} (only 8, echo request, is probed)")));
-        }
-        for (key, end) in [("from", &from), ("to", &to)] {
-            match end {
-                Some(HostRef::Entity(e)) => {
-                    issues.push(Issue::unsupported(at(key), format!("probes to or from entity:{}", e.as_str())))
-                }
-                Some(HostRef::World(ip)) => {
-                    issues.push(Issue::unsupported(at(key), format!("probes to or from world hosts ({ip})")))
-                }
-                _ => {}
-            }
+            issues.push(Issue::unsupported(
+                at("icmp_type"),
+                format!("{} type {t} (only {echo}, echo request, is probed)", probe.protocol),
+            ));
         }
 
         if issues.len() == before
@@ -364,7 +393,7 @@ fn resolve_probes(
                 to,
                 protocol: probe.protocol,
                 port: probe.port,
-                icmp_type: probe.protocol.is_icmp().then(|| probe.icmp_type.unwrap_or(ICMP_ECHO_REQUEST)),
+                icmp_type: probe.protocol.is_icmp().then(|| probe.icmp_type.unwrap_or(echo)),
                 family,
                 expect: probe.expect,
             });
@@ -404,10 +433,7 @@ fn resolve_ref(
         }
         let bad = match ip {
             IpAddr::V4(v4) => unusable_ipv4(v4),
-            IpAddr::V6(v6) if v6.is_unspecified() || v6.is_loopback() || v6.is_multicast() => {
-                Some("unspecified, loopback and multicast addresses cannot be hosts")
-            }
-            IpAddr::V6(_) => None,
+            IpAddr::V6(v6) => unusable_ipv6(v6),
         };
         if let Some(why) = bad {
             issues.push(Issue::invalid(path, format!("{ip} cannot be a world host: {why}")));
@@ -439,6 +465,58 @@ fn unusable_ipv4(ip: Ipv4Addr) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// Why an IPv6 address cannot be a pod's or a world host's, if it cannot.
+fn unusable_ipv6(ip: Ipv6Addr) -> Option<&'static str> {
+    let s = ip.segments();
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        Some("unspecified, loopback and multicast addresses cannot be hosts")
+    } else if s[0] & 0xffc0 == 0xfe80 {
+        Some("link-local addresses cannot be hosts (fe80::1 is the pods' gateway)")
+    } else if ip.to_ipv4_mapped().is_some() {
+        Some("IPv4-mapped addresses cannot be hosts")
+    } else if u128::from(ip) >> 16 == u128::from(NODE_IPV6) >> 16 {
+        Some("fd00:10:200::/112 is kept for the testbed's node and infrastructure hosts")
+    } else {
+        None
+    }
+}
+
+/// The hosts other than pods that the probes name, each with the addresses of the
+/// scenario's families and the ports probes aim at it.
+fn resolve_hosts(probes: &[PlanProbe], families: &[IpFamily]) -> Vec<PlanHost> {
+    let mut hosts: Vec<PlanHost> = Vec::new();
+    for p in probes {
+        for (end, is_destination) in [(&p.from, false), (&p.to, true)] {
+            let i = match hosts.iter().position(|h| &h.host == end) {
+                Some(i) => i,
+                None => {
+                    let (ipv4, ipv6) = match end {
+                        HostRef::Pod(_) => continue,
+                        HostRef::World(IpAddr::V4(a)) => (Some(*a), None),
+                        HostRef::World(IpAddr::V6(a)) => (None, Some(*a)),
+                        HostRef::Entity(e) => {
+                            let (v4, v6) = e.addresses();
+                            (
+                                families.contains(&IpFamily::IPv4).then_some(v4),
+                                families.contains(&IpFamily::IPv6).then_some(v6),
+                            )
+                        }
+                    };
+                    hosts.push(PlanHost { host: end.clone(), ipv4, ipv6, ports: Vec::new() });
+                    hosts.len() - 1
+                }
+            };
+            if let (true, Some(protocol), Some(port)) = (is_destination, p.protocol.port_protocol(), p.port) {
+                let ports = &mut hosts[i].ports;
+                if !ports.iter().any(|q| q.port == port && q.protocol == protocol) {
+                    ports.push(PodPort { port, protocol, name: None });
+                }
+            }
+        }
+    }
+    hosts
 }
 
 fn check_labels(path: &str, labels: &BTreeMap<String, String>, issues: &mut Vec<Issue>) {

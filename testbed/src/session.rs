@@ -1,0 +1,575 @@
+//! A scenario brought up and kept up: directories, namespaces, listeners, the agent and
+//! what it was told, ready to be probed any number of times, with its policy directory open
+//! to edits the agent picks up by itself. [`Session::up`], [`Session::probe`] /
+//! [`Session::probe_all`], [`Session::write_policy_file`], [`Session::down`] are what
+//! `run`, the tests, and interactive commands (up / probe / exec / down) build on.
+//!
+//! Everything created is owned by a guard declared in this order, so it is removed in the
+//! reverse order whatever way the session ends (also when it is dropped without `down`):
+//! agent, listeners, hosts and pods, node, pin directory, temporary directory.
+//!
+//! Probes run concurrently (at most [`MAX_CONCURRENT_PROBES`] at once, each bounded by the
+//! probe timeout). Their verdict events cannot be confused: TCP, UDP and SCTP flows differ
+//! by their source port (chosen by the kernel for sockets, by the testbed for SCTP), and
+//! ICMP events carry no echo identifier, so ICMP probes between the same two addresses
+//! run one after the other.
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use palisade_agent::api::types::{EndpointStatus, MonitorEvent, PolicyStatus, Status};
+use tokio::sync::Semaphore;
+
+use crate::agent::{self, AgentProcess, CALL_TIMEOUT, PolicyOutcome, READY_TIMEOUT, RunDirs};
+use crate::error::SetupError;
+use crate::events::{self, Collector, EndpointRef, Flow};
+use crate::listen::{ListenOn, Listeners, Wanted};
+use crate::netns;
+use crate::probe::{self, Attempt, ProbeRun, monotonic_ns};
+use crate::report::{Observed, ProbeResult, ScenarioReport};
+use crate::scenario::{Expect, HostRef, IpFamily, Plan, PlanProbe, PortProtocol, ProbeProtocol};
+use crate::topology::{Host, Topology};
+
+/// Most probes in flight at once.
+pub const MAX_CONCURRENT_PROBES: usize = 32;
+
+/// How a session is made.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// How long a probe waits for its answer.
+    pub timeout: Duration,
+    /// The agent binary; `None` runs without an agent (plumbing check: every probe must
+    /// then simply connect).
+    pub agent: Option<PathBuf>,
+    /// More arguments for the agent (e.g. `--policy-rescan-secs 3600`).
+    pub agent_args: Vec<String>,
+    /// Keep the temporary directory (agent log, policy files).
+    pub keep_logs: bool,
+}
+
+impl RunOptions {
+    pub fn new(agent: Option<PathBuf>) -> RunOptions {
+        RunOptions { timeout: Duration::from_millis(1000), agent, agent_args: Vec::new(), keep_logs: false }
+    }
+}
+
+/// Names of one run: namespaces start with `prefix` (`pt<pid>`), directories end in `tag`.
+#[derive(Clone, Debug)]
+pub struct RunNames {
+    pub prefix: String,
+    pub tag: String,
+}
+
+impl RunNames {
+    /// The names of this process's `index`-th scenario.
+    pub fn for_scenario(index: usize) -> RunNames {
+        let pid = std::process::id();
+        RunNames { prefix: format!("pt{pid}"), tag: format!("{pid}-{index}") }
+    }
+}
+
+/// The agent side of a session. Field order is drop order: the event stream first.
+struct AgentSide {
+    collector: Collector,
+    /// By `namespace/name`.
+    endpoints: HashMap<String, EndpointStatus>,
+    process: AgentProcess,
+}
+
+/// A scenario that is up.
+pub struct Session {
+    plan: Plan,
+    timeout: Duration,
+    outcome: PolicyOutcome,
+    // Field order is drop order: agent, listeners, topology, directories.
+    agent: Option<AgentSide>,
+    listeners: Option<Listeners>,
+    topology: Topology,
+    dirs: RunDirs,
+}
+
+impl Session {
+    /// Builds the scenario, starts listeners and the agent, registers everything, applies
+    /// the policies and waits until the agent has realized them. On error everything made
+    /// so far is removed (and the agent's log tail printed when it helps).
+    pub async fn up(plan: &Plan, opts: &RunOptions, names: &RunNames) -> Result<Session, SetupError> {
+        let dirs = RunDirs::create(&names.tag, opts.keep_logs)?;
+        let topology = {
+            let (plan, prefix) = (plan.clone(), names.prefix.clone());
+            blocking(move || Topology::build(&plan, &prefix)).await??
+        };
+        let mut listeners = Listeners::new();
+        let ipv6 = plan.has_family(IpFamily::IPv6);
+        for pod in &plan.pods {
+            let Some(h) = topology.host(plan, &HostRef::Pod(pod.index)) else { continue };
+            listeners.start(ListenOn { key: h.key, netns: h.netns, ipv6, is_node: false }, &pod.ports)?;
+        }
+        for host in &plan.hosts {
+            let Some(h) = topology.host(plan, &host.host) else { continue };
+            listeners.start(ListenOn { key: h.key, netns: h.netns, ipv6, is_node: h.is_node }, &host.ports)?;
+        }
+        let mut session = Session {
+            plan: plan.clone(),
+            timeout: opts.timeout,
+            outcome: PolicyOutcome::default(),
+            agent: None,
+            listeners: Some(listeners),
+            topology,
+            dirs,
+        };
+        if let Some(binary) = &opts.agent {
+            let process = AgentProcess::spawn(
+                binary,
+                session.topology.node.netns.open()?,
+                &session.dirs,
+                plan.cluster.as_deref(),
+                &opts.agent_args,
+            )?;
+            match start_agent(plan, &session.dirs, &session.topology, &process).await {
+                Ok((outcome, endpoints, collector)) => {
+                    session.outcome = outcome;
+                    session.agent = Some(AgentSide { collector, endpoints, process });
+                }
+                Err(e) => {
+                    if !matches!(e, SetupError::AgentExited { .. } | SetupError::AgentNotReady { .. }) {
+                        print_log_tail(&process);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(session)
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The directory the agent watches for policy manifests.
+    pub fn policy_dir(&self) -> &Path {
+        &self.dirs.policies
+    }
+
+    /// The agent's log file, if an agent runs.
+    pub fn agent_log(&self) -> Option<&Path> {
+        self.agent.as_ref().map(|a| a.process.log.as_path())
+    }
+
+    /// Checks of the policies' application that failed (see [`PolicyOutcome`]).
+    pub fn policy_outcome(&self) -> &PolicyOutcome {
+        &self.outcome
+    }
+
+    fn agent(&self) -> Result<&AgentSide, SetupError> {
+        self.agent.as_ref().ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))
+    }
+
+    /// The agent's status.
+    pub async fn status(&self) -> Result<Status, SetupError> {
+        agent::call("status", CALL_TIMEOUT, self.agent()?.process.client.status()).await
+    }
+
+    /// The agent's view of every manifest.
+    pub async fn policies(&self) -> Result<Vec<PolicyStatus>, SetupError> {
+        agent::call("listing policies", CALL_TIMEOUT, self.agent()?.process.client.policies()).await
+    }
+
+    /// Writes `text` as `file_name` into the agent's policy directory (atomically: the
+    /// agent never reads half a file) and waits, by polling the agent's policy list
+    /// (bounded, never a fixed sleep), until the agent has read the new content on its
+    /// own (its directory watch; no rescan request is made) and realized that revision.
+    /// `text` must differ from what the file held, or there is nothing to wait for.
+    /// Returns the agent's status of the manifest (enforced or rejected).
+    pub async fn write_policy_file(&self, file_name: &str, text: &str) -> Result<PolicyStatus, SetupError> {
+        let side = self.agent()?;
+        let before = self.policies().await?;
+        let old = agent::find_status(&before, file_name).map(|s| s.revision);
+        self.dirs.write_policy(file_name, text)?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let status = loop {
+            side.process.check_alive("while its policy directory changed")?;
+            let now = self.policies().await?;
+            // u64::MAX: read, but not yet numbered by the resolver.
+            match agent::find_status(&now, file_name) {
+                Some(s) if Some(s.revision) != old && s.revision != u64::MAX => break s.clone(),
+                _ if Instant::now() >= deadline => {
+                    return Err(SetupError::PolicyNotSeen { file: file_name.into(), secs: READY_TIMEOUT.as_secs() });
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        agent::call(
+            "waiting until the edited policy is realized",
+            READY_TIMEOUT + Duration::from_secs(5),
+            side.process.client.wait_revision(status.revision, READY_TIMEOUT),
+        )
+        .await?;
+        Ok(status)
+    }
+
+    /// Runs one probe.
+    pub async fn probe(&self, p: &PlanProbe) -> ProbeResult {
+        self.probe_many(std::slice::from_ref(p)).await.remove(0)
+    }
+
+    /// Runs every probe of the plan and reports, with the checks of the policies'
+    /// application and the agent's warnings.
+    pub async fn probe_all(&self) -> ScenarioReport {
+        let probes = self.probe_many(&self.plan.probes).await;
+        let mut report = ScenarioReport {
+            name: self.plan.name.clone(),
+            file: self.plan.file.display().to_string(),
+            probes,
+            failures: self.outcome.failures.clone(),
+            notes: self.outcome.warnings.iter().map(|w| format!("agent warning: {w}")).collect(),
+        };
+        match &self.agent {
+            None => {
+                report.notes.push("run without an agent (--no-agent): every probe expects plain connectivity".into())
+            }
+            Some(a) => {
+                if let Err(e) = a.process.check_alive("while probing") {
+                    report.failures.push(e.to_string());
+                }
+                if let Some(why) = a.collector.ended() {
+                    report.notes.push(format!("verdict events stopped: {why}"));
+                }
+            }
+        }
+        report
+    }
+
+    /// Runs `probes` concurrently and returns their results in the same order.
+    pub async fn probe_many(&self, probes: &[PlanProbe]) -> Vec<ProbeResult> {
+        // Lanes: probes that must not overlap run in order within one lane.
+        let mut lanes: BTreeMap<(usize, String), Vec<usize>> = BTreeMap::new();
+        for (i, p) in probes.iter().enumerate() {
+            let key = if p.protocol.is_icmp() { format!("{}>{}>{}", p.from, p.to, p.family) } else { String::new() };
+            let lane = if key.is_empty() { (i, key) } else { (usize::MAX, key) };
+            lanes.entry(lane).or_default().push(i);
+        }
+        let permits = Semaphore::new(MAX_CONCURRENT_PROBES);
+        let runs = lanes.into_values().map(|lane| {
+            let permits = &permits;
+            async move {
+                let mut out = Vec::with_capacity(lane.len());
+                for i in lane {
+                    let _permit = permits.acquire().await;
+                    let r = self.run_probe(&probes[i]).await;
+                    tracing::info!(
+                        probe = probes[i].index,
+                        observed = r.0.observed.as_str(),
+                        ms = r.0.ms,
+                        "probe done"
+                    );
+                    out.push((i, r));
+                }
+                out
+            }
+        });
+        let mut results: Vec<Option<(ProbeResult, Option<Flow>)>> = vec![None; probes.len()];
+        for (i, r) in futures_util::future::join_all(runs).await.into_iter().flatten() {
+            results[i] = Some(r);
+        }
+        let mut results: Vec<(ProbeResult, Option<Flow>)> = results.into_iter().flatten().collect();
+        // Allowed flows: what decided, from the events that came in meanwhile.
+        if let Some(agent) = &self.agent {
+            let events = agent.collector.snapshot();
+            for (result, flow) in &mut results {
+                if let (Observed::Allow, Some(flow)) = (result.observed, flow) {
+                    let text = allow_decided_by(flow, &events, &agent.endpoints);
+                    result.detail = Some(text.clone());
+                    result.decided_by = text;
+                }
+            }
+        }
+        results.into_iter().map(|(r, _)| r).collect()
+    }
+
+    fn endpoint_ref(&self, end: &HostRef) -> Option<EndpointRef> {
+        let HostRef::Pod(i) = end else { return None };
+        let key = self.plan.pod(*i).key();
+        let id = self.agent.as_ref().and_then(|a| a.endpoints.get(&key)).map_or(0, |e| u32::from(e.id));
+        Some(EndpointRef { key, id })
+    }
+
+    async fn run_probe(&self, p: &PlanProbe) -> (ProbeResult, Option<Flow>) {
+        let expect = if self.agent.is_some() { p.expect } else { Expect::Allow };
+        let mut result = ProbeResult {
+            from: p.from_text.clone(),
+            to: p.to_text.clone(),
+            port: p.port,
+            protocol: p.protocol.as_str().to_string(),
+            family: p.family,
+            expect,
+            observed: Observed::Error,
+            detail: None,
+            ms: 0,
+            decided_by: "-".into(),
+        };
+        let (Some(src), Some(dst)) = (self.topology.host(&self.plan, &p.from), self.topology.host(&self.plan, &p.to))
+        else {
+            result.detail = Some("a probe end the testbed did not build (a testbed fault)".into());
+            return (result, None);
+        };
+        let (Some(src_ip), Some(dst_ip)) = (src.addr(p.family), dst.addr(p.family)) else {
+            result.detail =
+                Some(format!("{} or {} has no {} address (a testbed fault)", p.from_text, p.to_text, p.family));
+            return (result, None);
+        };
+        let run = match self.send(p, &src, &dst, src_ip, dst_ip).await {
+            Ok(r) => r,
+            Err(e) => {
+                result.detail = Some(format!("could not run the probe: {e}"));
+                return (result, None);
+            }
+        };
+        result.ms = run.elapsed.as_millis() as u64;
+        let flow = Flow {
+            src: src_ip,
+            dst: dst_ip,
+            protocol: p.protocol,
+            src_port: run.local_port,
+            dst_port: p.port,
+            src_endpoint: self.endpoint_ref(&p.from),
+            dst_endpoint: self.endpoint_ref(&p.to),
+            since_ns: run.started_ns,
+        };
+        match run.attempt {
+            Attempt::Answered => {
+                result.observed = Observed::Allow;
+                if self.agent.is_none() {
+                    result.decided_by = "no agent".into();
+                    result.detail = Some("connected (no agent runs)".into());
+                }
+            }
+            Attempt::Refused => {
+                result.detail = Some(format!(
+                    "{} refused the connection: nothing listens on {} there (a testbed fault)",
+                    p.to_text,
+                    p.port.map_or_else(|| p.protocol.to_string(), |port| format!("{port}/{}", p.protocol))
+                ));
+            }
+            Attempt::Failed(why) => result.detail = Some(why),
+            Attempt::NoAnswer => self.no_answer(p, dst.key, &flow, run.tag, &mut result).await,
+        }
+        (result, Some(flow))
+    }
+
+    /// Sends the probe from inside the source's namespace and waits for its answer.
+    async fn send(
+        &self,
+        p: &PlanProbe,
+        src: &Host<'_>,
+        dst: &Host<'_>,
+        src_ip: IpAddr,
+        dst_ip: IpAddr,
+    ) -> Result<ProbeRun, SetupError> {
+        let timeout = self.timeout;
+        let index = p.index;
+        let port = p.port.unwrap_or(0);
+        let ns = src.netns.open()?;
+        let in_source = |f: Box<dyn FnOnce() -> ProbeRun + Send>| blocking(move || netns::run_in(ns, f));
+        match p.protocol {
+            ProbeProtocol::TCP => {
+                in_source(Box::new(move || probe::tcp(SocketAddr::new(dst_ip, port), timeout))).await?
+            }
+            ProbeProtocol::UDP => {
+                let token = format!("palisade-testbed {} probe {index}", std::process::id());
+                in_source(Box::new(move || probe::udp(SocketAddr::new(dst_ip, port), token.as_bytes(), timeout)))
+                    .await?
+            }
+            ProbeProtocol::ICMP | ProbeProtocol::ICMPv6 => {
+                let ident = std::process::id() as u16;
+                let seq = next_sequence() as u16;
+                in_source(Box::new(move || probe::icmp_echo(dst_ip, ident, seq, timeout))).await?
+            }
+            ProbeProtocol::SCTP => {
+                let n = next_sequence();
+                let src_port = 32_768 + (n % 28_000) as u16;
+                let tag = (std::process::id() << 16) ^ n ^ 0x5c7b_0000 | 1;
+                let want = Wanted {
+                    host: dst.key,
+                    protocol: PortProtocol::SCTP,
+                    local_port: port,
+                    peer: SocketAddr::new(src_ip, src_port),
+                    tag: Some(tag),
+                    since_ns: 0,
+                };
+                self.sctp(src, want, SocketAddr::new(dst_ip, port)).await
+            }
+        }
+    }
+
+    /// An SCTP INIT, sent again at half time; answered when the destination's capture saw it.
+    async fn sctp(&self, src: &Host<'_>, mut want: Wanted, dst: SocketAddr) -> Result<ProbeRun, SetupError> {
+        let t0 = Instant::now();
+        let started = monotonic_ns();
+        want.since_ns = started;
+        let (src_port, tag) = (want.peer.port(), want.tag.unwrap_or(0));
+        let listeners = self.listeners.as_ref().expect("listeners run while the session is up");
+        let mut arrived = false;
+        for wait in [self.timeout / 2, self.timeout - self.timeout / 2] {
+            let ns = src.netns.open()?;
+            let sent = blocking(move || netns::run_in(ns, move || probe::sctp_init(dst, src_port, tag))).await??;
+            if let Err(why) = sent {
+                return Ok(ProbeRun {
+                    attempt: Attempt::Failed(why),
+                    local_port: Some(src_port),
+                    started_ns: started,
+                    elapsed: t0.elapsed(),
+                    tag: Some(tag),
+                });
+            }
+            if listeners.wait_arrival(&want, wait).await {
+                arrived = true;
+                break;
+            }
+        }
+        Ok(ProbeRun {
+            attempt: if arrived { Attempt::Answered } else { Attempt::NoAnswer },
+            local_port: Some(src_port),
+            started_ns: started,
+            elapsed: t0.elapsed(),
+            tag: Some(tag),
+        })
+    }
+
+    /// A probe got no answer: a deny only if the datapath reported a policy drop of this flow.
+    async fn no_answer(&self, p: &PlanProbe, dst: usize, flow: &Flow, tag: Option<u32>, result: &mut ProbeResult) {
+        let reached = match (p.protocol.port_protocol(), p.port, flow.src_port, &self.listeners) {
+            (Some(protocol), Some(port), Some(src_port), Some(listeners)) => listeners.arrived(&Wanted {
+                host: dst,
+                protocol,
+                local_port: port,
+                peer: SocketAddr::new(flow.src, src_port),
+                tag,
+                since_ns: flow.since_ns,
+            }),
+            _ => false,
+        };
+        let Some(agent) = &self.agent else {
+            result.detail = Some("unexplained loss (no agent runs, so nothing should drop)".into());
+            return;
+        };
+        if reached {
+            result.detail = Some(format!(
+                "the probe reached {} but no answer came back{}",
+                p.to_text,
+                related_drops(&agent.collector, flow)
+            ));
+            return;
+        }
+        // The drop happened when the probe was sent; the event may still be on its way.
+        let grace = (self.timeout / 2).max(Duration::from_millis(250));
+        match agent.collector.wait_for(grace, |ev| flow.is_policy_drop(ev)).await {
+            Some(ev) => {
+                let place = flow.place(&ev).unwrap_or("?");
+                let at = ev.endpoint.clone().unwrap_or_else(|| format!("endpoint {}", ev.endpoint_id));
+                result.observed = Observed::Deny;
+                result.decided_by = format!("{} ({place} {at})", events::describe(&ev));
+                result.detail = Some(format!("dropped at {place} of {at}: {}", events::describe(&ev)));
+            }
+            None => {
+                let ended =
+                    agent.collector.ended().map(|w| format!(" (verdict events stopped: {w})")).unwrap_or_default();
+                result.detail = Some(format!(
+                    "unexplained loss: no answer and no policy drop reported for this flow{}{ended}",
+                    related_drops(&agent.collector, flow)
+                ));
+            }
+        }
+    }
+
+    /// The last lines of the agent's log, printed to stderr.
+    pub fn print_agent_log_tail(&self) {
+        if let Some(a) = &self.agent {
+            print_log_tail(&a.process);
+        }
+    }
+
+    /// Takes everything down, in order.
+    pub async fn down(mut self) {
+        self.agent = None;
+        if let Some(l) = self.listeners.take() {
+            l.stop().await;
+        }
+        drop(self);
+    }
+}
+
+async fn start_agent(
+    plan: &Plan,
+    dirs: &RunDirs,
+    topology: &Topology,
+    process: &AgentProcess,
+) -> Result<(PolicyOutcome, HashMap<String, EndpointStatus>, Collector), SetupError> {
+    process.wait_ready(READY_TIMEOUT).await?;
+    tracing::info!("agent answers");
+    let client = &process.client;
+    agent::register(client, plan, topology).await?;
+    tracing::info!("namespaces, pods and entities registered and realized");
+    let outcome = agent::apply_policies(client, dirs, plan).await?;
+    tracing::info!("policies applied and realized");
+    let endpoints: HashMap<String, EndpointStatus> = agent::call("listing endpoints", CALL_TIMEOUT, client.endpoints())
+        .await?
+        .into_iter()
+        .map(|e| (format!("{}/{}", e.namespace, e.name), e))
+        .collect();
+    let collector = Collector::start(client).await?;
+    tracing::info!("monitor stream open");
+    Ok((outcome, endpoints, collector))
+}
+
+fn print_log_tail(process: &AgentProcess) {
+    eprintln!("palisade-testbed: last lines of the agent's log ({}):\n{}", process.log.display(), process.log_tail(40));
+}
+
+/// A number unique within this process (ICMP sequence numbers, SCTP ports and tags).
+fn next_sequence() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Runs a blocking closure off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, SetupError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SetupError::Io { what: "a blocking task".into(), source: std::io::Error::other(e.to_string()) })
+}
+
+/// Drops seen on the flow's addresses (either way), for explaining a loss.
+fn related_drops(collector: &Collector, flow: &Flow) -> String {
+    let drops: Vec<String> =
+        collector.snapshot().iter().filter(|e| flow.is_related_drop(e)).take(3).map(events::summary).collect();
+    if drops.is_empty() { String::new() } else { format!("; drops seen: {}", drops.join("; ")) }
+}
+
+/// What allowed a flow at each end: the allow events if the agent emits them, else the
+/// endpoints' enforcement ("not enforced" or "policy").
+fn allow_decided_by(flow: &Flow, events: &[MonitorEvent], endpoints: &HashMap<String, EndpointStatus>) -> String {
+    let mut parts = Vec::new();
+    for (place, end) in [("egress", &flow.src_endpoint), ("ingress", &flow.dst_endpoint)] {
+        let Some(end) = end else { continue };
+        let ev = events.iter().find(|e| flow.is_allow(e) && flow.place(e) == Some(place));
+        let text = match ev {
+            Some(ev) => events::describe(ev),
+            None => {
+                let enforced = endpoints
+                    .get(&end.key)
+                    .is_some_and(|e| if place == "egress" { e.egress_enforced } else { e.ingress_enforced });
+                if enforced { "policy".to_string() } else { "not enforced".to_string() }
+            }
+        };
+        if text != "not enforced" {
+            parts.push(format!("{place}: {text}"));
+        }
+    }
+    if parts.is_empty() { "not enforced".into() } else { parts.join("; ") }
+}
