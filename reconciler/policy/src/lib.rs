@@ -9,6 +9,7 @@
 //! - [`resolve`]: policies x endpoints x identities -> desired policy entries.
 
 pub mod cidr;
+pub mod explain;
 pub mod identity;
 pub mod labels;
 pub mod model;
@@ -21,6 +22,6 @@ pub use cidr::{CidrBlock, CidrIdentities, Prefix, ipblock_labels};
 pub use identity::IdentityAllocator;
 pub use labels::{Label, LabelSet};
 pub use model::{Direction, Entity, NamedPort, Policy, PolicyKind, Protocol};
-pub use parse::{ManifestOutcome, ParseError, PolicyError, parse_manifests};
+pub use parse::{ManifestOutcome, ParseError, PolicyError, parse_manifest_bytes, parse_manifests};
 pub use resolve::{DesiredState, EndpointPolicy, EndpointView, EntryKey, EntryValue, RuleOrigin, resolve};
 pub use selector::EndpointSelector;

@@ -184,7 +184,7 @@ impl Peers {
 }
 
 /// One way of naming peers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Peer {
     /// Endpoints whose identity's labels match (final, already namespace-scoped).
     Endpoints(EndpointSelector),
@@ -276,14 +276,14 @@ impl Serialize for Entity {
 }
 
 /// A protocol and port (range) a peer rule applies to.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct PortRule {
     pub protocol: Protocol,
     pub port: Port,
 }
 
 /// A destination port specification.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Port {
     /// Every port.
     Any,

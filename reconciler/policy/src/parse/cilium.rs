@@ -4,10 +4,12 @@
 //! subject always lives in the policy's namespace, and a peer selector is scoped to it
 //! unless it names the namespace label itself or a reserved label.
 
+use std::collections::HashSet;
+
 use serde_yaml::Value;
 
 use super::Invalid;
-use super::common::{KeyStyle, cidr_block, label_selector, prefix, serde_invalid};
+use super::common::{KeyStyle, cidr_block, label_selector, object_names, prefix, serde_invalid};
 use super::icmp;
 use super::raw;
 use crate::cidr::CidrBlock;
@@ -34,16 +36,22 @@ pub(super) fn translate(value: Value, kind: PolicyKind, origin: &str) -> Result<
         .filter(|n| !n.is_empty())
         .ok_or_else(|| Invalid::new("metadata.name", "the policy has no name", "set metadata.name"))?;
     let mut warnings = Vec::new();
+    let written_namespace = raw.metadata.namespace.filter(|ns| !ns.is_empty());
     let namespace = if kind.is_namespaced() {
-        Some(raw.metadata.namespace.unwrap_or_else(|| "default".to_owned()))
+        Some(written_namespace.unwrap_or_else(|| "default".to_owned()))
     } else {
-        if raw.metadata.namespace.is_some() {
+        // The API server ignores a namespace on a cluster-scoped object, so Cilium applies
+        // such a manifest everywhere; so do we, and say so.
+        if let Some(ns) = written_namespace {
             warnings.push(format!(
-                "metadata.namespace: ignored, a {kind} is not namespaced and applies to the whole cluster"
+                "metadata.namespace: a {kind} is not namespaced: it applies to pods in every namespace, not only in \
+                 {ns:?} (the API server ignores this field); to limit it to one namespace, make it a \
+                 CiliumNetworkPolicy or select k8s:io.kubernetes.pod.namespace in its endpointSelector"
             ));
         }
         None
     };
+    object_names(&name, namespace.as_deref())?;
     let mut specs = Vec::new();
     if let Some(spec) = raw.spec {
         specs.push(("spec".to_owned(), spec));
@@ -251,12 +259,12 @@ impl Ctx<'_> {
         let (field, cidrs) = parts.cidr;
         for (i, c) in cidrs.iter().enumerate() {
             let cidr = prefix(&format!("{path}.{field}[{i}]"), c, warnings)?;
-            push_new(&mut peer_list, Peer::Cidr(CidrBlock { cidr, except: vec![] }));
+            peer_list.push(Peer::Cidr(CidrBlock { cidr, except: vec![] }));
         }
         let (field, sets) = parts.cidr_set;
         for (i, set) in sets.iter().enumerate() {
             let p = format!("{path}.{field}[{i}]");
-            push_new(&mut peer_list, Peer::Cidr(cidr_rule(&p, set, warnings)?));
+            peer_list.push(Peer::Cidr(cidr_rule(&p, set, warnings)?));
         }
         let (field, entities) = parts.entities;
         for (i, name) in entities.iter().enumerate() {
@@ -268,8 +276,9 @@ impl Ctx<'_> {
                     format!("entities are {}", known.join(", ")),
                 )
             })?;
-            push_new(&mut peer_list, Peer::Entity(entity));
+            peer_list.push(Peer::Entity(entity));
         }
+        dedup_peers(&mut peer_list);
         let mut unenforced_peers = false;
         for (field, n, why) in &parts.unenforced {
             if *n > 0 {
@@ -323,11 +332,11 @@ impl Ctx<'_> {
     }
 }
 
-/// Adds a peer unless it is there already.
-fn push_new(list: &mut Vec<Peer>, peer: Peer) {
-    if !list.contains(&peer) {
-        list.push(peer);
-    }
+/// Drops repeated CIDR and entity peers, keeping the first of each, in linear time (a
+/// policy may list hundreds of thousands of CIDRs).
+fn dedup_peers(list: &mut Vec<Peer>) {
+    let mut seen = HashSet::new();
+    list.retain(|p| matches!(p, Peer::Endpoints(_)) || seen.insert(p.clone()));
 }
 
 fn cidr_rule(path: &str, rule: &raw::CidrRule, warnings: &mut Vec<String>) -> Result<CidrBlock, Invalid> {

@@ -112,6 +112,49 @@ fn label_value(path: &str, value: &str) -> Result<(), Invalid> {
     })
 }
 
+/// Checks `metadata.name` (a DNS subdomain, as Kubernetes requires of every object name)
+/// and `metadata.namespace` (a DNS label), when present.
+pub(super) fn object_names(name: &str, namespace: Option<&str>) -> Result<(), Invalid> {
+    if let Err(why) = dns_name(name, 253, true) {
+        return Err(Invalid::new(
+            "metadata.name",
+            format!("name {name:?} is not valid: {why}"),
+            "Kubernetes object names are DNS subdomains: at most 253 lower case letters, digits, '-' and '.', \
+             starting and ending with a letter or digit",
+        ));
+    }
+    if let Some(ns) = namespace
+        && let Err(why) = dns_name(ns, 63, false)
+    {
+        return Err(Invalid::new(
+            "metadata.namespace",
+            format!("namespace {ns:?} is not valid: {why}"),
+            "namespace names are DNS labels: at most 63 lower case letters, digits and '-', \
+             starting and ending with a letter or digit",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a DNS subdomain (`dots`) or DNS label of at most `max` characters.
+fn dns_name(text: &str, max: usize, dots: bool) -> Result<(), String> {
+    if text.len() > max {
+        return Err(format!("it has {} characters, more than {max}", text.len()));
+    }
+    let ok_char = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.');
+    let ends_ok = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !text.bytes().all(ok_char) {
+        let allowed =
+            if dots { "lower case letters, digits, '-' and '.'" } else { "lower case letters, digits and '-'" };
+        return Err(format!("it may only have {allowed}"));
+    }
+    let parts_ok = text.split('.').all(|part| ends_ok(part.bytes().next()) && ends_ok(part.bytes().last()));
+    if !parts_ok {
+        return Err("it must start and end with a letter or digit (each part between dots, too)".to_owned());
+    }
+    Ok(())
+}
+
 /// A `matchLabels` + `matchExpressions` selector, checked.
 pub(super) fn label_selector(
     raw: &raw::LabelSelector,
@@ -221,7 +264,7 @@ pub(super) fn serde_invalid(
     reference: &str,
     schema_note: &str,
 ) -> Invalid {
-    let reason = e.inner().to_string();
+    let reason = plain_type_names(&e.inner().to_string());
     let hint = if reason.starts_with("unknown field") {
         format!("{schema_note}; fix the spelling or remove the field")
     } else if reason.starts_with("missing field") {
@@ -230,6 +273,17 @@ pub(super) fn serde_invalid(
         format!("check the field's type against the {reference} reference")
     };
     Invalid::new(e.path().to_string(), reason, hint)
+}
+
+/// serde's Rust type names (`i64`, `struct CiliumRule`) in the words of a manifest.
+fn plain_type_names(reason: &str) -> String {
+    let mut out = reason.replace("expected i64", "expected an integer").replace("expected u64", "expected an integer");
+    if let Some(at) = out.find("expected struct ") {
+        let rest = &out[at + "expected struct ".len()..];
+        let end = rest.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(rest.len());
+        out = format!("{}expected a mapping{}", &out[..at], &rest[end..]);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -243,6 +297,33 @@ mod tests {
         }
         for bad in ["", "-app", "app-", "a b", "/name", "Example.com/x", "a/b/c", &"x".repeat(64), "a=b"] {
             assert!(qualified_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn type_names_are_said_plainly() {
+        assert_eq!(
+            plain_type_names("invalid type: string \"x\", expected i64"),
+            "invalid type: string \"x\", expected an integer"
+        );
+        assert_eq!(
+            plain_type_names("invalid type: string \"x\", expected struct CiliumRule"),
+            "invalid type: string \"x\", expected a mapping"
+        );
+    }
+
+    #[test]
+    fn object_names_are_dns_names() {
+        for ok in ["web", "allow-web.v2", "a", &"n".repeat(253)] {
+            assert_eq!(object_names(ok, Some("default")), Ok(()), "{ok}");
+        }
+        for bad in ["Web", "allow_web", "-web", "web-", "a..b", ".a", &"n".repeat(254), "caf\u{e9}"] {
+            let e = object_names(bad, None).expect_err(bad);
+            assert_eq!(e.path, "metadata.name");
+        }
+        for bad in ["Team_A", "a.b", &"n".repeat(64)] {
+            let e = object_names("web", Some(bad)).expect_err(bad);
+            assert_eq!(e.path, "metadata.namespace");
         }
     }
 

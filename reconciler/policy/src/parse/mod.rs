@@ -7,9 +7,11 @@
 mod cilium;
 mod common;
 mod icmp;
+pub mod limits;
 mod network_policy;
 mod raw;
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Deserialize;
@@ -18,18 +20,85 @@ use serde_yaml::Value;
 
 use crate::model::{Policy, PolicyKind};
 
-/// The text is not readable YAML.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// The text as a whole cannot be read; no document of it is judged.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParseError {
-    #[error("{origin}: not readable YAML at line {line}, column {column}: {message}")]
+    /// The text is not readable YAML.
     Yaml {
         /// Where the text came from.
         origin: String,
+        /// 1-based; 0 when the YAML library gave no position.
         line: usize,
         column: usize,
         message: String,
     },
+    /// The bytes are not UTF-8 ([`parse_manifest_bytes`]).
+    NotUtf8 {
+        origin: String,
+        /// Offset of the first byte that is not part of a UTF-8 character.
+        offset: usize,
+        /// The text starts with a UTF-16 byte order mark.
+        utf16: bool,
+    },
+    /// The text is longer than [`limits::MAX_TEXT_BYTES`].
+    TooLarge { origin: String, bytes: usize, limit: usize },
+    /// A document expands to more values than [`limits::MAX_VALUES_PER_DOCUMENT`]
+    /// (aliases count every time they are used).
+    TooManyValues {
+        origin: String,
+        /// 1-based position of the document in the text.
+        document: usize,
+        limit: usize,
+    },
 }
+
+impl fmt::Display for ParseError {
+    /// `origin: what is wrong (hint: what to do)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParseError::Yaml { origin, line, column, message } => {
+                write!(f, "{origin}: not readable YAML")?;
+                match (line, column) {
+                    (0, _) => {}
+                    (line, 0) => write!(f, " at line {line}")?,
+                    (line, column) => write!(f, " at line {line}, column {column}")?,
+                }
+                write!(f, ": {message}")?;
+                if message.starts_with("recursion limit exceeded") || message.starts_with("flow collections") {
+                    f.write_str(" (hint: values are nested too deeply; no policy needs more than a few levels)")?;
+                } else if message.starts_with("repetition limit exceeded") {
+                    f.write_str(
+                        " (hint: aliases (*name) are replayed too often, as in a 'billion laughs' text; \
+                         write the values out)",
+                    )?;
+                }
+                Ok(())
+            }
+            ParseError::NotUtf8 { origin, offset, utf16 } => {
+                write!(f, "{origin}: not UTF-8 text (invalid byte at offset {offset})")?;
+                if *utf16 {
+                    f.write_str(" (hint: the text is UTF-16 (it starts with a byte order mark); save it as UTF-8)")
+                } else {
+                    f.write_str(" (hint: save the file as UTF-8; policy manifests are text)")
+                }
+            }
+            ParseError::TooLarge { origin, bytes, limit } => write!(
+                f,
+                "{origin}: the text has {bytes} bytes, more than the {limit} palisade reads \
+                 (hint: Kubernetes keeps at most 1.5 MiB per object; split the file, or keep what \
+                 is not policy out of it)"
+            ),
+            ParseError::TooManyValues { origin, document, limit } => write!(
+                f,
+                "{origin}, document {document}: the document has more than {limit} values once its \
+                 aliases are expanded (hint: an anchor repeated many times, as in a 'billion laughs' \
+                 text, multiplies its values; write the values out, or split the policy)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ParseError {}
 
 /// Why one document was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
@@ -101,8 +170,38 @@ impl Invalid {
     }
 }
 
-/// Parses every YAML document of `text`. Empty documents are skipped.
+/// Parses every YAML document of `text`. Empty documents are skipped. A document that
+/// defines the same policy (kind, namespace, name) as another document of the text is
+/// rejected, as is the other one: which of them is meant cannot be told.
+///
+/// Reading is bounded: texts over [`limits::MAX_TEXT_BYTES`], documents nested more than
+/// 128 levels deep or expanding to more than [`limits::MAX_VALUES_PER_DOCUMENT`] values
+/// are a [`ParseError`].
 pub fn parse_manifests(text: &str, source: &str) -> Result<Vec<ManifestOutcome>, ParseError> {
+    if text.len() > limits::MAX_TEXT_BYTES {
+        return Err(ParseError::TooLarge {
+            origin: source.to_owned(),
+            bytes: text.len(),
+            limit: limits::MAX_TEXT_BYTES,
+        });
+    }
+    if let Some(line) = limits::flow_depth_over(text, limits::MAX_FLOW_DEPTH) {
+        return Err(ParseError::Yaml {
+            origin: source.to_owned(),
+            line,
+            column: 0,
+            message: format!(
+                "flow collections ([...] and {{...}}) are nested more than {} levels deep",
+                limits::MAX_FLOW_DEPTH
+            ),
+        });
+    }
+    limits::count_values(text, limits::MAX_VALUES_PER_DOCUMENT).map_err(|(document, why)| match why {
+        limits::CountError::TooManyValues => {
+            ParseError::TooManyValues { origin: source.to_owned(), document, limit: limits::MAX_VALUES_PER_DOCUMENT }
+        }
+        limits::CountError::Yaml(e) => yaml_error(&e, source),
+    })?;
     let mut outcomes = Vec::new();
     let mut documents = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(text) {
@@ -113,14 +212,91 @@ pub fn parse_manifests(text: &str, source: &str) -> Result<Vec<ManifestOutcome>,
         if value.is_null() {
             continue;
         }
-        outcomes.push(parse_document(value, source, i + 1));
+        outcomes.push((i + 1, parse_document(value, source, i + 1)));
     }
-    Ok(outcomes)
+    Ok(reject_duplicates(outcomes))
+}
+
+/// [`parse_manifests`] on bytes, which must be UTF-8: what a file or a request body holds.
+pub fn parse_manifest_bytes(bytes: &[u8], source: &str) -> Result<Vec<ManifestOutcome>, ParseError> {
+    if bytes.len() > limits::MAX_TEXT_BYTES {
+        return Err(ParseError::TooLarge {
+            origin: source.to_owned(),
+            bytes: bytes.len(),
+            limit: limits::MAX_TEXT_BYTES,
+        });
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| ParseError::NotUtf8 {
+        origin: source.to_owned(),
+        offset: e.valid_up_to(),
+        utf16: bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]),
+    })?;
+    parse_manifests(text, source)
+}
+
+/// (kind, namespace, name) of the policy a document defines, when its kind is a policy
+/// kind and it has a name.
+fn defined_policy(outcome: &ManifestOutcome) -> Option<(String, Option<String>, String)> {
+    match outcome {
+        ManifestOutcome::Accepted(p) => Some((p.kind.to_string(), p.namespace.clone(), p.name.clone())),
+        ManifestOutcome::Rejected(e) => {
+            let kind = e.kind.as_deref()?;
+            let known = ["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy"].contains(&kind);
+            let name = e.name.as_deref().filter(|n| !n.is_empty())?;
+            known.then(|| (kind.to_owned(), e.namespace.clone(), name.to_owned()))
+        }
+    }
+}
+
+/// Rejects every accepted document that defines the same policy as another document of
+/// the text (documents rejected for a reason of their own keep that reason).
+fn reject_duplicates(outcomes: Vec<(usize, ManifestOutcome)>) -> Vec<ManifestOutcome> {
+    let mut documents_of: BTreeMap<(String, Option<String>, String), Vec<usize>> = BTreeMap::new();
+    for (document, outcome) in &outcomes {
+        if let Some(id) = defined_policy(outcome) {
+            documents_of.entry(id).or_default().push(*document);
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|(document, outcome)| {
+            let ManifestOutcome::Accepted(p) = &outcome else { return outcome };
+            let id = defined_policy(&outcome).expect("accepted documents define a policy");
+            let all = &documents_of[&id];
+            if all.len() < 2 {
+                return outcome;
+            }
+            let numbers: Vec<String> = all.iter().map(ToString::to_string).collect();
+            let (last, rest) = numbers.split_last().expect("two or more");
+            ManifestOutcome::Rejected(PolicyError {
+                origin: p.source.clone(),
+                document,
+                kind: Some(id.0.clone()),
+                namespace: id.1.clone(),
+                name: Some(id.2.clone()),
+                path: "metadata.name".to_owned(),
+                reason: format!(
+                    "documents {} and {last} of this text {} define {}",
+                    rest.join(", "),
+                    if rest.len() == 1 { "both" } else { "all" },
+                    p.display_name()
+                ),
+                hint: "keep one document per policy: palisade cannot tell which one is meant (kubectl would \
+                       let the last one overwrite the others), so none of them is taken"
+                    .to_owned(),
+            })
+        })
+        .collect()
 }
 
 fn yaml_error(e: &serde_yaml::Error, source: &str) -> ParseError {
     let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-    ParseError::Yaml { origin: source.to_owned(), line, column, message: e.to_string() }
+    let mut message = e.to_string();
+    // The position is said once, before the message.
+    if let Some(short) = message.strip_suffix(&format!(" at line {line} column {column}")) {
+        message = short.to_owned();
+    }
+    ParseError::Yaml { origin: source.to_owned(), line, column, message }
 }
 
 fn text_field<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
@@ -135,9 +311,24 @@ fn text_field<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
 fn parse_document(value: Value, source: &str, document: usize) -> ManifestOutcome {
     let kind = text_field(&value, &["kind"]).map(str::to_owned);
     let api_version = text_field(&value, &["apiVersion"]).map(str::to_owned);
-    let name = text_field(&value, &["metadata", "name"]).map(str::to_owned);
-    let mut namespace = text_field(&value, &["metadata", "namespace"]).map(str::to_owned);
+    let name = text_field(&value, &["metadata", "name"]).filter(|n| !n.is_empty()).map(str::to_owned);
+    let mut namespace = text_field(&value, &["metadata", "namespace"]).filter(|n| !n.is_empty()).map(str::to_owned);
+    let not_a_manifest = match &value {
+        Value::Mapping(_) => None,
+        Value::Sequence(_) => Some("a list"),
+        Value::String(_) => Some("a string"),
+        Value::Number(_) => Some("a number"),
+        Value::Bool(_) => Some("a boolean"),
+        Value::Tagged(_) => Some("a tagged value"),
+        Value::Null => Some("empty"),
+    };
     let result = match (kind.as_deref(), api_version.as_deref()) {
+        _ if not_a_manifest.is_some() => Err(Invalid::new(
+            "",
+            format!("the document is {}, not a manifest", not_a_manifest.unwrap_or_default()),
+            "a manifest is a mapping with apiVersion, kind, metadata and spec; separate manifests with a \
+             line `---`",
+        )),
         (Some(k @ ("CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy")), v) => {
             let kind = if k == "CiliumNetworkPolicy" {
                 PolicyKind::CiliumNetworkPolicy
@@ -164,6 +355,11 @@ fn parse_document(value: Value, source: &str, document: usize) -> ManifestOutcom
             format!("{other} is not a policy kind palisade knows"),
             "use CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy; \
              keep other resources out of policy files",
+        )),
+        (None, _) if value.get("kind").is_some_and(|k| !k.is_null()) => Err(Invalid::new(
+            "kind",
+            "kind is not a string",
+            "write the kind as a plain string, like `kind: CiliumNetworkPolicy`",
         )),
         (None, _) => Err(Invalid::new(
             "kind",

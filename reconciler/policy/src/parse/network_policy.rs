@@ -10,10 +10,12 @@
 //! and `endPort` makes a range. An `ipBlock` matches outside addresses and also pods
 //! whose address is inside it (see [`crate::cidr::ipblock_labels`]).
 
+use std::collections::HashSet;
+
 use serde_yaml::Value;
 
 use super::Invalid;
-use super::common::{KeyStyle, cidr_block, label_selector, serde_invalid};
+use super::common::{KeyStyle, cidr_block, label_selector, object_names, serde_invalid};
 use super::raw;
 use crate::labels::{keys, source};
 use crate::model::{Peer, PeerRule, Peers, Policy, PolicyKind, Port, PortRule, Protocol, Rule, Verdict, is_port_name};
@@ -28,7 +30,8 @@ pub(super) fn translate(value: Value, origin: &str) -> Result<Policy, Invalid> {
         .name
         .filter(|n| !n.is_empty())
         .ok_or_else(|| Invalid::new("metadata.name", "the policy has no name", "set metadata.name"))?;
-    let namespace = raw.metadata.namespace.unwrap_or_else(|| "default".to_owned());
+    let namespace = raw.metadata.namespace.filter(|ns| !ns.is_empty()).unwrap_or_else(|| "default".to_owned());
+    object_names(&name, Some(&namespace))?;
     let Some(spec) = raw.spec else {
         return Err(Invalid::new("spec", "the policy has no spec", "add a spec with a podSelector"));
     };
@@ -122,20 +125,20 @@ impl Ctx<'_> {
         let peers = match peers {
             None | Some([]) => Peers::Any,
             Some(list) => {
-                let mut out = Vec::new();
+                let (mut out, mut seen) = (Vec::new(), HashSet::new());
                 for (i, p) in list.iter().enumerate() {
                     let peer = self.peer(&format!("{path}.{field}[{i}]"), p, warnings)?;
-                    if !out.contains(&peer) {
+                    if seen.insert(peer.clone()) {
                         out.push(peer);
                     }
                 }
                 Peers::Only(out)
             }
         };
-        let mut port_rules = Vec::new();
+        let (mut port_rules, mut seen) = (Vec::new(), HashSet::new());
         for (i, p) in ports.unwrap_or_default().iter().enumerate() {
             let rule = port(&format!("{path}.ports[{i}]"), p)?;
-            if !port_rules.contains(&rule) {
+            if seen.insert(rule.clone()) {
                 port_rules.push(rule);
             }
         }

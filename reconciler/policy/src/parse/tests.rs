@@ -193,15 +193,27 @@ fn peers_any_none_and_scoping() {
 #[test]
 fn clusterwide_policies_are_not_scoped() {
     let p = accepted(
-        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: cw, namespace: x}\n\
+        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: cw}\n\
          spec:\n  endpointSelector: {}\n  egress:\n  - toEndpoints: [{matchLabels: {app: dns}}]\n",
     );
     assert_eq!(p.namespace, None);
-    assert_eq!(p.warnings.len(), 1, "metadata.namespace is ignored: {:?}", p.warnings);
+    assert_eq!(p.warnings, Vec::<String>::new());
     assert_eq!(p.rules[0].subject.to_string(), "{}");
     assert!(p.rules[0].enforce_egress && !p.rules[0].enforce_ingress);
     let Peers::Only(v) = &p.rules[0].egress[0].peers else { panic!() };
     assert_eq!(v, &[Peer::Endpoints(crate::selector::EndpointSelector::all().match_label("app", "dns"))]);
+}
+
+#[test]
+fn a_namespace_on_a_clusterwide_policy_is_ignored_with_a_warning() {
+    // The API server drops it from a cluster-scoped object, so Cilium applies the policy in
+    // every namespace: the same here, with a warning that says so.
+    let p = accepted(
+        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: cw, namespace: x}\n\
+         spec:\n  endpointSelector: {}\n",
+    );
+    assert_eq!(p.namespace, None);
+    assert!(p.warnings.iter().any(|w| w.contains("not namespaced")), "{:?}", p.warnings);
 }
 
 #[test]
@@ -286,7 +298,7 @@ fn document_level_errors() {
 #[test]
 fn unreadable_yaml_fails_the_whole_text_with_a_position() {
     let err = parse_manifests(&format!("{SEED}---\nkind: [unclosed\n"), "bad.yaml").unwrap_err();
-    let ParseError::Yaml { origin, line, .. } = &err;
+    let ParseError::Yaml { origin, line, .. } = &err else { panic!("{err:?}") };
     assert_eq!(origin, "bad.yaml");
     assert!(*line > 1, "{err}");
     assert!(err.to_string().starts_with("bad.yaml: not readable YAML at line"), "{err}");
