@@ -11,15 +11,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use palisade_agent::api::types::{
-    EndpointSpec, EndpointStatus, IpcacheEntrySpec, NamespaceSpec, PolicyStatus, PortSpec, ReservedEntity,
-};
+use palisade_agent::api::types::{EndpointStatus, NamespaceSpec, PolicyStatus};
 use palisade_agent::api::{Client, ClientError};
+use palisade_agent::explain::offline;
 
 use crate::cleanup;
 use crate::error::SetupError;
-use crate::scenario::{Entity, IpFamily, Plan, PlanPolicy};
-use crate::topology::Topology;
+use crate::scenario::{Plan, PlanPolicy};
 
 /// How long the agent may take to answer on its socket, and to realize a revision.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -212,6 +210,11 @@ impl AgentProcess {
         })
     }
 
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(Child::id)
+    }
+
     /// The agent's exit status if it has exited.
     pub fn exited(&self) -> Option<String> {
         let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
@@ -290,36 +293,17 @@ pub fn log_tail(path: &Path, n: usize) -> String {
 
 /// Tells the agent about the scenario's namespaces and pods, the node's addresses (entity
 /// host) and those the testbed designates as remote node and API server, and
-/// waits until it has realized all of it. Returns the endpoints by pod index.
-pub async fn register(
-    client: &Client,
-    plan: &Plan,
-    topology: &Topology,
-) -> Result<HashMap<usize, EndpointStatus>, SetupError> {
+/// waits until it has realized all of it. Returns the endpoints by pod index. What is told
+/// comes from the functions offline `palisade policy explain --scenario` uses too, so both
+/// see the same pods, addresses and entities.
+pub async fn register(client: &Client, plan: &Plan) -> Result<HashMap<usize, EndpointStatus>, SetupError> {
     for (name, labels) in &plan.namespaces {
         let spec = NamespaceSpec { labels: labels.clone() };
         call(format!("registering namespace {name}"), CALL_TIMEOUT, client.put_namespace(name, &spec)).await?;
     }
     let mut endpoints = HashMap::new();
-    for (pod, net) in plan.pods.iter().zip(&topology.pods) {
-        let spec = EndpointSpec {
-            labels: pod.labels.clone(),
-            service_account: pod.service_account.clone(),
-            ipv4: net.ipv4,
-            ipv6: net.ipv6,
-            interface: net.host_interface.clone(),
-            ports: pod
-                .ports
-                .iter()
-                .filter_map(|p| {
-                    p.name.as_ref().map(|n| PortSpec {
-                        name: n.clone(),
-                        port: p.port,
-                        protocol: p.protocol.to_string(),
-                    })
-                })
-                .collect(),
-        };
+    for pod in &plan.pods {
+        let spec = offline::scenario_endpoint_spec(pod);
         let status = call(
             format!("registering pod {}", pod.key()),
             CALL_TIMEOUT,
@@ -328,24 +312,9 @@ pub async fn register(
         .await?;
         endpoints.insert(pod.index, status);
     }
-    for (entity, reserved) in [
-        (Entity::Host, ReservedEntity::Host),
-        (Entity::RemoteNode, ReservedEntity::RemoteNode),
-        (Entity::KubeApiserver, ReservedEntity::KubeApiserver),
-    ] {
-        let (v4, v6) = entity.addresses();
-        let mut cidrs = Vec::new();
-        if plan.has_family(IpFamily::IPv4) {
-            cidrs.push(format!("{v4}/32"));
-        }
-        if plan.has_family(IpFamily::IPv6) {
-            cidrs.push(format!("{v6}/128"));
-        }
-        for cidr in cidrs {
-            let spec = IpcacheEntrySpec { cidr: cidr.clone(), entity: reserved };
-            let what = format!("registering {cidr} as entity {}", entity.as_str());
-            call(what, CALL_TIMEOUT, client.put_ipcache(&spec)).await?;
-        }
+    for spec in offline::scenario_reserved_entries(plan) {
+        let what = format!("registering {} as entity {:?}", spec.cidr, spec.entity);
+        call(what, CALL_TIMEOUT, client.put_ipcache(&spec)).await?;
     }
     call("waiting until the endpoints are realized", WAIT_CALL_TIMEOUT, client.wait_current(READY_TIMEOUT)).await?;
     Ok(endpoints)
@@ -419,7 +388,7 @@ async fn write_and_settle(
     policies: &[&PlanPolicy],
 ) -> Result<Vec<PolicyStatus>, SetupError> {
     for p in policies {
-        let text = serde_yaml::to_string(&p.manifest).map_err(|e| SetupError::Io {
+        let text = p.to_yaml().map_err(|e| SetupError::Io {
             what: format!("encoding {}", p.label()),
             source: std::io::Error::other(e),
         })?;

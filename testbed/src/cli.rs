@@ -1,6 +1,7 @@
-//! The `palisade-testbed` command line: `run` (build, probe, report) and `check` (validate
-//! scenario files only). Exit codes: 0 every probe matched, 1 some did not, 2 invalid
-//! scenario, unexpected manifest rejection or setup failure.
+//! The `palisade-testbed` command line: `run` (build, probe, report), `check` (validate
+//! scenario files only), `up` / `probe` / `exec` / `down` (a scenario kept up between
+//! commands, see [`crate::interactive`]) and `cleanup`. Exit codes: 0 every probe matched,
+//! 1 some did not, 2 invalid scenario, unexpected manifest rejection or setup failure.
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::report::{self, ScenarioReport};
 use crate::runner::{self, RunNames, RunOptions};
-use crate::scenario::{self, Plan};
+use crate::scenario::{self, Expect, IpFamily, Plan};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,9 +29,90 @@ pub enum Command {
     Run(RunArgs),
     /// Only parse and validate scenario files.
     Check(CheckArgs),
+    /// Bring a scenario up and keep it (agent, pods, listeners) for `probe`, `exec`, the
+    /// `palisade` CLI and policy edits, until `down`.
+    Up(UpArgs),
+    /// Probe a flow of the instance that is up: FROM TO PORT/PROTO (e.g. `default/frontend
+    /// default/backend 8080/TCP`; `ICMP` or `ICMPv6` without a port).
+    Probe(ProbeArgs),
+    /// Run a command inside the network namespace of a pod (`NS/POD`) or host (`node`,
+    /// `entity:NAME`, a world host's address) of the instance that is up.
+    Exec(ExecArgs),
+    /// Take the instance down: stop its agent and remove every namespace, pin and directory
+    /// (also when the process that brought it up is gone).
+    Down(NameArgs),
     /// Remove what runs killed outright (SIGKILL) left behind: namespaces `pt<pid>-*` and
-    /// directories `palisade-testbed-<pid>-*` of processes that no longer exist.
+    /// directories `palisade-testbed-<pid>-*` of processes that no longer exist, and
+    /// instances whose testbed process is gone.
     Cleanup,
+    /// The process that holds an instance up (started by `up`).
+    #[command(hide = true)]
+    Hold(HoldArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NameArgs {
+    /// The instance (several can be up at once under different names).
+    #[arg(long, default_value = crate::instance::DEFAULT_NAME)]
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub instance: NameArgs,
+    /// How long a probe waits for its answer, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=30_000))]
+    pub timeout_ms: u64,
+    /// The agent binary (default: palisade-agent next to this executable).
+    #[arg(long, env = "PALISADE_AGENT")]
+    pub agent: Option<PathBuf>,
+    /// The scenario file.
+    pub file: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    #[command(flatten)]
+    pub instance: NameArgs,
+    /// IPv4 or IPv6 addresses of the pods (default: IPv4, or the world host's family).
+    #[arg(long, value_parser = ["IPv4", "IPv6"])]
+    pub family: Option<String>,
+    /// Exit 1 unless the probe observes this (`allow` or `deny`).
+    #[arg(long, value_parser = ["allow", "deny"])]
+    pub expect: Option<String>,
+    /// The result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// `NS/POD`, `entity:NAME` or a world host's address of the scenario.
+    pub from: String,
+    pub to: String,
+    /// `PORT/PROTO` (`8080/TCP`, `53/UDP`, `9/SCTP`), `PORT` (TCP), `ICMP` or `ICMPv6`.
+    pub port: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub instance: NameArgs,
+    /// `NS/POD`, `node`, `entity:NAME` or a world host's address.
+    pub target: String,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct HoldArgs {
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub agent: PathBuf,
+    #[arg(long)]
+    pub timeout_ms: u64,
+    pub file: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -98,9 +180,65 @@ pub fn check(args: &CheckArgs) -> ExitCode {
     ExitCode::from(EXIT_OK)
 }
 
+pub fn up(args: &UpArgs) -> ExitCode {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("palisade-testbed: up needs root (network namespaces, eBPF)");
+        return ExitCode::from(EXIT_SETUP);
+    }
+    let agent = args.agent.clone().unwrap_or_else(default_agent);
+    if !agent.is_file() {
+        eprintln!("palisade-testbed: {}", crate::error::SetupError::AgentMissing { path: agent });
+        return ExitCode::from(EXIT_SETUP);
+    }
+    crate::interactive::up(&crate::interactive::UpOptions {
+        name: args.instance.name.clone(),
+        file: args.file.clone(),
+        agent: absolute(&agent),
+        timeout: Duration::from_millis(args.timeout_ms),
+    })
+}
+
+pub fn probe(args: &ProbeArgs) -> ExitCode {
+    let family = args.family.as_deref().map(|f| if f == "IPv6" { IpFamily::IPv6 } else { IpFamily::IPv4 });
+    let expect = args.expect.as_deref().map(|e| if e == "deny" { Expect::Deny } else { Expect::Allow });
+    crate::interactive::probe(&crate::interactive::ProbeOptions {
+        name: args.instance.name.clone(),
+        from: args.from.clone(),
+        to: args.to.clone(),
+        spec: args.port.clone(),
+        family,
+        expect,
+        json: args.json,
+    })
+}
+
+pub fn hold(args: &HoldArgs) -> ExitCode {
+    crate::hold::hold(&crate::hold::HoldOptions {
+        dir: args.dir.clone(),
+        name: args.name.clone(),
+        file: args.file.clone(),
+        agent: args.agent.clone(),
+        timeout: Duration::from_millis(args.timeout_ms),
+    })
+}
+
 pub fn cleanup() -> ExitCode {
+    let mut code = EXIT_OK;
+    for (dir, state) in crate::instance::abandoned() {
+        let (removed, failed) = crate::instance::sweep(&dir, state.as_ref());
+        for r in removed {
+            println!("removed {r}");
+        }
+        for f in &failed {
+            eprintln!("palisade-testbed: could not remove {f}");
+            code = EXIT_SETUP;
+        }
+    }
     let found = crate::stale::find();
     if found.is_empty() {
+        if code != EXIT_OK {
+            return ExitCode::from(code);
+        }
         println!("nothing left behind by earlier runs");
         return ExitCode::from(EXIT_OK);
     }

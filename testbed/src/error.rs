@@ -44,6 +44,28 @@ pub enum SetupError {
     ManifestRejected { manifest: String, index: usize, error: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("{name:?} is not an instance name (lowercase letters, digits and '-', at most 32)")]
+    InstanceName { name: String },
+    #[error(
+        "testbed instance {name:?} is already up (testbed process {pid}): take it down first (`palisade-testbed down --name {name}`) or give this one another --name"
+    )]
+    InstanceUp { name: String, pid: u32 },
+    #[error("testbed instance {name:?} was left behind by a testbed process that is gone ({}): remove it with `palisade-testbed down --name {name}`", dir.display())]
+    InstanceLeftOver { name: String, dir: PathBuf },
+    #[error("no testbed instance {name:?} is up (bring one up with `palisade-testbed up FILE`)")]
+    NoInstance { name: String },
+    #[error(
+        "testbed instance {name:?} is not up: its testbed process is gone; `palisade-testbed down --name {name}` removes what is left"
+    )]
+    InstanceGone { name: String },
+    #[error("the testbed process that brings the scenario up exited ({status}); its output:\n{tail}")]
+    HolderExited { status: String, tail: String },
+    #[error("the scenario was not up within {secs} s; the testbed process's output:\n{tail}")]
+    HolderTimeout { secs: u64, tail: String },
+    #[error("{name:?} is not a pod or host of the testbed instance (it has: {known})")]
+    UnknownEnd { name: String, known: String },
+    #[error("the testbed instance answered: {0}")]
+    Holder(String),
     #[error(transparent)]
     Terminating(#[from] Terminating),
 }

@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 use crate::agent::{self, AgentProcess, CALL_TIMEOUT, PolicyOutcome, READY_TIMEOUT, RunDirs};
 use crate::error::SetupError;
 use crate::events::{self, Collector, EndpointRef, Flow};
+use crate::explain_check;
 use crate::listen::{ListenOn, Listeners, Wanted};
 use crate::netns;
 use crate::probe::{self, Attempt, ProbeRun, monotonic_ns};
@@ -34,6 +35,8 @@ use crate::topology::{Host, Topology};
 
 /// Most probes in flight at once.
 pub const MAX_CONCURRENT_PROBES: usize = 32;
+/// Most `policy explain` calls in flight at once (each is a lookup in the agent).
+pub const MAX_CONCURRENT_EXPLAINS: usize = 8;
 
 /// How a session is made.
 #[derive(Clone, Debug)]
@@ -127,7 +130,7 @@ impl Session {
                 plan.cluster.as_deref(),
                 &opts.agent_args,
             )?;
-            match start_agent(plan, &session.dirs, &session.topology, &process).await {
+            match start_agent(plan, &session.dirs, &process).await {
                 Ok((outcome, endpoints, collector)) => {
                     session.outcome = outcome;
                     session.agent = Some(AgentSide { collector, endpoints, process });
@@ -159,6 +162,28 @@ impl Session {
     /// The agent's log file, if an agent runs.
     pub fn agent_log(&self) -> Option<&Path> {
         self.agent.as_ref().map(|a| a.process.log.as_path())
+    }
+
+    /// The run's directories (temporary directory with the API socket, log and policy
+    /// directory; bpffs pin directory).
+    pub fn dirs(&self) -> &RunDirs {
+        &self.dirs
+    }
+
+    /// The agent's process id, if an agent runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().and_then(|a| a.process.pid())
+    }
+
+    /// Every network namespace of the session: pods', other hosts', then the node's.
+    pub fn netns_names(&self) -> Vec<String> {
+        let t = &self.topology;
+        t.pods
+            .iter()
+            .map(|p| p.netns.name().to_string())
+            .chain(t.hosts.iter().filter_map(|h| h.netns.as_ref().map(|n| n.name().to_string())))
+            .chain([t.node.netns.name().to_string()])
+            .collect()
     }
 
     /// Checks of the policies' application that failed (see [`PolicyOutcome`]).
@@ -289,7 +314,57 @@ impl Session {
                 }
             }
         }
-        results.into_iter().map(|(r, _)| r).collect()
+        let mut results: Vec<ProbeResult> = results.into_iter().map(|(r, _)| r).collect();
+        self.check_explain(probes, &mut results).await;
+        results
+    }
+
+    /// Asks the agent's `policy explain` about every probe that observed a verdict, after
+    /// probing (at most [`MAX_CONCURRENT_EXPLAINS`] calls at once): a verdict explain does
+    /// not agree with makes the probe an error, so that explain and the kernel cannot
+    /// drift apart unnoticed.
+    async fn check_explain(&self, probes: &[PlanProbe], results: &mut [ProbeResult]) {
+        use futures_util::StreamExt;
+        let Some(agent) = &self.agent else { return };
+        let client = &agent.process.client;
+        let plan = &self.plan;
+        let asks = probes
+            .iter()
+            .zip(results.iter())
+            .enumerate()
+            .filter(|(_, (_, r))| r.observed != Observed::Error)
+            .map(|(i, (p, _))| async move {
+                let Some(req) = explain_check::request(plan, p) else { return (i, Err("no explain request".into())) };
+                let answer = agent::call("policy explain", CALL_TIMEOUT, client.explain(&req)).await;
+                (i, answer.map_err(|e| e.to_string()))
+            });
+        let answers: Vec<_> =
+            futures_util::stream::iter(asks).buffer_unordered(MAX_CONCURRENT_EXPLAINS).collect().await;
+        for (i, answer) in answers {
+            let r = &mut results[i];
+            let problem = match answer {
+                Ok(e) => {
+                    let problem = explain_check::disagreement(r.observed, &e);
+                    // "policy": enforced, but no allow event named the rule; explain does.
+                    if problem.is_none()
+                        && r.observed == Observed::Allow
+                        && r.decided_by.split("; ").any(|part| part.ends_with(": policy"))
+                        && let Some(by) = explain_check::allowed_by(&e)
+                    {
+                        r.detail = Some(by.clone());
+                        r.decided_by = by;
+                    }
+                    problem
+                }
+                Err(e) => Some(format!("the agent could not explain this flow: {e}")),
+            };
+            if let Some(problem) = problem {
+                let kernel = r.detail.take().map(|d| format!("; kernel: {d}")).unwrap_or_default();
+                r.detail = Some(format!("{problem}{kernel}"));
+                r.decided_by = problem;
+                r.observed = Observed::Error;
+            }
+        }
     }
 
     fn endpoint_ref(&self, end: &HostRef) -> Option<EndpointRef> {
@@ -507,13 +582,12 @@ impl Session {
 async fn start_agent(
     plan: &Plan,
     dirs: &RunDirs,
-    topology: &Topology,
     process: &AgentProcess,
 ) -> Result<(PolicyOutcome, HashMap<String, EndpointStatus>, Collector), SetupError> {
     process.wait_ready(READY_TIMEOUT).await?;
     tracing::info!("agent answers");
     let client = &process.client;
-    agent::register(client, plan, topology).await?;
+    agent::register(client, plan).await?;
     tracing::info!("namespaces, pods and entities registered and realized");
     let outcome = agent::apply_policies(client, dirs, plan).await?;
     tracing::info!("policies applied and realized");

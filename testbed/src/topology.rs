@@ -26,7 +26,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::error::SetupError;
 use crate::netns::Netns;
 use crate::scenario::{
-    HostRef, IpFamily, NODE_IPV4, NODE_IPV6, POD_GATEWAY_IPV4, POD_GATEWAY_IPV6, Plan, PlanHost, PlanPod,
+    Entity, HostRef, IpFamily, NODE_IPV4, NODE_IPV6, POD_GATEWAY_IPV4, POD_GATEWAY_IPV6, Plan, PlanHost, PlanPod,
 };
 
 /// The node's interface that holds its addresses.
@@ -129,7 +129,18 @@ impl Topology {
 
     /// The host a probe end names, if this topology has it.
     pub fn host(&self, plan: &Plan, end: &HostRef) -> Option<Host<'_>> {
-        let key = plan.host_key(end)?;
+        let Some(key) = plan.host_key(end) else {
+            // The node exists in every scenario; one its probes do not name has no
+            // listeners (key none of them uses), so it can only be a probe's source.
+            let node = &self.node;
+            return (end == &HostRef::Entity(Entity::Host)).then_some(Host {
+                netns: &node.netns,
+                ipv4: node.ipv4,
+                ipv6: node.ipv6,
+                key: usize::MAX,
+                is_node: true,
+            });
+        };
         match end {
             HostRef::Pod(i) => {
                 self.pods.get(*i).map(|p| Host { netns: &p.netns, ipv4: p.ipv4, ipv6: p.ipv6, key, is_node: false })

@@ -73,3 +73,32 @@ fn unsupported_parts_exit_2_with_a_clear_message() {
         "{stderr}"
     );
 }
+
+#[test]
+fn palisade_explains_a_scenario_offline() {
+    let palisade = std::path::Path::new(BIN).with_file_name("palisade");
+    if !palisade.is_file() {
+        eprintln!("skipped: {} is not built (`cargo build --bins`)", palisade.display());
+        return;
+    }
+    let seed = fixture("seed-allow-frontend-to-backend.yaml");
+    let explain = |from: &str, port: &str| {
+        std::process::Command::new(&palisade)
+            .args(["--socket", "/nonexistent/agent.sock", "policy", "explain", "--scenario"])
+            .arg(&seed)
+            .args(["--from", from, "--to", "default/backend", "--port", port, "--protocol", "TCP"])
+            .output()
+            .unwrap()
+    };
+    let out = explain("default/frontend", "8080");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("default/frontend (10.200.1.10) (identity 256) -> default/backend (10.200.1.11)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("8080/TCP: ALLOW"), "{stdout}");
+    assert!(stdout.contains("rule CiliumNetworkPolicy default/allow-frontend-to-backend spec.ingress[0]"), "{stdout}");
+    let out = explain("default/other", "8080");
+    assert!(text(&out.stdout).contains("8080/TCP: DENY") && text(&out.stdout).contains("default-deny"));
+}

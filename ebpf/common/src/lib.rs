@@ -12,12 +12,26 @@
 pub mod map_names {
     /// Host-side interface index -> [`EndpointInfo`](super::EndpointInfo).
     pub const ENDPOINTS: &str = "ENDPOINTS";
-    /// LPM trie: IPv4 prefix -> [`IpcacheValue`](super::IpcacheValue).
+    /// LPM trie: IPv4 prefix shorter than /32 -> [`IpcacheValue`](super::IpcacheValue).
     pub const IPCACHE_V4: &str = "IPCACHE_V4";
-    /// LPM trie: IPv6 prefix -> [`IpcacheValue`](super::IpcacheValue).
+    /// LPM trie: IPv6 prefix shorter than /128 -> [`IpcacheValue`](super::IpcacheValue).
     pub const IPCACHE_V6: &str = "IPCACHE_V6";
-    /// LPM trie: [`PolicyKey`](super::PolicyKey) -> [`PolicyValue`](super::PolicyValue).
+    /// Hash: IPv4 host address (/32) -> [`IpcacheValue`](super::IpcacheValue). Looked up
+    /// before IPCACHE_V4: a host entry is always the longest prefix, and a hash lookup costs
+    /// the same however many entries there are (an LPM trie walks one node per branching).
+    pub const IPCACHE_HOST_V4: &str = "IPCACHE_HOST_V4";
+    /// Hash: IPv6 host address (/128) -> [`IpcacheValue`](super::IpcacheValue), looked up
+    /// before IPCACHE_V6.
+    pub const IPCACHE_HOST_V6: &str = "IPCACHE_HOST_V6";
+    /// Hash: [`PolicyKey`](super::PolicyKey), cut to its prefix length (which the key
+    /// carries, see [`PolicyKey::at_prefix`](super::PolicyKey::at_prefix)) ->
+    /// [`PolicyValue`](super::PolicyValue).
     pub const POLICY: &str = "POLICY";
+    /// Hash: [`PolicyLengthsKey`](super::PolicyLengthsKey) (endpoint, direction, peer
+    /// identity) -> u32 bitmap of the prefix lengths POLICY holds entries of for it (bit
+    /// `len - 64`, see [`policy_length_bit`](super::policy_length_bit)). The datapath probes
+    /// POLICY only at those lengths, longest first, so a lookup costs the same at any size.
+    pub const POLICY_LENGTHS: &str = "POLICY_LENGTHS";
     /// LRU hash: [`CtKey`](super::CtKey) -> [`CtValue`](super::CtValue).
     pub const CONNTRACK: &str = "CONNTRACK";
     /// Ring buffer of [`VerdictEvent`](super::VerdictEvent).
@@ -37,6 +51,8 @@ pub mod program_names {
     pub const FROM_POD: &str = "palisade_from_pod";
     /// Attached to the host side's tc egress: sees what the pod receives (pod ingress).
     pub const TO_POD: &str = "palisade_to_pod";
+    /// Passes every packet, nothing else: the benchmark's baseline. Never attached.
+    pub const EMPTY: &str = "palisade_empty";
 }
 
 /// Default map sizes (entries). The agent may override them at load time.
@@ -44,7 +60,10 @@ pub mod map_sizes {
     pub const ENDPOINTS: u32 = 4096;
     pub const IPCACHE_V4: u32 = 262_144;
     pub const IPCACHE_V6: u32 = 262_144;
+    pub const IPCACHE_HOST_V4: u32 = 262_144;
+    pub const IPCACHE_HOST_V6: u32 = 262_144;
     pub const POLICY: u32 = 262_144;
+    pub const POLICY_LENGTHS: u32 = 262_144;
     pub const CONNTRACK: u32 = 262_144;
     /// Bytes; a power of two multiple of the page size.
     pub const EVENTS_BYTES: u32 = 1 << 20;
@@ -188,21 +207,22 @@ pub struct EndpointInfo {
     pub ipv6: [u8; 16],
 }
 
-/// LPM data of the IPCACHE_V4 map (wrapped in the LPM key with its prefix length).
+/// LPM data of the IPCACHE_V4 map (wrapped in the LPM key with its prefix length), and the
+/// key of the IPCACHE_HOST_V4 map (a /32).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Ipv4Prefix {
     pub addr: [u8; 4],
 }
 
-/// LPM data of the IPCACHE_V6 map.
+/// LPM data of the IPCACHE_V6 map, and the key of the IPCACHE_HOST_V6 map (a /128).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Ipv6Prefix {
     pub addr: [u8; 16],
 }
 
-/// Value of both ipcache maps.
+/// Value of the ipcache maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IpcacheValue {
@@ -211,11 +231,13 @@ pub struct IpcacheValue {
     pub flags: u32,
 }
 
-/// LPM data of the POLICY map. The fields are matched as a bit prefix in this order:
-/// endpoint, direction, reserved byte, peer identity ([`POLICY_PREFIX_FIXED`] bits, always
-/// matched), then protocol (8 bits) and destination port (16 bits). An entry for any
+/// Key of the POLICY map. An entry matches a packet on a bit prefix of these fields, in this
+/// order: endpoint, direction, reserved byte, peer identity ([`POLICY_PREFIX_FIXED`] bits,
+/// always matched), then protocol (8 bits) and destination port (16 bits). An entry for any
 /// protocol stops after the identity; one for any port stops after the protocol; a port
-/// range is a few entries whose prefix ends inside the port.
+/// range is a few entries whose prefix ends inside the port. In the map the key is cut to
+/// its prefix (bits below it zero) and carries the prefix length in `prefix_len`
+/// ([`PolicyKey::at_prefix`]), so a hash lookup per prefix length finds the longest match.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
@@ -229,7 +251,8 @@ pub struct PolicyKey {
     /// Destination port (TCP/UDP/SCTP) or ICMP type (in the high byte's place: see
     /// [`PolicyKey::new`]).
     pub dport_be: [u8; 2],
-    pub pad: u8,
+    /// The entry's prefix length in the POLICY map (64..=88); zero in a key not yet cut.
+    pub prefix_len: u8,
 }
 
 /// Prefix bits of endpoint + direction + reserved + identity.
@@ -249,7 +272,38 @@ impl PolicyKey {
             identity_be: identity.to_be_bytes(),
             protocol,
             dport_be: dport.to_be_bytes(),
-            pad: 0,
+            prefix_len: 0,
+        }
+    }
+
+    /// The key as POLICY stores an entry of prefix length `prefix_len` (64..=88): the bits
+    /// below the prefix cleared, the length recorded.
+    #[inline(always)]
+    pub const fn at_prefix(&self, prefix_len: u32) -> PolicyKey {
+        let mut k = *self;
+        if prefix_len <= POLICY_PREFIX_FIXED {
+            k.protocol = 0;
+            k.dport_be = [0, 0];
+        } else if prefix_len <= POLICY_PREFIX_PROTO {
+            k.protocol &= ((0xff_u32 << (POLICY_PREFIX_PROTO - prefix_len)) & 0xff) as u8;
+            k.dport_be = [0, 0];
+        } else {
+            let len = if prefix_len > POLICY_PREFIX_FULL { POLICY_PREFIX_FULL } else { prefix_len };
+            let mask = ((0xffff_u32 << (POLICY_PREFIX_FULL - len)) & 0xffff) as u16;
+            k.dport_be = (u16::from_be_bytes(k.dport_be) & mask).to_be_bytes();
+        }
+        k.prefix_len = prefix_len as u8;
+        k
+    }
+
+    /// The POLICY_LENGTHS key of this key's (endpoint, direction, identity).
+    #[inline(always)]
+    pub const fn lengths_key(&self) -> PolicyLengthsKey {
+        PolicyLengthsKey {
+            endpoint_id_be: self.endpoint_id_be,
+            direction: self.direction,
+            reserved: 0,
+            identity_be: self.identity_be,
         }
     }
     pub const fn endpoint_id(&self) -> u16 {
@@ -262,6 +316,41 @@ impl PolicyKey {
         u16::from_be_bytes(self.dport_be)
     }
 }
+
+/// Key of the POLICY_LENGTHS map: the fixed part of a [`PolicyKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyLengthsKey {
+    pub endpoint_id_be: [u8; 2],
+    pub direction: u8,
+    pub reserved: u8,
+    pub identity_be: [u8; 4],
+}
+
+impl PolicyLengthsKey {
+    pub const fn new(endpoint_id: u16, direction: u8, identity: u32) -> Self {
+        PolicyLengthsKey {
+            endpoint_id_be: endpoint_id.to_be_bytes(),
+            direction,
+            reserved: 0,
+            identity_be: identity.to_be_bytes(),
+        }
+    }
+    pub const fn endpoint_id(&self) -> u16 {
+        u16::from_be_bytes(self.endpoint_id_be)
+    }
+    pub const fn identity(&self) -> u32 {
+        u32::from_be_bytes(self.identity_be)
+    }
+}
+
+/// The POLICY_LENGTHS bit of prefix length `prefix_len` (64..=88).
+pub const fn policy_length_bit(prefix_len: u32) -> u32 {
+    1 << ((prefix_len - POLICY_PREFIX_FIXED) & 31)
+}
+
+/// Number of prefix lengths a policy entry can have (64..=88).
+pub const POLICY_LENGTHS_COUNT: u32 = POLICY_PREFIX_FULL - POLICY_PREFIX_FIXED + 1;
 
 /// Bits of [`PolicyValue::flags`].
 pub mod policy_flags {
@@ -422,6 +511,7 @@ mod pod {
     unsafe impl aya::Pod for super::Ipv6Prefix {}
     unsafe impl aya::Pod for super::IpcacheValue {}
     unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyLengthsKey {}
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
@@ -437,6 +527,7 @@ const _: () = assert!(core::mem::size_of::<Ipv4Prefix>() == 4);
 const _: () = assert!(core::mem::size_of::<Ipv6Prefix>() == 16);
 const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+const _: () = assert!(core::mem::size_of::<PolicyLengthsKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 12);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
@@ -457,6 +548,23 @@ mod tests {
         assert_eq!(k.dport(), 8080);
         assert_eq!(k.identity(), 0x0a0b0c0d);
         assert_eq!(k.endpoint_id(), 0x0102);
+    }
+
+    #[test]
+    fn policy_key_at_prefix_cuts_and_records_the_length() {
+        let k = PolicyKey::new(3, direction::INGRESS, 300, proto::TCP, 8081);
+        assert_eq!(k.at_prefix(POLICY_PREFIX_FULL).dport(), 8081);
+        assert_eq!(k.at_prefix(POLICY_PREFIX_FULL).prefix_len, 88);
+        assert_eq!(k.at_prefix(87).dport(), 8080);
+        assert_eq!(k.at_prefix(73).dport(), 0);
+        assert_eq!(PolicyKey::new(3, direction::INGRESS, 300, proto::TCP, 0xffff).at_prefix(73).dport(), 0x8000);
+        let p = k.at_prefix(POLICY_PREFIX_PROTO);
+        assert_eq!((p.protocol, p.dport(), p.prefix_len), (proto::TCP, 0, 72));
+        let f = k.at_prefix(POLICY_PREFIX_FIXED);
+        assert_eq!((f.protocol, f.dport(), f.identity(), f.prefix_len), (0, 0, 300, 64));
+        assert_eq!(k.lengths_key(), PolicyLengthsKey::new(3, direction::INGRESS, 300));
+        assert_eq!(policy_length_bit(64), 1);
+        assert_eq!(policy_length_bit(88), 1 << 24);
     }
 
     #[test]

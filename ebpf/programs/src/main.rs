@@ -50,6 +50,14 @@ pub fn palisade_to_pod(ctx: TcContext) -> i32 {
     }
 }
 
+/// Passes every packet and does nothing else: the baseline the datapath benchmark measures
+/// the real programs against (what BPF_PROG_TEST_RUN and the tc context cost by
+/// themselves). Loaded only on demand (`Datapath::test_run_empty`), never attached.
+#[classifier]
+pub fn palisade_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
 /// The outcome for one packet.
 struct Verdict {
     reason: u8,
@@ -111,12 +119,12 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
         v.reason = reason::ALLOWED_ALWAYS;
         return;
     }
-    let peer_addr = if dir == direction::EGRESS { &pkt.daddr } else { &pkt.saddr };
-    v.peer_identity = policy::peer_identity(pkt.family, peer_addr);
-
+    // The peer's identity is looked up only where it is needed: for policy and for events.
+    // Replies (the conntrack path) need neither.
     if dir == direction::EGRESS && spoofed(ep, pkt) {
         v.reason = reason::DROP_SPOOFED_SOURCE;
         v.report = true;
+        v.peer_identity = peer_identity(dir, pkt);
         return;
     }
     if pkt.frag == fragment::FIRST {
@@ -132,6 +140,7 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
             None if enforced => {
                 v.reason = reason::DROP_FRAGMENT_UNKNOWN;
                 v.report = true;
+                v.peer_identity = peer_identity(dir, pkt);
                 return;
             }
             None => {
@@ -166,6 +175,7 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
     // SAFETY: pointer from the map lookup in `forward`.
     let new_flow = fwd.is_none_or(|p| unsafe { (*p).flags } & conntrack::own_flag(dir) == 0);
     if enforced {
+        v.peer_identity = peer_identity(dir, pkt);
         let p = policy::check(ep.endpoint_id as u16, dir, v.peer_identity, pkt.protocol, pkt.policy_port);
         v.reason = p.reason;
         v.match_kind = p.match_kind;
@@ -179,7 +189,17 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
     } else {
         conntrack::allowed(&key, fwd, pkt, dir, now, v.cookie);
         v.report = new_flow && allow_events_enabled();
+        if v.report && !enforced {
+            v.peer_identity = peer_identity(dir, pkt);
+        }
     }
+}
+
+/// The identity of the packet's peer: the destination for egress, the source for ingress.
+#[inline(always)]
+fn peer_identity(dir: u8, pkt: &Packet) -> u32 {
+    let peer_addr = if dir == direction::EGRESS { &pkt.daddr } else { &pkt.saddr };
+    policy::peer_identity(pkt.family, peer_addr)
 }
 
 /// The pod sent from an address that is not its own (link-local and unspecified IPv6

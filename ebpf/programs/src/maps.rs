@@ -1,12 +1,13 @@
 //! The maps of the datapath, named as in `palisade_common::map_names` and pinned by name
 //! so that the agent finds (and a restarted agent reuses) them under its pin directory.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use palisade_common::{
     COUNTER_SLOTS, Counter, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IpcacheValue, Ipv4Prefix, Ipv6Prefix,
-    PolicyKey, PolicyValue, config, map_sizes,
+    PolicyKey, PolicyLengthsKey, PolicyValue, config, map_sizes,
 };
 
 #[map]
@@ -18,8 +19,21 @@ pub static IPCACHE_V4: LpmTrie<Ipv4Prefix, IpcacheValue> = LpmTrie::pinned(map_s
 #[map]
 pub static IPCACHE_V6: LpmTrie<Ipv6Prefix, IpcacheValue> = LpmTrie::pinned(map_sizes::IPCACHE_V6, 0);
 
+/// Host entries (/32): allocated as they are added (the map may stay mostly empty).
 #[map]
-pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(map_sizes::POLICY, 0);
+pub static IPCACHE_HOST_V4: HashMap<Ipv4Prefix, IpcacheValue> =
+    HashMap::pinned(map_sizes::IPCACHE_HOST_V4, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static IPCACHE_HOST_V6: HashMap<Ipv6Prefix, IpcacheValue> =
+    HashMap::pinned(map_sizes::IPCACHE_HOST_V6, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(map_sizes::POLICY, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static POLICY_LENGTHS: HashMap<PolicyLengthsKey, u32> =
+    HashMap::pinned(map_sizes::POLICY_LENGTHS, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(map_sizes::CONNTRACK, 0);

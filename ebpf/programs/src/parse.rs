@@ -9,7 +9,7 @@ pub const ETH_HLEN: u32 = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPV6_HLEN: u32 = 40;
-/// IPv6 extension headers walked before giving up (treated as malformed).
+/// IPv6 extension headers followed at most; a packet with more is treated as malformed.
 const IPV6_MAX_EXT_HEADERS: usize = 6;
 
 const NEXTHDR_HOP: u8 = 0;
@@ -245,7 +245,8 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
     pkt.daddr.copy_from_slice(&h[24..40]);
     let mut next = h[6];
     let mut off = ETH_HLEN + IPV6_HLEN;
-    for _ in 0..IPV6_MAX_EXT_HEADERS {
+    // One round per extension header, plus one to find the L4 header behind the last.
+    for _ in 0..=IPV6_MAX_EXT_HEADERS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 let e = load::<[u8; 2]>(ctx, off)?;

@@ -1,26 +1,35 @@
-//! Identity and policy lookups: the peer's identity from the ipcache (longest prefix, world
-//! when absent) and the verdict from two POLICY lookups (exact peer identity, any peer),
-//! where a deny from either beats any allow.
+//! Identity and policy lookups: the peer's identity from the ipcache (host entry first, else
+//! longest prefix, world when absent) and the verdict from the longest POLICY entries for
+//! the exact peer identity and for any peer, where a deny from either beats any allow.
 use aya_ebpf::maps::lpm_trie::Key;
 use palisade_common::{
-    Ipv4Prefix, Ipv6Prefix, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PolicyKey, family, identity, match_kind,
-    policy_flags, reason,
+    Ipv4Prefix, Ipv6Prefix, POLICY_LENGTHS_COUNT, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PolicyKey, PolicyLengthsKey,
+    PolicyValue, family, identity, match_kind, policy_flags, policy_length_bit, reason,
 };
 
-use crate::maps::{IPCACHE_V4, IPCACHE_V6, POLICY};
+use crate::maps::{IPCACHE_HOST_V4, IPCACHE_HOST_V6, IPCACHE_V4, IPCACHE_V6, POLICY, POLICY_LENGTHS};
 
-/// The security identity of the address `addr` (IPv4 in the first 4 bytes).
+/// The security identity of the address `addr` (IPv4 in the first 4 bytes): its host entry
+/// (always the longest prefix) if there is one, else the longest prefix in the trie.
 #[inline(always)]
 pub fn peer_identity(fam: u8, addr: &[u8; 16]) -> u32 {
     if fam == family::IPV4 {
-        let key = Key::new(32, Ipv4Prefix { addr: [addr[0], addr[1], addr[2], addr[3]] });
-        match IPCACHE_V4.get(&key) {
+        let host = Ipv4Prefix { addr: [addr[0], addr[1], addr[2], addr[3]] };
+        // SAFETY: the value is copied out at once.
+        if let Some(v) = unsafe { IPCACHE_HOST_V4.get(&host) } {
+            return v.identity;
+        }
+        match IPCACHE_V4.get(&Key::new(32, host)) {
             Some(v) => v.identity,
             None => identity::WORLD_IPV4,
         }
     } else {
-        let key = Key::new(128, Ipv6Prefix { addr: *addr });
-        match IPCACHE_V6.get(&key) {
+        let host = Ipv6Prefix { addr: *addr };
+        // SAFETY: the value is copied out at once.
+        if let Some(v) = unsafe { IPCACHE_HOST_V6.get(&host) } {
+            return v.identity;
+        }
+        match IPCACHE_V6.get(&Key::new(128, host)) {
             Some(v) => v.identity,
             None => identity::WORLD_IPV6,
         }
@@ -35,16 +44,48 @@ pub struct PolicyVerdict {
     pub cookie: u32,
 }
 
+/// The longest POLICY entry matching (endpoint, direction, `peer`, protocol, port): probes
+/// POLICY at the prefix lengths POLICY_LENGTHS lists for (endpoint, direction, `peer`),
+/// longest first. One hash lookup when there is no entry for the peer at all, two when its
+/// longest entry matches; never more than one per prefix length in use.
+#[inline(always)]
+fn longest(endpoint_id: u16, dir: u8, peer: u32, protocol: u8, port: u16) -> Option<&'static PolicyValue> {
+    // SAFETY: the bitmap is copied out at once.
+    let mut bits = match unsafe { POLICY_LENGTHS.get(PolicyLengthsKey::new(endpoint_id, dir, peer)) } {
+        Some(b) => *b,
+        None => return None,
+    };
+    let key = PolicyKey::new(endpoint_id, dir, peer, protocol, port);
+    let mut len = POLICY_PREFIX_FULL;
+    for _ in 0..POLICY_LENGTHS_COUNT {
+        let bit = policy_length_bit(len);
+        if bits & bit != 0 {
+            // SAFETY: the reference is only read, while the program runs (RCU).
+            if let Some(v) = unsafe { POLICY.get(key.at_prefix(len)) } {
+                return Some(v);
+            }
+            bits &= !bit;
+            if bits == 0 {
+                return None;
+            }
+        }
+        len -= 1;
+    }
+    None
+}
+
 /// Looks the packet up in POLICY for endpoint `endpoint_id` in direction `dir`.
 #[inline(always)]
 pub fn check(endpoint_id: u16, dir: u8, peer: u32, protocol: u8, port: u16) -> PolicyVerdict {
     // Results stay references (null when absent): copying them into an `Option` of values
     // lets LLVM read the fields of a `None`, which the verifier rejects as uninitialised.
-    let exact = POLICY.get(Key::new(POLICY_PREFIX_FULL, PolicyKey::new(endpoint_id, dir, peer, protocol, port)));
-    let any = if peer == identity::ANY {
+    let exact = longest(endpoint_id, dir, peer, protocol, port);
+    // A deny for the exact identity decides: nothing the any-peer lookup finds can beat it.
+    let exact_denies = exact.is_some_and(|e| e.flags & policy_flags::DENY != 0);
+    let any = if peer == identity::ANY || exact_denies {
         None
     } else {
-        POLICY.get(Key::new(POLICY_PREFIX_FULL, PolicyKey::new(endpoint_id, dir, identity::ANY, protocol, port)))
+        longest(endpoint_id, dir, identity::ANY, protocol, port)
     };
     // Deny first (exact identity preferred), then allow (exact identity preferred).
     let (f, exact_identity) = match (exact, any) {

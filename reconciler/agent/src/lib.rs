@@ -2,8 +2,11 @@
 //! datapath loader, the local API, and the decoding of verdict events.
 pub mod actors;
 pub mod api;
+pub mod cni;
 pub mod datapath;
 pub mod endpoint;
 pub mod error;
+pub mod explain;
+pub mod k8s;
 pub mod mapstate;
 pub mod monitor;

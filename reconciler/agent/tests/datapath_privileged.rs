@@ -102,9 +102,9 @@ impl Fixture {
 
     #[allow(clippy::too_many_arguments, reason = "one argument per key field, as in the ABI")]
     fn rule(&mut self, dir: u8, peer: u32, protocol: u8, port: u16, prefix_len: u32, deny: bool, cookie: u32) {
-        let key = Key::new(prefix_len, PolicyKey::new(EP_ID, dir, peer, protocol, port));
+        let key = PolicyKey::new(EP_ID, dir, peer, protocol, port);
         let value = PolicyValue { flags: if deny { policy_flags::DENY } else { 0 }, cookie, prefix_len };
-        self.maps.policy.insert(&key, value, 0).expect("insert policy");
+        self.maps.insert_policy(prefix_len, key, value).expect("insert policy");
     }
 
     fn allow_events(&mut self) {
@@ -299,6 +299,31 @@ fn ipcache_is_longest_prefix_match() {
 }
 
 #[test]
+fn host_entries_are_looked_up_before_the_trie() {
+    let mut fx = Fixture::new();
+    fx.endpoint(LO, endpoint_flags::INGRESS_ENFORCED);
+    // PEER has a host entry (where the agent puts /32s) and lies in a /8 of the trie.
+    fx.ipcache([10, 0, 0, 0], 8, OTHER_ID);
+    let host = IpcacheValue { identity: PEER_ID, flags: 0 };
+    fx.maps.ipcache_host_v4.insert(Ipv4Prefix { addr: PEER }, host, 0).unwrap();
+    fx.maps.ipcache_host_v6.insert(Ipv6Prefix { addr: PEER6 }, host, 0).unwrap();
+    fx.rule(direction::INGRESS, PEER_ID, proto::TCP, 80, POLICY_PREFIX_FULL, false, 1);
+    fx.rule(direction::INGRESS, OTHER_ID, proto::TCP, 81, POLICY_PREFIX_FULL, false, 2);
+
+    assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 1, 80, TCP_SYN)), "host entry: PEER_ID");
+    assert_dropped(fx.run(Hook::ToPod, &tcp4(PEER, POD, 1, 81, TCP_SYN)), "the host entry beats the /8");
+    assert_passed(fx.run(Hook::ToPod, &tcp4(OTHER, POD, 1, 81, TCP_SYN)), "no host entry: the /8");
+    assert_passed(fx.run(Hook::ToPod, &ipv6(PEER6, POD6, proto::TCP, &tcp(1, 80, TCP_SYN))), "v6 host entry");
+    let evs = fx.events();
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0].peer_identity, PEER_ID);
+
+    // Without its host entry the address falls back to the trie.
+    fx.maps.ipcache_host_v4.remove(&Ipv4Prefix { addr: PEER }).unwrap();
+    assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 2, 81, TCP_SYN)), "trie after the host entry is gone");
+}
+
+#[test]
 fn explicit_deny_beats_allow() {
     let mut fx = Fixture::new();
     fx.endpoint(LO, endpoint_flags::INGRESS_ENFORCED);
@@ -438,8 +463,8 @@ fn denied_forward_packet_revokes_replies() {
     fx.rule(direction::INGRESS, PEER_ID, proto::TCP, 80, POLICY_PREFIX_FULL, false, 7);
     assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_SYN)), "request");
     // The policy changes: the next forward packet is denied and replies stop.
-    let key = Key::new(POLICY_PREFIX_FULL, PolicyKey::new(EP_ID, direction::INGRESS, PEER_ID, proto::TCP, 80));
-    fx.maps.policy.remove(&key).unwrap();
+    let key = PolicyKey::new(EP_ID, direction::INGRESS, PEER_ID, proto::TCP, 80);
+    fx.maps.remove_policy(POLICY_PREFIX_FULL, key).unwrap();
     assert_dropped(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_ACK)), "forward after policy change");
     assert_dropped(fx.run(Hook::FromPod, &tcp4(POD, PEER, 80, 40000, TCP_ACK)), "reply after revocation");
 }

@@ -265,3 +265,15 @@ impl Handler<ListEndpoints> for EndpointTracker {
         MessageResult(self.endpoints.values().cloned().collect())
     }
 }
+
+/// The spec each endpoint was last given, by (namespace, name).
+#[derive(Message)]
+#[rtype(result = "BTreeMap<(String, String), EndpointSpec>")]
+pub struct ListEndpointSpecs;
+
+impl Handler<ListEndpointSpecs> for EndpointTracker {
+    type Result = MessageResult<ListEndpointSpecs>;
+    fn handle(&mut self, _: ListEndpointSpecs, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.specs.clone())
+    }
+}

@@ -1,6 +1,8 @@
-//! Identity cache actor: label set -> numeric identity with reference counts, and the
-//! addresses given reserved identities through the API (host, remote nodes, API server).
-//! Every change is pushed to the resolver as a snapshot.
+//! Identity cache actor: label set -> numeric identity with reference counts, the
+//! addresses given reserved identities through the API (host, remote nodes, API server),
+//! and the pods of other nodes (Kubernetes mode), whose addresses map to the identity of
+//! their label set so traffic from them has an identity. Every change is pushed to the
+//! resolver as a snapshot.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -63,21 +65,72 @@ fn entity_identity(e: ReservedEntity) -> u32 {
     }
 }
 
+/// A pod of another node: its identity (one reference held) and its addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteEndpoint {
+    pub identity: u32,
+    pub ips: Vec<IpAddr>,
+}
+
+/// The ipcache entries for addresses that are not this node's pods: reserved prefixes and
+/// the pods of other nodes. Plain state; the actor holds the identity references.
+#[derive(Clone, Debug, Default)]
+pub struct ExternalIpcache {
+    reserved: BTreeMap<Prefix, u32>,
+    remote: BTreeMap<String, RemoteEndpoint>,
+}
+
+impl ExternalIpcache {
+    /// Sets a reserved prefix; true when it changed.
+    pub fn upsert_reserved(&mut self, prefix: Prefix, identity: u32) -> bool {
+        self.reserved.insert(prefix, identity) != Some(identity)
+    }
+
+    /// Sets a remote endpoint; answers the endpoint it replaced (whose identity reference
+    /// is to be released).
+    pub fn upsert_remote(&mut self, key: &str, ep: RemoteEndpoint) -> Option<RemoteEndpoint> {
+        self.remote.insert(key.to_string(), ep)
+    }
+
+    /// Removes a remote endpoint; answers it.
+    pub fn remove_remote(&mut self, key: &str) -> Option<RemoteEndpoint> {
+        self.remote.remove(key)
+    }
+
+    pub fn remote(&self) -> &BTreeMap<String, RemoteEndpoint> {
+        &self.remote
+    }
+
+    /// Host routes of remote pods, then reserved prefixes (which win on the same prefix:
+    /// a host-network pod shares its node's address).
+    pub fn entries(&self) -> BTreeMap<Prefix, u32> {
+        let mut out = BTreeMap::new();
+        for ep in self.remote.values() {
+            for ip in &ep.ips {
+                let len = if ip.is_ipv4() { 32 } else { 128 };
+                out.insert((*ip, len), ep.identity);
+            }
+        }
+        out.extend(self.reserved.iter().map(|(k, v)| (*k, *v)));
+        out
+    }
+}
+
 pub struct IdentityCache {
     allocator: IdentityAllocator,
-    reserved_ipcache: BTreeMap<Prefix, u32>,
+    ipcache: ExternalIpcache,
     resolver: Addr<Resolver>,
 }
 
 impl IdentityCache {
     pub fn new(resolver: Addr<Resolver>) -> Self {
-        IdentityCache { allocator: IdentityAllocator::new(), reserved_ipcache: BTreeMap::new(), resolver }
+        IdentityCache { allocator: IdentityAllocator::new(), ipcache: ExternalIpcache::default(), resolver }
     }
 
     fn publish(&self) {
         self.resolver.do_send(IdentitiesChanged {
             allocator: Arc::new(self.allocator.clone()),
-            reserved_ipcache: Arc::new(self.reserved_ipcache.clone()),
+            ipcache: Arc::new(self.ipcache.entries()),
         });
     }
 }
@@ -139,10 +192,59 @@ impl Handler<UpsertReservedPrefix> for IdentityCache {
     fn handle(&mut self, msg: UpsertReservedPrefix, _: &mut Self::Context) -> Self::Result {
         let prefix = parse_prefix(&msg.cidr)?;
         let id = entity_identity(msg.entity);
-        if self.reserved_ipcache.insert(prefix, id) != Some(id) {
+        if self.ipcache.upsert_reserved(prefix, id) {
             self.publish();
         }
         Ok(())
+    }
+}
+
+/// Adds or replaces a pod of another node (key e.g. `namespace/name`): takes a reference
+/// on the identity of `labels` and maps `ips` to it. Answers the identity.
+#[derive(Message)]
+#[rtype(result = "u32")]
+pub struct UpsertRemoteEndpoint {
+    pub key: String,
+    pub labels: LabelSet,
+    pub ips: Vec<IpAddr>,
+}
+
+impl Handler<UpsertRemoteEndpoint> for IdentityCache {
+    type Result = u32;
+    fn handle(&mut self, msg: UpsertRemoteEndpoint, _: &mut Self::Context) -> u32 {
+        let mut ips = msg.ips;
+        ips.sort();
+        ips.dedup();
+        let id = self.allocator.allocate(&msg.labels);
+        let new = RemoteEndpoint { identity: id, ips };
+        let old = self.ipcache.upsert_remote(&msg.key, new.clone());
+        let mut changed = old.as_ref() != Some(&new);
+        if let Some(old) = old {
+            changed |= self.allocator.release(old.identity);
+        }
+        if changed {
+            tracing::debug!(endpoint = %msg.key, identity = id, "remote endpoint upserted");
+            self.publish();
+        }
+        id
+    }
+}
+
+/// Removes a pod of another node; answers whether it was known.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct RemoveRemoteEndpoint {
+    pub key: String,
+}
+
+impl Handler<RemoveRemoteEndpoint> for IdentityCache {
+    type Result = bool;
+    fn handle(&mut self, msg: RemoveRemoteEndpoint, _: &mut Self::Context) -> bool {
+        let Some(old) = self.ipcache.remove_remote(&msg.key) else { return false };
+        self.allocator.release(old.identity);
+        tracing::debug!(endpoint = %msg.key, "remote endpoint removed");
+        self.publish();
+        true
     }
 }
 
@@ -180,5 +282,25 @@ mod tests {
         assert!(e.contains("did you mean 10.0.0.0/8"), "{e}");
         assert!(parse_prefix("10.0.0.0/33").is_err());
         assert!(parse_prefix("nonsense").is_err());
+    }
+
+    #[test]
+    fn remote_endpoints_map_their_addresses_and_reserved_prefixes_win() {
+        let mut c = ExternalIpcache::default();
+        let a: IpAddr = "10.1.0.5".parse().unwrap();
+        let v6: IpAddr = "fd00::5".parse().unwrap();
+        assert!(c.upsert_remote("shop/web", RemoteEndpoint { identity: 300, ips: vec![a, v6] }).is_none());
+        let e = c.entries();
+        assert_eq!(e.get(&(a, 32)), Some(&300));
+        assert_eq!(e.get(&(v6, 128)), Some(&300));
+        // A host-network pod shares the node address, which is reserved.
+        assert!(c.upsert_reserved((a, 32), reserved::REMOTE_NODE));
+        assert_eq!(c.entries().get(&(a, 32)), Some(&reserved::REMOTE_NODE));
+        let old = c.upsert_remote("shop/web", RemoteEndpoint { identity: 301, ips: vec![v6] }).unwrap();
+        assert_eq!(old.identity, 300);
+        assert_eq!(c.entries().get(&(v6, 128)), Some(&301));
+        assert_eq!(c.remove_remote("shop/web").unwrap().identity, 301);
+        assert_eq!(c.entries().len(), 1);
+        assert!(c.remove_remote("shop/web").is_none());
     }
 }

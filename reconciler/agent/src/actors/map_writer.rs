@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use palisade_common::config as bpf_config;
+use palisade_common::{PolicyKey, config as bpf_config};
 use palisade_policy::model::Policy;
 use palisade_policy::resolve::DesiredState;
 use tokio::sync::oneshot;
@@ -80,25 +80,48 @@ impl MapWriter {
             let (k, v) = item?;
             s.ipcache_v6.insert((k.prefix_len(), k.data()), v);
         }
+        for item in self.maps.ipcache_host_v4.iter() {
+            let (k, v) = item?;
+            s.ipcache_host_v4.insert(k, v);
+        }
+        for item in self.maps.ipcache_host_v6.iter() {
+            let (k, v) = item?;
+            s.ipcache_host_v6.insert(k, v);
+        }
         for item in self.maps.policy.iter() {
             let (k, v) = item?;
-            s.policy.insert((k.prefix_len(), k.data()), v);
+            s.policy.insert((u32::from(k.prefix_len), PolicyKey { prefix_len: 0, ..k }), v);
+        }
+        for item in self.maps.policy_lengths.iter() {
+            let (k, v) = item?;
+            s.policy_lengths.insert(k, v);
         }
         Ok(s)
     }
 
-    /// Applies a plan: adds and updates first (policy, ipcache, then endpoints so that an
-    /// endpoint becomes enforced only once its entries are there), then deletes.
+    /// Applies a plan: adds and updates first (policy entries, then the prefix lengths that
+    /// make the datapath probe for them, ipcache, then endpoints so that an endpoint becomes
+    /// enforced only once its entries are there), then deletes (policy entries before the
+    /// lengths that pointed at them).
     fn apply_plan(&mut self, p: &Plan) -> Result<(), crate::datapath::DatapathError> {
         use aya::maps::lpm_trie::Key;
         for (k, v) in p.policy.adds.iter().chain(&p.policy.updates) {
-            self.maps.policy.insert(&Key::new(k.0, k.1), v, 0)?;
+            self.maps.policy.insert(k.1.at_prefix(k.0), v, 0)?;
+        }
+        for (k, v) in p.policy_lengths.adds.iter().chain(&p.policy_lengths.updates) {
+            self.maps.policy_lengths.insert(k, v, 0)?;
         }
         for (k, v) in p.ipcache_v4.adds.iter().chain(&p.ipcache_v4.updates) {
             self.maps.ipcache_v4.insert(&Key::new(k.0, k.1), v, 0)?;
         }
         for (k, v) in p.ipcache_v6.adds.iter().chain(&p.ipcache_v6.updates) {
             self.maps.ipcache_v6.insert(&Key::new(k.0, k.1), v, 0)?;
+        }
+        for (k, v) in p.ipcache_host_v4.adds.iter().chain(&p.ipcache_host_v4.updates) {
+            self.maps.ipcache_host_v4.insert(k, v, 0)?;
+        }
+        for (k, v) in p.ipcache_host_v6.adds.iter().chain(&p.ipcache_host_v6.updates) {
+            self.maps.ipcache_host_v6.insert(k, v, 0)?;
         }
         for (k, v) in p.endpoints.adds.iter().chain(&p.endpoints.updates) {
             self.maps.endpoints.insert(k, v, 0)?;
@@ -107,13 +130,22 @@ impl MapWriter {
             ignore_missing(self.maps.endpoints.remove(k))?;
         }
         for k in &p.policy.deletes {
-            ignore_missing(self.maps.policy.remove(&Key::new(k.0, k.1)))?;
+            ignore_missing(self.maps.policy.remove(&k.1.at_prefix(k.0)))?;
+        }
+        for k in &p.policy_lengths.deletes {
+            ignore_missing(self.maps.policy_lengths.remove(k))?;
         }
         for k in &p.ipcache_v4.deletes {
             ignore_missing(self.maps.ipcache_v4.remove(&Key::new(k.0, k.1)))?;
         }
         for k in &p.ipcache_v6.deletes {
             ignore_missing(self.maps.ipcache_v6.remove(&Key::new(k.0, k.1)))?;
+        }
+        for k in &p.ipcache_host_v4.deletes {
+            ignore_missing(self.maps.ipcache_host_v4.remove(k))?;
+        }
+        for k in &p.ipcache_host_v6.deletes {
+            ignore_missing(self.maps.ipcache_host_v6.remove(k))?;
         }
         Ok(())
     }

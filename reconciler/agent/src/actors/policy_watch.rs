@@ -5,10 +5,14 @@
 //!
 //! The directory is watched with inotify and, as a fallback, re-read every few seconds;
 //! an unchanged file costs one read and a hash.
+//!
+//! Other sources (the Kubernetes API) hand in manifests as text under a source key
+//! ([`UpsertSourceText`], [`RemoveSource`]), e.g. `kube:CiliumNetworkPolicy/ns/name`: each
+//! is treated like one more file, with the same validation and last-good-version rules.
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,18 +32,18 @@ fn policy_id(p: &Policy) -> PolicyId {
     (p.kind.to_string(), p.namespace.clone(), p.name.clone())
 }
 
-/// What one file currently contributes.
+/// What one source (a file, or an object of the Kubernetes API) currently contributes.
 #[derive(Debug, Default)]
 struct FileState {
     hash: u64,
     statuses: Vec<PolicyStatus>,
+    /// True for files of the policy directory (which a rescan may find gone).
+    from_dir: bool,
 }
 
 pub struct PolicyWatch {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, FileState>,
-    /// Accepted policies by id, with the file they came from.
-    accepted: BTreeMap<PolicyId, (PathBuf, Policy)>,
+    sources: PolicySources,
     revision: u64,
     resolver: Addr<Resolver>,
     endpoints: Addr<EndpointTracker>,
@@ -56,8 +60,7 @@ impl PolicyWatch {
     ) -> Self {
         PolicyWatch {
             dir,
-            files: BTreeMap::new(),
-            accepted: BTreeMap::new(),
+            sources: PolicySources::default(),
             revision: 0,
             resolver,
             endpoints,
@@ -90,15 +93,12 @@ impl PolicyWatch {
             }
         };
         let mut changed = false;
-        let present: BTreeSet<PathBuf> = files.iter().cloned().collect();
+        let present: BTreeSet<String> = files.iter().map(|p| p.display().to_string()).collect();
         // Files that disappeared take their policies with them.
-        let gone: Vec<PathBuf> = self.files.keys().filter(|p| !present.contains(*p)).cloned().collect();
-        for path in gone {
-            self.files.remove(&path);
-            let before = self.accepted.len();
-            self.accepted.retain(|_, (src, _)| src != &path);
-            if self.accepted.len() != before {
-                tracing::info!(file = %path.display(), "policy file removed");
+        let gone: Vec<String> = self.sources.dir_sources().filter(|k| !present.contains(*k)).cloned().collect();
+        for source in gone {
+            if self.sources.remove_source(&source) {
+                tracing::info!(file = %source, "policy file removed");
                 changed = true;
             }
         }
@@ -114,23 +114,97 @@ impl PolicyWatch {
             let mut h = DefaultHasher::new();
             bytes.hash(&mut h);
             let hash = h.finish();
-            if self.files.get(&path).is_some_and(|f| f.hash == hash) {
+            let source = path.display().to_string();
+            if self.sources.unchanged(&source, hash) {
                 continue;
             }
-            changed |= self.load_file(&path, &bytes, hash);
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            changed |= self.sources.load_source(&source, &name, true, &bytes, hash);
         }
         changed
     }
 
-    /// Applies one changed file; true when the accepted set changed.
-    fn load_file(&mut self, path: &Path, bytes: &[u8], hash: u64) -> bool {
-        let source = path.display().to_string();
+    /// Hands the accepted set to the endpoint tracker and the resolver; answers the
+    /// revision that includes it (or the current one when nothing changed).
+    fn publish(&mut self, changed: bool) -> ResponseActFuture<Self, u64> {
+        if !changed {
+            let rev = self.revision;
+            self.sources.stamp(rev);
+            return Box::pin(fut::ready(rev));
+        }
+        let policies: Arc<Vec<Policy>> = Arc::new(self.sources.policies());
+        tracing::info!(policies = policies.len(), "policy repository changed");
+        let (endpoints, resolver) = (self.endpoints.clone(), self.resolver.clone());
+        Box::pin(
+            async move {
+                // Pods' ipBlock memberships first, then the rules that use them.
+                let relabelled = endpoints.send(PoliciesForLabels { policies: policies.clone() }).await;
+                if let Ok(Err(e)) = &relabelled {
+                    tracing::error!(error = %e, "re-deriving pod labels for ipBlocks failed");
+                }
+                resolver.send(PoliciesChanged { policies }).await
+            }
+            .into_actor(self)
+            .map(|res, act, _| {
+                if let Ok(rev) = res {
+                    act.revision = rev;
+                }
+                act.sources.stamp(act.revision);
+                act.revision
+            }),
+        )
+    }
+}
+
+/// The policy repository: every source (file or API object) with the statuses of its
+/// manifests, and the accepted policies. Plain code: the actor only feeds it.
+#[derive(Debug, Default)]
+pub struct PolicySources {
+    /// Every source by its key: a file's path, or `kube:Kind/ns/name`.
+    files: BTreeMap<String, FileState>,
+    /// Accepted policies by id, with the source they came from.
+    accepted: BTreeMap<PolicyId, (String, Policy)>,
+}
+
+impl PolicySources {
+    /// The accepted policies.
+    pub fn policies(&self) -> Vec<Policy> {
+        self.accepted.values().map(|(_, p)| p.clone()).collect()
+    }
+
+    /// The status of every manifest of every source.
+    pub fn statuses(&self) -> Vec<PolicyStatus> {
+        self.files.values().flat_map(|f| f.statuses.iter().cloned()).collect()
+    }
+
+    /// Keys of the sources read from the policy directory.
+    fn dir_sources(&self) -> impl Iterator<Item = &String> {
+        self.files.iter().filter(|(_, f)| f.from_dir).map(|(k, _)| k)
+    }
+
+    fn unchanged(&self, source: &str, hash: u64) -> bool {
+        self.files.get(source).is_some_and(|f| f.hash == hash)
+    }
+
+    /// Forgets a source and the policies it contributed; true when the accepted set changed.
+    pub fn remove_source(&mut self, source: &str) -> bool {
+        self.files.remove(source);
+        let before = self.accepted.len();
+        self.accepted.retain(|_, (src, _)| src != source);
+        self.accepted.len() != before
+    }
+
+    /// Applies one new or changed source (`name` names it when the text as a whole is
+    /// unreadable); true when the accepted set changed.
+    pub fn load_source(&mut self, source: &str, name: &str, from_dir: bool, bytes: &[u8], hash: u64) -> bool {
+        let path = source;
+        let source = source.to_string();
         let next_revision = PENDING;
         let reject_file = |error: String| PolicyStatus {
             source: source.clone(),
-            kind: "File".into(),
+            kind: if from_dir { "File".into() } else { "Source".into() },
             namespace: None,
-            name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            name: name.to_string(),
             enforced: false,
             error: Some(error),
             warnings: Vec::new(),
@@ -144,7 +218,7 @@ impl PolicyWatch {
                     e.valid_up_to()
                 );
                 tracing::error!("{msg}");
-                self.files.insert(path.to_path_buf(), FileState { hash, statuses: vec![reject_file(msg)] });
+                self.files.insert(source.clone(), FileState { hash, statuses: vec![reject_file(msg)], from_dir });
                 return false;
             }
         };
@@ -153,7 +227,7 @@ impl PolicyWatch {
             Err(e) => {
                 let msg = format!("{e}; the policies of this file that were in force stay in force");
                 tracing::error!("{msg}");
-                self.files.insert(path.to_path_buf(), FileState { hash, statuses: vec![reject_file(msg)] });
+                self.files.insert(source.clone(), FileState { hash, statuses: vec![reject_file(msg)], from_dir });
                 return false;
             }
         };
@@ -167,12 +241,11 @@ impl PolicyWatch {
                 ManifestOutcome::Accepted(policy) => {
                     let id = policy_id(&policy);
                     let clash = self.accepted.get(&id).filter(|(src, _)| src != path).map(|(src, _)| src.clone());
-                    if let Some(other) = clash.or_else(|| now.contains_key(&id).then(|| path.to_path_buf())) {
+                    if let Some(other) = clash.or_else(|| now.contains_key(&id).then(|| path.to_string())) {
                         let msg = format!(
-                            "{} {}: a policy with this kind, namespace and name is already defined in {}; rename one of them",
+                            "{} {}: a policy with this kind, namespace and name is already defined in {other}; rename one of them",
                             id.0,
                             display_name(&id),
-                            other.display()
                         );
                         tracing::error!(file = %source, "{msg}");
                         statuses.push(PolicyStatus {
@@ -242,16 +315,32 @@ impl PolicyWatch {
         for (id, policy) in now {
             let same = self.accepted.get(&id).is_some_and(|(_, p)| *p == policy);
             if !same {
-                self.accepted.insert(id, (path.to_path_buf(), policy));
+                self.accepted.insert(id, (path.to_string(), policy));
                 changed = true;
             }
         }
-        self.files.insert(path.to_path_buf(), FileState { hash, statuses });
+        self.files.insert(source, FileState { hash, statuses, from_dir });
         changed
     }
 
+    /// Applies a manifest handed in as text; true when the accepted set changed.
+    pub fn upsert_text(&mut self, source: &str, text: &str) -> bool {
+        let mut h = DefaultHasher::new();
+        text.hash(&mut h);
+        let hash = h.finish();
+        if self.files.get(source).is_some_and(|f| f.hash == hash) {
+            return false;
+        }
+        self.load_source(source, source, false, text.as_bytes(), hash)
+    }
+
+    /// Statuses of one source.
+    pub fn statuses_of(&self, source: &str) -> Vec<PolicyStatus> {
+        self.files.get(source).map(|f| f.statuses.clone()).unwrap_or_default()
+    }
+
     /// Gives the statuses written by the last rescan the revision that realized them.
-    fn stamp(&mut self, revision: u64) {
+    pub fn stamp(&mut self, revision: u64) {
         for f in self.files.values_mut() {
             for s in &mut f.statuses {
                 if s.revision == PENDING {
@@ -308,32 +397,56 @@ pub struct Rescan;
 impl Handler<Rescan> for PolicyWatch {
     type Result = AtomicResponse<Self, u64>;
     fn handle(&mut self, _: Rescan, _: &mut Context<Self>) -> Self::Result {
-        if !self.rescan() {
-            let rev = self.revision;
-            self.stamp(rev);
-            return AtomicResponse::new(Box::pin(fut::ready(rev)));
+        let changed = self.rescan();
+        AtomicResponse::new(self.publish(changed))
+    }
+}
+
+/// What became of a source handed in as text: the revision that includes it and the
+/// status of every manifest in it (for a status write-back).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceApplied {
+    pub revision: u64,
+    pub statuses: Vec<PolicyStatus>,
+}
+
+/// Adds or replaces a source given as text (e.g. `kube:CiliumNetworkPolicy/ns/name` with
+/// the object as YAML or JSON). Validation and last-good-version rules are those of files.
+#[derive(Message)]
+#[rtype(result = "SourceApplied")]
+pub struct UpsertSourceText {
+    pub source: String,
+    pub text: String,
+}
+
+impl Handler<UpsertSourceText> for PolicyWatch {
+    type Result = AtomicResponse<Self, SourceApplied>;
+    fn handle(&mut self, msg: UpsertSourceText, _: &mut Context<Self>) -> Self::Result {
+        let changed = self.sources.upsert_text(&msg.source, &msg.text);
+        let source = msg.source;
+        AtomicResponse::new(Box::pin(self.publish(changed).map(move |revision, act: &mut Self, _| SourceApplied {
+            revision,
+            statuses: act.sources.statuses_of(&source),
+        })))
+    }
+}
+
+/// Forgets a source handed in with [`UpsertSourceText`] and its policies; answers the
+/// revision that no longer includes them.
+#[derive(Message)]
+#[rtype(result = "u64")]
+pub struct RemoveSource {
+    pub source: String,
+}
+
+impl Handler<RemoveSource> for PolicyWatch {
+    type Result = AtomicResponse<Self, u64>;
+    fn handle(&mut self, msg: RemoveSource, _: &mut Context<Self>) -> Self::Result {
+        let changed = self.sources.remove_source(&msg.source);
+        if changed {
+            tracing::info!(source = %msg.source, "policy source removed");
         }
-        let policies: Arc<Vec<Policy>> = Arc::new(self.accepted.values().map(|(_, p)| p.clone()).collect());
-        tracing::info!(policies = policies.len(), "policy repository changed");
-        let (endpoints, resolver) = (self.endpoints.clone(), self.resolver.clone());
-        AtomicResponse::new(Box::pin(
-            async move {
-                // Pods' ipBlock memberships first, then the rules that use them.
-                let relabelled = endpoints.send(PoliciesForLabels { policies: policies.clone() }).await;
-                if let Ok(Err(e)) = &relabelled {
-                    tracing::error!(error = %e, "re-deriving pod labels for ipBlocks failed");
-                }
-                resolver.send(PoliciesChanged { policies }).await
-            }
-            .into_actor(self)
-            .map(|res, act, _| {
-                if let Ok(rev) = res {
-                    act.revision = rev;
-                }
-                act.stamp(act.revision);
-                act.revision
-            }),
-        ))
+        AtomicResponse::new(self.publish(changed))
     }
 }
 
@@ -345,6 +458,62 @@ pub struct ListPolicies;
 impl Handler<ListPolicies> for PolicyWatch {
     type Result = MessageResult<ListPolicies>;
     fn handle(&mut self, _: ListPolicies, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.files.values().flat_map(|f| f.statuses.iter().cloned()).collect())
+        MessageResult(self.sources.statuses())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CNP: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: api}}]}]\n";
+    const CNP_BAD: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: api}}], toPorts: [{ports: [{port: \"99999\"}]}]}]\n";
+    const KEY: &str = "kube:CiliumNetworkPolicy/shop/web";
+
+    #[test]
+    fn api_source_is_accepted_then_kept_when_a_bad_version_arrives() {
+        let mut s = PolicySources::default();
+        assert!(s.upsert_text(KEY, CNP));
+        assert_eq!(s.policies().len(), 1);
+        let st = s.statuses_of(KEY);
+        assert_eq!(st.len(), 1);
+        assert!(st[0].enforced, "{st:?}");
+        assert_eq!(st[0].source, KEY);
+        // Same text again: nothing changes.
+        assert!(!s.upsert_text(KEY, CNP));
+        // A bad version is reported with its field path; the good one stays in force.
+        assert!(!s.upsert_text(KEY, CNP_BAD));
+        let st = s.statuses_of(KEY);
+        assert!(!st[0].enforced);
+        let err = st[0].error.clone().unwrap();
+        assert!(err.contains("CiliumNetworkPolicy shop/web"), "{err}");
+        assert!(err.contains("spec.ingress[0].toPorts[0].ports[0].port"), "{err}");
+        assert!(err.contains("previously accepted version stays in force"), "{err}");
+        assert_eq!(s.policies().len(), 1);
+        // Removing the source removes its policy.
+        assert!(s.remove_source(KEY));
+        assert!(s.policies().is_empty());
+        assert!(s.statuses().is_empty());
+        assert!(!s.remove_source(KEY));
+    }
+
+    #[test]
+    fn api_source_and_file_cannot_define_the_same_policy() {
+        let mut s = PolicySources::default();
+        assert!(s.load_source("/etc/p/web.yaml", "web.yaml", true, CNP.as_bytes(), 1));
+        assert!(!s.upsert_text(KEY, CNP));
+        let err = s.statuses_of(KEY)[0].error.clone().unwrap();
+        assert!(err.contains("already defined in /etc/p/web.yaml"), "{err}");
+        assert_eq!(s.dir_sources().count(), 1);
+    }
+
+    #[test]
+    fn unreadable_api_text_names_the_source() {
+        let mut s = PolicySources::default();
+        assert!(!s.upsert_text(KEY, "{not: [yaml"));
+        let st = s.statuses_of(KEY);
+        assert_eq!(st[0].kind, "Source");
+        assert_eq!(st[0].name, KEY);
+        assert!(!st[0].enforced);
     }
 }

@@ -12,21 +12,27 @@ use actix::prelude::*;
 use palisade_policy::CidrIdentities;
 use palisade_policy::identity::IdentityAllocator;
 use palisade_policy::model::Policy;
-use palisade_policy::resolve::{EndpointView, resolve_with_cidrs};
+use palisade_policy::resolve::{DesiredState, EndpointView, resolve_with_cidrs};
 
 use super::identity::Prefix;
 use super::map_writer::{ApplyDesired, MapWriter};
 use crate::endpoint::LocalEndpoint;
 
+/// A resolution's output: the desired state and the ipcache.
+type Resolved = (Arc<DesiredState>, Arc<BTreeMap<Prefix, u32>>);
+
 pub struct Resolver {
     policies: Arc<Vec<Policy>>,
     endpoints: Arc<Vec<LocalEndpoint>>,
     allocator: Arc<IdentityAllocator>,
-    reserved_ipcache: Arc<BTreeMap<Prefix, u32>>,
+    /// Addresses that are not local pods: reserved prefixes and other nodes' pods.
+    external_ipcache: Arc<BTreeMap<Prefix, u32>>,
     /// Node-local identities of the prefixes policies name; numbers stay while in use.
     cidrs: CidrIdentities,
     revision: u64,
     dirty: bool,
+    /// What was last handed to the map writer (for explanations).
+    last: Option<Resolved>,
     map_writer: Addr<MapWriter>,
 }
 
@@ -36,10 +42,11 @@ impl Resolver {
             policies: Arc::default(),
             endpoints: Arc::default(),
             allocator: Arc::new(IdentityAllocator::new()),
-            reserved_ipcache: Arc::default(),
+            external_ipcache: Arc::default(),
             cidrs: CidrIdentities::new(),
             revision: 0,
             dirty: false,
+            last: None,
             map_writer,
         }
     }
@@ -67,11 +74,12 @@ impl Resolver {
                 named_ports: e.named_ports.clone(),
             })
             .collect();
-        let desired = resolve_with_cidrs(&self.policies, &views, &self.allocator, &self.cidrs);
-        // Later entries win on the same prefix: CIDR identities, then reserved addresses
-        // (node, API server), then the endpoints' own addresses.
+        let mut desired = resolve_with_cidrs(&self.policies, &views, &self.allocator, &self.cidrs);
+        allow_localhost(&mut desired);
+        // Later entries win on the same prefix: CIDR identities, then other nodes' pods and
+        // reserved addresses (node, API server), then the local endpoints' own addresses.
         let mut ipcache: BTreeMap<Prefix, u32> = desired.cidr_ipcache.clone();
-        ipcache.extend(self.reserved_ipcache.iter().map(|(k, v)| (*k, *v)));
+        ipcache.extend(self.external_ipcache.iter().map(|(k, v)| (*k, *v)));
         for e in self.endpoints.iter() {
             if let Some(v4) = e.ipv4 {
                 ipcache.insert((v4.into(), 32), e.identity);
@@ -87,11 +95,13 @@ impl Resolver {
             elapsed_us = started.elapsed().as_micros() as u64,
             "resolved"
         );
+        let (desired, ipcache) = (Arc::new(desired), Arc::new(ipcache));
+        self.last = Some((desired.clone(), ipcache.clone()));
         self.map_writer.do_send(ApplyDesired {
             revision: self.revision,
-            desired: Arc::new(desired),
+            desired,
             endpoints: self.endpoints.clone(),
-            ipcache: Arc::new(ipcache),
+            ipcache,
             policies: self.policies.clone(),
         });
     }
@@ -145,19 +155,20 @@ impl Handler<EndpointsChanged> for Resolver {
     }
 }
 
-/// The identities (or reserved prefixes) changed.
+/// The identities, reserved prefixes or other nodes' pods changed.
 #[derive(Message)]
 #[rtype(result = "u64")]
 pub struct IdentitiesChanged {
     pub allocator: Arc<IdentityAllocator>,
-    pub reserved_ipcache: Arc<BTreeMap<Prefix, u32>>,
+    /// ipcache entries of addresses that are not local pods.
+    pub ipcache: Arc<BTreeMap<Prefix, u32>>,
 }
 
 impl Handler<IdentitiesChanged> for Resolver {
     type Result = u64;
     fn handle(&mut self, msg: IdentitiesChanged, ctx: &mut Context<Self>) -> u64 {
         self.allocator = msg.allocator;
-        self.reserved_ipcache = msg.reserved_ipcache;
+        self.external_ipcache = msg.ipcache;
         self.changed(ctx)
     }
 }
@@ -171,5 +182,54 @@ impl Handler<CurrentRevision> for Resolver {
     type Result = u64;
     fn handle(&mut self, _: CurrentRevision, _: &mut Context<Self>) -> u64 {
         self.revision
+    }
+}
+
+/// Explains a flow against the current state.
+#[derive(Message)]
+#[rtype(result = "Result<crate::api::types::Explanation, String>")]
+pub struct Explain {
+    pub request: crate::api::types::ExplainRequest,
+    pub cluster: String,
+}
+
+impl Handler<Explain> for Resolver {
+    type Result = Result<crate::api::types::Explanation, String>;
+    fn handle(&mut self, msg: Explain, _: &mut Context<Self>) -> Self::Result {
+        if self.dirty {
+            self.recompute();
+        }
+        let empty = BTreeMap::new();
+        let inputs = crate::explain::ExplainInputs {
+            policies: &self.policies,
+            endpoints: &self.endpoints,
+            allocator: &self.allocator,
+            cidrs: &self.cidrs,
+            desired: self.last.as_ref().map(|(d, _)| d.as_ref()),
+            ipcache: self.last.as_ref().map(|(_, i)| i.as_ref()).unwrap_or(&empty),
+            cluster: &msg.cluster,
+        };
+        crate::explain::explain(&msg.request, &inputs)
+    }
+}
+
+/// The node itself may always reach its pods (kubelet probes), as Cilium's default
+/// `allow-localhost` does: every ingress-enforced endpoint gets an allow for the host
+/// identity, any protocol and port, with no rule behind it. A deny for the host (or for any
+/// peer) on some port still wins there, as for every allow.
+pub fn allow_localhost(desired: &mut DesiredState) {
+    use palisade_policy::model::Direction;
+    use palisade_policy::resolve::{EntryKey, EntryValue};
+    for ep in desired.endpoints.values_mut() {
+        if ep.ingress_enforced {
+            let key = EntryKey {
+                direction: Direction::Ingress,
+                identity: palisade_common::identity::HOST,
+                protocol: 0,
+                port: 0,
+                port_prefix_len: 0,
+            };
+            ep.entries.entry(key).or_insert_with(EntryValue::default);
+        }
     }
 }

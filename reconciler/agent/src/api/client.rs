@@ -141,6 +141,11 @@ impl Client {
         self.call::<(), _>(Method::GET, "/v1/policies", None).await
     }
 
+    /// Explains the verdict of a flow (see [`ExplainRequest`]).
+    pub async fn explain(&self, req: &ExplainRequest) -> Result<Explanation, ClientError> {
+        self.call(Method::POST, "/v1/explain", Some(req)).await
+    }
+
     /// Makes the agent re-read its policy directory now; answers the revision that
     /// includes what it found (wait for it with [`Client::wait_revision`]).
     pub async fn rescan_policies(&self) -> Result<Ack, ClientError> {

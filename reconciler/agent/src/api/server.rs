@@ -21,7 +21,7 @@ use crate::actors::endpoints::{DeleteEndpoint, ListEndpoints, UpsertEndpoint, Up
 use crate::actors::identity::{ListIdentities, UpsertReservedPrefix};
 use crate::actors::map_writer::{GetRealized, WaitRealized};
 use crate::actors::policy_watch::{ListPolicies, Rescan};
-use crate::actors::resolver::CurrentRevision;
+use crate::actors::resolver::{CurrentRevision, Explain};
 use crate::endpoint::LocalEndpoint;
 use crate::error::AgentError;
 
@@ -78,6 +78,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/policies/rescan", post(rescan))
         .route("/v1/wait", get(wait))
         .route("/v1/monitor", get(monitor))
+        .route("/v1/explain", post(explain))
         .with_state(agent)
 }
 
@@ -201,6 +202,14 @@ async fn wait(State(agent): State<Agent>, Query(q): Query<WaitQuery>) -> Result<
             StatusCode::REQUEST_TIMEOUT,
             format!("revision {} not realized within {} ms", q.revision, q.timeout_ms),
         )),
+    }
+}
+
+async fn explain(State(agent): State<Agent>, Json(request): Json<ExplainRequest>) -> ApiResult<Explanation> {
+    let cluster = agent.config.cluster.clone();
+    match agent.resolver.send(Explain { request, cluster }).await? {
+        Ok(e) => Ok(Json(e)),
+        Err(msg) => Err(ApiFailure(StatusCode::BAD_REQUEST, msg)),
     }
 }
 

@@ -16,6 +16,7 @@
 //! | POST | `/v1/policies/rescan` | | [`Ack`] with the revision that includes the directory as it is now |
 //! | GET | `/v1/wait?revision=N&timeout_ms=M` | | [`Status`] once every endpoint realized N (408 on timeout) |
 //! | GET | `/v1/monitor` | | a stream of [`MonitorEvent`], one JSON document per line |
+//! | POST | `/v1/explain` | [`ExplainRequest`] | [`Explanation`] |
 //!
 //! Errors come back as a non-2xx status with an [`ApiError`] body.
 use std::collections::BTreeMap;
@@ -195,4 +196,48 @@ pub struct Ack {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     pub error: String,
+}
+
+/// A flow to explain. `from` and `to` are each a pod (`namespace/name`), an address, or a
+/// label set (`namespace:key=value,key=value`; a pod that may not exist yet).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExplainRequest {
+    pub from: String,
+    pub to: String,
+    /// Destination port; for ICMP the type (default 8, echo request).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// `TCP`, `UDP`, `SCTP`, `ICMP` or `ICMPv6`.
+    pub protocol: String,
+}
+
+/// One side's decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SideDecision {
+    /// The endpoint whose policy decides this side (`namespace/name`), if it is local.
+    pub endpoint: Option<String>,
+    /// `allowed`, `denied`, `default-deny`, `not-selected` or `not-local`.
+    pub decision: String,
+    /// The policy entry that decided, e.g. `ingress from 256 TCP/8080`.
+    pub entry: Option<String>,
+    /// The rules behind that entry: `Kind namespace/name spec.ingress[0]`.
+    pub rules: Vec<String>,
+}
+
+/// Why a flow passes or not: the source's egress and the destination's ingress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Explanation {
+    pub from: String,
+    pub to: String,
+    pub protocol: String,
+    pub port: u16,
+    pub from_identity: u32,
+    pub to_identity: u32,
+    pub egress: SideDecision,
+    pub ingress: SideDecision,
+    /// `allow` when both sides pass, else `deny`.
+    pub verdict: String,
 }

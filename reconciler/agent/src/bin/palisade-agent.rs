@@ -1,6 +1,10 @@
 //! `palisade-agent`: the node agent. Loads the datapath, starts the actors and serves the
 //! local API. SIGTERM/SIGINT stop the agent but leave the datapath (pinned maps and
 //! program links) in place, so enforcement continues across restarts.
+//!
+//! Every flag can also be set through the environment (`PALISADE_*`, shown in `--help`),
+//! which is how the DaemonSet's ConfigMap configures it. `--kubernetes` adds the
+//! Kubernetes source (kubeconfig or in-cluster configuration, as kube-rs finds it).
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,23 +15,33 @@ use palisade_agent::actors::{Agent, AgentConfig};
 #[command(name = "palisade-agent", version, about = "palisade node agent: network policy enforced by eBPF")]
 struct Args {
     /// Directory in bpffs where maps and program links are pinned.
-    #[arg(long, default_value = "/sys/fs/bpf/palisade")]
+    #[arg(long, env = "PALISADE_BPFFS", default_value = "/sys/fs/bpf/palisade")]
     bpffs: PathBuf,
     /// Directory of policy manifests (YAML or JSON), re-read when a file changes.
-    #[arg(long, default_value = "/etc/palisade/policies")]
+    #[arg(long, env = "PALISADE_POLICY_DIR", default_value = "/etc/palisade/policies")]
     policy_dir: PathBuf,
     /// Unix socket of the local API (created with mode 0600).
-    #[arg(long, default_value = "/run/palisade/agent.sock")]
+    #[arg(long, env = "PALISADE_API_SOCKET", default_value = "/run/palisade/agent.sock")]
     api_socket: PathBuf,
     /// Cluster name (label io.cilium.k8s.policy.cluster of every pod).
-    #[arg(long, default_value = "default")]
+    #[arg(long, env = "PALISADE_CLUSTER", default_value = "default")]
     cluster: String,
     /// Seconds between full compares of the kernel maps against the desired state.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "PALISADE_REPAIR_INTERVAL_SECS", default_value_t = 10)]
     repair_interval_secs: u64,
     /// Seconds between re-reads of the policy directory (besides inotify).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "PALISADE_POLICY_RESCAN_SECS", default_value_t = 2)]
     policy_rescan_secs: u64,
+    /// Watch CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy, Namespaces
+    /// and Pods in the Kubernetes API (kubeconfig, or the in-cluster service account).
+    #[arg(long, env = "PALISADE_KUBERNETES")]
+    kubernetes: bool,
+    /// This node's name, as in the pods' spec.nodeName (Kubernetes mode).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Seconds between full reconcile passes of the Kubernetes source.
+    #[arg(long, env = "PALISADE_KUBE_RESYNC_SECS", default_value_t = 5)]
+    kube_resync_secs: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,12 +61,32 @@ fn main() -> std::process::ExitCode {
         policy_rescan_interval: Duration::from_secs(args.policy_rescan_secs.max(1)),
     };
     let socket = args.api_socket;
+    let kube = match (args.kubernetes, args.node_name) {
+        (false, _) => None,
+        (true, Some(node)) if !node.is_empty() => Some(palisade_agent::k8s::KubeOptions {
+            node_name: node,
+            cluster: config.cluster.clone(),
+            resync: Duration::from_secs(args.kube_resync_secs.max(1)),
+        }),
+        (true, _) => {
+            eprintln!(
+                "palisade-agent: --kubernetes needs this node's name: pass --node-name or set NODE_NAME (in a DaemonSet, from the downward API spec.nodeName)"
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let system = actix_rt::System::new();
     let result = system.block_on(async move {
         let agent = match Agent::start(config) {
             Ok(a) => a,
             Err(e) => return Err(format!("cannot start the datapath: {e}")),
         };
+        if let Some(opts) = kube {
+            let client = kube::Client::try_default().await.map_err(|e| {
+                format!("Kubernetes mode: no usable configuration ({e}); set KUBECONFIG or run in a pod with a service account")
+            })?;
+            actix_rt::spawn(palisade_agent::k8s::run(agent.clone(), client, opts));
+        }
         let server = tokio::spawn({
             let socket = socket.clone();
             async move { palisade_agent::api::server::serve(agent, &socket).await }

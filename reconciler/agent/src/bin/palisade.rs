@@ -1,9 +1,9 @@
 //! `palisade`: the operator's CLI over the agent's local API.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use palisade_agent::api::Client;
-use palisade_agent::api::types::MonitorEvent;
+use palisade_agent::api::types::{ExplainRequest, Explanation, MonitorEvent, SideDecision};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
@@ -67,6 +67,35 @@ enum PolicyCommand {
     List,
     /// One policy, by `name` or `namespace/name`.
     Get { name: String },
+    /// Why a flow passes or is dropped: the source's egress and the destination's ingress,
+    /// with the rules that decide each. Asks the running agent, or, with --scenario and/or
+    /// --policies, works offline (no agent, no root) on the state an agent would hold.
+    Explain {
+        /// A pod (`namespace/name`), an address, or a label set (`namespace:key=value,...`).
+        #[arg(long)]
+        from: String,
+        /// Same forms as --from.
+        #[arg(long)]
+        to: String,
+        /// Destination port (ICMP: the type; default echo request).
+        #[arg(long)]
+        port: Option<u16>,
+        /// TCP, UDP, SCTP, ICMP or ICMPv6.
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        /// Offline: the pods (namespaces, labels, service accounts, named ports, addresses
+        /// as the testbed assigns them) and, without --policies, the policies of this
+        /// testbed scenario file.
+        #[arg(long, value_name = "FILE")]
+        scenario: Option<PathBuf>,
+        /// Offline: the policy manifests of this directory (read as the agent reads its
+        /// policy directory), instead of the scenario's.
+        #[arg(long, value_name = "DIR")]
+        policies: Option<PathBuf>,
+        /// Offline: the cluster name (default: the scenario's, else `default`).
+        #[arg(long)]
+        cluster: Option<String>,
+    },
     /// Checks manifests offline (no agent, no root): exit 0 when all are valid, 1 with one
     /// line per error otherwise.
     Validate {
@@ -102,6 +131,29 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     for r in rows {
         line(r);
     }
+}
+
+fn print_explanation(e: &Explanation) {
+    println!(
+        "{} (identity {}) -> {} (identity {}) {}/{}: {}",
+        e.from,
+        e.from_identity,
+        e.to,
+        e.to_identity,
+        e.port,
+        e.protocol,
+        e.verdict.to_uppercase()
+    );
+    let show = |what: &str, s: &SideDecision| {
+        let who = s.endpoint.clone().unwrap_or_else(|| "(not a local pod)".into());
+        let entry = s.entry.as_ref().map(|x| format!(" by entry `{x}`")).unwrap_or_default();
+        println!("  {what:<8} of {who}: {}{entry}", s.decision);
+        for r in &s.rules {
+            println!("           rule {r}");
+        }
+    };
+    show("egress", &e.egress);
+    show("ingress", &e.ingress);
 }
 
 fn monitor_line(e: &MonitorEvent) -> String {
@@ -196,6 +248,24 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Policy { command: PolicyCommand::Validate { files } } => {
             return validate(&files, json);
         }
+        Command::Policy {
+            command: PolicyCommand::Explain { from, to, port, protocol, scenario, policies, cluster },
+        } => {
+            let request = ExplainRequest { from, to, port, protocol };
+            let e = if scenario.is_some() || policies.is_some() {
+                explain_offline(&request, scenario.as_deref(), policies.as_deref(), cluster.as_deref())?
+            } else {
+                if cluster.is_some() {
+                    return Err("--cluster only applies offline (with --scenario or --policies)".into());
+                }
+                c.explain(&request).await.map_err(|e| e.to_string())?
+            };
+            if json {
+                print_json(&e);
+            } else {
+                print_explanation(&e);
+            }
+        }
         Command::Policy { command } => {
             let mut ps = c.policies().await.map_err(|e| e.to_string())?;
             if let PolicyCommand::Get { name } = &command {
@@ -248,6 +318,38 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `policy explain` without an agent: the state an agent would hold for the scenario's
+/// pods and the policies (of DIR, else of the scenario), explained by the agent's own code.
+fn explain_offline(
+    request: &ExplainRequest,
+    scenario: Option<&Path>,
+    policies: Option<&Path>,
+    cluster: Option<&str>,
+) -> Result<Explanation, String> {
+    use palisade_agent::explain::offline::{DEFAULT_CLUSTER, OfflineState};
+    let state = match scenario {
+        Some(file) => {
+            let mut plan = palisade_scenario::load(file).map_err(|e| e.to_string())?;
+            if let Some(c) = cluster {
+                plan.cluster = Some(c.to_string());
+            }
+            OfflineState::from_scenario(&plan, policies)
+        }
+        None => OfflineState::from_policy_dir(
+            policies.expect("--policies or --scenario"),
+            cluster.unwrap_or(DEFAULT_CLUSTER),
+        ),
+    }
+    .map_err(|e| e.to_string())?;
+    for st in state.statuses().iter().filter(|s| !s.enforced) {
+        eprintln!(
+            "palisade: warning: not enforced (the agent would reject it too): {}",
+            st.error.as_deref().unwrap_or("?")
+        );
+    }
+    palisade_agent::explain::explain(request, &state.inputs())
 }
 
 /// Outcome of `policy validate`: invalid manifests make the exit code 1.

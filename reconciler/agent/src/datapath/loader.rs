@@ -186,6 +186,18 @@ impl Datapath {
         self.run_test(hook, packet, None, repeat)
     }
 
+    /// Runs the empty program (`palisade_empty`: passes every packet, touches nothing;
+    /// loaded on first use) `repeat` times on `packet`: the baseline of a benchmark, i.e.
+    /// what BPF_PROG_TEST_RUN costs by itself.
+    pub fn test_run_empty(&mut self, packet: &[u8], repeat: u32) -> Result<TestRunOutcome, DatapathError> {
+        let name = program_names::EMPTY;
+        let prog = program_mut(&mut self.ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| DatapathError::ProgramLoad { program: name, source: Box::new(e) })?;
+        }
+        self.run_program(name, packet, None, repeat)
+    }
+
     fn run_test(
         &self,
         hook: Hook,
@@ -193,7 +205,16 @@ impl Datapath {
         ifindex: Option<u32>,
         repeat: u32,
     ) -> Result<TestRunOutcome, DatapathError> {
-        let name = hook.program_name();
+        self.run_program(hook.program_name(), packet, ifindex, repeat)
+    }
+
+    fn run_program(
+        &self,
+        name: &'static str,
+        packet: &[u8],
+        ifindex: Option<u32>,
+        repeat: u32,
+    ) -> Result<TestRunOutcome, DatapathError> {
         let prog: &SchedClassifier = self
             .ebpf
             .program(name)

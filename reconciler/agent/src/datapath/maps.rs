@@ -3,7 +3,7 @@
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapType, PerCpuArray, lpm_trie::Key};
 use palisade_common::{
     COUNTER_SLOTS, Counter, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IpcacheValue, Ipv4Prefix, Ipv6Prefix,
-    PolicyKey, PolicyValue, config, counter_index, map_names, map_sizes, reason,
+    PolicyKey, PolicyLengthsKey, PolicyValue, config, counter_index, map_names, map_sizes, policy_length_bit, reason,
 };
 
 use super::DatapathError;
@@ -12,9 +12,20 @@ use super::DatapathError;
 pub struct MapSet {
     /// Host-side interface index -> endpoint.
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
+    /// Prefixes shorter than /32 (the datapath looks host entries up first, in
+    /// `ipcache_host_v4`; a /32 here still works, behind the host entry).
     pub ipcache_v4: LpmTrie<MapData, Ipv4Prefix, IpcacheValue>,
+    /// Prefixes shorter than /128.
     pub ipcache_v6: LpmTrie<MapData, Ipv6Prefix, IpcacheValue>,
-    pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    /// Host entries: /32 addresses.
+    pub ipcache_host_v4: HashMap<MapData, Ipv4Prefix, IpcacheValue>,
+    /// Host entries: /128 addresses.
+    pub ipcache_host_v6: HashMap<MapData, Ipv6Prefix, IpcacheValue>,
+    /// Keys cut to their prefix length ([`PolicyKey::at_prefix`]); see
+    /// [`MapSet::insert_policy`].
+    pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    /// (endpoint, direction, identity) -> bitmap of the prefix lengths `policy` holds for it.
+    pub policy_lengths: HashMap<MapData, PolicyLengthsKey, u32>,
     /// An LRU hash in the kernel; aya's `HashMap` reads and writes it.
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub counters: PerCpuArray<MapData, Counter>,
@@ -76,6 +87,33 @@ impl MapSet {
         self.config.set(config::FLAGS, flags, 0).map_err(|e| DatapathError::map_access(map_names::CONFIG, "write", e))
     }
 
+    /// Adds (or replaces) the policy entry `key` of prefix length `prefix_len` (64..=88) and
+    /// marks that length in POLICY_LENGTHS, in that order, so the datapath never probes for
+    /// an entry before it is there. For tests and tools: the map writer applies whole plans
+    /// (which also clear lengths no entry uses any more).
+    pub fn insert_policy(&mut self, prefix_len: u32, key: PolicyKey, value: PolicyValue) -> Result<(), DatapathError> {
+        self.policy
+            .insert(key.at_prefix(prefix_len), value, 0)
+            .map_err(|e| DatapathError::map_access(map_names::POLICY, "write", e))?;
+        let lk = key.lengths_key();
+        let bits = match self.policy_lengths.get(&lk, 0) {
+            Ok(b) => b,
+            Err(aya::maps::MapError::KeyNotFound) => 0,
+            Err(e) => return Err(DatapathError::map_access(map_names::POLICY_LENGTHS, "read", e)),
+        };
+        self.policy_lengths
+            .insert(lk, bits | policy_length_bit(prefix_len), 0)
+            .map_err(|e| DatapathError::map_access(map_names::POLICY_LENGTHS, "write", e))
+    }
+
+    /// Removes the policy entry `key` of prefix length `prefix_len`. Its length stays marked
+    /// (a marked length without entries costs the datapath one lookup, nothing else).
+    pub fn remove_policy(&mut self, prefix_len: u32, key: PolicyKey) -> Result<(), DatapathError> {
+        self.policy
+            .remove(&key.at_prefix(prefix_len))
+            .map_err(|e| DatapathError::map_access(map_names::POLICY, "delete", e))
+    }
+
     /// Removes every conntrack entry (replies of existing flows then need policy again).
     pub fn flush_conntrack(&mut self) -> Result<usize, DatapathError> {
         let keys: Vec<CtKey> = self.conntrack.keys().filter_map(Result::ok).collect();
@@ -102,7 +140,10 @@ impl MapSet {
             endpoints: conv(map_names::ENDPOINTS, take(map_names::ENDPOINTS))?,
             ipcache_v4: conv(map_names::IPCACHE_V4, take(map_names::IPCACHE_V4))?,
             ipcache_v6: conv(map_names::IPCACHE_V6, take(map_names::IPCACHE_V6))?,
+            ipcache_host_v4: conv(map_names::IPCACHE_HOST_V4, take(map_names::IPCACHE_HOST_V4))?,
+            ipcache_host_v6: conv(map_names::IPCACHE_HOST_V6, take(map_names::IPCACHE_HOST_V6))?,
             policy: conv(map_names::POLICY, take(map_names::POLICY))?,
+            policy_lengths: conv(map_names::POLICY_LENGTHS, take(map_names::POLICY_LENGTHS))?,
             conntrack: conv(map_names::CONNTRACK, take(map_names::CONNTRACK))?,
             counters: conv(map_names::COUNTERS, take(map_names::COUNTERS))?,
             config: conv(map_names::CONFIG, take(map_names::CONFIG))?,
@@ -135,11 +176,14 @@ const fn spec<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> 
 }
 
 /// Every map of the object, as the programs declare it.
-pub(crate) const MAP_SPECS: [MapSpec; 9] = [
+pub(crate) const MAP_SPECS: [MapSpec; 12] = [
     spec::<u32, EndpointInfo>(map_names::ENDPOINTS, MapType::Hash, map_sizes::ENDPOINTS),
     spec::<Key<Ipv4Prefix>, IpcacheValue>(map_names::IPCACHE_V4, MapType::LpmTrie, map_sizes::IPCACHE_V4),
     spec::<Key<Ipv6Prefix>, IpcacheValue>(map_names::IPCACHE_V6, MapType::LpmTrie, map_sizes::IPCACHE_V6),
-    spec::<Key<PolicyKey>, PolicyValue>(map_names::POLICY, MapType::LpmTrie, map_sizes::POLICY),
+    spec::<Ipv4Prefix, IpcacheValue>(map_names::IPCACHE_HOST_V4, MapType::Hash, map_sizes::IPCACHE_HOST_V4),
+    spec::<Ipv6Prefix, IpcacheValue>(map_names::IPCACHE_HOST_V6, MapType::Hash, map_sizes::IPCACHE_HOST_V6),
+    spec::<PolicyKey, PolicyValue>(map_names::POLICY, MapType::Hash, map_sizes::POLICY),
+    spec::<PolicyLengthsKey, u32>(map_names::POLICY_LENGTHS, MapType::Hash, map_sizes::POLICY_LENGTHS),
     spec::<CtKey, CtValue>(map_names::CONNTRACK, MapType::LruHash, map_sizes::CONNTRACK),
     MapSpec {
         name: map_names::EVENTS,

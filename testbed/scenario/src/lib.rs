@@ -1,6 +1,8 @@
-//! Scenario files (spec/scenario-format.md, version 1): the YAML model exactly as people
-//! write it, parsing with the path of the offending key in every error, and the validated,
-//! resolved [`Plan`] that the rest of the testbed builds and probes.
+//! Testbed scenario files (spec/scenario-format.md, version 1): the YAML model exactly as
+//! people write it, parsing with the path of the offending key in every error, and the
+//! validated, resolved [`Plan`]: pods with the addresses the testbed gives them, world and
+//! entity hosts, policy manifests, probes. One crate, so that the testbed and the offline
+//! `palisade policy explain --scenario` see the same pods at the same addresses.
 //!
 //! Parsing is strict: an unknown key anywhere outside the policy manifests is an error that
 //! names its path (`pods[1].lables`). Policy manifests are passed to the agent as they are

@@ -5,7 +5,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
-use super::model::{Expect, IpFamily, PodPort, ProbeProtocol};
+use super::model::{Expect, IpFamily, PodPort, ProbeProtocol, RawProbe};
 
 /// The node's own address (on the loopback of the node's namespace). 10.200.0.0/24 and
 /// fd00:10:200::/112 are kept for the testbed's infrastructure hosts: the node and the
@@ -45,6 +45,12 @@ pub struct Plan {
 impl Plan {
     pub fn pod(&self, index: usize) -> &PlanPod {
         &self.pods[index]
+    }
+
+    /// A probe between this scenario's pods and hosts that its file does not list (see
+    /// `validate::extra_probe`); `index` numbers it (the scenario's own are `0..probes.len()`).
+    pub fn extra_probe(&self, raw: &RawProbe, index: usize) -> Result<PlanProbe, Vec<super::Issue>> {
+        super::validate::extra_probe(self, raw, index)
     }
 
     pub fn has_family(&self, family: IpFamily) -> bool {
@@ -122,6 +128,11 @@ pub struct PlanPolicy {
 }
 
 impl PlanPolicy {
+    /// The manifest as written into the agent's policy directory.
+    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
+        serde_yaml::to_string(&self.manifest)
+    }
+
     /// `Kind/namespace/name` (or `Kind/name`), for messages.
     pub fn label(&self) -> String {
         match &self.namespace {

@@ -23,6 +23,52 @@ const FIRST_ASSIGNED_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x200, 0, 0, 0, 
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 
+/// A probe that is not in the scenario, between its pods and the hosts its probes name
+/// (`palisade-testbed probe` on a scenario that is up): checked like the scenario's own,
+/// plus that a host that is not a pod exists (only the world and entity hosts the
+/// scenario's probes name are built) and listens on the port. Issues name `from`, `to`,
+/// `port`, `family`.
+pub(super) fn extra_probe(plan: &Plan, raw: &RawProbe, index: usize) -> Result<PlanProbe, Vec<Issue>> {
+    let mut issues = Vec::new();
+    let probe = resolve_probes(std::slice::from_ref(raw), &plan.pods, &plan.ip_families, &mut issues).pop();
+    let mut issues: Vec<Issue> =
+        issues.into_iter().map(|i| Issue { path: i.path.trim_start_matches("probes[0].").to_string(), ..i }).collect();
+    let Some(mut probe) = probe else { return Err(issues) };
+    for (end, key) in [(&probe.from, "from"), (&probe.to, "to")] {
+        if matches!(end, HostRef::Pod(_)) {
+            continue;
+        }
+        match plan.hosts.iter().find(|h| &h.host == end) {
+            // The node exists in every scenario (without listeners unless a probe aims at it).
+            None if key == "from" && end == &HostRef::Entity(Entity::Host) => {}
+            None => issues.push(Issue::invalid(
+                key,
+                format!("{end} is not a host of this scenario: only its pods and the hosts its probes name exist"),
+            )),
+            Some(h) if key == "to" => {
+                if let (Some(proto), Some(port)) = (probe.protocol.port_protocol(), probe.port)
+                    && !h.ports.iter().any(|p| p.port == port && p.protocol == proto)
+                {
+                    let listed: Vec<String> = h.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect();
+                    issues.push(Issue::invalid(
+                        "port",
+                        format!(
+                            "{end} only listens on the ports the scenario's probes aim at it ({})",
+                            if listed.is_empty() { "none".to_string() } else { listed.join(", ") }
+                        ),
+                    ));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    if !issues.is_empty() {
+        return Err(issues);
+    }
+    probe.index = index;
+    Ok(probe)
+}
+
 pub(super) fn resolve(raw: RawScenario, file: &Path) -> Result<Plan, Vec<Issue>> {
     let mut issues = Vec::new();
 

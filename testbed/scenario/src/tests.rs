@@ -65,7 +65,8 @@ fn base_scenario_resolves() {
 
 #[test]
 fn the_seed_fixture_is_valid() {
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/seed-allow-frontend-to-backend.yaml");
+    let file =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/scenarios/seed-allow-frontend-to-backend.yaml");
     let plan = super::load(&file).unwrap();
     assert_eq!(plan.pods.len(), 6);
     assert_eq!(plan.policies.len(), 2);
@@ -309,4 +310,41 @@ fn host_interface_names_fit_the_kernel_limit() {
 fn namespace_labels_may_be_null() {
     let plan = load(&BASE.replace("  default: {}", "  default:")).unwrap();
     assert!(plan.namespaces["default"].is_empty());
+}
+
+#[test]
+fn extra_probes_use_the_scenarios_pods_and_hosts_only() {
+    let text = r#"
+name: x
+namespaces: {default: {}}
+pods:
+  - {name: a, namespace: default}
+  - {name: b, namespace: default, ports: [{port: 80}]}
+probes:
+  - {from: default/a, to: 203.0.113.7, port: 443, protocol: TCP, expect: deny}
+"#;
+    let plan = load_str(text, Path::new("x.yaml")).unwrap();
+    let raw = |from: &str, to: &str, port: Option<u16>| RawProbe {
+        from: from.into(),
+        to: to.into(),
+        port,
+        protocol: ProbeProtocol::TCP,
+        icmp_type: None,
+        family: None,
+        expect: Expect::Allow,
+    };
+    let p = plan.extra_probe(&raw("default/a", "default/b", Some(80)), 7).unwrap();
+    assert_eq!((p.from, p.to, p.port, p.index), (HostRef::Pod(0), HostRef::Pod(1), Some(80), 7));
+    assert!(plan.extra_probe(&raw("default/a", "203.0.113.7", Some(443)), 8).is_ok());
+    let e = plan.extra_probe(&raw("default/a", "default/b", Some(81)), 9).unwrap_err();
+    assert_eq!(e[0].path, "port", "{e:?}");
+    let e = plan.extra_probe(&raw("default/a", "198.51.100.1", Some(443)), 9).unwrap_err();
+    assert!(e[0].to_string().starts_with("to: 198.51.100.1 is not a host of this scenario"), "{e:?}");
+    let e = plan.extra_probe(&raw("default/a", "203.0.113.7", Some(80)), 9).unwrap_err();
+    assert!(e[0].message.contains("(443/TCP)"), "{e:?}");
+    // The node exists in every scenario, but listens only where probes aim at it.
+    assert!(plan.extra_probe(&raw("entity:host", "default/b", Some(80)), 9).is_ok());
+    assert!(plan.extra_probe(&raw("default/a", "entity:host", Some(80)), 9).is_err());
+    let e = plan.extra_probe(&raw("default/zz", "default/b", Some(80)), 9).unwrap_err();
+    assert_eq!(e[0].path, "from", "{e:?}");
 }

@@ -1,0 +1,540 @@
+//! `policy explain`: turns "from X to Y on port/protocol" into the decision of the source's
+//! egress and the destination's ingress, with the rules behind each, using the same
+//! resolver output the map writer loads into the kernel.
+//!
+//! Two callers, one code path ([`explain`] over [`ExplainInputs`]):
+//! - the running agent (`POST /v1/explain`): the resolver actor's current state;
+//! - offline, without an agent or root ([`offline::OfflineState`], `palisade policy explain
+//!   --scenario FILE [--policies DIR]`): the state an agent would hold after being told what
+//!   the testbed tells it about a scenario (namespaces, pods at the testbed's addresses,
+//!   reserved entity addresses) and after reading the policy files.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use palisade_common::{identity as reserved, proto};
+use palisade_policy::CidrIdentities;
+use palisade_policy::explain::{Decision, decide};
+use palisade_policy::identity::IdentityAllocator;
+use palisade_policy::labels::LabelSet;
+use palisade_policy::model::{Direction, Policy};
+use palisade_policy::resolve::{DesiredState, EndpointView, resolve_with_cidrs};
+
+use crate::actors::identity::Prefix;
+use crate::api::types::{ExplainRequest, Explanation, SideDecision};
+use crate::endpoint::LocalEndpoint;
+
+/// Everything the resolver holds that an explanation needs.
+pub struct ExplainInputs<'a> {
+    pub policies: &'a [Policy],
+    pub endpoints: &'a [LocalEndpoint],
+    pub allocator: &'a IdentityAllocator,
+    pub cidrs: &'a CidrIdentities,
+    /// The desired state last handed to the map writer.
+    pub desired: Option<&'a DesiredState>,
+    /// The ipcache last handed to the map writer.
+    pub ipcache: &'a BTreeMap<Prefix, u32>,
+    pub cluster: &'a str,
+}
+
+/// One end of the flow.
+enum Party {
+    /// A pod of this node.
+    Local { view: EndpointView, name: String, ip: Option<IpAddr> },
+    /// A pod described by labels only (it may not exist).
+    Hypothetical { view: EndpointView, name: String },
+    /// An address outside this node's pods.
+    Address { ip: IpAddr, identity: u32 },
+}
+
+impl Party {
+    fn identity(&self) -> u32 {
+        match self {
+            Party::Local { view, .. } | Party::Hypothetical { view, .. } => view.identity,
+            Party::Address { identity, .. } => *identity,
+        }
+    }
+}
+
+fn view_of(e: &LocalEndpoint) -> EndpointView {
+    EndpointView {
+        id: e.id,
+        namespace: e.namespace.clone(),
+        identity: e.identity,
+        labels: e.labels.clone(),
+        named_ports: e.named_ports.clone(),
+    }
+}
+
+/// Longest-prefix match in the ipcache, as the datapath does; no entry = world.
+fn ipcache_identity(ipcache: &BTreeMap<Prefix, u32>, ip: IpAddr) -> u32 {
+    ipcache
+        .iter()
+        // Family first: masking an IPv4 address with an IPv6 prefix length overflows.
+        .filter(|((net, len), _)| net.is_ipv4() == ip.is_ipv4() && crate::actors::identity::mask(ip, *len) == *net)
+        .max_by_key(|((_, len), _)| *len)
+        .map(|(_, id)| *id)
+        .unwrap_or(if ip.is_ipv4() { reserved::WORLD_IPV4 } else { reserved::WORLD_IPV6 })
+}
+
+fn parse_party(text: &str, hypothetical_id: u16, inp: &ExplainInputs<'_>) -> Result<Party, String> {
+    let text = text.trim();
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        if let Some(e) =
+            inp.endpoints.iter().find(|e| e.ipv4.map(IpAddr::V4) == Some(ip) || e.ipv6.map(IpAddr::V6) == Some(ip))
+        {
+            return Ok(Party::Local { view: view_of(e), name: e.full_name(), ip: Some(ip) });
+        }
+        return Ok(Party::Address { ip, identity: ipcache_identity(inp.ipcache, ip) });
+    }
+    if text.contains('=') {
+        // namespace:key=value,key=value
+        let (ns, rest) = match text.split_once(':') {
+            Some((ns, rest)) if !ns.contains('=') => (ns, rest),
+            _ => ("default", text),
+        };
+        let mut labels = BTreeMap::new();
+        for kv in rest.split(',').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| format!("{kv:?} is not key=value"))?;
+            labels.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        let ns_labels = BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns.to_string())]);
+        let set = LabelSet::for_pod(ns, &ns_labels, &labels, "default", inp.cluster);
+        let identity = inp.allocator.lookup(&set).unwrap_or(0);
+        return Ok(Party::Hypothetical {
+            view: EndpointView {
+                id: hypothetical_id,
+                namespace: ns.into(),
+                identity,
+                labels: set,
+                named_ports: Vec::new(),
+            },
+            name: format!("{ns}:{rest}"),
+        });
+    }
+    if let Some((ns, name)) = text.split_once('/') {
+        return inp
+            .endpoints
+            .iter()
+            .find(|e| e.namespace == ns && e.name == name)
+            .map(|e| Party::Local {
+                view: view_of(e),
+                name: e.full_name(),
+                ip: e.ipv4.map(IpAddr::V4).or(e.ipv6.map(IpAddr::V6)),
+            })
+            .ok_or_else(|| format!("no endpoint {text} on this node (see `palisade endpoint list`)"));
+    }
+    Err(format!("{text:?} is neither a pod (namespace/name), an address, nor a label set (namespace:key=value,...)"))
+}
+
+fn protocol_number(p: &str) -> Result<u8, String> {
+    match p.to_ascii_uppercase().as_str() {
+        "TCP" => Ok(proto::TCP),
+        "UDP" => Ok(proto::UDP),
+        "SCTP" => Ok(proto::SCTP),
+        "ICMP" => Ok(proto::ICMP),
+        "ICMPV6" => Ok(proto::ICMPV6),
+        _ => Err(format!("protocol {p:?} is not TCP, UDP, SCTP, ICMP or ICMPv6")),
+    }
+}
+
+fn side(endpoint: Option<String>, d: Decision) -> SideDecision {
+    let (decision, entry, rules) = match d {
+        Decision::NotSelected => ("not-selected", None, Vec::new()),
+        Decision::NotLocal => ("not-local", None, Vec::new()),
+        Decision::DefaultDeny => ("default-deny", None, Vec::new()),
+        Decision::Allowed { entry, rules } if rules.is_empty() => {
+            let why = "built-in: the node may always reach its pods (allow-localhost)".to_string();
+            return SideDecision { endpoint, decision: "allowed".into(), entry: Some(entry), rules: vec![why] };
+        }
+        Decision::Allowed { entry, rules } => ("allowed", Some(entry), rules),
+        Decision::Denied { entry, rules } => ("denied", Some(entry), rules),
+    };
+    SideDecision { endpoint, decision: decision.into(), entry, rules: rules.iter().map(|r| r.to_string()).collect() }
+}
+
+/// Explains one flow.
+pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanation, String> {
+    let protocol = protocol_number(&req.protocol)?;
+    let port = match (protocol, req.port) {
+        (_, Some(p)) => p,
+        (proto::ICMP, None) => 8,
+        (proto::ICMPV6, None) => 128,
+        _ => return Err(format!("{} needs a port", req.protocol)),
+    };
+    let mut from = parse_party(&req.from, 0, inp)?;
+    let mut to = parse_party(&req.to, u16::MAX, inp)?;
+    // A pod described by labels needs its own resolution (and an identity, if its label
+    // set is new); otherwise the state loaded in the kernel is the one to explain.
+    let hypothetical = matches!(from, Party::Hypothetical { .. }) || matches!(to, Party::Hypothetical { .. });
+    let fresh;
+    let desired = if hypothetical {
+        let mut allocator = inp.allocator.clone();
+        let mut views: Vec<EndpointView> = inp.endpoints.iter().map(view_of).collect();
+        for p in [&mut from, &mut to] {
+            if let Party::Hypothetical { view, .. } = p {
+                view.identity = allocator.allocate(&view.labels);
+                views.push(view.clone());
+            }
+        }
+        fresh = resolve_with_cidrs(inp.policies, &views, &allocator, inp.cidrs);
+        &fresh
+    } else {
+        inp.desired.ok_or("the agent has not resolved any policy yet")?
+    };
+    let decide_for = |p: &Party, dir: Direction, peer: u32| match p {
+        Party::Local { view, name, .. } | Party::Hypothetical { view, name } => {
+            side(Some(name.clone()), decide(desired.endpoints.get(&view.id), dir, peer, protocol, port))
+        }
+        Party::Address { .. } => side(None, Decision::NotLocal),
+    };
+    let egress = decide_for(&from, Direction::Egress, to.identity());
+    let ingress = decide_for(&to, Direction::Ingress, from.identity());
+    let passes = |s: &SideDecision| matches!(s.decision.as_str(), "allowed" | "not-selected" | "not-local");
+    let verdict = if passes(&egress) && passes(&ingress) { "allow" } else { "deny" };
+    let label = |p: &Party, text: &str| match p {
+        Party::Local { name, ip: Some(ip), .. } => format!("{name} ({ip})"),
+        Party::Address { ip, .. } => ip.to_string(),
+        _ => text.to_string(),
+    };
+    Ok(Explanation {
+        from: label(&from, &req.from),
+        to: label(&to, &req.to),
+        protocol: req.protocol.clone(),
+        port,
+        from_identity: from.identity(),
+        to_identity: to.identity(),
+        egress,
+        ingress,
+        verdict: verdict.into(),
+    })
+}
+
+/// The state an agent would hold, built without one: for `palisade policy explain
+/// --scenario/--policies` and for checks that compare the kernel with it. Every step is the
+/// agent's own code where it is reachable ([`PolicySources`] reads the manifests,
+/// `resolve_with_cidrs` + [`allow_localhost`] resolve, [`ExternalIpcache`] holds the
+/// reserved addresses); the few lines the actors keep private are mirrored here
+/// ([`endpoint_labels`], [`assemble_ipcache`]).
+pub mod offline {
+    use std::collections::BTreeMap;
+    use std::net::IpAddr;
+    use std::path::{Path, PathBuf};
+
+    use palisade_common::identity as reserved;
+    use palisade_policy::CidrIdentities;
+    use palisade_policy::identity::IdentityAllocator;
+    use palisade_policy::labels::LabelSet;
+    use palisade_policy::model::Policy;
+    use palisade_policy::resolve::{DesiredState, EndpointView, NamedPort, resolve_with_cidrs};
+    use palisade_scenario::{Entity, IpFamily, Plan, PlanPod};
+
+    use super::{ExplainInputs, view_of};
+    use crate::actors::identity::{ExternalIpcache, Prefix, parse_prefix};
+    use crate::actors::policy_watch::PolicySources;
+    use crate::actors::resolver::allow_localhost;
+    use crate::api::types::{EndpointSpec, IpcacheEntrySpec, PolicyStatus, PortSpec, ReservedEntity};
+    use crate::endpoint::LocalEndpoint;
+
+    /// The agent's default cluster name (`--cluster`).
+    pub const DEFAULT_CLUSTER: &str = "default";
+
+    /// Why the offline state cannot be built.
+    #[derive(Debug, thiserror::Error)]
+    pub enum OfflineError {
+        #[error("cannot read the policy directory {}: {source}", dir.display())]
+        PolicyDir { dir: PathBuf, source: std::io::Error },
+        #[error("cannot read policy file {}: {source}", file.display())]
+        PolicyFile { file: PathBuf, source: std::io::Error },
+        #[error(transparent)]
+        Scenario(#[from] palisade_scenario::ScenarioError),
+        #[error("policy manifest {manifest} of the scenario cannot be written as YAML: {reason}")]
+        Manifest { manifest: String, reason: String },
+        #[error("pod {namespace}/{name}: {reason}")]
+        Endpoint { namespace: String, name: String, reason: String },
+        #[error("namespace {namespace} of pod {namespace}/{name} is not known")]
+        UnknownNamespace { namespace: String, name: String },
+        #[error("ipcache entry {cidr}: {reason}")]
+        Ipcache { cidr: String, reason: String },
+    }
+
+    /// What the testbed registers for a pod of a scenario (`PUT /v1/endpoints/ns/name`).
+    pub fn scenario_endpoint_spec(pod: &PlanPod) -> EndpointSpec {
+        EndpointSpec {
+            labels: pod.labels.clone(),
+            service_account: pod.service_account.clone(),
+            ipv4: pod.ipv4,
+            ipv6: pod.ipv6,
+            interface: pod.host_interface.clone(),
+            ports: pod
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    p.name.as_ref().map(|n| PortSpec {
+                        name: n.clone(),
+                        port: p.port,
+                        protocol: p.protocol.to_string(),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// The reserved addresses the testbed registers for a scenario (`PUT /v1/ipcache`): the
+    /// node (host), the simulated remote node and the API server, in the scenario's families.
+    pub fn scenario_reserved_entries(plan: &Plan) -> Vec<IpcacheEntrySpec> {
+        let mut out = Vec::new();
+        for (entity, reserved) in [
+            (Entity::Host, ReservedEntity::Host),
+            (Entity::RemoteNode, ReservedEntity::RemoteNode),
+            (Entity::KubeApiserver, ReservedEntity::KubeApiserver),
+        ] {
+            let (v4, v6) = entity.addresses();
+            if plan.has_family(IpFamily::IPv4) {
+                out.push(IpcacheEntrySpec { cidr: format!("{v4}/32"), entity: reserved });
+            }
+            if plan.has_family(IpFamily::IPv6) {
+                out.push(IpcacheEntrySpec { cidr: format!("{v6}/128"), entity: reserved });
+            }
+        }
+        out
+    }
+
+    /// The scenario's manifests as the testbed writes them into the policy directory
+    /// (file name, text), without those marked `expectRejected`.
+    pub fn scenario_policy_files(plan: &Plan) -> Result<Vec<(String, String)>, OfflineError> {
+        plan.policies
+            .iter()
+            .filter(|p| !p.expect_rejected)
+            .map(|p| {
+                let text =
+                    p.to_yaml().map_err(|e| OfflineError::Manifest { manifest: p.label(), reason: e.to_string() })?;
+                Ok((p.file_name.clone(), text))
+            })
+            .collect()
+    }
+
+    /// The files of a policy directory the agent reads (`*.yaml`, `*.yml`, `*.json`, not
+    /// hidden), sorted, with their content.
+    pub fn read_policy_dir(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, OfflineError> {
+        let err = |source| OfflineError::PolicyDir { dir: dir.to_path_buf(), source };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(err)? {
+            let path = entry.map_err(err)?.path();
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+            if !hidden && matches!(ext, "yaml" | "yml" | "json") && path.is_file() {
+                files.push(path);
+            }
+        }
+        files.sort();
+        files
+            .into_iter()
+            .map(|f| {
+                let bytes = std::fs::read(&f).map_err(|source| OfflineError::PolicyFile { file: f.clone(), source })?;
+                Ok((f.display().to_string(), bytes))
+            })
+            .collect()
+    }
+
+    /// The label set the endpoint tracker derives for a pod: pod labels, namespace labels
+    /// (with `kubernetes.io/metadata.name`), service account, cluster, and the ipBlock
+    /// membership labels of its addresses.
+    pub fn endpoint_labels(
+        namespace: &str,
+        namespace_labels: &BTreeMap<String, String>,
+        spec: &EndpointSpec,
+        cluster: &str,
+        policies: &[Policy],
+    ) -> LabelSet {
+        let mut ns_labels = namespace_labels.clone();
+        ns_labels.insert("kubernetes.io/metadata.name".into(), namespace.to_string());
+        let mut labels = LabelSet::for_pod(namespace, &ns_labels, &spec.labels, &spec.service_account, cluster);
+        let ips: Vec<IpAddr> = spec.ipv4.map(Into::into).into_iter().chain(spec.ipv6.map(Into::into)).collect();
+        for l in palisade_policy::ipblock_labels(policies, &ips) {
+            labels.insert(l);
+        }
+        labels
+    }
+
+    /// The ipcache as the resolver writes it: CIDR identities, then addresses outside this
+    /// node's pods (reserved prefixes, other nodes' pods), then the local pods' own
+    /// addresses; later entries win on the same prefix.
+    pub fn assemble_ipcache(
+        cidr_ipcache: &BTreeMap<Prefix, u32>,
+        external: &BTreeMap<Prefix, u32>,
+        endpoints: &[LocalEndpoint],
+    ) -> BTreeMap<Prefix, u32> {
+        let mut ipcache = cidr_ipcache.clone();
+        ipcache.extend(external.iter().map(|(k, v)| (*k, *v)));
+        for e in endpoints {
+            if let Some(v4) = e.ipv4 {
+                ipcache.insert((v4.into(), 32), e.identity);
+            }
+            if let Some(v6) = e.ipv6 {
+                ipcache.insert((v6.into(), 128), e.identity);
+            }
+        }
+        ipcache
+    }
+
+    fn entity_identity(e: ReservedEntity) -> u32 {
+        match e {
+            ReservedEntity::Host => reserved::HOST,
+            ReservedEntity::RemoteNode => reserved::REMOTE_NODE,
+            ReservedEntity::KubeApiserver => reserved::KUBE_APISERVER,
+            ReservedEntity::Health => reserved::HEALTH,
+            ReservedEntity::Ingress => reserved::INGRESS,
+        }
+    }
+
+    /// A pod as the agent's API receives it.
+    #[derive(Clone, Debug)]
+    pub struct PodInput {
+        pub namespace: String,
+        pub name: String,
+        pub spec: EndpointSpec,
+    }
+
+    /// The agent's state for some namespaces, pods, reserved addresses and policy files.
+    pub struct OfflineState {
+        statuses: Vec<PolicyStatus>,
+        policies: Vec<Policy>,
+        endpoints: Vec<LocalEndpoint>,
+        allocator: IdentityAllocator,
+        cidrs: CidrIdentities,
+        desired: DesiredState,
+        ipcache: BTreeMap<Prefix, u32>,
+        cluster: String,
+    }
+
+    impl OfflineState {
+        /// Reads the policy files (`(source, content)`, as the agent reads its directory),
+        /// registers the pods in order (endpoint ids 1, 2, ...; identities allocated in
+        /// that order) and the reserved addresses, and resolves.
+        pub fn build(
+            namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+            pods: &[PodInput],
+            reserved_entries: &[IpcacheEntrySpec],
+            policy_files: &[(String, Vec<u8>)],
+            cluster: &str,
+        ) -> Result<OfflineState, OfflineError> {
+            let mut sources = PolicySources::default();
+            for (i, (source, bytes)) in policy_files.iter().enumerate() {
+                let name = Path::new(source).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                sources.load_source(source, &name, true, bytes, i as u64);
+            }
+            sources.stamp(0);
+            let policies = sources.policies();
+
+            let mut allocator = IdentityAllocator::new();
+            let mut endpoints = Vec::with_capacity(pods.len());
+            for (i, pod) in pods.iter().enumerate() {
+                let err = |reason: String| OfflineError::Endpoint {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    reason,
+                };
+                let ns_labels = namespaces.get(&pod.namespace).ok_or_else(|| OfflineError::UnknownNamespace {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                })?;
+                if pod.spec.ipv4.is_none() && pod.spec.ipv6.is_none() {
+                    return Err(err("it has neither an IPv4 nor an IPv6 address".into()));
+                }
+                let named_ports = pod
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| NamedPort::new(&p.name, p.port, &p.protocol))
+                    .collect::<Result<Vec<_>, String>>()
+                    .map_err(err)?;
+                let labels = endpoint_labels(&pod.namespace, ns_labels, &pod.spec, cluster, &policies);
+                let identity = allocator.allocate(&labels);
+                endpoints.push(LocalEndpoint {
+                    id: u16::try_from(i + 1).map_err(|_| err("more than 65535 pods".into()))?,
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    labels,
+                    identity,
+                    ipv4: pod.spec.ipv4,
+                    ipv6: pod.spec.ipv6,
+                    interface: pod.spec.interface.clone(),
+                    ifindex: 0,
+                    named_ports,
+                });
+            }
+
+            let mut external = ExternalIpcache::default();
+            for e in reserved_entries {
+                let prefix = parse_prefix(&e.cidr)
+                    .map_err(|err| OfflineError::Ipcache { cidr: e.cidr.clone(), reason: err.to_string() })?;
+                external.upsert_reserved(prefix, entity_identity(e.entity));
+            }
+
+            let mut cidrs = CidrIdentities::new();
+            cidrs.sync(&policies);
+            let views: Vec<EndpointView> = endpoints.iter().map(view_of).collect();
+            let mut desired = resolve_with_cidrs(&policies, &views, &allocator, &cidrs);
+            allow_localhost(&mut desired);
+            let ipcache = assemble_ipcache(&desired.cidr_ipcache, &external.entries(), &endpoints);
+            Ok(OfflineState {
+                statuses: sources.statuses(),
+                policies,
+                endpoints,
+                allocator,
+                cidrs,
+                desired,
+                ipcache,
+                cluster: cluster.to_string(),
+            })
+        }
+
+        /// A scenario as the testbed would bring it up: its namespaces, its pods at the
+        /// addresses the testbed gives them, the reserved entity addresses, and either its
+        /// own manifests (`policy_dir` `None`) or the files of `policy_dir`.
+        pub fn from_scenario(plan: &Plan, policy_dir: Option<&Path>) -> Result<OfflineState, OfflineError> {
+            let files = match policy_dir {
+                Some(dir) => read_policy_dir(dir)?,
+                None => scenario_policy_files(plan)?.into_iter().map(|(n, t)| (n, t.into_bytes())).collect(),
+            };
+            let pods: Vec<PodInput> = plan
+                .pods
+                .iter()
+                .map(|p| PodInput {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    spec: scenario_endpoint_spec(p),
+                })
+                .collect();
+            let cluster = plan.cluster.as_deref().unwrap_or(DEFAULT_CLUSTER);
+            Self::build(&plan.namespaces, &pods, &scenario_reserved_entries(plan), &files, cluster)
+        }
+
+        /// Policies only (no pods): flows between label sets and addresses.
+        pub fn from_policy_dir(dir: &Path, cluster: &str) -> Result<OfflineState, OfflineError> {
+            Self::build(&BTreeMap::new(), &[], &[], &read_policy_dir(dir)?, cluster)
+        }
+
+        /// The status of every manifest read (rejected ones carry their error).
+        pub fn statuses(&self) -> &[PolicyStatus] {
+            &self.statuses
+        }
+
+        pub fn endpoints(&self) -> &[LocalEndpoint] {
+            &self.endpoints
+        }
+
+        /// What [`super::explain`] needs.
+        pub fn inputs(&self) -> ExplainInputs<'_> {
+            ExplainInputs {
+                policies: &self.policies,
+                endpoints: &self.endpoints,
+                allocator: &self.allocator,
+                cidrs: &self.cidrs,
+                desired: Some(&self.desired),
+                ipcache: &self.ipcache,
+                cluster: &self.cluster,
+            }
+        }
+    }
+}

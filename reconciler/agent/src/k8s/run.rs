@@ -1,0 +1,315 @@
+//! The Kubernetes source: five watchers (CNP, CCNP, NetworkPolicy, Namespace, Pod) feed
+//! mirrors; after every burst of events, and every `resync` interval, one reconcile pass
+//! compares the desired state derived from the mirrors with what was handed to the
+//! actors and sends only the differences. Watchers retry with backoff forever; while the
+//! API server is unreachable the mirrors keep their content, so nothing changes in what
+//! is enforced.
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::{FutureExt, Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, ResourceExt};
+
+use super::crd::NodePolicyStatus;
+use super::mirror::{Mirror, plan};
+use super::route;
+use super::sync::{
+    CCNP_KIND, CNP_KIND, RemoteSpec, current_node_status, desired_endpoints, desired_namespaces, desired_policies,
+    node_status, status_differs,
+};
+use crate::actors::Agent;
+use crate::actors::endpoints::{DeleteEndpoint, ListEndpointSpecs, UpsertEndpoint, UpsertNamespace};
+use crate::actors::identity::{RemoveRemoteEndpoint, UpsertRemoteEndpoint};
+use crate::actors::policy_watch::{ListPolicies, RemoveSource, UpsertSourceText};
+use crate::api::types::{EndpointSpec, NamespaceSpec, PolicyStatus};
+
+/// How the Kubernetes source runs.
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    /// This node's name (`spec.nodeName` of its pods).
+    pub node_name: String,
+    /// Cluster name (label `io.cilium.k8s.policy.cluster`).
+    pub cluster: String,
+    /// Interval of the full reconcile pass (retries, interfaces that appeared).
+    pub resync: Duration,
+}
+
+/// The API resource of a Cilium policy kind.
+pub fn cilium_resource(kind: &str) -> ApiResource {
+    let plural = if kind == CNP_KIND { "ciliumnetworkpolicies" } else { "ciliumclusterwidenetworkpolicies" };
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("cilium.io", "v2", kind), plural)
+}
+
+enum Input {
+    Cnp(Box<Event<DynamicObject>>),
+    Ccnp(Box<Event<DynamicObject>>),
+    Knp(Box<Event<NetworkPolicy>>),
+    Ns(Box<Event<Namespace>>),
+    Pod(Box<Event<Pod>>),
+    WatchError(&'static str, String),
+    Tick,
+}
+
+fn watch<K, F>(api: Api<K>, what: &'static str, wrap: F) -> std::pin::Pin<Box<dyn Stream<Item = Input> + Send>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    F: Fn(Box<Event<K>>) -> Input + Send + 'static,
+{
+    // Bookmarks keep the resourceVersion fresh; a 410 Gone or a broken connection makes
+    // the watcher relist (Init..InitDone), after a backoff while the server is away.
+    let config = watcher::Config::default();
+    Box::pin(watcher::watcher(api, config).default_backoff().map(move |r| match r {
+        Ok(ev) => wrap(Box::new(ev)),
+        Err(e) => Input::WatchError(what, e.to_string()),
+    }))
+}
+
+/// Mirrors of the API and what was handed to the actors.
+pub struct KubeSync {
+    opts: KubeOptions,
+    cnp: Mirror<DynamicObject>,
+    ccnp: Mirror<DynamicObject>,
+    knp: Mirror<NetworkPolicy>,
+    namespaces: Mirror<Namespace>,
+    pods: Mirror<Pod>,
+    applied_policies: BTreeMap<String, String>,
+    applied_namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    applied_local: BTreeMap<(String, String), EndpointSpec>,
+    applied_remote: BTreeMap<String, RemoteSpec>,
+    written_status: BTreeMap<String, NodePolicyStatus>,
+}
+
+impl KubeSync {
+    pub fn new(opts: KubeOptions) -> Self {
+        KubeSync {
+            opts,
+            cnp: Mirror::default(),
+            ccnp: Mirror::default(),
+            knp: Mirror::default(),
+            namespaces: Mirror::default(),
+            pods: Mirror::default(),
+            applied_policies: BTreeMap::new(),
+            applied_namespaces: BTreeMap::new(),
+            applied_local: BTreeMap::new(),
+            applied_remote: BTreeMap::new(),
+            written_status: BTreeMap::new(),
+        }
+    }
+
+    /// Applies one input to the mirrors; true when a reconcile pass is due.
+    fn absorb(&mut self, input: Input) -> bool {
+        match input {
+            Input::Cnp(e) => self.cnp.apply(*e),
+            Input::Ccnp(e) => self.ccnp.apply(*e),
+            Input::Knp(e) => self.knp.apply(*e),
+            Input::Ns(e) => self.namespaces.apply(*e),
+            Input::Pod(e) => self.pods.apply(*e),
+            Input::WatchError(what, e) => {
+                tracing::warn!(resource = what, error = %e, "watch failed; retrying with backoff, enforcement unchanged");
+                false
+            }
+            Input::Tick => true,
+        }
+    }
+
+    /// One reconcile pass.
+    async fn reconcile(&mut self, agent: &Agent, client: &Client) {
+        self.sync_policies(agent).await;
+        self.write_statuses(agent, client).await;
+        if self.namespaces.synced() {
+            self.sync_namespaces(agent).await;
+            if self.pods.synced() {
+                self.sync_endpoints(agent).await;
+            }
+        }
+    }
+
+    async fn sync_policies(&mut self, agent: &Agent) {
+        let desired = desired_policies(&self.cnp, &self.ccnp, &self.knp);
+        let p = plan(&self.applied_policies, &desired);
+        for (source, text) in p.upserts {
+            match agent.policy_watch.send(UpsertSourceText { source: source.clone(), text: text.clone() }).await {
+                Ok(applied) => {
+                    tracing::info!(%source, revision = applied.revision, "policy from the API applied");
+                    self.applied_policies.insert(source, text);
+                }
+                Err(e) => tracing::error!(%source, error = %e, "handing a policy to the policy watch failed"),
+            }
+        }
+        for source in p.removes {
+            match agent.policy_watch.send(RemoveSource { source: source.clone() }).await {
+                Ok(revision) => {
+                    tracing::info!(%source, revision, "policy deleted in the API removed");
+                    self.applied_policies.remove(&source);
+                    self.written_status.remove(&source);
+                }
+                Err(e) => tracing::error!(%source, error = %e, "removing a policy failed"),
+            }
+        }
+    }
+
+    async fn write_statuses(&mut self, agent: &Agent, client: &Client) {
+        let Ok(all) = agent.policy_watch.send(ListPolicies).await else { return };
+        let mut by_source: BTreeMap<String, Vec<PolicyStatus>> = BTreeMap::new();
+        for s in all {
+            by_source.entry(s.source.clone()).or_default().push(s);
+        }
+        let node = self.opts.node_name.clone();
+        let objects: Vec<(&'static str, DynamicObject)> = self
+            .cnp
+            .objects()
+            .map(|o| (CNP_KIND, o.clone()))
+            .chain(self.ccnp.objects().map(|o| (CCNP_KIND, o.clone())))
+            .collect();
+        for (kind, obj) in objects {
+            let ns = obj.namespace();
+            let source = super::translate::policy_source(kind, ns.as_deref(), &obj.name_any());
+            let Some(statuses) = by_source.get(&source) else { continue };
+            let want = node_status(statuses);
+            let have = current_node_status(&obj, &node);
+            if !status_differs(have.as_ref(), &want) || self.written_status.get(&source) == Some(&want) {
+                continue;
+            }
+            match patch_policy_status(client, kind, ns.as_deref(), &obj.name_any(), &node, &want).await {
+                Ok(()) => {
+                    self.written_status.insert(source, want);
+                }
+                Err(e) => tracing::warn!(%source, error = %e, "writing the policy status failed; will retry"),
+            }
+        }
+    }
+
+    async fn sync_namespaces(&mut self, agent: &Agent) {
+        let desired = desired_namespaces(&self.namespaces);
+        let p = plan(&self.applied_namespaces, &desired);
+        for (name, labels) in p.upserts {
+            let msg = UpsertNamespace { name: name.clone(), spec: NamespaceSpec { labels: labels.clone() } };
+            match agent.endpoints.send(msg).await {
+                Ok(Ok(_)) => {
+                    self.applied_namespaces.insert(name, labels);
+                }
+                Ok(Err(e)) => tracing::warn!(namespace = %name, error = %e, "namespace not applied; will retry"),
+                Err(e) => tracing::error!(namespace = %name, error = %e, "endpoint tracker unavailable"),
+            }
+        }
+        for name in p.removes {
+            self.applied_namespaces.remove(&name);
+        }
+    }
+
+    async fn sync_endpoints(&mut self, agent: &Agent) {
+        // What the tracker holds now (a CNI registration may have replaced a spec).
+        let held = agent.endpoints.send(ListEndpointSpecs).await.unwrap_or_default();
+        for (key, spec) in self.applied_local.iter_mut() {
+            match held.get(key) {
+                Some(h) => *spec = h.clone(),
+                None => spec.interface.clear(),
+            }
+        }
+        let routes = route::read_routes();
+        let desired =
+            desired_endpoints(&self.pods, &self.applied_namespaces, &self.opts.node_name, &self.opts.cluster, |info| {
+                let by_route = info.ips().into_iter().find_map(|ip| route::interface_for(&routes, ip));
+                // Registered by the CNI plugin with the same addresses.
+                let by_cni = held
+                    .get(&(info.namespace.clone(), info.name.clone()))
+                    .filter(|s| s.ipv4 == info.ipv4 && s.ipv6 == info.ipv6)
+                    .map(|s| s.interface.clone());
+                by_route.or(by_cni)
+            });
+        if !desired.waiting.is_empty() {
+            tracing::debug!(pods = ?desired.waiting, "local pods whose interface is not known yet");
+        }
+        let p = plan(&self.applied_local, &desired.local);
+        for ((namespace, name), spec) in p.upserts {
+            let msg = UpsertEndpoint { namespace: namespace.clone(), name: name.clone(), spec: spec.clone() };
+            match agent.endpoints.send(msg).await {
+                Ok(Ok(_)) => {
+                    self.applied_local.insert((namespace, name), spec);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "endpoint not applied; will retry")
+                }
+                Err(e) => tracing::error!(error = %e, "endpoint tracker unavailable"),
+            }
+        }
+        for (namespace, name) in p.removes {
+            let msg = DeleteEndpoint { namespace: namespace.clone(), name: name.clone() };
+            match agent.endpoints.send(msg).await {
+                Ok(_) => {
+                    self.applied_local.remove(&(namespace, name));
+                }
+                Err(e) => tracing::error!(error = %e, "endpoint tracker unavailable"),
+            }
+        }
+        let p = plan(&self.applied_remote, &desired.remote);
+        for (key, spec) in p.upserts {
+            let msg = UpsertRemoteEndpoint { key: key.clone(), labels: spec.labels.clone(), ips: spec.ips.clone() };
+            if agent.identities.send(msg).await.is_ok() {
+                self.applied_remote.insert(key, spec);
+            }
+        }
+        for key in p.removes {
+            if agent.identities.send(RemoveRemoteEndpoint { key: key.clone() }).await.is_ok() {
+                self.applied_remote.remove(&key);
+            }
+        }
+    }
+}
+
+/// Writes this node's entry of a CNP's or CCNP's `status.nodes` (merge patch of the status
+/// subresource; other nodes' entries are left alone).
+pub async fn patch_policy_status(
+    client: &Client,
+    kind: &str,
+    namespace: Option<&str>,
+    name: &str,
+    node: &str,
+    status: &NodePolicyStatus,
+) -> Result<(), kube::Error> {
+    let ar = cilium_resource(kind);
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    let patch = serde_json::json!({ "status": { "nodes": { node: status } } });
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+/// Runs the Kubernetes source until the agent stops. Never returns on API errors: the
+/// watchers retry with backoff, and enforcement stays as it was meanwhile.
+pub async fn run(agent: Agent, client: Client, opts: KubeOptions) {
+    tracing::info!(node = %opts.node_name, "Kubernetes mode: watching policies, namespaces and pods");
+    let resync = opts.resync;
+    let cnp = Api::<DynamicObject>::all_with(client.clone(), &cilium_resource(CNP_KIND));
+    let ccnp = Api::<DynamicObject>::all_with(client.clone(), &cilium_resource(CCNP_KIND));
+    let ticks = futures_util::stream::unfold((), move |()| async move {
+        tokio::time::sleep(resync).await;
+        Some((Input::Tick, ()))
+    });
+    let mut inputs = futures_util::stream::select_all(vec![
+        watch(cnp, CNP_KIND, Input::Cnp),
+        watch(ccnp, CCNP_KIND, Input::Ccnp),
+        watch(Api::<NetworkPolicy>::all(client.clone()), "NetworkPolicy", Input::Knp),
+        watch(Api::<Namespace>::all(client.clone()), "Namespace", Input::Ns),
+        watch(Api::<Pod>::all(client.clone()), "Pod", Input::Pod),
+        Box::pin(ticks),
+    ]);
+    let mut sync = KubeSync::new(opts);
+    while let Some(input) = inputs.next().await {
+        let mut due = sync.absorb(input);
+        // Take the whole burst before reconciling once.
+        while let Some(Some(more)) = inputs.next().now_or_never() {
+            due |= sync.absorb(more);
+        }
+        if due {
+            sync.reconcile(&agent, &client).await;
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! What the actors should hold, computed from the mirrors of the API: policy texts by
+//! source, namespace labels, this node's endpoints, other nodes' pods, and the status each
+//! policy object should show for this node. Level-based: every pass compares the whole
+//! desired state with what was applied, so a missed event, a relist or a restart of a
+//! watch cannot leave anything behind.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::ResourceExt;
+use kube::api::DynamicObject;
+use palisade_policy::labels::LabelSet;
+
+use super::crd::NodePolicyStatus;
+use super::mirror::Mirror;
+use super::translate::{PodInfo, pod_info, policy_source, policy_text};
+use crate::api::types::{EndpointSpec, PolicyStatus};
+
+pub const CNP_KIND: &str = "CiliumNetworkPolicy";
+pub const CCNP_KIND: &str = "CiliumClusterwideNetworkPolicy";
+pub const KNP_KIND: &str = "NetworkPolicy";
+
+/// Policy texts by source key, from the three policy mirrors.
+pub fn desired_policies(
+    cnp: &Mirror<DynamicObject>,
+    ccnp: &Mirror<DynamicObject>,
+    knp: &Mirror<NetworkPolicy>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for o in cnp.objects() {
+        let src = policy_source(CNP_KIND, Some(&o.namespace().unwrap_or_default()), &o.name_any());
+        out.insert(src, policy_text(o, "cilium.io/v2", CNP_KIND));
+    }
+    for o in ccnp.objects() {
+        out.insert(policy_source(CCNP_KIND, None, &o.name_any()), policy_text(o, "cilium.io/v2", CCNP_KIND));
+    }
+    for o in knp.objects() {
+        let src = policy_source(KNP_KIND, Some(&o.namespace().unwrap_or_default()), &o.name_any());
+        out.insert(src, policy_text(o, "networking.k8s.io/v1", KNP_KIND));
+    }
+    out
+}
+
+/// Labels of every namespace.
+pub fn desired_namespaces(namespaces: &Mirror<Namespace>) -> BTreeMap<String, BTreeMap<String, String>> {
+    namespaces.objects().map(|n| (n.name_any(), n.labels().clone())).collect()
+}
+
+/// A pod of another node as the identity cache takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteSpec {
+    pub labels: LabelSet,
+    pub ips: Vec<IpAddr>,
+}
+
+/// The endpoints the pods derive.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredEndpoints {
+    /// This node's pods whose host-side interface is known.
+    pub local: BTreeMap<(String, String), EndpointSpec>,
+    /// This node's pods whose interface is not known yet (`namespace/name`).
+    pub waiting: Vec<String>,
+    /// Other nodes' pods, by `namespace/name`.
+    pub remote: BTreeMap<String, RemoteSpec>,
+}
+
+/// Splits the pods into this node's endpoints (with the interface `interface` finds for
+/// them) and other nodes' pods (label set and addresses).
+pub fn desired_endpoints(
+    pods: &Mirror<Pod>,
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    node: &str,
+    cluster: &str,
+    interface: impl Fn(&PodInfo) -> Option<String>,
+) -> DesiredEndpoints {
+    let mut out = DesiredEndpoints::default();
+    for pod in pods.objects() {
+        let Some(info) = pod_info(pod) else { continue };
+        if info.node.as_deref() == Some(node) {
+            match interface(&info) {
+                Some(iface) => {
+                    out.local.insert((info.namespace.clone(), info.name.clone()), info.endpoint_spec(iface));
+                }
+                None => out.waiting.push(info.key()),
+            }
+        } else {
+            let labels = info.security_labels(namespaces.get(&info.namespace), cluster);
+            out.remote.insert(info.key(), RemoteSpec { labels, ips: info.ips() });
+        }
+    }
+    out
+}
+
+/// What a policy object's status should say for this node, from the statuses of its
+/// manifests (one per object).
+pub fn node_status(statuses: &[PolicyStatus]) -> NodePolicyStatus {
+    let ok = !statuses.is_empty() && statuses.iter().all(|s| s.enforced);
+    let errors: Vec<&str> = statuses.iter().filter_map(|s| s.error.as_deref()).collect();
+    let warnings: Vec<&str> = statuses.iter().flat_map(|s| s.warnings.iter().map(String::as_str)).collect();
+    let mut annotations = BTreeMap::new();
+    if !warnings.is_empty() {
+        annotations.insert("palisade.io/not-enforced".to_string(), warnings.join("; "));
+    }
+    NodePolicyStatus {
+        ok,
+        // A rejected new version leaves the last accepted one in force.
+        enforcing: ok || errors.iter().any(|e| e.contains("previously accepted version stays in force")),
+        error: (!errors.is_empty()).then(|| errors.join("; ")),
+        local_policy_revision: statuses.iter().map(|s| s.revision).filter(|r| *r != u64::MAX).max(),
+        annotations,
+    }
+}
+
+/// The status this node last wrote on an object, if any.
+pub fn current_node_status(obj: &DynamicObject, node: &str) -> Option<NodePolicyStatus> {
+    let v = obj.data.get("status")?.get("nodes")?.get(node)?;
+    serde_json::from_value(v.clone()).ok()
+}
+
+/// Whether two statuses differ in what a user reads (the revision alone does not count).
+pub fn status_differs(have: Option<&NodePolicyStatus>, want: &NodePolicyStatus) -> bool {
+    match have {
+        None => true,
+        Some(h) => {
+            h.ok != want.ok
+                || h.enforcing != want.enforcing
+                || h.error != want.error
+                || h.annotations != want.annotations
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::watcher::Event;
+
+    fn pod(name: &str, node: &str, ip: &str, app: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": []},
+            "status": {"phase": "Running", "podIP": ip}
+        }))
+        .unwrap()
+    }
+
+    fn cnp(name: &str, spec: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": name, "namespace": "shop", "resourceVersion": "3"},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn pods_split_into_local_waiting_and_remote() {
+        let mut pods = Mirror::default();
+        pods.apply(Event::Init);
+        pods.apply(Event::InitApply(pod("a", "n1", "10.1.0.1", "web")));
+        pods.apply(Event::InitApply(pod("b", "n1", "10.1.0.2", "web")));
+        pods.apply(Event::InitApply(pod("c", "n2", "10.2.0.1", "api")));
+        pods.apply(Event::InitDone);
+        let ns = BTreeMap::from([("shop".to_string(), BTreeMap::from([("team".to_string(), "x".to_string())]))]);
+        let d = desired_endpoints(&pods, &ns, "n1", "default", |p| (p.name == "a").then(|| "lxc-a".to_string()));
+        assert_eq!(d.local.len(), 1);
+        assert_eq!(d.local[&("shop".into(), "a".into())].interface, "lxc-a");
+        assert_eq!(d.waiting, vec!["shop/b".to_string()]);
+        let c = &d.remote["shop/c"];
+        assert_eq!(c.ips, vec!["10.2.0.1".parse::<IpAddr>().unwrap()]);
+        assert!(c.labels.to_string().contains("io.cilium.k8s.namespace.labels.team=x"), "{}", c.labels);
+    }
+
+    #[test]
+    fn policies_are_keyed_by_kind_namespace_and_name() {
+        let mut m = Mirror::default();
+        m.apply(Event::Apply(cnp("web", serde_json::json!({"endpointSelector": {}}))));
+        let d = desired_policies(&m, &Mirror::default(), &Mirror::default());
+        let text = &d["kube:CiliumNetworkPolicy/shop/web"];
+        assert!(text.contains("kind: CiliumNetworkPolicy"), "{text}");
+        assert!(!text.contains("resourceVersion"), "{text}");
+    }
+
+    #[test]
+    fn node_status_reports_errors_and_keeps_enforcing_the_last_good_version() {
+        let st = |enforced: bool, error: Option<&str>| PolicyStatus {
+            source: "kube:x".into(),
+            kind: CNP_KIND.into(),
+            namespace: Some("shop".into()),
+            name: "web".into(),
+            enforced,
+            error: error.map(str::to_string),
+            warnings: vec![],
+            revision: 4,
+        };
+        let good = node_status(&[st(true, None)]);
+        assert!(good.ok && good.enforcing && good.error.is_none());
+        assert_eq!(good.local_policy_revision, Some(4));
+        let bad = node_status(&[st(false, Some("spec.x: bad"))]);
+        assert!(!bad.ok && !bad.enforcing);
+        let kept = node_status(&[st(false, Some("spec.x: bad (the previously accepted version stays in force)"))]);
+        assert!(!kept.ok && kept.enforcing);
+        assert!(status_differs(None, &good));
+        let mut same = good.clone();
+        same.local_policy_revision = Some(9);
+        assert!(!status_differs(Some(&same), &good));
+        assert!(status_differs(Some(&bad), &good));
+
+        let mut obj = cnp("web", serde_json::json!({}));
+        obj.data["status"] =
+            serde_json::json!({"nodes": {"n1": {"ok": true, "enforcing": true, "localPolicyRevision": 2}}});
+        let have = current_node_status(&obj, "n1").unwrap();
+        assert!(!status_differs(Some(&have), &good));
+        assert!(current_node_status(&obj, "n2").is_none());
+    }
+}

@@ -1,0 +1,911 @@
+//! A table of crafted packets run through the real tc programs with BPF_PROG_TEST_RUN (needs
+//! root and bpffs at /sys/fs/bpf), each with the verdict and the reason it must get. The
+//! reason is read from the counters (exactly one (reason, direction) slot must move by one),
+//! and every drop must also send one verdict event with that reason.
+//!
+//! Rows run in order on one datapath, so conntrack and fragment state carry over: a reply
+//! row follows the row that opened its flow, a later fragment the row of its first fragment.
+//! On failure the whole table is printed, one line per packet, mismatches marked.
+//!
+//! The endpoint (on loopback, where BPF_PROG_TEST_RUN runs programs without a context) is
+//! enforced in both directions (default deny) and has these rules:
+//!
+//! | direction | peer           | what                         |
+//! |-----------|----------------|------------------------------|
+//! | ingress   | PEER (300)     | allow TCP/80, TCP/443, UDP/53, SCTP/3868, ICMP echo request, ICMPv6 echo request |
+//! | ingress   | PEER (300)     | deny TCP/22                  |
+//! | ingress   | any            | allow TCP/8443               |
+//! | egress    | PEER (300)     | allow TCP/8080               |
+//! | egress    | CIDR 192.0.2.0/24 | allow UDP/123             |
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::maps::lpm_trie::Key;
+use palisade_agent::datapath::{Datapath, DatapathConfig, EventReader, Hook, MapSet, TestRunOutcome};
+use palisade_common::{
+    EndpointInfo, IpcacheValue, Ipv4Prefix, Ipv6Prefix, POLICY_PREFIX_FULL, PolicyKey, PolicyValue, VerdictEvent,
+    direction, endpoint_flags, identity, policy_flags, proto, reason,
+};
+
+const LO: u32 = 1;
+const EP_ID: u16 = 10;
+const POD: [u8; 4] = [10, 0, 0, 2];
+const PEER: [u8; 4] = [10, 0, 0, 1];
+const PEER_ID: u32 = 300;
+const WORLD: [u8; 4] = [8, 8, 8, 8];
+const CIDR_HOST: [u8; 4] = [192, 0, 2, 9];
+const CIDR_ID: u32 = identity::LOCAL_SCOPE | 1;
+const POD6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const PEER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const OTHER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+
+// ---------------------------------------------------------------------------------------
+// Fixture
+
+/// A pin directory on bpffs, removed with every pin in it on drop (also on panic).
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new() -> PinDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        assert!(nix::unistd::geteuid().is_root(), "the packet table loads eBPF programs: run it as root");
+        assert!(Path::new("/sys/fs/bpf").exists(), "bpffs is not mounted at /sys/fs/bpf: run ci/setup.sh (as root)");
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        PinDir(PathBuf::from(format!("/sys/fs/bpf/palisade-table-{}-{n}", std::process::id())))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = Datapath::uninstall(&self.0) {
+            eprintln!("cleaning up {}: {e}", self.0.display());
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// What one packet did.
+struct Observed {
+    /// The program's action.
+    out: TestRunOutcome,
+    /// The (reason, direction) counter slots that moved.
+    moved: Vec<(u8, u8)>,
+    /// The reasons of the verdict events it sent.
+    events: Vec<u8>,
+}
+
+struct Fixture {
+    dp: Datapath,
+    maps: MapSet,
+    events: EventReader,
+    _pins: PinDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let pins = PinDir::new();
+        let mut dp = Datapath::load(&DatapathConfig { pin_dir: pins.0.clone() })
+            .unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+        let maps = dp.take_maps().expect("maps");
+        let events = dp.take_events().expect("events");
+        let mut fx = Fixture { dp, maps, events, _pins: pins };
+        fx.setup();
+        fx
+    }
+
+    fn setup(&mut self) {
+        let ep = EndpointInfo {
+            endpoint_id: EP_ID.into(),
+            identity: 1000,
+            flags: endpoint_flags::INGRESS_ENFORCED
+                | endpoint_flags::EGRESS_ENFORCED
+                | endpoint_flags::HAS_IPV4
+                | endpoint_flags::HAS_IPV6,
+            ipv4: POD,
+            ipv6: POD6,
+        };
+        self.maps.endpoints.insert(LO, ep, 0).expect("endpoint");
+        let v = |identity| IpcacheValue { identity, flags: 0 };
+        // Host entries where the agent puts them; the CIDR in the trie.
+        self.maps.ipcache_host_v4.insert(Ipv4Prefix { addr: PEER }, v(PEER_ID), 0).expect("ipcache");
+        self.maps.ipcache_host_v4.insert(Ipv4Prefix { addr: POD }, v(1000), 0).expect("ipcache");
+        self.maps.ipcache_host_v6.insert(Ipv6Prefix { addr: PEER6 }, v(PEER_ID), 0).expect("ipcache");
+        let cidr = Key::new(24, Ipv4Prefix { addr: [192, 0, 2, 0] });
+        self.maps.ipcache_v4.insert(&cidr, v(CIDR_ID), 0).expect("ipcache");
+
+        let ingress = direction::INGRESS;
+        for (p, port) in [(proto::TCP, 80), (proto::TCP, 443), (proto::UDP, 53), (proto::SCTP, 3868)] {
+            self.rule(ingress, PEER_ID, p, port, false);
+        }
+        self.rule(ingress, PEER_ID, proto::ICMP, 8, false);
+        self.rule(ingress, PEER_ID, proto::ICMPV6, 128, false);
+        self.rule(ingress, PEER_ID, proto::TCP, 22, true);
+        self.rule(ingress, identity::ANY, proto::TCP, 8443, false);
+        self.rule(direction::EGRESS, PEER_ID, proto::TCP, 8080, false);
+        self.rule(direction::EGRESS, CIDR_ID, proto::UDP, 123, false);
+    }
+
+    fn rule(&mut self, dir: u8, peer: u32, protocol: u8, port: u16, deny: bool) {
+        let key = PolicyKey::new(EP_ID, dir, peer, protocol, port);
+        let value =
+            PolicyValue { flags: if deny { policy_flags::DENY } else { 0 }, cookie: 1, prefix_len: POLICY_PREFIX_FULL };
+        self.maps.insert_policy(POLICY_PREFIX_FULL, key, value).expect("policy");
+    }
+
+    /// Runs `frame` once.
+    fn observe(&mut self, hook: Hook, frame: &[u8]) -> Result<Observed, String> {
+        let before = self.maps.sum_counters().expect("counters");
+        let out = self.dp.test_run(hook, frame, None).map_err(|e| format!("BPF_PROG_TEST_RUN refused it: {e}"))?;
+        let after = self.maps.sum_counters().expect("counters");
+        let moved = after
+            .nonzero()
+            .filter(|(r, d, c)| c.packets != before.get(*r, *d).packets)
+            .map(|(r, d, _)| (r, d))
+            .collect();
+        let mut evs: Vec<VerdictEvent> = Vec::new();
+        self.events.drain(&mut evs);
+        Ok(Observed { out, moved, events: evs.iter().map(|e| e.reason).collect() })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Frames
+
+fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An IPv4 packet with `options` (a multiple of 4 bytes) and fragment field `frag`
+/// (0x2000 = more fragments, low 13 bits = offset in 8-byte units).
+fn ipv4_full(src: [u8; 4], dst: [u8; 4], protocol: u8, options: &[u8], frag: u16, id: u16, l4: &[u8]) -> Vec<u8> {
+    let ihl = 5 + options.len() / 4;
+    let total = (ihl * 4 + l4.len()) as u16;
+    let mut h = vec![0x40 | ihl as u8, 0];
+    h.extend_from_slice(&total.to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
+    h.extend_from_slice(&frag.to_be_bytes());
+    h.extend_from_slice(&[64, protocol, 0, 0]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h.extend_from_slice(options);
+    h.extend_from_slice(l4);
+    ethernet(0x0800, &h)
+}
+
+fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, l4: &[u8]) -> Vec<u8> {
+    ipv4_full(src, dst, protocol, &[], 0, 0x1234, l4)
+}
+
+fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[next, 64]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(payload);
+    ethernet(0x86dd, &p)
+}
+
+/// An IPv6 extension header (hop-by-hop, routing, destination options) of 8 bytes.
+fn ext(next: u8, rest: &[u8]) -> Vec<u8> {
+    let mut e = vec![next, 0, 1, 4, 0, 0, 0, 0];
+    e.extend_from_slice(rest);
+    e
+}
+
+/// An IPv6 fragment header: `offset` in 8-byte units, `more` fragments flag.
+fn frag6(next: u8, offset: u16, more: bool, id: u32, rest: &[u8]) -> Vec<u8> {
+    let mut f = vec![next, 0];
+    f.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(rest);
+    f
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::new();
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+fn sctp(sport: u16, dport: u16) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&[0u8; 8]);
+    s
+}
+
+fn icmp(ty: u8, code: u8, id: u16) -> Vec<u8> {
+    let mut i = vec![ty, code, 0, 0];
+    i.extend_from_slice(&id.to_be_bytes());
+    i.extend_from_slice(&[0, 1]);
+    i
+}
+
+/// An ICMP error (type 3 code 3) quoting an IPv4 UDP or TCP packet's first 28 bytes.
+fn icmp_error_quoting(quoted_frame: &[u8]) -> Vec<u8> {
+    let mut e = icmp(3, 3, 0);
+    e.extend_from_slice(&quoted_frame[14..14 + 28]);
+    e
+}
+
+fn truncated(mut frame: Vec<u8>, len: usize) -> Vec<u8> {
+    frame.truncate(len);
+    frame
+}
+
+// ---------------------------------------------------------------------------------------
+// The table
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Drop,
+}
+
+struct Row {
+    name: &'static str,
+    hook: Hook,
+    frame: Vec<u8>,
+    verdict: Verdict,
+    reason: u8,
+}
+
+fn row(name: &'static str, hook: Hook, frame: Vec<u8>, verdict: Verdict, reason: u8) -> Row {
+    Row { name, hook, frame, verdict, reason }
+}
+
+fn reason_name(r: u8) -> &'static str {
+    match r {
+        reason::ALLOWED_BY_POLICY => "ALLOWED_BY_POLICY",
+        reason::ALLOWED_NOT_ENFORCED => "ALLOWED_NOT_ENFORCED",
+        reason::ALLOWED_REPLY => "ALLOWED_REPLY",
+        reason::ALLOWED_ALWAYS => "ALLOWED_ALWAYS",
+        reason::DROP_POLICY_DENIED => "DROP_POLICY_DENIED",
+        reason::DROP_POLICY_DENY_RULE => "DROP_POLICY_DENY_RULE",
+        reason::DROP_SPOOFED_SOURCE => "DROP_SPOOFED_SOURCE",
+        reason::DROP_MALFORMED => "DROP_MALFORMED",
+        reason::DROP_FRAGMENT_UNKNOWN => "DROP_FRAGMENT_UNKNOWN",
+        _ => "?",
+    }
+}
+
+fn rows() -> Vec<Row> {
+    use Hook::{FromPod as OUT, ToPod as IN};
+    use Verdict::{Drop, Pass};
+    use reason::*;
+
+    let ip_options = [1, 1, 1, 0]; // NOP, NOP, NOP, end of options
+    let egress_udp = ipv4(POD, PEER, proto::UDP, &udp(5555, 8080, b"x"));
+    let egress_tcp = ipv4(POD, PEER, proto::TCP, &tcp(5556, 8080, SYN));
+    let unknown_quote = ipv4(POD, PEER, proto::UDP, &udp(5555, 9999, b"x"));
+    let tcp443 = tcp(1000, 443, SYN);
+    // `n` destination options headers, the last naming TCP. The parser follows six.
+    let dest_opts_chain = |n: usize, sport: u16| {
+        let mut chain = Vec::new();
+        for i in 0..n {
+            chain.extend_from_slice(&[if i == n - 1 { proto::TCP } else { NEXTHDR_DEST }, 0, 1, 4, 0, 0, 0, 0]);
+        }
+        chain.extend_from_slice(&tcp(sport, 443, SYN));
+        chain
+    };
+
+    vec![
+        // IPv4 TCP
+        row(
+            "v4 tcp SYN peer->pod:80 (exact allow)",
+            IN,
+            ipv4(PEER, POD, proto::TCP, &tcp(40000, 80, SYN)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v4 tcp ACK same flow (policy re-checked)",
+            IN,
+            ipv4(PEER, POD, proto::TCP, &tcp(40000, 80, ACK)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v4 tcp SYN|ACK reply pod:80->peer",
+            OUT,
+            ipv4(POD, PEER, proto::TCP, &tcp(80, 40000, SYN | ACK)),
+            Pass,
+            ALLOWED_REPLY,
+        ),
+        row(
+            "v4 tcp ACK|PSH reply, zero-length payload",
+            OUT,
+            ipv4(POD, PEER, proto::TCP, &tcp(80, 40000, ACK | PSH)),
+            Pass,
+            ALLOWED_REPLY,
+        ),
+        row(
+            "v4 tcp pod:80->peer:40001 is no reply",
+            OUT,
+            ipv4(POD, PEER, proto::TCP, &tcp(80, 40001, ACK)),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        row(
+            "v4 tcp peer->pod:81 (no rule)",
+            IN,
+            ipv4(PEER, POD, proto::TCP, &tcp(40000, 81, SYN)),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        row(
+            "v4 tcp peer->pod:22 (deny rule)",
+            IN,
+            ipv4(PEER, POD, proto::TCP, &tcp(40000, 22, SYN)),
+            Drop,
+            DROP_POLICY_DENY_RULE,
+        ),
+        row(
+            "v4 tcp world->pod:80 (world, no rule)",
+            IN,
+            ipv4(WORLD, POD, proto::TCP, &tcp(40000, 80, SYN)),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        row(
+            "v4 tcp world->pod:8443 (any-peer allow)",
+            IN,
+            ipv4(WORLD, POD, proto::TCP, &tcp(40000, 8443, SYN)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v4 tcp SYN+FIN peer->pod:80 (policy decides)",
+            IN,
+            ipv4(PEER, POD, proto::TCP, &tcp(40010, 80, SYN | FIN)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v4 tcp SYN+FIN peer->pod:81",
+            IN,
+            ipv4(PEER, POD, proto::TCP, &tcp(40011, 81, SYN | FIN)),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        row(
+            "v4 tcp no flags peer->pod:80",
+            IN,
+            ipv4(PEER, POD, proto::TCP, &tcp(40012, 80, 0)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v4 tcp all flags peer->pod:80",
+            IN,
+            ipv4(PEER, POD, proto::TCP, &tcp(40013, 80, 0xff)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v4 tcp all flags peer->pod:22",
+            IN,
+            ipv4(PEER, POD, proto::TCP, &tcp(40013, 22, 0xff)),
+            Drop,
+            DROP_POLICY_DENY_RULE,
+        ),
+        row(
+            "v4 tcp RST reply pod:80->peer",
+            OUT,
+            ipv4(POD, PEER, proto::TCP, &tcp(80, 40013, RST)),
+            Pass,
+            ALLOWED_REPLY,
+        ),
+        row(
+            "v4 tcp data offset 4 (malformed)",
+            IN,
+            {
+                let mut t = tcp(40000, 80, SYN);
+                t[12] = 0x40;
+                ipv4(PEER, POD, proto::TCP, &t)
+            },
+            Drop,
+            DROP_MALFORMED,
+        ),
+        // IPv4 UDP, SCTP, other protocols
+        row("v4 udp peer->pod:53", IN, ipv4(PEER, POD, proto::UDP, &udp(3333, 53, b"query")), Pass, ALLOWED_BY_POLICY),
+        row(
+            "v4 udp reply pod:53->peer",
+            OUT,
+            ipv4(POD, PEER, proto::UDP, &udp(53, 3333, b"answer")),
+            Pass,
+            ALLOWED_REPLY,
+        ),
+        row(
+            "v4 udp peer->pod:53, zero-length payload",
+            IN,
+            ipv4(PEER, POD, proto::UDP, &udp(3334, 53, b"")),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v4 udp peer->pod:54, zero-length payload",
+            IN,
+            ipv4(PEER, POD, proto::UDP, &udp(3334, 54, b"")),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        row("v4 sctp peer->pod:3868", IN, ipv4(PEER, POD, proto::SCTP, &sctp(5000, 3868)), Pass, ALLOWED_BY_POLICY),
+        row("v4 sctp peer->pod:3869", IN, ipv4(PEER, POD, proto::SCTP, &sctp(5000, 3869)), Drop, DROP_POLICY_DENIED),
+        row("v4 gre peer->pod (no rule, no ports)", IN, ipv4(PEER, POD, 47, &[0u8; 8]), Drop, DROP_POLICY_DENIED),
+        row(
+            "v4 udp pod->192.0.2.9:123 (CIDR peer, trie)",
+            OUT,
+            ipv4(POD, CIDR_HOST, proto::UDP, &udp(4444, 123, b"ntp")),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v4 udp pod->192.0.2.9:124",
+            OUT,
+            ipv4(POD, CIDR_HOST, proto::UDP, &udp(4444, 124, b"ntp")),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        // ICMP
+        row(
+            "v4 icmp echo request peer->pod",
+            IN,
+            ipv4(PEER, POD, proto::ICMP, &icmp(8, 0, 77)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row("v4 icmp echo reply pod->peer", OUT, ipv4(POD, PEER, proto::ICMP, &icmp(0, 0, 77)), Pass, ALLOWED_REPLY),
+        row(
+            "v4 icmp echo reply, another id",
+            OUT,
+            ipv4(POD, PEER, proto::ICMP, &icmp(0, 0, 78)),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        row(
+            "v4 icmp timestamp request peer->pod",
+            IN,
+            ipv4(PEER, POD, proto::ICMP, &icmp(13, 0, 0)),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        row("v4 tcp SYN pod->peer:8080 (egress allow)", OUT, egress_tcp.clone(), Pass, ALLOWED_BY_POLICY),
+        row(
+            "v4 icmp port unreachable quoting it",
+            IN,
+            ipv4(PEER, POD, proto::ICMP, &icmp_error_quoting(&egress_tcp)),
+            Pass,
+            ALLOWED_REPLY,
+        ),
+        row("v4 udp pod->peer:8080 (egress: TCP only)", OUT, egress_udp, Drop, DROP_POLICY_DENIED),
+        row(
+            "v4 icmp unreachable quoting an unknown flow",
+            IN,
+            ipv4(PEER, POD, proto::ICMP, &icmp_error_quoting(&unknown_quote)),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        row(
+            "v4 icmp header truncated to 2 bytes",
+            IN,
+            truncated(ipv4(PEER, POD, proto::ICMP, &icmp(8, 0, 1)), 14 + 20 + 2),
+            Drop,
+            DROP_MALFORMED,
+        ),
+        // IP options and malformed IPv4 headers
+        row(
+            "v4 with IP options, tcp peer->pod:80",
+            IN,
+            ipv4_full(PEER, POD, proto::TCP, &ip_options, 0, 1, &tcp(40020, 80, SYN)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v4 with IP options, tcp peer->pod:81",
+            IN,
+            ipv4_full(PEER, POD, proto::TCP, &ip_options, 0, 1, &tcp(40020, 81, SYN)),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        row(
+            "v4 IHL 4 (malformed)",
+            IN,
+            {
+                let mut f = ipv4(PEER, POD, proto::TCP, &tcp(40000, 80, SYN));
+                f[14] = 0x44;
+                f
+            },
+            Drop,
+            DROP_MALFORMED,
+        ),
+        row(
+            "v4 version 6 in an IPv4 frame",
+            IN,
+            {
+                let mut f = ipv4(PEER, POD, proto::TCP, &tcp(40000, 80, SYN));
+                f[14] = 0x65;
+                f
+            },
+            Drop,
+            DROP_MALFORMED,
+        ),
+        // IPv4 fragments
+        row(
+            "v4 first fragment udp peer->pod:53",
+            IN,
+            ipv4_full(PEER, POD, proto::UDP, &[], 0x2000, 100, &udp(3335, 53, &[0u8; 16])),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v4 later fragment, first seen",
+            IN,
+            ipv4_full(PEER, POD, proto::UDP, &[], 3, 100, &[0u8; 16]),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v4 later fragment, first unknown",
+            IN,
+            ipv4_full(PEER, POD, proto::UDP, &[], 3, 101, &[0u8; 16]),
+            Drop,
+            DROP_FRAGMENT_UNKNOWN,
+        ),
+        row(
+            "v4 first fragment udp peer->pod:54",
+            IN,
+            ipv4_full(PEER, POD, proto::UDP, &[], 0x2000, 102, &udp(3335, 54, &[0u8; 16])),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        row(
+            "v4 later fragment of the denied datagram",
+            IN,
+            ipv4_full(PEER, POD, proto::UDP, &[], 3, 102, &[0u8; 16]),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        // Truncated at each layer
+        // BPF_PROG_TEST_RUN refuses (EINVAL) frames shorter than an Ethernet header plus the
+        // IPv4/IPv6 base header their ethertype announces, so truncation there cannot be
+        // crafted; what lies behind the base header can.
+        row("ethernet header only, ARP ethertype", IN, ethernet(0x0806, &[]), Pass, ALLOWED_ALWAYS),
+        row(
+            "v4 IHL 15, options cut off",
+            IN,
+            {
+                let mut f = ipv4(PEER, POD, proto::TCP, &tcp(1, 80, SYN));
+                f[14] = 0x4f;
+                truncated(f, 14 + 20 + 12)
+            },
+            Drop,
+            DROP_MALFORMED,
+        ),
+        row(
+            "truncated TCP header (6 of 20)",
+            IN,
+            truncated(ipv4(PEER, POD, proto::TCP, &tcp(1, 80, SYN)), 14 + 20 + 6),
+            Drop,
+            DROP_MALFORMED,
+        ),
+        row(
+            "truncated UDP header (2 of 8)",
+            IN,
+            truncated(ipv4(PEER, POD, proto::UDP, &udp(1, 53, b"")), 14 + 20 + 2),
+            Drop,
+            DROP_MALFORMED,
+        ),
+        row(
+            "truncated SCTP header (3 of 12)",
+            IN,
+            truncated(ipv4(PEER, POD, proto::SCTP, &sctp(1, 3868)), 14 + 20 + 3),
+            Drop,
+            DROP_MALFORMED,
+        ),
+        row(
+            "truncated IPv6 fragment header (4 of 8)",
+            IN,
+            truncated(ipv6(PEER6, POD6, NEXTHDR_FRAGMENT, &frag6(proto::TCP, 0, true, 11, &tcp443)), 14 + 40 + 4),
+            Drop,
+            DROP_MALFORMED,
+        ),
+        row(
+            "truncated IPv6 hop-by-hop header",
+            IN,
+            truncated(ipv6(PEER6, POD6, NEXTHDR_HOP, &ext(proto::TCP, &tcp443)), 14 + 40 + 1),
+            Drop,
+            DROP_MALFORMED,
+        ),
+        row(
+            "truncated TCP behind IPv6 (10 of 20)",
+            IN,
+            truncated(ipv6(PEER6, POD6, proto::TCP, &tcp443), 14 + 40 + 10),
+            Drop,
+            DROP_MALFORMED,
+        ),
+        // IPv6
+        row("v6 tcp SYN peer->pod:443", IN, ipv6(PEER6, POD6, proto::TCP, &tcp443), Pass, ALLOWED_BY_POLICY),
+        row(
+            "v6 tcp SYN|ACK reply",
+            OUT,
+            ipv6(POD6, PEER6, proto::TCP, &tcp(443, 1000, SYN | ACK)),
+            Pass,
+            ALLOWED_REPLY,
+        ),
+        row("v6 tcp peer->pod:444", IN, ipv6(PEER6, POD6, proto::TCP, &tcp(1000, 444, SYN)), Drop, DROP_POLICY_DENIED),
+        row(
+            "v6 tcp unknown peer (world-ipv6)->pod:443",
+            IN,
+            ipv6(OTHER6, POD6, proto::TCP, &tcp443),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        row(
+            "v6 udp peer->pod:53, zero-length payload",
+            IN,
+            ipv6(PEER6, POD6, proto::UDP, &udp(3333, 53, b"")),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row("v6 sctp peer->pod:3868", IN, ipv6(PEER6, POD6, proto::SCTP, &sctp(5000, 3868)), Pass, ALLOWED_BY_POLICY),
+        row(
+            "v6 icmpv6 echo request peer->pod",
+            IN,
+            ipv6(PEER6, POD6, proto::ICMPV6, &icmp(128, 0, 9)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v6 icmpv6 echo reply pod->peer",
+            OUT,
+            ipv6(POD6, PEER6, proto::ICMPV6, &icmp(129, 0, 9)),
+            Pass,
+            ALLOWED_REPLY,
+        ),
+        row(
+            "v6 icmpv6 type 200 (no rule)",
+            IN,
+            ipv6(PEER6, POD6, proto::ICMPV6, &icmp(200, 0, 0)),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        // IPv6 extension headers
+        row(
+            "v6 hop-by-hop, tcp :443",
+            IN,
+            ipv6(PEER6, POD6, NEXTHDR_HOP, &ext(proto::TCP, &tcp(1001, 443, SYN))),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v6 routing header, tcp :443",
+            IN,
+            ipv6(PEER6, POD6, NEXTHDR_ROUTING, &ext(proto::TCP, &tcp(1002, 443, SYN))),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v6 destination options, tcp :444",
+            IN,
+            ipv6(PEER6, POD6, NEXTHDR_DEST, &ext(proto::TCP, &tcp(1003, 444, SYN))),
+            Drop,
+            DROP_POLICY_DENIED,
+        ),
+        row(
+            "v6 hop-by-hop+routing+dest options, tcp :443",
+            IN,
+            ipv6(
+                PEER6,
+                POD6,
+                NEXTHDR_HOP,
+                &ext(NEXTHDR_ROUTING, &ext(NEXTHDR_DEST, &ext(proto::TCP, &tcp(1004, 443, SYN)))),
+            ),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v6 six extension headers (the most followed)",
+            IN,
+            ipv6(PEER6, POD6, NEXTHDR_DEST, &dest_opts_chain(6, 1006)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v6 seven extension headers (too many)",
+            IN,
+            ipv6(PEER6, POD6, NEXTHDR_DEST, &dest_opts_chain(7, 1007)),
+            Drop,
+            DROP_MALFORMED,
+        ),
+        row(
+            "v6 first fragment, tcp :443",
+            IN,
+            ipv6(PEER6, POD6, NEXTHDR_FRAGMENT, &frag6(proto::TCP, 0, true, 7, &tcp(1005, 443, SYN))),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v6 later fragment, first seen",
+            IN,
+            ipv6(PEER6, POD6, NEXTHDR_FRAGMENT, &frag6(proto::TCP, 3, false, 7, &[0u8; 16])),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v6 later fragment, first unknown",
+            IN,
+            ipv6(PEER6, POD6, NEXTHDR_FRAGMENT, &frag6(proto::TCP, 3, false, 8, &[0u8; 16])),
+            Drop,
+            DROP_FRAGMENT_UNKNOWN,
+        ),
+        row(
+            "v6 hop-by-hop then fragment header, first",
+            IN,
+            ipv6(
+                PEER6,
+                POD6,
+                NEXTHDR_HOP,
+                &ext(NEXTHDR_FRAGMENT, &frag6(proto::UDP, 0, true, 9, &udp(3336, 53, &[0u8; 8]))),
+            ),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        // Spoofed sources (checked on what the pod sends)
+        row(
+            "v4 spoofed source pod->peer:8080",
+            OUT,
+            ipv4([10, 0, 0, 99], PEER, proto::TCP, &tcp(5557, 8080, SYN)),
+            Drop,
+            DROP_SPOOFED_SOURCE,
+        ),
+        row(
+            "v6 spoofed source pod->peer:8080",
+            OUT,
+            ipv6(OTHER6, PEER6, proto::TCP, &tcp(5557, 8080, SYN)),
+            Drop,
+            DROP_SPOOFED_SOURCE,
+        ),
+        row(
+            "v6 link-local source is the pod's own",
+            OUT,
+            ipv6(LINK_LOCAL, PEER6, proto::TCP, &tcp(5558, 8080, SYN)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v4 spoofed source inbound is not checked",
+            IN,
+            ipv4(PEER, [10, 0, 0, 99], proto::TCP, &tcp(5559, 80, SYN)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        // Not IP, and neighbour discovery under default deny
+        row("arp request in", IN, ethernet(0x0806, &[0u8; 28]), Pass, ALLOWED_ALWAYS),
+        row("arp reply out", OUT, ethernet(0x0806, &[0u8; 28]), Pass, ALLOWED_ALWAYS),
+        row(
+            "v6 neighbour solicitation in",
+            IN,
+            ipv6(LINK_LOCAL, POD6, proto::ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]),
+            Pass,
+            ALLOWED_ALWAYS,
+        ),
+        row(
+            "v6 neighbour advertisement out",
+            OUT,
+            ipv6(POD6, LINK_LOCAL, proto::ICMPV6, &[136, 0, 0, 0, 0, 0, 0, 0]),
+            Pass,
+            ALLOWED_ALWAYS,
+        ),
+        row(
+            "v6 router solicitation out",
+            OUT,
+            ipv6(LINK_LOCAL, ALL_NODES, proto::ICMPV6, &[133, 0, 0, 0, 0, 0, 0, 0]),
+            Pass,
+            ALLOWED_ALWAYS,
+        ),
+        row(
+            "v6 router advertisement in",
+            IN,
+            ipv6(LINK_LOCAL, ALL_NODES, proto::ICMPV6, &[134, 0, 0, 0, 0, 0, 0, 0]),
+            Pass,
+            ALLOWED_ALWAYS,
+        ),
+        row(
+            "v6 MLDv2 report out",
+            OUT,
+            ipv6(LINK_LOCAL, ALL_NODES, proto::ICMPV6, &[143, 0, 0, 0, 0, 0, 0, 0]),
+            Pass,
+            ALLOWED_ALWAYS,
+        ),
+        row(
+            "v6 DAD solicitation from :: out",
+            OUT,
+            ipv6([0; 16], ALL_NODES, proto::ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]),
+            Pass,
+            ALLOWED_ALWAYS,
+        ),
+    ]
+}
+
+#[test]
+fn crafted_packets_get_their_verdict_and_reason() {
+    let mut fx = Fixture::new();
+    let rows = rows();
+    assert!(rows.len() >= 40, "the table has {} rows", rows.len());
+    let mut report = String::new();
+    let mut failures = 0;
+    for (i, r) in rows.iter().enumerate() {
+        let dir = if r.hook == Hook::FromPod { direction::EGRESS } else { direction::INGRESS };
+        let mut problems = Vec::new();
+        match fx.observe(r.hook, &r.frame) {
+            Err(e) => problems.push(e),
+            Ok(Observed { out, moved, events }) => {
+                let got_verdict = if out.dropped() { Verdict::Drop } else { Verdict::Pass };
+                if got_verdict != r.verdict {
+                    problems.push(format!("verdict {got_verdict:?} (action {})", out.action));
+                }
+                if moved != [(r.reason, dir)] {
+                    let got: Vec<String> = moved
+                        .iter()
+                        .map(|(m, d)| format!("{}/{}", reason_name(*m), if *d == 0 { "in" } else { "out" }))
+                        .collect();
+                    problems.push(format!("counters moved: [{}]", got.join(", ")));
+                }
+                let want_events: Vec<u8> = if r.verdict == Verdict::Drop { vec![r.reason] } else { Vec::new() };
+                if events != want_events {
+                    let got: Vec<&str> = events.iter().map(|e| reason_name(*e)).collect();
+                    problems.push(format!("events: {got:?}"));
+                }
+            }
+        }
+        let hook = if r.hook == Hook::FromPod { "from-pod" } else { "to-pod  " };
+        let mark = if problems.is_empty() { "ok  " } else { "FAIL" };
+        let _ = writeln!(
+            report,
+            "{mark} {i:>2} {hook} {:<48} want {:?} {:<22} {}",
+            r.name,
+            r.verdict,
+            reason_name(r.reason),
+            problems.join("; ")
+        );
+        if !problems.is_empty() {
+            failures += 1;
+        }
+    }
+    assert!(failures == 0, "{failures} of {} packets got another verdict or reason:\n{report}", rows.len());
+    eprintln!("{} packets:\n{report}", rows.len());
+}

@@ -1,0 +1,125 @@
+//! Every probe is also asked of the agent's `policy explain`: what the kernel did and what
+//! the agent says it should do must agree, or the probe is an error. The same requests
+//! drive the offline check (`palisade policy explain --scenario`) in the tests.
+use std::net::IpAddr;
+
+use palisade_agent::api::types::{ExplainRequest, Explanation};
+
+use crate::report::Observed;
+use crate::scenario::{HostRef, IpFamily, Plan, PlanProbe};
+
+/// How explain names a probe end: a pod by `namespace/name`, any other host by its address
+/// of the probe's family.
+pub fn party(plan: &Plan, end: &HostRef, family: IpFamily) -> Option<String> {
+    match end {
+        HostRef::Pod(i) => Some(plan.pod(*i).key()),
+        HostRef::World(ip) => Some(ip.to_string()),
+        HostRef::Entity(e) => {
+            let (v4, v6) = e.addresses();
+            Some(match family {
+                IpFamily::IPv4 => IpAddr::V4(v4).to_string(),
+                IpFamily::IPv6 => IpAddr::V6(v6).to_string(),
+            })
+        }
+    }
+}
+
+/// The explain request for a probe's flow.
+pub fn request(plan: &Plan, p: &PlanProbe) -> Option<ExplainRequest> {
+    Some(ExplainRequest {
+        from: party(plan, &p.from, p.family)?,
+        to: party(plan, &p.to, p.family)?,
+        port: if p.protocol.is_icmp() { p.icmp_type.map(u16::from) } else { p.port },
+        protocol: p.protocol.as_str().to_string(),
+    })
+}
+
+/// The disagreement between explain and what the kernel did, if any (`None` also when the
+/// probe observed nothing to compare: an error).
+pub fn disagreement(observed: Observed, e: &Explanation) -> Option<String> {
+    let kernel = match observed {
+        Observed::Allow => "allow",
+        Observed::Deny => "deny",
+        Observed::Error => return None,
+    };
+    (e.verdict != kernel).then(|| {
+        format!(
+            "explain says {} but the kernel did {kernel} (egress of {}: {}; ingress of {}: {})",
+            e.verdict,
+            e.egress.endpoint.as_deref().unwrap_or(&e.from),
+            e.egress.decision,
+            e.ingress.endpoint.as_deref().unwrap_or(&e.to),
+            e.ingress.decision
+        )
+    })
+}
+
+/// What allowed the flow by explain's account (`ingress: Kind ns/name`), for allowed
+/// probes whose verdict events did not say (the datapath reports allows of enforced
+/// endpoints only when it has an event for them).
+pub fn allowed_by(e: &Explanation) -> Option<String> {
+    let parts: Vec<String> = [("egress", &e.egress), ("ingress", &e.ingress)]
+        .into_iter()
+        .filter(|(_, s)| s.decision == "allowed" && !s.rules.is_empty())
+        .map(|(place, s)| {
+            // `Kind ns/name spec.ingress[0]` -> `Kind ns/name`.
+            let mut policies: Vec<String> =
+                s.rules.iter().map(|r| r.rsplit_once(" spec.").map_or(r.as_str(), |(p, _)| p).to_string()).collect();
+            policies.dedup();
+            format!("{place}: {}", policies.join(", "))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use palisade_agent::api::types::SideDecision;
+
+    use super::*;
+
+    fn side(endpoint: &str, decision: &str, rules: &[&str]) -> SideDecision {
+        SideDecision {
+            endpoint: Some(endpoint.into()),
+            decision: decision.into(),
+            entry: None,
+            rules: rules.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    fn explanation(verdict: &str) -> Explanation {
+        Explanation {
+            from: "default/a (10.200.1.10)".into(),
+            to: "default/b (10.200.1.11)".into(),
+            protocol: "TCP".into(),
+            port: 80,
+            from_identity: 256,
+            to_identity: 257,
+            egress: side("default/a", "not-selected", &[]),
+            ingress: side(
+                "default/b",
+                if verdict == "allow" { "allowed" } else { "default-deny" },
+                &["CiliumNetworkPolicy default/web spec.ingress[0]", "CiliumNetworkPolicy default/web spec.ingress[1]"],
+            ),
+            verdict: verdict.into(),
+        }
+    }
+
+    #[test]
+    fn a_verdict_explain_does_not_give_is_a_disagreement() {
+        assert_eq!(disagreement(Observed::Allow, &explanation("allow")), None);
+        assert_eq!(disagreement(Observed::Deny, &explanation("deny")), None);
+        assert_eq!(disagreement(Observed::Error, &explanation("deny")), None);
+        let d = disagreement(Observed::Allow, &explanation("deny")).unwrap();
+        assert!(d.starts_with("explain says deny but the kernel did allow"), "{d}");
+        assert!(d.contains("ingress of default/b: default-deny"), "{d}");
+        let d = disagreement(Observed::Deny, &explanation("allow")).unwrap();
+        assert!(d.starts_with("explain says allow but the kernel did deny"), "{d}");
+    }
+
+    #[test]
+    fn allowed_by_names_each_policy_once() {
+        assert_eq!(allowed_by(&explanation("allow")).unwrap(), "ingress: CiliumNetworkPolicy default/web");
+        assert_eq!(allowed_by(&explanation("deny")), None);
+    }
+}

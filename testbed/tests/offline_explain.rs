@@ -1,0 +1,109 @@
+//! Offline explain (no agent, no root): every probe of every fixture scenario, explained on
+//! the state an agent would hold for the scenario (the same pods, addresses, entities and
+//! manifests the testbed gives the real agent), must get the verdict the scenario expects.
+//! The privileged runs then check the kernel against the live agent's explain, probe by probe.
+use std::path::Path;
+
+use palisade_agent::explain::explain;
+use palisade_agent::explain::offline::OfflineState;
+use palisade_testbed::explain_check;
+use palisade_testbed::scenario::{self, Expect};
+
+#[test]
+fn offline_explain_agrees_with_every_fixture_expectation() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "yaml")) {
+        let plan = scenario::load(file).unwrap();
+        let state = OfflineState::from_scenario(&plan, None).unwrap();
+        for p in &plan.probes {
+            let req = explain_check::request(&plan, p).unwrap();
+            let e = explain(&req, &state.inputs()).unwrap_or_else(|e| panic!("{}: {req:?}: {e}", file.display()));
+            let expected = match p.expect {
+                Expect::Allow => "allow",
+                Expect::Deny => "deny",
+            };
+            if e.verdict != expected {
+                wrong.push(format!(
+                    "{} probes[{}] {req:?}: expected {expected}, explain says {e:?}",
+                    file.display(),
+                    p.index
+                ));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 400, "only {checked} probes checked");
+    assert!(wrong.is_empty(), "{} of {checked} disagree:\n{}", wrong.len(), wrong.join("\n"));
+}
+
+#[test]
+fn offline_explain_names_the_rules_and_world_addresses_get_cidr_identities() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/seed-allow-frontend-to-backend.yaml");
+    let plan = scenario::load(&file).unwrap();
+    let state = OfflineState::from_scenario(&plan, None).unwrap();
+    // The testbed's addresses: the first pod gets 10.200.1.10.
+    let frontend = state.endpoints().iter().find(|e| e.full_name() == "default/frontend").unwrap();
+    assert_eq!(frontend.ipv4, plan.pods[0].ipv4);
+    assert_eq!(frontend.ipv4.unwrap().to_string(), "10.200.1.10");
+    let req = |from: &str, to: &str, port| palisade_agent::api::types::ExplainRequest {
+        from: from.into(),
+        to: to.into(),
+        port: Some(port),
+        protocol: "TCP".into(),
+    };
+    let e = explain(&req("default/frontend", "default/backend", 8080), &state.inputs()).unwrap();
+    assert_eq!(e.verdict, "allow");
+    assert_eq!(e.ingress.rules, vec!["CiliumNetworkPolicy default/allow-frontend-to-backend spec.ingress[0]"]);
+    let e = explain(&req("default/frontend", "default/backend", 9090), &state.inputs()).unwrap();
+    assert_eq!((e.verdict.as_str(), e.ingress.decision.as_str()), ("deny", "default-deny"));
+    // By address, as the testbed names world and entity hosts.
+    let e = explain(&req("10.200.1.10", "10.200.1.11", 8080), &state.inputs()).unwrap();
+    assert_eq!(e.verdict, "allow");
+    // The node (entity host) may always reach its pods (allow-localhost).
+    let e = explain(&req("10.200.0.1", "default/backend", 9090), &state.inputs()).unwrap();
+    assert_eq!((e.verdict.as_str(), e.from_identity), ("allow", 1));
+
+    let world = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/world-cidr-except.yaml");
+    let plan = scenario::load(&world).unwrap();
+    let state = OfflineState::from_scenario(&plan, None).unwrap();
+    for p in plan.probes.iter().filter(|p| matches!(p.to, scenario::HostRef::World(_))) {
+        let e = explain(&explain_check::request(&plan, p).unwrap(), &state.inputs()).unwrap();
+        assert_eq!(e.ingress.decision, "not-local", "{e:?}");
+        assert!(e.to_identity == 2 || e.to_identity == 9 || e.to_identity >= 1 << 24, "{e:?}");
+    }
+}
+
+#[test]
+fn a_policy_directory_replaces_the_scenarios_policies() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/seed-allow-frontend-to-backend.yaml");
+    let plan = scenario::load(&file).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("web.yaml"),
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: backend}}\n  ingress:\n    - fromEndpoints: [{matchLabels: {app: other}}]\n      toPorts: [{ports: [{port: \"9090\", protocol: TCP}]}]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("broken.yaml"),
+        "kind: CiliumNetworkPolicy\nmetadata: {name: b}\nspec: {nonsense: 1}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+    let state = OfflineState::from_scenario(&plan, Some(dir.path())).unwrap();
+    let rejected: Vec<_> = state.statuses().iter().filter(|s| !s.enforced).collect();
+    assert_eq!(rejected.len(), 1, "{:?}", state.statuses());
+    let req = |from: &str, port| palisade_agent::api::types::ExplainRequest {
+        from: from.into(),
+        to: "default/backend".into(),
+        port: Some(port),
+        protocol: "TCP".into(),
+    };
+    assert_eq!(explain(&req("default/frontend", 8080), &state.inputs()).unwrap().verdict, "deny");
+    let e = explain(&req("default/other", 9090), &state.inputs()).unwrap();
+    assert_eq!(e.verdict, "allow");
+    assert!(e.ingress.rules[0].contains("default/web"), "{e:?}");
+}
