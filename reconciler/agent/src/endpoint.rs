@@ -33,3 +33,45 @@ impl LocalEndpoint {
 pub fn ifindex(name: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(name).ok()
 }
+
+/// The label set of a pod: pod labels, namespace labels (with
+/// `kubernetes.io/metadata.name`), service account, cluster, and the ipBlock membership
+/// labels of its addresses (Kubernetes NetworkPolicy ipBlocks match pod addresses too, so
+/// pods inside different blocks must not share an identity).
+pub fn endpoint_labels(
+    namespace: &str,
+    namespace_labels: &std::collections::BTreeMap<String, String>,
+    spec: &crate::api::types::EndpointSpec,
+    cluster: &str,
+    policies: &[palisade_policy::model::Policy],
+) -> LabelSet {
+    let mut ns_labels = namespace_labels.clone();
+    ns_labels.insert("kubernetes.io/metadata.name".into(), namespace.to_string());
+    let mut labels = LabelSet::for_pod(namespace, &ns_labels, &spec.labels, &spec.service_account, cluster);
+    let ips: Vec<std::net::IpAddr> = spec.ipv4.map(Into::into).into_iter().chain(spec.ipv6.map(Into::into)).collect();
+    for l in palisade_policy::ipblock_labels(policies, &ips) {
+        labels.insert(l);
+    }
+    labels
+}
+
+/// The ipcache as the resolver hands it to the map writer: CIDR identities, then addresses
+/// outside this node's pods (reserved prefixes, other nodes' pods), then the local pods' own
+/// addresses; later entries win on the same prefix.
+pub fn assemble_ipcache(
+    cidr_ipcache: &std::collections::BTreeMap<crate::actors::identity::Prefix, u32>,
+    external: &std::collections::BTreeMap<crate::actors::identity::Prefix, u32>,
+    endpoints: &[LocalEndpoint],
+) -> std::collections::BTreeMap<crate::actors::identity::Prefix, u32> {
+    let mut ipcache = cidr_ipcache.clone();
+    ipcache.extend(external.iter().map(|(k, v)| (*k, *v)));
+    for e in endpoints {
+        if let Some(v4) = e.ipv4 {
+            ipcache.insert((v4.into(), 32), e.identity);
+        }
+        if let Some(v6) = e.ipv6 {
+            ipcache.insert((v6.into(), 128), e.identity);
+        }
+    }
+    ipcache
+}

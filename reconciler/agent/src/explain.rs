@@ -213,17 +213,14 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
 /// --scenario/--policies` and for checks that compare the kernel with it. Every step is the
 /// agent's own code where it is reachable ([`PolicySources`] reads the manifests,
 /// `resolve_with_cidrs` + [`allow_localhost`] resolve, [`ExternalIpcache`] holds the
-/// reserved addresses); the few lines the actors keep private are mirrored here
-/// ([`endpoint_labels`], [`assemble_ipcache`]).
+/// reserved addresses), and the same label derivation and ipcache assembly
+/// ([`crate::endpoint::endpoint_labels`], [`crate::endpoint::assemble_ipcache`]).
 pub mod offline {
     use std::collections::BTreeMap;
-    use std::net::IpAddr;
     use std::path::{Path, PathBuf};
 
-    use palisade_common::identity as reserved;
     use palisade_policy::CidrIdentities;
     use palisade_policy::identity::IdentityAllocator;
-    use palisade_policy::labels::LabelSet;
     use palisade_policy::model::Policy;
     use palisade_policy::resolve::{DesiredState, EndpointView, NamedPort, resolve_with_cidrs};
     use palisade_scenario::{Entity, IpFamily, Plan, PlanPod};
@@ -336,56 +333,8 @@ pub mod offline {
             .collect()
     }
 
-    /// The label set the endpoint tracker derives for a pod: pod labels, namespace labels
-    /// (with `kubernetes.io/metadata.name`), service account, cluster, and the ipBlock
-    /// membership labels of its addresses.
-    pub fn endpoint_labels(
-        namespace: &str,
-        namespace_labels: &BTreeMap<String, String>,
-        spec: &EndpointSpec,
-        cluster: &str,
-        policies: &[Policy],
-    ) -> LabelSet {
-        let mut ns_labels = namespace_labels.clone();
-        ns_labels.insert("kubernetes.io/metadata.name".into(), namespace.to_string());
-        let mut labels = LabelSet::for_pod(namespace, &ns_labels, &spec.labels, &spec.service_account, cluster);
-        let ips: Vec<IpAddr> = spec.ipv4.map(Into::into).into_iter().chain(spec.ipv6.map(Into::into)).collect();
-        for l in palisade_policy::ipblock_labels(policies, &ips) {
-            labels.insert(l);
-        }
-        labels
-    }
-
-    /// The ipcache as the resolver writes it: CIDR identities, then addresses outside this
-    /// node's pods (reserved prefixes, other nodes' pods), then the local pods' own
-    /// addresses; later entries win on the same prefix.
-    pub fn assemble_ipcache(
-        cidr_ipcache: &BTreeMap<Prefix, u32>,
-        external: &BTreeMap<Prefix, u32>,
-        endpoints: &[LocalEndpoint],
-    ) -> BTreeMap<Prefix, u32> {
-        let mut ipcache = cidr_ipcache.clone();
-        ipcache.extend(external.iter().map(|(k, v)| (*k, *v)));
-        for e in endpoints {
-            if let Some(v4) = e.ipv4 {
-                ipcache.insert((v4.into(), 32), e.identity);
-            }
-            if let Some(v6) = e.ipv6 {
-                ipcache.insert((v6.into(), 128), e.identity);
-            }
-        }
-        ipcache
-    }
-
-    fn entity_identity(e: ReservedEntity) -> u32 {
-        match e {
-            ReservedEntity::Host => reserved::HOST,
-            ReservedEntity::RemoteNode => reserved::REMOTE_NODE,
-            ReservedEntity::KubeApiserver => reserved::KUBE_APISERVER,
-            ReservedEntity::Health => reserved::HEALTH,
-            ReservedEntity::Ingress => reserved::INGRESS,
-        }
-    }
+    use crate::actors::identity::entity_identity;
+    use crate::endpoint::{assemble_ipcache, endpoint_labels};
 
     /// A pod as the agent's API receives it.
     #[derive(Clone, Debug)]

@@ -44,17 +44,8 @@ impl EndpointTracker {
     }
 
     fn labels_for(&self, namespace: &str, spec: &EndpointSpec) -> LabelSet {
-        let mut ns_labels = self.namespaces.get(namespace).cloned().unwrap_or_default();
-        ns_labels.insert("kubernetes.io/metadata.name".into(), namespace.to_string());
-        let mut labels = LabelSet::for_pod(namespace, &ns_labels, &spec.labels, &spec.service_account, &self.cluster);
-        // Kubernetes NetworkPolicy ipBlocks match pod addresses too: pods inside different
-        // blocks must not share an identity.
-        let ips: Vec<std::net::IpAddr> =
-            spec.ipv4.map(Into::into).into_iter().chain(spec.ipv6.map(Into::into)).collect();
-        for l in palisade_policy::ipblock_labels(&self.policies, &ips) {
-            labels.insert(l);
-        }
-        labels
+        let ns_labels = self.namespaces.get(namespace).cloned().unwrap_or_default();
+        crate::endpoint::endpoint_labels(namespace, &ns_labels, spec, &self.cluster, &self.policies)
     }
 
     /// Gives every endpoint for which `pick` is true the label set its spec now derives,

@@ -55,7 +55,8 @@ pub fn mask(addr: IpAddr, len: u8) -> IpAddr {
     }
 }
 
-fn entity_identity(e: ReservedEntity) -> u32 {
+/// The reserved identity of an entity the API can give an address.
+pub fn entity_identity(e: ReservedEntity) -> u32 {
     match e {
         ReservedEntity::Host => reserved::HOST,
         ReservedEntity::RemoteNode => reserved::REMOTE_NODE,

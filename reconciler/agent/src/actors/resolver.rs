@@ -78,16 +78,7 @@ impl Resolver {
         allow_localhost(&mut desired);
         // Later entries win on the same prefix: CIDR identities, then other nodes' pods and
         // reserved addresses (node, API server), then the local endpoints' own addresses.
-        let mut ipcache: BTreeMap<Prefix, u32> = desired.cidr_ipcache.clone();
-        ipcache.extend(self.external_ipcache.iter().map(|(k, v)| (*k, *v)));
-        for e in self.endpoints.iter() {
-            if let Some(v4) = e.ipv4 {
-                ipcache.insert((v4.into(), 32), e.identity);
-            }
-            if let Some(v6) = e.ipv6 {
-                ipcache.insert((v6.into(), 128), e.identity);
-            }
-        }
+        let ipcache = crate::endpoint::assemble_ipcache(&desired.cidr_ipcache, &self.external_ipcache, &self.endpoints);
         tracing::debug!(
             revision = self.revision,
             endpoints = views.len(),
