@@ -143,7 +143,11 @@ fn side(endpoint: Option<String>, d: Decision) -> SideDecision {
         Decision::NotLocal => ("not-local", None, Vec::new()),
         Decision::DefaultDeny => ("default-deny", None, Vec::new()),
         Decision::Allowed { entry, rules } if rules.is_empty() => {
-            let why = "built-in: the node may always reach its pods (allow-localhost)".to_string();
+            let why = if entry.starts_with("ingress from 1 ") {
+                "built-in: the node may always reach its pods (allow-localhost)".to_string()
+            } else {
+                "built-in: no default deny here (enableDefaultDeny: false)".to_string()
+            };
             return SideDecision { endpoint, decision: "allowed".into(), entry: Some(entry), rules: vec![why] };
         }
         Decision::Allowed { entry, rules } => ("allowed", Some(entry), rules),

@@ -244,6 +244,22 @@ pub fn resolve_with_cidrs(
             }
         }
         policy.entries = r.finish();
+        // A direction with deny rules but no default deny (`enableDefaultDeny: false`):
+        // deny rules still apply, everything else passes. The datapath only looks policy up
+        // on enforced directions, so enforce it with an allow for every peer beside the
+        // denies (which win over it, as over every allow).
+        for direction in Direction::BOTH {
+            let enforced = match direction {
+                Direction::Ingress => &mut policy.ingress_enforced,
+                Direction::Egress => &mut policy.egress_enforced,
+            };
+            if !*enforced && policy.entries.iter().any(|(k, v)| k.direction == direction && v.deny) {
+                *enforced = true;
+                policy.entries.retain(|k, v| k.direction != direction || v.deny);
+                let all = EntryKey { direction, identity: identity::ANY, protocol: 0, port: 0, port_prefix_len: 0 };
+                policy.entries.entry(all).or_default();
+            }
+        }
         state.endpoints.insert(ep.id, policy);
     }
     state

@@ -263,4 +263,20 @@ fn enable_default_deny_false_keeps_allows_without_enforcing() {
     assert_eq!(shown(&s, 1), ["egress to any UDP/53 => allow"]);
 }
 
+#[test]
+fn enable_default_deny_false_still_applies_deny_rules() {
+    // Cilium: enableDefaultDeny only decides whether the policy puts its endpoints into
+    // default deny; its deny rules apply regardless. The direction is enforced with an
+    // allow for every peer, beside which the deny wins.
+    let mut w = World::new();
+    w.pod(1, "default", &[], &[]);
+    let s = w.resolve(&cnp(
+        "default",
+        "  endpointSelector: {}\n  enableDefaultDeny: {ingress: false}\n  ingress: [{toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]}]\n  ingressDeny: [{toPorts: [{ports: [{port: \"81\", protocol: TCP}]}]}]\n",
+    ));
+    assert!(s.endpoints[&1].ingress_enforced);
+    assert!(!s.endpoints[&1].egress_enforced);
+    assert_eq!(shown(&s, 1), ["ingress from any * => allow", "ingress from any TCP/81 => deny"]);
+}
+
 mod peers;
