@@ -11,22 +11,11 @@ use serde::Serialize;
 
 use crate::labels::LabelSet;
 
-/// Any peer (in policy entries only; never allocated).
-pub const ANY: u32 = 0;
-pub const HOST: u32 = 1;
-pub const WORLD: u32 = 2;
-pub const UNMANAGED: u32 = 3;
-pub const HEALTH: u32 = 4;
-pub const INIT: u32 = 5;
-pub const REMOTE_NODE: u32 = 6;
-pub const KUBE_APISERVER: u32 = 7;
-pub const INGRESS: u32 = 8;
-pub const WORLD_IPV4: u32 = 9;
-pub const WORLD_IPV6: u32 = 10;
-/// First number for label sets.
-pub const FIRST_CLUSTER: u32 = 256;
-/// Scope bit of node-local identities (CIDR identities, later).
-pub const LOCAL_SCOPE: u32 = 1 << 24;
+// The numbers are the datapath's (and Cilium's): one definition, in the ABI crate.
+pub use palisade_common::identity::{
+    ANY, FIRST_CLUSTER, HEALTH, HOST, INGRESS, INIT, KUBE_APISERVER, LOCAL_SCOPE, REMOTE_NODE, UNMANAGED, WORLD,
+    WORLD_IPV4, WORLD_IPV6,
+};
 
 /// The reserved identities: number and name (the name is the `reserved:` label key).
 pub const RESERVED: [(u32, &str); 10] = [

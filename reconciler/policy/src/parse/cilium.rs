@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use serde_yaml::Value;
 
 use super::Invalid;
-use super::common::{KeyStyle, cidr_block, label_selector, object_names, prefix, serde_invalid};
+use super::common::{KeyStyle, cidr_block, end_port, label_selector, object_names, prefix, serde_invalid};
 use super::icmp;
 use super::raw;
 use crate::cidr::CidrBlock;
@@ -485,26 +485,8 @@ fn port_protocol(path: &str, pp: &raw::PortProtocol) -> Result<PortRule, Invalid
             }
         }
     };
-    let port = match (pp.end_port, port) {
-        (None | Some(0), port) => port,
-        (Some(end), Port::Range { first, .. }) => {
-            if end < i64::from(first) || end > 65535 {
-                return Err(Invalid::new(
-                    format!("{path}.endPort"),
-                    format!("endPort {end} is not between port {first} and 65535"),
-                    "endPort is the last port of the range and must not be below port",
-                ));
-            }
-            Port::Range { first, last: u16::try_from(end).expect("checked above") }
-        }
-        (Some(_), _) => {
-            return Err(Invalid::new(
-                format!("{path}.endPort"),
-                "endPort needs a numeric port to start the range",
-                "set port to the first port of the range",
-            ));
-        }
-    };
+    // Cilium reads endPort 0 as "no range".
+    let port = end_port(path, pp.end_port.filter(|e| *e != 0), port)?;
     Ok(PortRule { protocol, port })
 }
 

@@ -5,6 +5,7 @@ use super::Invalid;
 use super::raw;
 use crate::cidr::{CidrBlock, Prefix, Written};
 use crate::labels::{keys, source, split_source};
+use crate::model::Port;
 use crate::selector::{EndpointSelector, Operator, SelectorKey};
 
 /// How the keys of a label selector are read.
@@ -284,6 +285,29 @@ fn plain_type_names(reason: &str) -> String {
         out = format!("{}expected a mapping{}", &out[..at], &rest[end..]);
     }
     out
+}
+
+/// Applies an `endPort` (at `{path}.endPort`) to the port it follows: a numeric port
+/// becomes the range `port..=endPort`; a named or absent port cannot start a range.
+pub(super) fn end_port(path: &str, end_port: Option<i64>, port: Port) -> Result<Port, Invalid> {
+    match (end_port, port) {
+        (None, port) => Ok(port),
+        (Some(end), Port::Range { first, .. }) => {
+            if end < i64::from(first) || end > 65535 {
+                return Err(Invalid::new(
+                    format!("{path}.endPort"),
+                    format!("endPort {end} is not between port {first} and 65535"),
+                    "endPort is the last port of the range and must not be below port",
+                ));
+            }
+            Ok(Port::Range { first, last: u16::try_from(end).expect("checked above") })
+        }
+        (Some(_), _) => Err(Invalid::new(
+            format!("{path}.endPort"),
+            "endPort needs a numeric port to start the range",
+            "set port to the first port of the range",
+        )),
+    }
 }
 
 #[cfg(test)]

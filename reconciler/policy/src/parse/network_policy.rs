@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use serde_yaml::Value;
 
 use super::Invalid;
-use super::common::{KeyStyle, cidr_block, label_selector, object_names, serde_invalid};
+use super::common::{KeyStyle, cidr_block, end_port, label_selector, object_names, serde_invalid};
 use super::raw;
 use crate::labels::{keys, source};
 use crate::model::{Peer, PeerRule, Peers, Policy, PolicyKind, Port, PortRule, Protocol, Rule, Verdict, is_port_name};
@@ -234,25 +234,6 @@ fn port(path: &str, p: &raw::NetworkPolicyPort) -> Result<PortRule, Invalid> {
             ));
         }
     };
-    let port = match (p.end_port, port) {
-        (None, port) => port,
-        (Some(end), Port::Range { first, .. }) => {
-            if end < i64::from(first) || end > 65535 {
-                return Err(Invalid::new(
-                    format!("{path}.endPort"),
-                    format!("endPort {end} is not between port {first} and 65535"),
-                    "endPort is the last port of the range and must not be below port",
-                ));
-            }
-            Port::Range { first, last: u16::try_from(end).expect("checked above") }
-        }
-        (Some(_), _) => {
-            return Err(Invalid::new(
-                format!("{path}.endPort"),
-                "endPort needs a numeric port to start the range",
-                "set port to the first port of the range",
-            ));
-        }
-    };
+    let port = end_port(path, p.end_port, port)?;
     Ok(PortRule { protocol, port })
 }
