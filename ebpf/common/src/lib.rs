@@ -173,6 +173,12 @@ pub mod match_kind {
 pub mod config {
     /// Bit flags, see the `FLAG_*` constants.
     pub const FLAGS: u32 = 0;
+    /// Policy generation: the map writer increments it after every change of ENDPOINTS,
+    /// POLICY, POLICY_LENGTHS or the ipcache maps. A conntrack entry remembers, per hook, the
+    /// generation at which policy last allowed the flow ([`CtValue::policy_gen`](super::CtValue));
+    /// while it is current, forward packets of the flow skip the identity and policy lookups.
+    /// 0 means "no generation yet": nothing is remembered.
+    pub const POLICY_GEN: u32 = 1;
     pub const SLOTS: u32 = 4;
     /// Emit a verdict event for the first packet of every allowed new flow (drops are always
     /// reported).
@@ -429,6 +435,9 @@ pub struct CtValue {
     pub flags: u32,
     /// Cookie of the policy entry that allowed the flow.
     pub cookie: u32,
+    /// Per hook ([`direction`] index): the [`config::POLICY_GEN`] at which policy last allowed
+    /// a forward packet of the flow there; 0 when it did not.
+    pub policy_gen: [u32; 2],
 }
 
 /// One packet verdict, sent to user space through the EVENTS ring buffer.
@@ -530,7 +539,7 @@ const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyLengthsKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 12);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
 const _: () = assert!(core::mem::size_of::<VerdictEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);

@@ -18,9 +18,9 @@ pub const TCP_CLOSING_TIMEOUT_NS: u64 = 10 * SEC;
 pub const OTHER_TIMEOUT_NS: u64 = 60 * SEC;
 
 const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
+pub const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
+pub const TCP_ACK: u8 = 0x10;
 
 /// The flag a hook sets on the flows it allows.
 #[inline(always)]
@@ -132,11 +132,20 @@ pub fn forward(key: &CtKey, pkt: &Packet, now: u64) -> Option<*mut CtValue> {
     Some(p)
 }
 
-/// Records that this hook allowed a forward packet: refreshes the live entry `fwd`, or
-/// creates a new one.
+/// The policy generation at which this hook last allowed a forward packet of the flow `fwd`
+/// (0: never, or the hook does not enforce).
 #[inline(always)]
-pub fn allowed(key: &CtKey, fwd: Option<*mut CtValue>, pkt: &Packet, dir: u8, now: u64, cookie: u32) {
+pub fn allowed_at(fwd: *mut CtValue, dir: u8) -> u32 {
+    // SAFETY: see `reply`.
+    unsafe { (*fwd).policy_gen[(dir & 1) as usize] }
+}
+
+/// Records that this hook allowed a forward packet, by policy at generation `generation` (0: not
+/// by policy): refreshes the live entry `fwd`, or creates a new one.
+#[inline(always)]
+pub fn allowed(key: &CtKey, fwd: Option<*mut CtValue>, pkt: &Packet, dir: u8, now: u64, cookie: u32, generation: u32) {
     let bits = own_flag(dir) | tcp_bits(pkt, ct_flags::TCP_FIN_FWD);
+    let slot = (dir & 1) as usize;
     match fwd {
         Some(p) => {
             // SAFETY: see `reply`.
@@ -149,9 +158,14 @@ pub fn allowed(key: &CtKey, fwd: Option<*mut CtValue>, pkt: &Packet, dir: u8, no
             if cookie != 0 && v.cookie != cookie {
                 v.cookie = cookie;
             }
+            if v.policy_gen[slot] != generation {
+                v.policy_gen[slot] = generation;
+            }
         }
         None => {
-            let v = CtValue { last_seen_ns: now, created_ns: now, flags: bits, cookie };
+            let mut policy_gen = [0; 2];
+            policy_gen[slot] = generation;
+            let v = CtValue { last_seen_ns: now, created_ns: now, flags: bits, cookie, policy_gen };
             // A full LRU evicts the oldest entry; failure only means no conntrack entry.
             let _ = CONNTRACK.insert(key, v, 0);
         }
@@ -166,6 +180,10 @@ pub fn dropped(fwd: Option<*mut CtValue>, dir: u8) {
         let v = unsafe { &mut *p };
         if v.flags & own_flag(dir) != 0 {
             v.flags &= !own_flag(dir);
+        }
+        let slot = (dir & 1) as usize;
+        if v.policy_gen[slot] != 0 {
+            v.policy_gen[slot] = 0;
         }
     }
 }

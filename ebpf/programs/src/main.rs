@@ -21,10 +21,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
-    EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, match_kind, reason, verdict,
+    EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, match_kind, proto, reason,
+    verdict,
 };
 
 use crate::{
+    conntrack::{TCP_ACK, TCP_SYN},
     maps::{CONFIG, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS},
     parse::{Malformed, Packet, Parsed, fragment, icmp_class},
 };
@@ -163,18 +165,33 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
         return;
     }
     let key = pkt.ct_key();
-    // ICMP: only echo replies are replies; other types with equal (zero) ports are not.
-    let may_be_reply = pkt.icmp_class == icmp_class::NONE || pkt.icmp_class == icmp_class::ECHO_REPLY;
+    // ICMP: only echo replies are replies; other types with equal (zero) ports are not. A
+    // TCP SYN without ACK opens a flow: it is never a reply.
+    let may_be_reply = (pkt.icmp_class == icmp_class::NONE || pkt.icmp_class == icmp_class::ECHO_REPLY)
+        && !(pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
     if may_be_reply && conntrack::reply(&key.reversed(), pkt, dir, now) {
         v.reason = reason::ALLOWED_REPLY;
         return;
     }
 
     // A forward packet: policy decides every time, conntrack only remembers for the replies.
+    // "Every time" without paying for it: a flow this hook allowed at the current policy
+    // generation is allowed again without the identity and policy lookups; any change of
+    // policy, identities or endpoints moves the generation on, and the next packet is
+    // checked in full.
     let fwd = conntrack::forward(&key, pkt, now);
     // SAFETY: pointer from the map lookup in `forward`.
     let new_flow = fwd.is_none_or(|p| unsafe { (*p).flags } & conntrack::own_flag(dir) == 0);
-    if enforced {
+    // Read before the lookups it vouches for: a change during them leaves an older stamp.
+    let generation = if enforced { policy_generation() } else { 0 };
+    // ICMP is left out: its conntrack key (echo identifier, or none) does not pin the type
+    // that policy matches.
+    let cacheable = enforced && !new_flow && generation != 0 && pkt.icmp_class == icmp_class::NONE;
+    if cacheable && fwd.is_some_and(|p| conntrack::allowed_at(p, dir) == generation) {
+        v.reason = reason::ALLOWED_BY_POLICY;
+        // SAFETY: as above.
+        v.cookie = fwd.map_or(0, |p| unsafe { (*p).cookie });
+    } else if enforced {
         v.peer_identity = peer_identity(dir, pkt);
         let p = policy::check(ep.endpoint_id as u16, dir, v.peer_identity, pkt.protocol, pkt.policy_port);
         v.reason = p.reason;
@@ -187,7 +204,7 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
         conntrack::dropped(fwd, dir);
         v.report = true;
     } else {
-        conntrack::allowed(&key, fwd, pkt, dir, now, v.cookie);
+        conntrack::allowed(&key, fwd, pkt, dir, now, v.cookie, generation);
         v.report = new_flow && allow_events_enabled();
         if v.report && !enforced {
             v.peer_identity = peer_identity(dir, pkt);
@@ -213,6 +230,15 @@ fn spoofed(ep: &EndpointInfo, pkt: &Packet) -> bool {
         let link_local = s[0] == 0xfe && s[1] & 0xc0 == 0x80;
         let unspecified = *s == [0u8; 16];
         ep.flags & endpoint_flags::HAS_IPV6 != 0 && !link_local && !unspecified && *s != ep.ipv6
+    }
+}
+
+/// The current policy generation (`config::POLICY_GEN`); 0 before the agent's first write.
+#[inline(always)]
+fn policy_generation() -> u32 {
+    match CONFIG.get(config::POLICY_GEN) {
+        Some(g) => *g,
+        None => 0,
     }
 }
 

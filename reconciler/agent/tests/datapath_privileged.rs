@@ -470,6 +470,65 @@ fn denied_forward_packet_revokes_replies() {
 }
 
 #[test]
+fn established_flow_is_rechecked_when_the_policy_generation_moves() {
+    let mut fx = Fixture::new();
+    fx.endpoint(LO, endpoint_flags::INGRESS_ENFORCED);
+    fx.ipcache(PEER, 32, PEER_ID);
+    fx.rule(direction::INGRESS, PEER_ID, proto::TCP, 80, POLICY_PREFIX_FULL, false, 7);
+    let generation = fx.maps.config.get(&palisade_common::config::POLICY_GEN, 0).unwrap();
+    assert_ne!(generation, 0, "writing policy moves the generation on");
+
+    assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_SYN)), "request");
+    let key = CtKey {
+        saddr: v4(PEER),
+        daddr: v4(POD),
+        sport_be: 40000u16.to_be_bytes(),
+        dport_be: 80u16.to_be_bytes(),
+        protocol: proto::TCP,
+        family: family::IPV4,
+        pad: [0; 2],
+    };
+    let ct = fx.maps.conntrack.get(&key, 0).unwrap();
+    assert_eq!(ct.policy_gen[direction::INGRESS as usize], generation, "the verdict is remembered with its generation");
+    assert_eq!(ct.policy_gen[direction::EGRESS as usize], 0, "egress is not enforced: nothing remembered there");
+    assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_ACK)), "established");
+    assert_eq!(fx.packets(reason::ALLOWED_BY_POLICY, direction::INGRESS), 2);
+
+    // The peer's address moves to another identity, written without moving the generation
+    // (which the map writer never does): the remembered verdict still stands. This shows the
+    // established packets really skip the lookups, and why every write must move it on.
+    fx.ipcache(PEER, 32, OTHER_ID);
+    assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_ACK)), "stale by construction");
+    let next = fx.maps.bump_policy_generation().unwrap();
+    assert_eq!(next, generation + 1);
+    assert_dropped(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_ACK)), "re-checked at the new generation");
+    assert_eq!(fx.packets(reason::DROP_POLICY_DENIED, direction::INGRESS), 1);
+    let ct = fx.maps.conntrack.get(&key, 0).unwrap();
+    assert_eq!(ct.flags & ct_flags::INGRESS_OK, 0, "the drop revokes the flow at this hook");
+    assert_eq!(ct.policy_gen[direction::INGRESS as usize], 0, "and forgets the remembered verdict");
+
+    // Back to the allowed identity (and a new generation): the flow is allowed again.
+    fx.ipcache(PEER, 32, PEER_ID);
+    fx.maps.bump_policy_generation().unwrap();
+    assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_ACK)), "allowed again");
+}
+
+#[test]
+fn icmp_verdicts_are_not_remembered_across_types() {
+    // An echo request with identifier 0 and a timestamp request share a conntrack key (ICMP,
+    // no ports): a remembered "echo allowed" must not let the timestamp request through.
+    let mut fx = Fixture::new();
+    fx.endpoint(LO, endpoint_flags::INGRESS_ENFORCED);
+    fx.ipcache(PEER, 32, PEER_ID);
+    fx.rule(direction::INGRESS, PEER_ID, proto::ICMP, 8, POLICY_PREFIX_FULL, false, 7);
+    let echo = ipv4(PEER, POD, proto::ICMP, &icmp(8, 0, 0));
+    assert_passed(fx.run(Hook::ToPod, &echo), "echo request");
+    assert_passed(fx.run(Hook::ToPod, &echo), "echo request again");
+    let timestamp = ipv4(PEER, POD, proto::ICMP, &icmp(13, 0, 0));
+    assert_dropped(fx.run(Hook::ToPod, &timestamp), "timestamp request on the echo's conntrack key");
+}
+
+#[test]
 fn icmp_echo_reply_matches_its_request() {
     let mut fx = Fixture::new();
     fx.endpoint(LO, endpoint_flags::INGRESS_ENFORCED | endpoint_flags::EGRESS_ENFORCED);

@@ -147,6 +147,8 @@ impl MapWriter {
         for k in &p.ipcache_host_v6.deletes {
             ignore_missing(self.maps.ipcache_host_v6.remove(k))?;
         }
+        // Last: established flows are re-checked against everything written above.
+        self.maps.bump_policy_generation()?;
         Ok(())
     }
 

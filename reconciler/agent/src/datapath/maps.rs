@@ -87,10 +87,29 @@ impl MapSet {
         self.config.set(config::FLAGS, flags, 0).map_err(|e| DatapathError::map_access(map_names::CONFIG, "write", e))
     }
 
+    /// Moves the policy generation (`config::POLICY_GEN`) on, after a change of ENDPOINTS,
+    /// POLICY, POLICY_LENGTHS or the ipcache: the next forward packet of every established
+    /// flow is checked against policy in full again instead of by its conntrack entry's
+    /// remembered verdict. Never returns to 0 (which means "no generation").
+    pub fn bump_policy_generation(&mut self) -> Result<u32, DatapathError> {
+        let g = self
+            .config
+            .get(&config::POLICY_GEN, 0)
+            .map_err(|e| DatapathError::map_access(map_names::CONFIG, "read", e))?;
+        let next = match g.wrapping_add(1) {
+            0 => 1,
+            n => n,
+        };
+        self.config
+            .set(config::POLICY_GEN, next, 0)
+            .map_err(|e| DatapathError::map_access(map_names::CONFIG, "write", e))?;
+        Ok(next)
+    }
+
     /// Adds (or replaces) the policy entry `key` of prefix length `prefix_len` (64..=88) and
     /// marks that length in POLICY_LENGTHS, in that order, so the datapath never probes for
-    /// an entry before it is there. For tests and tools: the map writer applies whole plans
-    /// (which also clear lengths no entry uses any more).
+    /// an entry before it is there, then moves the policy generation on. For tests and tools:
+    /// the map writer applies whole plans (which also clear lengths no entry uses any more).
     pub fn insert_policy(&mut self, prefix_len: u32, key: PolicyKey, value: PolicyValue) -> Result<(), DatapathError> {
         self.policy
             .insert(key.at_prefix(prefix_len), value, 0)
@@ -103,15 +122,18 @@ impl MapSet {
         };
         self.policy_lengths
             .insert(lk, bits | policy_length_bit(prefix_len), 0)
-            .map_err(|e| DatapathError::map_access(map_names::POLICY_LENGTHS, "write", e))
+            .map_err(|e| DatapathError::map_access(map_names::POLICY_LENGTHS, "write", e))?;
+        self.bump_policy_generation().map(|_| ())
     }
 
     /// Removes the policy entry `key` of prefix length `prefix_len`. Its length stays marked
-    /// (a marked length without entries costs the datapath one lookup, nothing else).
+    /// (a marked length without entries costs the datapath one lookup, nothing else), then
+    /// moves the policy generation on.
     pub fn remove_policy(&mut self, prefix_len: u32, key: PolicyKey) -> Result<(), DatapathError> {
         self.policy
             .remove(&key.at_prefix(prefix_len))
-            .map_err(|e| DatapathError::map_access(map_names::POLICY, "delete", e))
+            .map_err(|e| DatapathError::map_access(map_names::POLICY, "delete", e))?;
+        self.bump_policy_generation().map(|_| ())
     }
 
     /// Removes every conntrack entry (replies of existing flows then need policy again).
