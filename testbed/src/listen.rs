@@ -157,7 +157,8 @@ impl Listeners {
                 let local_port = s.local_addr().map_err(SetupError::io("reading a socket's address"))?.port();
                 let s = tokio::net::UdpSocket::from_std(s).map_err(SetupError::io("registering a socket"))?;
                 self.tasks.spawn(async move {
-                    let mut buf = vec![0u8; 2048];
+                    // Room for the largest datagram: big ones (sent in fragments) echo whole.
+                    let mut buf = vec![0u8; 65_536];
                     while let Ok((n, peer)) = s.recv_from(&mut buf).await {
                         arrivals.note(host, PortProtocol::UDP, local_port, peer, None);
                         let _ = s.send_to(&buf[..n], peer).await;

@@ -563,6 +563,16 @@ impl Session {
     }
 
     /// The last lines of the agent's log, printed to stderr.
+    /// The first verdict event from the agent matching `pred` (one that came in since the
+    /// session started), waiting up to `timeout`. `None` without an agent.
+    pub async fn wait_for_event(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&MonitorEvent) -> bool,
+    ) -> Option<MonitorEvent> {
+        self.agent.as_ref()?.collector.wait_for(timeout, pred).await
+    }
+
     pub fn print_agent_log_tail(&self) {
         if let Some(a) = &self.agent {
             print_log_tail(&a.process);
