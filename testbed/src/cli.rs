@@ -129,6 +129,11 @@ pub struct RunArgs {
     /// Keep each scenario's temporary directory (agent log, policy files) and say where.
     #[arg(long)]
     pub keep_logs: bool,
+    /// Run the agent in Kubernetes mode: the testbed serves the scenario's namespaces, pods
+    /// and policies from its own API server (list/watch) in the node's namespace, and the
+    /// agent finds the pods' interfaces by their routes.
+    #[arg(long)]
+    pub kubernetes: bool,
     /// Debug the testbed's own plumbing: no agent, no policies, every probe must connect.
     #[arg(long, hide = true)]
     pub no_agent: bool,
@@ -294,6 +299,7 @@ fn run_inner(args: &RunArgs, reports: &mut Vec<ScenarioReport>) -> u8 {
         agent,
         agent_args: Vec::new(),
         keep_logs: args.keep_logs,
+        kubernetes: args.kubernetes,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,

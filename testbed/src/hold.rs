@@ -63,8 +63,12 @@ pub fn hold(opts: &HoldOptions) -> ExitCode {
 }
 
 async fn hold_scenario(plan: &Plan, opts: &HoldOptions) -> Result<(), SetupError> {
-    let run =
-        RunOptions { timeout: opts.timeout, agent: Some(opts.agent.clone()), agent_args: Vec::new(), keep_logs: false };
+    let run = RunOptions {
+        agent_args: Vec::new(),
+        keep_logs: false,
+        timeout: opts.timeout,
+        ..RunOptions::new(Some(opts.agent.clone()))
+    };
     let session = Session::up(plan, &run, &RunNames::for_scenario(0)).await?;
     for f in &session.policy_outcome().failures {
         eprintln!("palisade-testbed: warning: {f}");

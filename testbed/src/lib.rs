@@ -25,6 +25,7 @@ pub mod explain_check;
 pub mod hold;
 pub mod instance;
 pub mod interactive;
+pub mod kubeapi;
 pub mod listen;
 pub mod netns;
 pub mod probe;

@@ -26,6 +26,7 @@ use crate::agent::{self, AgentProcess, CALL_TIMEOUT, PolicyOutcome, READY_TIMEOU
 use crate::error::SetupError;
 use crate::events::{self, Collector, EndpointRef, Flow};
 use crate::explain_check;
+use crate::kubeapi::{self, FakeApi, KubeApiServer};
 use crate::listen::{ListenOn, Listeners, Wanted};
 use crate::netns;
 use crate::probe::{self, Attempt, ProbeRun, monotonic_ns};
@@ -50,11 +51,25 @@ pub struct RunOptions {
     pub agent_args: Vec<String>,
     /// Keep the temporary directory (agent log, policy files).
     pub keep_logs: bool,
+    /// Kubernetes mode: the agent runs with `--kubernetes` against the testbed's own API
+    /// server ([`crate::kubeapi`], in the node's namespace), which holds the scenario's
+    /// namespaces, pods (on node [`KUBE_NODE`]) and policies; the agent finds the pods'
+    /// interfaces by their routes, as on a cluster that keeps its own CNI.
+    pub kubernetes: bool,
 }
+
+/// The node name of the testbed's pods in Kubernetes mode.
+pub const KUBE_NODE: &str = "testbed-node";
 
 impl RunOptions {
     pub fn new(agent: Option<PathBuf>) -> RunOptions {
-        RunOptions { timeout: Duration::from_millis(1000), agent, agent_args: Vec::new(), keep_logs: false }
+        RunOptions {
+            timeout: Duration::from_millis(1000),
+            agent,
+            agent_args: Vec::new(),
+            keep_logs: false,
+            kubernetes: false,
+        }
     }
 }
 
@@ -88,6 +103,8 @@ pub struct Session {
     outcome: PolicyOutcome,
     // Field order is drop order: agent, listeners, topology, directories.
     agent: Option<AgentSide>,
+    /// Kubernetes mode's API server (stopped after the agent).
+    kube: Option<KubeApiServer>,
     listeners: Option<Listeners>,
     topology: Topology,
     dirs: RunDirs,
@@ -118,19 +135,38 @@ impl Session {
             timeout: opts.timeout,
             outcome: PolicyOutcome::default(),
             agent: None,
+            kube: None,
             listeners: Some(listeners),
             topology,
             dirs,
         };
         if let Some(binary) = &opts.agent {
+            let mut args = opts.agent_args.clone();
+            if opts.kubernetes {
+                let server = KubeApiServer::start(session.topology.node.netns.open()?)?;
+                for obj in kubeapi::plan_objects(plan, KUBE_NODE) {
+                    server.api.upsert(obj);
+                }
+                let kubeconfig = session.dirs.root.join("kubeconfig");
+                std::fs::write(&kubeconfig, server.kubeconfig())
+                    .map_err(SetupError::io(format!("writing {}", kubeconfig.display())))?;
+                args.extend(["--kubernetes", "--node-name", KUBE_NODE, "--kube-resync-secs", "1"].map(String::from));
+                args.extend(["--kubeconfig".to_string(), kubeconfig.display().to_string()]);
+                session.kube = Some(server);
+            }
             let process = AgentProcess::spawn(
                 binary,
                 session.topology.node.netns.open()?,
                 &session.dirs,
                 plan.cluster.as_deref(),
-                &opts.agent_args,
+                &args,
             )?;
-            match start_agent(plan, &session.dirs, &process).await {
+            let started = if opts.kubernetes {
+                start_agent_kube(plan, &process).await
+            } else {
+                start_agent(plan, &session.dirs, &process).await
+            };
+            match started {
                 Ok((outcome, endpoints, collector)) => {
                     session.outcome = outcome;
                     session.agent = Some(AgentSide { collector, endpoints, process });
@@ -193,6 +229,11 @@ impl Session {
 
     fn agent(&self) -> Result<&AgentSide, SetupError> {
         self.agent.as_ref().ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))
+    }
+
+    /// The agent's endpoints.
+    pub async fn endpoints(&self) -> Result<Vec<EndpointStatus>, SetupError> {
+        agent::call("listing endpoints", CALL_TIMEOUT, self.agent()?.process.client.endpoints()).await
     }
 
     /// The agent's status.
@@ -328,16 +369,23 @@ impl Session {
         let Some(agent) = &self.agent else { return };
         let client = &agent.process.client;
         let plan = &self.plan;
-        let asks = probes
-            .iter()
-            .zip(results.iter())
-            .enumerate()
-            .filter(|(_, (_, r))| r.observed != Observed::Error)
-            .map(|(i, (p, _))| async move {
-                let Some(req) = explain_check::request(plan, p) else { return (i, Err("no explain request".into())) };
-                let answer = agent::call("policy explain", CALL_TIMEOUT, client.explain(&req)).await;
-                (i, answer.map_err(|e| e.to_string()))
-            });
+        // Pods the agent knows now (in Kubernetes mode a test may delete some).
+        let known: std::collections::HashSet<String> =
+            match agent::call("listing endpoints", CALL_TIMEOUT, client.endpoints()).await {
+                Ok(eps) => eps.into_iter().map(|e| format!("{}/{}", e.namespace, e.name)).collect(),
+                Err(_) => plan.pods.iter().map(|p| p.key()).collect(),
+            };
+        let known = &known;
+        let asks =
+            probes.iter().zip(results.iter()).enumerate().filter(|(_, (_, r))| r.observed != Observed::Error).map(
+                |(i, (p, _))| async move {
+                    let Some(req) = explain_check::request_known(plan, p, &|k| known.contains(k)) else {
+                        return (i, Err("no explain request".into()));
+                    };
+                    let answer = agent::call("policy explain", CALL_TIMEOUT, client.explain(&req)).await;
+                    (i, answer.map_err(|e| e.to_string()))
+                },
+            );
         let answers: Vec<_> =
             futures_util::stream::iter(asks).buffer_unordered(MAX_CONCURRENT_EXPLAINS).collect().await;
         for (i, answer) in answers {
@@ -563,6 +611,22 @@ impl Session {
     }
 
     /// The last lines of the agent's log, printed to stderr.
+    /// Kubernetes mode: the API server the agent watches (change pods and policies here).
+    pub fn kube_api(&self) -> Option<&FakeApi> {
+        self.kube.as_ref().map(|k| &k.api)
+    }
+
+    /// Waits until everything the agent has accepted so far is realized in the kernel.
+    pub async fn wait_realized(&self) -> Result<Status, SetupError> {
+        let client = &self.agent()?.process.client;
+        agent::call(
+            "waiting until the agent's state is realized",
+            READY_TIMEOUT + CALL_TIMEOUT,
+            client.wait_current(READY_TIMEOUT),
+        )
+        .await
+    }
+
     /// The first verdict event from the agent matching `pred` (one that came in since the
     /// session started), waiting up to `timeout`. `None` without an agent.
     pub async fn wait_for_event(
@@ -608,6 +672,55 @@ async fn start_agent(
         .collect();
     let collector = Collector::start(client).await?;
     tracing::info!("monitor stream open");
+    Ok((outcome, endpoints, collector))
+}
+
+/// Kubernetes mode: the agent learns namespaces, pods and policies from the API server;
+/// only the reserved addresses (node, remote node, API server) come through its local API,
+/// as the node's own configuration would. Waits until every pod is an endpoint and every
+/// policy is enforced and realized.
+async fn start_agent_kube(
+    plan: &Plan,
+    process: &AgentProcess,
+) -> Result<(PolicyOutcome, HashMap<String, EndpointStatus>, Collector), SetupError> {
+    process.wait_ready(READY_TIMEOUT).await?;
+    let client = &process.client;
+    for spec in palisade_agent::explain::offline::scenario_reserved_entries(plan) {
+        let what = format!("registering {} as entity {:?}", spec.cidr, spec.entity);
+        agent::call(what, CALL_TIMEOUT, client.put_ipcache(&spec)).await?;
+    }
+    let wanted: Vec<String> = plan.pods.iter().map(|p| p.key()).collect();
+    let policies = plan.policies.iter().filter(|p| !p.expect_rejected).count();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut outcome = PolicyOutcome::default();
+    let endpoints = loop {
+        process.check_alive("while it read the API server")?;
+        let eps = agent::call("listing endpoints", CALL_TIMEOUT, client.endpoints()).await?;
+        let eps: HashMap<String, EndpointStatus> =
+            eps.into_iter().map(|e| (format!("{}/{}", e.namespace, e.name), e)).collect();
+        let pols = agent::call("listing policies", CALL_TIMEOUT, client.policies()).await?;
+        let enforced = pols.iter().filter(|p| p.enforced).count();
+        if wanted.iter().all(|k| eps.contains_key(k)) && enforced == policies {
+            outcome.warnings =
+                pols.iter().flat_map(|p| p.warnings.iter().map(|w| format!("{}: {w}", p.source))).collect();
+            break eps;
+        }
+        if Instant::now() >= deadline {
+            let missing: Vec<&String> = wanted.iter().filter(|k| !eps.contains_key(*k)).collect();
+            return Err(SetupError::Unsupported(format!(
+                "Kubernetes mode: after {}s the agent has endpoints for all but {missing:?} and enforces {enforced} of {policies} policies",
+                READY_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    agent::call(
+        "waiting until the API's state is realized",
+        READY_TIMEOUT + CALL_TIMEOUT,
+        client.wait_current(READY_TIMEOUT),
+    )
+    .await?;
+    let collector = Collector::start(client).await?;
     Ok((outcome, endpoints, collector))
 }
 

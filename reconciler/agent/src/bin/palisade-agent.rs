@@ -36,6 +36,10 @@ struct Args {
     /// and Pods in the Kubernetes API (kubeconfig, or the in-cluster service account).
     #[arg(long, env = "PALISADE_KUBERNETES")]
     kubernetes: bool,
+    /// Kubeconfig file for Kubernetes mode (default: as kube-rs finds it: $KUBECONFIG,
+    /// ~/.kube/config, or the in-cluster service account).
+    #[arg(long)]
+    kubeconfig: Option<std::path::PathBuf>,
     /// This node's name, as in the pods' spec.nodeName (Kubernetes mode).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -61,6 +65,7 @@ fn main() -> std::process::ExitCode {
         policy_rescan_interval: Duration::from_secs(args.policy_rescan_secs.max(1)),
     };
     let socket = args.api_socket;
+    let kubeconfig = args.kubeconfig;
     let kube = match (args.kubernetes, args.node_name) {
         (false, _) => None,
         (true, Some(node)) if !node.is_empty() => Some(palisade_agent::k8s::KubeOptions {
@@ -82,9 +87,7 @@ fn main() -> std::process::ExitCode {
             Err(e) => return Err(format!("cannot start the datapath: {e}")),
         };
         if let Some(opts) = kube {
-            let client = kube::Client::try_default().await.map_err(|e| {
-                format!("Kubernetes mode: no usable configuration ({e}); set KUBECONFIG or run in a pod with a service account")
-            })?;
+            let client = kube_client(kubeconfig.as_deref()).await?;
             actix_rt::spawn(palisade_agent::k8s::run(agent.clone(), client, opts));
         }
         let server = tokio::spawn({
@@ -113,4 +116,23 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The Kubernetes client: from `path` when given, else as kube-rs finds its configuration.
+async fn kube_client(path: Option<&std::path::Path>) -> Result<kube::Client, String> {
+    let config = match path {
+        Some(p) => {
+            let file = kube::config::Kubeconfig::read_from(p)
+                .map_err(|e| format!("Kubernetes mode: cannot read the kubeconfig {}: {e}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("Kubernetes mode: the kubeconfig {} is not usable: {e}", p.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            format!(
+                "Kubernetes mode: no usable configuration ({e}); set KUBECONFIG or run in a pod with a service account"
+            )
+        })?,
+    };
+    kube::Client::try_from(config).map_err(|e| format!("Kubernetes mode: cannot build the API client: {e}"))
 }

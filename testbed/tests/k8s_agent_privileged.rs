@@ -1,23 +1,27 @@
-//! The real `palisade-agent --kubernetes` against a small in-process API server that speaks
-//! the list/watch protocol (resourceVersions, bookmarks, 410 Gone, disconnects, outages).
+//! The real `palisade-agent --kubernetes` against the testbed's small API server
+//! ([`palisade_testbed::kubeapi`]) that speaks the list/watch protocol (resourceVersions,
+//! bookmarks, 410 Gone, disconnects, outages).
 //! Root: the agent loads its datapath and runs in a throwaway network namespace (with a
 //! veth pair and a host route standing for a pod), where the fake API server also listens
 //! on 127.0.0.1. Everything is removed by RAII guards.
-use std::collections::BTreeMap;
-use std::convert::Infallible;
+mod common;
+
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::http::{Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use common::BIN;
 use palisade_agent::api::client::Client;
+use palisade_testbed::kubeapi::KubeApiServer;
 use serde_json::{Value, json};
-use tokio::sync::watch;
+
+fn agent_binary() -> PathBuf {
+    std::env::var_os("PALISADE_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
+}
 
 // ---------------------------------------------------------------- throwaway namespace
 
@@ -67,243 +71,6 @@ impl Drop for Agent {
         );
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.bpffs);
-    }
-}
-
-// ---------------------------------------------------------------- fake API server
-
-/// One resource collection.
-#[derive(Default)]
-struct Collection {
-    objects: BTreeMap<String, Value>,
-    /// (resourceVersion, type, object) of every change.
-    events: Vec<(u64, &'static str, Value)>,
-}
-
-#[derive(Default)]
-struct ApiState {
-    rv: u64,
-    collections: BTreeMap<&'static str, Collection>,
-    /// Watches from a resourceVersion below this get 410 Gone (compaction).
-    gone_below: u64,
-    /// Every request fails with 503 and open watches end.
-    down: bool,
-}
-
-#[derive(Clone)]
-struct FakeApi {
-    state: Arc<Mutex<ApiState>>,
-    /// Bumped to wake watches (new events) and to end them (disconnects).
-    wake: watch::Sender<(u64, u64)>,
-}
-
-const RESOURCES: &[(&str, &str, &str)] = &[
-    ("/api/v1/pods", "v1", "Pod"),
-    ("/api/v1/namespaces", "v1", "Namespace"),
-    ("/apis/networking.k8s.io/v1/networkpolicies", "networking.k8s.io/v1", "NetworkPolicy"),
-    ("/apis/cilium.io/v2/ciliumnetworkpolicies", "cilium.io/v2", "CiliumNetworkPolicy"),
-    ("/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies", "cilium.io/v2", "CiliumClusterwideNetworkPolicy"),
-];
-
-fn collection_of(kind: &str) -> &'static str {
-    RESOURCES.iter().find(|r| r.2 == kind).map(|r| r.0).unwrap()
-}
-
-fn key_of(obj: &Value) -> String {
-    match obj["metadata"]["namespace"].as_str() {
-        Some(ns) => format!("{ns}/{}", obj["metadata"]["name"].as_str().unwrap()),
-        None => obj["metadata"]["name"].as_str().unwrap().to_string(),
-    }
-}
-
-impl FakeApi {
-    fn new() -> FakeApi {
-        let (wake, _) = watch::channel((0, 0));
-        FakeApi { state: Arc::default(), wake }
-    }
-
-    fn poke(&self, disconnect: bool) {
-        self.wake.send_modify(|(n, d)| {
-            *n += 1;
-            if disconnect {
-                *d += 1;
-            }
-        });
-    }
-
-    fn upsert(&self, mut obj: Value) {
-        let kind = obj["kind"].as_str().unwrap().to_string();
-        {
-            let mut st = self.state.lock().unwrap();
-            st.rv += 1;
-            let rv = st.rv;
-            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-            let c = st.collections.entry(collection_of(&kind)).or_default();
-            let ty = if c.objects.insert(key_of(&obj), obj.clone()).is_some() { "MODIFIED" } else { "ADDED" };
-            c.events.push((rv, ty, obj));
-        }
-        self.poke(false);
-    }
-
-    fn delete(&self, kind: &str, key: &str) {
-        {
-            let mut st = self.state.lock().unwrap();
-            st.rv += 1;
-            let rv = st.rv;
-            let c = st.collections.entry(collection_of(kind)).or_default();
-            let mut obj = c.objects.remove(key).expect("object to delete");
-            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-            c.events.push((rv, "DELETED", obj));
-        }
-        self.poke(false);
-    }
-
-    fn get(&self, kind: &str, key: &str) -> Option<Value> {
-        self.state.lock().unwrap().collections.get(collection_of(kind))?.objects.get(key).cloned()
-    }
-
-    /// Drops every open watch (the agent must resume from its resourceVersion).
-    fn disconnect(&self) {
-        self.poke(true);
-    }
-
-    /// Forgets history: resuming watches get 410 Gone and must relist.
-    fn compact(&self) {
-        let mut st = self.state.lock().unwrap();
-        st.gone_below = st.rv + 1;
-    }
-
-    fn set_down(&self, down: bool) {
-        self.state.lock().unwrap().down = down;
-        self.poke(true);
-    }
-
-    async fn handle(self, method: Method, uri: Uri, body: Bytes) -> Response {
-        if self.state.lock().unwrap().down {
-            return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
-        }
-        let path = uri.path().to_string();
-        let query: BTreeMap<String, String> = uri
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        if method == Method::PATCH && path.ends_with("/status") {
-            return self.patch_status(&path, &body);
-        }
-        let Some(&(coll, api_version, kind)) = RESOURCES.iter().find(|r| r.0 == path) else {
-            return (StatusCode::NOT_FOUND, format!("no route {path}")).into_response();
-        };
-        if query.get("watch").map(String::as_str) == Some("true") || query.get("watch").map(String::as_str) == Some("1")
-        {
-            let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
-            return self.watch(coll, api_version, kind, from);
-        }
-        let st = self.state.lock().unwrap();
-        let items: Vec<Value> =
-            st.collections.get(coll).map(|c| c.objects.values().cloned().collect()).unwrap_or_default();
-        let list = json!({
-            "apiVersion": api_version, "kind": format!("{kind}List"),
-            "metadata": {"resourceVersion": st.rv.to_string()},
-            "items": items
-        });
-        (StatusCode::OK, [("content-type", "application/json")], list.to_string()).into_response()
-    }
-
-    fn patch_status(&self, path: &str, body: &[u8]) -> Response {
-        // /apis/cilium.io/v2/[namespaces/NS/]PLURAL/NAME/status
-        let parts: Vec<&str> = path.trim_start_matches("/apis/cilium.io/v2/").split('/').collect();
-        let (kind, key) = match parts.as_slice() {
-            ["namespaces", ns, "ciliumnetworkpolicies", name, "status"] => {
-                ("CiliumNetworkPolicy", format!("{ns}/{name}"))
-            }
-            ["ciliumclusterwidenetworkpolicies", name, "status"] => {
-                ("CiliumClusterwideNetworkPolicy", name.to_string())
-            }
-            _ => return (StatusCode::NOT_FOUND, "no such status").into_response(),
-        };
-        let Some(mut obj) = self.get(kind, &key) else { return (StatusCode::NOT_FOUND, "gone").into_response() };
-        let patch: Value = serde_json::from_slice(body).unwrap();
-        merge(&mut obj, &patch);
-        self.upsert(obj.clone());
-        (StatusCode::OK, [("content-type", "application/json")], self.get(kind, &key).unwrap().to_string())
-            .into_response()
-    }
-
-    fn watch(&self, coll: &'static str, api_version: &'static str, kind: &'static str, from: u64) -> Response {
-        let gone = self.state.lock().unwrap().gone_below > from;
-        if gone {
-            let ev = json!({"type": "ERROR", "object": {
-                "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": format!("too old resource version: {from}"), "reason": "Expired", "code": 410}});
-            return Response::new(Body::from(format!("{ev}\n")));
-        }
-        let api = self.clone();
-        let rx = self.wake.subscribe();
-        let start_disconnects = rx.borrow().1;
-        let stream = futures_util::stream::unfold((from, false), move |(mut sent, done)| {
-            let api = api.clone();
-            let mut rx = rx.clone();
-            async move {
-                if done {
-                    return None;
-                }
-                loop {
-                    let pending: Vec<(u64, &'static str, Value)> = {
-                        let st = api.state.lock().unwrap();
-                        if st.down {
-                            return None;
-                        }
-                        st.collections
-                            .get(coll)
-                            .map(|c| c.events.iter().filter(|e| e.0 > sent).cloned().collect())
-                            .unwrap_or_default()
-                    };
-                    if rx.borrow().1 != start_disconnects {
-                        return None;
-                    }
-                    if !pending.is_empty() {
-                        let mut out = String::new();
-                        for (rv, ty, obj) in pending {
-                            sent = rv;
-                            out.push_str(&json!({"type": ty, "object": obj}).to_string());
-                            out.push('\n');
-                        }
-                        return Some((Ok::<_, Infallible>(Bytes::from(out)), (sent, false)));
-                    }
-                    tokio::select! {
-                        _ = rx.changed() => {}
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                            // A bookmark with the current resourceVersion.
-                            let rv = api.state.lock().unwrap().rv;
-                            sent = sent.max(rv);
-                            let bm = json!({"type": "BOOKMARK", "object": {
-                                "apiVersion": api_version, "kind": kind,
-                                "metadata": {"resourceVersion": rv.to_string()}}});
-                            return Some((Ok(Bytes::from(format!("{bm}\n"))), (sent, false)));
-                        }
-                    }
-                }
-            }
-        });
-        Response::new(Body::from_stream(stream))
-    }
-}
-
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
     }
 }
 
@@ -357,25 +124,9 @@ async fn agent_follows_the_api_through_relists_disconnects_and_outages_privilege
     ns.ip(&["route", "add", "10.7.0.5/32", "dev", "lxck8s0"]);
 
     // The fake API server listens on 127.0.0.1 inside the throwaway namespace.
-    let nsfile = ns.file();
-    let listener = std::thread::spawn(move || {
-        nix::sched::setns(&nsfile, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.set_nonblocking(true).unwrap();
-        l
-    })
-    .join()
-    .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let api = FakeApi::new();
-    let router = axum::Router::new().fallback({
-        let api = api.clone();
-        move |method: Method, uri: Uri, body: Bytes| api.clone().handle(method, uri, body)
-    });
-    tokio::spawn(async move {
-        let l = tokio::net::TcpListener::from_std(listener).unwrap();
-        axum::serve(l, router).await.unwrap();
-    });
+    let server = KubeApiServer::start(ns.file()).unwrap();
+    let api = server.api.clone();
+    let port = server.port;
 
     api.upsert(namespace("shop", json!({"team": "a"})));
     api.upsert(pod("shop", "web-1", "node-a", "10.7.0.5", json!({"app": "web"})));
@@ -400,7 +151,7 @@ async fn agent_follows_the_api_through_relists_disconnects_and_outages_privilege
     let bpffs = PathBuf::from(format!("/sys/fs/bpf/palisade-{tag}"));
     let socket = dir.path().join("agent.sock");
     let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_palisade-agent"));
+    let mut cmd = Command::new(agent_binary());
     cmd.arg("--bpffs")
         .arg(&bpffs)
         .arg("--policy-dir")
