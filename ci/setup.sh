@@ -28,6 +28,17 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 
+# A Docker engine for the containerized-agent test (the test starts its own dockerd, with
+# its own state folders and without touching the machine's firewall, and stops it).
+# Optional: if it cannot be installed, that test says so and is skipped.
+if ! command -v dockerd >/dev/null 2>&1; then
+  say "installing docker.io (Docker engine for the container test)"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends docker.io >/dev/null; }; then
+    say "docker.io could not be installed: the container test will be skipped"
+  fi
+fi
+
 if ! rustup component list --installed 2>/dev/null | grep -q '^rust-src'; then
   say "adding the rust-src component (the eBPF crate is built with -Z build-std=core)"
   rustup component add rust-src

@@ -19,6 +19,7 @@
 pub mod agent;
 pub mod cleanup;
 pub mod cli;
+pub mod container;
 pub mod error;
 pub mod events;
 pub mod explain_check;

@@ -1,11 +1,21 @@
 //! Every scenario in fixtures/scenarios, in one run, against the real agent (needs root and
-//! the binaries built: `cargo build --bins`).
+//! the binaries built: `cargo build --bins`): fed through its local API and policy folder,
+//! and again in Kubernetes mode, fed through the testbed's list/watch API server.
 mod common;
 
 use common::*;
 
 #[test]
 fn every_fixture_scenario_passes_privileged() {
+    run_every_fixture(&[]);
+}
+
+#[test]
+fn every_fixture_scenario_passes_in_kubernetes_mode_privileged() {
+    run_every_fixture(&["--kubernetes"]);
+}
+
+fn run_every_fixture(extra: &[&str]) {
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
@@ -21,6 +31,7 @@ fn every_fixture_scenario_passes_privileged() {
     files.sort();
     assert!(!files.is_empty(), "no scenarios in {}", dir.display());
     let mut args = vec!["run", "--json"];
+    args.extend_from_slice(extra);
     args.extend(files.iter().map(String::as_str));
     let (pid, out) = run(&args);
     let stdout = text(&out.stdout);

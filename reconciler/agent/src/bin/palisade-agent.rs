@@ -36,6 +36,11 @@ struct Args {
     /// and Pods in the Kubernetes API (kubeconfig, or the in-cluster service account).
     #[arg(long, env = "PALISADE_KUBERNETES")]
     kubernetes: bool,
+    /// Enter this network namespace (a file such as /var/run/netns/NAME or /proc/PID/ns/net)
+    /// before anything else: the node's namespace when the agent's container does not run
+    /// in it (the testbed's containerized agent). The default is the process's own.
+    #[arg(long)]
+    netns: Option<std::path::PathBuf>,
     /// Kubeconfig file for Kubernetes mode (default: as kube-rs finds it: $KUBECONFIG,
     /// ~/.kube/config, or the in-cluster service account).
     #[arg(long)]
@@ -57,6 +62,15 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // Before any thread exists: every thread the agent starts inherits the namespace.
+    if let Some(path) = &args.netns {
+        let entered = std::fs::File::open(path)
+            .and_then(|f| nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+        if let Err(e) = entered {
+            eprintln!("palisade-agent: cannot enter the network namespace {}: {e}", path.display());
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let config = AgentConfig {
         bpffs: args.bpffs,
         policy_dir: args.policy_dir,
