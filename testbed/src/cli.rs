@@ -134,6 +134,10 @@ pub struct RunArgs {
     /// agent finds the pods' interfaces by their routes.
     #[arg(long)]
     pub kubernetes: bool,
+    /// With --kubernetes: plumb the pods with the palisade-cni plugin (next to the agent
+    /// binary), called as a container runtime calls it, instead of wiring them directly.
+    #[arg(long, requires = "kubernetes")]
+    pub cni: bool,
     /// Debug the testbed's own plumbing: no agent, no policies, every probe must connect.
     #[arg(long, hide = true)]
     pub no_agent: bool,
@@ -300,7 +304,19 @@ fn run_inner(args: &RunArgs, reports: &mut Vec<ScenarioReport>) -> u8 {
         agent_args: Vec::new(),
         keep_logs: args.keep_logs,
         kubernetes: args.kubernetes,
+        cni: None,
     };
+    let mut opts = opts;
+    if args.cni {
+        let plugin = opts.agent.as_deref().map(|a| a.with_file_name("palisade-cni"));
+        match plugin {
+            Some(p) if p.is_file() => opts.cni = Some(p),
+            _ => {
+                eprintln!("palisade-testbed: --cni needs palisade-cni next to the agent binary (cargo build --bins)");
+                return EXIT_SETUP;
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {

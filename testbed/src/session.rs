@@ -56,6 +56,10 @@ pub struct RunOptions {
     /// namespaces, pods (on node [`KUBE_NODE`]) and policies; the agent finds the pods'
     /// interfaces by their routes, as on a cluster that keeps its own CNI.
     pub kubernetes: bool,
+    /// Plumb the pods with this CNI plugin (`palisade-cni`), as a container runtime calls
+    /// it, instead of wiring them directly (Kubernetes mode only: the pods' labels come from
+    /// the API server, the plugin gives the addresses and the interfaces).
+    pub cni: Option<PathBuf>,
 }
 
 /// The node name of the testbed's pods in Kubernetes mode.
@@ -69,6 +73,7 @@ impl RunOptions {
             agent_args: Vec::new(),
             keep_logs: false,
             kubernetes: false,
+            cni: None,
         }
     }
 }
@@ -116,9 +121,20 @@ impl Session {
     /// so far is removed (and the agent's log tail printed when it helps).
     pub async fn up(plan: &Plan, opts: &RunOptions, names: &RunNames) -> Result<Session, SetupError> {
         let dirs = RunDirs::create(&names.tag, opts.keep_logs)?;
+        if opts.cni.is_some() && !(opts.kubernetes && opts.agent.is_some()) {
+            return Err(SetupError::Unsupported(
+                "pods plumbed by the CNI plugin need the agent in Kubernetes mode (their labels come from the API server)"
+                    .into(),
+            ));
+        }
+        let cni = opts.cni.as_ref().map(|plugin| crate::topology::Cni {
+            plugin: plugin.clone(),
+            dir: dirs.root.join("cni"),
+            agent_socket: dirs.socket.clone(),
+        });
         let topology = {
             let (plan, prefix) = (plan.clone(), names.prefix.clone());
-            blocking(move || Topology::build(&plan, &prefix)).await??
+            blocking(move || Topology::build_with(&plan, &prefix, cni.as_ref())).await??
         };
         let mut listeners = Listeners::new();
         let ipv6 = plan.has_family(IpFamily::IPv6);

@@ -22,6 +22,7 @@
 //! address exists only as the namespace the testbed made for it. IPv6 duplicate address
 //! detection and router solicitations are off, so addresses work at once.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
 
 use crate::error::SetupError;
 use crate::netns::Netns;
@@ -113,11 +114,19 @@ impl Topology {
     /// Builds the node, every pod and every other host of `plan`, with namespace names
     /// starting with `prefix`.
     pub fn build(plan: &Plan, prefix: &str) -> Result<Topology, SetupError> {
+        Topology::build_with(plan, prefix, None)
+    }
+
+    /// As [`Topology::build`], the pods plumbed by the CNI plugin `cni` when given.
+    pub fn build_with(plan: &Plan, prefix: &str, cni: Option<&Cni>) -> Result<Topology, SetupError> {
         let families = Families { v4: plan.has_family(IpFamily::IPv4), v6: plan.has_family(IpFamily::IPv6) };
         let node = build_node(prefix, families)?;
         let mut topo = Topology { pods: Vec::with_capacity(plan.pods.len()), hosts: Vec::new(), node };
         for pod in &plan.pods {
-            let net = build_pod(&topo.node, pod, prefix, families)?;
+            let net = match cni {
+                Some(cni) => build_pod_with_cni(&topo.node, pod, prefix, families, cni)?,
+                None => build_pod(&topo.node, pod, prefix, families)?,
+            };
             topo.pods.push(net);
         }
         for (i, host) in plan.hosts.iter().enumerate() {
@@ -213,6 +222,101 @@ fn build_pod(node: &Node, pod: &PlanPod, prefix: &str, families: Families) -> Re
     family_settings(&netns, families)?;
     wire(node, &netns, &pod.host_interface, pod.ipv4, pod.ipv6)?;
     Ok(PodNet { netns, ipv4: pod.ipv4, ipv6: pod.ipv6, host_interface: pod.host_interface.clone() })
+}
+
+/// The CNI plugin that plumbs the pods, as a container runtime calls it.
+#[derive(Clone, Debug)]
+pub struct Cni {
+    /// The `palisade-cni` binary.
+    pub plugin: PathBuf,
+    /// A folder for the network configuration and the IPAM plugins (one per pod, answering
+    /// the scenario's addresses).
+    pub dir: PathBuf,
+    /// The agent's API socket, where the plugin registers the pods.
+    pub agent_socket: PathBuf,
+}
+
+/// A pod's namespace plumbed by the CNI plugin: ADD run inside the node's namespace (the
+/// plugin creates the veth pair there and moves its peer into the pod), with the pod's
+/// identity in CNI_ARGS and its scenario addresses from a static IPAM plugin.
+fn build_pod_with_cni(
+    node: &Node,
+    pod: &PlanPod,
+    prefix: &str,
+    families: Families,
+    cni: &Cni,
+) -> Result<PodNet, SetupError> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    let netns = Netns::create(&pod_netns_name(prefix, pod.index))?;
+    family_settings(&netns, families)?;
+    let io = |what: String| move |e: std::io::Error| SetupError::Io { what: what.clone(), source: e };
+    std::fs::create_dir_all(&cni.dir).map_err(io(format!("creating {}", cni.dir.display())))?;
+    let mut ips = Vec::new();
+    if let Some(a) = pod.ipv4 {
+        ips.push(serde_json::json!({"address": format!("{a}/32")}));
+    }
+    if let Some(a) = pod.ipv6 {
+        ips.push(serde_json::json!({"address": format!("{a}/128")}));
+    }
+    let result = serde_json::json!({"cniVersion": "1.0.0", "ips": ips});
+    let ipam = format!("testbed-ipam-{}", pod.index);
+    let script = format!(
+        "#!/bin/sh\n# Static IPAM of the testbed: pod {}'s scenario addresses.\n[ \"$CNI_COMMAND\" = ADD ] && echo '{result}'\nexit 0\n",
+        pod.key()
+    );
+    let ipam_path = cni.dir.join(&ipam);
+    std::fs::write(&ipam_path, script).map_err(io(format!("writing {}", ipam_path.display())))?;
+    std::fs::set_permissions(&ipam_path, std::fs::Permissions::from_mode(0o755))
+        .map_err(io(format!("making {} executable", ipam_path.display())))?;
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "palisade-testbed", "type": "palisade-cni",
+        "agentSocket": cni.agent_socket, "ipam": {"type": ipam}
+    });
+    let node_ns = node.netns.open()?;
+    let ns_fd = std::os::fd::AsRawFd::as_raw_fd(&node_ns);
+    let mut cmd = std::process::Command::new(&cni.plugin);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", netns.name())
+        .env("CNI_NETNS", netns.path())
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", &cni.dir)
+        .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={};K8S_POD_NAME={}", pod.namespace, pod.name))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: only setns (async-signal-safe) between fork and exec; `node_ns` outlives spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let what = format!("running the CNI plugin {} for pod {}", cni.plugin.display(), pod.key());
+    let mut child = cmd.spawn().map_err(io(what.clone()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(conf.to_string().as_bytes()).map_err(io(what.clone()))?;
+    }
+    let out = child.wait_with_output().map_err(io(what.clone()))?;
+    drop(node_ns);
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    if !out.status.success() {
+        return Err(SetupError::Io {
+            what,
+            source: std::io::Error::other(format!("{answer} {}", String::from_utf8_lossy(&out.stderr).trim())),
+        });
+    }
+    let host_interface = answer["interfaces"][0]["name"]
+        .as_str()
+        .ok_or_else(|| SetupError::Io { what, source: std::io::Error::other(format!("no host interface in {answer}")) })?
+        .to_string();
+    Ok(PodNet { netns, ipv4: pod.ipv4, ipv6: pod.ipv6, host_interface })
 }
 
 fn build_other_host(

@@ -1,6 +1,7 @@
 //! Every scenario in fixtures/scenarios, in one run, against the real agent (needs root and
 //! the binaries built: `cargo build --bins`): fed through its local API and policy folder,
-//! and again in Kubernetes mode, fed through the testbed's list/watch API server.
+//! and again in Kubernetes mode, fed through the testbed's list/watch API server, with the
+//! pods plumbed by the palisade-cni plugin as a container runtime would call it.
 mod common;
 
 use common::*;
@@ -11,8 +12,8 @@ fn every_fixture_scenario_passes_privileged() {
 }
 
 #[test]
-fn every_fixture_scenario_passes_in_kubernetes_mode_privileged() {
-    run_every_fixture(&["--kubernetes"]);
+fn every_fixture_scenario_passes_in_kubernetes_mode_with_cni_plumbing_privileged() {
+    run_every_fixture(&["--kubernetes", "--cni"]);
 }
 
 fn run_every_fixture(extra: &[&str]) {

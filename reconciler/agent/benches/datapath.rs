@@ -569,7 +569,10 @@ struct Args {
 }
 
 fn args() -> Args {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
+    // Benches run in the package's folder: the default is the workspace's target folder.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
     let mut a = Args { repeat: 1_000_000, runs: 3, json: target.join("palisade-bench/datapath.json") };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {

@@ -256,6 +256,8 @@ fn add(args: &CniArgs, conf: &NetConf, stdin: &[u8]) -> Result<Value, CniError> 
         // does on a forwarding interface.
         let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{host}/forwarding"), "1");
         let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{host}/proxy_arp"), "1");
+        // Answer the pod's first ARP at once, not after a random delay of up to 0.8 s.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv4/neigh/{host}/proxy_delay"), "0");
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{host}/accept_dad"), "0");
         ip(&["link", "set", &host, "up"])?;
         if addrs.iter().any(|(a, _)| a.is_ipv6()) {
