@@ -314,7 +314,10 @@ fn build_pod_with_cni(
     }
     let host_interface = answer["interfaces"][0]["name"]
         .as_str()
-        .ok_or_else(|| SetupError::Io { what, source: std::io::Error::other(format!("no host interface in {answer}")) })?
+        .ok_or_else(|| SetupError::Io {
+            what,
+            source: std::io::Error::other(format!("no host interface in {answer}")),
+        })?
         .to_string();
     Ok(PodNet { netns, ipv4: pod.ipv4, ipv6: pod.ipv6, host_interface })
 }
