@@ -587,6 +587,49 @@ mod tests {
     }
 
     #[test]
+    fn regenerations_are_the_endpoints_a_plan_touches() {
+        use palisade_common::{EndpointInfo, PolicyKey, PolicyLengthsKey, PolicyValue};
+        let mut p = Plan::default();
+        p.policy.adds.push(((88, PolicyKey::new(3, 0, 256, 6, 80)), PolicyValue::default()));
+        p.policy.deletes.push((88, PolicyKey::new(4, 0, 256, 6, 80)));
+        p.policy_lengths.updates.push((PolicyLengthsKey::new(3, 0, 256), 1));
+        p.endpoints.adds.push((17, EndpointInfo { endpoint_id: 5, ..Default::default() }));
+        // An ipcache change or a deleted endpoint regenerates nothing.
+        p.endpoints.deletes.push(18);
+        assert_eq!(regenerated_endpoints(&p), BTreeSet::from([3, 4, 5]));
+        assert!(regenerated_endpoints(&Plan::default()).is_empty());
+    }
+
+    #[test]
+    fn readiness_waits_for_every_expected_source() {
+        let r = Readiness {
+            sources: Mutex::new(Sources { expected: BTreeSet::from([SOURCE_POLICY_DIR]), synced: BTreeMap::new() }),
+        };
+        r.expect_source(SOURCE_KUBERNETES);
+        assert_eq!(r.first_sync(), Err(vec![SOURCE_KUBERNETES, SOURCE_POLICY_DIR]));
+        r.source_synced(SOURCE_POLICY_DIR, 3);
+        assert_eq!(r.first_sync(), Err(vec![SOURCE_KUBERNETES]));
+        r.source_synced(SOURCE_KUBERNETES, 9);
+        // Only the first sync of a source counts.
+        r.source_synced(SOURCE_KUBERNETES, 12);
+        assert_eq!(r.first_sync(), Ok(9));
+    }
+
+    #[test]
+    fn realized_revisions_observe_every_accepted_change_once() {
+        let r = Recorder::default();
+        for rev in 1..=3 {
+            r.change_accepted(rev);
+        }
+        r.revision_realized(2);
+        assert_eq!(r.implementation_delay().count(), 2);
+        r.revision_realized(2);
+        assert_eq!(r.implementation_delay().count(), 2);
+        r.revision_realized(5);
+        assert_eq!(r.implementation_delay().count(), 3);
+    }
+
+    #[test]
     fn label_values_are_escaped() {
         let mut out = String::new();
         sample(&mut out, "m", &[("a", "x\"y\\z\n")], 1);
