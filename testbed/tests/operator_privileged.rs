@@ -54,6 +54,7 @@ probes:
   - {from: default/client, to: default/server, port: 80, protocol: TCP, expect: allow}
   - {from: default/client, to: default/server, port: 81, protocol: TCP, expect: deny}
   - {from: default/other, to: default/server, port: 80, protocol: TCP, expect: deny}
+  - {from: entity:host, to: default/server, port: 81, protocol: TCP, expect: allow}
 "#;
 
 fn bin(name: &str) -> PathBuf {
@@ -197,6 +198,12 @@ fn metrics_health_ipcache_and_bpf_policy_privileged() {
         let m3 = scrape(&session);
         assert!(get(&m3, DROP_DENIED) > get(&m2, DROP_DENIED));
         assert_eq!(get(&m3, DROP_DENY_RULE), get(&m2, DROP_DENY_RULE));
+
+        // The node's probe passes by the built-in allow-localhost entry, and the verdict
+        // event (which the probe reads) names it.
+        let r = session.probe(&plan.probes[3]).await;
+        assert_eq!(r.observed, Observed::Allow, "{r:?}");
+        assert!(r.detail.as_deref().unwrap_or_default().contains("built-in allow-localhost"), "{r:?}");
 
         // ipcache list: every pod, the node and the CIDR, with labels.
         let ipcache: Vec<IpcacheEntry> =
