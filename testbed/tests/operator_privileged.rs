@@ -1,6 +1,7 @@
 //! The operator surface of the real agent on a real scenario: `/metrics` scraped from the
 //! node's namespace while probes are dropped and allowed (the counters must move with
-//! them), `/healthz` and `/readyz`, `palisade ipcache list` and `palisade bpf policy get`
+//! them), `/healthz` and `/readyz`, the built-in allow-localhost entry named in the
+//! verdict events, `palisade ipcache list` and `palisade bpf policy get`
 //! (decoded from the kernel maps, with the rules each entry comes from; an entry removed
 //! behind the agent's back disappears from the output, so it is read from the kernel and
 //! not from the desired state). Needs root and the binaries built (`cargo build --bins`).
