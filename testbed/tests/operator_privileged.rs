@@ -202,9 +202,22 @@ fn metrics_health_ipcache_and_bpf_policy_privileged() {
 
         // The node's probe passes by the built-in allow-localhost entry, and the verdict
         // event (which the probe reads) names it.
+        let mut monitor = Client::new(&socket).monitor().await.unwrap();
         let r = session.probe(&plan.probes[3]).await;
         assert_eq!(r.observed, Observed::Allow, "{r:?}");
-        assert!(r.detail.as_deref().unwrap_or_default().contains("built-in allow-localhost"), "{r:?}");
+        let event = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(e) = monitor.next().await.unwrap() {
+                if e.src == "10.200.0.1" && e.dst_port == 81 && e.verdict == "allow" {
+                    return e;
+                }
+            }
+            panic!("the monitor stream ended");
+        })
+        .await
+        .expect("the allow event of the node's probe");
+        assert_eq!(event.policies, vec!["built-in allow-localhost"], "{event:?}");
+        assert_eq!((event.match_kind.as_str(), event.peer_identity), ("L3-only", 1), "{event:?}");
+        drop(monitor);
 
         // ipcache list: every pod, the node and the CIDR, with labels.
         let ipcache: Vec<IpcacheEntry> =

@@ -311,9 +311,15 @@ async fn healthz(State(agent): State<Agent>) -> impl IntoResponse {
 
 /// Whether the agent is ready, and why (not).
 pub async fn ready(agent: &Agent) -> Result<String, String> {
+    readiness().first_sync().map_err(|missing| format!("waiting for the first sync of: {}", missing.join(", ")))?;
+    let realized = ask(&agent.map_writer, GetRealized).await.map_err(|e| format!("map writer: {e}"))?;
+    ready_with(&realized)
+}
+
+/// [`ready`] with the map writer's answer at hand.
+fn ready_with(realized: &crate::actors::map_writer::RealizedState) -> Result<String, String> {
     let sync_revision =
         readiness().first_sync().map_err(|missing| format!("waiting for the first sync of: {}", missing.join(", ")))?;
-    let realized = ask(&agent.map_writer, GetRealized).await.map_err(|e| format!("map writer: {e}"))?;
     if realized.revision < sync_revision {
         return Err(format!(
             "first full sync is revision {sync_revision}; realized in the kernel (programs attached to every endpoint): {}",
@@ -551,7 +557,7 @@ pub async fn render(agent: &Agent) -> String {
         "Seconds a regeneration took: the map writer's pass from the desired state to the maps written",
     );
     regen_time.render(&mut out, "palisade_endpoint_regeneration_time_stats_seconds", "");
-    let is_ready = ready(agent).await.is_ok();
+    let is_ready = realized.as_ref().is_some_and(|r| ready_with(r).is_ok());
     header(&mut out, "palisade_ready", "gauge", "1 when /readyz answers 200");
     sample(&mut out, "palisade_ready", &[], u8::from(is_ready));
     out
