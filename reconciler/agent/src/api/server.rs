@@ -376,3 +376,21 @@ async fn bpf_policy(State(agent): State<Agent>, Query(q): Query<BpfPolicyQuery>)
         entries,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use palisade_common::{PolicyKey, proto};
+
+    #[test]
+    fn policy_keys_read_back_as_protocol_and_port() {
+        let l4 = |prefix: u32, protocol: u8, port: u16| {
+            let (p, q) = super::describe_l4(&PolicyKey::new(3, 0, 256, protocol, port).at_prefix(prefix));
+            format!("{p}/{q}")
+        };
+        assert_eq!(l4(64, 0, 0), "ANY/any");
+        assert_eq!(l4(72, proto::UDP, 0), "UDP/any");
+        assert_eq!(l4(88, proto::TCP, 8080), "TCP/8080");
+        assert_eq!(l4(86, proto::TCP, 8000), "TCP/8000-8003");
+        assert_eq!(l4(88, proto::ICMP, 8), "ICMP/8");
+    }
+}
