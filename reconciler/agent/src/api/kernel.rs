@@ -39,7 +39,7 @@ fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &'stati
     })
 }
 
-/// One ipcache entry as loaded: the prefix, its identity, and the map it is in.
+/// One ipcache entry as loaded: the prefix and its identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IpcacheRow {
     pub addr: IpAddr,
