@@ -106,6 +106,26 @@ async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     }
 }
 
+/// `GET path` on the agent's health listener (its default, 127.0.0.1:9962, inside the
+/// throwaway namespace); `None` while nothing listens.
+fn http_get(ns: &Netns, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let nsfile = ns.file();
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(&nsfile, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9962").ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: palisade\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        Some((head.split(' ').nth(1)?.parse().ok()?, body.to_string()))
+    })
+    .join()
+    .ok()?
+}
+
 // ---------------------------------------------------------------- the test
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,6 +158,10 @@ async fn agent_follows_the_api_through_relists_disconnects_and_outages_privilege
     api.upsert(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": "deny-all", "namespace": "shop"},
         "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]}}));
+
+    // The API server is away when the agent starts: the agent must not be ready before it
+    // has listed everything once.
+    api.set_down(true);
 
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
@@ -180,6 +204,24 @@ async fn agent_follows_the_api_through_relists_disconnects_and_outages_privilege
     let log_path = dir.path().join("agent.log");
     let client = Client::new(&socket);
     let dump_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    // 0. Alive but not ready while the Kubernetes source has not synced; ready after.
+    eventually("the agent's API", async || client.status().await.ok()).await;
+    let (code, body) = eventually("the health listener", async || http_get(&ns, "/healthz")).await;
+    assert_eq!(code, 200, "{body}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, body) = http_get(&ns, "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("waiting for the first sync of: kubernetes"), "{body}");
+    let (_, metrics) = http_get(&ns, "/metrics").unwrap();
+    assert!(metrics.contains("\npalisade_ready 0\n"), "{metrics}");
+    api.set_down(false);
+    let body = eventually("ready after the first sync", async || {
+        let (code, body) = http_get(&ns, "/readyz")?;
+        (code == 200).then_some(body)
+    })
+    .await;
+    assert!(body.contains("first full sync: revision"), "{body}");
 
     // 1. Local pod -> endpoint on the routed interface; remote pod -> identity.
     let web = eventually("local endpoint shop/web-1", async || {

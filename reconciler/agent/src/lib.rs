@@ -9,4 +9,5 @@ pub mod error;
 pub mod explain;
 pub mod k8s;
 pub mod mapstate;
+pub mod metrics;
 pub mod monitor;

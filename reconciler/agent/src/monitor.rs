@@ -1,11 +1,12 @@
 //! Turns raw verdict events from the datapath into [`MonitorEvent`]s a person can read:
 //! names for reasons, protocols and endpoints, and the policies behind the deciding entry.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use palisade_common::{VerdictEvent, direction, family, match_kind, proto, reason, verdict};
+use palisade_common::{VerdictEvent, direction, family, identity, match_kind, proto, reason, verdict};
 
 use crate::api::types::MonitorEvent;
+use crate::mapstate::CookieJar;
 
 /// Name of an IP protocol number.
 pub fn protocol_name(p: u8) -> String {
@@ -60,8 +61,71 @@ fn addr(fam: u8, bytes: &[u8; 16]) -> IpAddr {
 pub struct DecodeContext {
     /// Endpoint id -> `namespace/name`.
     pub endpoints: BTreeMap<u32, String>,
-    /// Cookie -> policies (`Kind/namespace/name`) behind it.
+    /// Cookie -> policies (`Kind namespace/name`) behind it; empty for a built-in entry
+    /// (one no rule produced: see [`builtin_entry`]).
     pub cookies: BTreeMap<u32, Vec<String>>,
+    /// Cookie -> the rules behind it (`Kind namespace/name spec.ingress[0]`).
+    pub rules: BTreeMap<u32, Vec<String>>,
+}
+
+impl DecodeContext {
+    /// Takes the policies and rules of every cookie in `live` from the map writer's jar.
+    pub fn set_cookies(&mut self, jar: &CookieJar, live: &BTreeSet<u32>) {
+        self.cookies.clear();
+        self.rules.clear();
+        for c in live {
+            let Some(origins) = jar.origins(*c) else { continue };
+            let mut names: Vec<String> = origins.iter().map(|o| o.policy_name()).collect();
+            names.dedup();
+            self.cookies.insert(*c, names);
+            self.rules.insert(*c, origins.iter().map(|o| o.to_string()).collect());
+        }
+    }
+
+    /// The policies behind a policy entry's cookie, or the name of the built-in entry it
+    /// is; `None` when the cookie is not one the agent wrote (yet).
+    pub fn attribution(&self, cookie: u32, entry: BuiltinKey) -> Option<Vec<String>> {
+        let names = self.cookies.get(&cookie)?;
+        if names.is_empty() { Some(vec![builtin_entry(entry).to_string()]) } else { Some(names.clone()) }
+    }
+}
+
+/// Name of the allow every ingress-enforced endpoint has for the node (the host identity,
+/// any protocol and port; see `actors::resolver::allow_localhost`).
+pub const BUILTIN_ALLOW_LOCALHOST: &str = "built-in allow-localhost";
+/// Name of the allow for any peer that enforces a direction with deny rules but
+/// `enableDefaultDeny: false` (the denies win over it).
+pub const BUILTIN_ALLOW_ALL: &str = "built-in allow-all (enableDefaultDeny: false)";
+
+/// What tells the built-in entries apart: the entry's direction, peer identity (0 = any)
+/// and whether it is for any protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuiltinKey {
+    pub direction: u8,
+    pub identity: u32,
+    pub any_protocol: bool,
+}
+
+impl BuiltinKey {
+    /// The key of the entry that decided a verdict event, as far as the event tells it
+    /// (its match kind says whether the identity and the port were wildcards).
+    pub fn of_event(ev: &VerdictEvent) -> BuiltinKey {
+        let identity = match ev.match_kind {
+            match_kind::ALL | match_kind::L4_ONLY => identity::ANY,
+            _ => ev.peer_identity,
+        };
+        let any_protocol = matches!(ev.match_kind, match_kind::ALL | match_kind::L3_ONLY);
+        BuiltinKey { direction: ev.direction, identity, any_protocol }
+    }
+}
+
+/// The name of a built-in entry (an entry with a cookie but no rule behind it).
+pub fn builtin_entry(k: BuiltinKey) -> &'static str {
+    match (k.direction, k.identity, k.any_protocol) {
+        (direction::INGRESS, identity::HOST, true) => BUILTIN_ALLOW_LOCALHOST,
+        (_, identity::ANY, true) => BUILTIN_ALLOW_ALL,
+        _ => "built-in",
+    }
 }
 
 /// Decodes one raw event.
@@ -80,7 +144,12 @@ pub fn decode(ev: &VerdictEvent, ctx: &DecodeContext) -> MonitorEvent {
         dst_port: ev.dport,
         protocol: protocol_name(ev.protocol),
         peer_identity: ev.peer_identity,
-        policies: if ev.cookie == 0 { Vec::new() } else { ctx.cookies.get(&ev.cookie).cloned().unwrap_or_default() },
+        policies: if ev.cookie == 0 {
+            Vec::new()
+        } else {
+            ctx.attribution(ev.cookie, BuiltinKey::of_event(ev))
+                .unwrap_or_else(|| vec![format!("cookie {}", ev.cookie)])
+        },
     }
 }
 
@@ -111,5 +180,27 @@ mod tests {
         assert_eq!((m.src.as_str(), m.dst.as_str()), ("10.200.1.1", "10.200.1.2"));
         assert_eq!((m.verdict.as_str(), m.reason.as_str(), m.protocol.as_str()), ("drop", "policy-denied", "TCP"));
         assert!(m.policies.is_empty());
+    }
+
+    #[test]
+    fn built_in_entries_are_named() {
+        let mut ctx = DecodeContext::default();
+        ctx.cookies.insert(7, Vec::new());
+        ctx.cookies.insert(8, vec!["CiliumNetworkPolicy default/web".into()]);
+        let ev = |cookie, dir, m, peer| VerdictEvent {
+            cookie,
+            direction: dir,
+            verdict: verdict::ALLOW,
+            reason: reason::ALLOWED_BY_POLICY,
+            match_kind: m,
+            peer_identity: peer,
+            ..Default::default()
+        };
+        let names = |e: &VerdictEvent| decode(e, &ctx).policies;
+        assert_eq!(names(&ev(7, direction::INGRESS, match_kind::L3_ONLY, 1)), vec![BUILTIN_ALLOW_LOCALHOST]);
+        assert_eq!(names(&ev(7, direction::EGRESS, match_kind::ALL, 300)), vec![BUILTIN_ALLOW_ALL]);
+        assert_eq!(names(&ev(8, direction::INGRESS, match_kind::L3_L4, 300)), vec!["CiliumNetworkPolicy default/web"]);
+        assert_eq!(names(&ev(9, direction::INGRESS, match_kind::L3_L4, 300)), vec!["cookie 9"]);
+        assert!(names(&ev(0, direction::INGRESS, match_kind::NONE, 300)).is_empty());
     }
 }

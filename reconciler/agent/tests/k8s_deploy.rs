@@ -63,6 +63,12 @@ fn every_manifest_parses_into_the_api_types() {
     }
 }
 
+/// The ConfigMap's data (the agent's environment).
+fn deploy_config() -> std::collections::BTreeMap<String, String> {
+    let doc = documents(&deploy_dir().join("configmap.yaml")).into_iter().next().unwrap();
+    typed::<ConfigMap>(&doc, "configmap").data.unwrap_or_default()
+}
+
 fn check_role(role: &ClusterRole) {
     for rule in role.rules.iter().flatten() {
         for v in &rule.verbs {
@@ -92,7 +98,21 @@ fn check_daemonset(ds: &DaemonSet) {
         assert!(add.iter().any(|a| a == cap), "capability {cap} missing");
     }
     assert!(!add.iter().any(|a| a == "SYS_ADMIN" || a == "ALL"), "no blanket capabilities");
-    assert!(c.liveness_probe.is_some() && c.readiness_probe.is_some());
+    // Probes: the agent's health listener, on loopback (the pod shares the host network
+    // namespace with the kubelet), at the address the ConfigMap gives the agent.
+    let config = deploy_config();
+    let address = config.get("PALISADE_METRICS_ADDRESS").expect("the ConfigMap sets PALISADE_METRICS_ADDRESS");
+    let address: std::net::SocketAddr = address.parse().unwrap();
+    assert!(address.ip().is_loopback(), "not on a public address by default: {address}");
+    let http = |p: Option<&k8s_openapi::api::core::v1::Probe>, path: &str| {
+        let get = p.and_then(|p| p.http_get.clone()).unwrap_or_else(|| panic!("an httpGet probe on {path}"));
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.host.as_deref(), Some(address.ip().to_string().as_str()));
+        assert_eq!(get.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(address.port().into()));
+    };
+    http(c.liveness_probe.as_ref(), "/healthz");
+    http(c.startup_probe.as_ref(), "/healthz");
+    http(c.readiness_probe.as_ref(), "/readyz");
     assert!(c.env.iter().flatten().any(|e| e.name == "NODE_NAME"), "NODE_NAME from the downward API");
     let mounts: Vec<&str> = c.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
     assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/run/palisade"), "{mounts:?}");

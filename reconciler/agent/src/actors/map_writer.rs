@@ -190,7 +190,10 @@ impl MapWriter {
             for line in p.describe().iter().take(200) {
                 tracing::debug!(revision = msg.revision, "{line}");
             }
-            self.apply_plan(&p)?;
+            // Metrics hook (ops): endpoint regenerations and their duration.
+            let applied = self.apply_plan(&p);
+            crate::metrics::global().plan_applied(&p, applied.is_ok(), started.elapsed());
+            applied?;
         }
         let live: BTreeSet<u32> = desired.policy.values().map(|v| v.cookie).collect();
         self.cookies.retain(&live);
@@ -211,19 +214,13 @@ impl MapWriter {
         let all_attached = mappings.len() == msg.endpoints.len();
         if all_attached {
             self.realized_revision = self.realized_revision.max(msg.revision);
+            // Metrics hook (ops): implementation delay of every change up to this revision.
+            crate::metrics::global().revision_realized(self.realized_revision);
         }
         // What the monitor needs to name things.
         if let Ok(mut d) = self.decode.write() {
             d.endpoints = msg.endpoints.iter().map(|e| (u32::from(e.id), e.full_name())).collect();
-            d.cookies = live
-                .iter()
-                .filter_map(|c| {
-                    let origins = self.cookies.origins(*c)?;
-                    let mut names: Vec<String> = origins.iter().map(|o| o.policy_name()).collect();
-                    names.dedup();
-                    Some((*c, names))
-                })
-                .collect();
+            d.set_cookies(&self.cookies, &live);
         }
         tracing::info!(
             revision = msg.revision,

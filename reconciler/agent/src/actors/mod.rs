@@ -47,6 +47,9 @@ pub struct Agent {
     pub map_writer: Addr<map_writer::MapWriter>,
     pub events: broadcast::Sender<MonitorEvent>,
     pub config: AgentConfig,
+    /// Endpoint names and cookie attributions (the map writer keeps them current), for
+    /// the API's read-back of the kernel maps.
+    pub decode: Arc<RwLock<DecodeContext>>,
 }
 
 impl Agent {
@@ -55,6 +58,7 @@ impl Agent {
         let mut datapath = Datapath::load(&DatapathConfig { pin_dir: config.bpffs.clone() })?;
         let mut reader = datapath.take_events()?;
         let decode_ctx = Arc::new(RwLock::new(DecodeContext::default()));
+        let decode_shared = decode_ctx.clone();
         let map_writer = map_writer::MapWriter::new(datapath, decode_ctx.clone(), config.repair_interval)?.start();
         let resolver = resolver::Resolver::new(map_writer.clone()).start();
         let identities = identity::IdentityCache::new(resolver.clone()).start();
@@ -85,6 +89,6 @@ impl Agent {
                 }
             }
         });
-        Ok(Agent { policy_watch, endpoints, identities, resolver, map_writer, events, config })
+        Ok(Agent { policy_watch, endpoints, identities, resolver, map_writer, events, config, decode: decode_shared })
     }
 }

@@ -398,7 +398,11 @@ impl Handler<Rescan> for PolicyWatch {
     type Result = AtomicResponse<Self, u64>;
     fn handle(&mut self, _: Rescan, _: &mut Context<Self>) -> Self::Result {
         let changed = self.rescan();
-        AtomicResponse::new(self.publish(changed))
+        // Readiness hook (ops): the first complete read of the directory is its first sync.
+        AtomicResponse::new(Box::pin(self.publish(changed).map(|revision, _, _| {
+            crate::metrics::readiness().source_synced(crate::metrics::SOURCE_POLICY_DIR, revision);
+            revision
+        })))
     }
 }
 

@@ -53,6 +53,8 @@ impl Resolver {
 
     fn changed(&mut self, ctx: &mut Context<Self>) -> u64 {
         self.revision += 1;
+        // Metrics hook (ops): when this revision was accepted (implementation delay).
+        crate::metrics::global().change_accepted(self.revision);
         if !self.dirty {
             self.dirty = true;
             ctx.notify(Recompute);

@@ -133,6 +133,24 @@ impl Client {
         self.call(Method::PUT, "/v1/ipcache", Some(spec)).await
     }
 
+    /// The kernel's ipcache, read back from the maps.
+    pub async fn ipcache(&self) -> Result<Vec<IpcacheEntry>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/ipcache", None).await
+    }
+
+    /// The kernel's policy entries of one endpoint (`namespace/name` or id), read back
+    /// from the maps and decoded.
+    pub async fn bpf_policy(&self, endpoint: &str) -> Result<BpfPolicy, ClientError> {
+        let q: String = endpoint
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        self.call::<(), _>(Method::GET, &format!("/v1/bpf/policy?endpoint={q}"), None).await
+    }
+
     pub async fn identities(&self) -> Result<Vec<IdentityInfo>, ClientError> {
         self.call::<(), _>(Method::GET, "/v1/identities", None).await
     }

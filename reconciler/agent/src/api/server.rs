@@ -1,5 +1,6 @@
 //! The local API server: HTTP/1.1 + JSON on a unix socket (mode 0600, root only). Routes
 //! are listed in [`super::types`]. Handlers only translate between HTTP and actor messages.
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -72,7 +73,8 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/namespaces/{name}", put(put_namespace))
         .route("/v1/endpoints", get(list_endpoints))
         .route("/v1/endpoints/{namespace}/{name}", put(put_endpoint).delete(delete_endpoint))
-        .route("/v1/ipcache", put(put_ipcache))
+        .route("/v1/ipcache", put(put_ipcache).get(list_ipcache))
+        .route("/v1/bpf/policy", get(bpf_policy))
         .route("/v1/identities", get(identities))
         .route("/v1/policies", get(policies))
         .route("/v1/policies/rescan", post(rescan))
@@ -233,4 +235,162 @@ async fn monitor(State(agent): State<Agent>) -> Response {
     // A first empty line tells the client the stream is open.
     let stream = futures_util::stream::once(async { Ok(Bytes::from_static(b"\n")) }).chain(stream);
     ([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response()
+}
+
+/// Labels of every identity the agent knows, and of the CIDR identities the kernel's
+/// ipcache holds (`cidr:<prefix>`, `reserved:world`...: derived from their prefix).
+fn identity_labels(ids: &[IdentityInfo], ipcache: &[super::kernel::IpcacheRow]) -> BTreeMap<u32, Vec<String>> {
+    let mut out: BTreeMap<u32, Vec<String>> = ids.iter().map(|i| (i.id, i.labels.clone())).collect();
+    for row in ipcache {
+        if row.identity & palisade_common::identity::LOCAL_SCOPE != 0
+            && !out.contains_key(&row.identity)
+            && let Some(p) = palisade_policy::Prefix::new(row.addr, row.prefix_len)
+        {
+            let labels = palisade_policy::cidr::cidr_labels(&p).iter().map(|l| l.to_string()).collect();
+            out.insert(row.identity, labels);
+        }
+    }
+    out
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, super::kernel::KernelReadError> + Send + 'static,
+) -> Result<T, ApiFailure> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        Err(e) => Err(ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the kernel maps: {e}"))),
+    }
+}
+
+async fn list_ipcache(State(agent): State<Agent>) -> ApiResult<Vec<IpcacheEntry>> {
+    let dir = agent.config.bpffs.clone();
+    let rows = blocking(move || super::kernel::ipcache(&dir)).await?;
+    let ids = agent.identities.send(ListIdentities).await?;
+    let eps = agent.endpoints.send(ListEndpoints).await?;
+    let labels = identity_labels(&ids, &rows);
+    let owner = |addr: std::net::IpAddr, len: u8| {
+        eps.iter()
+            .find(|e| {
+                (len == 32 && e.ipv4.map(std::net::IpAddr::V4) == Some(addr))
+                    || (len == 128 && e.ipv6.map(std::net::IpAddr::V6) == Some(addr))
+            })
+            .map(LocalEndpoint::full_name)
+    };
+    Ok(Json(
+        rows.iter()
+            .map(|r| IpcacheEntry {
+                prefix: format!("{}/{}", r.addr, r.prefix_len),
+                identity: r.identity,
+                labels: labels.get(&r.identity).cloned().unwrap_or_default(),
+                endpoint: owner(r.addr, r.prefix_len),
+            })
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+struct BpfPolicyQuery {
+    endpoint: String,
+}
+
+/// The L4 part of a POLICY key in words: (protocol, port).
+fn describe_l4(key: &palisade_common::PolicyKey) -> (String, String) {
+    use palisade_common::{POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO};
+    let len = u32::from(key.prefix_len);
+    if len <= POLICY_PREFIX_FIXED {
+        return ("ANY".into(), "any".into());
+    }
+    let proto = crate::monitor::protocol_name(key.protocol);
+    let port = match len.saturating_sub(POLICY_PREFIX_PROTO) {
+        0 => "any".to_string(),
+        bits if bits >= 16 => key.dport().to_string(),
+        bits => {
+            let lo = key.dport();
+            format!("{lo}-{}", lo | (u16::MAX >> bits))
+        }
+    };
+    (proto, port)
+}
+
+async fn bpf_policy(State(agent): State<Agent>, Query(q): Query<BpfPolicyQuery>) -> ApiResult<BpfPolicy> {
+    let eps = agent.endpoints.send(ListEndpoints).await?;
+    let ep = eps.iter().find(|e| e.full_name() == q.endpoint || e.id.to_string() == q.endpoint).cloned().ok_or_else(
+        || {
+            ApiFailure(
+                StatusCode::NOT_FOUND,
+                format!("no endpoint {} on this node (see `palisade endpoint list`)", q.endpoint),
+            )
+        },
+    )?;
+    let dir = agent.config.bpffs.clone();
+    let id = ep.id;
+    let (loaded, rows, ipcache) = blocking(move || {
+        Ok((super::kernel::endpoint(&dir, id)?, super::kernel::policy_of(&dir, id)?, super::kernel::ipcache(&dir)?))
+    })
+    .await?;
+    let ids = agent.identities.send(ListIdentities).await?;
+    let labels = identity_labels(&ids, &ipcache);
+    let ctx = agent.decode.read().map(|c| c.clone()).unwrap_or_default();
+    let entries = rows
+        .iter()
+        .map(|r| {
+            let identity = r.key.identity();
+            let (protocol, port) = describe_l4(&r.key);
+            let builtin = crate::monitor::BuiltinKey {
+                direction: r.key.direction,
+                identity,
+                any_protocol: u32::from(r.key.prefix_len) <= palisade_common::POLICY_PREFIX_FIXED,
+            };
+            let policies = ctx
+                .attribution(r.value.cookie, builtin)
+                .unwrap_or_else(|| vec![format!("unknown cookie {} (not written by this agent)", r.value.cookie)]);
+            BpfPolicyEntry {
+                direction: if r.key.direction == palisade_common::direction::INGRESS { "ingress" } else { "egress" }
+                    .into(),
+                identity,
+                labels: if identity == 0 {
+                    vec!["any".into()]
+                } else {
+                    labels.get(&identity).cloned().unwrap_or_default()
+                },
+                protocol,
+                port,
+                action: if r.value.flags & palisade_common::policy_flags::DENY != 0 { "deny" } else { "allow" }.into(),
+                prefix_len: r.key.prefix_len,
+                cookie: r.value.cookie,
+                policies,
+                rules: ctx.rules.get(&r.value.cookie).cloned().unwrap_or_default(),
+                probed: r.probed,
+            }
+        })
+        .collect();
+    let flags = loaded.map(|(_, info)| info.flags).unwrap_or(0);
+    Ok(Json(BpfPolicy {
+        endpoint: ep.full_name(),
+        endpoint_id: ep.id,
+        identity: loaded.map(|(_, info)| info.identity).unwrap_or(ep.identity),
+        ifindex: loaded.map(|(ifindex, _)| ifindex).unwrap_or(0),
+        ingress_enforced: flags & palisade_common::endpoint_flags::INGRESS_ENFORCED != 0,
+        egress_enforced: flags & palisade_common::endpoint_flags::EGRESS_ENFORCED != 0,
+        entries,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use palisade_common::{PolicyKey, proto};
+
+    #[test]
+    fn policy_keys_read_back_as_protocol_and_port() {
+        let l4 = |prefix: u32, protocol: u8, port: u16| {
+            let (p, q) = super::describe_l4(&PolicyKey::new(3, 0, 256, protocol, port).at_prefix(prefix));
+            format!("{p}/{q}")
+        };
+        assert_eq!(l4(64, 0, 0), "ANY/any");
+        assert_eq!(l4(72, proto::UDP, 0), "UDP/any");
+        assert_eq!(l4(88, proto::TCP, 8080), "TCP/8080");
+        assert_eq!(l4(86, proto::TCP, 8000), "TCP/8000-8003");
+        assert_eq!(l4(88, proto::ICMP, 8), "ICMP/8");
+    }
 }

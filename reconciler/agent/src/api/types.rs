@@ -11,6 +11,8 @@
 //! | DELETE | `/v1/endpoints/{namespace}/{name}` | | [`Ack`] |
 //! | GET | `/v1/endpoints` | | `Vec<`[`EndpointStatus`]`>` |
 //! | PUT | `/v1/ipcache` | [`IpcacheEntrySpec`] | [`Ack`] |
+//! | GET | `/v1/ipcache` | | `Vec<`[`IpcacheEntry`]`>`, read back from the kernel maps |
+//! | GET | `/v1/bpf/policy?endpoint=NS/NAME\|ID` | | [`BpfPolicy`], read back from the kernel maps |
 //! | GET | `/v1/identities` | | `Vec<`[`IdentityInfo`]`>` |
 //! | GET | `/v1/policies` | | `Vec<`[`PolicyStatus`]`>` |
 //! | POST | `/v1/policies/rescan` | | [`Ack`] with the revision that includes the directory as it is now |
@@ -240,4 +242,64 @@ pub struct Explanation {
     pub ingress: SideDecision,
     /// `allow` when both sides pass, else `deny`.
     pub verdict: String,
+}
+
+/// One entry of the kernel's ipcache (address or prefix -> identity), as read back from
+/// the maps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpcacheEntry {
+    /// `10.200.1.11/32`, `10.0.0.0/8`, `fd00::1/128`.
+    pub prefix: String,
+    pub identity: u32,
+    /// The identity's labels (empty when the agent does not know the identity).
+    pub labels: Vec<String>,
+    /// The local pod (`namespace/name`) whose address this is, if one is.
+    pub endpoint: Option<String>,
+}
+
+/// What the kernel's POLICY map holds for one endpoint, decoded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BpfPolicy {
+    /// `namespace/name`.
+    pub endpoint: String,
+    pub endpoint_id: u16,
+    pub identity: u32,
+    /// Host-side interface index the ENDPOINTS map has the endpoint under (0 when it has
+    /// no entry: the programs then pass its traffic unenforced).
+    pub ifindex: u32,
+    /// Enforcement flags of the kernel's ENDPOINTS entry.
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    pub entries: Vec<BpfPolicyEntry>,
+}
+
+/// One POLICY map entry, decoded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BpfPolicyEntry {
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// Peer identity; 0 = any peer.
+    pub identity: u32,
+    /// The peer identity's labels (`["any"]` for 0).
+    pub labels: Vec<String>,
+    /// `ANY` (every protocol), `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6`.
+    pub protocol: String,
+    /// `any`, a port (`8080`), a range (`8000-8003`); for ICMP the type.
+    pub port: String,
+    /// `allow` or `deny`.
+    pub action: String,
+    /// The entry's prefix length in the map (64..=88).
+    pub prefix_len: u8,
+    /// Attribution number the datapath reports in verdict events.
+    pub cookie: u32,
+    /// The policies behind the entry (`Kind namespace/name`), or the built-in entry's name.
+    pub policies: Vec<String>,
+    /// The rules behind the entry (`Kind namespace/name spec.ingress[0]`).
+    pub rules: Vec<String>,
+    /// False if POLICY_LENGTHS does not list the entry's length: the datapath would never
+    /// look it up (a bug or a half-written update).
+    pub probed: bool,
 }

@@ -51,6 +51,10 @@ struct Args {
     /// Seconds between full reconcile passes of the Kubernetes source.
     #[arg(long, env = "PALISADE_KUBE_RESYNC_SECS", default_value_t = 5)]
     kube_resync_secs: u64,
+    /// Address of /metrics (Prometheus), /healthz and /readyz, or `off`. Loopback by
+    /// default: only the node itself (kubelet probes, a node-local scraper) reaches it.
+    #[arg(long, env = "PALISADE_METRICS_ADDRESS", default_value = palisade_agent::metrics::DEFAULT_ADDRESS)]
+    metrics_address: palisade_agent::metrics::ListenAddress,
 }
 
 fn main() -> std::process::ExitCode {
@@ -80,6 +84,7 @@ fn main() -> std::process::ExitCode {
     };
     let socket = args.api_socket;
     let kubeconfig = args.kubeconfig;
+    let metrics_address = args.metrics_address;
     let kube = match (args.kubernetes, args.node_name) {
         (false, _) => None,
         (true, Some(node)) if !node.is_empty() => Some(palisade_agent::k8s::KubeOptions {
@@ -100,6 +105,17 @@ fn main() -> std::process::ExitCode {
             Ok(a) => a,
             Err(e) => return Err(format!("cannot start the datapath: {e}")),
         };
+        if kube.is_some() {
+            // Not ready before the Kubernetes source's first complete sync (ops).
+            palisade_agent::metrics::readiness().expect_source(palisade_agent::metrics::SOURCE_KUBERNETES);
+        }
+        let metrics = match metrics_address {
+            palisade_agent::metrics::ListenAddress::Off => None,
+            palisade_agent::metrics::ListenAddress::On(addr) => {
+                let agent = agent.clone();
+                Some((addr, tokio::spawn(async move { palisade_agent::metrics::serve(agent, addr).await })))
+            }
+        };
         if let Some(opts) = kube {
             let client = kube_client(kubeconfig.as_deref()).await?;
             actix_rt::spawn(palisade_agent::k8s::run(agent.clone(), client, opts));
@@ -117,6 +133,16 @@ fn main() -> std::process::ExitCode {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(format!("local API on {}: {e}", socket.display())),
                 Err(e) => Err(format!("local API task: {e}")),
+            },
+            (addr, r) = async move {
+                match metrics {
+                    Some((addr, task)) => (addr, task.await),
+                    None => std::future::pending().await,
+                }
+            } => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("metrics and health listener on {addr}: {e}")),
+                Err(e) => Err(format!("metrics task: {e}")),
             },
         };
         let _ = std::fs::remove_file(&socket);

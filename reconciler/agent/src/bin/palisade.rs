@@ -44,6 +44,16 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// The kernel's ipcache: address or prefix -> identity, with the identity's labels.
+    Ipcache {
+        #[command(subcommand)]
+        command: IpcacheCommand,
+    },
+    /// What is loaded in the kernel's maps, decoded.
+    Bpf {
+        #[command(subcommand)]
+        command: BpfCommand,
+    },
     /// Live verdict events.
     Monitor {
         /// Only events of this endpoint (`namespace/name`).
@@ -105,6 +115,29 @@ enum PolicyCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum IpcacheCommand {
+    /// Every entry, read back from the kernel maps.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum BpfCommand {
+    /// The POLICY map.
+    Policy {
+        #[command(subcommand)]
+        command: BpfPolicyCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BpfPolicyCommand {
+    /// The entries loaded for one endpoint (`namespace/name` or id): direction, peer
+    /// identity and its labels, protocol, port or range, allow or deny, and the rules each
+    /// entry comes from.
+    Get { endpoint: String },
+}
+
+#[derive(Subcommand, Debug)]
 enum ListGet {
     /// All of them.
     List,
@@ -131,6 +164,32 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     for r in rows {
         line(r);
     }
+}
+
+/// Labels for a table: the pod's own labels as `key=value`, its namespace as `ns=...`,
+/// service account as `sa=...`; the namespace's labels, the cluster and the
+/// `kubernetes.io/metadata.name` namespace label (which repeats `ns`) are left out.
+/// Reserved, CIDR and other labels keep their `source:`. `-o json` has the full labels.
+fn short_labels(labels: &[String]) -> String {
+    let mut out = Vec::new();
+    for l in labels {
+        let Some(rest) = l.strip_prefix("k8s:") else {
+            out.push(l.clone());
+            continue;
+        };
+        if let Some(ns) = rest.strip_prefix("io.kubernetes.pod.namespace=") {
+            out.insert(0, format!("ns={ns}"));
+        } else if let Some(sa) = rest.strip_prefix("io.cilium.k8s.policy.serviceaccount=") {
+            out.push(format!("sa={sa}"));
+        } else if rest.starts_with("io.cilium.k8s.namespace.labels.")
+            || rest.starts_with("io.cilium.k8s.policy.cluster=")
+        {
+            continue;
+        } else {
+            out.push(rest.to_string());
+        }
+    }
+    out.join(" ")
 }
 
 fn print_explanation(e: &Explanation) {
@@ -293,6 +352,63 @@ async fn run(cli: Cli) -> Result<(), String> {
                     })
                     .collect();
                 table(&["KIND", "NAMESPACE", "NAME", "STATE", "REVISION", "DETAIL"], rows);
+            }
+        }
+        Command::Ipcache { command: IpcacheCommand::List } => {
+            let entries = c.ipcache().await.map_err(|e| e.to_string())?;
+            if json {
+                print_json(&entries);
+            } else {
+                let rows = entries
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.prefix.clone(),
+                            e.identity.to_string(),
+                            e.endpoint.clone().unwrap_or_default(),
+                            short_labels(&e.labels),
+                        ]
+                    })
+                    .collect();
+                table(&["PREFIX", "IDENTITY", "ENDPOINT", "LABELS"], rows);
+            }
+        }
+        Command::Bpf { command: BpfCommand::Policy { command: BpfPolicyCommand::Get { endpoint } } } => {
+            let p = c.bpf_policy(&endpoint).await.map_err(|e| e.to_string())?;
+            if json {
+                print_json(&p);
+            } else {
+                let enforced = |on: bool| if on { "enforced" } else { "not enforced" };
+                if p.ifindex == 0 {
+                    println!(
+                        "endpoint {} (id {}): no ENDPOINTS entry in the kernel: its traffic is not enforced",
+                        p.endpoint, p.endpoint_id
+                    );
+                } else {
+                    println!(
+                        "endpoint {} (id {}, identity {}, ifindex {}): ingress {}, egress {}",
+                        p.endpoint,
+                        p.endpoint_id,
+                        p.identity,
+                        p.ifindex,
+                        enforced(p.ingress_enforced),
+                        enforced(p.egress_enforced)
+                    );
+                }
+                let rows = p
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        let from = if e.rules.is_empty() { e.policies.join("; ") } else { e.rules.join("; ") };
+                        let action = if e.probed { e.action.clone() } else { format!("{} (NOT PROBED)", e.action) };
+                        let peer = match e.identity {
+                            0 => "any".to_string(),
+                            n => format!("{n} {}", short_labels(&e.labels)),
+                        };
+                        vec![e.direction.clone(), peer, e.protocol.clone(), e.port.clone(), action, from]
+                    })
+                    .collect();
+                table(&["DIRECTION", "PEER", "PROTO", "PORT", "ACTION", "FROM"], rows);
             }
         }
         Command::Monitor { pod, verdict, direction, count } => {

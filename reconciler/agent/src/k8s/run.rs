@@ -101,6 +101,11 @@ impl KubeSync {
         }
     }
 
+    /// True once every watched resource has been listed completely.
+    pub fn all_synced(&self) -> bool {
+        self.cnp.synced() && self.ccnp.synced() && self.knp.synced() && self.namespaces.synced() && self.pods.synced()
+    }
+
     /// Applies one input to the mirrors; true when a reconcile pass is due.
     fn absorb(&mut self, input: Input) -> bool {
         match input {
@@ -310,6 +315,12 @@ pub async fn run(agent: Agent, client: Client, opts: KubeOptions) {
         }
         if due {
             sync.reconcile(&agent, &client).await;
+            // Readiness hook (ops): every list complete and handed to the actors once.
+            if sync.all_synced()
+                && let Ok(revision) = agent.resolver.send(crate::actors::resolver::CurrentRevision).await
+            {
+                crate::metrics::readiness().source_synced(crate::metrics::SOURCE_KUBERNETES, revision);
+            }
         }
     }
 }
