@@ -10,3 +10,4 @@ pub mod explain;
 pub mod k8s;
 pub mod mapstate;
 pub mod monitor;
+pub mod state;

@@ -407,6 +407,8 @@ async fn agent_follows_the_api_through_relists_disconnects_and_outages_privilege
         .arg(dir.path().join("policies"))
         .arg("--api-socket")
         .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
         .args(["--kubernetes", "--node-name", "node-a", "--kube-resync-secs", "1"])
         .env("KUBECONFIG", &kubeconfig)
         .env("PALISADE_LOG", "info,palisade_agent::k8s=debug")

@@ -85,6 +85,11 @@ pub struct KubeSync {
 }
 
 impl KubeSync {
+    /// True once every watched kind was listed completely.
+    pub fn all_listed(&self) -> bool {
+        self.cnp.synced() && self.ccnp.synced() && self.knp.synced() && self.namespaces.synced() && self.pods.synced()
+    }
+
     pub fn new(opts: KubeOptions) -> Self {
         KubeSync {
             opts,
@@ -302,6 +307,8 @@ pub async fn run(agent: Agent, client: Client, opts: KubeOptions) {
         Box::pin(ticks),
     ]);
     let mut sync = KubeSync::new(opts);
+    // Nothing is applied before every list was seen once (see `Agent::resync`).
+    let mut synced = false;
     while let Some(input) = inputs.next().await {
         let mut due = sync.absorb(input);
         // Take the whole burst before reconciling once.
@@ -310,6 +317,13 @@ pub async fn run(agent: Agent, client: Client, opts: KubeOptions) {
         }
         if due {
             sync.reconcile(&agent, &client).await;
+            if !synced && sync.all_listed() {
+                synced = true;
+                match agent.resync().await {
+                    Ok(revision) => tracing::info!(revision, "Kubernetes source synced; applying"),
+                    Err(e) => tracing::error!(error = %e, "resync after the Kubernetes lists failed"),
+                }
+            }
         }
     }
 }
