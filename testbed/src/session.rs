@@ -598,6 +598,14 @@ impl Session {
         Ok(exit)
     }
 
+    /// Stops the agent (SIGTERM or SIGKILL) without starting it again; the datapath it
+    /// loaded stays. Answers its exit status.
+    pub fn stop_agent(&mut self, how: agent::StopHow) -> Result<String, SetupError> {
+        let side =
+            self.agent.as_ref().ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))?;
+        side.process.stop_now(how, Duration::from_secs(10))
+    }
+
     /// The agent's API client, if an agent runs.
     pub fn client(&self) -> Option<&palisade_agent::api::Client> {
         self.agent.as_ref().map(|a| &a.process.client)
