@@ -139,6 +139,13 @@ fn each_actor_panics_once_and_enforcement_stays_right_privileged() {
             );
             // State rebuilt: every endpoint, the policy, the same identities and references.
             assert_eq!((st.endpoints, st.policies), (4, 1), "{actor}: {st:?}");
+            // The timestamps behind the policy-to-kernel latency.
+            assert!(
+                st.realized_revision_accepted_unix_ms > 0
+                    && st.realized_revision_unix_ms >= st.realized_revision_accepted_unix_ms
+                    && st.revision_accepted_unix_ms >= st.realized_revision_accepted_unix_ms,
+                "{actor}: {st:?}"
+            );
             assert_eq!(client.identities().await.unwrap(), identities_before, "{actor}: identities changed");
             assert_verdicts(&session, &[0, 1, 2, 3], &format!("after {actor} panicked")).await;
             // And it still follows edits (the directory watch alone: re-reads are hourly).
@@ -212,6 +219,20 @@ fn vanished_interfaces_are_cleaned_up_and_identities_released_privileged() {
         let saved = std::fs::read_to_string(session.dirs().state.join("endpoints.json")).unwrap();
         assert!(!saved.contains("\"victim\"") && !saved.contains("\"twin\""), "{saved}");
         assert_verdicts(&session, &[0, 1], "after the pods vanished").await;
+        // The CLI waits for revisions too: the current one is realized, a future one times out.
+        let cli = |args: &[&str]| {
+            std::process::Command::new(Path::new(BIN).with_file_name("palisade"))
+                .arg("--socket")
+                .arg(&session.dirs().socket)
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let out = cli(&["wait"]);
+        assert!(out.status.success() && text(&out.stdout).contains("realized"), "{out:?}");
+        let future = (client.status().await.unwrap().revision + 1000).to_string();
+        let out = cli(&["wait", "--revision", &future, "--timeout-secs", "1"]);
+        assert!(!out.status.success() && text(&out.stderr).contains("not realized"), "{out:?}");
         session.down().await;
     });
     assert_eq!(netns::list_with_prefix(&names.prefix), Vec::<String>::new());

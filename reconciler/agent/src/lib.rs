@@ -10,4 +10,5 @@ pub mod explain;
 pub mod k8s;
 pub mod mapstate;
 pub mod monitor;
+pub mod revisions;
 pub mod state;

@@ -209,6 +209,7 @@ impl MapWriter {
         let all_attached = mappings.len() == msg.endpoints.len();
         if all_attached {
             self.realized_revision = self.realized_revision.max(msg.revision);
+            crate::revisions::realized(self.realized_revision);
         }
         // What the monitor needs to name things.
         if let Ok(mut d) = self.decode.write() {

@@ -58,6 +58,7 @@ impl Resolver {
 
     fn changed(&mut self, ctx: &mut Context<Self>) -> u64 {
         self.revision += 1;
+        crate::revisions::accepted(self.revision);
         if !self.dirty {
             self.dirty = true;
             ctx.notify(Recompute);

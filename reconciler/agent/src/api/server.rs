@@ -89,6 +89,7 @@ async fn current_status(agent: &Agent) -> Result<Status, ApiFailure> {
     let endpoints = agent.endpoints.send(ListEndpoints).await?;
     let identities = agent.identities.send(ListIdentities).await?;
     let policies = agent.policy_watch.send(ListPolicies).await?;
+    let times = crate::revisions::times();
     let mut warnings = realized.warnings.clone();
     for p in &policies {
         for w in &p.warnings {
@@ -105,6 +106,9 @@ async fn current_status(agent: &Agent) -> Result<Status, ApiFailure> {
         attach_mode: realized.attach_mode,
         bpffs: agent.config.bpffs.display().to_string(),
         warnings,
+        revision_accepted_unix_ms: times.accepted_unix_ms,
+        realized_revision_accepted_unix_ms: times.realized_accepted_unix_ms,
+        realized_revision_unix_ms: times.realized_unix_ms,
     })
 }
 
