@@ -79,6 +79,64 @@ pub enum StartError {
     State { dir: PathBuf, source: std::io::Error },
 }
 
+/// What a source outside the actors (Kubernetes) must hand in again on a resync: what the
+/// restarted actor lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    /// The policy watch restarted: policies handed in as text are gone.
+    pub policies: bool,
+    /// The identity cache restarted: other nodes' pods are gone.
+    pub remote_endpoints: bool,
+}
+
+/// A resync request to an external source; it answers on `done` once it handed everything
+/// in again.
+pub struct ResendRequest {
+    pub forgotten: Forgotten,
+    pub done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Where resync requests for an external source go (registered by the source), and
+/// whether it has listed everything once.
+#[derive(Clone, Default)]
+pub struct ExternalSource {
+    requests: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<ResendRequest>>>>,
+    listed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ExternalSource {
+    /// The source has listed everything once (or waiting for it was given up): resyncs may
+    /// open the gate from now on.
+    pub fn mark_listed(&self) {
+        self.listed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn listed(&self) -> bool {
+        self.listed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Registers the source; it receives a request on every resync.
+    pub fn register(&self) -> tokio::sync::mpsc::UnboundedReceiver<ResendRequest> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut slot) = self.requests.lock() {
+            *slot = Some(tx);
+        }
+        rx
+    }
+
+    /// Asks the source to hand in again what was forgotten; waits (bounded) for it.
+    async fn resend(&self, forgotten: Forgotten) {
+        let tx = self.requests.lock().ok().and_then(|s| s.clone());
+        let Some(tx) = tx else { return };
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if tx.send(ResendRequest { forgotten, done }).is_ok()
+            && tokio::time::timeout(Duration::from_secs(30), wait).await.is_err()
+        {
+            tracing::warn!("the Kubernetes source did not resend in time");
+        }
+    }
+}
+
 /// Addresses of the running actors, and the verdict-event feed.
 #[derive(Clone)]
 pub struct Agent {
@@ -89,6 +147,8 @@ pub struct Agent {
     pub map_writer: Addr<map_writer::MapWriter>,
     pub events: broadcast::Sender<MonitorEvent>,
     pub config: AgentConfig,
+    /// The Kubernetes source, when it runs.
+    pub external: ExternalSource,
 }
 
 impl Agent {
@@ -110,9 +170,18 @@ impl Agent {
             move |name: &'static str| {
                 let agent = cell.borrow().clone();
                 if let Some(agent) = agent {
+                    // At once, before the restarted actor hands in anything (its `started`
+                    // may publish a partial state): the resolver applies nothing until the
+                    // resync below is through.
+                    agent.resolver.do_send(resolver::HoldUntilSynced);
+                    let forgotten =
+                        Forgotten { policies: name == "policy_watch", remote_endpoints: name == "identity_cache" };
                     actix_rt::spawn(async move {
-                        match agent.resync().await {
-                            Ok(rev) => tracing::info!(actor = name, revision = rev, "state rebuilt after the restart"),
+                        match agent.resync_with(Some(forgotten)).await {
+                            Ok(rev) => {
+                                supervise::record_resync(name, rev);
+                                tracing::info!(actor = name, revision = rev, "state rebuilt after the restart")
+                            }
                             Err(e) => tracing::error!(actor = name, error = %e, "resync after a restart failed"),
                         }
                     });
@@ -170,7 +239,16 @@ impl Agent {
                 }
             }
         });
-        let agent = Agent { policy_watch, endpoints, identities, resolver, map_writer, events, config };
+        let agent = Agent {
+            policy_watch,
+            endpoints,
+            identities,
+            resolver,
+            map_writer,
+            events,
+            config,
+            external: ExternalSource::default(),
+        };
         *cell.borrow_mut() = Some(agent.clone());
         if !agent.config.external_sources {
             let a = agent.clone();
@@ -185,14 +263,34 @@ impl Agent {
     }
 
     /// Makes every source hand its whole state to the resolver (the policy directory is
-    /// re-read), then lets the resolver apply: at start (the sources-synced gate) and after
-    /// an actor restart. Answers the revision that includes everything.
+    /// re-read, the Kubernetes source runs a reconcile pass), then lets the resolver apply:
+    /// at start (the sources-synced gate) and after an actor restart. The gate is closed
+    /// meanwhile, so the kernel keeps what it has until everything is in. Answers the
+    /// revision that includes everything.
     pub async fn resync(&self) -> Result<u64, actix::MailboxError> {
+        self.resync_with(Some(Forgotten::default())).await
+    }
+
+    /// As [`Agent::resync`], without asking the Kubernetes source (which calls this itself
+    /// once it has listed everything).
+    pub async fn resync_local(&self) -> Result<u64, actix::MailboxError> {
+        self.resync_with(None).await
+    }
+
+    async fn resync_with(&self, external: Option<Forgotten>) -> Result<u64, actix::MailboxError> {
+        self.resolver.send(resolver::HoldUntilSynced).await?;
         self.policy_watch.send(policy_watch::Resync).await?;
         if let Err(e) = self.endpoints.send(endpoints::Republish).await? {
             tracing::warn!(error = %e, "republishing endpoints failed");
         }
         self.identities.send(identity::Republish).await?;
+        if let Some(forgotten) = external {
+            self.external.resend(forgotten).await;
+        }
+        if self.config.external_sources && !self.external.listed() {
+            // Still starting: the Kubernetes source opens the gate once it has listed all.
+            return self.resolver.send(resolver::CurrentRevision).await;
+        }
         self.resolver.send(resolver::SourcesSynced).await
     }
 }

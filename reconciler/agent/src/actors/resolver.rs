@@ -193,6 +193,19 @@ impl Handler<SourcesSynced> for Resolver {
     }
 }
 
+/// Closes the gate again until the next [`SourcesSynced`] (a resync starts with this, so
+/// that a source handing in its state again never lets a partial view through).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HoldUntilSynced;
+
+impl Handler<HoldUntilSynced> for Resolver {
+    type Result = ();
+    fn handle(&mut self, _: HoldUntilSynced, _: &mut Context<Self>) {
+        self.synced = false;
+    }
+}
+
 /// Whether [`SourcesSynced`] was received (since the last restart).
 #[derive(Message)]
 #[rtype(result = "bool")]

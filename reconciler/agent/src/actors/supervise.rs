@@ -35,6 +35,23 @@ pub fn restarts() -> BTreeMap<&'static str, u64> {
     RESTARTS.lock().map(|m| m.clone()).unwrap_or_default()
 }
 
+/// Resyncs completed after a restart, per actor: (count, revision of the last one).
+static RESYNCED: Mutex<BTreeMap<&'static str, (u64, u64)>> = Mutex::new(BTreeMap::new());
+
+/// Records that the resync after a restart of `actor` completed at `revision`.
+pub fn record_resync(actor: &'static str, revision: u64) {
+    if let Ok(mut m) = RESYNCED.lock() {
+        let e = m.entry(actor).or_default();
+        e.0 += 1;
+        e.1 = revision;
+    }
+}
+
+/// Per actor: how many resyncs after a restart completed, and the last one's revision.
+pub fn resyncs() -> BTreeMap<&'static str, (u64, u64)> {
+    RESYNCED.lock().map(|m| m.clone()).unwrap_or_default()
+}
+
 /// Starts `act` on the current arbiter under a supervisor that restarts it after a panic
 /// and then calls `on_restart(name)`.
 pub fn start_supervised<A>(name: &'static str, act: A, on_restart: impl Fn(&'static str) + 'static) -> Addr<A>

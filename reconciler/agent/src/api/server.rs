@@ -216,14 +216,13 @@ async fn wait(State(agent): State<Agent>, Query(q): Query<WaitQuery>) -> Result<
 /// Fault injection (only with `--fault-injection`): the named actor panics; answers once
 /// the supervisor restarted it and a resync went through.
 async fn debug_panic(State(agent): State<Agent>, UrlPath(actor): UrlPath<String>) -> ApiResult<Ack> {
-    use crate::actors::supervise::{InjectPanic, restarts};
+    use crate::actors::supervise::{InjectPanic, resyncs};
     if !agent.config.fault_injection {
         return Err(ApiFailure(
             StatusCode::NOT_FOUND,
             "fault injection is off (start the agent with --fault-injection)".into(),
         ));
     }
-    let before = restarts();
     let key: &'static str = match actor.as_str() {
         "policy_watch" => "policy_watch",
         "endpoint_tracker" => "endpoint_tracker",
@@ -232,6 +231,7 @@ async fn debug_panic(State(agent): State<Agent>, UrlPath(actor): UrlPath<String>
         "map_writer" => "map_writer",
         other => return Err(ApiFailure(StatusCode::BAD_REQUEST, format!("no actor named {other:?}"))),
     };
+    let before = resyncs().get(key).map_or(0, |r| r.0);
     // The handler panics, so no answer comes back: the send fails, as expected.
     let _ = match key {
         "policy_watch" => agent.policy_watch.send(InjectPanic).await,
@@ -240,16 +240,20 @@ async fn debug_panic(State(agent): State<Agent>, UrlPath(actor): UrlPath<String>
         "resolver" => agent.resolver.send(InjectPanic).await,
         _ => agent.map_writer.send(InjectPanic).await,
     };
-    let old = before.get(key).copied().unwrap_or(0);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while restarts().get(key).copied().unwrap_or(0) <= old {
-        if tokio::time::Instant::now() >= deadline {
-            return Err(ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, format!("{key} did not restart")));
+    // The supervisor restarts the actor and resyncs every source; answer with that revision.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match resyncs().get(key) {
+            Some((n, revision)) if *n > before => return Ok(Json(Ack { revision: *revision })),
+            _ if tokio::time::Instant::now() >= deadline => {
+                return Err(ApiFailure(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{key} was not restarted and resynced within 30 s"),
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let revision = agent.resync().await?;
-    Ok(Json(Ack { revision }))
 }
 
 async fn explain(State(agent): State<Agent>, Json(request): Json<ExplainRequest>) -> ApiResult<Explanation> {

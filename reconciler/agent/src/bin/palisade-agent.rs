@@ -143,6 +143,7 @@ fn main() -> std::process::ExitCode {
                 // A no-op when the Kubernetes source synced already (it resynced then).
                 if a.resolver.send(palisade_agent::actors::resolver::IsSynced).await == Ok(false) {
                     tracing::warn!("the Kubernetes lists did not all complete in time; applying what is known");
+                    a.external.mark_listed();
                     let _ = a.resync().await;
                 }
             });
