@@ -570,16 +570,23 @@ impl Session {
     }
 
     /// Restarts the agent: stops it with SIGTERM or SIGKILL (the datapath stays loaded and
-    /// keeps enforcing meanwhile) and starts it again with the same arguments. Nothing is
-    /// registered again: the agent restores its endpoints from its state directory. Waits
-    /// until it answers and has realized its first revision (which includes the policy
-    /// directory as it found it), then reopens the verdict-event stream. Answers the old
+    /// keeps enforcing meanwhile) and starts it again with the same arguments
+    /// ([`Session::stop_agent`], then [`Session::start_agent_again`]). Answers the old
     /// process's exit status.
     pub async fn restart_agent(&mut self, how: agent::StopHow) -> Result<String, SetupError> {
+        let exit = self.stop_agent(how)?;
+        self.start_agent_again().await?;
+        Ok(exit)
+    }
+
+    /// Starts the agent again after [`Session::stop_agent`], with the same arguments.
+    /// Nothing is registered again: the agent restores its endpoints from its state
+    /// directory. Waits until it answers and has realized its first revision (which
+    /// includes the policy directory as it found it), then reopens the verdict-event stream.
+    pub async fn start_agent_again(&mut self) -> Result<(), SetupError> {
         let node_ns = self.topology.node.netns.open()?;
         let side =
             self.agent.as_mut().ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))?;
-        let exit = side.process.stop_now(how, Duration::from_secs(10))?;
         side.process.start_again(node_ns, &self.dirs)?;
         side.process.wait_ready(READY_TIMEOUT).await?;
         let client = &side.process.client;
@@ -595,7 +602,7 @@ impl Session {
             .into_iter()
             .map(|e| (format!("{}/{}", e.namespace, e.name), e))
             .collect();
-        Ok(exit)
+        Ok(())
     }
 
     /// Stops the agent (SIGTERM or SIGKILL) without starting it again; the datapath it

@@ -1,7 +1,8 @@
 //! Faults, with the real agent and real packets: every actor made to panic once (the
 //! supervisor restarts it in the same process, it rebuilds its state, enforcement stays
 //! right and policy edits still take effect); pods whose network namespace is deleted
-//! abruptly (their endpoints, map entries, links and identity references go); and the
+//! abruptly, while the agent runs or while it is down (their endpoints, map entries, links
+//! and identity references go); and the
 //! explicit uninstall after a SIGTERM (which left enforcement in place). Needs root and the
 //! binaries built (`cargo build --bins`).
 mod common;
@@ -166,7 +167,7 @@ fn each_actor_panics_once_and_enforcement_stays_right_privileged() {
 fn vanished_interfaces_are_cleaned_up_and_identities_released_privileged() {
     let Some((plan, names, opts)) = setup("fv", &["--interface-check-ms", "200"]) else { return };
     runtime().block_on(async {
-        let session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");
+        let mut session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");
         let client = session.client().unwrap().clone();
         // Without --fault-injection there is no way to make an actor panic.
         assert!(client.debug_panic("resolver").await.is_err());
@@ -188,10 +189,27 @@ fn vanished_interfaces_are_cleaned_up_and_identities_released_privileged() {
         assert!(before.is_none() || before == Some(4), "{before:?}");
 
         // The pods die abruptly: their namespaces go, and with them both ends of the veths.
-        for i in [1, 2] {
-            let ns = session.topology().pods[i].netns.name().to_string();
-            netns::ip(&["netns", "delete", &ns]).unwrap();
-        }
+        // The victim dies while no agent runs (killed): the next agent drops it on start.
+        let pod_ns: Vec<String> = session.topology().pods.iter().map(|p| p.netns.name().to_string()).collect();
+        let delete_ns = |i: usize| netns::ip(&["netns", "delete", &pod_ns[i]]).unwrap();
+        session.stop_agent(StopHow::Kill).unwrap();
+        delete_ns(2);
+        // The kernel removes the veth once the namespace is gone; wait (bounded) for it.
+        let node = session.topology().node.netns.open().unwrap();
+        let victim_if = victim.interface.clone();
+        let gone = netns::run_in(node, move || {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while nix::net::if_::if_nametoindex(victim_if.as_str()).is_ok() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            nix::net::if_::if_nametoindex(victim_if.as_str()).is_err()
+        })
+        .unwrap();
+        assert!(gone, "the victim's veth went with its namespace");
+        session.start_agent_again().await.expect("the agent restarts");
+        assert_eq!(client.endpoints().await.unwrap().len(), 3, "the victim was dropped on restore");
+        // The twin dies while the agent runs: the periodic check notices.
+        delete_ns(1);
         let deadline = Instant::now() + Duration::from_secs(15);
         let left = loop {
             let left = client.endpoints().await.unwrap();

@@ -161,6 +161,14 @@ impl Agent {
         let registry = endpoints::restore_registry(&state)
             .map_err(|source| StartError::State { dir: config.state_dir.clone(), source })?;
         let mut datapath = Datapath::load(&DatapathConfig { pin_dir: config.bpffs.clone() })?;
+        // Links of interfaces that went away while no agent ran.
+        match datapath.prune_stale_links() {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::info!(interfaces = ?gone, "removed the link pins of vanished interfaces")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning stale link pins failed"),
+        }
         let mut reader = datapath.take_events()?;
         let decode_ctx = Arc::new(RwLock::new(DecodeContext::default()));
         // Filled once every actor runs; a restarted actor's hook resyncs through it.
