@@ -50,6 +50,8 @@ pub struct RunDirs {
     pub staging: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// The agent's state directory (endpoint registry), inside `root`.
+    pub state: PathBuf,
     pub bpffs: PathBuf,
     // Dropped in this order: the pins first, then the temporary directory.
     _bpffs_guard: cleanup::Guard,
@@ -105,6 +107,7 @@ impl RunDirs {
         }
         Ok(RunDirs {
             log: root.join("agent.log"),
+            state: root.join("state"),
             socket,
             policies,
             staging,
@@ -125,12 +128,24 @@ impl RunDirs {
     }
 }
 
+/// How to stop the agent for a restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopHow {
+    /// SIGTERM: the agent exits on its own, the datapath stays (a rolling update).
+    Term,
+    /// SIGKILL: the agent dies wherever it was (a crash, an OOM kill).
+    Kill,
+}
+
 /// The agent process. Dropping it stops the agent (SIGTERM, then SIGKILL after 5 s).
 pub struct AgentProcess {
     child: Arc<Mutex<Option<Child>>>,
     pub client: Client,
     pub log: PathBuf,
     pub socket: PathBuf,
+    binary: PathBuf,
+    cluster: Option<String>,
+    extra_args: Vec<String>,
     _guard: cleanup::Guard,
 }
 
@@ -147,19 +162,52 @@ impl AgentProcess {
         if !binary.is_file() {
             return Err(SetupError::AgentMissing { path: binary.to_path_buf() });
         }
-        let log = File::create(&dirs.log).map_err(SetupError::io(format!("creating {}", dirs.log.display())))?;
+        let child: Arc<Mutex<Option<Child>>> = Arc::new(Mutex::new(None));
+        let guard = {
+            let child = child.clone();
+            cleanup::register(format!("agent process ({})", binary.display()), move || {
+                if let Some(c) = child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    stop(c);
+                }
+            })?
+        };
+        let process = AgentProcess {
+            child,
+            client: Client::new(&dirs.socket),
+            log: dirs.log.clone(),
+            socket: dirs.socket.clone(),
+            binary: binary.to_path_buf(),
+            cluster: cluster.map(str::to_string),
+            extra_args: extra_args.to_vec(),
+            _guard: guard,
+        };
+        process.start_child(node_ns, dirs, false)?;
+        Ok(process)
+    }
+
+    /// Starts the agent process (the log is appended to on a restart).
+    fn start_child(&self, node_ns: File, dirs: &RunDirs, append: bool) -> Result<(), SetupError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&dirs.log)
+            .map_err(SetupError::io(format!("opening {}", dirs.log.display())))?;
         let log2 = log.try_clone().map_err(SetupError::io("duplicating the log file handle"))?;
-        let mut cmd = Command::new(binary);
+        let mut cmd = Command::new(&self.binary);
         cmd.arg("--bpffs")
             .arg(&dirs.bpffs)
             .arg("--policy-dir")
             .arg(&dirs.policies)
             .arg("--api-socket")
-            .arg(&dirs.socket);
-        if let Some(c) = cluster {
+            .arg(&dirs.socket)
+            .arg("--state-dir")
+            .arg(&dirs.state);
+        if let Some(c) = &self.cluster {
             cmd.arg("--cluster").arg(c);
         }
-        cmd.args(extra_args);
+        cmd.args(&self.extra_args);
         // The log is a file people read: no colour escapes.
         cmd.env("NO_COLOR", "1").stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
         let ns_fd = node_ns.as_raw_fd();
@@ -187,27 +235,51 @@ impl AgentProcess {
                 Ok(())
             });
         }
-
-        let child: Arc<Mutex<Option<Child>>> = Arc::new(Mutex::new(None));
-        let guard = {
-            let child = child.clone();
-            cleanup::register(format!("agent process ({})", binary.display()), move || {
-                if let Some(c) = child.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    stop(c);
-                }
-            })?
-        };
-        let spawned = cmd.spawn().map_err(|source| SetupError::AgentSpawn { path: binary.to_path_buf(), source })?;
+        let mut slot = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return Err(SetupError::Unsupported("the agent still runs; stop it before starting it again".into()));
+        }
+        let spawned = cmd.spawn().map_err(|source| SetupError::AgentSpawn { path: self.binary.clone(), source })?;
         drop(node_ns);
         tracing::debug!(pid = spawned.id(), "agent started");
-        *child.lock().unwrap_or_else(|e| e.into_inner()) = Some(spawned);
-        Ok(AgentProcess {
-            child,
-            client: Client::new(&dirs.socket),
-            log: dirs.log.clone(),
-            socket: dirs.socket.clone(),
-            _guard: guard,
-        })
+        *slot = Some(spawned);
+        Ok(())
+    }
+
+    /// Stops the agent with SIGTERM or SIGKILL (this child only, by its PID) and waits up
+    /// to `timeout` for it to exit; answers its exit status. The datapath it loaded stays.
+    pub fn stop_now(&self, how: StopHow, timeout: Duration) -> Result<String, SetupError> {
+        let mut slot = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut child) = slot.take() else { return Ok("not running".into()) };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let sig = match how {
+            StopHow::Term => nix::sys::signal::Signal::SIGTERM,
+            StopHow::Kill => nix::sys::signal::Signal::SIGKILL,
+        };
+        if !matches!(child.try_wait(), Ok(Some(_))) {
+            let _ = nix::sys::signal::kill(pid, sig);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Ok(status.to_string()),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(SetupError::AgentHung {
+                        call: format!("exiting after {how:?}"),
+                        secs: timeout.as_secs(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Starts the agent again after [`AgentProcess::stop_now`], with the same arguments and
+    /// directories (its log continues in the same file).
+    pub fn start_again(&self, node_ns: File, dirs: &RunDirs) -> Result<(), SetupError> {
+        self.start_child(node_ns, dirs, true)
     }
 
     /// The agent's process id while it runs.

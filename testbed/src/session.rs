@@ -659,6 +659,55 @@ impl Session {
         }
     }
 
+    /// Restarts the agent: stops it with SIGTERM or SIGKILL (the datapath stays loaded and
+    /// keeps enforcing meanwhile) and starts it again with the same arguments
+    /// ([`Session::stop_agent`], then [`Session::start_agent_again`]). Answers the old
+    /// process's exit status.
+    pub async fn restart_agent(&mut self, how: agent::StopHow) -> Result<String, SetupError> {
+        let exit = self.stop_agent(how)?;
+        self.start_agent_again().await?;
+        Ok(exit)
+    }
+
+    /// Starts the agent again after [`Session::stop_agent`], with the same arguments.
+    /// Nothing is registered again: the agent restores its endpoints from its state
+    /// directory. Waits until it answers and has realized its first revision (which
+    /// includes the policy directory as it found it), then reopens the verdict-event stream.
+    pub async fn start_agent_again(&mut self) -> Result<(), SetupError> {
+        let node_ns = self.topology.node.netns.open()?;
+        let side =
+            self.agent.as_mut().ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))?;
+        side.process.start_again(node_ns, &self.dirs)?;
+        side.process.wait_ready(READY_TIMEOUT).await?;
+        let client = &side.process.client;
+        agent::call(
+            "waiting until the restarted agent applied",
+            READY_TIMEOUT + Duration::from_secs(5),
+            client.wait_current(READY_TIMEOUT),
+        )
+        .await?;
+        side.collector = Collector::start(client).await?;
+        side.endpoints = agent::call("listing endpoints", CALL_TIMEOUT, client.endpoints())
+            .await?
+            .into_iter()
+            .map(|e| (format!("{}/{}", e.namespace, e.name), e))
+            .collect();
+        Ok(())
+    }
+
+    /// Stops the agent (SIGTERM or SIGKILL) without starting it again; the datapath it
+    /// loaded stays. Answers its exit status.
+    pub fn stop_agent(&mut self, how: agent::StopHow) -> Result<String, SetupError> {
+        let side =
+            self.agent.as_ref().ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))?;
+        side.process.stop_now(how, Duration::from_secs(10))
+    }
+
+    /// The agent's API client, if an agent runs.
+    pub fn client(&self) -> Option<&palisade_agent::api::Client> {
+        self.agent.as_ref().map(|a| &a.process.client)
+    }
+
     /// Takes everything down, in order.
     pub async fn down(mut self) {
         self.agent = None;

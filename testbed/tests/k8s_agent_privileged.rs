@@ -182,7 +182,9 @@ async fn agent_follows_the_api_through_relists_disconnects_and_outages_privilege
         .arg(dir.path().join("policies"))
         .arg("--api-socket")
         .arg(&socket)
-        .args(["--kubernetes", "--node-name", "node-a", "--kube-resync-secs", "1"])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--kubernetes", "--node-name", "node-a", "--kube-resync-secs", "1", "--fault-injection"])
         .env("KUBECONFIG", &kubeconfig)
         .env("PALISADE_LOG", "info,palisade_agent::k8s=debug")
         .env("NO_COLOR", "1")
@@ -263,6 +265,21 @@ async fn agent_follows_the_api_through_relists_disconnects_and_outages_privilege
     assert_eq!(st.revision, st.realized_revision);
     let web = client.endpoints().await.unwrap().into_iter().find(|e| e.name == "web-1").unwrap();
     assert!(web.ingress_enforced, "the CNP selects web-1: {web:?}");
+
+    // 2b. Faults: the policy watch and the identity cache lose what the API handed in when
+    //     they restart; the Kubernetes source hands it in again before anything is applied.
+    for actor in ["policy_watch", "identity_cache"] {
+        let ack = client.debug_panic(actor).await.unwrap_or_else(|e| panic!("{actor}: {e}\n{}", dump_log()));
+        client.wait_revision(ack.revision, Duration::from_secs(20)).await.unwrap();
+        let p = client.policies().await.unwrap();
+        assert_eq!(p.len(), 3, "{actor}: the policies from the API are back: {p:?}");
+        assert!(
+            client.identities().await.unwrap().iter().any(|i| i.labels.iter().any(|l| l == "k8s:app=api")),
+            "{actor}: the remote pod's identity is back"
+        );
+        let web = client.endpoints().await.unwrap().into_iter().find(|e| e.name == "web-1").unwrap();
+        assert!(web.ingress_enforced && web.realized_revision >= ack.revision, "{actor}: {web:?}");
+    }
 
     // 3. A watch disconnect: the agent resumes and sees what happened meanwhile.
     api.disconnect();

@@ -11,3 +11,5 @@ pub mod k8s;
 pub mod mapstate;
 pub mod metrics;
 pub mod monitor;
+pub mod revisions;
+pub mod state;

@@ -116,6 +116,7 @@ fn check_daemonset(ds: &DaemonSet) {
     assert!(c.env.iter().flatten().any(|e| e.name == "NODE_NAME"), "NODE_NAME from the downward API");
     let mounts: Vec<&str> = c.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
     assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/run/palisade"), "{mounts:?}");
+    assert!(mounts.contains(&"/var/lib/palisade"), "the state directory survives the pod: {mounts:?}");
 }
 
 #[test]

@@ -98,6 +98,25 @@ impl IdentityAllocator {
         id
     }
 
+    /// As [`IdentityAllocator::allocate`], but a new label set gets number `wanted` when it
+    /// is a free cluster number (how a restarted agent keeps the numbers its maps hold).
+    pub fn allocate_as(&mut self, labels: &LabelSet, wanted: u32) -> u32 {
+        let known = self.by_labels.contains_key(labels);
+        let free = (FIRST_CLUSTER..LOCAL_SCOPE).contains(&wanted) && !self.by_id.contains_key(&wanted);
+        if known || !free {
+            return self.allocate(labels);
+        }
+        if wanted >= self.next {
+            self.free.extend(self.next..wanted);
+            self.next = wanted + 1;
+        } else {
+            self.free.remove(&wanted);
+        }
+        self.by_labels.insert(labels.clone(), wanted);
+        self.by_id.insert(wanted, Slot { labels: labels.clone(), refs: 1 });
+        wanted
+    }
+
     /// Drops one reference; returns true when that freed the identity. Unknown and
     /// reserved identities are left alone (false).
     pub fn release(&mut self, id: u32) -> bool {
@@ -188,5 +207,21 @@ mod tests {
         assert_eq!(a.allocate(&LabelSet::reserved("host")), HOST);
         assert!(!a.release(HOST));
         assert!(a.get(HOST).is_some());
+    }
+
+    #[test]
+    fn allocate_as_keeps_a_wanted_free_number() {
+        let mut a = IdentityAllocator::new();
+        assert_eq!(a.allocate_as(&set("b"), FIRST_CLUSTER + 2), FIRST_CLUSTER + 2);
+        // Known labels keep their number and gain a reference.
+        assert_eq!(a.allocate_as(&set("b"), FIRST_CLUSTER + 7), FIRST_CLUSTER + 2);
+        assert_eq!(a.refs(FIRST_CLUSTER + 2), 2);
+        // A taken number is not given twice.
+        assert_eq!(a.allocate_as(&set("c"), FIRST_CLUSTER + 2), FIRST_CLUSTER);
+        assert_eq!(a.allocate_as(&set("d"), FIRST_CLUSTER + 1), FIRST_CLUSTER + 1);
+        assert_eq!(a.allocate(&set("e")), FIRST_CLUSTER + 3);
+        // Reserved and local-scope numbers are never taken this way.
+        assert_eq!(a.allocate_as(&set("f"), HOST), FIRST_CLUSTER + 4);
+        assert_eq!(a.allocate_as(&set("g"), LOCAL_SCOPE | 5), FIRST_CLUSTER + 5);
     }
 }

@@ -1,7 +1,16 @@
 //! Endpoint tracker actor: the pods of this node (fed by the local API, which a CNI plugin
 //! or the testbed calls), their namespaces' labels, and the identity each one holds.
+//!
+//! The registry is saved in the state directory after every change (atomically) and
+//! restored when the agent starts, so endpoints survive restarts; entries whose interface
+//! is gone by then are dropped. While running, the tracker checks every
+//! [`crate::actors::AgentConfig::interface_check_interval`] that each endpoint's interface
+//! still exists with the same index: one that disappeared (a pod deleted abruptly, its
+//! network namespace gone) is removed like a DELETE would, which releases its identity
+//! reference and removes its map entries.
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use palisade_policy::labels::LabelSet;
@@ -13,6 +22,7 @@ use super::resolver::{EndpointsChanged, Resolver};
 use crate::api::types::{EndpointSpec, NamespaceSpec};
 use crate::endpoint::{LocalEndpoint, ifindex};
 use crate::error::AgentError;
+use crate::state::{EndpointRegistry, SavedEndpoint, StateDir};
 
 pub struct EndpointTracker {
     cluster: String,
@@ -23,11 +33,22 @@ pub struct EndpointTracker {
     policies: Arc<Vec<Policy>>,
     identities: Addr<IdentityCache>,
     resolver: Addr<Resolver>,
+    state: Option<StateDir>,
+    interface_check: Duration,
 }
 
 impl EndpointTracker {
-    pub fn new(cluster: String, identities: Addr<IdentityCache>, resolver: Addr<Resolver>) -> Self {
-        EndpointTracker {
+    /// A tracker holding the endpoints of `registry` (whose identity references the
+    /// identity cache took when it loaded the same registry), saving to `state`.
+    pub fn new(
+        cluster: String,
+        identities: Addr<IdentityCache>,
+        resolver: Addr<Resolver>,
+        state: Option<StateDir>,
+        registry: &EndpointRegistry,
+        interface_check: Duration,
+    ) -> Self {
+        let mut t = EndpointTracker {
             cluster,
             namespaces: BTreeMap::new(),
             specs: BTreeMap::new(),
@@ -35,7 +56,94 @@ impl EndpointTracker {
             policies: Arc::default(),
             identities,
             resolver,
+            state,
+            interface_check,
+        };
+        t.load(registry);
+        t
+    }
+
+    /// Takes the namespaces and endpoints of a saved registry.
+    fn load(&mut self, reg: &EndpointRegistry) {
+        self.namespaces = reg.namespaces.clone();
+        self.specs.clear();
+        self.endpoints.clear();
+        for saved in &reg.endpoints {
+            let named_ports =
+                saved.spec.ports.iter().filter_map(|p| NamedPort::new(&p.name, p.port, &p.protocol).ok()).collect();
+            let key = (saved.namespace.clone(), saved.name.clone());
+            self.specs.insert(key.clone(), saved.spec.clone());
+            self.endpoints.insert(
+                key,
+                LocalEndpoint {
+                    id: saved.id,
+                    namespace: saved.namespace.clone(),
+                    name: saved.name.clone(),
+                    labels: saved.labels.iter().map(|l| palisade_policy::labels::Label::parse(l)).collect(),
+                    identity: saved.identity,
+                    ipv4: saved.spec.ipv4,
+                    ipv6: saved.spec.ipv6,
+                    interface: saved.spec.interface.clone(),
+                    ifindex: saved.ifindex,
+                    named_ports,
+                },
+            );
         }
+    }
+
+    /// The registry as it is now.
+    fn registry(&self) -> EndpointRegistry {
+        EndpointRegistry {
+            version: crate::state::VERSION,
+            namespaces: self.namespaces.clone(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .filter_map(|(key, ep)| {
+                    Some(SavedEndpoint {
+                        namespace: ep.namespace.clone(),
+                        name: ep.name.clone(),
+                        id: ep.id,
+                        identity: ep.identity,
+                        labels: ep.labels.iter().map(|l| l.to_string()).collect(),
+                        ifindex: ep.ifindex,
+                        spec: self.specs.get(key)?.clone(),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Saves the registry (after every change).
+    fn persist(&self) {
+        let Some(state) = &self.state else { return };
+        if let Err(e) = state.save_endpoints(&self.registry()) {
+            tracing::error!(dir = %state.path.display(), error = %e, "saving the endpoint registry failed; a restart would not restore the latest endpoints");
+        }
+    }
+
+    /// Removes endpoints whose interface disappeared (or was replaced by another interface
+    /// with the same name); answers their names.
+    fn drop_vanished(&mut self) -> Vec<String> {
+        let gone: Vec<(String, String)> = self
+            .endpoints
+            .iter()
+            .filter(|(_, ep)| ifindex(&ep.interface) != Some(ep.ifindex))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut names = Vec::new();
+        for key in gone {
+            self.specs.remove(&key);
+            if let Some(old) = self.endpoints.remove(&key) {
+                tracing::warn!(endpoint = %old.full_name(), interface = %old.interface, "interface disappeared; endpoint removed");
+                self.identities.do_send(ReleaseIdentity { id: old.identity });
+                names.push(old.full_name());
+            }
+        }
+        if !names.is_empty() {
+            self.persist();
+        }
+        names
     }
 
     fn free_id(&self) -> Result<u16, AgentError> {
@@ -82,6 +190,7 @@ impl EndpointTracker {
                             ep.identity = id;
                         }
                     }
+                    act.persist();
                     act.publish()
                 });
                 async move { Ok(rev?.await?) }.into_actor(act)
@@ -141,6 +250,62 @@ impl EndpointTracker {
 
 impl Actor for EndpointTracker {
     type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.interface_check, |act, _| {
+            if !act.drop_vanished().is_empty() {
+                act.resolver
+                    .do_send(EndpointsChanged { endpoints: Arc::new(act.endpoints.values().cloned().collect()) });
+            }
+        });
+    }
+}
+
+/// After a panic: the registry comes back from the state directory, as saved after the
+/// last change (the identity references it holds were never dropped).
+impl Supervised for EndpointTracker {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.policies = Arc::default();
+        let reg = match &self.state {
+            Some(state) => state.load_endpoints().unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot read the endpoint registry; keeping the endpoints in memory");
+                self.registry()
+            }),
+            None => self.registry(),
+        };
+        self.load(&reg);
+    }
+}
+
+/// Reads the saved registry for a starting agent, drops the endpoints whose interface is
+/// gone (pods deleted while no agent ran) and saves the result.
+pub fn restore_registry(state: &StateDir) -> std::io::Result<EndpointRegistry> {
+    let mut reg = state.load_endpoints()?;
+    let before = reg.endpoints.len();
+    reg.endpoints.retain(|e| {
+        let keep = ifindex(&e.spec.interface) == Some(e.ifindex);
+        if !keep {
+            tracing::info!(endpoint = %format!("{}/{}", e.namespace, e.name), interface = %e.spec.interface, "saved endpoint dropped: its interface is gone");
+        }
+        keep
+    });
+    if reg.endpoints.len() != before {
+        state.save_endpoints(&reg)?;
+    }
+    tracing::info!(endpoints = reg.endpoints.len(), namespaces = reg.namespaces.len(), "endpoint registry restored");
+    Ok(reg)
+}
+
+/// Hands the current endpoints to the resolver again; answers the revision.
+#[derive(Message)]
+#[rtype(result = "Result<u64, AgentError>")]
+pub struct Republish;
+
+impl Handler<Republish> for EndpointTracker {
+    type Result = ResponseFuture<Result<u64, AgentError>>;
+    fn handle(&mut self, _: Republish, _: &mut Context<Self>) -> Self::Result {
+        let rev = self.publish();
+        Box::pin(async move { Ok(rev.await?) })
+    }
 }
 
 /// Adds or replaces an endpoint; answers it with its identity and the new revision.
@@ -172,6 +337,7 @@ impl Handler<UpsertEndpoint> for EndpointTracker {
                         if let Some(old) = act.endpoints.insert(key, ep.clone()) {
                             act.identities.do_send(ReleaseIdentity { id: old.identity });
                         }
+                        act.persist();
                         tracing::info!(endpoint = %ep.full_name(), id = ep.id, identity = ep.identity, interface = %ep.interface, "endpoint upserted");
                         (ep, act.publish())
                     });
@@ -207,6 +373,7 @@ impl Handler<DeleteEndpoint> for EndpointTracker {
             Some(old) => {
                 tracing::info!(endpoint = %old.full_name(), "endpoint removed");
                 self.identities.do_send(ReleaseIdentity { id: old.identity });
+                self.persist();
                 let rev = self.publish();
                 Box::pin(async move { Ok(rev.await?) })
             }

@@ -121,11 +121,56 @@ pub struct IdentityCache {
     allocator: IdentityAllocator,
     ipcache: ExternalIpcache,
     resolver: Addr<Resolver>,
+    state: Option<crate::state::StateDir>,
 }
 
 impl IdentityCache {
-    pub fn new(resolver: Addr<Resolver>) -> Self {
-        IdentityCache { allocator: IdentityAllocator::new(), ipcache: ExternalIpcache::default(), resolver }
+    /// A cache holding one reference for each endpoint of the saved registry (with the
+    /// number it had, so the pinned maps stay right) and the saved reserved prefixes.
+    pub fn new(resolver: Addr<Resolver>, state: Option<crate::state::StateDir>) -> Self {
+        let mut c =
+            IdentityCache { allocator: IdentityAllocator::new(), ipcache: ExternalIpcache::default(), resolver, state };
+        c.load_state();
+        c
+    }
+
+    fn load_state(&mut self) {
+        let Some(state) = &self.state else { return };
+        match state.load_endpoints() {
+            Ok(reg) => {
+                for ep in &reg.endpoints {
+                    let labels: LabelSet = ep.labels.iter().map(|l| palisade_policy::labels::Label::parse(l)).collect();
+                    let id = self.allocator.allocate_as(&labels, ep.identity);
+                    if id != ep.identity {
+                        tracing::warn!(endpoint = %format!("{}/{}", ep.namespace, ep.name), saved = ep.identity, now = id, "saved identity not restorable");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the endpoint registry for identities"),
+        }
+        match state.load_reserved() {
+            Ok(saved) => {
+                for r in saved.entries {
+                    match parse_prefix(&r.cidr) {
+                        Ok(prefix) => {
+                            self.ipcache.upsert_reserved(prefix, entity_identity(r.entity));
+                        }
+                        Err(e) => tracing::error!(error = %e, "saved reserved prefix ignored"),
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the saved reserved prefixes"),
+        }
+    }
+
+    fn save_reserved(&self, cidr: &str, entity: ReservedEntity) {
+        let Some(state) = &self.state else { return };
+        let mut saved = state.load_reserved().unwrap_or_default();
+        saved.entries.retain(|e| parse_prefix(&e.cidr).ok() != parse_prefix(cidr).ok());
+        saved.entries.push(crate::state::SavedReserved { cidr: cidr.to_string(), entity });
+        if let Err(e) = state.save_reserved(&saved) {
+            tracing::error!(error = %e, "saving the reserved prefixes failed");
+        }
     }
 
     fn publish(&self) {
@@ -139,6 +184,29 @@ impl IdentityCache {
 impl Actor for IdentityCache {
     type Context = Context<Self>;
     fn started(&mut self, _ctx: &mut Self::Context) {
+        self.publish();
+    }
+}
+
+/// After a panic: references and reserved prefixes come back from the state directory
+/// (the endpoint registry holds one reference per local endpoint). Other nodes' pods
+/// come back with the Kubernetes source's next changes.
+impl Supervised for IdentityCache {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        self.allocator = IdentityAllocator::new();
+        self.ipcache = ExternalIpcache::default();
+        self.load_state();
+    }
+}
+
+/// Hands the identities and the external ipcache to the resolver again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Republish;
+
+impl Handler<Republish> for IdentityCache {
+    type Result = ();
+    fn handle(&mut self, _: Republish, _: &mut Self::Context) {
         self.publish();
     }
 }
@@ -194,6 +262,7 @@ impl Handler<UpsertReservedPrefix> for IdentityCache {
         let prefix = parse_prefix(&msg.cidr)?;
         let id = entity_identity(msg.entity);
         if self.ipcache.upsert_reserved(prefix, id) {
+            self.save_reserved(&msg.cidr, msg.entity);
             self.publish();
         }
         Ok(())

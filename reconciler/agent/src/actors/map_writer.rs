@@ -216,6 +216,7 @@ impl MapWriter {
             self.realized_revision = self.realized_revision.max(msg.revision);
             // Metrics hook (ops): implementation delay of every change up to this revision.
             crate::metrics::global().revision_realized(self.realized_revision);
+            crate::revisions::realized(self.realized_revision);
         }
         // What the monitor needs to name things.
         if let Ok(mut d) = self.decode.write() {

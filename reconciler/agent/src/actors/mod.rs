@@ -15,8 +15,11 @@ pub mod identity;
 pub mod map_writer;
 pub mod policy_watch;
 pub mod resolver;
+pub mod supervise;
 
+use std::cell::RefCell;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -26,15 +29,112 @@ use tokio::sync::broadcast;
 use crate::api::types::MonitorEvent;
 use crate::datapath::{Datapath, DatapathConfig, DatapathError};
 use crate::monitor::{DecodeContext, decode};
+use crate::state::StateDir;
+use supervise::start_supervised;
 
 /// How the agent runs.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub bpffs: PathBuf,
     pub policy_dir: PathBuf,
+    /// Where the endpoint registry and reserved prefixes are saved (see [`crate::state`]).
+    pub state_dir: PathBuf,
     pub cluster: String,
     pub repair_interval: Duration,
     pub policy_rescan_interval: Duration,
+    /// How often endpoints are checked for vanished interfaces.
+    pub interface_check_interval: Duration,
+    /// Another source (Kubernetes) must sync before anything is applied: it calls
+    /// [`Agent::resync`] itself once it has listed everything.
+    pub external_sources: bool,
+    /// Enables `POST /v1/debug/panic/{actor}` (tests only).
+    pub fault_injection: bool,
+}
+
+impl AgentConfig {
+    /// The defaults of the command line for these directories.
+    pub fn new(bpffs: PathBuf, policy_dir: PathBuf, state_dir: PathBuf) -> AgentConfig {
+        AgentConfig {
+            bpffs,
+            policy_dir,
+            state_dir,
+            cluster: "default".into(),
+            repair_interval: Duration::from_secs(10),
+            policy_rescan_interval: Duration::from_secs(2),
+            interface_check_interval: Duration::from_secs(1),
+            external_sources: false,
+            fault_injection: false,
+        }
+    }
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start the datapath: {0}")]
+    Datapath(#[from] DatapathError),
+    #[error(
+        "state directory {dir}: {source}; fix or remove the file (removing it forgets the endpoints registered so far)"
+    )]
+    State { dir: PathBuf, source: std::io::Error },
+}
+
+/// What a source outside the actors (Kubernetes) must hand in again on a resync: what the
+/// restarted actor lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    /// The policy watch restarted: policies handed in as text are gone.
+    pub policies: bool,
+    /// The identity cache restarted: other nodes' pods are gone.
+    pub remote_endpoints: bool,
+}
+
+/// A resync request to an external source; it answers on `done` once it handed everything
+/// in again.
+pub struct ResendRequest {
+    pub forgotten: Forgotten,
+    pub done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Where resync requests for an external source go (registered by the source), and
+/// whether it has listed everything once.
+#[derive(Clone, Default)]
+pub struct ExternalSource {
+    requests: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<ResendRequest>>>>,
+    listed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ExternalSource {
+    /// The source has listed everything once (or waiting for it was given up): resyncs may
+    /// open the gate from now on.
+    pub fn mark_listed(&self) {
+        self.listed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn listed(&self) -> bool {
+        self.listed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Registers the source; it receives a request on every resync.
+    pub fn register(&self) -> tokio::sync::mpsc::UnboundedReceiver<ResendRequest> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut slot) = self.requests.lock() {
+            *slot = Some(tx);
+        }
+        rx
+    }
+
+    /// Asks the source to hand in again what was forgotten; waits (bounded) for it.
+    async fn resend(&self, forgotten: Forgotten) {
+        let tx = self.requests.lock().ok().and_then(|s| s.clone());
+        let Some(tx) = tx else { return };
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if tx.send(ResendRequest { forgotten, done }).is_ok()
+            && tokio::time::timeout(Duration::from_secs(30), wait).await.is_err()
+        {
+            tracing::warn!("the Kubernetes source did not resend in time");
+        }
+    }
 }
 
 /// Addresses of the running actors, and the verdict-event feed.
@@ -50,27 +150,89 @@ pub struct Agent {
     /// Endpoint names and cookie attributions (the map writer keeps them current), for
     /// the API's read-back of the kernel maps.
     pub decode: Arc<RwLock<DecodeContext>>,
+    /// The Kubernetes source, when it runs.
+    pub external: ExternalSource,
 }
 
 impl Agent {
-    /// Loads the datapath and starts every actor. Must run inside an actix system.
-    pub fn start(config: AgentConfig) -> Result<Agent, DatapathError> {
+    /// Loads (or adopts) the datapath, restores the endpoint registry, and starts every
+    /// actor under supervision. Nothing is written to the maps until every source has
+    /// handed in its state ([`Agent::resync`], called here unless
+    /// [`AgentConfig::external_sources`]). Must run inside an actix system.
+    pub fn start(config: AgentConfig) -> Result<Agent, StartError> {
+        let state = StateDir::new(&config.state_dir);
+        let registry = endpoints::restore_registry(&state)
+            .map_err(|source| StartError::State { dir: config.state_dir.clone(), source })?;
         let mut datapath = Datapath::load(&DatapathConfig { pin_dir: config.bpffs.clone() })?;
+        // Links of interfaces that went away while no agent ran.
+        match datapath.prune_stale_links() {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::info!(interfaces = ?gone, "removed the link pins of vanished interfaces")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning stale link pins failed"),
+        }
         let mut reader = datapath.take_events()?;
         let decode_ctx = Arc::new(RwLock::new(DecodeContext::default()));
         let decode_shared = decode_ctx.clone();
-        let map_writer = map_writer::MapWriter::new(datapath, decode_ctx.clone(), config.repair_interval)?.start();
-        let resolver = resolver::Resolver::new(map_writer.clone()).start();
-        let identities = identity::IdentityCache::new(resolver.clone()).start();
-        let endpoints =
-            endpoints::EndpointTracker::new(config.cluster.clone(), identities.clone(), resolver.clone()).start();
-        let policy_watch = policy_watch::PolicyWatch::new(
-            config.policy_dir.clone(),
-            resolver.clone(),
-            endpoints.clone(),
-            config.policy_rescan_interval,
-        )
-        .start();
+        // Filled once every actor runs; a restarted actor's hook resyncs through it.
+        let cell: Rc<RefCell<Option<Agent>>> = Rc::default();
+        let hook = {
+            let cell = cell.clone();
+            move |name: &'static str| {
+                let agent = cell.borrow().clone();
+                if let Some(agent) = agent {
+                    // At once, before the restarted actor hands in anything (its `started`
+                    // may publish a partial state): the resolver applies nothing until the
+                    // resync below is through.
+                    agent.resolver.do_send(resolver::HoldUntilSynced);
+                    let forgotten =
+                        Forgotten { policies: name == "policy_watch", remote_endpoints: name == "identity_cache" };
+                    actix_rt::spawn(async move {
+                        match agent.resync_with(Some(forgotten)).await {
+                            Ok(rev) => {
+                                supervise::record_resync(name, rev);
+                                tracing::info!(actor = name, revision = rev, "state rebuilt after the restart")
+                            }
+                            Err(e) => tracing::error!(actor = name, error = %e, "resync after a restart failed"),
+                        }
+                    });
+                }
+            }
+        };
+        let map_writer = start_supervised(
+            "map_writer",
+            map_writer::MapWriter::new(datapath, decode_ctx.clone(), config.repair_interval)?,
+            hook.clone(),
+        );
+        let resolver = start_supervised("resolver", resolver::Resolver::new(map_writer.clone()), hook.clone());
+        let identities = start_supervised(
+            "identity_cache",
+            identity::IdentityCache::new(resolver.clone(), Some(state.clone())),
+            hook.clone(),
+        );
+        let endpoints = start_supervised(
+            "endpoint_tracker",
+            endpoints::EndpointTracker::new(
+                config.cluster.clone(),
+                identities.clone(),
+                resolver.clone(),
+                Some(state),
+                &registry,
+                config.interface_check_interval,
+            ),
+            hook.clone(),
+        );
+        let policy_watch = start_supervised(
+            "policy_watch",
+            policy_watch::PolicyWatch::new(
+                config.policy_dir.clone(),
+                resolver.clone(),
+                endpoints.clone(),
+                config.policy_rescan_interval,
+            ),
+            hook,
+        );
         let (events, _) = broadcast::channel(4096);
         let tx = events.clone();
         actix_rt::spawn(async move {
@@ -89,6 +251,59 @@ impl Agent {
                 }
             }
         });
-        Ok(Agent { policy_watch, endpoints, identities, resolver, map_writer, events, config, decode: decode_shared })
+        let agent = Agent {
+            policy_watch,
+            endpoints,
+            identities,
+            resolver,
+            map_writer,
+            events,
+            config,
+            external: ExternalSource::default(),
+            decode: decode_shared,
+        };
+        *cell.borrow_mut() = Some(agent.clone());
+        if !agent.config.external_sources {
+            let a = agent.clone();
+            actix_rt::spawn(async move {
+                match a.resync().await {
+                    Ok(rev) => tracing::info!(revision = rev, "policy directory read and endpoints restored"),
+                    Err(e) => tracing::error!(error = %e, "initial sync failed"),
+                }
+            });
+        }
+        Ok(agent)
+    }
+
+    /// Makes every source hand its whole state to the resolver (the policy directory is
+    /// re-read, the Kubernetes source runs a reconcile pass), then lets the resolver apply:
+    /// at start (the sources-synced gate) and after an actor restart. The gate is closed
+    /// meanwhile, so the kernel keeps what it has until everything is in. Answers the
+    /// revision that includes everything.
+    pub async fn resync(&self) -> Result<u64, actix::MailboxError> {
+        self.resync_with(Some(Forgotten::default())).await
+    }
+
+    /// As [`Agent::resync`], without asking the Kubernetes source (which calls this itself
+    /// once it has listed everything).
+    pub async fn resync_local(&self) -> Result<u64, actix::MailboxError> {
+        self.resync_with(None).await
+    }
+
+    async fn resync_with(&self, external: Option<Forgotten>) -> Result<u64, actix::MailboxError> {
+        self.resolver.send(resolver::HoldUntilSynced).await?;
+        self.policy_watch.send(policy_watch::Resync).await?;
+        if let Err(e) = self.endpoints.send(endpoints::Republish).await? {
+            tracing::warn!(error = %e, "republishing endpoints failed");
+        }
+        self.identities.send(identity::Republish).await?;
+        if let Some(forgotten) = external {
+            self.external.resend(forgotten).await;
+        }
+        if self.config.external_sources && !self.external.listed() {
+            // Still starting: the Kubernetes source opens the gate once it has listed all.
+            return self.resolver.send(resolver::CurrentRevision).await;
+        }
+        self.resolver.send(resolver::SourcesSynced).await
     }
 }

@@ -406,6 +406,30 @@ impl Handler<Rescan> for PolicyWatch {
     }
 }
 
+/// Re-reads the policy directory and hands the whole accepted set on, changed or not (the
+/// agent's start and every actor restart: the resolver may have nothing). Answers the
+/// revision that includes it.
+#[derive(Message)]
+#[rtype(result = "u64")]
+pub struct Resync;
+
+impl Handler<Resync> for PolicyWatch {
+    type Result = AtomicResponse<Self, u64>;
+    fn handle(&mut self, _: Resync, _: &mut Context<Self>) -> Self::Result {
+        self.rescan();
+        AtomicResponse::new(self.publish(true))
+    }
+}
+
+/// After a panic: forget every source; `started` runs again, watches the directory and
+/// re-reads it (sources handed in as text come back with their next sync).
+impl Supervised for PolicyWatch {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.sources = PolicySources::default();
+        self.watcher = None;
+    }
+}
+
 /// What became of a source handed in as text: the revision that includes it and the
 /// status of every manifest in it (for a status write-back).
 #[derive(Clone, Debug, PartialEq, Eq)]

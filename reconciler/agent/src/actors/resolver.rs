@@ -31,6 +31,10 @@ pub struct Resolver {
     cidrs: CidrIdentities,
     revision: u64,
     dirty: bool,
+    /// False until every source has handed in its state ([`SourcesSynced`]): until then
+    /// nothing is sent to the map writer, so a starting (or restarted) agent never applies
+    /// a partial view (say, no endpoints yet) over what the pinned maps enforce.
+    synced: bool,
     /// What was last handed to the map writer (for explanations).
     last: Option<Resolved>,
     map_writer: Addr<MapWriter>,
@@ -46,6 +50,7 @@ impl Resolver {
             cidrs: CidrIdentities::new(),
             revision: 0,
             dirty: false,
+            synced: false,
             last: None,
             map_writer,
         }
@@ -55,6 +60,7 @@ impl Resolver {
         self.revision += 1;
         // Metrics hook (ops): when this revision was accepted (implementation delay).
         crate::metrics::global().change_accepted(self.revision);
+        crate::revisions::accepted(self.revision);
         if !self.dirty {
             self.dirty = true;
             ctx.notify(Recompute);
@@ -63,6 +69,9 @@ impl Resolver {
     }
 
     fn recompute(&mut self) {
+        if !self.synced {
+            return;
+        }
         self.dirty = false;
         let started = Instant::now();
         let views: Vec<EndpointView> = self
@@ -163,6 +172,59 @@ impl Handler<IdentitiesChanged> for Resolver {
         self.allocator = msg.allocator;
         self.external_ipcache = msg.ipcache;
         self.changed(ctx)
+    }
+}
+
+/// Every source (policies, endpoints, identities) has handed in its state: from now on
+/// changes reach the map writer. Answers the revision that includes all of it.
+#[derive(Message)]
+#[rtype(result = "u64")]
+pub struct SourcesSynced;
+
+impl Handler<SourcesSynced> for Resolver {
+    type Result = u64;
+    fn handle(&mut self, _: SourcesSynced, ctx: &mut Context<Self>) -> u64 {
+        if !self.synced {
+            tracing::info!(revision = self.revision + 1, "sources synced; applying the desired state");
+        }
+        self.synced = true;
+        let rev = self.changed(ctx);
+        // Changes held back while not synced left the state dirty without a recompute queued.
+        ctx.notify(Recompute);
+        rev
+    }
+}
+
+/// Closes the gate again until the next [`SourcesSynced`] (a resync starts with this, so
+/// that a source handing in its state again never lets a partial view through).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HoldUntilSynced;
+
+impl Handler<HoldUntilSynced> for Resolver {
+    type Result = ();
+    fn handle(&mut self, _: HoldUntilSynced, _: &mut Context<Self>) {
+        self.synced = false;
+    }
+}
+
+/// Whether [`SourcesSynced`] was received (since the last restart).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct IsSynced;
+
+impl Handler<IsSynced> for Resolver {
+    type Result = bool;
+    fn handle(&mut self, _: IsSynced, _: &mut Context<Self>) -> bool {
+        self.synced
+    }
+}
+
+/// After a panic: forget every input (the resync that follows hands them in again) and
+/// hold the map writer back until then. The revision only grows.
+impl Supervised for Resolver {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        *self = Resolver { revision: self.revision, ..Resolver::new(self.map_writer.clone()) };
     }
 }
 

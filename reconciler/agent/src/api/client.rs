@@ -176,6 +176,14 @@ impl Client {
         self.call::<(), _>(Method::GET, &format!("/v1/wait?revision={revision}&timeout_ms={ms}"), None).await
     }
 
+    /// Tests only (agent started with `--fault-injection`): makes one actor
+    /// (`policy_watch`, `endpoint_tracker`, `identity_cache`, `resolver`, `map_writer`)
+    /// panic; answers once it was restarted and every source resynced, with the revision
+    /// that includes the rebuilt state.
+    pub async fn debug_panic(&self, actor: &str) -> Result<Ack, ClientError> {
+        self.call::<(), _>(Method::POST, &format!("/v1/debug/panic/{actor}"), None).await
+    }
+
     /// Waits until the agent has realized everything it has accepted so far.
     pub async fn wait_current(&self, timeout: Duration) -> Result<Status, ClientError> {
         let rev = self.status().await?.revision;

@@ -81,6 +81,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/wait", get(wait))
         .route("/v1/monitor", get(monitor))
         .route("/v1/explain", post(explain))
+        .route("/v1/debug/panic/{actor}", post(debug_panic))
         .with_state(agent)
 }
 
@@ -90,6 +91,7 @@ async fn current_status(agent: &Agent) -> Result<Status, ApiFailure> {
     let endpoints = agent.endpoints.send(ListEndpoints).await?;
     let identities = agent.identities.send(ListIdentities).await?;
     let policies = agent.policy_watch.send(ListPolicies).await?;
+    let times = crate::revisions::times();
     let mut warnings = realized.warnings.clone();
     for p in &policies {
         for w in &p.warnings {
@@ -106,6 +108,9 @@ async fn current_status(agent: &Agent) -> Result<Status, ApiFailure> {
         attach_mode: realized.attach_mode,
         bpffs: agent.config.bpffs.display().to_string(),
         warnings,
+        revision_accepted_unix_ms: times.accepted_unix_ms,
+        realized_revision_accepted_unix_ms: times.realized_accepted_unix_ms,
+        realized_revision_unix_ms: times.realized_unix_ms,
     })
 }
 
@@ -198,12 +203,58 @@ fn default_wait_ms() -> u64 {
 
 async fn wait(State(agent): State<Agent>, Query(q): Query<WaitQuery>) -> Result<Json<Status>, ApiFailure> {
     let timeout = Duration::from_millis(q.timeout_ms.min(600_000));
-    match agent.map_writer.send(WaitRealized { revision: q.revision, timeout }).await? {
+    // Revision 1 at least: nothing is realized before the sources synced (the first apply),
+    // so a wait never answers for a starting agent that has applied nothing yet.
+    let revision = q.revision.max(1);
+    match agent.map_writer.send(WaitRealized { revision, timeout }).await? {
         Some(_) => Ok(Json(current_status(&agent).await?)),
         None => Err(ApiFailure(
             StatusCode::REQUEST_TIMEOUT,
             format!("revision {} not realized within {} ms", q.revision, q.timeout_ms),
         )),
+    }
+}
+
+/// Fault injection (only with `--fault-injection`): the named actor panics; answers once
+/// the supervisor restarted it and a resync went through.
+async fn debug_panic(State(agent): State<Agent>, UrlPath(actor): UrlPath<String>) -> ApiResult<Ack> {
+    use crate::actors::supervise::{InjectPanic, resyncs};
+    if !agent.config.fault_injection {
+        return Err(ApiFailure(
+            StatusCode::NOT_FOUND,
+            "fault injection is off (start the agent with --fault-injection)".into(),
+        ));
+    }
+    let key: &'static str = match actor.as_str() {
+        "policy_watch" => "policy_watch",
+        "endpoint_tracker" => "endpoint_tracker",
+        "identity_cache" => "identity_cache",
+        "resolver" => "resolver",
+        "map_writer" => "map_writer",
+        other => return Err(ApiFailure(StatusCode::BAD_REQUEST, format!("no actor named {other:?}"))),
+    };
+    let before = resyncs().get(key).map_or(0, |r| r.0);
+    // The handler panics, so no answer comes back: the send fails, as expected.
+    let _ = match key {
+        "policy_watch" => agent.policy_watch.send(InjectPanic).await,
+        "endpoint_tracker" => agent.endpoints.send(InjectPanic).await,
+        "identity_cache" => agent.identities.send(InjectPanic).await,
+        "resolver" => agent.resolver.send(InjectPanic).await,
+        _ => agent.map_writer.send(InjectPanic).await,
+    };
+    // The supervisor restarts the actor and resyncs every source; answer with that revision.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match resyncs().get(key) {
+            Some((n, revision)) if *n > before => return Ok(Json(Ack { revision: *revision })),
+            _ if tokio::time::Instant::now() >= deadline => {
+                return Err(ApiFailure(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{key} was not restarted and resynced within 30 s"),
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
     }
 }
 

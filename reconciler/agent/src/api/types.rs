@@ -156,6 +156,15 @@ pub struct Status {
     pub attach_mode: String,
     pub bpffs: String,
     pub warnings: Vec<String>,
+    /// When `revision` was accepted (ms since the Unix epoch; 0: none yet).
+    #[serde(default)]
+    pub revision_accepted_unix_ms: u64,
+    /// When `realized_revision` was accepted and when it was realized in the kernel (ms
+    /// since the Unix epoch): their difference is that revision's policy-to-kernel latency.
+    #[serde(default)]
+    pub realized_revision_accepted_unix_ms: u64,
+    #[serde(default)]
+    pub realized_revision_unix_ms: u64,
 }
 
 /// A decoded verdict event from the datapath.

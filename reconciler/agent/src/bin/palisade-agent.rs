@@ -1,6 +1,10 @@
 //! `palisade-agent`: the node agent. Loads the datapath, starts the actors and serves the
 //! local API. SIGTERM/SIGINT stop the agent but leave the datapath (pinned maps and
-//! program links) in place, so enforcement continues across restarts.
+//! program links) in place, so enforcement continues across restarts (a rolling update);
+//! the next agent adopts the pins, restores its endpoints from `--state-dir`, applies
+//! nothing until the policy directory is read and the endpoints are restored, and then
+//! writes only the difference. `palisade-agent uninstall` removes programs, links, pins
+//! and state.
 //!
 //! Every flag can also be set through the environment (`PALISADE_*`, shown in `--help`),
 //! which is how the DaemonSet's ConfigMap configures it. `--kubernetes` adds the
@@ -8,14 +12,20 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use palisade_agent::actors::{Agent, AgentConfig};
 
 #[derive(Parser, Debug)]
 #[command(name = "palisade-agent", version, about = "palisade node agent: network policy enforced by eBPF")]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// Directory where the endpoint registry and reserved addresses are saved, so that a
+    /// restarted agent restores them.
+    #[arg(long, env = "PALISADE_STATE_DIR", default_value = palisade_agent::state::StateDir::DEFAULT, global = true)]
+    state_dir: PathBuf,
     /// Directory in bpffs where maps and program links are pinned.
-    #[arg(long, env = "PALISADE_BPFFS", default_value = "/sys/fs/bpf/palisade")]
+    #[arg(long, env = "PALISADE_BPFFS", default_value = "/sys/fs/bpf/palisade", global = true)]
     bpffs: PathBuf,
     /// Directory of policy manifests (YAML or JSON), re-read when a file changes.
     #[arg(long, env = "PALISADE_POLICY_DIR", default_value = "/etc/palisade/policies")]
@@ -55,6 +65,43 @@ struct Args {
     /// default: only the node itself (kubelet probes, a node-local scraper) reaches it.
     #[arg(long, env = "PALISADE_METRICS_ADDRESS", default_value = palisade_agent::metrics::DEFAULT_ADDRESS)]
     metrics_address: palisade_agent::metrics::ListenAddress,
+    /// Kubernetes mode: apply anyway after this many seconds if some list never completes
+    /// (e.g. a CRD is not installed).
+    #[arg(long, env = "PALISADE_KUBE_SYNC_TIMEOUT_SECS", default_value_t = 60)]
+    kube_sync_timeout_secs: u64,
+    /// Milliseconds between checks that every endpoint's interface still exists.
+    #[arg(long, env = "PALISADE_INTERFACE_CHECK_MS", default_value_t = 1000)]
+    interface_check_ms: u64,
+    /// Tests only: enables `POST /v1/debug/panic/{actor}`, which makes an actor panic.
+    #[arg(long, hide = true)]
+    fault_injection: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Removes what the agent installed: detaches the programs from every interface
+    /// (tcx links and clsact filters), removes the map and link pins under --bpffs and the
+    /// state directory. Stop the agent first (it would install everything again).
+    Uninstall,
+}
+
+fn uninstall(bpffs: &std::path::Path, state_dir: &std::path::Path) -> std::process::ExitCode {
+    let mut ok = true;
+    match palisade_agent::datapath::Datapath::uninstall(bpffs) {
+        Ok(()) => println!("removed programs, links and pins under {}", bpffs.display()),
+        Err(e) => {
+            eprintln!("palisade-agent uninstall: {e}");
+            ok = false;
+        }
+    }
+    match palisade_agent::state::StateDir::new(state_dir).remove() {
+        Ok(()) => println!("removed the state in {}", state_dir.display()),
+        Err(e) => {
+            eprintln!("palisade-agent uninstall: state directory {}: {e}", state_dir.display());
+            ok = false;
+        }
+    }
+    if ok { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
 }
 
 fn main() -> std::process::ExitCode {
@@ -66,6 +113,9 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(Cmd::Uninstall) = args.command {
+        return uninstall(&args.bpffs, &args.state_dir);
+    }
     // Before any thread exists: every thread the agent starts inherits the namespace.
     if let Some(path) = &args.netns {
         let entered = std::fs::File::open(path)
@@ -78,10 +128,15 @@ fn main() -> std::process::ExitCode {
     let config = AgentConfig {
         bpffs: args.bpffs,
         policy_dir: args.policy_dir,
+        state_dir: args.state_dir,
         cluster: args.cluster,
         repair_interval: Duration::from_secs(args.repair_interval_secs.max(1)),
         policy_rescan_interval: Duration::from_secs(args.policy_rescan_secs.max(1)),
+        interface_check_interval: Duration::from_millis(args.interface_check_ms.max(50)),
+        external_sources: args.kubernetes,
+        fault_injection: args.fault_injection,
     };
+    let kube_sync_timeout = Duration::from_secs(args.kube_sync_timeout_secs.max(1));
     let socket = args.api_socket;
     let kubeconfig = args.kubeconfig;
     let metrics_address = args.metrics_address;
@@ -103,7 +158,7 @@ fn main() -> std::process::ExitCode {
     let result = system.block_on(async move {
         let agent = match Agent::start(config) {
             Ok(a) => a,
-            Err(e) => return Err(format!("cannot start the datapath: {e}")),
+            Err(e) => return Err(e.to_string()),
         };
         if kube.is_some() {
             // Not ready before the Kubernetes source's first complete sync (ops).
@@ -117,6 +172,16 @@ fn main() -> std::process::ExitCode {
             }
         };
         if let Some(opts) = kube {
+            let a = agent.clone();
+            actix_rt::spawn(async move {
+                tokio::time::sleep(kube_sync_timeout).await;
+                // A no-op when the Kubernetes source synced already (it resynced then).
+                if a.resolver.send(palisade_agent::actors::resolver::IsSynced).await == Ok(false) {
+                    tracing::warn!("the Kubernetes lists did not all complete in time; applying what is known");
+                    a.external.mark_listed();
+                    let _ = a.resync().await;
+                }
+            });
             let client = kube_client(kubeconfig.as_deref()).await?;
             actix_rt::spawn(palisade_agent::k8s::run(agent.clone(), client, opts));
         }

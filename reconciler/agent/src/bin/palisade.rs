@@ -29,6 +29,15 @@ enum Output {
 enum Command {
     /// The agent: revision, realized revision, counts, warnings.
     Status,
+    /// Waits until a revision (default: the current one) is realized in the kernel; exits
+    /// non-zero on timeout. Scripts and tests wait with this instead of sleeping.
+    Wait {
+        /// The revision to wait for (an `Ack` or `status` revision).
+        #[arg(long)]
+        revision: Option<u64>,
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+    },
     /// Local endpoints.
     Endpoint {
         #[command(subcommand)]
@@ -251,6 +260,23 @@ async fn run(cli: Cli) -> Result<(), String> {
                 for w in &s.warnings {
                     println!("warning:           {w}");
                 }
+            }
+        }
+        Command::Wait { revision, timeout_secs } => {
+            let timeout = std::time::Duration::from_secs(timeout_secs);
+            let revision = match revision {
+                Some(r) => r,
+                None => c.status().await.map_err(|e| e.to_string())?.revision,
+            };
+            let s = c.wait_revision(revision, timeout).await.map_err(|e| e.to_string())?;
+            if json {
+                print_json(&s);
+            } else {
+                let latency = s.realized_revision_unix_ms.saturating_sub(s.realized_revision_accepted_unix_ms);
+                println!(
+                    "revision {revision} realized (realized revision {}, {latency} ms after it was accepted)",
+                    s.realized_revision
+                );
             }
         }
         Command::Endpoint { command } => {

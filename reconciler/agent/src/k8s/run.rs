@@ -53,6 +53,8 @@ enum Input {
     Pod(Box<Event<Pod>>),
     WatchError(&'static str, String),
     Tick,
+    /// An actor restarted: hand in again what it lost, answer when done.
+    Resend(crate::actors::ResendRequest),
 }
 
 fn watch<K, F>(api: Api<K>, what: &'static str, wrap: F) -> std::pin::Pin<Box<dyn Stream<Item = Input> + Send>>
@@ -85,6 +87,11 @@ pub struct KubeSync {
 }
 
 impl KubeSync {
+    /// True once every watched kind was listed completely.
+    pub fn all_listed(&self) -> bool {
+        self.cnp.synced() && self.ccnp.synced() && self.knp.synced() && self.namespaces.synced() && self.pods.synced()
+    }
+
     pub fn new(opts: KubeOptions) -> Self {
         KubeSync {
             opts,
@@ -101,14 +108,20 @@ impl KubeSync {
         }
     }
 
-    /// True once every watched resource has been listed completely.
-    pub fn all_synced(&self) -> bool {
-        self.cnp.synced() && self.ccnp.synced() && self.knp.synced() && self.namespaces.synced() && self.pods.synced()
-    }
-
-    /// Applies one input to the mirrors; true when a reconcile pass is due.
-    fn absorb(&mut self, input: Input) -> bool {
+    /// Applies one input to the mirrors; true when a reconcile pass is due. Resend requests
+    /// are answered after the pass, through `answers`.
+    fn absorb(&mut self, input: Input, answers: &mut Vec<tokio::sync::oneshot::Sender<()>>) -> bool {
         match input {
+            Input::Resend(req) => {
+                if req.forgotten.policies {
+                    self.applied_policies.clear();
+                }
+                if req.forgotten.remote_endpoints {
+                    self.applied_remote.clear();
+                }
+                answers.push(req.done);
+                true
+            }
             Input::Cnp(e) => self.cnp.apply(*e),
             Input::Ccnp(e) => self.ccnp.apply(*e),
             Input::Knp(e) => self.knp.apply(*e),
@@ -298,6 +311,10 @@ pub async fn run(agent: Agent, client: Client, opts: KubeOptions) {
         tokio::time::sleep(resync).await;
         Some((Input::Tick, ()))
     });
+    let resends = futures_util::stream::unfold(agent.external.register(), |mut rx| async move {
+        let req = rx.recv().await?;
+        Some((Input::Resend(req), rx))
+    });
     let mut inputs = futures_util::stream::select_all(vec![
         watch(cnp, CNP_KIND, Input::Cnp),
         watch(ccnp, CCNP_KIND, Input::Ccnp),
@@ -305,21 +322,34 @@ pub async fn run(agent: Agent, client: Client, opts: KubeOptions) {
         watch(Api::<Namespace>::all(client.clone()), "Namespace", Input::Ns),
         watch(Api::<Pod>::all(client.clone()), "Pod", Input::Pod),
         Box::pin(ticks),
+        Box::pin(resends),
     ]);
     let mut sync = KubeSync::new(opts);
+    // Nothing is applied before every list was seen once (see `Agent::resync`).
+    let mut synced = false;
     while let Some(input) = inputs.next().await {
-        let mut due = sync.absorb(input);
+        let mut answers = Vec::new();
+        let mut due = sync.absorb(input, &mut answers);
         // Take the whole burst before reconciling once.
         while let Some(Some(more)) = inputs.next().now_or_never() {
-            due |= sync.absorb(more);
+            due |= sync.absorb(more, &mut answers);
         }
         if due {
             sync.reconcile(&agent, &client).await;
-            // Readiness hook (ops): every list complete and handed to the actors once.
-            if sync.all_synced()
-                && let Ok(revision) = agent.resolver.send(crate::actors::resolver::CurrentRevision).await
-            {
-                crate::metrics::readiness().source_synced(crate::metrics::SOURCE_KUBERNETES, revision);
+            for done in answers {
+                let _ = done.send(());
+            }
+            if !synced && sync.all_listed() {
+                synced = true;
+                agent.external.mark_listed();
+                match agent.resync_local().await {
+                    Ok(revision) => {
+                        tracing::info!(revision, "Kubernetes source synced; applying");
+                        // Readiness hook (ops): every list complete and handed to the actors once.
+                        crate::metrics::readiness().source_synced(crate::metrics::SOURCE_KUBERNETES, revision);
+                    }
+                    Err(e) => tracing::error!(error = %e, "resync after the Kubernetes lists failed"),
+                }
             }
         }
     }

@@ -1,0 +1,195 @@
+//! Restart without disruption: the real agent is restarted 12 times (SIGTERM and SIGKILL
+//! alternating; four times right after a policy file was rewritten, before the agent could
+//! apply it) while a client keeps probing the server: port 80 must always connect, port 81
+//! must never. After every restart the agent has restored its endpoints (same ids and
+//! identities, nothing registered again), applied the policy file as it is now (port 82
+//! follows the file's version), and on a restart without a policy change it wrote nothing
+//! to the maps (every apply since it started planned zero operations). Needs root and the binaries built (`cargo build --bins`).
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use palisade_testbed::agent::StopHow;
+use palisade_testbed::netns;
+use palisade_testbed::probe::{self, Attempt};
+use palisade_testbed::report::Observed;
+use palisade_testbed::scenario::{self, HostRef, IpFamily};
+use palisade_testbed::session::{RunNames, RunOptions, Session};
+
+const SCENARIO: &str = r#"
+name: restart
+namespaces: {default: {}}
+pods:
+  - {name: client, namespace: default, labels: {app: client}}
+  - name: server
+    namespace: default
+    labels: {app: server}
+    ports: [{port: 80, protocol: TCP}, {port: 81, protocol: TCP}, {port: 82, protocol: TCP}]
+policies:
+  - apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: server-ingress, namespace: default}
+    spec:
+      endpointSelector: {matchLabels: {app: server}}
+      ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+probes:
+  - {from: default/client, to: default/server, port: 80, protocol: TCP, expect: allow}
+  - {from: default/client, to: default/server, port: 81, protocol: TCP, expect: deny}
+  - {from: default/client, to: default/server, port: 82, protocol: TCP, expect: deny}
+"#;
+
+/// Version 2 of the policy: port 82 allowed too, written as a range with a second rule.
+const V2_EXTRA: &str =
+    "[{fromEndpoints: [{matchLabels: {app: client}}], toPorts: [{ports: [{port: '82', endPort: 82, protocol: TCP}]}]}]";
+
+const RESTARTS: usize = 12;
+/// Bounds of the background probing.
+const MAX_ROUNDS: usize = 20_000;
+const MAX_PROBING: Duration = Duration::from_secs(240);
+
+fn agent_binary() -> PathBuf {
+    std::env::var_os("PALISADE_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
+}
+
+#[derive(Default, Debug)]
+struct Tally {
+    rounds: usize,
+    allowed_ok: usize,
+    denied_ok: usize,
+    wrong: Vec<String>,
+}
+
+/// Probes server:80 (must connect) and server:81 (must get no answer) from the client's
+/// namespace until `stop`, at most `MAX_ROUNDS` rounds and `MAX_PROBING`.
+fn probe_continuously(ns: std::fs::File, server: IpAddr, stop: Arc<AtomicBool>) -> Tally {
+    netns::run_in(ns, move || {
+        let mut t = Tally::default();
+        let start = Instant::now();
+        while !stop.load(Ordering::Relaxed) && t.rounds < MAX_ROUNDS && start.elapsed() < MAX_PROBING {
+            t.rounds += 1;
+            let allowed = probe::tcp(SocketAddr::new(server, 80), Duration::from_millis(1000));
+            match allowed.attempt {
+                Attempt::Answered => t.allowed_ok += 1,
+                other => t.wrong.push(format!("round {}: port 80 (allowed): {other:?}", t.rounds)),
+            }
+            let denied = probe::tcp(SocketAddr::new(server, 81), Duration::from_millis(150));
+            match denied.attempt {
+                Attempt::NoAnswer => t.denied_ok += 1,
+                other => t.wrong.push(format!("round {}: port 81 (denied): {other:?}", t.rounds)),
+            }
+        }
+        t
+    })
+    .expect("probing runs in the client's namespace")
+}
+
+/// Map operations of every apply since the agent last started ("datapath loaded"), from its log.
+fn operations_since_start(log: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let start = text.rfind("datapath loaded").unwrap_or(0);
+    text[start..]
+        .lines()
+        .filter(|l| l.contains("datapath reconciled"))
+        .filter_map(|l| {
+            let rest = l.split("operations=").nth(1)?;
+            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let agent = agent_binary();
+    assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
+    let plan = scenario::load_str(SCENARIO, Path::new("restart.yaml")).unwrap();
+    let pid = std::process::id();
+    let names = RunNames { prefix: format!("pt{pid}-rs"), tag: format!("{pid}-rs") };
+    let mut opts = RunOptions::new(Some(agent));
+    opts.timeout = Duration::from_millis(500);
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");
+        let policy = &plan.policies[0];
+        let v1 = serde_yaml::to_string(&policy.manifest).unwrap();
+        let mut m2 = policy.manifest.clone();
+        let extra: serde_yaml::Value = serde_yaml::from_str(V2_EXTRA).unwrap();
+        m2["spec"]["ingress"].as_sequence_mut().unwrap().extend(extra.as_sequence().unwrap().iter().cloned());
+        let v2 = serde_yaml::to_string(&m2).unwrap();
+        let port82 = plan.probes[2].clone();
+        assert_eq!(session.probe(&port82).await.observed, Observed::Deny);
+
+        let before = session.client().unwrap().endpoints().await.unwrap();
+        let key = |e: &palisade_agent::api::types::EndpointStatus| (e.namespace.clone(), e.name.clone(), e.id, e.identity);
+        let mut before: Vec<_> = before.iter().map(key).collect();
+        before.sort();
+        assert_eq!(before.len(), 2);
+
+        let server = session.topology().host(&plan, &HostRef::Pod(1)).unwrap().addr(IpFamily::IPv4).unwrap();
+        let client_ns = session.topology().host(&plan, &HostRef::Pod(0)).unwrap().netns.open().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let prober = {
+            let stop = stop.clone();
+            std::thread::spawn(move || probe_continuously(client_ns, server, stop))
+        };
+
+        let mut current_v2 = false;
+        let mut no_change_ops = Vec::new();
+        for i in 0..RESTARTS {
+            let how = if i % 2 == 0 { StopHow::Term } else { StopHow::Kill };
+            let mid_change = i % 3 == 1;
+            if mid_change {
+                // A new version lands, and the agent dies before it could apply it.
+                current_v2 = !current_v2;
+                session.dirs().write_policy(&policy.file_name, if current_v2 { &v2 } else { &v1 }).unwrap();
+            }
+            let exit = session.restart_agent(how).await.unwrap_or_else(|e| panic!("restart {i} ({how:?}): {e}"));
+            eprintln!("restart {i}: {how:?} (exit {exit}), policy change: {mid_change}");
+            if !mid_change {
+                no_change_ops.push(operations_since_start(session.agent_log().unwrap()));
+            }
+            // Endpoints restored, not registered again: same ids and identities.
+            let mut now: Vec<_> = session.client().unwrap().endpoints().await.unwrap().iter().map(key).collect();
+            now.sort();
+            assert_eq!(now, before, "restart {i}: the endpoints were not restored as they were");
+            // The file as it is now is what is enforced.
+            let r = session.probe(&port82).await;
+            let want = if current_v2 { Observed::Allow } else { Observed::Deny };
+            assert_eq!(r.observed, want, "restart {i}: port 82 with policy v{}: {r:?}", if current_v2 { 2 } else { 1 });
+        }
+        stop.store(true, Ordering::Relaxed);
+        let tally = prober.join().expect("the prober ends");
+        eprintln!(
+            "{} rounds across {RESTARTS} restarts: {} allowed ok, {} denied ok, {} wrong; map operations of restarts without a change: {no_change_ops:?}",
+            tally.rounds,
+            tally.allowed_ok,
+            tally.denied_ok,
+            tally.wrong.len()
+        );
+        assert!(tally.wrong.is_empty(), "wrong verdicts: {:#?}", tally.wrong);
+        assert!(tally.rounds >= RESTARTS, "too few probe rounds: {tally:?}");
+        for (i, ops) in no_change_ops.iter().enumerate() {
+            assert!(!ops.is_empty(), "restart without a change #{i}: no apply logged");
+            assert!(
+                ops.iter().all(|n| *n == 0),
+                "restart without a change #{i} wrote to the maps: {ops:?} (log {:?})",
+                session.agent_log()
+            );
+        }
+        session.down().await;
+    });
+    assert_eq!(netns::list_with_prefix(&names.prefix), Vec::<String>::new());
+}
