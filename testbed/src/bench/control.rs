@@ -60,7 +60,8 @@ impl Scale {
 fn map_write_count(size: Size) -> usize {
     match size {
         Size::Quick => 20_000,
-        Size::Full => 200_000,
+        // Twice this fits in POLICY (262,144 slots): single, then batched, into fresh keys.
+        Size::Full => 100_000,
     }
 }
 
@@ -239,6 +240,16 @@ fn endpoint_dev(j: usize) -> String {
 
 /// Endpoint registrations in flight at once.
 const REGISTER_CONCURRENCY: usize = 16;
+/// How long one registration may take (it returns once the endpoint is known; the agent
+/// may be busy resolving for the others).
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long registering every endpoint may take before the measurement gives up.
+fn register_deadline(size: Size) -> Duration {
+    match size {
+        Size::Quick => Duration::from_secs(120),
+        Size::Full => Duration::from_secs(1200),
+    }
+}
 
 /// `ip -n <ns> -batch -` with `lines`.
 fn ip_batch(ns: &Netns, lines: &str) -> Result<(), String> {
@@ -317,12 +328,27 @@ fn agent_scale_inner(report: &mut Report, size: Size, agent: &Path) -> Result<()
                     interface: endpoint_dev(j),
                     ports: Vec::new(),
                 };
-                call(format!("endpoint {j}"), CALL_TIMEOUT, client.put_endpoint(NAMESPACE, &format!("pod{j}"), &spec))
-                    .await
+                call(
+                    format!("endpoint {j}"),
+                    REGISTER_TIMEOUT,
+                    client.put_endpoint(NAMESPACE, &format!("pod{j}"), &spec),
+                )
+                .await
             }))
             .buffer_unordered(REGISTER_CONCURRENCY);
+            let mut done = 0;
             while let Some(r) = calls.next().await {
                 r?;
+                done += 1;
+                if done % 100 == 0 {
+                    eprintln!("  {done} endpoints registered ({:.1} s since start)", t0.elapsed().as_secs_f64());
+                }
+                if t0.elapsed() > register_deadline(size) {
+                    return Err(crate::error::SetupError::AgentHung {
+                        call: format!("registering {} endpoints ({done} done)", s.endpoints),
+                        secs: register_deadline(size).as_secs(),
+                    });
+                }
             }
             call("full enforcement", limit + Duration::from_secs(5), proc.client.wait_current(limit)).await?;
             Ok::<_, crate::error::SetupError>((ready, t0.elapsed()))

@@ -53,6 +53,12 @@ fn nice(v: f64) -> String {
     }
 }
 
+/// The first of 1, 2, 2.5, 5 (times a power of ten) not below `raw`.
+fn nice_step(raw: f64) -> f64 {
+    let mag = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 2.5, 5.0, 10.0].into_iter().map(|m| m * mag).find(|s| *s >= raw * 0.999).unwrap_or(10.0 * mag)
+}
+
 /// Decades covering `lo..=hi`.
 fn decades(lo: f64, hi: f64) -> (f64, f64) {
     (10f64.powf(lo.log10().floor()), 10f64.powf(hi.log10().ceil()))
@@ -80,12 +86,14 @@ fn panel(out: &mut String, p: &Panel, ox: f64, oy: f64) {
         decades(pts.iter().map(|p| p.0).fold(f64::MAX, f64::min), pts.iter().map(|p| p.0).fold(0.0, f64::max));
     let (ymin, ymax) =
         (pts.iter().map(|p| p.1).fold(f64::MAX, f64::min), pts.iter().map(|p| p.1).fold(f64::MIN, f64::max));
-    let (y0, y1) = if p.log_y {
-        decades(ymin.max(1e-3), ymax.max(1e-3))
+    let (y0, y1, step) = if p.log_y {
+        let (a, b) = decades(ymin.max(1e-3), ymax.max(1e-3));
+        (a, b, 0.0)
     } else {
-        let lo = (ymin.min(1.0) * 10.0).floor() / 10.0;
-        let hi = (ymax.max(1.0) * 10.0).ceil() / 10.0;
-        (lo.min(hi - 0.1), hi)
+        // Ratios: always show 1 (the baseline).
+        let (lo, hi) = (ymin.min(1.0), ymax.max(1.0));
+        let step = nice_step((hi - lo).max(0.05) / 5.0);
+        ((lo / step).floor() * step, (hi / step).ceil() * step, step)
     };
     let pw = W - ML - MR;
     let ph = H - MT - MB;
@@ -119,17 +127,24 @@ fn panel(out: &mut String, p: &Panel, ox: f64, oy: f64) {
         }
         v
     } else {
-        (0..=5).map(|i| y0 + (y1 - y0) * i as f64 / 5.0).collect()
+        let n = ((y1 - y0) / step).round() as usize;
+        (0..=n).map(|i| y0 + step * i as f64).collect()
     };
     for y in yticks {
         let py = sy(y);
+        let label = if p.log_y || step >= 1.0 {
+            nice(y)
+        } else if step >= 0.1 {
+            format!("{y:.1}")
+        } else {
+            format!("{y:.2}")
+        };
         let _ = writeln!(out, "<line x1=\"{ML}\" y1=\"{py:.1}\" x2=\"{}\" y2=\"{py:.1}\" stroke=\"#ddd\"/>", ML + pw);
         let _ = writeln!(
             out,
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"11\">{}</text>",
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"11\">{label}</text>",
             ML - 4.0,
             py + 4.0,
-            nice(y)
         );
     }
     if !p.log_y && y0 < 1.0 && y1 > 1.0 {
@@ -222,29 +237,26 @@ pub fn report_plot(r: &Report) -> String {
     let curve = |metric: &str| -> Vec<(f64, f64)> {
         ks.iter().filter_map(|k| Some((*k, r.get(&format!("control.resolve.k{k}_{metric}"))?))).collect()
     };
+    let curve_panel = |title: &str, y_label: &str, metric: &str| Panel {
+        title: title.into(),
+        x_label: "identities, log scale".into(),
+        y_label: y_label.into(),
+        log_y: true,
+        series: vec![Series { name: "100 endpoints, 100 policies".into(), points: curve(metric) }],
+    };
     let panels = vec![
         ratio_panel("TCP connect-request-close p50", "tcp_crr_p50"),
         ratio_panel("UDP request/response p50", "udp_rr_p50"),
-        Panel {
-            title: "Full resolution time".into(),
-            x_label: "identities, log scale".into(),
-            y_label: "ms, log scale".into(),
-            log_y: true,
-            series: vec![Series { name: "resolve (100 endpoints, 100 policies)".into(), points: curve("ms") }],
-        },
-        Panel {
-            title: "Resolution memory".into(),
-            x_label: "identities, log scale".into(),
-            y_label: "MiB (peak RSS growth), log scale".into(),
-            log_y: true,
-            series: vec![Series { name: "resolve (100 endpoints, 100 policies)".into(), points: curve("rss_mib") }],
-        },
+        ratio_panel("UDP stream packets/s (below 1: fewer)", "udp_stream_pps"),
+        curve_panel("Full resolution time", "ms, log scale", "ms"),
+        curve_panel("Resolution memory", "MiB (peak RSS growth), log scale", "rss_mib"),
+        curve_panel("Policy entries resolved", "entries, log scale", "entries"),
     ];
     let caption = format!(
         "palisade-bench ({:?} run), {} CPUs ({}), kernel {}, load average {} .. {}",
         r.size, r.machine.nproc, r.machine.cpu, r.machine.kernel, r.machine.loadavg_start, r.machine.loadavg_end
     );
-    render(&panels, 2, &caption)
+    render(&panels, 3, &caption)
 }
 
 #[cfg(test)]
@@ -265,5 +277,8 @@ mod tests {
         assert!(s.contains("t &lt;1&gt;"));
         assert_eq!(s.matches("<circle").count(), 3);
         assert_eq!(s.matches("<g ").count(), s.matches("</g>").count());
+        // 0.9 .. 2.5 in steps of 0.5 from 0.5 to 2.5, the baseline dashed at 1.
+        assert!(s.contains(">0.5</text>") && s.contains(">1.0</text>") && s.contains(">2.5</text>"), "{s}");
+        assert!(s.contains("stroke-dasharray"));
     }
 }

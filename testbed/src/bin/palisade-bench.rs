@@ -28,6 +28,13 @@ struct Args {
     /// Parts to run (comma-separated): datapath, memory, control [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Size of the agent-at-scale part only (quick: 100 endpoints, 1,000 identities, 100
+    /// policies; full: 1,000, 10,000, 1,000) [default: the run's size].
+    #[arg(long, value_parser = ["quick", "full"])]
+    agent_scale: Option<String>,
+    /// Only write the plot (`--svg`) of an earlier run's JSON, measure nothing.
+    #[arg(long, requires = "svg")]
+    plot_from: Option<PathBuf>,
     /// Internal: one step of the resolution scaling curve, in this fresh process.
     #[arg(long, hide = true)]
     resolve_step: Option<usize>,
@@ -45,6 +52,18 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("palisade-bench: resolve step {k}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let (Some(from), Some(svg)) = (&args.plot_from, &args.svg) {
+        let report: Result<Report, String> = std::fs::read_to_string(from)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()));
+        return match report.and_then(|r| std::fs::write(svg, bench::svg::report_plot(&r)).map_err(|e| e.to_string())) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("palisade-bench: plotting {}: {e}", from.display());
                 ExitCode::FAILURE
             }
         };
@@ -97,7 +116,12 @@ fn run(args: &Args) -> ExitCode {
             "control" => {
                 bench::control::scaling(&mut report, size);
                 bench::control::map_writes(&mut report, size);
-                bench::control::agent_scale(&mut report, size, &agent);
+                let agent_size = match args.agent_scale.as_deref() {
+                    Some("quick") => Size::Quick,
+                    Some(_) => Size::Full,
+                    None => size,
+                };
+                bench::control::agent_scale(&mut report, agent_size, &agent);
             }
             other => report.failures.push(format!("unknown part {other:?} (datapath, memory, control)")),
         }
