@@ -59,6 +59,16 @@ fn nice_step(raw: f64) -> f64 {
     [1.0, 2.0, 2.5, 5.0, 10.0].into_iter().map(|m| m * mag).find(|s| *s >= raw * 0.999).unwrap_or(10.0 * mag)
 }
 
+/// The fewest decimals that show every multiple of `step` exactly (0.25 -> 2, 0.5 -> 1).
+fn decimals(step: f64) -> usize {
+    (0..6)
+        .find(|d| {
+            let x = step * 10f64.powi(*d as i32);
+            (x - x.round()).abs() < 1e-6
+        })
+        .unwrap_or(6)
+}
+
 /// Decades covering `lo..=hi`.
 fn decades(lo: f64, hi: f64) -> (f64, f64) {
     (10f64.powf(lo.log10().floor()), 10f64.powf(hi.log10().ceil()))
@@ -132,13 +142,7 @@ fn panel(out: &mut String, p: &Panel, ox: f64, oy: f64) {
     };
     for y in yticks {
         let py = sy(y);
-        let label = if p.log_y || step >= 1.0 {
-            nice(y)
-        } else if step >= 0.1 {
-            format!("{y:.1}")
-        } else {
-            format!("{y:.2}")
-        };
+        let label = if p.log_y { nice(y) } else { format!("{y:.*}", decimals(step)) };
         let _ = writeln!(out, "<line x1=\"{ML}\" y1=\"{py:.1}\" x2=\"{}\" y2=\"{py:.1}\" stroke=\"#ddd\"/>", ML + pw);
         let _ = writeln!(
             out,
@@ -280,5 +284,6 @@ mod tests {
         // 0.9 .. 2.5 in steps of 0.5 from 0.5 to 2.5, the baseline dashed at 1.
         assert!(s.contains(">0.5</text>") && s.contains(">1.0</text>") && s.contains(">2.5</text>"), "{s}");
         assert!(s.contains("stroke-dasharray"));
+        assert_eq!((decimals(0.025), decimals(0.25), decimals(0.5), decimals(2.0)), (3, 2, 1, 0));
     }
 }
