@@ -15,8 +15,10 @@
 //! - [`runner`]: one scenario end to end; [`report`]: truth tables and JSON; [`cli`];
 //! - [`instance`], [`hold`]: a scenario kept up between commands (`up`, `probe`, `exec`,
 //!   `down`): its state file and the process that holds it;
-//! - [`stale`]: leftovers of runs that were killed outright.
+//! - [`stale`]: leftovers of runs that were killed outright;
+//! - [`bench`]: `palisade-bench`, palisade beside iptables and nftables, memory, control plane.
 pub mod agent;
+pub mod bench;
 pub mod cleanup;
 pub mod cli;
 pub mod container;
