@@ -7,16 +7,14 @@
 //! to the maps (every apply since it started planned zero operations). Needs root and the binaries built (`cargo build --bins`).
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use palisade_testbed::agent::StopHow;
 use palisade_testbed::netns;
-use palisade_testbed::probe::{self, Attempt};
 use palisade_testbed::report::Observed;
 use palisade_testbed::scenario::{self, HostRef, IpFamily};
 use palisade_testbed::session::{RunNames, RunOptions, Session};
@@ -58,38 +56,6 @@ fn agent_binary() -> PathBuf {
     std::env::var_os("PALISADE_AGENT")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
-}
-
-#[derive(Default, Debug)]
-struct Tally {
-    rounds: usize,
-    allowed_ok: usize,
-    denied_ok: usize,
-    wrong: Vec<String>,
-}
-
-/// Probes server:80 (must connect) and server:81 (must get no answer) from the client's
-/// namespace until `stop`, at most `MAX_ROUNDS` rounds and `MAX_PROBING`.
-fn probe_continuously(ns: std::fs::File, server: IpAddr, stop: Arc<AtomicBool>) -> Tally {
-    netns::run_in(ns, move || {
-        let mut t = Tally::default();
-        let start = Instant::now();
-        while !stop.load(Ordering::Relaxed) && t.rounds < MAX_ROUNDS && start.elapsed() < MAX_PROBING {
-            t.rounds += 1;
-            let allowed = probe::tcp(SocketAddr::new(server, 80), Duration::from_millis(1000));
-            match allowed.attempt {
-                Attempt::Answered => t.allowed_ok += 1,
-                other => t.wrong.push(format!("round {}: port 80 (allowed): {other:?}", t.rounds)),
-            }
-            let denied = probe::tcp(SocketAddr::new(server, 81), Duration::from_millis(150));
-            match denied.attempt {
-                Attempt::NoAnswer => t.denied_ok += 1,
-                other => t.wrong.push(format!("round {}: port 81 (denied): {other:?}", t.rounds)),
-            }
-        }
-        t
-    })
-    .expect("probing runs in the client's namespace")
 }
 
 /// Map operations of every apply since the agent last started ("datapath loaded"), from its log.
@@ -143,7 +109,7 @@ fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
         let stop = Arc::new(AtomicBool::new(false));
         let prober = {
             let stop = stop.clone();
-            std::thread::spawn(move || probe_continuously(client_ns, server, stop))
+            std::thread::spawn(move || probe_continuously(client_ns, server, stop, MAX_ROUNDS, MAX_PROBING))
         };
 
         let mut current_v2 = false;

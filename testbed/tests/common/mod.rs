@@ -52,3 +52,46 @@ pub fn leftovers(pid: u32) -> Vec<String> {
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// What [`probe_continuously`] saw.
+#[derive(Default, Debug)]
+pub struct Tally {
+    pub rounds: usize,
+    pub allowed_ok: usize,
+    pub denied_ok: usize,
+    pub wrong: Vec<String>,
+}
+
+/// Probes server:80 (must connect) and server:81 (must get no answer) from the namespace
+/// `ns` until `stop`, at most `max_rounds` rounds and `max_time`.
+pub fn probe_continuously(
+    ns: std::fs::File,
+    server: std::net::IpAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    max_rounds: usize,
+    max_time: std::time::Duration,
+) -> Tally {
+    use palisade_testbed::probe::{self, Attempt};
+    use std::net::SocketAddr;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    palisade_testbed::netns::run_in(ns, move || {
+        let mut t = Tally::default();
+        let start = Instant::now();
+        while !stop.load(Ordering::Relaxed) && t.rounds < max_rounds && start.elapsed() < max_time {
+            t.rounds += 1;
+            let allowed = probe::tcp(SocketAddr::new(server, 80), Duration::from_millis(1000));
+            match allowed.attempt {
+                Attempt::Answered => t.allowed_ok += 1,
+                other => t.wrong.push(format!("round {}: port 80 (allowed): {other:?}", t.rounds)),
+            }
+            let denied = probe::tcp(SocketAddr::new(server, 81), Duration::from_millis(150));
+            match denied.attempt {
+                Attempt::NoAnswer => t.denied_ok += 1,
+                other => t.wrong.push(format!("round {}: port 81 (denied): {other:?}", t.rounds)),
+            }
+        }
+        t
+    })
+    .expect("probing runs in the client's namespace")
+}
