@@ -24,7 +24,7 @@ use actix::prelude::*;
 use tokio::sync::broadcast;
 
 use crate::api::types::MonitorEvent;
-use crate::datapath::{Datapath, DatapathConfig, DatapathError};
+use crate::datapath::{Datapath, DatapathConfig, DatapathError, MapSizes};
 use crate::monitor::{DecodeContext, decode};
 
 /// How the agent runs.
@@ -33,8 +33,11 @@ pub struct AgentConfig {
     pub bpffs: PathBuf,
     pub policy_dir: PathBuf,
     pub cluster: String,
+    /// Time between full compares of the kernel maps with what was applied; zero: none.
     pub repair_interval: Duration,
     pub policy_rescan_interval: Duration,
+    /// Sizes of the eBPF maps.
+    pub map_sizes: MapSizes,
 }
 
 /// Addresses of the running actors, and the verdict-event feed.
@@ -52,7 +55,8 @@ pub struct Agent {
 impl Agent {
     /// Loads the datapath and starts every actor. Must run inside an actix system.
     pub fn start(config: AgentConfig) -> Result<Agent, DatapathError> {
-        let mut datapath = Datapath::load(&DatapathConfig { pin_dir: config.bpffs.clone() })?;
+        let mut datapath =
+            Datapath::load_with_sizes(&DatapathConfig { pin_dir: config.bpffs.clone() }, &config.map_sizes)?;
         let mut reader = datapath.take_events()?;
         let decode_ctx = Arc::new(RwLock::new(DecodeContext::default()));
         let map_writer = map_writer::MapWriter::new(datapath, decode_ctx.clone(), config.repair_interval)?.start();

@@ -104,6 +104,13 @@ async fn current_status(agent: &Agent) -> Result<Status, ApiFailure> {
         attach_mode: realized.attach_mode,
         bpffs: agent.config.bpffs.display().to_string(),
         warnings,
+        map_errors: realized.map_errors.clone(),
+        datapath_counters: DatapathCounters {
+            drift_checks: realized.counters.drift_checks,
+            drift_repairs: realized.counters.drift_repairs,
+            map_overflows: realized.counters.map_overflows,
+            apply_failures: realized.counters.apply_failures,
+        },
     })
 }
 
@@ -136,6 +143,7 @@ fn endpoint_status(ep: &LocalEndpoint, realized: &crate::actors::map_writer::Rea
         egress_enforced: r.egress_enforced,
         realized_revision: r.realized_revision,
         policy_entries: r.policy_entries,
+        fail_closed: r.fail_closed,
     }
 }
 
