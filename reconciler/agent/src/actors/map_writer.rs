@@ -329,6 +329,40 @@ impl MapWriter {
     }
 }
 
+/// Corrects an explanation (made from the resolver's desired state) for endpoint
+/// directions that fail closed because their entries do not fit in the maps: that side
+/// denies whatever the policy says. `ids` maps `namespace/name` to endpoint ids.
+pub fn explain_fail_closed(
+    e: &mut crate::api::types::Explanation,
+    realized: &RealizedState,
+    ids: &BTreeMap<String, u16>,
+) {
+    let closed = |side: &crate::api::types::SideDecision, dir: &str| {
+        side.endpoint
+            .as_ref()
+            .and_then(|name| ids.get(name))
+            .and_then(|id| realized.endpoints.get(id))
+            .is_some_and(|r| r.fail_closed.iter().any(|d| d == dir))
+    };
+    let why = || {
+        let mut rules = vec!["the endpoint's policy entries do not fit in the eBPF maps: it fails closed".to_string()];
+        rules.extend(realized.map_errors.iter().cloned());
+        rules
+    };
+    if closed(&e.egress, "egress") {
+        e.egress.decision = "fail-closed".into();
+        e.egress.entry = None;
+        e.egress.rules = why();
+        e.verdict = "deny".into();
+    }
+    if closed(&e.ingress, "ingress") {
+        e.ingress.decision = "fail-closed".into();
+        e.ingress.entry = None;
+        e.ingress.rules = why();
+        e.verdict = "deny".into();
+    }
+}
+
 /// The sizes of the maps the agent writes, as the kernel has them.
 fn map_limits(maps: &MapSet) -> Result<MapLimits, DatapathError> {
     Ok(MapLimits {

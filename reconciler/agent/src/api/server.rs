@@ -216,7 +216,16 @@ async fn wait(State(agent): State<Agent>, Query(q): Query<WaitQuery>) -> Result<
 async fn explain(State(agent): State<Agent>, Json(request): Json<ExplainRequest>) -> ApiResult<Explanation> {
     let cluster = agent.config.cluster.clone();
     match agent.resolver.send(Explain { request, cluster }).await? {
-        Ok(e) => Ok(Json(e)),
+        Ok(mut e) => {
+            // Sides that fail closed (maps too small) deny whatever the policy says.
+            let realized = agent.map_writer.send(GetRealized).await?;
+            if realized.endpoints.values().any(|r| !r.fail_closed.is_empty()) {
+                let eps = agent.endpoints.send(ListEndpoints).await?;
+                let ids = eps.iter().map(|ep| (ep.full_name(), ep.id)).collect();
+                crate::actors::map_writer::explain_fail_closed(&mut e, &realized, &ids);
+            }
+            Ok(Json(e))
+        }
         Err(msg) => Err(ApiFailure(StatusCode::BAD_REQUEST, msg)),
     }
 }

@@ -243,7 +243,8 @@ pub struct ExplainRequest {
 pub struct SideDecision {
     /// The endpoint whose policy decides this side (`namespace/name`), if it is local.
     pub endpoint: Option<String>,
-    /// `allowed`, `denied`, `default-deny`, `not-selected` or `not-local`.
+    /// `allowed`, `denied`, `default-deny`, `not-selected`, `not-local`, or `fail-closed`
+    /// (the endpoint's entries do not fit in the maps: it denies everything).
     pub decision: String,
     /// The policy entry that decided, e.g. `ingress from 256 TCP/8080`.
     pub entry: Option<String>,
