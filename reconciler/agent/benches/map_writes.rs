@@ -144,6 +144,10 @@ fn main() {
         ("whole plan from empty (ops)", plan_ops, Default::default()),
         ("whole plan to empty (ops)", plan_ops, Default::default()),
     ];
+    // The drift check's full read of the maps (entry by entry, as `read_state` does).
+    let mut dumps = Vec::new();
+    let dump_entries =
+        state.policy.len() + state.policy_lengths.len() + state.endpoints.len() + state.ipcache_host_v4.len();
     for _ in 0..runs {
         for (mi, mode) in [WriteMode::PerEntry, WriteMode::Batched].into_iter().enumerate() {
             maps.set_write_mode(mode);
@@ -161,7 +165,10 @@ fn main() {
             let empty = MapState::default();
             let fill = plan(&state, &empty);
             time(6, &mut |m| apply_plan(m, &fill, &empty, &limits).unwrap());
-            assert_eq!(read_state(&maps).unwrap(), state, "the plan loaded the state");
+            let t = Instant::now();
+            let read = read_state(&maps).unwrap();
+            dumps.push(t.elapsed());
+            assert_eq!(read, state, "the plan loaded the state");
             let drain = plan(&empty, &state);
             let mut time = |i: usize, f: &mut dyn FnMut(&mut MapSet)| {
                 let t = Instant::now();
@@ -176,6 +183,12 @@ fn main() {
         let (s, b) = (rate(n, median(single)), rate(n, median(batched)));
         println!("{name:<34} {s:>14.0} {b:>14.0} {:>7.1}x", b / s);
     }
+    let d = median(dumps);
+    println!(
+        "full read of the maps (drift check): {dump_entries} entries in {:.0} ms, {:.0} entries/s",
+        d.as_secs_f64() * 1000.0,
+        rate(dump_entries, d)
+    );
     println!("maps the kernel refused batches for: {:?}", maps.unbatched_maps());
     drop(maps);
     drop(dp);
