@@ -183,6 +183,24 @@ fn plans_apply_to_real_maps_even_near_their_size_privileged() {
     assert_eq!((p.policy.adds.len(), p.policy.deletes.len()), (40, 40));
     apply_plan(&mut f.maps, &p, &old, &lim).unwrap();
     assert_eq!(read_state(&f.maps).unwrap(), new);
+    // Read by batch (above) and entry by entry: the same.
+    f.maps.set_write_mode(WriteMode::PerEntry);
+    assert_eq!(read_state(&f.maps).unwrap(), new);
+}
+
+#[test]
+fn batched_and_entry_by_entry_reads_agree_privileged() {
+    let mut f = load(&[]);
+    let lim = limits(&f.maps);
+    // More entries than one batch call returns.
+    let mut s = state(1, 300, 6000);
+    s.endpoints.extend(state(2, 300, 0).endpoints);
+    apply_plan(&mut f.maps, &plan(&s, &MapState::default()), &MapState::default(), &lim).unwrap();
+    let batched = read_state(&f.maps).unwrap();
+    f.maps.set_write_mode(WriteMode::PerEntry);
+    let single = read_state(&f.maps).unwrap();
+    assert_eq!(batched, single);
+    assert_eq!(batched, s);
 }
 
 #[test]

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use aya::maps::lpm_trie::Key;
-use palisade_common::{PolicyKey, PolicyValue, config as bpf_config, direction, map_names};
+use palisade_common::{
+    EndpointInfo, IpcacheValue, Ipv4Prefix, Ipv6Prefix, PolicyKey, PolicyLengthsKey, PolicyValue, config as bpf_config,
+    direction, map_names,
+};
 use palisade_policy::model::Policy;
 use palisade_policy::resolve::DesiredState;
 use tokio::sync::oneshot;
@@ -376,13 +379,19 @@ fn map_limits(maps: &MapSet) -> Result<MapLimits, DatapathError> {
     })
 }
 
-/// Reads what the kernel maps the agent writes hold.
+/// Reads what the kernel maps the agent writes hold: hash maps in batches where the kernel
+/// can, everything else entry by entry.
 pub fn read_state(maps: &MapSet) -> Result<MapState, DatapathError> {
     let read = |name: &'static str| move |e| DatapathError::map_access(name, "read", e);
     let mut s = MapState::default();
-    for item in maps.endpoints.iter() {
-        let (k, v) = item.map_err(read(map_names::ENDPOINTS))?;
-        s.endpoints.insert(k, v);
+    match maps.read_batched::<u32, EndpointInfo>(WritableMap::Endpoints)? {
+        Some(all) => s.endpoints.extend(all),
+        None => {
+            for item in maps.endpoints.iter() {
+                let (k, v) = item.map_err(read(map_names::ENDPOINTS))?;
+                s.endpoints.insert(k, v);
+            }
+        }
     }
     for item in maps.ipcache_v4.iter() {
         let (k, v) = item.map_err(read(map_names::IPCACHE_V4))?;
@@ -392,21 +401,39 @@ pub fn read_state(maps: &MapSet) -> Result<MapState, DatapathError> {
         let (k, v) = item.map_err(read(map_names::IPCACHE_V6))?;
         s.ipcache_v6.insert((k.prefix_len(), k.data()), v);
     }
-    for item in maps.ipcache_host_v4.iter() {
-        let (k, v) = item.map_err(read(map_names::IPCACHE_HOST_V4))?;
-        s.ipcache_host_v4.insert(k, v);
+    match maps.read_batched::<Ipv4Prefix, IpcacheValue>(WritableMap::IpcacheHostV4)? {
+        Some(all) => s.ipcache_host_v4.extend(all),
+        None => {
+            for item in maps.ipcache_host_v4.iter() {
+                let (k, v) = item.map_err(read(map_names::IPCACHE_HOST_V4))?;
+                s.ipcache_host_v4.insert(k, v);
+            }
+        }
     }
-    for item in maps.ipcache_host_v6.iter() {
-        let (k, v) = item.map_err(read(map_names::IPCACHE_HOST_V6))?;
-        s.ipcache_host_v6.insert(k, v);
+    match maps.read_batched::<Ipv6Prefix, IpcacheValue>(WritableMap::IpcacheHostV6)? {
+        Some(all) => s.ipcache_host_v6.extend(all),
+        None => {
+            for item in maps.ipcache_host_v6.iter() {
+                let (k, v) = item.map_err(read(map_names::IPCACHE_HOST_V6))?;
+                s.ipcache_host_v6.insert(k, v);
+            }
+        }
     }
-    for item in maps.policy.iter() {
-        let (k, v) = item.map_err(read(map_names::POLICY))?;
+    let policy: Vec<(PolicyKey, PolicyValue)> = match maps.read_batched(WritableMap::Policy)? {
+        Some(all) => all,
+        None => maps.policy.iter().collect::<Result<_, _>>().map_err(read(map_names::POLICY))?,
+    };
+    for (k, v) in policy {
         s.policy.insert((u32::from(k.prefix_len), PolicyKey { prefix_len: 0, ..k }), v);
     }
-    for item in maps.policy_lengths.iter() {
-        let (k, v) = item.map_err(read(map_names::POLICY_LENGTHS))?;
-        s.policy_lengths.insert(k, v);
+    match maps.read_batched::<PolicyLengthsKey, u32>(WritableMap::PolicyLengths)? {
+        Some(all) => s.policy_lengths.extend(all),
+        None => {
+            for item in maps.policy_lengths.iter() {
+                let (k, v) = item.map_err(read(map_names::POLICY_LENGTHS))?;
+                s.policy_lengths.insert(k, v);
+            }
+        }
     }
     Ok(s)
 }

@@ -326,6 +326,51 @@ impl MapSet {
         Ok(())
     }
 
+    /// Every entry of hash map `map`, read in batches (BPF_MAP_LOOKUP_BATCH); `None` when
+    /// the kernel has no batch lookup for it (read it entry by entry then).
+    pub fn read_batched<K: Pod, V: Pod>(&self, map: WritableMap) -> Result<Option<Vec<(K, V)>>, DatapathError> {
+        check_layout::<K>(map, size_of::<V>())?;
+        if self.write_mode != WriteMode::Batched {
+            return Ok(None);
+        }
+        let fd = self.data(map).fd().as_fd();
+        let (ks, vs) = (size_of::<K>(), size_of::<V>());
+        let mut keys = vec![0u8; BATCH * ks];
+        let mut values = vec![0u8; BATCH * vs];
+        let mut token = None;
+        let mut out = Vec::new();
+        loop {
+            match sys::map_lookup_batch(fd, &mut token, &mut keys, &mut values, BATCH) {
+                Ok((n, done)) => {
+                    for i in 0..n {
+                        // SAFETY: the kernel wrote `n` keys and values of these sizes; `K` and
+                        // `V` are plain data, read unaligned from the byte buffers.
+                        let (k, v) = unsafe {
+                            (
+                                std::ptr::read_unaligned(keys.as_ptr().add(i * ks).cast::<K>()),
+                                std::ptr::read_unaligned(values.as_ptr().add(i * vs).cast::<V>()),
+                            )
+                        };
+                        out.push((k, v));
+                    }
+                    if done {
+                        return Ok(Some(out));
+                    }
+                }
+                Err(e) if out.is_empty() && token.is_none() && sys::batch_unsupported(&e) => return Ok(None),
+                Err(e) => {
+                    return Err(DatapathError::MapWrite {
+                        map: map.name(),
+                        op: "batch read",
+                        done: out.len(),
+                        total: 0,
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+
     /// Sums the per-CPU counters.
     pub fn sum_counters(&self) -> Result<CounterTotals, DatapathError> {
         let mut slots = vec![Counter::default(); COUNTER_SLOTS as usize];

@@ -1,7 +1,7 @@
 //! The few system calls aya does not expose: the interface and program of a pinned tcx link
 //! (to tell whether a link left by an earlier agent still belongs to an interface), the bpffs
 //! check, the memlock limit, and map writes by batch (`BPF_MAP_UPDATE_BATCH`,
-//! `BPF_MAP_DELETE_BATCH`, which aya 0.14 does not offer) with the single-element commands
+//! `BPF_MAP_DELETE_BATCH`, `BPF_MAP_LOOKUP_BATCH`, which aya 0.14 does not offer) with the single-element commands
 //! beside them for maps or kernels without batch support.
 use std::{
     ffi::CString,
@@ -20,6 +20,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// `ENOTSUPP` (kernel-internal, but returned to user space by some map types).
@@ -268,4 +269,42 @@ pub fn map_delete_elem(fd: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Reads up to `count` elements with one BPF_MAP_LOOKUP_BATCH call into `keys` and `values`
+/// (room for `count` of each), continuing after `token` (`None`: from the start). Returns
+/// how many were read and whether the map is done; `token` is set for the next call.
+pub fn map_lookup_batch(
+    fd: BorrowedFd<'_>,
+    token: &mut Option<u64>,
+    keys: &mut [u8],
+    values: &mut [u8],
+    count: usize,
+) -> Result<(usize, bool), io::Error> {
+    let mut out: u64 = 0;
+    let mut in_batch: u64 = token.unwrap_or(0);
+    let mut attr = BatchAttr {
+        in_batch: if token.is_some() { (&raw mut in_batch) as u64 } else { 0 },
+        out_batch: (&raw mut out) as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: count as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `keys` and `values` have room for `count` elements of the map's sizes; the
+    // batch tokens are 8 bytes (the kernel uses at most that for the maps read here); all
+    // outlive the call.
+    let r = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, (&raw mut attr).cast(), size_of::<BatchAttr>()) };
+    let read = (attr.count as usize).min(count);
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            return Ok((read, true));
+        }
+        return Err(e);
+    }
+    *token = Some(out);
+    Ok((read, false))
 }
