@@ -787,9 +787,12 @@ fn incompatible_pinned_map_is_refused() {
         .load(palisade_agent::datapath::EBPF_OBJECT)
         .unwrap();
     drop(ebpf);
+    // Same layout, another size: refused with both sizes (a pinned map cannot be resized).
     match Datapath::load(&pins.config()) {
-        Err(DatapathError::IncompatiblePinnedMap { map, .. }) => assert_eq!(map, map_names::POLICY),
-        other => panic!("expected IncompatiblePinnedMap, got {other:?}"),
+        Err(DatapathError::PinnedMapSize { map, pinned, configured, .. }) => {
+            assert_eq!((map, pinned, configured), (map_names::POLICY, 16, palisade_common::map_sizes::POLICY));
+        }
+        other => panic!("expected PinnedMapSize, got {other:?}"),
     }
 }
 

@@ -27,7 +27,7 @@ use actix::prelude::*;
 use tokio::sync::broadcast;
 
 use crate::api::types::MonitorEvent;
-use crate::datapath::{Datapath, DatapathConfig, DatapathError};
+use crate::datapath::{Datapath, DatapathConfig, DatapathError, MapSizes};
 use crate::monitor::{DecodeContext, decode};
 use crate::state::StateDir;
 use supervise::start_supervised;
@@ -40,6 +40,7 @@ pub struct AgentConfig {
     /// Where the endpoint registry and reserved prefixes are saved (see [`crate::state`]).
     pub state_dir: PathBuf,
     pub cluster: String,
+    /// Time between full compares of the kernel maps with what was applied; zero: none.
     pub repair_interval: Duration,
     pub policy_rescan_interval: Duration,
     /// How often endpoints are checked for vanished interfaces.
@@ -49,6 +50,8 @@ pub struct AgentConfig {
     pub external_sources: bool,
     /// Enables `POST /v1/debug/panic/{actor}` (tests only).
     pub fault_injection: bool,
+    /// Sizes of the eBPF maps.
+    pub map_sizes: MapSizes,
 }
 
 impl AgentConfig {
@@ -64,6 +67,7 @@ impl AgentConfig {
             interface_check_interval: Duration::from_secs(1),
             external_sources: false,
             fault_injection: false,
+            map_sizes: MapSizes::default(),
         }
     }
 }
@@ -163,7 +167,8 @@ impl Agent {
         let state = StateDir::new(&config.state_dir);
         let registry = endpoints::restore_registry(&state)
             .map_err(|source| StartError::State { dir: config.state_dir.clone(), source })?;
-        let mut datapath = Datapath::load(&DatapathConfig { pin_dir: config.bpffs.clone() })?;
+        let mut datapath =
+            Datapath::load_with_sizes(&DatapathConfig { pin_dir: config.bpffs.clone() }, &config.map_sizes)?;
         // Links of interfaces that went away while no agent ran.
         match datapath.prune_stale_links() {
             Ok(gone) if !gone.is_empty() => {

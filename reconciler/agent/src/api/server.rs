@@ -111,6 +111,13 @@ async fn current_status(agent: &Agent) -> Result<Status, ApiFailure> {
         revision_accepted_unix_ms: times.accepted_unix_ms,
         realized_revision_accepted_unix_ms: times.realized_accepted_unix_ms,
         realized_revision_unix_ms: times.realized_unix_ms,
+        map_errors: realized.map_errors.clone(),
+        datapath_counters: DatapathCounters {
+            drift_checks: realized.counters.drift_checks,
+            drift_repairs: realized.counters.drift_repairs,
+            map_overflows: realized.counters.map_overflows,
+            apply_failures: realized.counters.apply_failures,
+        },
     })
 }
 
@@ -143,6 +150,7 @@ fn endpoint_status(ep: &LocalEndpoint, realized: &crate::actors::map_writer::Rea
         egress_enforced: r.egress_enforced,
         realized_revision: r.realized_revision,
         policy_entries: r.policy_entries,
+        fail_closed: r.fail_closed,
     }
 }
 
@@ -261,7 +269,16 @@ async fn debug_panic(State(agent): State<Agent>, UrlPath(actor): UrlPath<String>
 async fn explain(State(agent): State<Agent>, Json(request): Json<ExplainRequest>) -> ApiResult<Explanation> {
     let cluster = agent.config.cluster.clone();
     match agent.resolver.send(Explain { request, cluster }).await? {
-        Ok(e) => Ok(Json(e)),
+        Ok(mut e) => {
+            // Sides that fail closed (maps too small) deny whatever the policy says.
+            let realized = agent.map_writer.send(GetRealized).await?;
+            if realized.endpoints.values().any(|r| !r.fail_closed.is_empty()) {
+                let eps = agent.endpoints.send(ListEndpoints).await?;
+                let ids = eps.iter().map(|ep| (ep.full_name(), ep.id)).collect();
+                crate::actors::map_writer::explain_fail_closed(&mut e, &realized, &ids);
+            }
+            Ok(Json(e))
+        }
         Err(msg) => Err(ApiFailure(StatusCode::BAD_REQUEST, msg)),
     }
 }

@@ -87,6 +87,10 @@ pub struct EndpointStatus {
     pub realized_revision: u64,
     /// Policy entries loaded for this endpoint.
     pub policy_entries: usize,
+    /// Directions (`ingress`, `egress`) that deny everything because their policy entries
+    /// do not fit in the maps (see `mapErrors` in [`Status`]).
+    #[serde(default)]
+    pub fail_closed: Vec<String>,
 }
 
 /// Reserved identities an address can be given through the API.
@@ -165,6 +169,27 @@ pub struct Status {
     pub realized_revision_accepted_unix_ms: u64,
     #[serde(default)]
     pub realized_revision_unix_ms: u64,
+    /// What does not fit in the eBPF maps (which map, entries needed and available, who
+    /// fails closed, what to do); empty when everything fits.
+    #[serde(default)]
+    pub map_errors: Vec<String>,
+    /// Map writer counters since the agent started.
+    #[serde(default)]
+    pub datapath_counters: DatapathCounters,
+}
+
+/// Counters of the map writer, monotonic since the agent started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathCounters {
+    /// Periodic full compares of the kernel maps with what the agent applied.
+    pub drift_checks: u64,
+    /// Map operations made to undo changes made to the maps behind the agent's back.
+    pub drift_repairs: u64,
+    /// Applies whose desired state did not fit in a map (see `mapErrors`).
+    pub map_overflows: u64,
+    /// Applies that failed and were retried.
+    pub apply_failures: u64,
 }
 
 /// A decoded verdict event from the datapath.
@@ -229,7 +254,8 @@ pub struct ExplainRequest {
 pub struct SideDecision {
     /// The endpoint whose policy decides this side (`namespace/name`), if it is local.
     pub endpoint: Option<String>,
-    /// `allowed`, `denied`, `default-deny`, `not-selected` or `not-local`.
+    /// `allowed`, `denied`, `default-deny`, `not-selected`, `not-local`, or `fail-closed`
+    /// (the endpoint's entries do not fit in the maps: it denies everything).
     pub decision: String,
     /// The policy entry that decided, e.g. `ingress from 256 TCP/8080`.
     pub entry: Option<String>,

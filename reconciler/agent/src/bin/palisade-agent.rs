@@ -36,9 +36,15 @@ struct Args {
     /// Cluster name (label io.cilium.k8s.policy.cluster of every pod).
     #[arg(long, env = "PALISADE_CLUSTER", default_value = "default")]
     cluster: String,
-    /// Seconds between full compares of the kernel maps against the desired state.
+    /// Seconds between full compares of the kernel maps against what the agent applied
+    /// (repairing what changed behind its back); 0 turns the check off.
     #[arg(long, env = "PALISADE_REPAIR_INTERVAL_SECS", default_value_t = 10)]
     repair_interval_secs: u64,
+    /// Size of an eBPF map, NAME=ENTRIES (repeatable, or comma-separated in the
+    /// environment), e.g. POLICY=524288. Maps: ENDPOINTS, IPCACHE_V4, IPCACHE_V6,
+    /// IPCACHE_HOST_V4, IPCACHE_HOST_V6, POLICY, POLICY_LENGTHS, CONNTRACK, FRAGMENTS.
+    #[arg(long = "map-size", env = "PALISADE_MAP_SIZES", value_delimiter = ',')]
+    map_sizes: Vec<String>,
     /// Seconds between re-reads of the policy directory (besides inotify).
     #[arg(long, env = "PALISADE_POLICY_RESCAN_SECS", default_value_t = 2)]
     policy_rescan_secs: u64,
@@ -125,16 +131,24 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     }
+    let map_sizes = match palisade_agent::datapath::MapSizes::with_overrides(&args.map_sizes) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("palisade-agent: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let config = AgentConfig {
         bpffs: args.bpffs,
         policy_dir: args.policy_dir,
         state_dir: args.state_dir,
         cluster: args.cluster,
-        repair_interval: Duration::from_secs(args.repair_interval_secs.max(1)),
+        repair_interval: Duration::from_secs(args.repair_interval_secs),
         policy_rescan_interval: Duration::from_secs(args.policy_rescan_secs.max(1)),
         interface_check_interval: Duration::from_millis(args.interface_check_ms.max(50)),
         external_sources: args.kubernetes,
         fault_injection: args.fault_injection,
+        map_sizes,
     };
     let kube_sync_timeout = Duration::from_secs(args.kube_sync_timeout_secs.max(1));
     let socket = args.api_socket;

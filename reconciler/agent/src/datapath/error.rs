@@ -28,6 +28,14 @@ pub enum DatapathError {
     )]
     IncompatiblePinnedMap { map: &'static str, path: PathBuf, found: String, expected: String },
 
+    #[error(
+        "map {map} pinned at {path} holds {pinned} entries, but the agent is configured for \
+         {configured} (--map-size {map}={configured}); a pinned map cannot be resized in place. \
+         Start with --map-size {map}={pinned}, or remove the pins (`palisade uninstall`, which \
+         stops enforcement until the agent is back) and start again"
+    )]
+    PinnedMapSize { map: &'static str, path: PathBuf, pinned: u32, configured: u32 },
+
     #[error("loading the eBPF object (maps pinned under {pin_dir}) failed: {source}")]
     Load {
         pin_dir: PathBuf,
@@ -61,6 +69,28 @@ pub enum DatapathError {
         op: &'static str,
         #[source]
         source: Box<aya::maps::MapError>,
+    },
+
+    #[error("map {map}: {op} failed after {done} of {total} entries: {source}")]
+    MapWrite {
+        map: &'static str,
+        op: &'static str,
+        done: usize,
+        total: usize,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(
+        "map {map} is full: writing {total} entries stopped after {done} ({source}); raise its size \
+         with --map-size {map}=N"
+    )]
+    MapFull {
+        map: &'static str,
+        done: usize,
+        total: usize,
+        #[source]
+        source: io::Error,
     },
 
     #[error("map operation failed: {0}")]

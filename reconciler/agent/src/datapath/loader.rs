@@ -18,7 +18,7 @@ use palisade_common::{map_names, program_names};
 use super::{
     AttachMode, DatapathError, EBPF_OBJECT, EventReader, MapSet,
     attach::{LINKS_DIR, TcxLinkPins},
-    maps::MAP_SPECS,
+    maps::{MAP_SPECS, MapSizes, MapSpec},
     sys,
 };
 
@@ -111,15 +111,26 @@ impl std::fmt::Debug for Datapath {
 
 impl Datapath {
     /// Loads the eBPF object with its maps pinned under `cfg.pin_dir` (reusing maps already
-    /// pinned there), and loads both programs into the kernel.
+    /// pinned there), and loads both programs into the kernel. Maps have the sizes the
+    /// programs declare.
     pub fn load(cfg: &DatapathConfig) -> Result<Datapath, DatapathError> {
+        Self::load_with_sizes(cfg, &MapSizes::default())
+    }
+
+    /// [`Datapath::load`] with the maps created at `sizes`. Maps already pinned must have
+    /// these sizes (a pinned map cannot be resized in place).
+    pub fn load_with_sizes(cfg: &DatapathConfig, sizes: &MapSizes) -> Result<Datapath, DatapathError> {
         let pin_dir = &cfg.pin_dir;
         ensure_pin_dir(pin_dir)?;
-        check_pinned_maps(pin_dir)?;
+        check_pinned_maps(pin_dir, sizes)?;
         sys::raise_memlock_limit();
 
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        for (name, entries) in sizes.iter() {
+            loader.map_max_entries(name, entries);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load { pin_dir: pin_dir.clone(), source: Box::new(e) })?;
         for hook in Hook::BOTH {
@@ -291,9 +302,11 @@ fn ensure_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// Refuses maps pinned by a build whose layout differs: the programs would misread them.
-fn check_pinned_maps(pin_dir: &Path) -> Result<(), DatapathError> {
+/// Refuses maps pinned by a build whose layout differs (the programs would misread them),
+/// or pinned at another size than configured.
+fn check_pinned_maps(pin_dir: &Path, sizes: &MapSizes) -> Result<(), DatapathError> {
     for spec in &MAP_SPECS {
+        let spec = &MapSpec { max_entries: sizes.get(spec.name), ..*spec };
         let path = pin_dir.join(spec.name);
         if !path.exists() {
             continue;
@@ -305,6 +318,17 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<(), DatapathError> {
             expected: spec.to_string(),
         })?;
         let found_type = info.map_type().ok();
+        let same_layout = found_type == Some(spec.map_type)
+            && info.key_size() == spec.key_size
+            && info.value_size() == spec.value_size;
+        if same_layout && info.max_entries() != spec.max_entries {
+            return Err(DatapathError::PinnedMapSize {
+                map: spec.name,
+                path,
+                pinned: info.max_entries(),
+                configured: spec.max_entries,
+            });
+        }
         if found_type != Some(spec.map_type)
             || info.key_size() != spec.key_size
             || info.value_size() != spec.value_size

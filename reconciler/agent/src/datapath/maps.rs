@@ -1,12 +1,19 @@
-//! Typed handles on the datapath's maps ([`MapSet`]), counter totals, and the expected
-//! layout of every map, used to refuse pinned maps left by an incompatible version.
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapType, PerCpuArray, lpm_trie::Key};
+//! Typed handles on the datapath's maps ([`MapSet`]), counter totals, the expected
+//! layout of every map (used to refuse pinned maps left by an incompatible version), the
+//! configurable map sizes ([`MapSizes`]), and the map writer's bulk writes: batched where
+//! the kernel supports it for the map ([`WriteMode`]), one element at a time otherwise.
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use aya::Pod;
+use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapType, PerCpuArray, lpm_trie::Key};
 use palisade_common::{
     COUNTER_SLOTS, Counter, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IpcacheValue, Ipv4Prefix, Ipv6Prefix,
     PolicyKey, PolicyLengthsKey, PolicyValue, config, counter_index, map_names, map_sizes, policy_length_bit, reason,
 };
 
-use super::DatapathError;
+use super::{DatapathError, sys};
 
 /// The datapath's maps, typed. The map writer is their only writer.
 pub struct MapSet {
@@ -30,6 +37,140 @@ pub struct MapSet {
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub counters: PerCpuArray<MapData, Counter>,
     pub config: Array<MapData, u32>,
+    /// How [`MapSet::upsert`] and [`MapSet::delete`] reach the kernel.
+    write_mode: WriteMode,
+    /// Maps whose batch commands the kernel refused: written one element at a time.
+    no_batch: BTreeSet<&'static str>,
+}
+
+/// How bulk writes reach the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriteMode {
+    /// BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH, falling back to one element at a time
+    /// for maps (or kernels) that do not support them.
+    #[default]
+    Batched,
+    /// One BPF_MAP_UPDATE_ELEM / BPF_MAP_DELETE_ELEM per element.
+    PerEntry,
+}
+
+/// The maps the map writer writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WritableMap {
+    Endpoints,
+    IpcacheV4,
+    IpcacheV6,
+    IpcacheHostV4,
+    IpcacheHostV6,
+    Policy,
+    PolicyLengths,
+}
+
+impl WritableMap {
+    pub const ALL: [WritableMap; 7] = [
+        WritableMap::Endpoints,
+        WritableMap::IpcacheV4,
+        WritableMap::IpcacheV6,
+        WritableMap::IpcacheHostV4,
+        WritableMap::IpcacheHostV6,
+        WritableMap::Policy,
+        WritableMap::PolicyLengths,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            WritableMap::Endpoints => map_names::ENDPOINTS,
+            WritableMap::IpcacheV4 => map_names::IPCACHE_V4,
+            WritableMap::IpcacheV6 => map_names::IPCACHE_V6,
+            WritableMap::IpcacheHostV4 => map_names::IPCACHE_HOST_V4,
+            WritableMap::IpcacheHostV6 => map_names::IPCACHE_HOST_V6,
+            WritableMap::Policy => map_names::POLICY,
+            WritableMap::PolicyLengths => map_names::POLICY_LENGTHS,
+        }
+    }
+
+    fn spec(self) -> &'static MapSpec {
+        MAP_SPECS.iter().find(|s| s.name == self.name()).expect("every writable map has a spec")
+    }
+}
+
+/// Elements per batch call: bounds the buffers and the time the kernel spends per call.
+const BATCH: usize = 4096;
+
+/// Number of entries of every map whose size can be configured. Unlisted maps keep the
+/// size the programs declare ([`palisade_common::map_sizes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    sizes: BTreeMap<&'static str, u32>,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        let sizes = MAP_SPECS.iter().filter(|s| RESIZABLE.contains(&s.name)).map(|s| (s.name, s.max_entries)).collect();
+        MapSizes { sizes }
+    }
+}
+
+/// Maps whose size can be configured (hash maps, LPM tries, LRU hashes).
+pub const RESIZABLE: [&str; 9] = [
+    map_names::ENDPOINTS,
+    map_names::IPCACHE_V4,
+    map_names::IPCACHE_V6,
+    map_names::IPCACHE_HOST_V4,
+    map_names::IPCACHE_HOST_V6,
+    map_names::POLICY,
+    map_names::POLICY_LENGTHS,
+    map_names::CONNTRACK,
+    map_names::FRAGMENTS,
+];
+
+impl MapSizes {
+    /// The defaults with `overrides` applied: each `NAME=ENTRIES` (map name as in
+    /// [`RESIZABLE`], case-insensitive; entries 1..=2^24).
+    pub fn with_overrides<S: AsRef<str>>(overrides: &[S]) -> Result<MapSizes, String> {
+        let mut out = MapSizes::default();
+        for o in overrides {
+            let o = o.as_ref().trim();
+            if o.is_empty() {
+                continue;
+            }
+            let (name, n) = o.split_once('=').ok_or_else(|| {
+                format!("map size {o:?}: expected NAME=ENTRIES, e.g. POLICY=524288 (maps: {})", RESIZABLE.join(", "))
+            })?;
+            let name = name.trim().to_ascii_uppercase();
+            let key = RESIZABLE
+                .iter()
+                .find(|r| **r == name)
+                .ok_or_else(|| format!("map size {o:?}: no resizable map {name} (maps: {})", RESIZABLE.join(", ")))?;
+            let n: u32 = n.trim().parse().map_err(|_| format!("map size {o:?}: {:?} is not a number", n.trim()))?;
+            if !(1..=1 << 24).contains(&n) {
+                return Err(format!("map size {o:?}: entries must be between 1 and 16777216"));
+            }
+            out.sizes.insert(key, n);
+        }
+        Ok(out)
+    }
+
+    /// Entries of map `name` (its declared size when it is not resizable).
+    pub fn get(&self, name: &str) -> u32 {
+        self.sizes
+            .get(name)
+            .copied()
+            .or_else(|| MAP_SPECS.iter().find(|s| s.name == name).map(|s| s.max_entries))
+            .unwrap_or(0)
+    }
+
+    /// Sets the entries of a resizable map (ignored for other maps).
+    pub fn set(&mut self, name: &str, entries: u32) {
+        if let Some(k) = RESIZABLE.iter().find(|r| **r == name) {
+            self.sizes.insert(k, entries);
+        }
+    }
+
+    /// `(name, entries)` of every resizable map.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u32)> + '_ {
+        self.sizes.iter().map(|(k, v)| (*k, *v))
+    }
 }
 
 /// Counters summed over all CPUs, one per (reason, direction).
@@ -59,6 +200,177 @@ impl CounterTotals {
 }
 
 impl MapSet {
+    /// Opens the maps pinned under `pin_dir` (by a running or stopped agent), for tools and
+    /// tests that look at or tamper with what the agent wrote.
+    pub fn open_pinned(pin_dir: &Path) -> Result<MapSet, DatapathError> {
+        MapSet::from_maps(&mut |name| {
+            let data = MapData::from_pin(pin_dir.join(name)).ok()?;
+            let ty = data.info().ok()?.map_type().ok()?;
+            Some(match ty {
+                MapType::Hash => Map::HashMap(data),
+                MapType::LruHash => Map::LruHashMap(data),
+                MapType::LpmTrie => Map::LpmTrie(data),
+                MapType::PerCpuArray => Map::PerCpuArray(data),
+                MapType::Array => Map::Array(data),
+                _ => return None,
+            })
+        })
+    }
+
+    /// How bulk writes reach the kernel (batched by default).
+    pub fn set_write_mode(&mut self, mode: WriteMode) {
+        self.write_mode = mode;
+    }
+
+    /// Maps whose batch commands the kernel refused (written one element at a time).
+    pub fn unbatched_maps(&self) -> Vec<&'static str> {
+        self.no_batch.iter().copied().collect()
+    }
+
+    fn data(&self, map: WritableMap) -> &MapData {
+        match map {
+            WritableMap::Endpoints => self.endpoints.map(),
+            WritableMap::IpcacheV4 => self.ipcache_v4.map(),
+            WritableMap::IpcacheV6 => self.ipcache_v6.map(),
+            WritableMap::IpcacheHostV4 => self.ipcache_host_v4.map(),
+            WritableMap::IpcacheHostV6 => self.ipcache_host_v6.map(),
+            WritableMap::Policy => self.policy.map(),
+            WritableMap::PolicyLengths => self.policy_lengths.map(),
+        }
+    }
+
+    /// The kernel's `max_entries` of `map`.
+    pub fn max_entries(&self, map: WritableMap) -> Result<u32, DatapathError> {
+        let info = self.data(map).info().map_err(|e| DatapathError::map_access(map.name(), "read the size of", e))?;
+        Ok(info.max_entries())
+    }
+
+    /// Writes (adds or replaces) `entries` into `map`: in batches when the mode and the
+    /// kernel allow, else one at a time. `K` and `V` must be the map's key and value types
+    /// (for the LPM tries, `Key<prefix>`). On error, the entries before the failing one are
+    /// written.
+    pub fn upsert<K: Pod, V: Pod>(&mut self, map: WritableMap, entries: &[(K, V)]) -> Result<(), DatapathError> {
+        check_layout::<K>(map, size_of::<V>())?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let name = map.name();
+        let batched = self.write_mode == WriteMode::Batched && !self.no_batch.contains(name);
+        let fd = self.data(map).fd().as_fd();
+        let mut start = 0;
+        if batched {
+            while start < entries.len() {
+                let chunk = &entries[start..(start + BATCH).min(entries.len())];
+                let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+                let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+                match sys::map_update_batch(fd, bytes_of(&keys), bytes_of(&values), chunk.len(), 0) {
+                    Ok(()) => start += chunk.len(),
+                    Err(p) if p.done == 0 && start == 0 && sys::batch_unsupported(&p.error) => {
+                        tracing::debug!(map = name, error = %p.error, "no batch updates for this map; writing one entry at a time");
+                        self.no_batch.insert(name);
+                        break;
+                    }
+                    Err(p) => return Err(write_error(map, "update", start + p.done, entries.len(), p.error)),
+                }
+            }
+            if start == entries.len() {
+                return Ok(());
+            }
+        }
+        let fd = self.data(map).fd().as_fd();
+        for (i, (k, v)) in entries.iter().enumerate().skip(start) {
+            sys::map_update_elem(fd, bytes_of(std::slice::from_ref(k)), bytes_of(std::slice::from_ref(v)), 0)
+                .map_err(|e| write_error(map, "update", i, entries.len(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `keys` from `map` (keys already gone are fine): in batches when the mode and
+    /// the kernel allow, else one at a time.
+    pub fn delete<K: Pod>(&mut self, map: WritableMap, keys: &[K]) -> Result<(), DatapathError> {
+        check_layout::<K>(map, map.spec().value_size as usize)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let name = map.name();
+        let batched = self.write_mode == WriteMode::Batched && !self.no_batch.contains(name);
+        let fd = self.data(map).fd().as_fd();
+        let mut start = 0;
+        if batched {
+            while start < keys.len() {
+                let chunk = &keys[start..(start + BATCH).min(keys.len())];
+                match sys::map_delete_batch(fd, bytes_of(chunk), chunk.len()) {
+                    Ok(()) => start += chunk.len(),
+                    // A key that is not there: skip it and go on after it.
+                    Err(p) if p.error.raw_os_error() == Some(libc::ENOENT) => start += p.done + 1,
+                    Err(p) if p.done == 0 && start == 0 && sys::batch_unsupported(&p.error) => {
+                        tracing::debug!(map = name, error = %p.error, "no batch deletes for this map; deleting one entry at a time");
+                        self.no_batch.insert(name);
+                        break;
+                    }
+                    Err(p) => return Err(write_error(map, "delete", start + p.done, keys.len(), p.error)),
+                }
+            }
+            if start >= keys.len() {
+                return Ok(());
+            }
+        }
+        let fd = self.data(map).fd().as_fd();
+        for (i, k) in keys.iter().enumerate().skip(start) {
+            match sys::map_delete_elem(fd, bytes_of(std::slice::from_ref(k))) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(write_error(map, "delete", i, keys.len(), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every entry of hash map `map`, read in batches (BPF_MAP_LOOKUP_BATCH); `None` when
+    /// the kernel has no batch lookup for it (read it entry by entry then).
+    pub fn read_batched<K: Pod, V: Pod>(&self, map: WritableMap) -> Result<Option<Vec<(K, V)>>, DatapathError> {
+        check_layout::<K>(map, size_of::<V>())?;
+        if self.write_mode != WriteMode::Batched {
+            return Ok(None);
+        }
+        let fd = self.data(map).fd().as_fd();
+        let (ks, vs) = (size_of::<K>(), size_of::<V>());
+        let mut keys = vec![0u8; BATCH * ks];
+        let mut values = vec![0u8; BATCH * vs];
+        let mut token = None;
+        let mut out = Vec::new();
+        loop {
+            match sys::map_lookup_batch(fd, &mut token, &mut keys, &mut values, BATCH) {
+                Ok((n, done)) => {
+                    for i in 0..n {
+                        // SAFETY: the kernel wrote `n` keys and values of these sizes; `K` and
+                        // `V` are plain data, read unaligned from the byte buffers.
+                        let (k, v) = unsafe {
+                            (
+                                std::ptr::read_unaligned(keys.as_ptr().add(i * ks).cast::<K>()),
+                                std::ptr::read_unaligned(values.as_ptr().add(i * vs).cast::<V>()),
+                            )
+                        };
+                        out.push((k, v));
+                    }
+                    if done {
+                        return Ok(Some(out));
+                    }
+                }
+                Err(e) if out.is_empty() && token.is_none() && sys::batch_unsupported(&e) => return Ok(None),
+                Err(e) => {
+                    return Err(DatapathError::MapWrite {
+                        map: map.name(),
+                        op: "batch read",
+                        done: out.len(),
+                        total: 0,
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+
     /// Sums the per-CPU counters.
     pub fn sum_counters(&self) -> Result<CounterTotals, DatapathError> {
         let mut slots = vec![Counter::default(); COUNTER_SLOTS as usize];
@@ -169,8 +481,47 @@ impl MapSet {
             conntrack: conv(map_names::CONNTRACK, take(map_names::CONNTRACK))?,
             counters: conv(map_names::COUNTERS, take(map_names::COUNTERS))?,
             config: conv(map_names::CONFIG, take(map_names::CONFIG))?,
+            write_mode: WriteMode::default(),
+            no_batch: BTreeSet::new(),
         })
     }
+}
+
+fn check_layout<K>(map: WritableMap, value_size: usize) -> Result<(), DatapathError> {
+    let spec = map.spec();
+    if size_of::<K>() != spec.key_size as usize || value_size != spec.value_size as usize {
+        return Err(DatapathError::MapWrite {
+            map: map.name(),
+            op: "write",
+            done: 0,
+            total: 0,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "key/value of {} and {} bytes, the map has {} and {}",
+                    size_of::<K>(),
+                    value_size,
+                    spec.key_size,
+                    spec.value_size
+                ),
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn write_error(map: WritableMap, op: &'static str, done: usize, total: usize, source: std::io::Error) -> DatapathError {
+    if op == "update" && sys::map_full(&source) {
+        return DatapathError::MapFull { map: map.name(), done, total, source };
+    }
+    DatapathError::MapWrite { map: map.name(), op, done, total, source }
+}
+
+/// The bytes of a slice of plain-data values, as the kernel reads them.
+fn bytes_of<T: Pod>(v: &[T]) -> &[u8] {
+    // SAFETY: `T: Pod` is plain data (`#[repr(C)]`, explicit padding, no pointers), so its
+    // bytes may be read; the length covers exactly the slice.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 /// The layout a map must have for the programs of this build.

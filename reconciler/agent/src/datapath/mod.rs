@@ -14,7 +14,7 @@ pub use attach::{AttachMode, CLSACT_HANDLE, CLSACT_PRIORITY};
 pub use error::DatapathError;
 pub use events::{EventReader, MAX_BATCH};
 pub use loader::{Datapath, DatapathConfig, Hook, TestRunOutcome};
-pub use maps::{CounterTotals, MapSet};
+pub use maps::{CounterTotals, MapSet, MapSizes, RESIZABLE, WritableMap, WriteMode};
 
 /// The eBPF object built by build.rs, 8-byte aligned as aya requires.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade-ebpf.o"));

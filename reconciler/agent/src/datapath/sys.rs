@@ -1,11 +1,13 @@
 //! The few system calls aya does not expose: the interface and program of a pinned tcx link
 //! (to tell whether a link left by an earlier agent still belongs to an interface), the bpffs
-//! check, and the memlock limit.
+//! check, the memlock limit, and map writes by batch (`BPF_MAP_UPDATE_BATCH`,
+//! `BPF_MAP_DELETE_BATCH`, `BPF_MAP_LOOKUP_BATCH`, which aya 0.14 does not offer) with the single-element commands
+//! beside them for maps or kernels without batch support.
 use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
     path::Path,
@@ -16,6 +18,13 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+/// `ENOTSUPP` (kernel-internal, but returned to user space by some map types).
+const ENOTSUPP: i32 = 524;
 /// `BPF_LINK_TYPE_TCX` from linux/bpf.h.
 pub const BPF_LINK_TYPE_TCX: u32 = 11;
 
@@ -143,4 +152,159 @@ pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `bpf_attr` for the single-element map commands.
+#[repr(C, align(8))]
+struct ElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `bpf_attr` for the batch map commands.
+#[repr(C, align(8))]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// A map write that stopped: how many elements were done before `error`.
+#[derive(Debug)]
+pub struct PartialWrite {
+    pub done: usize,
+    pub error: io::Error,
+}
+
+/// Whether `e` says the map (or kernel) has no such command: try the single-element one.
+pub fn batch_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP | libc::ENOSYS))
+}
+
+/// Whether `e` says the map is full.
+pub fn map_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
+}
+
+/// Writes `count` elements: `keys` and `values` are `count` keys of `key_size` bytes and
+/// `count` values of `value_size` bytes, back to back. One BPF_MAP_UPDATE_BATCH call; on
+/// error the kernel has written the first `done` elements.
+pub fn map_update_batch(
+    fd: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+    flags: u64,
+) -> Result<(), PartialWrite> {
+    batch_call(BPF_MAP_UPDATE_BATCH, fd, keys, Some(values), count, flags)
+}
+
+/// Deletes `count` keys (back to back in `keys`) with one BPF_MAP_DELETE_BATCH call. The
+/// kernel stops at the first key that is missing (ENOENT) after deleting the `done` before
+/// it.
+pub fn map_delete_batch(fd: BorrowedFd<'_>, keys: &[u8], count: usize) -> Result<(), PartialWrite> {
+    batch_call(BPF_MAP_DELETE_BATCH, fd, keys, None, count, 0)
+}
+
+fn batch_call(
+    cmd: libc::c_long,
+    fd: BorrowedFd<'_>,
+    keys: &[u8],
+    values: Option<&[u8]>,
+    count: usize,
+    elem_flags: u64,
+) -> Result<(), PartialWrite> {
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.map_or(0, |v| v.as_ptr() as u64),
+        count: count as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags,
+        flags: 0,
+    };
+    // SAFETY: `attr` points at `count` keys (and values) the caller laid out for this map;
+    // the buffers outlive the call.
+    let r = unsafe { bpf(cmd, (&raw mut attr).cast(), size_of::<BatchAttr>()) };
+    if r < 0 {
+        let error = io::Error::last_os_error();
+        // The kernel reports in `count` how many elements it processed.
+        return Err(PartialWrite { done: (attr.count as usize).min(count), error });
+    }
+    Ok(())
+}
+
+/// Writes one element (BPF_MAP_UPDATE_ELEM).
+pub fn map_update_elem(fd: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags,
+    };
+    // SAFETY: `key` and `value` have the map's sizes and outlive the call.
+    let r = unsafe { bpf(BPF_MAP_UPDATE_ELEM, (&raw mut attr).cast(), size_of::<ElemAttr>()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Deletes one element (BPF_MAP_DELETE_ELEM).
+pub fn map_delete_elem(fd: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
+    let mut attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, pad: 0, key: key.as_ptr() as u64, value: 0, flags: 0 };
+    // SAFETY: `key` has the map's key size and outlives the call.
+    let r = unsafe { bpf(BPF_MAP_DELETE_ELEM, (&raw mut attr).cast(), size_of::<ElemAttr>()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads up to `count` elements with one BPF_MAP_LOOKUP_BATCH call into `keys` and `values`
+/// (room for `count` of each), continuing after `token` (`None`: from the start). Returns
+/// how many were read and whether the map is done; `token` is set for the next call.
+pub fn map_lookup_batch(
+    fd: BorrowedFd<'_>,
+    token: &mut Option<u64>,
+    keys: &mut [u8],
+    values: &mut [u8],
+    count: usize,
+) -> Result<(usize, bool), io::Error> {
+    let mut out: u64 = 0;
+    let mut in_batch: u64 = token.unwrap_or(0);
+    let mut attr = BatchAttr {
+        in_batch: if token.is_some() { (&raw mut in_batch) as u64 } else { 0 },
+        out_batch: (&raw mut out) as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: count as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `keys` and `values` have room for `count` elements of the map's sizes; the
+    // batch tokens are 8 bytes (the kernel uses at most that for the maps read here); all
+    // outlive the call.
+    let r = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, (&raw mut attr).cast(), size_of::<BatchAttr>()) };
+    let read = (attr.count as usize).min(count);
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            return Ok((read, true));
+        }
+        return Err(e);
+    }
+    *token = Some(out);
+    Ok((read, false))
 }
