@@ -196,6 +196,10 @@ fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
         );
         assert!(tally.wrong.is_empty(), "wrong verdicts: {:#?}", tally.wrong);
         assert!(tally.rounds >= RESTARTS, "too few probe rounds: {tally:?}");
+        for (i, ops) in change_ops.iter().enumerate() {
+            // v1 and v2 differ by one policy entry: a restarted agent writes at most that.
+            assert!(ops.iter().sum::<u64>() <= 1, "restart in a change #{i} wrote more than the difference: {ops:?}");
+        }
         for (i, ops) in no_change_ops.iter().enumerate() {
             assert!(!ops.is_empty(), "restart without a change #{i}: no apply logged");
             assert!(
