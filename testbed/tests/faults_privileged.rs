@@ -165,7 +165,7 @@ fn each_actor_panics_once_and_enforcement_stays_right_privileged() {
 
 #[test]
 fn vanished_interfaces_are_cleaned_up_and_identities_released_privileged() {
-    let Some((plan, names, opts)) = setup("fv", &["--interface-check-ms", "200"]) else { return };
+    let Some((plan, names, opts)) = setup("fv", &["--interface-check-ms", "3600000"]) else { return };
     runtime().block_on(async {
         let mut session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");
         let client = session.client().unwrap().clone();
@@ -208,7 +208,9 @@ fn vanished_interfaces_are_cleaned_up_and_identities_released_privileged() {
         assert!(gone, "the victim's veth went with its namespace");
         session.start_agent_again().await.expect("the agent restarts");
         assert_eq!(client.endpoints().await.unwrap().len(), 3, "the victim was dropped on restore");
-        // The twin dies while the agent runs: the periodic check notices.
+        // The twin dies while the agent runs: netlink reports the link removal (the periodic
+        // check is hourly here, so only the notification can be in time).
+        let removed_at = Instant::now();
         delete_ns(1);
         let deadline = Instant::now() + Duration::from_secs(15);
         let left = loop {
@@ -218,6 +220,7 @@ fn vanished_interfaces_are_cleaned_up_and_identities_released_privileged() {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        eprintln!("a vanished pod's endpoint was removed {:?} after its namespace was deleted", removed_at.elapsed());
         let mut left_names: Vec<String> = left.iter().map(|e| e.name.clone()).collect();
         left_names.sort();
         assert_eq!(left_names, vec!["client", "server"], "vanished endpoints are removed");

@@ -114,6 +114,8 @@ fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
 
         let mut current_v2 = false;
         let mut no_change_ops = Vec::new();
+        let mut restart_times = Vec::new();
+        let mut change_ops = Vec::new();
         for i in 0..RESTARTS {
             let how = if i % 2 == 0 { StopHow::Term } else { StopHow::Kill };
             let mid_change = i % 3 == 1;
@@ -122,10 +124,17 @@ fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
                 current_v2 = !current_v2;
                 session.dirs().write_policy(&policy.file_name, if current_v2 { &v2 } else { &v1 }).unwrap();
             }
+            let t0 = Instant::now();
             let exit = session.restart_agent(how).await.unwrap_or_else(|e| panic!("restart {i} ({how:?}): {e}"));
-            eprintln!("restart {i}: {how:?} (exit {exit}), policy change: {mid_change}");
-            if !mid_change {
-                no_change_ops.push(operations_since_start(session.agent_log().unwrap()));
+            let took = t0.elapsed();
+            restart_times.push(took);
+            eprintln!("restart {i}: {how:?} (exit {exit}), policy change: {mid_change}, {took:?} until applied");
+            let ops = operations_since_start(session.agent_log().unwrap());
+            if mid_change {
+                // Only the policy entries that changed (port 82 added or removed).
+                change_ops.push(ops);
+            } else {
+                no_change_ops.push(ops);
             }
             // Endpoints restored, not registered again: same ids and identities.
             let mut now: Vec<_> = session.client().unwrap().endpoints().await.unwrap().iter().map(key).collect();
@@ -145,8 +154,18 @@ fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
             tally.denied_ok,
             tally.wrong.len()
         );
+        restart_times.sort();
+        eprintln!(
+            "map operations of restarts in the middle of a change: {change_ops:?}; stop to first apply of the new agent: median {:?}, max {:?}",
+            restart_times[restart_times.len() / 2],
+            restart_times[restart_times.len() - 1]
+        );
         assert!(tally.wrong.is_empty(), "wrong verdicts: {:#?}", tally.wrong);
         assert!(tally.rounds >= RESTARTS, "too few probe rounds: {tally:?}");
+        for (i, ops) in change_ops.iter().enumerate() {
+            // v1 and v2 differ by one policy entry: a restarted agent writes at most that.
+            assert!(ops.iter().sum::<u64>() <= 1, "restart in a change #{i} wrote more than the difference: {ops:?}");
+        }
         for (i, ops) in no_change_ops.iter().enumerate() {
             assert!(!ops.is_empty(), "restart without a change #{i}: no apply logged");
             assert!(

@@ -5,9 +5,9 @@
 //! restored when the agent starts, so endpoints survive restarts; entries whose interface
 //! is gone by then are dropped. While running, the tracker checks every
 //! [`crate::actors::AgentConfig::interface_check_interval`] that each endpoint's interface
-//! still exists with the same index: one that disappeared (a pod deleted abruptly, its
-//! network namespace gone) is removed like a DELETE would, which releases its identity
-//! reference and removes its map entries.
+//! still exists with the same index, and at once when netlink reports a link removed: one
+//! that disappeared (a pod deleted abruptly, its network namespace gone) is removed like a
+//! DELETE would, which releases its identity reference and removes its map entries.
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,8 @@ pub struct EndpointTracker {
     resolver: Addr<Resolver>,
     state: Option<StateDir>,
     interface_check: Duration,
+    /// The netlink listener runs (started once; it outlives actor restarts).
+    netlink: bool,
 }
 
 impl EndpointTracker {
@@ -58,6 +60,7 @@ impl EndpointTracker {
             resolver,
             state,
             interface_check,
+            netlink: false,
         };
         t.load(registry);
         t
@@ -251,12 +254,89 @@ impl EndpointTracker {
 impl Actor for EndpointTracker {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(self.interface_check, |act, _| {
-            if !act.drop_vanished().is_empty() {
-                act.resolver
-                    .do_send(EndpointsChanged { endpoints: Arc::new(act.endpoints.values().cloned().collect()) });
+        ctx.run_interval(self.interface_check, |_, ctx| ctx.notify(CheckInterfaces));
+        if !self.netlink {
+            self.netlink = true;
+            watch_link_removals(ctx.address());
+        }
+    }
+}
+
+/// Checks now that every endpoint's interface still exists (removes those that vanished).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CheckInterfaces;
+
+impl Handler<CheckInterfaces> for EndpointTracker {
+    type Result = ();
+    fn handle(&mut self, _: CheckInterfaces, _: &mut Context<Self>) {
+        if !self.drop_vanished().is_empty() {
+            self.resolver.do_send(EndpointsChanged { endpoints: Arc::new(self.endpoints.values().cloned().collect()) });
+        }
+    }
+}
+
+/// Listens for link removals (netlink, RTMGRP_LINK) on a thread of its own and asks the
+/// tracker to check its interfaces on each. Without netlink the periodic check remains.
+fn watch_link_removals(tracker: Addr<EndpointTracker>) {
+    use std::os::fd::AsRawFd;
+
+    use nix::errno::Errno;
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, socket,
+    };
+    const RTMGRP_LINK: u32 = 1;
+    const RTM_DELLINK: u16 = 17;
+    const HEADER: usize = 16;
+    let sock = match socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no netlink socket; vanished interfaces are found by the periodic check only");
+            return;
+        }
+    };
+    if let Err(e) = bind(sock.as_raw_fd(), &NetlinkAddr::new(0, RTMGRP_LINK)) {
+        tracing::warn!(error = %e, "cannot listen for link changes; vanished interfaces are found by the periodic check only");
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("link-watch".into()).spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(n) => n,
+                // Messages were lost: check anyway.
+                Err(Errno::ENOBUFS) => {
+                    tracker.do_send(CheckInterfaces);
+                    continue;
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "netlink listener stopped; the periodic check remains");
+                    return;
+                }
+            };
+            // Each message starts with a struct nlmsghdr (u32 length, u16 type, u16 flags,
+            // u32 seq, u32 pid); messages are 4-byte aligned.
+            let mut off = 0;
+            let mut removed = false;
+            while off + HEADER <= n {
+                let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
+                removed |= u16::from_ne_bytes([buf[off + 4], buf[off + 5]]) == RTM_DELLINK;
+                if len < HEADER {
+                    break;
+                }
+                off += (len + 3) & !3;
             }
-        });
+            if removed {
+                if !tracker.connected() {
+                    return;
+                }
+                tracker.do_send(CheckInterfaces);
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the netlink listener; the periodic check remains");
     }
 }
 

@@ -10,6 +10,10 @@
 //!
 //! Each actor owns its state; the logic they run lives in plain modules (palisade-policy,
 //! [`crate::mapstate`], [`crate::monitor`]) that tests drive without actix or a kernel.
+//!
+//! Every actor runs under [`supervise::start_supervised`]: a panic restarts it in place,
+//! and [`Agent::resync`] makes every source hand in its state again while the resolver
+//! holds the map writer back (the same gate a starting agent goes through).
 pub mod endpoints;
 pub mod identity;
 pub mod map_writer;
@@ -45,8 +49,8 @@ pub struct AgentConfig {
     pub policy_rescan_interval: Duration,
     /// How often endpoints are checked for vanished interfaces.
     pub interface_check_interval: Duration,
-    /// Another source (Kubernetes) must sync before anything is applied: it calls
-    /// [`Agent::resync`] itself once it has listed everything.
+    /// Another source (Kubernetes) must sync before anything is applied: it marks itself
+    /// listed and calls [`Agent::resync_local`] once it has listed everything.
     pub external_sources: bool,
     /// Enables `POST /v1/debug/panic/{actor}` (tests only).
     pub fault_injection: bool,
