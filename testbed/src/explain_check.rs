@@ -8,11 +8,20 @@ use palisade_agent::api::types::{ExplainRequest, Explanation};
 use crate::report::Observed;
 use crate::scenario::{HostRef, IpFamily, Plan, PlanProbe};
 
-/// How explain names a probe end: a pod by `namespace/name`, any other host by its address
+/// How explain names a probe end: a pod by its address of the probe's family (a pod's
+/// addresses may have different identities: an address inside a NetworkPolicy ipBlock has
+/// one of its own), or by `namespace/name` when it has none; any other host by its address
 /// of the probe's family.
 pub fn party(plan: &Plan, end: &HostRef, family: IpFamily) -> Option<String> {
     match end {
-        HostRef::Pod(i) => Some(plan.pod(*i).key()),
+        HostRef::Pod(i) => {
+            let pod = plan.pod(*i);
+            let ip = match family {
+                IpFamily::IPv4 => pod.ipv4.map(IpAddr::V4),
+                IpFamily::IPv6 => pod.ipv6.map(IpAddr::V6),
+            };
+            Some(ip.map_or_else(|| pod.key(), |ip| ip.to_string()))
+        }
         HostRef::World(ip) => Some(ip.to_string()),
         HostRef::Entity(e) => {
             let (v4, v6) = e.addresses();

@@ -195,8 +195,15 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
     };
     // A local pod's address may have an identity of its own (an address identity, for a
     // pod address inside a NetworkPolicy ipBlock): the datapath sees the ipcache's.
+    // (From the state being explained: a fresh resolution numbers them itself.)
     let peer_identity = |p: &Party| match p {
-        Party::Local { ip: Some(ip), .. } => ipcache_identity(inp.ipcache, *ip),
+        Party::Local { ip: Some(ip), .. } => {
+            let host = (*ip, if ip.is_ipv4() { 32 } else { 128 });
+            match desired.address_ipcache.get(&host) {
+                Some(id) => *id,
+                None => ipcache_identity(inp.ipcache, *ip),
+            }
+        }
         other => other.identity(),
     };
     let (from_identity, to_identity) = (peer_identity(&from), peer_identity(&to));

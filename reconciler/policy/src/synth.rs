@@ -183,8 +183,8 @@ fn ports(rng: &mut Rng) -> Value {
 
 /// An endpoint selector for peers: an app in the policy's namespace, or pods of some
 /// teams' namespaces (matchExpressions), or a tier with a version (NotIn).
-fn peer_selector(shape: &Shape, rng: &mut Rng) -> Value {
-    match rng.below(10) {
+fn peer_selector(shape: &Shape, rng: &mut Rng, r: usize, salt: u64) -> Value {
+    match pick(r, salt, 10) {
         0..=5 => json!({"matchLabels": {"app": app(shape, rng)}}),
         6 | 7 => json!({
             "matchLabels": {"app": app(shape, rng)},
@@ -207,29 +207,44 @@ fn peer_selector(shape: &Shape, rng: &mut Rng) -> Value {
     }
 }
 
+/// A category of rule `r` in `0..n`, fixed by `r` and `salt` (splitmix64 of both, so
+/// categories with different salts are independent).
+fn pick(r: usize, salt: u64, n: u64) -> u64 {
+    let mut x = (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (x ^ (x >> 31)) % n
+}
+
 /// One policy manifest with one rule.
 fn policy_doc(shape: &Shape, rng: &mut Rng, r: usize) -> Value {
     let n = r % shape.namespaces;
     let ns = format!("ns-{n}");
     let name = format!("p{r}");
-    if rng.chance(15) {
-        return network_policy(shape, rng, &ns, &name);
+    // The kind of each rule is fixed by its number (not by the random stream, so the mix
+    // stays the same whatever else is drawn): 15% NetworkPolicy, 3% CCNP, the rest CNP.
+    let kind = pick(r, 0, 100);
+    if kind < 15 {
+        return network_policy(shape, rng, r, &ns, &name);
     }
-    let subject = match rng.below(10) {
+    if kind < 18 {
+        return clusterwide(rng, r, &name);
+    }
+    let subject = match pick(r, 1, 10) {
         0..=6 => json!({"matchLabels": {"app": app(shape, rng)}}),
         7 | 8 => json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": [TIERS[rng.below(4)]]}]}),
         _ => json!({}),
     };
     let mut spec = serde_json::Map::new();
     spec.insert("endpointSelector".into(), subject);
-    let direction = if rng.chance(60) { "ingress" } else { "egress" };
+    let direction = if pick(r, 2, 5) < 3 { "ingress" } else { "egress" };
     let (ep_key, cidr_key, cidrset_key, entity_key, req_key) = if direction == "ingress" {
         ("fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities", "fromRequires")
     } else {
         ("toEndpoints", "toCIDR", "toCIDRSet", "toEntities", "toRequires")
     };
     let mut peer = serde_json::Map::new();
-    match rng.below(20) {
+    match pick(r, 3, 20) {
         0 | 1 => {
             peer.insert(cidr_key.into(), json!([format!("192.0.{}.0/24", rng.below(64)), "198.51.100.0/24"]));
         }
@@ -244,17 +259,17 @@ fn policy_doc(shape: &Shape, rng: &mut Rng, r: usize) -> Value {
             let entity = ["world", "host", "kube-apiserver", "remote-node", "world-ipv4", "health"][rng.below(6)];
             peer.insert(entity_key.into(), json!([entity]));
         }
-        5 if rng.chance(20) => {
+        5 if pick(r, 4, 5) == 0 => {
             peer.insert(entity_key.into(), json!(["cluster"]));
         }
         6 => {
-            peer.insert(ep_key.into(), json!([peer_selector(shape, rng)]));
+            peer.insert(ep_key.into(), json!([peer_selector(shape, rng, r, 10)]));
             peer.insert(req_key.into(), json!([{"matchLabels": {"tier": TIERS[rng.below(4)]}}]));
         }
         _ => {
-            let mut sels = vec![peer_selector(shape, rng)];
-            if rng.chance(30) {
-                sels.push(peer_selector(shape, rng));
+            let mut sels = vec![peer_selector(shape, rng, r, 11)];
+            if pick(r, 12, 10) < 3 {
+                sels.push(peer_selector(shape, rng, r, 13));
             }
             peer.insert(ep_key.into(), json!(sels));
         }
@@ -262,7 +277,7 @@ fn policy_doc(shape: &Shape, rng: &mut Rng, r: usize) -> Value {
     if !peer.contains_key(req_key) && rng.chance(75) {
         peer.insert("toPorts".into(), ports(rng));
     }
-    let deny = rng.chance(5);
+    let deny = pick(r, 5, 20) == 0;
     let key = match (direction, deny) {
         ("ingress", false) => "ingress",
         ("ingress", true) => "ingressDeny",
@@ -271,7 +286,7 @@ fn policy_doc(shape: &Shape, rng: &mut Rng, r: usize) -> Value {
     };
     if deny {
         peer.remove(req_key);
-        if rng.chance(40) {
+        if pick(r, 6, 5) < 2 {
             // A deny for every peer on some ports: allows of every identity there go.
             peer.clear();
             peer.insert(entity_key.into(), json!(["all"]));
@@ -279,15 +294,6 @@ fn policy_doc(shape: &Shape, rng: &mut Rng, r: usize) -> Value {
         }
     }
     spec.insert(key.into(), json!([Value::Object(peer)]));
-    if rng.chance(3) {
-        let rule = json!({
-            "apiVersion": "cilium.io/v2",
-            "kind": "CiliumClusterwideNetworkPolicy",
-            "metadata": {"name": format!("cc-{name}")},
-            "spec": Value::Object(spec),
-        });
-        return rule;
-    }
     json!({
         "apiVersion": "cilium.io/v2",
         "kind": "CiliumNetworkPolicy",
@@ -296,9 +302,49 @@ fn policy_doc(shape: &Shape, rng: &mut Rng, r: usize) -> Value {
     })
 }
 
-fn network_policy(shape: &Shape, rng: &mut Rng, ns: &str, name: &str) -> Value {
+/// A cluster-wide policy as platforms write them: about every pod or a tier, with peers
+/// in a platform namespace (`ns-0` plays kube-system, `ns-1` monitoring), entities or
+/// CIDRs.
+fn clusterwide(rng: &mut Rng, r: usize, name: &str) -> Value {
+    let spec = match pick(r, 7, 5) {
+        0 => json!({
+            "endpointSelector": {},
+            "egress": [{
+                "toEndpoints": [{"matchLabels": {"k8s:io.kubernetes.pod.namespace": "ns-0", "app": "app-0"}}],
+                "toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}, {"port": "53", "protocol": "TCP"}]}],
+            }],
+        }),
+        1 => json!({
+            "endpointSelector": {},
+            "ingress": [{
+                "fromEndpoints": [{"matchLabels": {"k8s:io.kubernetes.pod.namespace": "ns-1", "app": "app-1"}}],
+                "toPorts": [{"ports": [{"port": "metrics", "protocol": "TCP"}]}],
+            }],
+        }),
+        2 => json!({
+            "endpointSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["db"]}]},
+            "egressDeny": [{"toCIDR": ["169.254.169.254/32"]}],
+        }),
+        3 => json!({
+            "endpointSelector": {"matchLabels": {"tier": "web"}},
+            "ingress": [{"fromEntities": ["world"], "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]}],
+        }),
+        _ => json!({
+            "endpointSelector": {},
+            "ingressDeny": [{"fromEntities": ["all"], "toPorts": [{"ports": [{"port": format!("{}", 2200 + rng.below(4)), "protocol": "TCP"}]}]}],
+        }),
+    };
+    json!({
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumClusterwideNetworkPolicy",
+        "metadata": {"name": format!("cc-{name}")},
+        "spec": spec,
+    })
+}
+
+fn network_policy(shape: &Shape, rng: &mut Rng, r: usize, ns: &str, name: &str) -> Value {
     let subject = json!({"matchLabels": {"app": app(shape, rng)}});
-    let peer = match rng.below(6) {
+    let peer = match pick(r, 8, 6) {
         0 => json!({"podSelector": {"matchLabels": {"app": app(shape, rng)}}}),
         1 | 2 => json!({
             "namespaceSelector": {"matchLabels": {"team": format!("t{}", rng.below(TEAMS))}},
@@ -313,7 +359,7 @@ fn network_policy(shape: &Shape, rng: &mut Rng, ns: &str, name: &str) -> Value {
         _ => json!({"ipBlock": {"cidr": format!("203.0.{}.0/24", rng.below(64))}}),
     };
     let ports = json!([{"port": 80 + 10 * rng.below(20), "protocol": "TCP"}]);
-    if rng.chance(60) {
+    if pick(r, 9, 5) < 3 {
         json!({
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",

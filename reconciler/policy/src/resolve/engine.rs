@@ -424,15 +424,37 @@ impl PolicyResolver {
         }
         // Address identities of the addresses that changed or whose pod identity did.
         let changed_set: BTreeSet<u32> = changed.iter().copied().collect();
-        let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
-        for (addr, id) in &old_addresses {
-            if self.addresses.get(addr) != Some(id) || changed_set.contains(id) {
-                touched.insert(*addr);
-            }
-        }
-        for (addr, id) in &self.addresses {
-            if old_addresses.get(addr) != Some(id) || changed_set.contains(id) {
-                touched.insert(*addr);
+        let mut touched: Vec<IpAddr> = Vec::new();
+        // One merge walk over both (sorted) maps.
+        let (mut old, mut new) = (old_addresses.iter().peekable(), self.addresses.iter().peekable());
+        loop {
+            match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some((a, _)), None) => {
+                    touched.push(**a);
+                    old.next();
+                }
+                (None, Some((b, _))) => {
+                    touched.push(**b);
+                    new.next();
+                }
+                (Some((a, ia)), Some((b, ib))) => match a.cmp(b) {
+                    std::cmp::Ordering::Less => {
+                        touched.push(**a);
+                        old.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        touched.push(**b);
+                        new.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if ia != ib || changed_set.contains(ib) || changed_set.contains(ia) {
+                            touched.push(**a);
+                        }
+                        old.next();
+                        new.next();
+                    }
+                },
             }
         }
         let (gone, new) = self.sync_addresses(touched);
