@@ -58,6 +58,8 @@ struct Report {
     endpoints: usize,
     identities: usize,
     total_entries: usize,
+    median_entries_per_endpoint: usize,
+    max_entries_per_endpoint: usize,
     address_identities: usize,
     samples: Vec<Sample>,
 }
@@ -176,8 +178,26 @@ fn main() {
     let total_entries: usize = base.state().endpoints.values().map(|e| e.entries.len()).sum();
     let address_identities = base.state().address_identities.len();
 
+    let mut sizes: Vec<usize> = base.state().endpoints.values().map(|e| e.entries.len()).collect();
+    sizes.sort_unstable();
+    let (median_entries, max_entries) = (sizes[sizes.len() / 2], sizes[sizes.len() - 1]);
+
     // Identity changes. Each run starts from the fully resolved state.
     for run in 0..a.runs {
+        // The fixed cost of an update: nothing changed (the address maps are still
+        // compared and copied).
+        let mut r = base.clone();
+        let (ch, wall_ms, cpu_ms) = timed(|| r.update_identities(ids.clone(), &[], c.addresses.clone()));
+        assert_eq!((ch.entries, ch.endpoints), (0, 0));
+        samples.push(Sample {
+            case: "no_change".into(),
+            run,
+            wall_ms,
+            cpu_ms,
+            identities: 0,
+            endpoints: 0,
+            entries: 0,
+        });
         for case in ["identity_add", "identity_add_in_ip_block", "identity_remove"] {
             let mut r = base.clone();
             let mut alloc = ids.clone();
@@ -218,6 +238,8 @@ fn main() {
         endpoints: shape.endpoints,
         identities: ids.iter().count(),
         total_entries,
+        median_entries_per_endpoint: median_entries,
+        max_entries_per_endpoint: max_entries,
         address_identities,
         samples,
     };
@@ -225,7 +247,9 @@ fn main() {
         std::fs::create_dir_all(dir).expect("JSON directory");
     }
     std::fs::write(&a.json, serde_json::to_string_pretty(&report).expect("JSON")).expect("write JSON");
-    println!("entries in total: {total_entries}; address identities: {address_identities}");
+    println!(
+        "entries in total: {total_entries} (per endpoint: median {median_entries}, max {max_entries}); address identities: {address_identities}"
+    );
     println!("samples written to {}", a.json.display());
 }
 
@@ -278,7 +302,7 @@ fn print_table(samples: &[Sample]) {
         "| case | runs | wall ms (median) | CPU ms (median) | identities | endpoints affected | entries changed | CPU µs per affected endpoint |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for case in ["full", "identity_add", "identity_add_in_ip_block", "identity_remove"] {
+    for case in ["full", "no_change", "identity_add", "identity_add_in_ip_block", "identity_remove"] {
         let s: Vec<&Sample> = samples.iter().filter(|s| s.case == case).collect();
         if s.is_empty() {
             continue;
@@ -289,7 +313,7 @@ fn print_table(samples: &[Sample]) {
         let entries = median(s.iter().map(|x| x.entries as f64).collect());
         let ids = median(s.iter().map(|x| x.identities as f64).collect());
         let per_ep = median(s.iter().map(|x| x.cpu_ms * 1e3 / x.endpoints.max(1) as f64).collect());
-        let per = if case == "full" { "-".to_string() } else { format!("{per_ep:.1}") };
+        let per = if matches!(case, "full" | "no_change") { "-".to_string() } else { format!("{per_ep:.1}") };
         println!("| `{case}` | {} | {wall:.2} | {cpu:.2} | {ids:.0} | {eps:.0} | {entries:.0} | {per} |", s.len());
     }
 }

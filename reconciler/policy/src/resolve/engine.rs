@@ -36,8 +36,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{
-    DesiredState, EndpointPolicy, EndpointView, EntryKey, EntryValue, RuleOrigin, covered_by_deny, endpoint_selectable,
-    l4_blocks,
+    DesiredState, EndpointPolicy, EndpointView, EntryKey, EntryValue, RuleOrigin, endpoint_selectable, l4_blocks,
 };
 use crate::cidr::{CidrBlock, CidrIdentities, IPBLOCK_SOURCE, Prefix};
 use crate::identity::{self, IdentityAllocator};
@@ -74,10 +73,19 @@ pub struct Changes {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Member {
     labels: LabelSet,
+    /// Whether some label has the `k8s` source (a pod's identity): computed once.
+    k8s: bool,
     /// CIDR identities: the prefix.
     cidr: Option<Prefix>,
     /// Address identities: the pod identity they stand for.
     base: Option<u32>,
+}
+
+impl Member {
+    fn new(labels: LabelSet, cidr: Option<Prefix>, base: Option<u32>) -> Member {
+        let k8s = labels.has_source(source::K8S);
+        Member { labels, k8s, cidr, base }
+    }
 }
 
 /// A peer with the requires in force: what a selection selects.
@@ -410,7 +418,7 @@ impl PolicyResolver {
         let mut removed: BTreeSet<u32> = BTreeSet::new();
         let mut added: BTreeMap<u32, Member> = BTreeMap::new();
         for &id in changed {
-            let now = self.identities.get(id).map(|l| Member { labels: l.clone(), cidr: None, base: None });
+            let now = self.identities.get(id).map(|l| Member::new(l.clone(), None, None));
             let before = self.universe.get(&id);
             if before == now.as_ref() {
                 continue;
@@ -547,7 +555,7 @@ impl PolicyResolver {
                 self.state.address_ipcache.insert(host, id);
                 if fresh {
                     self.state.address_identities.insert(id, labels.clone());
-                    new.push((id, Member { labels, cidr: None, base: Some(self.addresses[&addr]) }));
+                    new.push((id, Member::new(labels, None, Some(self.addresses[&addr]))));
                 }
             }
         }
@@ -647,11 +655,11 @@ impl PolicyResolver {
         self.special.clear();
         let pods: Vec<(u32, LabelSet)> = self.identities.iter().map(|(id, l, _)| (id, l.clone())).collect();
         for (id, labels) in pods {
-            self.add_member(id, Member { labels, cidr: None, base: None });
+            self.add_member(id, Member::new(labels, None, None));
         }
         let cidrs: Vec<(Prefix, u32)> = self.cidrs.iter().map(|(p, id)| (*p, id)).collect();
         for (prefix, id) in cidrs {
-            self.add_member(id, Member { labels: crate::cidr::cidr_labels(&prefix), cidr: Some(prefix), base: None });
+            self.add_member(id, Member::new(crate::cidr::cidr_labels(&prefix), Some(prefix), None));
         }
         let mut all: BTreeSet<IpAddr> = self.addresses.keys().copied().collect();
         all.extend(self.address_of.keys().copied());
@@ -663,9 +671,7 @@ impl PolicyResolver {
             .map(|(addr, id)| (*id, self.addresses[addr]))
             .collect::<BTreeMap<u32, u32>>()
             .into_iter()
-            .map(|(id, base)| {
-                (id, Member { labels: self.address_ids.labels[&id].clone(), cidr: None, base: Some(base) })
-            })
+            .map(|(id, base)| (id, Member::new(self.address_ids.labels[&id].clone(), None, Some(base))))
             .collect();
         for (id, m) in kept {
             self.add_member(id, m);
@@ -844,8 +850,27 @@ impl PolicyResolver {
     /// Turns sorted raw entries into entries: denies, and the allows no deny covers
     /// (`extra_denies`: denies for any peer from outside `raw`).
     fn finish(&mut self, raw: &[Raw], extra_denies: &BTreeMap<EntryKey, ()>) -> Vec<(EntryKey, EntryValue)> {
-        let mut denies: BTreeMap<EntryKey, ()> = extra_denies.clone();
-        denies.extend(raw.iter().filter(|r| r.deny()).map(|r| (r.key(), ())));
+        // An allow is covered by a deny of its own identity or of any identity whose L4
+        // part holds the allow's (the datapath takes the longest match per identity, and
+        // the exact identity first). Denies for any peer are few: a list; the others are
+        // sorted, and an allow looks at those of its identity only.
+        let (any, mut specific): (Vec<EntryKey>, Vec<EntryKey>) = extra_denies
+            .keys()
+            .copied()
+            .chain(raw.iter().filter(|r| r.deny()).map(|r| r.key()))
+            .partition(|d| d.identity == identity::ANY);
+        specific.sort_unstable();
+        let covered = |key: &EntryKey| {
+            if any.iter().any(|d| d.direction == key.direction && key.l4_within(d)) {
+                return true;
+            }
+            let from = specific.partition_point(|d| (d.direction, d.identity) < (key.direction, key.identity));
+            specific[from..]
+                .iter()
+                .take_while(|d| (d.direction, d.identity) == (key.direction, key.identity))
+                .any(|d| key.l4_within(d))
+        };
+        let no_denies = any.is_empty() && specific.is_empty();
         let mut out = Vec::new();
         let mut i = 0;
         while i < raw.len() {
@@ -860,7 +885,7 @@ impl PolicyResolver {
             let first_deny = group.iter().position(|e| e.deny());
             if let Some(d) = first_deny {
                 out.push((key, EntryValue { deny: true, origins: self.origin_set(&group[d..]) }));
-            } else if denies.is_empty() || !covered_by_deny(&key, &denies) {
+            } else if no_denies || !covered(&key) {
                 out.push((key, EntryValue { deny: false, origins: self.origin_set(group) }));
             }
             i = j;
@@ -996,7 +1021,7 @@ impl Raw {
 fn selects(peers: &[Peer], requires: &[EndpointSelector], key: &SelKey, id: u32, m: &Member) -> bool {
     match &peers[key.peer as usize] {
         Peer::Endpoints(sel) => {
-            endpoint_selectable(sel, &m.labels)
+            (m.k8s || endpoint_selectable(sel, &m.labels))
                 && sel.matches(&m.labels)
                 && key.requires.iter().all(|r| requires[*r as usize].matches(&m.labels))
         }
@@ -1016,7 +1041,7 @@ fn entity_selects(entity: Entity, m: &Member) -> bool {
     match entity {
         Entity::All | Entity::None => false,
         Entity::Cluster => {
-            m.labels.has_source(source::K8S)
+            m.k8s
                 || [
                     Entity::Host,
                     Entity::RemoteNode,

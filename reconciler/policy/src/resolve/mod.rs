@@ -278,16 +278,6 @@ pub fn allow_localhost(policy: &mut EndpointPolicy) {
     }
 }
 
-/// Whether a deny entry for the same identity or for any identity covers `key`.
-fn covered_by_deny<V>(key: &EntryKey, deny: &BTreeMap<EntryKey, V>) -> bool {
-    let covers = |id: u32| {
-        let lo = EntryKey { direction: key.direction, identity: id, protocol: 0, port: 0, port_prefix_len: 0 };
-        let hi = EntryKey { protocol: u8::MAX, port: u16::MAX, port_prefix_len: u8::MAX, ..lo };
-        deny.range(lo..=hi).any(|(d, _)| key.l4_within(d))
-    };
-    covers(key.identity) || (key.identity != identity::ANY && covers(identity::ANY))
-}
-
 /// Endpoint selectors select identities of pods (those with `k8s:` labels); reserved
 /// and CIDR identities only when the selector names a label of their source
 /// (`reserved:host`), so `{}` never means "the world".
