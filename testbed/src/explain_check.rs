@@ -8,23 +8,19 @@ use palisade_agent::api::types::{ExplainRequest, Explanation};
 use crate::report::Observed;
 use crate::scenario::{HostRef, IpFamily, Plan, PlanProbe};
 
-/// How explain names a probe end: a pod by `namespace/name`, any other host by its address
+/// How explain names a probe end: a pod by its address of the probe's family (a pod's
+/// addresses may have different identities: an address inside a NetworkPolicy ipBlock has
+/// one of its own), or by `namespace/name` when it has none; any other host by its address
 /// of the probe's family.
 pub fn party(plan: &Plan, end: &HostRef, family: IpFamily) -> Option<String> {
-    party_known(plan, end, family, &|_| true)
-}
-
-/// As [`party`], but a pod the agent does not know (`known` says no: deleted from the API
-/// while its namespace still sends) by its address, as the kernel sees it.
-fn party_known(plan: &Plan, end: &HostRef, family: IpFamily, known: &dyn Fn(&str) -> bool) -> Option<String> {
     match end {
-        HostRef::Pod(i) if known(&plan.pod(*i).key()) => Some(plan.pod(*i).key()),
         HostRef::Pod(i) => {
             let pod = plan.pod(*i);
-            match family {
-                IpFamily::IPv4 => pod.ipv4.map(|a| a.to_string()),
-                IpFamily::IPv6 => pod.ipv6.map(|a| a.to_string()),
-            }
+            let ip = match family {
+                IpFamily::IPv4 => pod.ipv4.map(IpAddr::V4),
+                IpFamily::IPv6 => pod.ipv6.map(IpAddr::V6),
+            };
+            Some(ip.map_or_else(|| pod.key(), |ip| ip.to_string()))
         }
         HostRef::World(ip) => Some(ip.to_string()),
         HostRef::Entity(e) => {
@@ -39,15 +35,9 @@ fn party_known(plan: &Plan, end: &HostRef, family: IpFamily, known: &dyn Fn(&str
 
 /// The explain request for a probe's flow.
 pub fn request(plan: &Plan, p: &PlanProbe) -> Option<ExplainRequest> {
-    request_known(plan, p, &|_| true)
-}
-
-/// The explain request for a probe's flow, naming by address the pods `known` says the
-/// agent does not have.
-pub fn request_known(plan: &Plan, p: &PlanProbe, known: &dyn Fn(&str) -> bool) -> Option<ExplainRequest> {
     Some(ExplainRequest {
-        from: party_known(plan, &p.from, p.family, known)?,
-        to: party_known(plan, &p.to, p.family, known)?,
+        from: party(plan, &p.from, p.family)?,
+        to: party(plan, &p.to, p.family)?,
         port: if p.protocol.is_icmp() { p.icmp_type.map(u16::from) } else { p.port },
         protocol: p.protocol.as_str().to_string(),
     })

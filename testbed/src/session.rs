@@ -385,17 +385,10 @@ impl Session {
         let Some(agent) = &self.agent else { return };
         let client = &agent.process.client;
         let plan = &self.plan;
-        // Pods the agent knows now (in Kubernetes mode a test may delete some).
-        let known: std::collections::HashSet<String> =
-            match agent::call("listing endpoints", CALL_TIMEOUT, client.endpoints()).await {
-                Ok(eps) => eps.into_iter().map(|e| format!("{}/{}", e.namespace, e.name)).collect(),
-                Err(_) => plan.pods.iter().map(|p| p.key()).collect(),
-            };
-        let known = &known;
         let asks =
             probes.iter().zip(results.iter()).enumerate().filter(|(_, (_, r))| r.observed != Observed::Error).map(
                 |(i, (p, _))| async move {
-                    let Some(req) = explain_check::request_known(plan, p, &|k| known.contains(k)) else {
+                    let Some(req) = explain_check::request(plan, p) else {
                         return (i, Err("no explain request".into()));
                     };
                     let answer = agent::call("policy explain", CALL_TIMEOUT, client.explain(&req)).await;

@@ -35,35 +35,33 @@ pub fn ifindex(name: &str) -> Option<u32> {
 }
 
 /// The label set of a pod: pod labels, namespace labels (with
-/// `kubernetes.io/metadata.name`), service account, cluster, and the ipBlock membership
-/// labels of its addresses (Kubernetes NetworkPolicy ipBlocks match pod addresses too, so
-/// pods inside different blocks must not share an identity).
+/// `kubernetes.io/metadata.name`), service account and cluster. Kubernetes NetworkPolicy
+/// ipBlocks match pod addresses, address by address: that is not part of the pod's labels
+/// (a dual-stack pod may have one address inside a block and one outside); the resolver
+/// gives such addresses address identities (`DesiredState::address_ipcache`). `_policies`
+/// is no longer needed and kept for the callers.
 pub fn endpoint_labels(
     namespace: &str,
     namespace_labels: &std::collections::BTreeMap<String, String>,
     spec: &crate::api::types::EndpointSpec,
     cluster: &str,
-    policies: &[palisade_policy::model::Policy],
+    _policies: &[palisade_policy::model::Policy],
 ) -> LabelSet {
     let mut ns_labels = namespace_labels.clone();
     ns_labels.insert("kubernetes.io/metadata.name".into(), namespace.to_string());
-    let mut labels = LabelSet::for_pod(namespace, &ns_labels, &spec.labels, &spec.service_account, cluster);
-    let ips: Vec<std::net::IpAddr> = spec.ipv4.map(Into::into).into_iter().chain(spec.ipv6.map(Into::into)).collect();
-    for l in palisade_policy::ipblock_labels(policies, &ips) {
-        labels.insert(l);
-    }
-    labels
+    LabelSet::for_pod(namespace, &ns_labels, &spec.labels, &spec.service_account, cluster)
 }
 
 /// The ipcache as the resolver hands it to the map writer: CIDR identities, then addresses
 /// outside this node's pods (reserved prefixes, other nodes' pods), then the local pods' own
-/// addresses; later entries win on the same prefix.
+/// addresses, then the address identities of pod addresses inside Kubernetes NetworkPolicy
+/// ipBlocks; later entries win on the same prefix.
 pub fn assemble_ipcache(
-    cidr_ipcache: &std::collections::BTreeMap<crate::actors::identity::Prefix, u32>,
+    desired: &palisade_policy::DesiredState,
     external: &std::collections::BTreeMap<crate::actors::identity::Prefix, u32>,
     endpoints: &[LocalEndpoint],
 ) -> std::collections::BTreeMap<crate::actors::identity::Prefix, u32> {
-    let mut ipcache = cidr_ipcache.clone();
+    let mut ipcache = desired.cidr_ipcache.clone();
     ipcache.extend(external.iter().map(|(k, v)| (*k, *v)));
     for e in endpoints {
         if let Some(v4) = e.ipv4 {
@@ -73,5 +71,24 @@ pub fn assemble_ipcache(
             ipcache.insert((v6.into(), 128), e.identity);
         }
     }
+    ipcache.extend(desired.address_ipcache.iter().map(|(k, v)| (*k, *v)));
     ipcache
+}
+
+/// The pod addresses the resolver needs (for ipBlocks): local endpoints' addresses and
+/// other nodes' pods' addresses, each with its pod's identity.
+pub fn pod_addresses(
+    endpoints: &[LocalEndpoint],
+    remote: &std::collections::BTreeMap<std::net::IpAddr, u32>,
+) -> std::collections::BTreeMap<std::net::IpAddr, u32> {
+    let mut out = remote.clone();
+    for e in endpoints {
+        if let Some(v4) = e.ipv4 {
+            out.insert(v4.into(), e.identity);
+        }
+        if let Some(v6) = e.ipv6 {
+            out.insert(v6.into(), e.identity);
+        }
+    }
+    out
 }

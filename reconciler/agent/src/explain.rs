@@ -17,7 +17,7 @@ use palisade_policy::explain::{Decision, decide};
 use palisade_policy::identity::IdentityAllocator;
 use palisade_policy::labels::LabelSet;
 use palisade_policy::model::{Direction, Policy};
-use palisade_policy::resolve::{DesiredState, EndpointView, resolve_with_cidrs};
+use palisade_policy::resolve::{DesiredState, EndpointView, resolve_full};
 
 use crate::actors::identity::Prefix;
 use crate::api::types::{ExplainRequest, Explanation, SideDecision};
@@ -180,19 +180,35 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
                 views.push(view.clone());
             }
         }
-        fresh = resolve_with_cidrs(inp.policies, &views, &allocator, inp.cidrs);
+        let addresses = crate::endpoint::pod_addresses(inp.endpoints, &BTreeMap::new());
+        fresh = resolve_full(inp.policies, &views, &allocator, inp.cidrs, &addresses);
         &fresh
     } else {
         inp.desired.ok_or("the agent has not resolved any policy yet")?
     };
     let decide_for = |p: &Party, dir: Direction, peer: u32| match p {
-        Party::Local { view, name, .. } | Party::Hypothetical { view, name } => {
-            side(Some(name.clone()), decide(desired.endpoints.get(&view.id), dir, peer, protocol, port))
-        }
+        Party::Local { view, name, .. } | Party::Hypothetical { view, name } => side(
+            Some(name.clone()),
+            decide(desired.endpoints.get(&view.id).map(|p| p.as_ref()), dir, peer, protocol, port),
+        ),
         Party::Address { .. } => side(None, Decision::NotLocal),
     };
-    let egress = decide_for(&from, Direction::Egress, to.identity());
-    let ingress = decide_for(&to, Direction::Ingress, from.identity());
+    // A local pod's address may have an identity of its own (an address identity, for a
+    // pod address inside a NetworkPolicy ipBlock): the datapath sees the ipcache's.
+    // (From the state being explained: a fresh resolution numbers them itself.)
+    let peer_identity = |p: &Party| match p {
+        Party::Local { ip: Some(ip), .. } => {
+            let host = (*ip, if ip.is_ipv4() { 32 } else { 128 });
+            match desired.address_ipcache.get(&host) {
+                Some(id) => *id,
+                None => ipcache_identity(inp.ipcache, *ip),
+            }
+        }
+        other => other.identity(),
+    };
+    let (from_identity, to_identity) = (peer_identity(&from), peer_identity(&to));
+    let egress = decide_for(&from, Direction::Egress, to_identity);
+    let ingress = decide_for(&to, Direction::Ingress, from_identity);
     let passes = |s: &SideDecision| matches!(s.decision.as_str(), "allowed" | "not-selected" | "not-local");
     let verdict = if passes(&egress) && passes(&ingress) { "allow" } else { "deny" };
     let label = |p: &Party, text: &str| match p {
@@ -205,8 +221,8 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
         to: label(&to, &req.to),
         protocol: req.protocol.clone(),
         port,
-        from_identity: from.identity(),
-        to_identity: to.identity(),
+        from_identity,
+        to_identity,
         egress,
         ingress,
         verdict: verdict.into(),
@@ -216,7 +232,7 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
 /// The state an agent would hold, built without one: for `palisade policy explain
 /// --scenario/--policies` and for checks that compare the kernel with it. Every step is the
 /// agent's own code where it is reachable ([`PolicySources`] reads the manifests,
-/// `resolve_with_cidrs` + [`allow_localhost`] resolve, [`ExternalIpcache`] holds the
+/// `resolve_full` + [`allow_localhost`] resolve, [`ExternalIpcache`] holds the
 /// reserved addresses), and the same label derivation and ipcache assembly
 /// ([`crate::endpoint::endpoint_labels`], [`crate::endpoint::assemble_ipcache`]).
 pub mod offline {
@@ -226,7 +242,7 @@ pub mod offline {
     use palisade_policy::CidrIdentities;
     use palisade_policy::identity::IdentityAllocator;
     use palisade_policy::model::Policy;
-    use palisade_policy::resolve::{DesiredState, EndpointView, NamedPort, resolve_with_cidrs};
+    use palisade_policy::resolve::{DesiredState, EndpointView, NamedPort, resolve_full};
     use palisade_scenario::{Entity, IpFamily, Plan, PlanPod};
 
     use super::{ExplainInputs, view_of};
@@ -338,7 +354,7 @@ pub mod offline {
     }
 
     use crate::actors::identity::entity_identity;
-    use crate::endpoint::{assemble_ipcache, endpoint_labels};
+    use crate::endpoint::{assemble_ipcache, endpoint_labels, pod_addresses};
 
     /// A pod as the agent's API receives it.
     #[derive(Clone, Debug)]
@@ -427,9 +443,10 @@ pub mod offline {
             let mut cidrs = CidrIdentities::new();
             cidrs.sync(&policies);
             let views: Vec<EndpointView> = endpoints.iter().map(view_of).collect();
-            let mut desired = resolve_with_cidrs(&policies, &views, &allocator, &cidrs);
+            let addresses = pod_addresses(&endpoints, &BTreeMap::new());
+            let mut desired = resolve_full(&policies, &views, &allocator, &cidrs, &addresses);
             allow_localhost(&mut desired);
-            let ipcache = assemble_ipcache(&desired.cidr_ipcache, &external.entries(), &endpoints);
+            let ipcache = assemble_ipcache(&desired, &external.entries(), &endpoints);
             Ok(OfflineState {
                 statuses: sources.statuses(),
                 policies,

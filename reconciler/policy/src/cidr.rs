@@ -7,9 +7,9 @@
 //!   kernel then gives every outside address the identity of the most specific named
 //!   prefix (pod addresses are /32 or /128 entries of their own, so CIDR selectors of
 //!   Cilium policies never reach pods, as in Cilium).
-//! - [`ipblock_labels`]: the labels a pod gets for the Kubernetes NetworkPolicy
-//!   `ipBlock`s its addresses fall in, so that an ipBlock also selects pods, as
-//!   Kubernetes means it.
+//! - [`IPBLOCK_SOURCE`]: the label source of Kubernetes NetworkPolicy ipBlock
+//!   membership, which the resolver gives to the pod addresses inside an ipBlock (address
+//!   identities), so that an ipBlock also selects pod addresses, as Kubernetes means it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -294,27 +294,10 @@ impl CidrIdentities {
     }
 }
 
-/// The source of the labels that record a pod's membership in Kubernetes NetworkPolicy
-/// ipBlocks. Only ipBlock peers look at it.
+/// The source of the labels that record the membership of a pod address in Kubernetes
+/// NetworkPolicy ipBlocks (on address identities, see [`crate::resolve::PolicyResolver`]).
+/// Only ipBlock peers look at it.
 pub const IPBLOCK_SOURCE: &str = "ipblock";
-
-/// The `ipblock:` labels a pod with these addresses carries: one per distinct ipBlock of
-/// a Kubernetes NetworkPolicy (the same block in several policies is one label) that
-/// contains one of the addresses. The agent adds them to the pod's label set before it
-/// allocates the pod's identity, and recomputes them when policies or the pod's
-/// addresses change; pods with the same labels but a different membership then get
-/// different identities, and an ipBlock peer selects exactly the pods inside it.
-pub fn ipblock_labels(policies: &[Policy], ips: &[IpAddr]) -> Vec<Label> {
-    let mut keys = BTreeSet::new();
-    for peer in all_peers(policies) {
-        if let Peer::IpBlock(block) = peer
-            && ips.iter().any(|ip| block.contains_ip(*ip))
-        {
-            keys.insert(block.label_key());
-        }
-    }
-    keys.into_iter().map(|k| Label::new(IPBLOCK_SOURCE, &k, "")).collect()
-}
 
 #[cfg(test)]
 mod tests {

@@ -114,7 +114,7 @@ mod tests {
     fn entry(p: &mut EndpointPolicy, identity: u32, protocol: u8, port: u16, len: u8, deny: bool, name: &str) {
         p.entries.insert(
             EntryKey { direction: Direction::Ingress, identity, protocol, port, port_prefix_len: len },
-            EntryValue { deny, origins: origin(name) },
+            EntryValue { deny, origins: origin(name).into() },
         );
     }
 

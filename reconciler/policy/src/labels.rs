@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
@@ -94,10 +95,11 @@ impl Serialize for Label {
     }
 }
 
-/// A set of labels with at most one label per key, ordered by key.
+/// A set of labels with at most one label per key, ordered by key. Copies share the
+/// labels (a copy costs one reference count), so identity tables can be copied cheaply.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LabelSet {
-    by_key: BTreeMap<String, Label>,
+    by_key: Arc<BTreeMap<String, Label>>,
 }
 
 impl LabelSet {
@@ -107,7 +109,7 @@ impl LabelSet {
 
     /// Adds a label, replacing any label with the same key.
     pub fn insert(&mut self, label: Label) {
-        self.by_key.insert(label.key.clone(), label);
+        Arc::make_mut(&mut self.by_key).insert(label.key.clone(), label);
     }
 
     /// The label with this key (whatever its source).

@@ -17,11 +17,15 @@ pub mod parse;
 pub mod ports;
 pub mod resolve;
 pub mod selector;
+#[doc(hidden)]
+pub mod synth;
 
-pub use cidr::{CidrBlock, CidrIdentities, Prefix, ipblock_labels};
+pub use cidr::{CidrBlock, CidrIdentities, Prefix};
 pub use identity::IdentityAllocator;
 pub use labels::{Label, LabelSet};
 pub use model::{Direction, Entity, NamedPort, Policy, PolicyKind, Protocol};
 pub use parse::{ManifestOutcome, ParseError, PolicyError, parse_manifest_bytes, parse_manifests};
-pub use resolve::{DesiredState, EndpointPolicy, EndpointView, EntryKey, EntryValue, RuleOrigin, resolve};
+pub use resolve::{
+    DesiredState, EndpointPolicy, EndpointView, EntryKey, EntryValue, PolicyResolver, RuleOrigin, resolve, resolve_full,
+};
 pub use selector::EndpointSelector;

@@ -193,9 +193,9 @@ pub enum Peer {
     /// Cilium's `fromCIDR` / `fromCIDRSet`: the CIDR identities of the prefixes inside
     /// the block (never pods: their addresses are more specific ipcache entries).
     Cidr(CidrBlock),
-    /// A NetworkPolicy `ipBlock`: what [`Peer::Cidr`] selects, and also the pods whose
-    /// address is inside the block (they carry its `ipblock:` label, see
-    /// [`crate::cidr::ipblock_labels`]).
+    /// A NetworkPolicy `ipBlock`: what [`Peer::Cidr`] selects, and also the pod addresses
+    /// inside the block, address by address (their address identities carry its
+    /// `ipblock:` label, see [`crate::resolve::PolicyResolver`]).
     IpBlock(CidrBlock),
 }
 

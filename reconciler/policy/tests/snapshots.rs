@@ -4,8 +4,9 @@
 //!
 //! The endpoints: frontend, backend and other in namespaces `default` (10.0.1.1-3) and
 //! `prod` (10.0.2.1-3). Identities are allocated in that order: 256..=258 in default,
-//! 259..=261 in prod. A pod inside a NetworkPolicy ipBlock carries the block's
-//! `ipblock:` label, as the agent derives it, so its identity depends on the policies.
+//! 259..=261 in prod. A pod address inside a NetworkPolicy ipBlock gets an address
+//! identity (the pod's labels and an `ipblock:` label per block that holds the address),
+//! as in the agent; the snapshot lists them under `address_identities`.
 //!
 //! When policies name CIDRs, the snapshot also shows which identity a few addresses
 //! (the pods and some outside ones) get by longest-prefix match, as the datapath would.
@@ -16,8 +17,8 @@ use std::path::Path;
 
 use palisade_policy::model::Protocol;
 use palisade_policy::{
-    DesiredState, EndpointView, IdentityAllocator, LabelSet, ManifestOutcome, NamedPort, Policy, ipblock_labels,
-    parse_manifests, resolve,
+    CidrIdentities, DesiredState, EndpointView, IdentityAllocator, LabelSet, ManifestOutcome, NamedPort, Policy,
+    parse_manifests, resolve_full,
 };
 use serde::Serialize;
 
@@ -32,7 +33,7 @@ struct Fixture {
 const OUTSIDE: [&str; 8] =
     ["10.0.1.200", "10.5.5.5", "10.96.0.1", "172.16.5.9", "172.16.9.9", "192.0.2.1", "203.0.113.7", "8.8.8.8"];
 
-fn fixture(policies: &[Policy]) -> Fixture {
+fn fixture() -> Fixture {
     let mut f = Fixture {
         identities: IdentityAllocator::new(),
         endpoints: Vec::new(),
@@ -50,10 +51,7 @@ fn fixture(policies: &[Policy]) -> Fixture {
                 labels.insert(k.to_owned(), v.to_owned());
             }
             let ip: IpAddr = format!("10.0.{}.{}", subnet + 1, (id - 1) % 3 + 1).parse().unwrap();
-            let mut labels = LabelSet::for_pod(ns, &ns_labels, &labels, "default", "default");
-            for l in ipblock_labels(policies, &[ip]) {
-                labels.insert(l);
-            }
+            let labels = LabelSet::for_pod(ns, &ns_labels, &labels, "default", "default");
             let identity = f.identities.allocate(&labels);
             f.addresses.insert(ip, identity);
             let named_ports = if app == "backend" {
@@ -73,8 +71,9 @@ struct Outcome {
     endpoints: BTreeMap<u16, String>,
     accepted: Vec<Accepted>,
     rejected: Vec<String>,
-    /// Address -> identity by longest-prefix match over the pods' addresses and the CIDR
-    /// identities (no match: world-ipv4, 9); only when policies name CIDRs.
+    /// Address -> identity as the datapath finds it: a pod address's address identity,
+    /// or the pod's identity, or the longest CIDR prefix (no match: world-ipv4, 9); only
+    /// when policies name CIDRs.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     addresses: BTreeMap<String, u32>,
     desired: DesiredState,
@@ -82,6 +81,10 @@ struct Outcome {
 
 /// The identity the datapath would find for `ip`.
 fn lookup(f: &Fixture, desired: &DesiredState, ip: IpAddr) -> u32 {
+    let host = (ip, if ip.is_ipv4() { 32 } else { 128 });
+    if let Some(id) = desired.address_ipcache.get(&host) {
+        return *id;
+    }
     if let Some(id) = f.addresses.get(&ip) {
         return *id;
     }
@@ -109,7 +112,7 @@ fn fixtures_dir() -> std::path::PathBuf {
 
 #[test]
 fn endpoint_identities() {
-    let f = fixture(&[]);
+    let f = fixture();
     let table: BTreeMap<u32, String> =
         f.identities.iter().filter(|(id, _, _)| *id >= 256).map(|(id, labels, _)| (id, labels.to_string())).collect();
     insta::assert_yaml_snapshot!("identities", table);
@@ -136,8 +139,9 @@ fn policy_fixtures_resolve_to_the_reviewed_state() {
                 ManifestOutcome::Rejected(e) => rejected.push(e.to_string()),
             }
         }
-        let f = fixture(&policies);
-        let desired = resolve(&policies, &f.endpoints, &f.identities);
+        let f = fixture();
+        let cidrs = CidrIdentities::for_policies(&policies);
+        let desired = resolve_full(&policies, &f.endpoints, &f.identities, &cidrs, &f.addresses);
         let mut addresses = BTreeMap::new();
         if !desired.cidr_ipcache.is_empty() {
             let probes = f.addresses.keys().copied().chain(OUTSIDE.iter().map(|a| a.parse().unwrap()));

@@ -102,6 +102,21 @@ impl ExternalIpcache {
         &self.remote
     }
 
+    /// The remote pods' addresses with their identities, but those a reserved host entry
+    /// takes (a host-network pod shares its node's address).
+    pub fn pod_addresses(&self) -> BTreeMap<IpAddr, u32> {
+        let mut out = BTreeMap::new();
+        for ep in self.remote.values() {
+            for ip in &ep.ips {
+                let len = if ip.is_ipv4() { 32 } else { 128 };
+                if !self.reserved.contains_key(&(*ip, len)) {
+                    out.insert(*ip, ep.identity);
+                }
+            }
+        }
+        out
+    }
+
     /// Host routes of remote pods, then reserved prefixes (which win on the same prefix:
     /// a host-network pod shares its node's address).
     pub fn entries(&self) -> BTreeMap<Prefix, u32> {
@@ -120,6 +135,9 @@ impl ExternalIpcache {
 pub struct IdentityCache {
     allocator: IdentityAllocator,
     ipcache: ExternalIpcache,
+    /// Identities allocated or freed since the last publish: the resolver updates only
+    /// what they touch.
+    changed: Vec<u32>,
     resolver: Addr<Resolver>,
     state: Option<crate::state::StateDir>,
 }
@@ -128,8 +146,13 @@ impl IdentityCache {
     /// A cache holding one reference for each endpoint of the saved registry (with the
     /// number it had, so the pinned maps stay right) and the saved reserved prefixes.
     pub fn new(resolver: Addr<Resolver>, state: Option<crate::state::StateDir>) -> Self {
-        let mut c =
-            IdentityCache { allocator: IdentityAllocator::new(), ipcache: ExternalIpcache::default(), resolver, state };
+        let mut c = IdentityCache {
+            allocator: IdentityAllocator::new(),
+            ipcache: ExternalIpcache::default(),
+            changed: Vec::new(),
+            resolver,
+            state,
+        };
         c.load_state();
         c
     }
@@ -173,10 +196,35 @@ impl IdentityCache {
         }
     }
 
-    fn publish(&self) {
+    /// Takes a reference on the identity of `labels`, noting a new identity.
+    fn allocate(&mut self, labels: &LabelSet) -> u32 {
+        let known = self.allocator.lookup(labels).is_some();
+        let id = self.allocator.allocate(labels);
+        if !known {
+            tracing::info!(identity = id, labels = %labels, "identity allocated");
+            self.changed.push(id);
+        }
+        id
+    }
+
+    /// Drops a reference, noting a freed identity; answers whether it was freed.
+    fn release(&mut self, id: u32) -> bool {
+        let freed = self.allocator.release(id);
+        if freed {
+            tracing::info!(identity = id, "identity released");
+            self.changed.push(id);
+        }
+        freed
+    }
+
+    /// Sends the resolver a snapshot (label sets are shared, so the copy is cheap) and the
+    /// identities changed since the last one.
+    fn publish(&mut self) {
         self.resolver.do_send(IdentitiesChanged {
             allocator: Arc::new(self.allocator.clone()),
             ipcache: Arc::new(self.ipcache.entries()),
+            pod_addresses: Arc::new(self.ipcache.pod_addresses()),
+            changed: std::mem::take(&mut self.changed),
         });
     }
 }
@@ -221,10 +269,8 @@ pub struct AllocateIdentity {
 impl Handler<AllocateIdentity> for IdentityCache {
     type Result = u32;
     fn handle(&mut self, msg: AllocateIdentity, _: &mut Self::Context) -> u32 {
-        let known = self.allocator.lookup(&msg.labels).is_some();
-        let id = self.allocator.allocate(&msg.labels);
-        if !known {
-            tracing::info!(identity = id, labels = %msg.labels, "identity allocated");
+        let id = self.allocate(&msg.labels);
+        if !self.changed.is_empty() {
             self.publish();
         }
         id
@@ -241,8 +287,7 @@ pub struct ReleaseIdentity {
 impl Handler<ReleaseIdentity> for IdentityCache {
     type Result = ();
     fn handle(&mut self, msg: ReleaseIdentity, _: &mut Self::Context) {
-        if self.allocator.release(msg.id) {
-            tracing::info!(identity = msg.id, "identity released");
+        if self.release(msg.id) {
             self.publish();
         }
     }
@@ -285,12 +330,12 @@ impl Handler<UpsertRemoteEndpoint> for IdentityCache {
         let mut ips = msg.ips;
         ips.sort();
         ips.dedup();
-        let id = self.allocator.allocate(&msg.labels);
+        let id = self.allocate(&msg.labels);
         let new = RemoteEndpoint { identity: id, ips };
         let old = self.ipcache.upsert_remote(&msg.key, new.clone());
         let mut changed = old.as_ref() != Some(&new);
         if let Some(old) = old {
-            changed |= self.allocator.release(old.identity);
+            changed |= self.release(old.identity);
         }
         if changed {
             tracing::debug!(endpoint = %msg.key, identity = id, "remote endpoint upserted");
@@ -311,7 +356,7 @@ impl Handler<RemoveRemoteEndpoint> for IdentityCache {
     type Result = bool;
     fn handle(&mut self, msg: RemoveRemoteEndpoint, _: &mut Self::Context) -> bool {
         let Some(old) = self.ipcache.remove_remote(&msg.key) else { return false };
-        self.allocator.release(old.identity);
+        self.release(old.identity);
         tracing::debug!(endpoint = %msg.key, "remote endpoint removed");
         self.publish();
         true

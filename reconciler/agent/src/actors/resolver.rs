@@ -1,18 +1,24 @@
 //! Resolver actor: holds the latest policies, local endpoints and identities, numbers
 //! every change with a revision, and turns them into the desired state of every endpoint
-//! (with the pure resolver of palisade-policy), which it hands to the map writer.
+//! (with palisade-policy's [`PolicyResolver`]), which it hands to the map writer.
+//!
+//! Policies or endpoints changing resolve everything again. Identities appearing or
+//! disappearing (pods elsewhere in the cluster) and pod addresses changing are
+//! incremental: only the entries of those identities, on the endpoints whose selections
+//! they are in, are recomputed, and every other endpoint's policy is handed on as the same
+//! shared value, so the map writer's plan holds exactly the entries that changed.
 //!
 //! Bursts coalesce: every input marks the state dirty and one recompute runs after the
 //! messages already queued.
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
-use palisade_policy::CidrIdentities;
 use palisade_policy::identity::IdentityAllocator;
 use palisade_policy::model::Policy;
-use palisade_policy::resolve::{DesiredState, EndpointView, resolve_with_cidrs};
+use palisade_policy::resolve::{Changes, DesiredState, EndpointView, Options, PolicyResolver};
 
 use super::identity::Prefix;
 use super::map_writer::{ApplyDesired, MapWriter};
@@ -21,14 +27,95 @@ use crate::endpoint::LocalEndpoint;
 /// A resolution's output: the desired state and the ipcache.
 type Resolved = (Arc<DesiredState>, Arc<BTreeMap<Prefix, u32>>);
 
-pub struct Resolver {
+/// The resolver's state without the actor: inputs, the incremental resolver, and what a
+/// recompute hands on.
+pub struct ResolverState {
     policies: Arc<Vec<Policy>>,
     endpoints: Arc<Vec<LocalEndpoint>>,
     allocator: Arc<IdentityAllocator>,
     /// Addresses that are not local pods: reserved prefixes and other nodes' pods.
     external_ipcache: Arc<BTreeMap<Prefix, u32>>,
-    /// Node-local identities of the prefixes policies name; numbers stay while in use.
-    cidrs: CidrIdentities,
+    /// Other nodes' pods' addresses and their identities.
+    remote_addresses: Arc<BTreeMap<IpAddr, u32>>,
+    /// Identities allocated or freed since the last recompute.
+    changed_identities: Vec<u32>,
+    engine: PolicyResolver,
+}
+
+impl Default for ResolverState {
+    fn default() -> Self {
+        ResolverState {
+            policies: Arc::default(),
+            endpoints: Arc::default(),
+            allocator: Arc::new(IdentityAllocator::new()),
+            external_ipcache: Arc::default(),
+            remote_addresses: Arc::default(),
+            changed_identities: Vec::new(),
+            engine: PolicyResolver::new(Options { allow_localhost: true }),
+        }
+    }
+}
+
+impl ResolverState {
+    pub fn set_policies(&mut self, policies: Arc<Vec<Policy>>) {
+        self.engine.set_policies(policies.clone());
+        self.policies = policies;
+    }
+
+    pub fn set_endpoints(&mut self, endpoints: Arc<Vec<LocalEndpoint>>) {
+        self.engine.set_endpoints(endpoints.iter().map(view_of).collect());
+        self.endpoints = endpoints;
+    }
+
+    /// New identities and addresses; `changed`: the identities allocated or freed since
+    /// the previous call.
+    pub fn set_identities(
+        &mut self,
+        allocator: Arc<IdentityAllocator>,
+        external_ipcache: Arc<BTreeMap<Prefix, u32>>,
+        remote_addresses: Arc<BTreeMap<IpAddr, u32>>,
+        changed: &[u32],
+    ) {
+        self.allocator = allocator;
+        self.external_ipcache = external_ipcache;
+        self.remote_addresses = remote_addresses;
+        self.changed_identities.extend_from_slice(changed);
+    }
+
+    /// Brings the desired state up to date (in full after policy or endpoint changes,
+    /// incrementally otherwise); answers it with the ipcache and what changed.
+    pub fn recompute(&mut self) -> (Arc<DesiredState>, Arc<BTreeMap<Prefix, u32>>, Changes) {
+        let addresses = crate::endpoint::pod_addresses(&self.endpoints, &self.remote_addresses);
+        let changed = std::mem::take(&mut self.changed_identities);
+        let changes = if self.engine.is_stale() {
+            self.engine.set_identities(self.allocator.clone(), addresses);
+            self.engine.resolve();
+            Changes { full: true, ..Changes::default() }
+        } else {
+            self.engine.update_identities(self.allocator.clone(), &changed, addresses)
+        };
+        // Cheap: one shared reference per endpoint.
+        let desired = self.engine.state().clone();
+        // Later entries win on the same prefix: CIDR identities, then other nodes' pods and
+        // reserved addresses (node, API server), then the local endpoints' own addresses,
+        // then the address identities of pod addresses inside ipBlocks.
+        let ipcache = crate::endpoint::assemble_ipcache(&desired, &self.external_ipcache, &self.endpoints);
+        (Arc::new(desired), Arc::new(ipcache), changes)
+    }
+}
+
+fn view_of(e: &LocalEndpoint) -> EndpointView {
+    EndpointView {
+        id: e.id,
+        namespace: e.namespace.clone(),
+        identity: e.identity,
+        labels: e.labels.clone(),
+        named_ports: e.named_ports.clone(),
+    }
+}
+
+pub struct Resolver {
+    state: ResolverState,
     revision: u64,
     dirty: bool,
     /// False until every source has handed in its state ([`SourcesSynced`]): until then
@@ -42,18 +129,7 @@ pub struct Resolver {
 
 impl Resolver {
     pub fn new(map_writer: Addr<MapWriter>) -> Self {
-        Resolver {
-            policies: Arc::default(),
-            endpoints: Arc::default(),
-            allocator: Arc::new(IdentityAllocator::new()),
-            external_ipcache: Arc::default(),
-            cidrs: CidrIdentities::new(),
-            revision: 0,
-            dirty: false,
-            synced: false,
-            last: None,
-            map_writer,
-        }
+        Resolver { state: ResolverState::default(), revision: 0, dirty: false, synced: false, last: None, map_writer }
     }
 
     fn changed(&mut self, ctx: &mut Context<Self>) -> u64 {
@@ -74,37 +150,25 @@ impl Resolver {
         }
         self.dirty = false;
         let started = Instant::now();
-        let views: Vec<EndpointView> = self
-            .endpoints
-            .iter()
-            .map(|e| EndpointView {
-                id: e.id,
-                namespace: e.namespace.clone(),
-                identity: e.identity,
-                labels: e.labels.clone(),
-                named_ports: e.named_ports.clone(),
-            })
-            .collect();
-        let mut desired = resolve_with_cidrs(&self.policies, &views, &self.allocator, &self.cidrs);
-        allow_localhost(&mut desired);
-        // Later entries win on the same prefix: CIDR identities, then other nodes' pods and
-        // reserved addresses (node, API server), then the local endpoints' own addresses.
-        let ipcache = crate::endpoint::assemble_ipcache(&desired.cidr_ipcache, &self.external_ipcache, &self.endpoints);
+        let (desired, ipcache, changes) = self.state.recompute();
         tracing::debug!(
             revision = self.revision,
-            endpoints = views.len(),
-            policies = self.policies.len(),
+            endpoints = self.state.endpoints.len(),
+            policies = self.state.policies.len(),
+            full = changes.full,
+            identities_changed = changes.identities,
+            endpoints_updated = changes.endpoints,
+            entries_changed = changes.entries,
             elapsed_us = started.elapsed().as_micros() as u64,
             "resolved"
         );
-        let (desired, ipcache) = (Arc::new(desired), Arc::new(ipcache));
         self.last = Some((desired.clone(), ipcache.clone()));
         self.map_writer.do_send(ApplyDesired {
             revision: self.revision,
             desired,
-            endpoints: self.endpoints.clone(),
+            endpoints: self.state.endpoints.clone(),
             ipcache,
-            policies: self.policies.clone(),
+            policies: self.state.policies.clone(),
         });
     }
 }
@@ -136,8 +200,7 @@ pub struct PoliciesChanged {
 impl Handler<PoliciesChanged> for Resolver {
     type Result = u64;
     fn handle(&mut self, msg: PoliciesChanged, ctx: &mut Context<Self>) -> u64 {
-        self.policies = msg.policies;
-        self.cidrs.sync(&self.policies);
+        self.state.set_policies(msg.policies);
         self.changed(ctx)
     }
 }
@@ -152,7 +215,7 @@ pub struct EndpointsChanged {
 impl Handler<EndpointsChanged> for Resolver {
     type Result = u64;
     fn handle(&mut self, msg: EndpointsChanged, ctx: &mut Context<Self>) -> u64 {
-        self.endpoints = msg.endpoints;
+        self.state.set_endpoints(msg.endpoints);
         self.changed(ctx)
     }
 }
@@ -164,13 +227,16 @@ pub struct IdentitiesChanged {
     pub allocator: Arc<IdentityAllocator>,
     /// ipcache entries of addresses that are not local pods.
     pub ipcache: Arc<BTreeMap<Prefix, u32>>,
+    /// Other nodes' pods' addresses, with their identities.
+    pub pod_addresses: Arc<BTreeMap<IpAddr, u32>>,
+    /// The identities allocated or freed since the previous message.
+    pub changed: Vec<u32>,
 }
 
 impl Handler<IdentitiesChanged> for Resolver {
     type Result = u64;
     fn handle(&mut self, msg: IdentitiesChanged, ctx: &mut Context<Self>) -> u64 {
-        self.allocator = msg.allocator;
-        self.external_ipcache = msg.ipcache;
+        self.state.set_identities(msg.allocator, msg.ipcache, msg.pod_addresses, &msg.changed);
         self.changed(ctx)
     }
 }
@@ -256,10 +322,10 @@ impl Handler<Explain> for Resolver {
         }
         let empty = BTreeMap::new();
         let inputs = crate::explain::ExplainInputs {
-            policies: &self.policies,
-            endpoints: &self.endpoints,
-            allocator: &self.allocator,
-            cidrs: &self.cidrs,
+            policies: &self.state.policies,
+            endpoints: &self.state.endpoints,
+            allocator: &self.state.allocator,
+            cidrs: self.state.engine.cidr_identities(),
             desired: self.last.as_ref().map(|(d, _)| d.as_ref()),
             ipcache: self.last.as_ref().map(|(_, i)| i.as_ref()).unwrap_or(&empty),
             cluster: &msg.cluster,
@@ -270,21 +336,131 @@ impl Handler<Explain> for Resolver {
 
 /// The node itself may always reach its pods (kubelet probes), as Cilium's default
 /// `allow-localhost` does: every ingress-enforced endpoint gets an allow for the host
-/// identity, any protocol and port, with no rule behind it. A deny for the host (or for any
-/// peer) on some port still wins there, as for every allow.
+/// identity (see [`palisade_policy::resolve::allow_localhost`]). The agent's resolver does
+/// this itself; this is for states resolved without it (offline explanations).
 pub fn allow_localhost(desired: &mut DesiredState) {
-    use palisade_policy::model::Direction;
-    use palisade_policy::resolve::{EntryKey, EntryValue};
     for ep in desired.endpoints.values_mut() {
-        if ep.ingress_enforced {
-            let key = EntryKey {
-                direction: Direction::Ingress,
-                identity: palisade_common::identity::HOST,
-                protocol: 0,
-                port: 0,
-                port_prefix_len: 0,
-            };
-            ep.entries.entry(key).or_insert_with(EntryValue::default);
+        palisade_policy::resolve::allow_localhost(Arc::make_mut(ep));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    use palisade_policy::identity::IdentityAllocator;
+    use palisade_policy::labels::LabelSet;
+    use palisade_policy::{ManifestOutcome, parse_manifests};
+
+    use super::ResolverState;
+    use crate::endpoint::LocalEndpoint;
+    use crate::mapstate::{CookieJar, EndpointMapping, encode, plan};
+
+    fn pod(app: &str, version: &str) -> LabelSet {
+        let labels = BTreeMap::from([("app".to_owned(), app.to_owned()), ("version".to_owned(), version.to_owned())]);
+        let ns = BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "shop".to_owned())]);
+        LabelSet::for_pod("shop", &ns, &labels, "default", "default")
+    }
+
+    fn endpoint(id: u16, labels: LabelSet, identity: u32) -> LocalEndpoint {
+        LocalEndpoint {
+            id,
+            namespace: "shop".into(),
+            name: format!("pod-{id}"),
+            labels,
+            identity,
+            ipv4: Some([10, 0, 0, id as u8].into()),
+            ipv6: None,
+            interface: format!("veth{id}"),
+            ifindex: 100 + u32::from(id),
+            named_ports: Vec::new(),
         }
+    }
+
+    /// A pod with a new identity appears on another node: the resolver recomputes only
+    /// the entries for it, the endpoints it does not concern keep the very same policy
+    /// value, and the map writer's plan from the previous state to the new one holds
+    /// exactly the changed policy entries (plus the prefix lengths of the new identity
+    /// and its ipcache entry).
+    #[test]
+    fn a_new_identity_elsewhere_changes_only_its_entries() {
+        let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: backend, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: frontend}}]
+      toPorts: [{ports: [{port: "8080", protocol: TCP}, {port: "9090", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: other, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: other}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: other}}]
+"#;
+        let policies: Vec<_> = parse_manifests(yaml, "t.yaml")
+            .unwrap()
+            .into_iter()
+            .map(|o| match o {
+                ManifestOutcome::Accepted(p) => p,
+                ManifestOutcome::Rejected(e) => panic!("{e}"),
+            })
+            .collect();
+        let mut allocator = IdentityAllocator::new();
+        let endpoints: Vec<LocalEndpoint> = [("frontend", 1), ("backend", 2), ("other", 3)]
+            .into_iter()
+            .map(|(app, id)| {
+                let labels = pod(app, "v1");
+                let identity = allocator.allocate(&labels);
+                endpoint(id, labels, identity)
+            })
+            .collect();
+        let mut state = ResolverState::default();
+        state.set_policies(Arc::new(policies));
+        state.set_endpoints(Arc::new(endpoints.clone()));
+        state.set_identities(Arc::new(allocator.clone()), Arc::default(), Arc::default(), &[]);
+        let (before, ipcache_before, changes) = state.recompute();
+        assert!(changes.full);
+
+        // frontend v2 appears elsewhere.
+        let remote_ip: IpAddr = "10.9.0.7".parse().unwrap();
+        let id = allocator.allocate(&pod("frontend", "v2"));
+        let external = Arc::new(BTreeMap::from([((remote_ip, 32), id)]));
+        let remote = Arc::new(BTreeMap::from([(remote_ip, id)]));
+        state.set_identities(Arc::new(allocator.clone()), external, remote, &[id]);
+        let (after, ipcache_after, changes) = state.recompute();
+        assert!(!changes.full, "an identity change is incremental");
+        assert_eq!((changes.identities, changes.endpoints, changes.entries), (1, 1, 2), "backend: 8080 and 9090");
+        assert!(Arc::ptr_eq(&before.endpoints[&1], &after.endpoints[&1]), "frontend's policy is the same value");
+        assert!(Arc::ptr_eq(&before.endpoints[&3], &after.endpoints[&3]), "other's policy is the same value");
+
+        let mappings: Vec<EndpointMapping> = endpoints
+            .iter()
+            .map(|e| EndpointMapping { id: e.id, ifindex: e.ifindex, identity: e.identity, ipv4: e.ipv4, ipv6: e.ipv6 })
+            .collect();
+        let mut cookies = CookieJar::default();
+        let loaded = encode(&before, &mappings, &ipcache_before, &mut cookies);
+        let desired = encode(&after, &mappings, &ipcache_after, &mut cookies);
+        let p = plan(&desired, &loaded);
+        assert_eq!(p.policy.len(), changes.entries, "{:?}", p.describe());
+        assert_eq!(p.policy.adds.len(), 2);
+        assert_eq!(p.policy_lengths.len(), 1, "one new (endpoint, direction, identity)");
+        assert_eq!(p.ipcache_host_v4.len(), 1, "the new pod's address");
+        assert_eq!(p.len(), 4, "nothing else: {:?}", p.describe());
+
+        // It goes away again: the same entries go.
+        assert!(allocator.release(id));
+        state.set_identities(Arc::new(allocator), Arc::default(), Arc::default(), &[id]);
+        let (gone, ipcache_gone, changes) = state.recompute();
+        assert_eq!((changes.full, changes.entries), (false, 2));
+        let p = plan(&encode(&gone, &mappings, &ipcache_gone, &mut cookies), &desired);
+        assert_eq!((p.policy.deletes.len(), p.len()), (2, 4), "{:?}", p.describe());
+        assert_eq!(*gone.endpoints[&2], *before.endpoints[&2]);
     }
 }

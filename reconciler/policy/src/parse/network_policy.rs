@@ -7,8 +7,8 @@
 //! peers are an OR; a rule without peers (`from` / `to` absent or empty) applies to every
 //! peer, the world included; no rules for an enforced direction deny everything. Ports
 //! default to TCP; a port may be a container port name (resolved on the destination)
-//! and `endPort` makes a range. An `ipBlock` matches outside addresses and also pods
-//! whose address is inside it (see [`crate::cidr::ipblock_labels`]).
+//! and `endPort` makes a range. An `ipBlock` matches outside addresses and also the pod
+//! addresses inside it, address by address (see [`crate::resolve::PolicyResolver`]).
 
 use std::collections::HashSet;
 

@@ -14,18 +14,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
 pub use crate::model::NamedPort;
 pub use crate::ports::range_to_prefixes;
+pub use engine::{ADDRESS_IDENTITY_BASE, Changes, Options, PolicyResolver};
 
-use crate::cidr::{CidrBlock, CidrIdentities, IPBLOCK_SOURCE};
+mod engine;
+
+use crate::cidr::CidrIdentities;
 use crate::identity::{self, IdentityAllocator};
 use crate::labels::{LabelSet, source};
-use crate::model::{
-    Direction, Entity, Peer, PeerRule, Peers, Policy, PolicyKind, Port, PortRule, Protocol, Rule, Verdict,
-};
+use crate::model::{Direction, PeerRule, Policy, PolicyKind, Port, PortRule, Protocol};
 use crate::ports::{block_contains, block_last};
 use crate::selector::EndpointSelector;
 
@@ -43,7 +45,10 @@ pub struct EndpointView {
 /// entries may name.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
-    pub endpoints: BTreeMap<u16, EndpointPolicy>,
+    /// Shared per endpoint, so that a copy of the state costs one reference per endpoint
+    /// and an update copies only the endpoints it changes.
+    #[serde(serialize_with = "endpoints_by_id")]
+    pub endpoints: BTreeMap<u16, Arc<EndpointPolicy>>,
     /// Prefix -> CIDR identity, for the ipcache. Endpoint addresses (and reserved
     /// entries such as node addresses) must win over these for the same prefix.
     #[serde(skip_serializing_if = "BTreeMap::is_empty", serialize_with = "prefixes_by_text")]
@@ -51,6 +56,22 @@ pub struct DesiredState {
     /// The labels of every CIDR identity (`cidr:10.0.0.0/8`, `reserved:world`, ...).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub cidr_identities: BTreeMap<u32, LabelSet>,
+    /// Pod address (host prefix) -> its address identity: for the pod addresses inside
+    /// some Kubernetes NetworkPolicy ipBlock (see [`PolicyResolver`]). These win over the
+    /// pod's own identity for that address.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", serialize_with = "prefixes_by_text")]
+    pub address_ipcache: BTreeMap<(IpAddr, u8), u32>,
+    /// The labels of every address identity (the pod's labels and `ipblock:` labels).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub address_identities: BTreeMap<u32, LabelSet>,
+}
+
+fn endpoints_by_id<S: Serializer>(map: &BTreeMap<u16, Arc<EndpointPolicy>>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(map.iter().map(|(id, p)| (id, p.as_ref())))
+}
+
+fn origins_as_set<S: Serializer>(set: &Arc<BTreeSet<RuleOrigin>>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(set.iter())
 }
 
 fn prefixes_by_text<S: Serializer>(map: &BTreeMap<(IpAddr, u8), u32>, s: S) -> Result<S::Ok, S::Error> {
@@ -122,7 +143,9 @@ impl fmt::Display for EntryKey {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct EntryValue {
     pub deny: bool,
-    pub origins: BTreeSet<RuleOrigin>,
+    /// Shared: entries produced by the same rules hold the same set.
+    #[serde(serialize_with = "origins_as_set")]
+    pub origins: Arc<BTreeSet<RuleOrigin>>,
 }
 
 /// A rule that produced an entry: `policy.rules[rule_index]`, and in it
@@ -180,9 +203,10 @@ impl Policy {
 }
 
 /// Resolves every endpoint's desired policy, with CIDR identities numbered afresh for
-/// these policies (in prefix order). An agent that keeps running should hold a
-/// [`CidrIdentities`], [`CidrIdentities::sync`] it when policies change and call
-/// [`resolve_with_cidrs`], so that numbers stay put while their prefix is in use.
+/// these policies (in prefix order). No pod addresses are known, so ipBlocks select no
+/// pods (see [`PolicyResolver`] for that). An agent that keeps running holds a
+/// [`PolicyResolver`] instead, so that numbers stay put and identity changes are
+/// incremental.
 pub fn resolve(policies: &[Policy], endpoints: &[EndpointView], identities: &IdentityAllocator) -> DesiredState {
     resolve_with_cidrs(policies, endpoints, identities, &CidrIdentities::for_policies(policies))
 }
@@ -196,230 +220,62 @@ pub fn resolve_with_cidrs(
     identities: &IdentityAllocator,
     cidrs: &CidrIdentities,
 ) -> DesiredState {
-    let universe = Universe { identities, cidrs, cidr_labels: cidrs.labels() };
-    let mut state = DesiredState {
-        endpoints: BTreeMap::new(),
-        cidr_ipcache: cidrs.ipcache(),
-        cidr_identities: universe.cidr_labels.clone(),
-    };
-    for ep in endpoints {
-        let selecting: Vec<(&Policy, usize, &Rule)> = policies
-            .iter()
-            .flat_map(|p| p.rules.iter().enumerate().map(move |(i, r)| (p, i, r)))
-            .filter(|(_, _, rule)| rule.subject.matches(&ep.labels))
-            .collect();
-        let mut requires: BTreeMap<(Direction, Verdict), Vec<&EndpointSelector>> = BTreeMap::new();
-        for (_, _, rule) in &selecting {
-            for direction in Direction::BOTH {
-                for pr in rule.peer_rules(direction) {
-                    requires.entry((direction, pr.verdict)).or_default().extend(pr.requires.iter());
-                }
-            }
-        }
-        let mut r = EndpointResolver {
-            endpoint: ep,
-            endpoints,
-            universe: &universe,
-            requires,
-            allow: BTreeMap::new(),
-            deny: BTreeMap::new(),
+    resolve_full(policies, endpoints, identities, cidrs, &BTreeMap::new())
+}
+
+/// Resolves every endpoint's desired policy, with the addresses of pods (local and
+/// remote: address -> the pod's identity), so that Kubernetes NetworkPolicy ipBlocks
+/// select the pod addresses inside them (through address identities, see
+/// [`PolicyResolver`]).
+pub fn resolve_full(
+    policies: &[Policy],
+    endpoints: &[EndpointView],
+    identities: &IdentityAllocator,
+    cidrs: &CidrIdentities,
+    addresses: &BTreeMap<IpAddr, u32>,
+) -> DesiredState {
+    let mut r = PolicyResolver::new(Options::default());
+    r.set_policies(Arc::new(policies.to_vec()));
+    r.set_cidr_identities(cidrs.clone());
+    r.set_endpoints(endpoints.to_vec());
+    r.set_identities(Arc::new(identities.clone()), addresses.clone());
+    r.resolve().clone()
+}
+
+/// A direction with deny rules but no default deny (`enableDefaultDeny: false`): deny
+/// rules still apply, everything else passes. The datapath only looks policy up on
+/// enforced directions, so enforce it with an allow for every peer beside the denies
+/// (which win over it, as over every allow).
+fn open_directions_without_default_deny(policy: &mut EndpointPolicy) {
+    for direction in Direction::BOTH {
+        let enforced = match direction {
+            Direction::Ingress => &mut policy.ingress_enforced,
+            Direction::Egress => &mut policy.egress_enforced,
         };
-        let mut policy = EndpointPolicy::default();
-        for (p, rule_index, rule) in selecting {
-            policy.ingress_enforced |= rule.enforce_ingress;
-            policy.egress_enforced |= rule.enforce_egress;
-            for direction in Direction::BOTH {
-                for (peer_rule_index, pr) in rule.peer_rules(direction).iter().enumerate() {
-                    let origin = RuleOrigin {
-                        kind: p.kind,
-                        namespace: p.namespace.clone(),
-                        name: p.name.clone(),
-                        direction,
-                        rule_index,
-                        peer_rule_index,
-                        path: pr.path.clone(),
-                    };
-                    r.add(direction, pr, &origin);
-                }
-            }
+        if !*enforced && policy.entries.iter().any(|(k, v)| k.direction == direction && v.deny) {
+            *enforced = true;
+            policy.entries.retain(|k, v| k.direction != direction || v.deny);
+            let all = EntryKey { direction, identity: identity::ANY, protocol: 0, port: 0, port_prefix_len: 0 };
+            policy.entries.entry(all).or_default();
         }
-        policy.entries = r.finish();
-        // A direction with deny rules but no default deny (`enableDefaultDeny: false`):
-        // deny rules still apply, everything else passes. The datapath only looks policy up
-        // on enforced directions, so enforce it with an allow for every peer beside the
-        // denies (which win over it, as over every allow).
-        for direction in Direction::BOTH {
-            let enforced = match direction {
-                Direction::Ingress => &mut policy.ingress_enforced,
-                Direction::Egress => &mut policy.egress_enforced,
-            };
-            if !*enforced && policy.entries.iter().any(|(k, v)| k.direction == direction && v.deny) {
-                *enforced = true;
-                policy.entries.retain(|k, v| k.direction != direction || v.deny);
-                let all = EntryKey { direction, identity: identity::ANY, protocol: 0, port: 0, port_prefix_len: 0 };
-                policy.entries.entry(all).or_default();
-            }
-        }
-        state.endpoints.insert(ep.id, policy);
-    }
-    state
-}
-
-/// Every identity a peer can have.
-struct Universe<'a> {
-    identities: &'a IdentityAllocator,
-    cidrs: &'a CidrIdentities,
-    cidr_labels: BTreeMap<u32, LabelSet>,
-}
-
-impl Universe<'_> {
-    fn iter(&self) -> impl Iterator<Item = (u32, &LabelSet)> {
-        self.identities
-            .iter()
-            .map(|(id, labels, _)| (id, labels))
-            .chain(self.cidr_labels.iter().map(|(id, l)| (*id, l)))
-    }
-
-    /// The identities with the label `reserved:<name>`.
-    fn reserved(&self, name: &str) -> impl Iterator<Item = u32> {
-        self.iter().filter(move |(_, l)| l.get(name).is_some_and(|l| l.source == source::RESERVED)).map(|(id, _)| id)
-    }
-
-    fn entity(&self, entity: Entity) -> BTreeSet<u32> {
-        match entity {
-            Entity::All => BTreeSet::from([identity::ANY]),
-            Entity::None => BTreeSet::new(),
-            Entity::Cluster => {
-                let mut out: BTreeSet<u32> =
-                    self.iter().filter(|(_, l)| l.has_source(source::K8S)).map(|(id, _)| id).collect();
-                for e in [
-                    Entity::Host,
-                    Entity::RemoteNode,
-                    Entity::Init,
-                    Entity::Health,
-                    Entity::Unmanaged,
-                    Entity::KubeApiserver,
-                    Entity::Ingress,
-                ] {
-                    out.extend(self.reserved(e.as_str()));
-                }
-                out
-            }
-            named => self.reserved(named.as_str()).collect(),
-        }
-    }
-
-    /// The CIDR identities of the prefixes inside the block, and for `0.0.0.0/0` or
-    /// `::/0` the world identities of that family (the identities of addresses no named
-    /// prefix covers).
-    fn cidr(&self, block: &CidrBlock) -> BTreeSet<u32> {
-        let mut out: BTreeSet<u32> = self.cidrs.iter().filter(|(p, _)| block.covers(p)).map(|(_, id)| id).collect();
-        if block.cidr.is_everything() {
-            out.insert(identity::WORLD);
-            out.insert(if block.cidr.is_ipv4() { identity::WORLD_IPV4 } else { identity::WORLD_IPV6 });
-        }
-        out
-    }
-
-    /// The pod identities that carry the block's `ipblock:` label.
-    fn ipblock_members(&self, block: &CidrBlock) -> impl Iterator<Item = u32> {
-        let key = block.label_key();
-        self.iter().filter(move |(_, l)| l.get(&key).is_some_and(|l| l.source == IPBLOCK_SOURCE)).map(|(id, _)| id)
     }
 }
 
-/// Accumulates the entries of one endpoint.
-struct EndpointResolver<'a> {
-    endpoint: &'a EndpointView,
-    endpoints: &'a [EndpointView],
-    universe: &'a Universe<'a>,
-    /// The `fromRequires` / `toRequires` of every rule selecting the endpoint.
-    requires: BTreeMap<(Direction, Verdict), Vec<&'a EndpointSelector>>,
-    allow: BTreeMap<EntryKey, BTreeSet<RuleOrigin>>,
-    deny: BTreeMap<EntryKey, BTreeSet<RuleOrigin>>,
-}
-
-impl EndpointResolver<'_> {
-    fn add(&mut self, direction: Direction, pr: &PeerRule, origin: &RuleOrigin) {
-        let peers = self.peer_identities(direction, pr);
-        let any_port = [PortRule { protocol: Protocol::Any, port: Port::Any }];
-        let ports = if pr.ports.is_empty() { &any_port[..] } else { &pr.ports };
-        let target = match pr.verdict {
-            Verdict::Allow => &mut self.allow,
-            Verdict::Deny => &mut self.deny,
+/// The node itself may always reach its pods (kubelet probes), as Cilium's default
+/// `allow-localhost` does: an ingress-enforced endpoint gets an allow for the host
+/// identity, any protocol and port, with no rule behind it. A deny for the host (or for any
+/// peer) on some port still wins there, as for every allow.
+pub fn allow_localhost(policy: &mut EndpointPolicy) {
+    if policy.ingress_enforced {
+        let key = EntryKey {
+            direction: Direction::Ingress,
+            identity: identity::HOST,
+            protocol: 0,
+            port: 0,
+            port_prefix_len: 0,
         };
-        for &identity in &peers {
-            for port_rule in ports {
-                for (protocol, port, port_prefix_len) in
-                    l4_blocks(port_rule, direction, identity, self.endpoint, self.endpoints)
-                {
-                    let key = EntryKey { direction, identity, protocol, port, port_prefix_len };
-                    target.entry(key).or_default().insert(origin.clone());
-                }
-            }
-        }
+        policy.entries.entry(key).or_default();
     }
-
-    fn peer_identities(&self, direction: Direction, pr: &PeerRule) -> BTreeSet<u32> {
-        let list = match &pr.peers {
-            Peers::Any => return BTreeSet::from([identity::ANY]),
-            Peers::Only(list) => list,
-        };
-        let requires = self.requires.get(&(direction, pr.verdict)).map(Vec::as_slice).unwrap_or_default();
-        let mut out = BTreeSet::new();
-        for peer in list {
-            match peer {
-                Peer::Endpoints(sel) => out.extend(
-                    self.universe
-                        .iter()
-                        .filter(|(_, labels)| {
-                            endpoint_selectable(sel, labels)
-                                && sel.matches(labels)
-                                && requires.iter().all(|r| r.matches(labels))
-                        })
-                        .map(|(id, _)| id),
-                ),
-                Peer::Entity(entity) => out.extend(self.universe.entity(*entity)),
-                Peer::Cidr(block) => out.extend(self.universe.cidr(block)),
-                Peer::IpBlock(block) => {
-                    out.extend(self.universe.cidr(block));
-                    out.extend(self.universe.ipblock_members(block));
-                }
-            }
-        }
-        out
-    }
-
-    /// The allow entries that no deny covers, and the deny entries.
-    fn finish(self) -> BTreeMap<EntryKey, EntryValue> {
-        let mut out: BTreeMap<EntryKey, EntryValue> = self
-            .deny
-            .iter()
-            .map(|(k, origins)| {
-                let value = EntryValue { deny: true, origins: origins.clone() };
-                (*k, value)
-            })
-            .collect();
-        for (key, origins) in self.allow {
-            if !covered_by_deny(&key, &self.deny) {
-                out.insert(key, EntryValue { deny: false, origins });
-            }
-        }
-        out
-    }
-}
-
-/// Whether a deny entry for the same identity or for any identity covers `key`.
-fn covered_by_deny(key: &EntryKey, deny: &BTreeMap<EntryKey, BTreeSet<RuleOrigin>>) -> bool {
-    let mut ids = vec![key.identity];
-    if key.identity != identity::ANY {
-        ids.push(identity::ANY);
-    }
-    ids.into_iter().any(|id| {
-        let lo = EntryKey { direction: key.direction, identity: id, protocol: 0, port: 0, port_prefix_len: 0 };
-        let hi = EntryKey { protocol: u8::MAX, port: u16::MAX, port_prefix_len: u8::MAX, ..lo };
-        deny.range(lo..=hi).any(|(d, _)| key.l4_within(d))
-    })
 }
 
 /// Endpoint selectors select identities of pods (those with `k8s:` labels); reserved
@@ -434,7 +290,7 @@ fn l4_blocks(
     rule: &PortRule,
     direction: Direction,
     peer: u32,
-    endpoint: &EndpointView,
+    endpoint: Option<&EndpointView>,
     endpoints: &[EndpointView],
 ) -> Vec<(u8, u16, u8)> {
     // The LPM key puts the protocol before the port, so "any protocol" with a port is
@@ -473,11 +329,11 @@ fn named_ports<'a>(
     name: &'a str,
     direction: Direction,
     peer: u32,
-    endpoint: &'a EndpointView,
+    endpoint: Option<&'a EndpointView>,
     endpoints: &'a [EndpointView],
 ) -> Vec<&'a NamedPort> {
     let destinations: Vec<&EndpointView> = match direction {
-        Direction::Ingress => vec![endpoint],
+        Direction::Ingress => endpoint.into_iter().collect(),
         Direction::Egress => endpoints.iter().filter(|e| peer == identity::ANY || e.identity == peer).collect(),
     };
     destinations.into_iter().flat_map(|e| e.named_ports.iter()).filter(|np| np.name == name).collect()

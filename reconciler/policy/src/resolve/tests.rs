@@ -76,7 +76,7 @@ fn seed_allows_frontend_to_backend_only_in_the_namespace() {
     let origin = backend.entries.values().next().unwrap().origins.iter().next().unwrap();
     assert_eq!(origin.to_string(), "CiliumNetworkPolicy default/p spec.ingress[0]");
     for other in [1, 3] {
-        assert_eq!(s.endpoints[&other], EndpointPolicy::default(), "endpoint {other} is not selected");
+        assert_eq!(*s.endpoints[&other], EndpointPolicy::default(), "endpoint {other} is not selected");
     }
 }
 

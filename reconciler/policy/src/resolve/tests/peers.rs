@@ -1,7 +1,7 @@
 //! Entities, CIDR peers, ipBlocks, requirements and ICMP through the resolver.
 
 use super::*;
-use crate::cidr::{Prefix, ipblock_labels};
+use crate::cidr::Prefix;
 use crate::identity::LOCAL_SCOPE;
 
 fn policies(yaml: &str) -> Vec<Policy> {
@@ -116,53 +116,90 @@ fn deny_with_except_reopens_only_what_an_allow_permits() {
 }
 
 #[test]
-fn ip_blocks_match_outside_addresses_and_pods_inside() {
+fn ip_blocks_match_outside_addresses_and_pod_addresses_inside() {
     let yaml = knp(
         "default",
         "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.0.1.0/24]}}]}]\n",
     );
     let pols = policies(&yaml);
     let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-    assert_eq!(
-        ipblock_labels(&pols, &[ip("10.0.0.5")]).iter().map(ToString::to_string).collect::<Vec<_>>(),
-        ["ipblock:10.0.0.0/16 except 10.0.1.0/24"]
-    );
-    assert!(ipblock_labels(&pols, &[ip("10.0.1.5")]).is_empty(), "in the hole");
-    assert!(ipblock_labels(&pols, &[ip("10.1.0.5")]).is_empty(), "outside");
-
     let mut w = World::new();
-    let mut pod = |id: u16, app: &str, addr: &str| {
-        let labels: BTreeMap<String, String> = [("app".to_owned(), app.to_owned())].into();
-        let mut set = LabelSet::for_pod("default", &BTreeMap::new(), &labels, "default", "default");
-        for l in ipblock_labels(&pols, &[ip(addr)]) {
-            set.insert(l);
-        }
-        let identity = w.identities.allocate(&set);
-        w.endpoints.push(EndpointView { id, namespace: "default".into(), identity, labels: set, named_ports: vec![] });
-        identity
-    };
-    pod(1, "db", "10.5.0.1");
-    let inside = pod(2, "web", "10.0.0.7");
-    let hole = pod(3, "web", "10.0.1.7");
-    assert_ne!(inside, hole, "same labels, different ipBlock membership");
-    let s = w.resolve(&yaml);
+    let mut addresses = BTreeMap::new();
+    let db = w.pod(1, "default", &[("app", "db")], &[]);
+    addresses.insert(ip("10.5.0.1"), db);
+    // Two web pods with the same labels (one identity): one inside the block, one in the
+    // hole.
+    let web = w.pod(2, "default", &[("app", "web")], &[]);
+    assert_eq!(w.pod(3, "default", &[("app", "web")], &[]), web);
+    addresses.insert(ip("10.0.0.7"), web);
+    addresses.insert(ip("10.0.1.7"), web);
+    let cidrs = CidrIdentities::for_policies(&pols);
+    let s = resolve_full(&pols, &w.endpoints, &w.identities, &cidrs, &addresses);
+    let inside = ADDRESS_IDENTITY_BASE;
+    assert_eq!(
+        s.address_ipcache,
+        BTreeMap::from([((ip("10.0.0.7"), 32), inside)]),
+        "only the address inside the block has an address identity"
+    );
+    let labels = &s.address_identities[&inside];
+    assert_eq!(labels.get("10.0.0.0/16 except 10.0.1.0/24").map(|l| l.source.as_str()), Some("ipblock"));
+    assert_eq!(labels.get("app").map(|l| l.value.as_str()), Some("web"), "and the pod's labels");
     assert_eq!(
         shown(&s, 1),
-        [format!("ingress from {inside} * => allow"), format!("ingress from {C1} * => allow")],
-        "the pod inside and the outside addresses of 10.0.0.0/16 (not the hole, not pod {hole})"
+        [format!("ingress from {C1} * => allow"), format!("ingress from {inside} * => allow")],
+        "the pod address inside and the outside addresses of 10.0.0.0/16 (not the hole, not pod identity {web})"
     );
-    // Other selectors ignore the ipblock source: app=web still selects both pods.
-    let s = w.resolve(&cnp(
+    // Other selectors ignore the ipblock source: app=web selects the pod identity and the
+    // address identity (the address inside the block has that one).
+    let other = policies(&cnp(
         "default",
         "  endpointSelector: {matchLabels: {app: db}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: web}}]}]\n",
     ));
-    assert_eq!(shown(&s, 1), [format!("ingress from {inside} * => allow"), format!("ingress from {hole} * => allow")]);
+    let both: Vec<Policy> = pols.iter().chain(other.iter()).cloned().collect();
+    let s = resolve_full(&both, &w.endpoints, &w.identities, &CidrIdentities::for_policies(&both), &addresses);
+    assert_eq!(
+        shown(&s, 1),
+        [
+            format!("ingress from {web} * => allow"),
+            format!("ingress from {C1} * => allow"),
+            format!("ingress from {inside} * => allow")
+        ]
+    );
     // A Cilium CIDR selector never selects pods.
-    let s = w.resolve(&cnp(
+    let cidr = policies(&cnp(
         "default",
         "  endpointSelector: {matchLabels: {app: db}}\n  ingress: [{fromCIDR: [10.0.0.0/16]}]\n",
     ));
+    let s = resolve_full(&cidr, &w.endpoints, &w.identities, &CidrIdentities::for_policies(&cidr), &addresses);
     assert_eq!(shown(&s, 1), [format!("ingress from {C1} * => allow")]);
+    assert!(s.address_ipcache.is_empty(), "no ipBlock, no address identities");
+}
+
+#[test]
+fn ip_block_of_one_family_never_admits_the_other_address_of_a_dual_stack_pod() {
+    let yaml = knp(
+        "default",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{ipBlock: {cidr: fd00::30/128}}]}]\n",
+    );
+    let pols = policies(&yaml);
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let mut w = World::new();
+    let db = w.pod(1, "default", &[("app", "db")], &[]);
+    let client = w.pod(2, "default", &[("app", "client")], &[]);
+    let addresses = BTreeMap::from([
+        (ip("10.0.0.1"), db),
+        (ip("fd00::1"), db),
+        (ip("10.0.0.30"), client),
+        (ip("fd00::30"), client),
+    ]);
+    let s = resolve_full(&pols, &w.endpoints, &w.identities, &CidrIdentities::for_policies(&pols), &addresses);
+    let v6 = ADDRESS_IDENTITY_BASE;
+    assert_eq!(s.address_ipcache, BTreeMap::from([((ip("fd00::30"), 128), v6)]));
+    assert_eq!(
+        shown(&s, 1),
+        [format!("ingress from {C1} * => allow"), format!("ingress from {v6} * => allow")],
+        "the CIDR identity of fd00::30/128 and the client's IPv6 address identity, not its identity {client}"
+    );
 }
 
 #[test]

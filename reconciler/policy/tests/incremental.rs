@@ -1,0 +1,389 @@
+//! Incremental resolution equals full resolution.
+//!
+//! [`PolicyResolver::update_identities`] recomputes only the entries of identities that
+//! appear or disappear. These tests drive it through sequences of identity and address
+//! changes and, after every step, compare its state with a full resolution of the same
+//! inputs ([`same_state`]), and check that the number of changed entries it reports is
+//! the number of entries that differ from the state before. They run over:
+//!
+//! - every fixture scenario (fixtures/scenarios/*.yaml): its
+//!   pods are the local endpoints; pods appear on other nodes with the labels of each
+//!   scenario pod plus one (so that they are new identities the scenario's selectors
+//!   select), at addresses next to the scenario pod's (inside the same ipBlocks), both
+//!   families when the pod has both, and then go away again;
+//! - random synthetic clusters (policies of every kind) with random sequences of pods
+//!   appearing, disappearing and changing address.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use palisade_policy::model::{NamedPort, Peer, Policy};
+use palisade_policy::resolve::{DesiredState, EndpointView, Options, PolicyResolver};
+use palisade_policy::synth::{Cluster, Rng, Shape, namespace_labels, same_state};
+use palisade_policy::{IdentityAllocator, LabelSet, ManifestOutcome, parse_manifests};
+
+/// Entries that differ between two states.
+fn differing(a: &DesiredState, b: &DesiredState) -> usize {
+    let mut n = 0;
+    for (id, pa) in &a.endpoints {
+        let Some(pb) = b.endpoints.get(id) else { continue };
+        n += pa.entries.iter().filter(|(k, v)| pb.entries.get(k) != Some(v)).count();
+        n += pb.entries.keys().filter(|k| !pa.entries.contains_key(k)).count();
+    }
+    n
+}
+
+struct Harness {
+    policies: Arc<Vec<Policy>>,
+    endpoints: Vec<EndpointView>,
+    identities: Arc<IdentityAllocator>,
+    addresses: BTreeMap<IpAddr, u32>,
+    resolver: PolicyResolver,
+    steps: usize,
+}
+
+impl Harness {
+    fn new(
+        policies: Vec<Policy>,
+        endpoints: Vec<EndpointView>,
+        identities: IdentityAllocator,
+        addresses: BTreeMap<IpAddr, u32>,
+    ) -> Harness {
+        let policies = Arc::new(policies);
+        let identities = Arc::new(identities);
+        let mut resolver = PolicyResolver::new(Options { allow_localhost: true });
+        resolver.set_policies(policies.clone());
+        resolver.set_endpoints(endpoints.clone());
+        resolver.set_identities(identities.clone(), addresses.clone());
+        resolver.resolve();
+        Harness { policies, endpoints, identities, addresses, resolver, steps: 0 }
+    }
+
+    fn full(&self) -> PolicyResolver {
+        let mut r = PolicyResolver::new(Options { allow_localhost: true });
+        r.set_policies(self.policies.clone());
+        r.set_endpoints(self.endpoints.clone());
+        r.set_identities(self.identities.clone(), self.addresses.clone());
+        r.resolve();
+        r
+    }
+
+    /// Applies the current identities and addresses incrementally and checks the result.
+    fn step(&mut self, changed: &[u32], what: &str) {
+        let before = self.resolver.state().clone();
+        let ch = self.resolver.update_identities(self.identities.clone(), changed, self.addresses.clone());
+        assert!(!ch.full, "{what}: identity changes are incremental");
+        let fresh = self.full();
+        if let Err(e) = same_state(self.resolver.state(), fresh.state()) {
+            panic!("{what}: incremental differs from full resolution: {e}");
+        }
+        assert_eq!(ch.entries, differing(&before, self.resolver.state()), "{what}: reported changes");
+        self.steps += 1;
+    }
+
+    fn add_pod(&mut self, labels: &LabelSet, ips: &[IpAddr], what: &str) -> u32 {
+        let id = Arc::make_mut(&mut self.identities).allocate(labels);
+        for ip in ips {
+            self.addresses.insert(*ip, id);
+        }
+        self.step(&[id], what);
+        id
+    }
+
+    fn remove_pod(&mut self, id: u32, ips: &[IpAddr], what: &str) {
+        let freed = Arc::make_mut(&mut self.identities).release(id);
+        for ip in ips {
+            self.addresses.remove(ip);
+        }
+        let changed: Vec<u32> = if freed { vec![id] } else { Vec::new() };
+        self.step(&changed, what);
+    }
+}
+
+fn fixtures(dir: &str) -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(dir);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn map_of(v: Option<&serde_yaml::Value>) -> BTreeMap<String, String> {
+    v.and_then(|v| v.as_mapping())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        serde_yaml::Value::String(s) => s.clone(),
+                        other => serde_yaml::to_string(other).unwrap().trim().to_owned(),
+                    };
+                    (k.as_str().unwrap().to_owned(), v)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The address next to `ip` (`k` added to its last part).
+fn neighbour(ip: IpAddr, k: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut o = a.octets();
+            o[3] = o[3].wrapping_add(100 + k);
+            IpAddr::V4(o.into())
+        }
+        IpAddr::V6(a) => {
+            let mut o = a.octets();
+            o[15] = o[15].wrapping_add(100 + k);
+            IpAddr::V6(o.into())
+        }
+    }
+}
+
+#[test]
+fn identity_changes_on_every_fixture_scenario_equal_full_resolution() {
+    let files = fixtures("scenarios");
+    assert!(files.len() >= 80, "scenarios found: {}", files.len());
+    let mut total_steps = 0;
+    for path in files {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let mut text = String::new();
+        for p in doc.get("policies").and_then(|p| p.as_sequence()).into_iter().flatten() {
+            text.push_str("---\n");
+            text.push_str(&serde_yaml::to_string(p).unwrap());
+        }
+        let policies: Vec<Policy> = parse_manifests(&text, &name)
+            .unwrap()
+            .into_iter()
+            .filter_map(|o| match o {
+                ManifestOutcome::Accepted(p) => Some(p),
+                ManifestOutcome::Rejected(_) => None,
+            })
+            .collect();
+        let namespaces: BTreeMap<String, BTreeMap<String, String>> = doc
+            .get("namespaces")
+            .and_then(|n| n.as_mapping())
+            .map(|m| m.iter().map(|(k, v)| (k.as_str().unwrap().to_owned(), map_of(Some(v)))).collect())
+            .unwrap_or_default();
+        let mut identities = IdentityAllocator::new();
+        let mut endpoints = Vec::new();
+        let mut addresses = BTreeMap::new();
+        let mut pods = Vec::new();
+        for (i, pod) in doc.get("pods").and_then(|p| p.as_sequence()).into_iter().flatten().enumerate() {
+            let ns = pod.get("namespace").and_then(|n| n.as_str()).unwrap_or("default").to_owned();
+            let labels = map_of(pod.get("labels"));
+            let set = LabelSet::for_pod(
+                &ns,
+                &namespaces.get(&ns).cloned().unwrap_or_default(),
+                &labels,
+                "default",
+                "default",
+            );
+            let identity = identities.allocate(&set);
+            let mut ips: Vec<IpAddr> = Vec::new();
+            let v4 = pod.get("ip").and_then(|v| v.as_str()).map(|s| s.parse().unwrap());
+            ips.push(v4.unwrap_or_else(|| IpAddr::V4([10, 250, (i / 200) as u8, (i % 200) as u8 + 1].into())));
+            if let Some(v6) = pod.get("ipv6").and_then(|v| v.as_str()) {
+                ips.push(v6.parse().unwrap());
+            }
+            for ip in &ips {
+                addresses.insert(*ip, identity);
+            }
+            let named_ports = pod
+                .get("ports")
+                .and_then(|p| p.as_sequence())
+                .into_iter()
+                .flatten()
+                .filter_map(|p| {
+                    let name = p.get("name")?.as_str()?;
+                    let port = p.get("port")?.as_u64()? as u16;
+                    let proto = p.get("protocol").and_then(|v| v.as_str()).unwrap_or("TCP");
+                    NamedPort::new(name, port, proto).ok()
+                })
+                .collect();
+            endpoints.push(EndpointView {
+                id: (i + 1) as u16,
+                namespace: ns.clone(),
+                identity,
+                labels: set.clone(),
+                named_ports,
+            });
+            pods.push((ns, labels, ips));
+        }
+        let mut h = Harness::new(policies, endpoints, identities, addresses);
+        let initial = h.resolver.state().clone();
+        // Pods appear elsewhere, each like a scenario pod, then go away in another order.
+        let mut added = Vec::new();
+        for (k, (ns, labels, ips)) in pods.iter().enumerate().take(8) {
+            let mut labels = labels.clone();
+            labels.insert("instance".into(), format!("remote-{k}"));
+            let set =
+                LabelSet::for_pod(ns, &namespaces.get(ns).cloned().unwrap_or_default(), &labels, "default", "default");
+            let remote: Vec<IpAddr> = ips.iter().map(|ip| neighbour(*ip, k as u8)).collect();
+            let id = h.add_pod(&set, &remote, &format!("{name}: pod like {ns}/{k} appears"));
+            added.push((id, remote));
+        }
+        // One address moves out of (or into) the neighbourhood: same identity, new address.
+        if let Some((id, remote)) = added.first_mut() {
+            let old = remote[0];
+            h.addresses.remove(&old);
+            let moved = neighbour(old, 50);
+            h.addresses.insert(moved, *id);
+            remote[0] = moved;
+            h.step(&[], &format!("{name}: an address moves"));
+        }
+        for (id, remote) in added.into_iter().rev() {
+            h.remove_pod(id, &remote, &format!("{name}: pod {id} goes away"));
+        }
+        if let Err(e) = same_state(h.resolver.state(), &initial) {
+            panic!("{name}: back where it started, but: {e}");
+        }
+        total_steps += h.steps;
+    }
+    assert!(total_steps > 500, "steps: {total_steps}");
+}
+
+/// Every ipBlock of the policies.
+fn ip_blocks(policies: &[Policy]) -> Vec<palisade_policy::CidrBlock> {
+    policies
+        .iter()
+        .flat_map(|p| &p.rules)
+        .flat_map(|r| r.ingress.iter().chain(&r.egress))
+        .flat_map(|pr| pr.peers.list())
+        .filter_map(|p| match p {
+            Peer::IpBlock(b) => Some(b.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn random_identity_changes_on_synthetic_clusters_equal_full_resolution() {
+    for seed in 1..=6 {
+        let shape = Shape { namespaces: 5, identities: 150, endpoints: 40, rules: 120, apps: 6, seed };
+        let c = Cluster::generate(shape);
+        let blocks = ip_blocks(&c.policies);
+        let mut rng = Rng::new(seed * 77);
+        let mut h = Harness::new(c.policies.clone(), c.endpoints.clone(), c.identities.clone(), c.addresses.clone());
+        let mut remote: Vec<(u32, Vec<IpAddr>)> = Vec::new();
+        for step in 0..30 {
+            match rng.below(4) {
+                0 | 1 => {
+                    // A new pod elsewhere: an app of some namespace, a new version; its
+                    // address sometimes inside an ipBlock, sometimes dual stack.
+                    let n = rng.below(shape.namespaces);
+                    let app = rng.below(shape.apps);
+                    let pod = BTreeMap::from([
+                        ("app".to_owned(), format!("app-{app}")),
+                        ("tier".to_owned(), ["web", "api", "db", "cache"][app % 4].to_owned()),
+                        ("version".to_owned(), format!("r{}", rng.below(3))),
+                    ]);
+                    let set = LabelSet::for_pod(
+                        &format!("ns-{n}"),
+                        &namespace_labels(n),
+                        &pod,
+                        &format!("sa-{app}"),
+                        "default",
+                    );
+                    let mut ips = vec![if !blocks.is_empty() && rng.chance(50) {
+                        let b = &blocks[rng.below(blocks.len())];
+                        let IpAddr::V4(a) = b.cidr.addr() else { unreachable!() };
+                        IpAddr::V4((u32::from(a) + rng.below(256) as u32).into())
+                    } else {
+                        IpAddr::V4([10, 201, (step / 200) as u8, rng.below(250) as u8 + 1].into())
+                    }];
+                    if rng.chance(30) {
+                        ips.push(format!("fd00:10::{}:{}", seed, step).parse().unwrap());
+                    }
+                    ips.retain(|ip| !h.addresses.contains_key(ip));
+                    let id = h.add_pod(&set, &ips, &format!("seed {seed} step {step}: pod appears"));
+                    remote.push((id, ips));
+                }
+                2 if !remote.is_empty() => {
+                    let (id, ips) = remote.remove(rng.below(remote.len()));
+                    h.remove_pod(id, &ips, &format!("seed {seed} step {step}: pod goes away"));
+                }
+                _ => {
+                    // A pod of the original cluster (not local) changes address.
+                    let addrs: Vec<(IpAddr, u32)> = h.addresses.iter().map(|(a, i)| (*a, *i)).collect();
+                    let (addr, id) = addrs[rng.below(addrs.len())];
+                    h.addresses.remove(&addr);
+                    let moved = neighbour(addr, rng.below(100) as u8);
+                    h.addresses.entry(moved).or_insert(id);
+                    h.step(&[], &format!("seed {seed} step {step}: address moves"));
+                }
+            }
+        }
+    }
+}
+
+/// Allows for a new identity that a deny for every peer covers are never written, and
+/// removing the identity removes exactly its entries.
+#[test]
+fn a_deny_for_every_peer_covers_identities_that_appear_later() {
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: web}}]
+      toPorts: [{ports: [{port: "5432", protocol: TCP}, {port: "8008", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: no-debug-ports}
+spec:
+  endpointSelector: {}
+  ingressDeny:
+    - fromEntities: [all]
+      toPorts: [{ports: [{port: "8000", endPort: 8015, protocol: TCP}]}]
+"#;
+    let policies: Vec<Policy> = parse_manifests(yaml, "t.yaml")
+        .unwrap()
+        .into_iter()
+        .map(|o| match o {
+            ManifestOutcome::Accepted(p) => p,
+            ManifestOutcome::Rejected(e) => panic!("{e}"),
+        })
+        .collect();
+    let pod = |app: &str, v: &str| {
+        let labels = BTreeMap::from([("app".to_owned(), app.to_owned()), ("version".to_owned(), v.to_owned())]);
+        LabelSet::for_pod("shop", &BTreeMap::new(), &labels, "default", "default")
+    };
+    let mut identities = IdentityAllocator::new();
+    let db = identities.allocate(&pod("db", "1"));
+    let endpoints = vec![EndpointView {
+        id: 1,
+        namespace: "shop".into(),
+        identity: db,
+        labels: pod("db", "1"),
+        named_ports: Vec::new(),
+    }];
+    let addresses = BTreeMap::from([("10.0.0.1".parse().unwrap(), db)]);
+    let mut h = Harness::new(policies, endpoints, identities, addresses);
+    let mut added = Vec::new();
+    for k in 0..4u8 {
+        let ip: IpAddr = IpAddr::V4([10, 0, 1, k].into());
+        let id = h.add_pod(&pod("web", &k.to_string()), &[ip], &format!("web {k} appears"));
+        let entries: Vec<String> = h.resolver.state().endpoints[&1]
+            .entries
+            .iter()
+            .filter(|(key, _)| key.identity == id)
+            .map(|(key, v)| format!("{key} {}", v.deny))
+            .collect();
+        assert!(!entries.iter().any(|e| e.contains("TCP/8008")), "the deny for any peer covers it: {entries:?}");
+        assert!(entries.iter().any(|e| e.contains("TCP/5432")), "{entries:?}");
+        added.push((id, ip));
+    }
+    for (id, ip) in added {
+        h.remove_pod(id, &[ip], &format!("{id} goes away"));
+    }
+}
