@@ -23,12 +23,6 @@ use palisade_testbed::scenario::{self, HostRef, IpFamily};
 use palisade_testbed::session::{RunNames, RunOptions, Session};
 use palisade_testbed::topology::node_netns_name;
 
-fn agent_binary() -> PathBuf {
-    std::env::var_os("PALISADE_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
-}
-
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }

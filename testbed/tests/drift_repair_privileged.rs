@@ -7,7 +7,7 @@
 //! Needs root and the binaries built (`cargo build --bins`).
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -47,12 +47,6 @@ probes:
 
 /// The longest the test waits for a repair (the agent checks every second).
 const REPAIR_WAIT: Duration = Duration::from_secs(15);
-
-fn agent_binary() -> PathBuf {
-    std::env::var_os("PALISADE_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
-}
 
 async fn verdicts(session: &Session, probes: &[PlanProbe]) -> Vec<(Observed, String)> {
     session

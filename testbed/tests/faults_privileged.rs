@@ -10,7 +10,7 @@ mod common;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -49,12 +49,6 @@ probes:
 "#;
 
 const ACTORS: [&str; 5] = ["policy_watch", "endpoint_tracker", "identity_cache", "resolver", "map_writer"];
-
-fn agent_binary() -> PathBuf {
-    std::env::var_os("PALISADE_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
-}
 
 fn setup(tag: &str, args: &[&str]) -> Option<(Plan, RunNames, RunOptions)> {
     if !is_root() {

@@ -8,20 +8,14 @@ mod common;
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::BIN;
+use common::agent_binary;
 use palisade_agent::api::client::Client;
 use palisade_testbed::kubeapi::KubeApiServer;
 use serde_json::{Value, json};
-
-fn agent_binary() -> PathBuf {
-    std::env::var_os("PALISADE_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
-}
 
 // ---------------------------------------------------------------- throwaway namespace
 

@@ -6,7 +6,7 @@
 //! and the binaries built (`cargo build --bins`).
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -46,12 +46,6 @@ probes:
   - {from: shop/other, to: shop/server, port: 80, protocol: TCP, expect: deny}
   - {from: shop/client, to: shop/other, port: 80, protocol: TCP, expect: allow}
 "#;
-
-fn agent_binary() -> PathBuf {
-    std::env::var_os("PALISADE_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
-}
 
 /// The probes' verdicts, in the scenario's order.
 async fn verdicts(session: &Session, plan: &Plan) -> Vec<Observed> {

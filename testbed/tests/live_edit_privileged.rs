@@ -5,7 +5,7 @@
 //! -> allow. Needs root and the binaries built (`cargo build --bins`).
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -36,12 +36,6 @@ probes:
   - {from: default/client, to: default/server, port: 80, protocol: TCP, expect: allow}
   - {from: default/client, to: default/server, port: 81, protocol: TCP, expect: deny}
 "#;
-
-fn agent_binary() -> PathBuf {
-    std::env::var_os("PALISADE_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
-}
 
 /// Runs `p` and returns what it observed, with its detail for messages.
 async fn observe(session: &Session, p: &PlanProbe) -> (Observed, String) {

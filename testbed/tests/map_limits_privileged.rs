@@ -8,7 +8,7 @@
 //! Needs root and the binaries built (`cargo build --bins`).
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -55,12 +55,6 @@ spec:
 "#;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn agent_binary() -> PathBuf {
-    std::env::var_os("PALISADE_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
-}
 
 async fn observe(session: &Session, probes: &[PlanProbe]) -> Vec<(Observed, String)> {
     session

@@ -7,7 +7,7 @@
 //! to the maps (every apply since it started planned zero operations). Needs root and the binaries built (`cargo build --bins`).
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -51,12 +51,6 @@ const RESTARTS: usize = 12;
 /// Bounds of the background probing.
 const MAX_ROUNDS: usize = 20_000;
 const MAX_PROBING: Duration = Duration::from_secs(240);
-
-fn agent_binary() -> PathBuf {
-    std::env::var_os("PALISADE_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
-}
 
 /// Map operations of every apply since the agent last started ("datapath loaded"), from its log.
 fn operations_since_start(log: &Path) -> Vec<u64> {

@@ -10,6 +10,13 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios").join(name)
 }
 
+/// The agent binary the tests run: $PALISADE_AGENT, else the one built beside the testbed.
+pub fn agent_binary() -> PathBuf {
+    std::env::var_os("PALISADE_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
