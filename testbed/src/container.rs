@@ -28,13 +28,16 @@ pub struct Dockerd {
 }
 
 impl Dockerd {
-    /// Starts `dockerd` with its state under `$TMPDIR/palisade-testbed-<pid>-docker`.
+    /// Starts `dockerd` with its state under `$TMPDIR/palisade-testbed-<pid>-docker<n>`.
     /// `Err` says why a Docker engine cannot run here (for a test to skip with that reason).
     pub fn start() -> Result<Dockerd, String> {
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let pid = std::process::id();
         let dockerd = which("dockerd").ok_or("dockerd is not installed (ci/setup.sh installs docker.io)")?;
         which("docker").ok_or("the docker client is not installed")?;
-        let dir = std::env::temp_dir().join(format!("palisade-testbed-{pid}-docker"));
+        // Unique per engine: tests of one process may each start one.
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("palisade-testbed-{pid}-docker{n}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let host = format!("unix://{}", dir.join("docker.sock").display());
@@ -55,7 +58,7 @@ impl Dockerd {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("starting dockerd: {e}"))?;
-        let mut d = Dockerd { child: Some(child), dir, host, label: format!("palisade-testbed={pid}") };
+        let mut d = Dockerd { child: Some(child), dir, host, label: format!("palisade-testbed={pid}-{n}") };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if d.docker(&["version", "--format", "{{.Server.Version}}"]).is_ok() {

@@ -23,12 +23,16 @@ use palisade_testbed::scenario::{self, HostRef, IpFamily};
 use palisade_testbed::session::{RunNames, RunOptions, Session};
 use palisade_testbed::topology::node_netns_name;
 
+/// One Docker engine at a time: the tests of this file run one after the other.
+static ENGINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 #[test]
 fn the_containerized_agent_enforces_the_seed_scenario_privileged() {
+    let _engine = ENGINE.lock().unwrap_or_else(|e| e.into_inner());
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
@@ -98,6 +102,7 @@ const RESTARTS: usize = 10;
 
 #[test]
 fn the_containerized_agent_restarts_with_zero_wrong_verdicts_privileged() {
+    let _engine = ENGINE.lock().unwrap_or_else(|e| e.into_inner());
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
