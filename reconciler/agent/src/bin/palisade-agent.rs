@@ -232,7 +232,9 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("palisade-agent: {e}");
-            std::process::ExitCode::FAILURE
+            // Out at once: dropping the actor system after its runtime has stopped only adds
+            // panics to the log. The datapath stays loaded, as on any exit.
+            std::process::exit(1)
         }
     }
 }
