@@ -187,10 +187,13 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
     // ICMP is left out: its conntrack key (echo identifier, or none) does not pin the type
     // that policy matches.
     let cacheable = enforced && !new_flow && generation != 0 && pkt.icmp_class == icmp_class::NONE;
-    if cacheable && fwd.is_some_and(|p| conntrack::allowed_at(p, dir) == generation) {
+    if let Some(p) = fwd
+        && cacheable
+        && conntrack::allowed_at(p, dir) == generation
+    {
         v.reason = reason::ALLOWED_BY_POLICY;
         // SAFETY: as above.
-        v.cookie = fwd.map_or(0, |p| unsafe { (*p).cookie });
+        v.cookie = unsafe { (*p).cookie };
     } else if enforced {
         v.peer_identity = peer_identity(dir, pkt);
         let p = policy::check(ep.endpoint_id as u16, dir, v.peer_identity, pkt.protocol, pkt.policy_port);
