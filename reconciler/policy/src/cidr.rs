@@ -98,6 +98,23 @@ impl Prefix {
         self.addr.is_ipv4() == other.addr.is_ipv4() && other.len >= self.len && mask(other.addr, self.len) == self.addr
     }
 
+    /// Bounds that every prefix inside this one lies between, in the order of [`Prefix`]
+    /// (address, then length): for a range query over an ordered set of prefixes. A
+    /// prefix in the range lies inside this one when its length is at least this one's.
+    pub fn inner_bounds(&self) -> (Prefix, Prefix) {
+        let last = match self.addr {
+            IpAddr::V4(a) => {
+                let host = u32::MAX.checked_shr(u32::from(self.len)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) | host))
+            }
+            IpAddr::V6(a) => {
+                let host = u128::MAX.checked_shr(u32::from(self.len)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) | host))
+            }
+        };
+        (Prefix { addr: self.addr, len: 0 }, Prefix { addr: last, len: u8::MAX })
+    }
+
     /// Whether `ip` lies inside this prefix.
     pub fn contains_ip(&self, ip: IpAddr) -> bool {
         self.contains(&Prefix::host(ip))

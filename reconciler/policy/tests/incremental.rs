@@ -24,14 +24,20 @@ use palisade_policy::resolve::{DesiredState, EndpointView, Options, PolicyResolv
 use palisade_policy::synth::{Cluster, Rng, Shape, namespace_labels, same_state};
 use palisade_policy::{IdentityAllocator, LabelSet, ManifestOutcome, parse_manifests};
 
-/// Entries that differ between two states.
+/// Entries that differ between two states (all of an endpoint's entries when it is in
+/// one state only).
 fn differing(a: &DesiredState, b: &DesiredState) -> usize {
     let mut n = 0;
     for (id, pa) in &a.endpoints {
-        let Some(pb) = b.endpoints.get(id) else { continue };
+        let Some(pb) = b.endpoints.get(id) else {
+            n += pa.entries.len();
+            continue;
+        };
         n += pa.entries.iter().filter(|(k, v)| pb.entries.get(k) != Some(v)).count();
         n += pb.entries.keys().filter(|k| !pa.entries.contains_key(k)).count();
     }
+    n +=
+        b.endpoints.iter().filter(|(id, _)| !a.endpoints.contains_key(id)).map(|(_, p)| p.entries.len()).sum::<usize>();
     n
 }
 
@@ -61,20 +67,26 @@ impl Harness {
         Harness { policies, endpoints, identities, addresses, resolver, steps: 0 }
     }
 
+    /// A fresh resolver given the same inputs (and the incremental one's CIDR identity
+    /// numbers, which a fresh one would number from the start), resolved in full.
     fn full(&self) -> PolicyResolver {
         let mut r = PolicyResolver::new(Options { allow_localhost: true });
         r.set_policies(self.policies.clone());
+        r.set_cidr_identities(self.resolver.cidr_identities().clone());
         r.set_endpoints(self.endpoints.clone());
         r.set_identities(self.identities.clone(), self.addresses.clone());
         r.resolve();
         r
     }
 
-    /// Applies the current identities and addresses incrementally and checks the result.
+    /// Applies the current policies, endpoints, identities and addresses incrementally
+    /// and checks the result.
     fn step(&mut self, changed: &[u32], what: &str) {
         let before = self.resolver.state().clone();
+        self.resolver.set_policies(self.policies.clone());
+        self.resolver.set_endpoints(self.endpoints.clone());
         let ch = self.resolver.update_identities(self.identities.clone(), changed, self.addresses.clone());
-        assert!(!ch.full, "{what}: identity changes are incremental");
+        assert!(!ch.full, "{what}: changes are incremental");
         let fresh = self.full();
         if let Err(e) = same_state(self.resolver.state(), fresh.state()) {
             panic!("{what}: incremental differs from full resolution: {e}");
@@ -99,6 +111,41 @@ impl Harness {
         }
         let changed: Vec<u32> = if freed { vec![id] } else { Vec::new() };
         self.step(&changed, what);
+    }
+
+    /// A local endpoint goes (with its addresses and its identity reference).
+    fn remove_endpoint(&mut self, k: usize, what: &str) -> (EndpointView, Vec<IpAddr>) {
+        let ep = self.endpoints.remove(k);
+        let ips: Vec<IpAddr> = self.addresses.iter().filter(|(_, id)| **id == ep.identity).map(|(ip, _)| *ip).collect();
+        // Addresses of this endpoint only: other pods with the same identity keep theirs.
+        let others = self.endpoints.iter().any(|e| e.identity == ep.identity);
+        let ips = if others { Vec::new() } else { ips };
+        for ip in &ips {
+            self.addresses.remove(ip);
+        }
+        let freed = Arc::make_mut(&mut self.identities).release(ep.identity);
+        let changed: Vec<u32> = if freed { vec![ep.identity] } else { Vec::new() };
+        self.step(&changed, what);
+        (ep, ips)
+    }
+
+    /// A local endpoint comes (back), with `labels`, at `ips`.
+    fn add_endpoint(&mut self, mut ep: EndpointView, labels: LabelSet, ips: &[IpAddr], what: &str) {
+        let known = self.identities.lookup(&labels).is_some();
+        ep.identity = Arc::make_mut(&mut self.identities).allocate(&labels);
+        ep.labels = labels;
+        for ip in ips {
+            self.addresses.insert(*ip, ep.identity);
+        }
+        let at = self.endpoints.iter().position(|e| e.id > ep.id).unwrap_or(self.endpoints.len());
+        let changed: Vec<u32> = if known { Vec::new() } else { vec![ep.identity] };
+        self.endpoints.insert(at, ep);
+        self.step(&changed, what);
+    }
+
+    fn set_policies(&mut self, policies: Vec<Policy>, what: &str) {
+        self.policies = Arc::new(policies);
+        self.step(&[], what);
     }
 }
 
@@ -145,77 +192,89 @@ fn neighbour(ip: IpAddr, k: u8) -> IpAddr {
     }
 }
 
+/// A fixture scenario as resolver inputs.
+struct Scenario {
+    name: String,
+    policies: Vec<Policy>,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    identities: IdentityAllocator,
+    endpoints: Vec<EndpointView>,
+    addresses: BTreeMap<IpAddr, u32>,
+    /// Per pod: namespace, labels, addresses.
+    pods: Vec<(String, BTreeMap<String, String>, Vec<IpAddr>)>,
+}
+
+fn load(path: &Path) -> Scenario {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut text = String::new();
+    for p in doc.get("policies").and_then(|p| p.as_sequence()).into_iter().flatten() {
+        text.push_str("---\n");
+        text.push_str(&serde_yaml::to_string(p).unwrap());
+    }
+    let policies: Vec<Policy> = parse_manifests(&text, &name)
+        .unwrap()
+        .into_iter()
+        .filter_map(|o| match o {
+            ManifestOutcome::Accepted(p) => Some(p),
+            ManifestOutcome::Rejected(_) => None,
+        })
+        .collect();
+    let namespaces: BTreeMap<String, BTreeMap<String, String>> = doc
+        .get("namespaces")
+        .and_then(|n| n.as_mapping())
+        .map(|m| m.iter().map(|(k, v)| (k.as_str().unwrap().to_owned(), map_of(Some(v)))).collect())
+        .unwrap_or_default();
+    let mut identities = IdentityAllocator::new();
+    let mut endpoints = Vec::new();
+    let mut addresses = BTreeMap::new();
+    let mut pods = Vec::new();
+    for (i, pod) in doc.get("pods").and_then(|p| p.as_sequence()).into_iter().flatten().enumerate() {
+        let ns = pod.get("namespace").and_then(|n| n.as_str()).unwrap_or("default").to_owned();
+        let labels = map_of(pod.get("labels"));
+        let set =
+            LabelSet::for_pod(&ns, &namespaces.get(&ns).cloned().unwrap_or_default(), &labels, "default", "default");
+        let identity = identities.allocate(&set);
+        let mut ips: Vec<IpAddr> = Vec::new();
+        let v4 = pod.get("ip").and_then(|v| v.as_str()).map(|s| s.parse().unwrap());
+        ips.push(v4.unwrap_or_else(|| IpAddr::V4([10, 250, (i / 200) as u8, (i % 200) as u8 + 1].into())));
+        if let Some(v6) = pod.get("ipv6").and_then(|v| v.as_str()) {
+            ips.push(v6.parse().unwrap());
+        }
+        for ip in &ips {
+            addresses.insert(*ip, identity);
+        }
+        let named_ports = pod
+            .get("ports")
+            .and_then(|p| p.as_sequence())
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let name = p.get("name")?.as_str()?;
+                let port = p.get("port")?.as_u64()? as u16;
+                let proto = p.get("protocol").and_then(|v| v.as_str()).unwrap_or("TCP");
+                NamedPort::new(name, port, proto).ok()
+            })
+            .collect();
+        endpoints.push(EndpointView {
+            id: (i + 1) as u16,
+            namespace: ns.clone(),
+            identity,
+            labels: set.clone(),
+            named_ports,
+        });
+        pods.push((ns, labels, ips));
+    }
+    Scenario { name, policies, namespaces, identities, endpoints, addresses, pods }
+}
+
 #[test]
 fn identity_changes_on_every_fixture_scenario_equal_full_resolution() {
     let files = fixtures("scenarios");
     assert!(files.len() >= 80, "scenarios found: {}", files.len());
     let mut total_steps = 0;
     for path in files {
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        let mut text = String::new();
-        for p in doc.get("policies").and_then(|p| p.as_sequence()).into_iter().flatten() {
-            text.push_str("---\n");
-            text.push_str(&serde_yaml::to_string(p).unwrap());
-        }
-        let policies: Vec<Policy> = parse_manifests(&text, &name)
-            .unwrap()
-            .into_iter()
-            .filter_map(|o| match o {
-                ManifestOutcome::Accepted(p) => Some(p),
-                ManifestOutcome::Rejected(_) => None,
-            })
-            .collect();
-        let namespaces: BTreeMap<String, BTreeMap<String, String>> = doc
-            .get("namespaces")
-            .and_then(|n| n.as_mapping())
-            .map(|m| m.iter().map(|(k, v)| (k.as_str().unwrap().to_owned(), map_of(Some(v)))).collect())
-            .unwrap_or_default();
-        let mut identities = IdentityAllocator::new();
-        let mut endpoints = Vec::new();
-        let mut addresses = BTreeMap::new();
-        let mut pods = Vec::new();
-        for (i, pod) in doc.get("pods").and_then(|p| p.as_sequence()).into_iter().flatten().enumerate() {
-            let ns = pod.get("namespace").and_then(|n| n.as_str()).unwrap_or("default").to_owned();
-            let labels = map_of(pod.get("labels"));
-            let set = LabelSet::for_pod(
-                &ns,
-                &namespaces.get(&ns).cloned().unwrap_or_default(),
-                &labels,
-                "default",
-                "default",
-            );
-            let identity = identities.allocate(&set);
-            let mut ips: Vec<IpAddr> = Vec::new();
-            let v4 = pod.get("ip").and_then(|v| v.as_str()).map(|s| s.parse().unwrap());
-            ips.push(v4.unwrap_or_else(|| IpAddr::V4([10, 250, (i / 200) as u8, (i % 200) as u8 + 1].into())));
-            if let Some(v6) = pod.get("ipv6").and_then(|v| v.as_str()) {
-                ips.push(v6.parse().unwrap());
-            }
-            for ip in &ips {
-                addresses.insert(*ip, identity);
-            }
-            let named_ports = pod
-                .get("ports")
-                .and_then(|p| p.as_sequence())
-                .into_iter()
-                .flatten()
-                .filter_map(|p| {
-                    let name = p.get("name")?.as_str()?;
-                    let port = p.get("port")?.as_u64()? as u16;
-                    let proto = p.get("protocol").and_then(|v| v.as_str()).unwrap_or("TCP");
-                    NamedPort::new(name, port, proto).ok()
-                })
-                .collect();
-            endpoints.push(EndpointView {
-                id: (i + 1) as u16,
-                namespace: ns.clone(),
-                identity,
-                labels: set.clone(),
-                named_ports,
-            });
-            pods.push((ns, labels, ips));
-        }
+        let Scenario { name, policies, namespaces, identities, endpoints, addresses, pods } = load(&path);
         let mut h = Harness::new(policies, endpoints, identities, addresses);
         let initial = h.resolver.state().clone();
         // Pods appear elsewhere, each like a scenario pod, then go away in another order.
@@ -247,6 +306,55 @@ fn identity_changes_on_every_fixture_scenario_equal_full_resolution() {
         total_steps += h.steps;
     }
     assert!(total_steps > 500, "steps: {total_steps}");
+}
+
+/// Policies removed and put back one by one, endpoints going and coming back, an
+/// endpoint relabelled (a new identity), on every fixture scenario: after every step the
+/// incremental state equals full resolution, and the end state equals the start.
+#[test]
+fn policy_and_endpoint_changes_on_every_fixture_scenario_equal_full_resolution() {
+    let mut total_steps = 0;
+    for path in fixtures("scenarios") {
+        let Scenario { name, policies, namespaces, identities, endpoints, addresses, pods } = load(&path);
+        let mut h = Harness::new(policies.clone(), endpoints, identities, addresses);
+        let initial = h.resolver.state().clone();
+        for k in 0..policies.len() {
+            let mut fewer = policies.clone();
+            let p = fewer.remove(k);
+            h.set_policies(fewer, &format!("{name}: policy {} removed", p.name));
+            h.set_policies(policies.clone(), &format!("{name}: policy {} back", p.name));
+        }
+        // Every policy's rules under the next one's name (a changed policy, same names).
+        if policies.len() > 1 {
+            let mut shifted = policies.clone();
+            for k in 0..shifted.len() {
+                shifted[k].rules = policies[(k + 1) % policies.len()].rules.clone();
+            }
+            h.set_policies(shifted, &format!("{name}: every policy's rules changed"));
+            h.set_policies(policies.clone(), &format!("{name}: every policy back"));
+        }
+        for k in 0..h.endpoints.len().min(6) {
+            let (ep, ips) = h.remove_endpoint(k, &format!("{name}: endpoint {k} goes"));
+            let labels = ep.labels.clone();
+            h.add_endpoint(ep, labels, &ips, &format!("{name}: endpoint {k} comes back"));
+        }
+        if let Some((ns, labels, _)) = pods.first() {
+            let (ep, ips) = h.remove_endpoint(0, &format!("{name}: endpoint 0 goes to be relabelled"));
+            let mut relabelled = labels.clone();
+            relabelled.insert("instance".into(), "relabelled".into());
+            let ns_labels = namespaces.get(ns).cloned().unwrap_or_default();
+            let set = LabelSet::for_pod(ns, &ns_labels, &relabelled, "default", "default");
+            h.add_endpoint(ep, set, &ips, &format!("{name}: endpoint 0 relabelled"));
+            let (ep, ips) = h.remove_endpoint(0, &format!("{name}: relabelled endpoint goes"));
+            let set = LabelSet::for_pod(ns, &ns_labels, labels, "default", "default");
+            h.add_endpoint(ep, set, &ips, &format!("{name}: endpoint 0 back"));
+        }
+        if let Err(e) = same_state(h.resolver.state(), &initial) {
+            panic!("{name}: back where it started, but: {e}");
+        }
+        total_steps += h.steps;
+    }
+    assert!(total_steps > 1000, "steps: {total_steps}");
 }
 
 /// Every ipBlock of the policies.
@@ -317,6 +425,61 @@ fn random_identity_changes_on_synthetic_clusters_equal_full_resolution() {
                     let moved = neighbour(addr, rng.below(100) as u8);
                     h.addresses.entry(moved).or_insert(id);
                     h.step(&[], &format!("seed {seed} step {step}: address moves"));
+                }
+            }
+        }
+    }
+}
+
+/// Random sequences of policies removed, put back and changed, and endpoints going,
+/// coming back and relabelled, with pods appearing elsewhere in between, on random
+/// synthetic clusters: incremental equals full resolution after every step.
+#[test]
+fn random_policy_and_endpoint_changes_on_synthetic_clusters_equal_full_resolution() {
+    for seed in 1..=6 {
+        let shape = Shape { namespaces: 4, identities: 120, endpoints: 30, rules: 80, apps: 6, seed };
+        let c = Cluster::generate(shape);
+        let mut rng = Rng::new(seed * 131);
+        let mut h = Harness::new(c.policies.clone(), c.endpoints.clone(), c.identities.clone(), c.addresses.clone());
+        let mut removed: Vec<Policy> = Vec::new();
+        let mut gone: Vec<(EndpointView, Vec<IpAddr>)> = Vec::new();
+        for step in 0..40 {
+            let what = format!("seed {seed} step {step}");
+            let mut policies = (*h.policies).clone();
+            match rng.below(6) {
+                0 if policies.len() > 1 => {
+                    removed.push(policies.remove(rng.below(policies.len())));
+                    h.set_policies(policies, &format!("{what}: a policy removed"));
+                }
+                1 if !removed.is_empty() => {
+                    policies.push(removed.remove(rng.below(removed.len())));
+                    h.set_policies(policies, &format!("{what}: a policy put back"));
+                }
+                2 if policies.len() > 1 => {
+                    let (a, b) = (rng.below(policies.len()), rng.below(policies.len()));
+                    policies[a].rules = c.policies[b % c.policies.len()].rules.clone();
+                    h.set_policies(policies, &format!("{what}: a policy changed"));
+                }
+                3 if h.endpoints.len() > 1 => {
+                    let k = rng.below(h.endpoints.len());
+                    gone.push(h.remove_endpoint(k, &format!("{what}: an endpoint goes")));
+                }
+                4 if !gone.is_empty() => {
+                    let (ep, ips) = gone.remove(rng.below(gone.len()));
+                    let labels = if rng.chance(50) {
+                        ep.labels.clone()
+                    } else {
+                        // Another endpoint's labels: a relabelled pod.
+                        c.endpoints[rng.below(c.endpoints.len())].labels.clone()
+                    };
+                    h.add_endpoint(ep, labels, &ips, &format!("{what}: an endpoint comes (back)"));
+                }
+                _ => {
+                    let labels = c.label_sets[rng.below(c.label_sets.len())].clone();
+                    let mut labels = labels;
+                    labels.insert(palisade_policy::Label::new("k8s", "instance", &format!("s{step}")));
+                    let ip = IpAddr::V4([10, 202, seed as u8, step as u8 + 1].into());
+                    h.add_pod(&labels, &[ip], &format!("{what}: a pod appears elsewhere"));
                 }
             }
         }

@@ -41,7 +41,7 @@ use super::{
 use crate::cidr::{CidrBlock, CidrIdentities, IPBLOCK_SOURCE, Prefix};
 use crate::identity::{self, IdentityAllocator};
 use crate::labels::{Label, LabelSet, source};
-use crate::model::{Direction, Entity, Peer, Peers, Policy, PortRule, Verdict};
+use crate::model::{Direction, Entity, Peer, Peers, Policy, PolicyKind, PortRule, Rule, Verdict};
 use crate::selector::{EndpointSelector, Operator};
 
 /// Address identities are numbered from here: node-local scope, upper half (CIDR
@@ -129,10 +129,18 @@ enum PeerRef {
 /// One rule of one policy, compiled.
 #[derive(Clone, Debug)]
 struct FlatRule {
-    policy: usize,
-    rule: usize,
+    subject: EndpointSelector,
+    /// Whether the rule puts ingress, egress under default deny.
+    enforce: [bool; 2],
     /// (compiled peer rule, its peers).
     peer_rules: Vec<(u32, Vec<PeerRef>)>,
+}
+
+/// A policy's name: policies with the same name replace each other.
+type PolicyId = (PolicyKind, Option<String>, String);
+
+fn policy_id(p: &Policy) -> PolicyId {
+    (p.kind, p.namespace.clone(), p.name.clone())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,6 +287,9 @@ pub struct PolicyResolver {
     ip_blocks: Vec<CidrBlock>,
 
     peers: Vec<Peer>,
+    /// Peer -> its number in `peers` (numbers stay while the compilation lives, so
+    /// selections survive policy changes).
+    peer_ids: HashMap<Peer, u32>,
     requires: Vec<EndpointSelector>,
     rules: Vec<CompiledPeerRule>,
     origins: Vec<RuleOrigin>,
@@ -294,10 +305,22 @@ pub struct PolicyResolver {
     selections: Vec<Selection>,
     selection_of: HashMap<SelKey, usize>,
     /// Per flattened rule (policy, rule index): its compiled peer rules and their peers.
+    /// Append-only between full resolutions: a changed policy's rules are compiled anew
+    /// and the old ones are left behind (`dead_rules` counts them).
     flat_rules: Vec<FlatRule>,
+    /// The flat rules of every policy the state reflects, by name.
+    policy_rules: HashMap<PolicyId, Vec<usize>>,
+    dead_rules: usize,
+    /// The policies and endpoints the state reflects (the next update compares the
+    /// current ones with these).
+    applied_policies: Arc<Vec<Policy>>,
+    applied_endpoints: HashMap<u16, EndpointView>,
+    /// CIDR identities in the universe, by prefix (for range queries).
+    cidr_ids: BTreeMap<Prefix, u32>,
     endpoint_state: BTreeMap<u16, EndpointState>,
     state: DesiredState,
-    /// Policies or endpoints changed since the last full resolution.
+    /// Nothing resolved yet, or an update cannot be done incrementally: the next
+    /// resolution is a full one.
     stale: bool,
 }
 
@@ -320,6 +343,7 @@ impl PolicyResolver {
             address_of: BTreeMap::new(),
             ip_blocks: Vec::new(),
             peers: Vec::new(),
+            peer_ids: HashMap::new(),
             requires: Vec::new(),
             rules: Vec::new(),
             origins: Vec::new(),
@@ -331,18 +355,24 @@ impl PolicyResolver {
             selections: Vec::new(),
             selection_of: HashMap::new(),
             flat_rules: Vec::new(),
+            policy_rules: HashMap::new(),
+            dead_rules: 0,
+            applied_policies: Arc::default(),
+            applied_endpoints: HashMap::new(),
+            cidr_ids: BTreeMap::new(),
             endpoint_state: BTreeMap::new(),
             state: DesiredState::default(),
             stale: true,
         }
     }
 
-    /// New policies; the next [`PolicyResolver::resolve`] resolves everything. CIDR
-    /// identities keep their numbers while their prefix is still named.
+    /// New policies; the next [`PolicyResolver::update_identities`] recomputes the
+    /// endpoints the policies that changed (by name) select, and what their CIDR
+    /// identities and ipBlocks change. CIDR identities keep their numbers while their
+    /// prefix is still named.
     pub fn set_policies(&mut self, policies: Arc<Vec<Policy>>) {
         self.cidrs.sync(&policies);
         self.policies = policies;
-        self.stale = true;
     }
 
     /// Uses these CIDR identities (instead of numbering the policies' prefixes itself).
@@ -351,10 +381,11 @@ impl PolicyResolver {
         self.stale = true;
     }
 
-    /// New local endpoints; the next [`PolicyResolver::resolve`] resolves everything.
+    /// New local endpoints; the next [`PolicyResolver::update_identities`] recomputes
+    /// those that are new or changed (and, when named ports changed, those whose egress
+    /// rules name ports).
     pub fn set_endpoints(&mut self, endpoints: Vec<EndpointView>) {
         self.endpoints = endpoints;
-        self.stale = true;
     }
 
     /// Sets identities and pod addresses without resolving (the next
@@ -387,21 +418,38 @@ impl PolicyResolver {
         self.stale
     }
 
-    /// Resolves everything (when policies or endpoints changed since the last time) and
-    /// answers the desired state.
+    /// Whether policies or endpoints were set since the state was last brought up to date.
+    fn inputs_changed(&self) -> bool {
+        !Arc::ptr_eq(&self.applied_policies, &self.policies)
+            || self.endpoints.len() != self.applied_endpoints.len()
+            || self.endpoints.iter().any(|e| self.applied_endpoints.get(&e.id) != Some(e))
+    }
+
+    /// Resolves everything (when nothing was resolved yet or policies or endpoints
+    /// changed since the last time) and answers the desired state.
     pub fn resolve(&mut self) -> &DesiredState {
-        if self.stale {
+        if self.stale || self.inputs_changed() {
             self.rebuild();
         }
         &self.state
     }
 
-    /// The identities or pod addresses changed: `identities` is the new allocator, and
-    /// `changed` lists the identities that were allocated or freed since the last call (a
-    /// number freed and allocated again with other labels may be listed once). Updates only
-    /// the entries of identities that appeared or disappeared, on the endpoints whose
-    /// selections they are in. Falls back to full resolution when policies or endpoints
-    /// changed since the last resolution.
+    /// Brings the state up to date with the current inputs: `identities` is the new
+    /// allocator, `changed` lists the identities that were allocated or freed since the
+    /// last call (a number freed and allocated again with other labels may be listed
+    /// once), `addresses` the pod addresses now; policies and endpoints are those last
+    /// set. Incremental:
+    ///
+    /// - an identity that appears or disappears updates only its own entries, on the
+    ///   endpoints whose selections it is in;
+    /// - a policy that changes (added, removed, or different under the same name)
+    ///   recomputes the endpoints its old and new rules select; the CIDR identities and
+    ///   ipBlock address identities it adds or drops are identity changes as above;
+    /// - an endpoint that appears or changes is computed, one that goes is dropped; when
+    ///   named ports change, the endpoints with rules that name ports are recomputed.
+    ///
+    /// Falls back to full resolution when nothing was resolved yet, and now and then to
+    /// drop the compiled rules of policies that changed.
     pub fn update_identities(
         &mut self,
         identities: Arc<IdentityAllocator>,
@@ -477,10 +525,47 @@ impl PolicyResolver {
         }
         let mut affected: BTreeSet<u16> = BTreeSet::new();
         let mut ids: BTreeSet<u32> = BTreeSet::new();
+        self.apply_members(removed, added, &mut affected, &mut ids);
+        // Endpoints to compute in full.
+        let mut recompute: BTreeSet<u16> = BTreeSet::new();
+        if !Arc::ptr_eq(&self.applied_policies, &self.policies)
+            && !self.apply_policies(&mut recompute, &mut affected, &mut ids)
+        {
+            self.rebuild();
+            return Changes { full: true, ..Changes::default() };
+        }
+        let dropped = self.apply_endpoints(&mut recompute);
+        let mut changes = Changes { identities: ids.len(), endpoints: 0, entries: dropped, full: false };
+        for ep in &recompute {
+            changes.entries += self.recompute_endpoint(*ep);
+        }
+        changes.endpoints = recompute.len();
+        for ep in affected.difference(&recompute) {
+            if self.endpoint_state.contains_key(ep) {
+                changes.entries += self.update_endpoint(*ep, &ids);
+                changes.endpoints += 1;
+            }
+        }
+        changes
+    }
+
+    /// Takes identities out of the universe and puts others in, updating the selections;
+    /// adds the endpoints whose selections changed to `affected` and the identities to
+    /// `ids`.
+    fn apply_members(
+        &mut self,
+        removed: BTreeSet<u32>,
+        added: BTreeMap<u32, Member>,
+        affected: &mut BTreeSet<u16>,
+        ids: &mut BTreeSet<u32>,
+    ) {
         for id in &removed {
-            let member = self.universe.remove(id).expect("removed members were present");
+            let Some(member) = self.universe.remove(id) else { continue };
             self.index.remove(*id, &member.labels);
             self.special.remove(id);
+            if let Some(p) = member.cidr {
+                self.cidr_ids.remove(&p);
+            }
             for sel in &mut self.selections {
                 if sel.members.remove(id) {
                     affected.extend(sel.users.iter().copied());
@@ -498,17 +583,213 @@ impl PolicyResolver {
             self.add_member(id, member);
             ids.insert(id);
         }
-        let mut changes = Changes { identities: ids.len(), endpoints: affected.len(), entries: 0, full: false };
-        for ep in affected {
-            changes.entries += self.update_endpoint(ep, &ids);
+    }
+
+    /// Applies the policies set since the last update (see
+    /// [`PolicyResolver::update_identities`]); answers false when a full resolution is
+    /// due instead (two policies with one name, or many compiled rules left behind).
+    fn apply_policies(
+        &mut self,
+        recompute: &mut BTreeSet<u16>,
+        affected: &mut BTreeSet<u16>,
+        ids: &mut BTreeSet<u32>,
+    ) -> bool {
+        let policies = self.policies.clone();
+        let mut now: HashMap<PolicyId, &Policy> = HashMap::with_capacity(policies.len());
+        for p in policies.iter() {
+            if now.insert(policy_id(p), p).is_some() {
+                return false;
+            }
         }
-        changes
+        let applied = std::mem::replace(&mut self.applied_policies, policies.clone());
+        let before: HashMap<PolicyId, &Policy> = applied.iter().map(|p| (policy_id(p), p)).collect();
+        let mut gone: Vec<PolicyId> = Vec::new();
+        for (id, p) in &before {
+            if now.get(id) != Some(p) {
+                gone.push(id.clone());
+            }
+        }
+        for id in gone {
+            for fi in self.policy_rules.remove(&id).unwrap_or_default() {
+                self.endpoints_selected_by(fi, recompute);
+                self.dead_rules += 1;
+            }
+        }
+        for (id, p) in &now {
+            if before.get(id) != Some(p) {
+                let fis = self.compile_policy(p);
+                for &fi in &fis {
+                    self.endpoints_selected_by(fi, recompute);
+                }
+                self.policy_rules.insert(id.clone(), fis);
+            }
+        }
+        // CIDR identities the policies name now.
+        let wanted: BTreeMap<Prefix, u32> = self.cidrs.iter().map(|(p, id)| (*p, id)).collect();
+        let mut removed: BTreeSet<u32> = BTreeSet::new();
+        let mut added: BTreeMap<u32, Member> = BTreeMap::new();
+        for (p, id) in &self.cidr_ids {
+            if wanted.get(p) != Some(id) {
+                removed.insert(*id);
+            }
+        }
+        for (p, id) in &wanted {
+            if self.cidr_ids.get(p) != Some(id) {
+                added.insert(*id, Member::new(crate::cidr::cidr_labels(p), Some(*p), None));
+            }
+        }
+        if !removed.is_empty() || !added.is_empty() {
+            self.apply_members(removed, added, affected, ids);
+            self.state.cidr_ipcache = self.cidrs.ipcache();
+            self.state.cidr_identities = self.cidrs.labels();
+        }
+        // ipBlocks: address identities follow them.
+        let blocks = self.live_ip_blocks();
+        if blocks != self.ip_blocks {
+            self.ip_blocks = blocks;
+            let mut all: BTreeSet<IpAddr> = self.addresses.keys().copied().collect();
+            all.extend(self.address_of.keys().copied());
+            let (gone, new) = self.sync_addresses(all);
+            let mut removed: BTreeSet<u32> = gone.into_iter().collect();
+            let mut added = BTreeMap::new();
+            for (id, m) in new {
+                if removed.contains(&id) && self.universe.get(&id) == Some(&m) {
+                    removed.remove(&id);
+                    continue;
+                }
+                added.insert(id, m);
+            }
+            self.apply_members(removed, added, affected, ids);
+        }
+        let live: usize = self.policy_rules.values().map(Vec::len).sum();
+        self.dead_rules <= live + 1024
+    }
+
+    /// Adds the endpoints flat rule `fi` selects to `out`.
+    fn endpoints_selected_by(&self, fi: usize, out: &mut BTreeSet<u16>) {
+        let subject = &self.flat_rules[fi].subject;
+        out.extend(self.endpoints.iter().filter(|e| subject.matches(&e.labels)).map(|e| e.id));
+    }
+
+    /// The distinct ipBlocks of the live rules.
+    fn live_ip_blocks(&self) -> Vec<CidrBlock> {
+        let mut blocks: BTreeSet<CidrBlock> = BTreeSet::new();
+        for fi in self.policy_rules.values().flatten() {
+            for (_, refs) in &self.flat_rules[*fi].peer_rules {
+                for r in refs {
+                    if let PeerRef::Peer(p) = r
+                        && let Peer::IpBlock(b) = &self.peers[*p as usize]
+                    {
+                        blocks.insert(b.clone());
+                    }
+                }
+            }
+        }
+        blocks.into_iter().collect()
+    }
+
+    /// Applies the endpoints set since the last update: drops those that went, adds the
+    /// new and changed ones to `recompute` (and, when named ports changed, every endpoint
+    /// with a rule that names ports); answers the entries of the endpoints dropped.
+    fn apply_endpoints(&mut self, recompute: &mut BTreeSet<u16>) -> usize {
+        let mut dropped = 0;
+        let mut before: HashMap<u16, EndpointView> = HashMap::new();
+        let mut named = false;
+        let current: BTreeSet<u16> = self.endpoints.iter().map(|e| e.id).collect();
+        self.applied_endpoints.retain(|id, ep| {
+            let keep = current.contains(id);
+            if !keep {
+                before.insert(*id, ep.clone());
+            }
+            keep
+        });
+        let mut changed: Vec<usize> = Vec::new();
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            match self.applied_endpoints.get(&ep.id) {
+                Some(old) if old == ep => continue,
+                Some(old) => {
+                    named |= old.named_ports != ep.named_ports
+                        || (!ep.named_ports.is_empty() && old.identity != ep.identity);
+                }
+                None => named |= !ep.named_ports.is_empty(),
+            }
+            changed.push(i);
+        }
+        for i in changed {
+            let ep = &self.endpoints[i];
+            recompute.insert(ep.id);
+            self.applied_endpoints.insert(ep.id, ep.clone());
+        }
+        for (id, old) in before {
+            named |= !old.named_ports.is_empty();
+            dropped += self.drop_endpoint(id);
+            recompute.remove(&id);
+        }
+        if named {
+            for (id, st) in &self.endpoint_state {
+                if st.contributions.iter().any(|c| self.rules[c.rule as usize].fixed_blocks.is_none()) {
+                    recompute.insert(*id);
+                }
+            }
+        }
+        dropped
+    }
+
+    /// Forgets endpoint `ep`: its state, its entries, its use of selections; answers how
+    /// many entries it had.
+    fn drop_endpoint(&mut self, ep: u16) -> usize {
+        if let Some(st) = self.endpoint_state.remove(&ep) {
+            for c in st.contributions {
+                if let PeerSet::Sel(s) = c.peers {
+                    self.selections[s].users.remove(&ep);
+                }
+            }
+        }
+        self.state.endpoints.remove(&ep).map_or(0, |p| p.entries.len())
+    }
+
+    /// Computes endpoint `ep` in full (the rules that select it, its contributions, its
+    /// entries); answers how many entries changed.
+    fn recompute_endpoint(&mut self, ep: u16) -> usize {
+        let Some(i) = self.position(ep) else { return 0 };
+        if let Some(st) = self.endpoint_state.remove(&ep) {
+            for c in st.contributions {
+                if let PeerSet::Sel(s) = c.peers {
+                    self.selections[s].users.remove(&ep);
+                }
+            }
+        }
+        let labels = &self.endpoints[i].labels;
+        let mut rules: Vec<usize> = self
+            .policy_rules
+            .values()
+            .flatten()
+            .copied()
+            .filter(|fi| self.flat_rules[*fi].subject.matches(labels))
+            .collect();
+        rules.sort_unstable();
+        let st = self.endpoint_state_for(ep, &rules);
+        self.endpoint_state.insert(ep, st);
+        let new = self.endpoint_policy(i);
+        let old = self.state.endpoints.get(&ep).cloned().unwrap_or_default();
+        let n = count_changes(old.entries.iter(), new.entries.iter());
+        if n > 0
+            || old.ingress_enforced != new.ingress_enforced
+            || old.egress_enforced != new.egress_enforced
+            || !self.state.endpoints.contains_key(&ep)
+        {
+            self.state.endpoints.insert(ep, Arc::new(new));
+        }
+        n
     }
 
     fn add_member(&mut self, id: u32, member: Member) {
         self.index.add(id, &member.labels);
         if member.cidr.is_some() || identity::is_reserved(id) {
             self.special.insert(id);
+        }
+        if let Some(p) = member.cidr {
+            self.cidr_ids.insert(p, id);
         }
         self.universe.insert(id, member);
     }
@@ -562,88 +843,106 @@ impl PolicyResolver {
         (gone, new)
     }
 
-    /// Compiles the policies: peers, requires, peer rules and origins get numbers.
+    /// Compiles the policies afresh: peers, requires, peer rules and origins get numbers.
     fn compile(&mut self) {
         self.peers.clear();
+        self.peer_ids.clear();
         self.requires.clear();
         self.rules.clear();
         self.origins.clear();
         self.origin_sets.clear();
         self.single_origins.clear();
         self.flat_rules.clear();
-        let mut peer_ids: HashMap<Peer, u32> = HashMap::new();
-        let mut blocks: BTreeSet<CidrBlock> = BTreeSet::new();
-        for (pi, p) in self.policies.iter().enumerate() {
-            for (ri, rule) in p.rules.iter().enumerate() {
-                let mut flat = FlatRule { policy: pi, rule: ri, peer_rules: Vec::new() };
-                for direction in Direction::BOTH {
-                    for (i, pr) in rule.peer_rules(direction).iter().enumerate() {
-                        let origin = self.origins.len() as u32;
-                        self.origins.push(RuleOrigin {
-                            kind: p.kind,
-                            namespace: p.namespace.clone(),
-                            name: p.name.clone(),
-                            direction,
-                            rule_index: ri,
-                            peer_rule_index: i,
-                            path: pr.path.clone(),
-                        });
-                        let fixed = pr.ports.iter().all(|r| !matches!(r.port, crate::model::Port::Named(_)));
-                        let ports = if pr.ports.is_empty() {
-                            vec![PortRule { protocol: crate::model::Protocol::Any, port: crate::model::Port::Any }]
-                        } else {
-                            pr.ports.clone()
-                        };
-                        let fixed_blocks = fixed.then(|| {
-                            let mut out: Vec<(u8, u16, u8)> =
-                                ports.iter().flat_map(|r| l4_blocks(r, direction, identity::ANY, None, &[])).collect();
-                            out.sort_unstable();
-                            out.dedup();
-                            out
-                        });
-                        let idx = self.rules.len() as u32;
-                        self.rules.push(CompiledPeerRule {
-                            direction,
-                            verdict: pr.verdict,
-                            origin,
-                            ports,
-                            fixed_blocks,
-                            requires: Vec::new(),
-                        });
-                        let mut req: Vec<u32> =
-                            pr.requires.iter().map(|s| intern_selector(&mut self.requires, s)).collect();
-                        req.sort_unstable();
-                        req.dedup();
-                        self.rules[idx as usize].requires = req;
-                        let refs = match &pr.peers {
-                            Peers::Any => vec![PeerRef::Any],
-                            Peers::Only(list) => list
-                                .iter()
-                                .filter_map(|peer| match peer {
-                                    Peer::Entity(Entity::All) => Some(PeerRef::Any),
-                                    Peer::Entity(Entity::None) => None,
-                                    other => {
-                                        if let Peer::IpBlock(b) = other {
-                                            blocks.insert(b.clone());
-                                        }
-                                        let next = peer_ids.len() as u32;
-                                        let id = *peer_ids.entry(other.clone()).or_insert(next);
-                                        if id == next {
-                                            self.peers.push(other.clone());
-                                        }
-                                        Some(PeerRef::Peer(id))
-                                    }
-                                })
-                                .collect(),
-                        };
-                        flat.peer_rules.push((idx, refs));
-                    }
-                }
-                self.flat_rules.push(flat);
+        self.policy_rules.clear();
+        self.dead_rules = 0;
+        let policies = self.policies.clone();
+        for p in policies.iter() {
+            let fis = self.compile_policy(p);
+            self.policy_rules.entry(policy_id(p)).or_default().extend(fis);
+        }
+        self.ip_blocks = self.live_ip_blocks();
+        self.applied_policies = policies;
+    }
+
+    /// Compiles one policy's rules (appended to the flat rules); answers their numbers.
+    fn compile_policy(&mut self, p: &Policy) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (ri, rule) in p.rules.iter().enumerate() {
+            let flat = self.compile_rule(p, ri, rule);
+            out.push(self.flat_rules.len());
+            self.flat_rules.push(flat);
+        }
+        out
+    }
+
+    fn compile_rule(&mut self, p: &Policy, ri: usize, rule: &Rule) -> FlatRule {
+        let mut flat = FlatRule {
+            subject: rule.subject.clone(),
+            enforce: [rule.enforce_ingress, rule.enforce_egress],
+            peer_rules: Vec::new(),
+        };
+        for direction in Direction::BOTH {
+            for (i, pr) in rule.peer_rules(direction).iter().enumerate() {
+                let origin = self.origins.len() as u32;
+                let o = RuleOrigin {
+                    kind: p.kind,
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    direction,
+                    rule_index: ri,
+                    peer_rule_index: i,
+                    path: pr.path.clone(),
+                };
+                self.single_origins.push(Arc::new(BTreeSet::from([o.clone()])));
+                self.origins.push(o);
+                let fixed = pr.ports.iter().all(|r| !matches!(r.port, crate::model::Port::Named(_)));
+                let ports = if pr.ports.is_empty() {
+                    vec![PortRule { protocol: crate::model::Protocol::Any, port: crate::model::Port::Any }]
+                } else {
+                    pr.ports.clone()
+                };
+                let fixed_blocks = fixed.then(|| {
+                    let mut out: Vec<(u8, u16, u8)> =
+                        ports.iter().flat_map(|r| l4_blocks(r, direction, identity::ANY, None, &[])).collect();
+                    out.sort_unstable();
+                    out.dedup();
+                    out
+                });
+                let idx = self.rules.len() as u32;
+                self.rules.push(CompiledPeerRule {
+                    direction,
+                    verdict: pr.verdict,
+                    origin,
+                    ports,
+                    fixed_blocks,
+                    requires: Vec::new(),
+                });
+                let mut req: Vec<u32> = pr.requires.iter().map(|s| intern_selector(&mut self.requires, s)).collect();
+                req.sort_unstable();
+                req.dedup();
+                self.rules[idx as usize].requires = req;
+                let refs = match &pr.peers {
+                    Peers::Any => vec![PeerRef::Any],
+                    Peers::Only(list) => list
+                        .iter()
+                        .filter_map(|peer| match peer {
+                            Peer::Entity(Entity::All) => Some(PeerRef::Any),
+                            Peer::Entity(Entity::None) => None,
+                            other => {
+                                let next = self.peer_ids.len() as u32;
+                                let id = *self.peer_ids.entry(other.clone()).or_insert(next);
+                                if id == next {
+                                    self.peers.push(other.clone());
+                                }
+                                Some(PeerRef::Peer(id))
+                            }
+                        })
+                        .collect(),
+                };
+                flat.peer_rules.push((idx, refs));
             }
         }
-        self.ip_blocks = blocks.into_iter().collect();
-        self.single_origins = self.origins.iter().map(|o| Arc::new(BTreeSet::from([o.clone()]))).collect();
+        flat
     }
 
     /// Resolves everything from scratch (keeping identity numbers that stay in use).
@@ -653,6 +952,7 @@ impl PolicyResolver {
         self.universe.clear();
         self.index = LabelIndex::default();
         self.special.clear();
+        self.cidr_ids.clear();
         let pods: Vec<(u32, LabelSet)> = self.identities.iter().map(|(id, l, _)| (id, l.clone())).collect();
         for (id, labels) in pods {
             self.add_member(id, Member::new(labels, None, None));
@@ -682,8 +982,10 @@ impl PolicyResolver {
             ep_index.add(i as u32, &ep.labels);
         }
         let mut selecting: Vec<Vec<usize>> = vec![Vec::new(); self.endpoints.len()];
-        for (fi, flat) in self.flat_rules.iter().enumerate() {
-            let subject = &self.policies[flat.policy].rules[flat.rule].subject;
+        let mut live: Vec<usize> = self.policy_rules.values().flatten().copied().collect();
+        live.sort_unstable();
+        for fi in live {
+            let subject = &self.flat_rules[fi].subject;
             let candidates: Vec<u32> =
                 ep_index.candidates(subject).unwrap_or_else(|| (0..self.endpoints.len() as u32).collect());
             for i in candidates {
@@ -698,58 +1000,10 @@ impl PolicyResolver {
         self.endpoint_state.clear();
         for (i, rules) in selecting.iter().enumerate() {
             let ep_id = self.endpoints[i].id;
-            let mut requires: BTreeMap<(Direction, Verdict), Vec<u32>> = BTreeMap::new();
-            for &fi in rules {
-                for (pr, _) in &self.flat_rules[fi].peer_rules {
-                    let c = &self.rules[*pr as usize];
-                    requires.entry((c.direction, c.verdict)).or_default().extend(c.requires.iter().copied());
-                }
-            }
-            for r in requires.values_mut() {
-                r.sort_unstable();
-                r.dedup();
-            }
-            let mut st = EndpointState::default();
-            for &fi in rules {
-                let flat = &self.flat_rules[fi];
-                let rule = &self.policies[flat.policy].rules[flat.rule];
-                st.enforce[0] |= rule.enforce_ingress;
-                st.enforce[1] |= rule.enforce_egress;
-                for k in 0..flat.peer_rules.len() {
-                    let pr = self.flat_rules[fi].peer_rules[k].0;
-                    let (direction, verdict) = (self.rules[pr as usize].direction, self.rules[pr as usize].verdict);
-                    for n in 0..self.flat_rules[fi].peer_rules[k].1.len() {
-                        let r = self.flat_rules[fi].peer_rules[k].1[n];
-                        let peers = match r {
-                            PeerRef::Any => PeerSet::Any,
-                            PeerRef::Peer(peer) => {
-                                let requires = match self.peers[peer as usize] {
-                                    Peer::Endpoints(_) => {
-                                        requires.get(&(direction, verdict)).cloned().unwrap_or_default()
-                                    }
-                                    _ => Vec::new(),
-                                };
-                                let s = self.selection(SelKey { peer, requires });
-                                self.selections[s].users.insert(ep_id);
-                                PeerSet::Sel(s)
-                            }
-                        };
-                        st.contributions.push(Contribution { rule: pr, peers });
-                    }
-                }
-            }
-            for (d, direction) in Direction::BOTH.into_iter().enumerate() {
-                if !st.enforce[d]
-                    && st.contributions.iter().any(|c| {
-                        let r = &self.rules[c.rule as usize];
-                        r.direction == direction && r.verdict == Verdict::Deny
-                    })
-                {
-                    st.deny_without_default = true;
-                }
-            }
+            let st = self.endpoint_state_for(ep_id, rules);
             self.endpoint_state.insert(ep_id, st);
         }
+        self.applied_endpoints = self.endpoints.iter().map(|e| (e.id, e.clone())).collect();
         // Entries.
         let mut endpoints = BTreeMap::new();
         for i in 0..self.endpoints.len() {
@@ -760,6 +1014,58 @@ impl PolicyResolver {
         self.state.cidr_ipcache = self.cidrs.ipcache();
         self.state.cidr_identities = self.cidrs.labels();
         self.stale = false;
+    }
+
+    /// The contributions of endpoint `ep_id` from the flat rules that select it (their
+    /// selections are made if new and note the endpoint as a user).
+    fn endpoint_state_for(&mut self, ep_id: u16, rules: &[usize]) -> EndpointState {
+        let mut requires: BTreeMap<(Direction, Verdict), Vec<u32>> = BTreeMap::new();
+        for &fi in rules {
+            for (pr, _) in &self.flat_rules[fi].peer_rules {
+                let c = &self.rules[*pr as usize];
+                requires.entry((c.direction, c.verdict)).or_default().extend(c.requires.iter().copied());
+            }
+        }
+        for r in requires.values_mut() {
+            r.sort_unstable();
+            r.dedup();
+        }
+        let mut st = EndpointState::default();
+        for &fi in rules {
+            st.enforce[0] |= self.flat_rules[fi].enforce[0];
+            st.enforce[1] |= self.flat_rules[fi].enforce[1];
+            for k in 0..self.flat_rules[fi].peer_rules.len() {
+                let pr = self.flat_rules[fi].peer_rules[k].0;
+                let (direction, verdict) = (self.rules[pr as usize].direction, self.rules[pr as usize].verdict);
+                for n in 0..self.flat_rules[fi].peer_rules[k].1.len() {
+                    let r = self.flat_rules[fi].peer_rules[k].1[n];
+                    let peers = match r {
+                        PeerRef::Any => PeerSet::Any,
+                        PeerRef::Peer(peer) => {
+                            let requires = match self.peers[peer as usize] {
+                                Peer::Endpoints(_) => requires.get(&(direction, verdict)).cloned().unwrap_or_default(),
+                                _ => Vec::new(),
+                            };
+                            let s = self.selection(SelKey { peer, requires });
+                            self.selections[s].users.insert(ep_id);
+                            PeerSet::Sel(s)
+                        }
+                    };
+                    st.contributions.push(Contribution { rule: pr, peers });
+                }
+            }
+        }
+        for (d, direction) in Direction::BOTH.into_iter().enumerate() {
+            if !st.enforce[d]
+                && st.contributions.iter().any(|c| {
+                    let r = &self.rules[c.rule as usize];
+                    r.direction == direction && r.verdict == Verdict::Deny
+                })
+            {
+                st.deny_without_default = true;
+            }
+        }
+        st
     }
 
     /// The selection for `key`, made (with its members) if new.
@@ -782,9 +1088,10 @@ impl PolicyResolver {
                 None => self.universe.keys().filter(|id| test(id)).copied().collect(),
             },
             Peer::Entity(Entity::Cluster) => self.universe.keys().filter(|id| test(id)).copied().collect(),
+            Peer::Cidr(block) => self.cidr_candidates(block).filter(|id| test(id)).collect(),
             Peer::IpBlock(block) => {
                 // Address identities carry the block's label: the index has them.
-                let mut out: BTreeSet<u32> = self.special.iter().filter(|id| test(id)).copied().collect();
+                let mut out: BTreeSet<u32> = self.cidr_candidates(block).filter(|id| test(id)).collect();
                 if let Some(values) = self.index.by_key.get(&block.label_key()) {
                     out.extend(values.values().flatten().filter(|id| test(id)));
                 }
@@ -792,6 +1099,17 @@ impl PolicyResolver {
             }
             _ => self.special.iter().filter(|id| test(id)).copied().collect(),
         }
+    }
+
+    /// The identities a CIDR block can select: the CIDR identities of the prefixes in its
+    /// range (found by a range query, not by testing every one) and the world identities.
+    fn cidr_candidates(&self, block: &CidrBlock) -> impl Iterator<Item = u32> + '_ {
+        let (lo, hi) = block.cidr.inner_bounds();
+        self.cidr_ids.range(lo..=hi).map(|(_, id)| *id).chain(
+            [identity::WORLD, identity::WORLD_IPV4, identity::WORLD_IPV6]
+                .into_iter()
+                .filter(|id| self.universe.contains_key(id)),
+        )
     }
 
     fn position(&self, ep: u16) -> Option<usize> {
