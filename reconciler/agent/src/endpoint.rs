@@ -38,14 +38,13 @@ pub fn ifindex(name: &str) -> Option<u32> {
 /// `kubernetes.io/metadata.name`), service account and cluster. Kubernetes NetworkPolicy
 /// ipBlocks match pod addresses, address by address: that is not part of the pod's labels
 /// (a dual-stack pod may have one address inside a block and one outside); the resolver
-/// gives such addresses address identities (`DesiredState::address_ipcache`). `_policies`
-/// is no longer needed and kept for the callers.
+/// gives such addresses address identities (`DesiredState::address_ipcache`), so a
+/// policy change never changes a pod's labels.
 pub fn endpoint_labels(
     namespace: &str,
     namespace_labels: &std::collections::BTreeMap<String, String>,
     spec: &crate::api::types::EndpointSpec,
     cluster: &str,
-    _policies: &[palisade_policy::model::Policy],
 ) -> LabelSet {
     let mut ns_labels = namespace_labels.clone();
     ns_labels.insert("kubernetes.io/metadata.name".into(), namespace.to_string());

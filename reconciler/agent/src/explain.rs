@@ -417,7 +417,7 @@ pub mod offline {
                     .map(|p| NamedPort::new(&p.name, p.port, &p.protocol))
                     .collect::<Result<Vec<_>, String>>()
                     .map_err(err)?;
-                let labels = endpoint_labels(&pod.namespace, ns_labels, &pod.spec, cluster, &policies);
+                let labels = endpoint_labels(&pod.namespace, ns_labels, &pod.spec, cluster);
                 let identity = allocator.allocate(&labels);
                 endpoints.push(LocalEndpoint {
                     id: u16::try_from(i + 1).map_err(|_| err("more than 65535 pods".into()))?,

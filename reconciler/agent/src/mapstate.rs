@@ -6,13 +6,14 @@
 //! map encoding. It does no I/O, so plans can be printed, tested and snapshotted.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use palisade_common::{
     EndpointInfo, IpcacheValue, Ipv4Prefix, Ipv6Prefix, POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO, PolicyKey,
     PolicyLengthsKey, PolicyValue, direction, endpoint_flags, policy_flags, policy_length_bit,
 };
 use palisade_policy::model::Direction;
-use palisade_policy::resolve::{DesiredState, EntryKey, RuleOrigin};
+use palisade_policy::resolve::{DesiredState, EndpointPolicy, EntryKey, RuleOrigin};
 use serde::Serialize;
 
 /// A local endpoint as the map writer needs it.
@@ -111,6 +112,17 @@ pub fn policy_key(endpoint_id: u16, k: &EntryKey) -> PolicyMapKey {
     (prefix, PolicyKey::new(endpoint_id, direction_byte(k.direction), k.identity, protocol, port))
 }
 
+/// Every endpoint's policy entries as last encoded, with the policy they were encoded
+/// from: the resolver hands an unchanged endpoint's policy on as the same shared value, so
+/// [`encode_cached`] encodes (and looks up the cookies of) only the endpoints that changed.
+#[derive(Debug, Default)]
+pub struct EncodeCache {
+    endpoints: HashMap<u16, EncodedEndpoint>,
+}
+
+/// An endpoint's policy and its entries, encoded.
+type EncodedEndpoint = (Arc<EndpointPolicy>, Vec<(PolicyMapKey, PolicyValue)>);
+
 /// Encodes the desired state for the kernel. `ipcache` maps prefixes to identities; host
 /// prefixes (/32, /128) go to the host maps, shorter ones to the LPM tries.
 pub fn encode(
@@ -119,7 +131,21 @@ pub fn encode(
     ipcache: &BTreeMap<(std::net::IpAddr, u8), u32>,
     cookies: &mut CookieJar,
 ) -> MapState {
+    encode_cached(desired, endpoints, ipcache, cookies, &mut EncodeCache::default())
+}
+
+/// [`encode`], reusing the entries of endpoints whose policy is the one `cache` encoded.
+/// The cache keeps the endpoints encoded this time only (the cookies of others may be
+/// gone from the jar).
+pub fn encode_cached(
+    desired: &DesiredState,
+    endpoints: &[EndpointMapping],
+    ipcache: &BTreeMap<(std::net::IpAddr, u8), u32>,
+    cookies: &mut CookieJar,
+    cache: &mut EncodeCache,
+) -> MapState {
     let mut out = MapState::default();
+    let mut kept = HashMap::with_capacity(endpoints.len());
     for ep in endpoints {
         let pol = desired.endpoints.get(&ep.id);
         let mut flags = 0;
@@ -141,17 +167,30 @@ pub fn encode(
         }
         out.endpoints.insert(ep.ifindex, info);
         if let Some(pol) = pol {
-            for (k, v) in &pol.entries {
-                let (prefix, key) = policy_key(ep.id, k);
-                let value = PolicyValue {
-                    flags: if v.deny { policy_flags::DENY } else { 0 },
-                    cookie: cookies.cookie(&v.origins),
-                    prefix_len: prefix,
-                };
-                out.policy.insert((prefix, key), value);
-            }
+            let entry = match cache.endpoints.remove(&ep.id) {
+                Some((p, v)) if Arc::ptr_eq(&p, pol) => (p, v),
+                _ => {
+                    let v = pol
+                        .entries
+                        .iter()
+                        .map(|(k, v)| {
+                            let (prefix, key) = policy_key(ep.id, k);
+                            let value = PolicyValue {
+                                flags: if v.deny { policy_flags::DENY } else { 0 },
+                                cookie: cookies.cookie(&v.origins),
+                                prefix_len: prefix,
+                            };
+                            ((prefix, key), value)
+                        })
+                        .collect();
+                    (pol.clone(), v)
+                }
+            };
+            out.policy.extend(entry.1.iter().copied());
+            kept.insert(ep.id, entry);
         }
     }
+    cache.endpoints = kept;
     out.policy_lengths = policy_lengths(&out.policy);
     for ((addr, len), identity) in ipcache {
         let value = IpcacheValue { identity: *identity, flags: 0 };
@@ -207,18 +246,39 @@ impl<K, V> MapPlan<K, V> {
     }
 }
 
+/// One merge walk over both (sorted) maps.
 fn diff<K: Ord + Clone, V: PartialEq + Clone>(desired: &BTreeMap<K, V>, loaded: &BTreeMap<K, V>) -> MapPlan<K, V> {
+    use std::cmp::Ordering;
     let mut p = MapPlan::default();
-    for (k, v) in desired {
-        match loaded.get(k) {
-            None => p.adds.push((k.clone(), v.clone())),
-            Some(old) if old != v => p.updates.push((k.clone(), v.clone())),
-            Some(_) => {}
-        }
-    }
-    for k in loaded.keys() {
-        if !desired.contains_key(k) {
-            p.deletes.push(k.clone());
+    let (mut d, mut l) = (desired.iter().peekable(), loaded.iter().peekable());
+    loop {
+        match (d.peek(), l.peek()) {
+            (None, None) => break,
+            (Some((k, v)), None) => {
+                p.adds.push(((*k).clone(), (*v).clone()));
+                d.next();
+            }
+            (None, Some((k, _))) => {
+                p.deletes.push((*k).clone());
+                l.next();
+            }
+            (Some((dk, dv)), Some((lk, lv))) => match dk.cmp(lk) {
+                Ordering::Less => {
+                    p.adds.push(((*dk).clone(), (*dv).clone()));
+                    d.next();
+                }
+                Ordering::Greater => {
+                    p.deletes.push((*lk).clone());
+                    l.next();
+                }
+                Ordering::Equal => {
+                    if dv != lv {
+                        p.updates.push(((*dk).clone(), (*dv).clone()));
+                    }
+                    d.next();
+                    l.next();
+                }
+            },
         }
     }
     p
@@ -546,8 +606,11 @@ pub fn fit(desired: MapState, limits: &MapLimits, applied: &MapState) -> Fitted 
         }
     }
 
-    // POLICY and POLICY_LENGTHS, one (endpoint, direction) at a time.
-    s.policy_lengths = policy_lengths(&s.policy);
+    // POLICY and POLICY_LENGTHS, one (endpoint, direction) at a time. (The bitmaps
+    // [`encode`] made hold unless endpoints were left out above.)
+    if !out.not_loaded.is_empty() {
+        s.policy_lengths = policy_lengths(&s.policy);
+    }
     let (need_policy, need_lengths) = (s.policy.len(), s.policy_lengths.len());
     let policy_over = need_policy > limits.policy as usize;
     let lengths_over = need_lengths > limits.policy_lengths as usize;

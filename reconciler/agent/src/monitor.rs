@@ -70,10 +70,15 @@ pub struct DecodeContext {
 
 impl DecodeContext {
     /// Takes the policies and rules of every cookie in `live` from the map writer's jar.
+    /// A cookie always stands for the same origins (the jar never gives a number out
+    /// twice), so only cookies new since the last call are named.
     pub fn set_cookies(&mut self, jar: &CookieJar, live: &BTreeSet<u32>) {
-        self.cookies.clear();
-        self.rules.clear();
+        self.cookies.retain(|c, _| live.contains(c));
+        self.rules.retain(|c, _| live.contains(c));
         for c in live {
+            if self.cookies.contains_key(c) {
+                continue;
+            }
             let Some(origins) = jar.origins(*c) else { continue };
             let mut names: Vec<String> = origins.iter().map(|o| o.policy_name()).collect();
             names.dedup();

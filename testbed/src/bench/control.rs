@@ -75,6 +75,8 @@ pub fn figure_names(size: Size) -> Vec<String> {
     for m in [
         "agent.start_to_enforced_s",
         "agent.ready_s",
+        "agent.restart_to_enforced_s",
+        "agent.restart_ready_s",
         "agent.identities",
         "agent.policy_entries",
         "agent.policy_change_p50_ms",
@@ -381,7 +383,7 @@ fn agent_scale_inner(report: &mut Report, size: Size, agent: &Path) -> Result<()
         "control.agent.start_to_enforced_s",
         enforced.as_secs_f64(),
         "s",
-        format!("from spawning the agent (policies already in its directory) until every endpoint, registered through the local API as a CNI would, has its policy in the kernel (wait for the current revision); {ctx}"),
+        format!("node bring-up: from spawning the agent (policies already in its directory) until every endpoint, registered through the local API as a CNI would ({REGISTER_CONCURRENCY} at once), has its programs attached and its policy in the kernel (wait for the current revision); {ctx}"),
     );
     report.push(
         "control.agent.ready_s",
@@ -433,6 +435,45 @@ fn agent_scale_inner(report: &mut Report, size: Size, agent: &Path) -> Result<()
     );
     report.push("control.agent.policy_change_p50_ms", super::percentile(&lat, 50.0), "ms", cctx.clone());
     report.push("control.agent.policy_change_p99_ms", super::percentile(&lat, 99.0), "ms", cctx);
+
+    // The DaemonSet case: the agent restarts on a node that runs all these pods (its
+    // state directory, pinned maps and links are there, its policies in the directory).
+    proc.stop_now(crate::agent::StopHow::Term, Duration::from_secs(30)).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    proc.start_again(ns.open().map_err(|e| e.to_string())?, &dirs).map_err(|e| e.to_string())?;
+    let ready = rt
+        .block_on(async {
+            proc.wait_ready(Duration::from_secs(60)).await?;
+            let ready = t.elapsed();
+            call("full enforcement after the restart", limit + Duration::from_secs(5), proc.client.wait_current(limit))
+                .await?;
+            Ok::<_, crate::error::SetupError>(ready)
+        })
+        .map_err(|e| e.to_string())?;
+    let restarted = t.elapsed();
+    let eps = rt
+        .block_on(async { call("endpoints", CALL_TIMEOUT, proc.client.endpoints()).await })
+        .map_err(|e| e.to_string())?;
+    let enforced_eps = eps.iter().filter(|e| e.ingress_enforced).count();
+    let entries_after: usize = eps.iter().map(|e| e.policy_entries).sum();
+    if enforced_eps != s.endpoints || entries_after != entries {
+        return Err(format!(
+            "after the restart the agent enforces {enforced_eps} of {} endpoints with {entries_after} entries (before: {entries})",
+            s.endpoints
+        ));
+    }
+    report.push(
+        "control.agent.restart_to_enforced_s",
+        restarted.as_secs_f64(),
+        "s",
+        format!("the agent stopped (SIGTERM) and started again on the node it enforced: from the new process's spawn until its current revision is realized for every endpoint (registry, policies, pinned maps and links taken over); {ctx}"),
+    );
+    report.push(
+        "control.agent.restart_ready_s",
+        ready.as_secs_f64(),
+        "s",
+        format!("from spawning the restarted agent until its API answers; {ctx}"),
+    );
     proc.check_alive("at the end").map_err(|e| e.to_string())?;
     drop(proc);
     drop(dirs);

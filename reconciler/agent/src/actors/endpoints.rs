@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use palisade_policy::labels::LabelSet;
-use palisade_policy::model::Policy;
 use palisade_policy::resolve::NamedPort;
 
 use super::identity::{AllocateIdentity, IdentityCache, ReleaseIdentity};
@@ -29,14 +28,14 @@ pub struct EndpointTracker {
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     specs: BTreeMap<(String, String), EndpointSpec>,
     endpoints: BTreeMap<(String, String), LocalEndpoint>,
-    /// Accepted policies, for the ipBlock membership labels of each pod.
-    policies: Arc<Vec<Policy>>,
     identities: Addr<IdentityCache>,
     resolver: Addr<Resolver>,
     state: Option<StateDir>,
     interface_check: Duration,
     /// The netlink listener runs (started once; it outlives actor restarts).
     netlink: bool,
+    /// Endpoint ids given to registrations still waiting for their identity.
+    reserved: BTreeSet<u16>,
 }
 
 impl EndpointTracker {
@@ -55,12 +54,12 @@ impl EndpointTracker {
             namespaces: BTreeMap::new(),
             specs: BTreeMap::new(),
             endpoints: BTreeMap::new(),
-            policies: Arc::default(),
             identities,
             resolver,
             state,
             interface_check,
             netlink: false,
+            reserved: BTreeSet::new(),
         };
         t.load(registry);
         t
@@ -150,13 +149,13 @@ impl EndpointTracker {
     }
 
     fn free_id(&self) -> Result<u16, AgentError> {
-        let used: BTreeSet<u16> = self.endpoints.values().map(|e| e.id).collect();
+        let used: BTreeSet<u16> = self.endpoints.values().map(|e| e.id).chain(self.reserved.iter().copied()).collect();
         (1..=u16::MAX).find(|id| !used.contains(id)).ok_or(AgentError::EndpointIdsExhausted)
     }
 
     fn labels_for(&self, namespace: &str, spec: &EndpointSpec) -> LabelSet {
         let ns_labels = self.namespaces.get(namespace).cloned().unwrap_or_default();
-        crate::endpoint::endpoint_labels(namespace, &ns_labels, spec, &self.cluster, &self.policies)
+        crate::endpoint::endpoint_labels(namespace, &ns_labels, spec, &self.cluster)
     }
 
     /// Gives every endpoint for which `pick` is true the label set its spec now derives,
@@ -344,7 +343,6 @@ fn watch_link_removals(tracker: Addr<EndpointTracker>) {
 /// last change (the identity references it holds were never dropped).
 impl Supervised for EndpointTracker {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        self.policies = Arc::default();
         let reg = match &self.state {
             Some(state) => state.load_endpoints().unwrap_or_else(|e| {
                 tracing::error!(error = %e, "cannot read the endpoint registry; keeping the endpoints in memory");
@@ -397,22 +395,33 @@ pub struct UpsertEndpoint {
     pub spec: EndpointSpec,
 }
 
+/// Not atomic: while one registration waits for its identity and its revision, others
+/// go on (a node starting many pods registers them together, and the resolver takes
+/// their changes in one go). The endpoint id is reserved at once, so two registrations
+/// in flight never share one.
 impl Handler<UpsertEndpoint> for EndpointTracker {
-    type Result = AtomicResponse<Self, Result<(LocalEndpoint, u64), AgentError>>;
+    type Result = ResponseActFuture<Self, Result<(LocalEndpoint, u64), AgentError>>;
     fn handle(&mut self, msg: UpsertEndpoint, _: &mut Context<Self>) -> Self::Result {
         let ep = match self.build(&msg.namespace, &msg.name, &msg.spec) {
             Ok(ep) => ep,
-            Err(e) => return AtomicResponse::new(Box::pin(fut::ready(Err(e)))),
+            Err(e) => return Box::pin(fut::ready(Err(e))),
         };
+        let reserved = self.reserved.insert(ep.id);
         let identities = self.identities.clone();
         let labels = ep.labels.clone();
-        AtomicResponse::new(Box::pin(
+        Box::pin(
             async move { identities.send(AllocateIdentity { labels }).await }
                 .into_actor(self)
                 .then(move |res, act, _| {
+                    if reserved {
+                        act.reserved.remove(&ep.id);
+                    }
                     let result = res.map(|identity| {
                         let key = (msg.namespace.clone(), msg.name.clone());
-                        let ep = LocalEndpoint { identity, ..ep };
+                        // The same pod registered twice at once: the later one keeps the
+                        // id the earlier one took.
+                        let id = act.endpoints.get(&key).map_or(ep.id, |old| old.id);
+                        let ep = LocalEndpoint { identity, id, ..ep };
                         act.specs.insert(key.clone(), msg.spec);
                         if let Some(old) = act.endpoints.insert(key, ep.clone()) {
                             act.identities.do_send(ReleaseIdentity { id: old.identity });
@@ -429,7 +438,7 @@ impl Handler<UpsertEndpoint> for EndpointTracker {
                     }
                     .into_actor(act)
                 }),
-        ))
+        )
     }
 }
 
@@ -474,21 +483,6 @@ impl Handler<UpsertNamespace> for EndpointTracker {
     fn handle(&mut self, msg: UpsertNamespace, _: &mut Context<Self>) -> Self::Result {
         self.namespaces.insert(msg.name.clone(), msg.spec.labels);
         self.relabel(|ep| ep.namespace == msg.name)
-    }
-}
-
-/// The accepted policies changed: pods may have moved in or out of ipBlocks.
-#[derive(Message)]
-#[rtype(result = "Result<u64, AgentError>")]
-pub struct PoliciesForLabels {
-    pub policies: Arc<Vec<Policy>>,
-}
-
-impl Handler<PoliciesForLabels> for EndpointTracker {
-    type Result = AtomicResponse<Self, Result<u64, AgentError>>;
-    fn handle(&mut self, msg: PoliciesForLabels, _: &mut Context<Self>) -> Self::Result {
-        self.policies = msg.policies;
-        self.relabel(|_| true)
     }
 }
 

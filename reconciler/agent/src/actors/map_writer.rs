@@ -20,7 +20,9 @@ use tokio::sync::oneshot;
 use super::identity::Prefix;
 use crate::datapath::{Datapath, DatapathError, MapSet, WritableMap};
 use crate::endpoint::LocalEndpoint;
-use crate::mapstate::{CookieJar, EndpointMapping, Fitted, MapLimits, MapState, Plan, encode, fit, plan};
+use crate::mapstate::{
+    CookieJar, EncodeCache, EndpointMapping, Fitted, MapLimits, MapState, Plan, encode_cached, fit, plan,
+};
 use crate::monitor::DecodeContext;
 
 /// How often a failed apply is retried.
@@ -63,6 +65,10 @@ pub struct MapWriter {
     /// Interfaces the programs are attached to.
     attached: BTreeSet<String>,
     last: Option<ApplyDesired>,
+    /// The latest desired state handed in and not applied yet.
+    pending: Option<ApplyDesired>,
+    /// The policy entries of every endpoint as last encoded.
+    encoded: EncodeCache,
     /// What the kernel maps hold as far as the agent knows: what it last wrote. `None` at
     /// start (the first apply reads the maps, which adopts what an earlier agent left) and
     /// after a failed apply (the retry reads them again).
@@ -97,6 +103,8 @@ impl MapWriter {
             cookies: CookieJar::default(),
             attached: BTreeSet::new(),
             last: None,
+            pending: None,
+            encoded: EncodeCache::default(),
             applied: None,
             realized_revision: 0,
             realized: BTreeMap::new(),
@@ -112,11 +120,12 @@ impl MapWriter {
     /// Attaches to new interfaces and detaches from gone ones.
     fn sync_attachments(&mut self, endpoints: &[LocalEndpoint]) {
         let wanted: BTreeSet<String> = endpoints.iter().map(|e| e.interface.clone()).collect();
-        for ifname in wanted.difference(&self.attached.clone()) {
-            match self.datapath.attach(ifname) {
+        let new: Vec<String> = wanted.difference(&self.attached).cloned().collect();
+        for (ifname, r) in self.datapath.attach_all(&new) {
+            match r {
                 Ok(_) => {
                     tracing::info!(interface = %ifname, mode = %self.datapath.attach_mode(), "programs attached");
-                    self.attached.insert(ifname.clone());
+                    self.attached.insert(ifname);
                 }
                 Err(e) => tracing::error!(interface = %ifname, error = %e, "attaching the programs failed; will retry"),
             }
@@ -140,13 +149,21 @@ impl MapWriter {
             .filter(|e| self.attached.contains(&e.interface))
             .map(|e| EndpointMapping { id: e.id, ifindex: e.ifindex, identity: e.identity, ipv4: e.ipv4, ipv6: e.ipv6 })
             .collect();
-        let desired = encode(&msg.desired, &mappings, &msg.ipcache, &mut self.cookies);
+        let t_attach = started.elapsed();
+        let desired = encode_cached(&msg.desired, &mappings, &msg.ipcache, &mut self.cookies, &mut self.encoded);
+        let t_encode = started.elapsed();
         let loaded = match self.applied.take() {
             Some(a) => a,
             None => read_state(&self.maps)?,
         };
         let fitted = fit(desired, &self.limits, &loaded);
+        if !fitted.overflows.is_empty() {
+            // Entries were cut, and the cookies only they use leave the jar below: encode
+            // afresh next time.
+            self.encoded = EncodeCache::default();
+        }
         let p = plan(&fitted.state, &loaded);
+        let t_plan = started.elapsed();
         if !p.is_empty() {
             for line in p.describe().iter().take(MAX_LOGGED_OPERATIONS) {
                 tracing::debug!(revision = msg.revision, "{line}");
@@ -157,6 +174,7 @@ impl MapWriter {
             crate::metrics::global().plan_applied(&p, applied.is_ok(), started.elapsed());
             applied?;
         }
+        let t_apply = started.elapsed();
         let live: BTreeSet<u32> = fitted.state.policy.values().map(|v| v.cookie).collect();
         self.cookies.retain(&live);
         self.report_overflows(msg, &fitted);
@@ -206,6 +224,10 @@ impl MapWriter {
             endpoints = mappings.len(),
             policy_entries,
             elapsed_us = started.elapsed().as_micros() as u64,
+            attach_us = t_attach.as_micros() as u64,
+            encode_us = (t_encode - t_attach).as_micros() as u64,
+            plan_us = (t_plan - t_encode).as_micros() as u64,
+            apply_us = (t_apply - t_plan).as_micros() as u64,
             "datapath reconciled"
         );
         let realized = self.realized_revision;
@@ -536,9 +558,26 @@ pub struct ApplyDesired {
     pub policies: Arc<Vec<Policy>>,
 }
 
+/// A desired state waits in `pending` until the messages already queued are handled,
+/// so that a burst of revisions is applied once, at its latest.
 impl Handler<ApplyDesired> for MapWriter {
     type Result = ();
-    fn handle(&mut self, msg: ApplyDesired, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: ApplyDesired, ctx: &mut Context<Self>) {
+        if self.pending.replace(msg).is_none() {
+            ctx.notify(ApplyPending);
+        }
+    }
+}
+
+/// Applies the latest desired state handed in (see [`ApplyDesired`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ApplyPending;
+
+impl Handler<ApplyPending> for MapWriter {
+    type Result = ();
+    fn handle(&mut self, _: ApplyPending, _: &mut Context<Self>) {
+        let Some(msg) = self.pending.take() else { return };
         let span = tracing::info_span!("reconcile", revision = msg.revision);
         let _g = span.enter();
         if let Err(e) = self.reconcile(&msg) {

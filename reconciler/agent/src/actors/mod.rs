@@ -234,12 +234,7 @@ impl Agent {
         );
         let policy_watch = start_supervised(
             "policy_watch",
-            policy_watch::PolicyWatch::new(
-                config.policy_dir.clone(),
-                resolver.clone(),
-                endpoints.clone(),
-                config.policy_rescan_interval,
-            ),
+            policy_watch::PolicyWatch::new(config.policy_dir.clone(), resolver.clone(), config.policy_rescan_interval),
             hook,
         );
         let (events, _) = broadcast::channel(4096);

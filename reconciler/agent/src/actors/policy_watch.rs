@@ -21,7 +21,6 @@ use notify::Watcher;
 use palisade_policy::model::Policy;
 use palisade_policy::parse::{ManifestOutcome, parse_manifests};
 
-use super::endpoints::{EndpointTracker, PoliciesForLabels};
 use super::resolver::{PoliciesChanged, Resolver};
 use crate::api::types::PolicyStatus;
 
@@ -46,27 +45,13 @@ pub struct PolicyWatch {
     sources: PolicySources,
     revision: u64,
     resolver: Addr<Resolver>,
-    endpoints: Addr<EndpointTracker>,
     rescan_interval: Duration,
     watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl PolicyWatch {
-    pub fn new(
-        dir: PathBuf,
-        resolver: Addr<Resolver>,
-        endpoints: Addr<EndpointTracker>,
-        rescan_interval: Duration,
-    ) -> Self {
-        PolicyWatch {
-            dir,
-            sources: PolicySources::default(),
-            revision: 0,
-            resolver,
-            endpoints,
-            rescan_interval,
-            watcher: None,
-        }
+    pub fn new(dir: PathBuf, resolver: Addr<Resolver>, rescan_interval: Duration) -> Self {
+        PolicyWatch { dir, sources: PolicySources::default(), revision: 0, resolver, rescan_interval, watcher: None }
     }
 
     fn list_files(&self) -> std::io::Result<Vec<PathBuf>> {
@@ -134,25 +119,16 @@ impl PolicyWatch {
         }
         let policies: Arc<Vec<Policy>> = Arc::new(self.sources.policies());
         tracing::info!(policies = policies.len(), "policy repository changed");
-        let (endpoints, resolver) = (self.endpoints.clone(), self.resolver.clone());
-        Box::pin(
-            async move {
-                // Pods' ipBlock memberships first, then the rules that use them.
-                let relabelled = endpoints.send(PoliciesForLabels { policies: policies.clone() }).await;
-                if let Ok(Err(e)) = &relabelled {
-                    tracing::error!(error = %e, "re-deriving pod labels for ipBlocks failed");
-                }
-                resolver.send(PoliciesChanged { policies }).await
-            }
-            .into_actor(self)
-            .map(|res, act, _| {
+        let resolver = self.resolver.clone();
+        Box::pin(async move { resolver.send(PoliciesChanged { policies }).await }.into_actor(self).map(
+            |res, act, _| {
                 if let Ok(rev) = res {
                     act.revision = rev;
                 }
                 act.sources.stamp(act.revision);
                 act.revision
-            }),
-        )
+            },
+        ))
     }
 }
 

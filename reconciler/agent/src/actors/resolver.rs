@@ -2,18 +2,22 @@
 //! every change with a revision, and turns them into the desired state of every endpoint
 //! (with palisade-policy's [`PolicyResolver`]), which it hands to the map writer.
 //!
-//! Policies or endpoints changing resolve everything again. Identities appearing or
-//! disappearing (pods elsewhere in the cluster) and pod addresses changing are
-//! incremental: only the entries of those identities, on the endpoints whose selections
-//! they are in, are recomputed, and every other endpoint's policy is handed on as the same
-//! shared value, so the map writer's plan holds exactly the entries that changed.
+//! Every change is incremental (palisade-policy's engine): a policy that changes
+//! recomputes the endpoints its old and new rules select; an endpoint that comes or changes
+//! is computed alone; identities appearing or disappearing (pods elsewhere in the cluster,
+//! CIDR identities) and pod addresses changing recompute only the entries of those
+//! identities, on the endpoints whose selections they are in. Every other endpoint's policy
+//! is handed on as the same shared value, so the map writer's plan holds exactly the
+//! entries that changed.
 //!
 //! Bursts coalesce: every input marks the state dirty and one recompute runs after the
-//! messages already queued.
+//! messages already queued, at once when the last one is [`BURST_INTERVAL`] past, else
+//! when it will be (a change on its own is resolved at once; during a burst, such as a
+//! node starting a thousand pods, the changes of each interval are resolved together).
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use palisade_policy::identity::IdentityAllocator;
@@ -23,6 +27,9 @@ use palisade_policy::resolve::{Changes, DesiredState, EndpointView, Options, Pol
 use super::identity::Prefix;
 use super::map_writer::{ApplyDesired, MapWriter};
 use crate::endpoint::LocalEndpoint;
+
+/// The least time between two recomputes while changes keep coming.
+pub const BURST_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A resolution's output: the desired state and the ipcache.
 type Resolved = (Arc<DesiredState>, Arc<BTreeMap<Prefix, u32>>);
@@ -39,6 +46,8 @@ pub struct ResolverState {
     remote_addresses: Arc<BTreeMap<IpAddr, u32>>,
     /// Identities allocated or freed since the last recompute.
     changed_identities: Vec<u32>,
+    /// Endpoints set since the last recompute.
+    endpoints_changed: bool,
     engine: PolicyResolver,
 }
 
@@ -51,6 +60,7 @@ impl Default for ResolverState {
             external_ipcache: Arc::default(),
             remote_addresses: Arc::default(),
             changed_identities: Vec::new(),
+            endpoints_changed: false,
             engine: PolicyResolver::new(Options { allow_localhost: true }),
         }
     }
@@ -62,9 +72,11 @@ impl ResolverState {
         self.policies = policies;
     }
 
+    /// New local endpoints; the resolver sees them at the next recompute (so a burst of
+    /// them is converted once).
     pub fn set_endpoints(&mut self, endpoints: Arc<Vec<LocalEndpoint>>) {
-        self.engine.set_endpoints(endpoints.iter().map(view_of).collect());
         self.endpoints = endpoints;
+        self.endpoints_changed = true;
     }
 
     /// New identities and addresses; `changed`: the identities allocated or freed since
@@ -85,6 +97,9 @@ impl ResolverState {
     /// Brings the desired state up to date (in full after policy or endpoint changes,
     /// incrementally otherwise); answers it with the ipcache and what changed.
     pub fn recompute(&mut self) -> (Arc<DesiredState>, Arc<BTreeMap<Prefix, u32>>, Changes) {
+        if std::mem::take(&mut self.endpoints_changed) {
+            self.engine.set_endpoints(self.endpoints.iter().map(view_of).collect());
+        }
         let addresses = crate::endpoint::pod_addresses(&self.endpoints, &self.remote_addresses);
         let changed = std::mem::take(&mut self.changed_identities);
         let changes = if self.engine.is_stale() {
@@ -124,12 +139,22 @@ pub struct Resolver {
     synced: bool,
     /// What was last handed to the map writer (for explanations).
     last: Option<Resolved>,
+    /// When the last recompute ran.
+    last_recompute: Option<Instant>,
     map_writer: Addr<MapWriter>,
 }
 
 impl Resolver {
     pub fn new(map_writer: Addr<MapWriter>) -> Self {
-        Resolver { state: ResolverState::default(), revision: 0, dirty: false, synced: false, last: None, map_writer }
+        Resolver {
+            state: ResolverState::default(),
+            revision: 0,
+            dirty: false,
+            synced: false,
+            last: None,
+            last_recompute: None,
+            map_writer,
+        }
     }
 
     fn changed(&mut self, ctx: &mut Context<Self>) -> u64 {
@@ -139,7 +164,14 @@ impl Resolver {
         crate::revisions::accepted(self.revision);
         if !self.dirty {
             self.dirty = true;
-            ctx.notify(Recompute);
+            match self.last_recompute.map(|t| t.elapsed()) {
+                Some(since) if since < BURST_INTERVAL => {
+                    ctx.notify_later(Recompute, BURST_INTERVAL - since);
+                }
+                _ => {
+                    ctx.notify(Recompute);
+                }
+            }
         }
         self.revision
     }
@@ -150,6 +182,7 @@ impl Resolver {
         }
         self.dirty = false;
         let started = Instant::now();
+        self.last_recompute = Some(started);
         let (desired, ipcache, changes) = self.state.recompute();
         tracing::debug!(
             revision = self.revision,
