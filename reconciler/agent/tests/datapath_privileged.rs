@@ -901,63 +901,6 @@ fn tcx_attach_is_idempotent_survives_restart_and_detaches() {
     });
 }
 
-/// Many interfaces at once (the links are created from several threads): every one has
-/// exactly the two programs, first in its lists, with pinned links that a later agent adopts;
-/// a missing interface fails alone.
-#[test]
-fn attach_all_attaches_many_interfaces_at_once() {
-    in_throwaway_netns(|| {
-        let pins = PinDir::new();
-        let names: Vec<String> = (0..24).map(|i| format!("pal-m{i}")).collect();
-        let mut indexes = Vec::new();
-        for (i, n) in names.iter().enumerate() {
-            indexes.push(veth_pair(n, &format!("pal-q{i}")));
-        }
-        let mut dp = Datapath::load(&pins.config()).unwrap();
-        let mut wanted = names.clone();
-        wanted.push("pal-missing".into());
-        let results = dp.attach_all(&wanted);
-        assert_eq!(results.len(), wanted.len());
-        let (from, to) = (dp.program_id(Hook::FromPod).unwrap(), dp.program_id(Hook::ToPod).unwrap());
-        for (name, r) in &results {
-            if name == "pal-missing" {
-                assert!(matches!(r, Err(DatapathError::InterfaceNotFound { .. })), "{name}: {r:?}");
-                continue;
-            }
-            let i = names.iter().position(|n| n == name).unwrap();
-            assert_eq!(*r.as_ref().unwrap(), indexes[i], "{name}");
-            assert_eq!(tcx_program_ids(name), (vec![from], vec![to]), "{name}");
-            let links = pins.0.join("links").join(name);
-            assert!(links.join("palisade_from_pod").exists() && links.join("palisade_to_pod").exists(), "{name}");
-        }
-        assert_eq!(dp.attached().count(), names.len());
-        // The programs judge packets on every one of them.
-        let mut maps = dp.take_maps().unwrap();
-        for ifindex in &indexes {
-            let ep = EndpointInfo { endpoint_id: 5, flags: endpoint_flags::INGRESS_ENFORCED, ..Default::default() };
-            maps.endpoints.insert(*ifindex, ep, 0).unwrap();
-        }
-        let frame = tcp4(PEER, POD, 1, 80, TCP_SYN);
-        for ifindex in &indexes {
-            assert_dropped(dp.test_run(Hook::ToPod, &frame, Some(*ifindex)).unwrap(), "enforced endpoint");
-        }
-        drop(maps);
-        // A later agent adopts them all (pins present: one by one, program swapped in).
-        drop(dp);
-        let mut dp = Datapath::load(&pins.config()).unwrap();
-        let again = dp.attach_all(&names);
-        assert!(again.iter().all(|(_, r)| r.is_ok()), "{again:?}");
-        let (from2, to2) = (dp.program_id(Hook::FromPod).unwrap(), dp.program_id(Hook::ToPod).unwrap());
-        for name in &names {
-            assert_eq!(tcx_program_ids(name), (vec![from2], vec![to2]), "{name} after adoption");
-        }
-        for name in &names {
-            dp.detach(name).unwrap();
-            assert_eq!(tcx_program_ids(name), (vec![], vec![]));
-        }
-    });
-}
-
 #[test]
 fn clsact_attach_replaces_in_place_and_detaches() {
     in_throwaway_netns(|| {

@@ -76,6 +76,7 @@ pub fn figure_names(size: Size) -> Vec<String> {
         "agent.start_to_enforced_s",
         "agent.ready_s",
         "agent.restart_to_enforced_s",
+        "agent.clsact_start_to_enforced_s",
         "agent.restart_ready_s",
         "agent.identities",
         "agent.policy_entries",
@@ -282,12 +283,18 @@ fn policy_cidrs(i: usize, per_policy: usize) -> Vec<String> {
 }
 
 pub fn agent_scale(report: &mut Report, size: Size, agent: &Path) {
-    if let Err(e) = agent_scale_inner(report, size, agent) {
+    if let Err(e) = agent_scale_inner(report, size, agent, false) {
         report.failures.push(format!("control: agent at scale: {e}"));
+    }
+    // The same node bring-up with tc (clsact) filters instead of tcx links: what the
+    // agent costs without the kernel's grace period per tcx attach.
+    if let Err(e) = agent_scale_inner(report, size, agent, true) {
+        report.failures.push(format!("control: agent at scale (clsact): {e}"));
     }
 }
 
-fn agent_scale_inner(report: &mut Report, size: Size, agent: &Path) -> Result<(), String> {
+/// `clsact`: attach with `--attach-mode clsact` and measure the bring-up only.
+fn agent_scale_inner(report: &mut Report, size: Size, agent: &Path, clsact: bool) -> Result<(), String> {
     let s = Scale::of(size);
     let per_policy = (s.identities - s.endpoints) / s.policies;
     let pid = std::process::id();
@@ -311,7 +318,8 @@ fn agent_scale_inner(report: &mut Report, size: Size, agent: &Path) -> Result<()
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     let t0 = Instant::now();
-    let proc = AgentProcess::spawn(agent, ns.open().map_err(|e| e.to_string())?, &dirs, None, &[])
+    let extra: Vec<String> = if clsact { vec!["--attach-mode".into(), "clsact".into()] } else { Vec::new() };
+    let proc = AgentProcess::spawn(agent, ns.open().map_err(|e| e.to_string())?, &dirs, None, &extra)
         .map_err(|e| e.to_string())?;
     let limit = Duration::from_secs(120);
     let (ready, enforced) = rt
@@ -379,6 +387,16 @@ fn agent_scale_inner(report: &mut Report, size: Size, agent: &Path) -> Result<()
         s.endpoints,
         s.identities - s.endpoints
     );
+    if clsact {
+        report.push(
+            "control.agent.clsact_start_to_enforced_s",
+            enforced.as_secs_f64(),
+            "s",
+            format!("node bring-up as control.agent.start_to_enforced_s, with --attach-mode clsact (tc filters instead of tcx links); {ctx}"),
+        );
+        proc.check_alive("at the end").map_err(|e| e.to_string())?;
+        return Ok(());
+    }
     report.push(
         "control.agent.start_to_enforced_s",
         enforced.as_secs_f64(),

@@ -120,12 +120,14 @@ impl MapWriter {
     /// Attaches to new interfaces and detaches from gone ones.
     fn sync_attachments(&mut self, endpoints: &[LocalEndpoint]) {
         let wanted: BTreeSet<String> = endpoints.iter().map(|e| e.interface.clone()).collect();
-        let new: Vec<String> = wanted.difference(&self.attached).cloned().collect();
-        for (ifname, r) in self.datapath.attach_all(&new) {
-            match r {
+        // Each new tcx link costs the kernel an RCU grace period under the RTNL lock (about
+        // 13 ms here; attaching from several threads gains nothing), so a node starting
+        // many pods at once attaches them at that pace: see docs/benchmarks.md.
+        for ifname in wanted.difference(&self.attached.clone()) {
+            match self.datapath.attach(ifname) {
                 Ok(_) => {
                     tracing::info!(interface = %ifname, mode = %self.datapath.attach_mode(), "programs attached");
-                    self.attached.insert(ifname);
+                    self.attached.insert(ifname.clone());
                 }
                 Err(e) => tracing::error!(interface = %ifname, error = %e, "attaching the programs failed; will retry"),
             }

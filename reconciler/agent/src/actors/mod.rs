@@ -31,7 +31,7 @@ use actix::prelude::*;
 use tokio::sync::broadcast;
 
 use crate::api::types::MonitorEvent;
-use crate::datapath::{Datapath, DatapathConfig, DatapathError, MapSizes};
+use crate::datapath::{AttachMode, Datapath, DatapathConfig, DatapathError, MapSizes};
 use crate::monitor::{DecodeContext, decode};
 use crate::state::StateDir;
 use supervise::start_supervised;
@@ -56,6 +56,8 @@ pub struct AgentConfig {
     pub fault_injection: bool,
     /// Sizes of the eBPF maps.
     pub map_sizes: MapSizes,
+    /// How programs are attached; `None`: tcx where the kernel has it.
+    pub attach_mode: Option<AttachMode>,
 }
 
 impl AgentConfig {
@@ -72,6 +74,7 @@ impl AgentConfig {
             external_sources: false,
             fault_injection: false,
             map_sizes: MapSizes::default(),
+            attach_mode: None,
         }
     }
 }
@@ -173,6 +176,9 @@ impl Agent {
             .map_err(|source| StartError::State { dir: config.state_dir.clone(), source })?;
         let mut datapath =
             Datapath::load_with_sizes(&DatapathConfig { pin_dir: config.bpffs.clone() }, &config.map_sizes)?;
+        if let Some(mode) = config.attach_mode {
+            datapath.set_attach_mode(mode);
+        }
         // Links of interfaces that went away while no agent ran.
         match datapath.prune_stale_links() {
             Ok(gone) if !gone.is_empty() => {

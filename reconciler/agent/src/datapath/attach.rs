@@ -7,7 +7,6 @@
 //! a fixed priority and handle, so attaching again replaces them in place.
 use std::{
     fmt, fs,
-    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -144,93 +143,6 @@ impl Datapath {
         self.attached.insert(ifname.to_string(), ifindex);
         tracing::debug!(interface = ifname, ifindex, mode = %self.mode, "programs attached");
         Ok(ifindex)
-    }
-
-    /// Attaches both programs to every interface of `ifnames`, like [`Datapath::attach`]
-    /// one by one, but with tcx the new links of interfaces without pins are created from
-    /// several threads at once: each tcx attach waits in the kernel for an RCU grace period
-    /// (5 to 25 ms here), so a batch of new pods costs a few grace periods, not two per
-    /// pod. Answers each interface's result.
-    pub fn attach_all(&mut self, ifnames: &[String]) -> Vec<(String, Result<u32, DatapathError>)> {
-        /// Threads creating links at once, at most.
-        const ATTACH_THREADS: usize = 16;
-        let mut out = Vec::new();
-        let mut fresh: Vec<(String, u32)> = Vec::new();
-        for ifname in ifnames {
-            let pins = TcxLinkPins::new(&self.pin_dir, ifname);
-            match sys::ifindex(ifname) {
-                Some(ifindex)
-                    if self.mode == AttachMode::Tcx
-                        && ifnames.len() > 1
-                        && !pins.dir.exists()
-                        && fs::create_dir_all(&pins.dir).is_ok() =>
-                {
-                    fresh.push((ifname.clone(), ifindex))
-                }
-                _ => out.push((ifname.clone(), self.attach(ifname))),
-            }
-        }
-        if fresh.is_empty() {
-            return out;
-        }
-        let fds = Hook::BOTH.map(|hook| {
-            program_mut(&mut self.ebpf, hook.program_name()).ok().and_then(|p| p.fd().ok()?.try_clone().ok())
-        });
-        let [Some(from_pod), Some(to_pod)] = fds else {
-            // Cannot happen with loaded programs; the one-by-one path reports why.
-            for (ifname, _) in fresh {
-                let _ = remove_dir(&TcxLinkPins::new(&self.pin_dir, &ifname).dir);
-                out.push((ifname.clone(), self.attach(&ifname)));
-            }
-            return out;
-        };
-        let pin_dir = self.pin_dir.clone();
-        let chunk = fresh.len().div_ceil(ATTACH_THREADS);
-        let results: Vec<(String, u32, Result<(), String>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = fresh
-                .chunks(chunk)
-                .map(|part| {
-                    let (from_pod, to_pod, pin_dir) = (&from_pod, &to_pod, &pin_dir);
-                    scope.spawn(move || {
-                        part.iter()
-                            .map(|(ifname, ifindex)| {
-                                let pins = TcxLinkPins::new(pin_dir, ifname);
-                                let mut r = Ok(());
-                                for (hook, prog, attach_type) in
-                                    [(Hook::FromPod, from_pod, BPF_TCX_INGRESS), (Hook::ToPod, to_pod, BPF_TCX_EGRESS)]
-                                {
-                                    r = sys::tcx_link_create(prog.as_fd(), *ifindex, attach_type)
-                                        .and_then(|link| sys::obj_pin(link.as_fd(), &pins.path(hook)))
-                                        .map_err(|e| format!("{}: {e}", hook.program_name()));
-                                    if r.is_err() {
-                                        break;
-                                    }
-                                }
-                                (ifname.clone(), *ifindex, r)
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
-        });
-        for (ifname, ifindex, r) in results {
-            match r {
-                Ok(()) => {
-                    remove_clsact_filters(&ifname);
-                    self.attached.insert(ifname.clone(), ifindex);
-                    tracing::debug!(interface = %ifname, ifindex, mode = %self.mode, "programs attached");
-                    out.push((ifname, Ok(ifindex)));
-                }
-                Err(why) => {
-                    // The one-by-one path adopts what was pinned, falls back to clsact
-                    // where tcx is not supported, and says what went wrong.
-                    tracing::debug!(interface = %ifname, why, "parallel attach failed; attaching alone");
-                    out.push((ifname.clone(), self.attach(&ifname)));
-                }
-            }
-        }
-        out
     }
 
     /// Detaches both programs from `ifname` and removes the link pins. Fine when the

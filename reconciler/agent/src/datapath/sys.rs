@@ -83,64 +83,6 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_LINK_CREATE: libc::c_long = 28;
-/// `BPF_F_BEFORE` from linux/bpf.h: with no relative program, first in the list.
-const BPF_F_BEFORE: u32 = 1 << 3;
-
-/// Attaches program `prog` to interface `ifindex` as a tcx link of `attach_type`
-/// (`BPF_TCX_INGRESS` / `BPF_TCX_EGRESS`), first in the interface's list; answers the link.
-/// A plain syscall, so that several interfaces can be attached from several threads at
-/// once (each attach waits for an RCU grace period in the kernel, milliseconds).
-pub fn tcx_link_create(prog: BorrowedFd<'_>, ifindex: u32, attach_type: u32) -> io::Result<OwnedFd> {
-    #[repr(C, align(8))]
-    struct LinkCreateAttr {
-        prog_fd: u32,
-        target_ifindex: u32,
-        attach_type: u32,
-        flags: u32,
-        relative_fd: u32,
-        pad: u32,
-        expected_revision: u64,
-    }
-    let mut attr = LinkCreateAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        target_ifindex: ifindex,
-        attach_type,
-        flags: BPF_F_BEFORE,
-        relative_fd: 0,
-        pad: 0,
-        expected_revision: 0,
-    };
-    // SAFETY: `attr` is a valid BPF_LINK_CREATE attribute for a tcx link.
-    let fd = unsafe { bpf(BPF_LINK_CREATE, (&raw mut attr).cast(), size_of::<LinkCreateAttr>()) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Pins the BPF object `fd` at `path` (on a bpffs).
-pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
-    #[repr(C)]
-    struct ObjPinAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        pad: u32,
-    }
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr =
-        ObjPinAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, file_flags: 0, path_fd: 0, pad: 0 };
-    // SAFETY: `attr` is a valid BPF_OBJ_PIN attribute; `c` outlives the call.
-    if unsafe { bpf(BPF_OBJ_PIN, (&raw mut attr).cast(), size_of::<ObjPinAttr>()) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// What the kernel says about a pinned link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinkFacts {
