@@ -41,18 +41,24 @@ pub const PORT: u16 = 5201;
 pub enum Mode {
     Baseline,
     Palisade,
+    /// palisade's programs attached with the same maps, but the server is not an endpoint:
+    /// every packet makes one ENDPOINTS lookup and passes. What the tcx hooks and a minimal
+    /// program cost by themselves (a diagnostic beside the real palisade).
+    PalisadeHook,
     Iptables,
     IptablesNft,
     Nftables,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [Mode::Baseline, Mode::Palisade, Mode::Iptables, Mode::IptablesNft, Mode::Nftables];
+    pub const ALL: [Mode; 6] =
+        [Mode::Baseline, Mode::Palisade, Mode::PalisadeHook, Mode::Iptables, Mode::IptablesNft, Mode::Nftables];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::Baseline => "baseline",
             Mode::Palisade => "palisade",
+            Mode::PalisadeHook => "palisade_hook",
             Mode::Iptables => "iptables",
             Mode::IptablesNft => "iptables_nft",
             Mode::Nftables => "nftables",
@@ -107,7 +113,12 @@ pub fn install(mode: Mode, net: &BenchNet, allows: &[Allow], tag: &str) -> Resul
     let t = Instant::now();
     match mode {
         Mode::Baseline => Ok((Installed::None, t.elapsed())),
-        Mode::Palisade => PalisadeFilter::install(net, allows, tag).map(|(f, d)| (Installed::Palisade(Box::new(f)), d)),
+        Mode::Palisade => {
+            PalisadeFilter::install(net, allows, tag, true).map(|(f, d)| (Installed::Palisade(Box::new(f)), d))
+        }
+        Mode::PalisadeHook => {
+            PalisadeFilter::install(net, allows, tag, false).map(|(f, d)| (Installed::Palisade(Box::new(f)), d))
+        }
         Mode::Iptables => iptables(net, allows, "iptables-legacy-restore").map(|_| (Installed::Firewall, t.elapsed())),
         Mode::IptablesNft => iptables(net, allows, "iptables-nft-restore").map(|_| (Installed::Firewall, t.elapsed())),
         Mode::Nftables => nftables(net, allows).map(|_| (Installed::Firewall, t.elapsed())),
@@ -136,7 +147,14 @@ const SERVER_IDENTITY: u32 = 1000;
 const PEER_IDENTITY_BASE: u32 = 100_000;
 
 impl PalisadeFilter {
-    fn install(net: &BenchNet, allows: &[Allow], tag: &str) -> Result<(PalisadeFilter, Duration), String> {
+    /// `endpoint`: whether the server is made an endpoint (false: the programs are in the
+    /// path but pass every packet after the ENDPOINTS lookup).
+    fn install(
+        net: &BenchNet,
+        allows: &[Allow],
+        tag: &str,
+        endpoint: bool,
+    ) -> Result<(PalisadeFilter, Duration), String> {
         let pin_dir = PathBuf::from(crate::agent::BPFFS).join(format!("palisade-testbed-{}-{tag}", std::process::id()));
         if pin_dir.exists() {
             return Err(format!("{} exists", pin_dir.display()));
@@ -161,7 +179,7 @@ impl PalisadeFilter {
         let mut f = PalisadeFilter { maps: None, datapath: Some(dp), pin_dir, _guard: guard };
         let mut maps = f.datapath.as_mut().expect("just set").take_maps().map_err(|e| e.to_string())?;
         let t = Instant::now();
-        fill(&mut maps, ifindex, net.server_addr, allows)?;
+        fill(&mut maps, ifindex, net.server_addr, allows, endpoint)?;
         let took = t.elapsed();
         f.maps = Some(maps);
         Ok((f, took))
@@ -170,7 +188,7 @@ impl PalisadeFilter {
 
 /// What the map writer writes for the rule set: the server as an endpoint enforcing ingress,
 /// every peer's address in the ipcache with its own identity, one policy entry per allow.
-fn fill(maps: &mut MapSet, ifindex: u32, server: Ipv4Addr, allows: &[Allow]) -> Result<(), String> {
+fn fill(maps: &mut MapSet, ifindex: u32, server: Ipv4Addr, allows: &[Allow], endpoint: bool) -> Result<(), String> {
     let e = |what: &str, err: &dyn std::fmt::Display| format!("writing {what}: {err}");
     let mut identities: std::collections::HashMap<Ipv4Addr, u32> = std::collections::HashMap::new();
     maps.ipcache_host_v4
@@ -201,7 +219,9 @@ fn fill(maps: &mut MapSet, ifindex: u32, server: Ipv4Addr, allows: &[Allow]) -> 
         ipv6: [0; 16],
     };
     // The endpoint last, as the map writer does: enforcement starts with its policy in place.
-    maps.endpoints.insert(ifindex, ep, 0).map_err(|x| e("the endpoint", &x))?;
+    if endpoint {
+        maps.endpoints.insert(ifindex, ep, 0).map_err(|x| e("the endpoint", &x))?;
+    }
     maps.bump_policy_generation().map_err(|x| e("the policy generation", &x))?;
     Ok(())
 }

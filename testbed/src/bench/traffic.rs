@@ -64,7 +64,7 @@ pub fn udp_echo(ns: &Netns, port: u16) -> Result<Server, String> {
         .run(move || UdpSocket::bind(("0.0.0.0", port)))
         .map_err(|e| e.to_string())?
         .map_err(|e| io_err("binding the UDP echo server", e))?;
-    sock.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| io_err("socket option", e))?;
+    sock.set_read_timeout(Some(Duration::from_millis(20))).map_err(|e| io_err("socket option", e))?;
     spawn("udp-echo", move |stop, _| {
         let mut buf = [0u8; 2048];
         while !stop.load(Ordering::Relaxed) {
@@ -82,7 +82,7 @@ pub fn udp_sink(ns: &Netns, port: u16) -> Result<Server, String> {
         .map_err(|e| e.to_string())?
         .map_err(|e| io_err("binding the UDP sink", e))?;
     set_rcvbuf(&sock, 4 << 20);
-    sock.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| io_err("socket option", e))?;
+    sock.set_read_timeout(Some(Duration::from_millis(20))).map_err(|e| io_err("socket option", e))?;
     spawn("udp-sink", move |stop, received| {
         let mut buf = [0u8; 2048];
         while !stop.load(Ordering::Relaxed) {
@@ -115,7 +115,7 @@ pub fn tcp_echo(ns: &Netns, port: u16) -> Result<Server, String> {
     spawn("tcp-echo", move |stop, _| {
         let fd = listener.as_raw_fd();
         while !stop.load(Ordering::Relaxed) {
-            if !readable(fd, 100) {
+            if !readable(fd, 20) {
                 continue;
             }
             let Ok((mut s, _)) = listener.accept() else { continue };
@@ -253,9 +253,18 @@ pub fn udp_stream(client: &Netns, sink: &Server, server: SocketAddrV4, duration:
             Ok::<_, String>((sent, start.elapsed()))
         })
         .map_err(|e| e.to_string())??;
-    // Datagrams still queued towards the sink.
-    std::thread::sleep(Duration::from_millis(200));
-    let received = sink.received.load(Ordering::SeqCst) - before;
+    // Datagrams still queued towards the sink: wait until the count stops moving (two
+    // quiet 10 ms polls), 300 ms at most.
+    let settle = Instant::now();
+    let mut last = sink.received.load(Ordering::SeqCst);
+    let mut quiet = 0;
+    while quiet < 2 && settle.elapsed() < Duration::from_millis(300) {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = sink.received.load(Ordering::SeqCst);
+        quiet = if now == last { quiet + 1 } else { 0 };
+        last = now;
+    }
+    let received = last - before;
     let secs = sent.1.as_secs_f64();
     Ok(Stream { sent_pps: sent.0 as f64 / secs, received_pps: received as f64 / secs })
 }
