@@ -36,6 +36,9 @@ pub struct EndpointTracker {
     netlink: bool,
     /// Endpoint ids given to registrations still waiting for their identity.
     reserved: BTreeSet<u16>,
+    /// Registrations waiting for the next save and publish of the registry ([`Flush`]):
+    /// each gets the revision that includes it.
+    flush_waiters: Vec<tokio::sync::oneshot::Sender<u64>>,
 }
 
 impl EndpointTracker {
@@ -60,6 +63,7 @@ impl EndpointTracker {
             interface_check,
             netlink: false,
             reserved: BTreeSet::new(),
+            flush_waiters: Vec::new(),
         };
         t.load(registry);
         t
@@ -114,6 +118,19 @@ impl EndpointTracker {
                 })
                 .collect(),
         }
+    }
+
+    /// Saves and publishes the registry soon: once for every change made before the
+    /// messages already queued are handled (a burst of registrations writes the file and
+    /// copies the endpoints once, not once per pod). The receiver gets the revision that
+    /// includes the change, once the registry holding it is saved.
+    fn flush_soon(&mut self, ctx: &mut Context<Self>) -> tokio::sync::oneshot::Receiver<u64> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.flush_waiters.is_empty() {
+            ctx.notify(Flush);
+        }
+        self.flush_waiters.push(tx);
+        rx
     }
 
     /// Saves the registry (after every change).
@@ -412,7 +429,7 @@ impl Handler<UpsertEndpoint> for EndpointTracker {
         Box::pin(
             async move { identities.send(AllocateIdentity { labels }).await }
                 .into_actor(self)
-                .then(move |res, act, _| {
+                .then(move |res, act, ctx| {
                     if reserved {
                         act.reserved.remove(&ep.id);
                     }
@@ -426,19 +443,45 @@ impl Handler<UpsertEndpoint> for EndpointTracker {
                         if let Some(old) = act.endpoints.insert(key, ep.clone()) {
                             act.identities.do_send(ReleaseIdentity { id: old.identity });
                         }
-                        act.persist();
                         tracing::info!(endpoint = %ep.full_name(), id = ep.id, identity = ep.identity, interface = %ep.interface, "endpoint upserted");
-                        (ep, act.publish())
+                        (ep, act.flush_soon(ctx))
                     });
                     async move {
                         match result {
-                            Ok((ep, rev)) => Ok((ep, rev.await?)),
+                            // Answered once the registry holding it is on disk (a restart
+                            // right after the answer still knows the pod) and the resolver
+                            // has it.
+                            Ok((ep, rev)) => Ok((ep, rev.await.map_err(|_| actix::MailboxError::Closed)?)),
                             Err(e) => Err(AgentError::from(e)),
                         }
                     }
                     .into_actor(act)
                 }),
         )
+    }
+}
+
+/// Saves and publishes the registry for the changes waiting in `flush_waiters`.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+impl Handler<Flush> for EndpointTracker {
+    type Result = ();
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
+        self.persist();
+        let waiters = std::mem::take(&mut self.flush_waiters);
+        let rev = self.publish();
+        ctx.spawn(
+            async move {
+                if let Ok(rev) = rev.await {
+                    for tx in waiters {
+                        let _ = tx.send(rev);
+                    }
+                }
+            }
+            .into_actor(self),
+        );
     }
 }
 

@@ -10,7 +10,7 @@
 //! ([`UpsertSourceText`], [`RemoveSource`]), e.g. `kube:CiliumNetworkPolicy/ns/name`: each
 //! is treated like one more file, with the same validation and last-good-version rules.
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,11 +47,67 @@ pub struct PolicyWatch {
     resolver: Addr<Resolver>,
     rescan_interval: Duration,
     watcher: Option<notify::RecommendedWatcher>,
+    /// A re-read for inotify events is queued.
+    rescan_queued: bool,
+    /// The metadata of every file as last read, and whether its last change was already
+    /// [`SETTLE`] old then.
+    seen: HashMap<PathBuf, (FileStamp, bool)>,
+    /// The next re-read reads every file (set every [`FULL_READ_EVERY`] periodic re-reads).
+    full_read_due: bool,
+    periodic: u32,
+}
+
+/// A file whose last change (ctime) was this old when it was read is not read again until
+/// its metadata changes: any later write sets its ctime to a later time, one the stamp
+/// does not hold, whatever the file system's timestamp granularity (far finer than this).
+const SETTLE: Duration = Duration::from_secs(1);
+/// Every this many periodic re-reads, every file is read whatever its metadata (a clock
+/// set back could in theory give a rewritten file its old ctime).
+const FULL_READ_EVERY: u32 = 15;
+
+/// What identifies a file's content without reading it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileStamp {
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(path: &std::path::Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    /// Whether the last change is at least [`SETTLE`] old.
+    fn settled(&self) -> bool {
+        let changed = std::time::UNIX_EPOCH
+            + Duration::new(self.ctime.0.max(0) as u64, self.ctime.1.clamp(0, 999_999_999) as u32);
+        std::time::SystemTime::now().duration_since(changed).is_ok_and(|age| age >= SETTLE)
+    }
 }
 
 impl PolicyWatch {
     pub fn new(dir: PathBuf, resolver: Addr<Resolver>, rescan_interval: Duration) -> Self {
-        PolicyWatch { dir, sources: PolicySources::default(), revision: 0, resolver, rescan_interval, watcher: None }
+        PolicyWatch {
+            dir,
+            sources: PolicySources::default(),
+            revision: 0,
+            resolver,
+            rescan_interval,
+            watcher: None,
+            rescan_queued: false,
+            seen: HashMap::new(),
+            full_read_due: false,
+            periodic: 0,
+        }
     }
 
     fn list_files(&self) -> std::io::Result<Vec<PathBuf>> {
@@ -87,7 +143,18 @@ impl PolicyWatch {
                 changed = true;
             }
         }
+        self.seen.retain(|p, _| present.contains(&p.display().to_string()));
+        let full = std::mem::take(&mut self.full_read_due);
         for path in files {
+            // A file read after its last change had settled is not read again while its
+            // metadata stays the same (see [`FileStamp`]).
+            let stamp = FileStamp::of(&path);
+            if !full
+                && let Some(now) = &stamp
+                && self.seen.get(&path).is_some_and(|(before, settled)| *settled && before == now)
+            {
+                continue;
+            }
             let bytes = match std::fs::read(&path) {
                 Ok(b) => b,
                 Err(e) => {
@@ -96,6 +163,15 @@ impl PolicyWatch {
                     continue;
                 }
             };
+            match stamp {
+                Some(st) => {
+                    let settled = st.settled();
+                    self.seen.insert(path.clone(), (st, settled));
+                }
+                None => {
+                    self.seen.remove(&path);
+                }
+            }
             let mut h = DefaultHasher::new();
             bytes.hash(&mut h);
             let hash = h.finish();
@@ -351,7 +427,7 @@ impl Actor for PolicyWatch {
             if let Ok(ev) = res
                 && (ev.kind.is_create() || ev.kind.is_modify() || ev.kind.is_remove())
             {
-                addr.do_send(Rescan);
+                addr.do_send(DirChanged);
             }
         }) {
             Ok(mut w) => match w.watch(&self.dir, notify::RecursiveMode::NonRecursive) {
@@ -361,7 +437,13 @@ impl Actor for PolicyWatch {
             Err(e) => tracing::warn!(error = %e, "inotify unavailable; falling back to periodic re-reads"),
         }
         ctx.notify(Rescan);
-        ctx.run_interval(self.rescan_interval, |_, ctx| ctx.notify(Rescan));
+        ctx.run_interval(self.rescan_interval, |act, ctx| {
+            act.periodic += 1;
+            if act.periodic % FULL_READ_EVERY == 0 {
+                act.full_read_due = true;
+            }
+            ctx.notify(Rescan)
+        });
     }
 }
 
@@ -373,12 +455,46 @@ pub struct Rescan;
 impl Handler<Rescan> for PolicyWatch {
     type Result = AtomicResponse<Self, u64>;
     fn handle(&mut self, _: Rescan, _: &mut Context<Self>) -> Self::Result {
+        self.rescan_and_publish()
+    }
+}
+
+impl PolicyWatch {
+    fn rescan_and_publish(&mut self) -> AtomicResponse<Self, u64> {
         let changed = self.rescan();
         // Readiness hook (ops): the first complete read of the directory is its first sync.
         AtomicResponse::new(Box::pin(self.publish(changed).map(|revision, _, _| {
             crate::metrics::readiness().source_synced(crate::metrics::SOURCE_POLICY_DIR, revision);
             revision
         })))
+    }
+}
+
+/// inotify saw a change in the directory. Writing one file makes several events (create,
+/// modify, close); they are taken together: one re-read after the messages already queued.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct DirChanged;
+
+impl Handler<DirChanged> for PolicyWatch {
+    type Result = ();
+    fn handle(&mut self, _: DirChanged, ctx: &mut Context<Self>) {
+        if !self.rescan_queued {
+            self.rescan_queued = true;
+            ctx.notify(QueuedRescan);
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "u64")]
+struct QueuedRescan;
+
+impl Handler<QueuedRescan> for PolicyWatch {
+    type Result = AtomicResponse<Self, u64>;
+    fn handle(&mut self, _: QueuedRescan, _: &mut Context<Self>) -> Self::Result {
+        self.rescan_queued = false;
+        self.rescan_and_publish()
     }
 }
 
@@ -403,6 +519,8 @@ impl Supervised for PolicyWatch {
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.sources = PolicySources::default();
         self.watcher = None;
+        self.rescan_queued = false;
+        self.seen.clear();
     }
 }
 
@@ -473,6 +591,28 @@ mod tests {
     const CNP: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: api}}]}]\n";
     const CNP_BAD: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: api}}], toPorts: [{ports: [{port: \"99999\"}]}]}]\n";
     const KEY: &str = "kube:CiliumNetworkPolicy/shop/web";
+
+    /// A file just written is not settled (it is read again next time, whatever its
+    /// metadata); one whose last change is older is, and a rewrite changes its stamp.
+    #[test]
+    fn file_stamps_settle_and_change_with_a_rewrite() {
+        let dir = std::env::temp_dir().join(format!("palisade-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("p.yaml");
+        std::fs::write(&f, "aaaa").unwrap();
+        let first = FileStamp::of(&f).unwrap();
+        assert!(!first.settled(), "just written: {first:?}");
+        std::fs::write(&f, "bbbb").unwrap();
+        let second = FileStamp::of(&f).unwrap();
+        assert!(!second.settled());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        let old = FileStamp { ctime: (now.as_secs() as i64 - 2, 0), ..second.clone() };
+        assert!(old.settled());
+        let new = FileStamp { ctime: (now.as_secs() as i64, 0), ..second };
+        assert!(!new.settled());
+        assert!(FileStamp::of(&dir.join("missing.yaml")).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn api_source_is_accepted_then_kept_when_a_bad_version_arrives() {
