@@ -1,6 +1,6 @@
 //! The resolver that keeps its work: [`PolicyResolver`] holds policies, endpoints and
-//! identities, resolves everything once, and afterwards updates only what an identity
-//! change touches.
+//! identities, resolves everything once, and afterwards updates only what a change
+//! touches: an identity, a policy, an endpoint.
 //!
 //! How it is organised:
 //!
@@ -11,7 +11,12 @@
 //! - **Selection cache.** Each selection knows its member identities and the endpoints
 //!   that use it. Members are found through a label index (key -> value -> identities) from
 //!   the selector's most selective `In` requirement, so a selector is matched against its
-//!   candidates, not against every identity.
+//!   candidates, not against every identity; a CIDR block takes the CIDR identities of its
+//!   address range from a prefix-ordered index (a range query).
+//! - **Compiled rules are append-only.** A policy's rules are compiled on their own (peer
+//!   numbers are interned and stay, so selections survive); a changed policy is compiled
+//!   anew and its old rules are left behind until the next full resolution, which comes
+//!   once more rules are left behind than are live.
 //! - **Per endpoint**, the resolver keeps its *contributions*: (peer rule, selection). Its
 //!   entries are the contributions' members x the peer rules' L4 blocks, denies win.
 //! - **An identity appears or disappears**: it is tested against every selection; the
@@ -21,6 +26,14 @@
 //!   endpoint's denies for any peer, which an identity change does not touch; the one
 //!   exception (a direction with deny rules but no default deny, where every allow is
 //!   replaced by one allow for any peer) recomputes that endpoint in full.
+//! - **A policy changes** (added, removed, or different under the same name): the
+//!   endpoints its old and its new rules select are computed in full; the CIDR identities
+//!   it adds or drops, and the address identities of ipBlocks it adds or drops, are
+//!   identity changes as above.
+//! - **An endpoint comes or changes**: it alone is computed; one that goes is dropped.
+//!   Named ports resolve on the local endpoints, so a change of named ports (or of the
+//!   identity of an endpoint with named ports) also recomputes the endpoints whose rules
+//!   name ports.
 //!
 //! Pods inside a Kubernetes NetworkPolicy ipBlock: an ipBlock is a set of addresses, and a
 //! pod may have one address inside it and another (of the other family) outside. So the
