@@ -144,10 +144,19 @@ impl EndpointTracker {
     /// Removes endpoints whose interface disappeared (or was replaced by another interface
     /// with the same name); answers their names.
     fn drop_vanished(&mut self) -> Vec<String> {
+        // One listing of every interface (a netlink dump) rather than one lookup per
+        // endpoint: with a thousand endpoints that is 1 call instead of 1,000 every check.
+        let present: Option<std::collections::HashMap<String, u32>> = nix::net::if_::if_nameindex()
+            .ok()
+            .map(|all| all.iter().map(|i| (i.name().to_string_lossy().into_owned(), i.index())).collect());
+        let index_of = |name: &str| match &present {
+            Some(map) => map.get(name).copied(),
+            None => ifindex(name),
+        };
         let gone: Vec<(String, String)> = self
             .endpoints
             .iter()
-            .filter(|(_, ep)| ifindex(&ep.interface) != Some(ep.ifindex))
+            .filter(|(_, ep)| index_of(&ep.interface) != Some(ep.ifindex))
             .map(|(k, _)| k.clone())
             .collect();
         let mut names = Vec::new();
