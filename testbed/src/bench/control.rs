@@ -446,6 +446,7 @@ fn agent_scale_inner(report: &mut Report, size: Size, agent: &Path, clsact: bool
         .map_err(|e| e.to_string())?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    eprintln!("  policy change latencies (ms, in order): {lat:.0?}");
     lat.sort_by(|a, b| a.total_cmp(b));
     let cctx = format!(
         "one policy's port changed: file written, rescan asked, until the agent reports the revision realized in the kernel; {} changes; {ctx}",
