@@ -1,7 +1,8 @@
 //! Endpoint tracker actor: the pods of this node (fed by the local API, which a CNI plugin
 //! or the testbed calls), their namespaces' labels, and the identity each one holds.
 //!
-//! The registry is saved in the state directory after every change (atomically) and
+//! The registry is saved in the state directory after every change (atomically; the
+//! registrations of a burst share one save, and each is answered once it is saved) and
 //! restored when the agent starts, so endpoints survive restarts; entries whose interface
 //! is gone by then are dropped. While running, the tracker checks every
 //! [`crate::actors::AgentConfig::interface_check_interval`] that each endpoint's interface
