@@ -526,16 +526,8 @@ impl PolicyResolver {
                 },
             }
         }
-        let (gone, new) = self.sync_addresses(touched);
-        removed.extend(gone);
-        for (id, m) in new {
-            if removed.contains(&id) && self.universe.get(&id) == Some(&m) {
-                // Freed and taken again by the same labels in this update.
-                removed.remove(&id);
-                continue;
-            }
-            added.insert(id, m);
-        }
+        let synced = self.sync_addresses(touched);
+        self.merge_address_changes(synced, &mut removed, &mut added);
         let mut affected: BTreeSet<u16> = BTreeSet::new();
         let mut ids: BTreeSet<u32> = BTreeSet::new();
         self.apply_members(removed, added, &mut affected, &mut ids);
@@ -662,20 +654,32 @@ impl PolicyResolver {
             self.ip_blocks = blocks;
             let mut all: BTreeSet<IpAddr> = self.addresses.keys().copied().collect();
             all.extend(self.address_of.keys().copied());
-            let (gone, new) = self.sync_addresses(all);
-            let mut removed: BTreeSet<u32> = gone.into_iter().collect();
-            let mut added = BTreeMap::new();
-            for (id, m) in new {
-                if removed.contains(&id) && self.universe.get(&id) == Some(&m) {
-                    removed.remove(&id);
-                    continue;
-                }
-                added.insert(id, m);
-            }
+            let synced = self.sync_addresses(all);
+            let (mut removed, mut added) = (BTreeSet::new(), BTreeMap::new());
+            self.merge_address_changes(synced, &mut removed, &mut added);
             self.apply_members(removed, added, affected, ids);
         }
         let live: usize = self.policy_rules.values().map(Vec::len).sum();
         self.dead_rules <= live + 1024
+    }
+
+    /// Adds the address identities that [`PolicyResolver::sync_addresses`] freed and took
+    /// to `removed` and `added`; one freed and taken again with the same labels in the same
+    /// update is neither.
+    fn merge_address_changes(
+        &self,
+        (gone, new): (Vec<u32>, Vec<(u32, Member)>),
+        removed: &mut BTreeSet<u32>,
+        added: &mut BTreeMap<u32, Member>,
+    ) {
+        removed.extend(gone);
+        for (id, m) in new {
+            if removed.contains(&id) && self.universe.get(&id) == Some(&m) {
+                removed.remove(&id);
+                continue;
+            }
+            added.insert(id, m);
+        }
     }
 
     /// Adds the endpoints flat rule `fi` selects to `out`.
@@ -706,13 +710,14 @@ impl PolicyResolver {
     /// with a rule that names ports); answers the entries of the endpoints dropped.
     fn apply_endpoints(&mut self, recompute: &mut BTreeSet<u16>) -> usize {
         let mut dropped = 0;
-        let mut before: HashMap<u16, EndpointView> = HashMap::new();
         let mut named = false;
         let current: BTreeSet<u16> = self.endpoints.iter().map(|e| e.id).collect();
+        let mut gone: Vec<u16> = Vec::new();
         self.applied_endpoints.retain(|id, ep| {
             let keep = current.contains(id);
             if !keep {
-                before.insert(*id, ep.clone());
+                named |= !ep.named_ports.is_empty();
+                gone.push(*id);
             }
             keep
         });
@@ -733,8 +738,7 @@ impl PolicyResolver {
             recompute.insert(ep.id);
             self.applied_endpoints.insert(ep.id, ep.clone());
         }
-        for (id, old) in before {
-            named |= !old.named_ports.is_empty();
+        for id in gone {
             dropped += self.drop_endpoint(id);
             recompute.remove(&id);
         }
@@ -748,16 +752,19 @@ impl PolicyResolver {
         dropped
     }
 
+    /// Takes endpoint `ep`'s state out, and the endpoint out of its selections' users.
+    fn forget_contributions(&mut self, ep: u16) {
+        for c in self.endpoint_state.remove(&ep).map(|st| st.contributions).unwrap_or_default() {
+            if let PeerSet::Sel(s) = c.peers {
+                self.selections[s].users.remove(&ep);
+            }
+        }
+    }
+
     /// Forgets endpoint `ep`: its state, its entries, its use of selections; answers how
     /// many entries it had.
     fn drop_endpoint(&mut self, ep: u16) -> usize {
-        if let Some(st) = self.endpoint_state.remove(&ep) {
-            for c in st.contributions {
-                if let PeerSet::Sel(s) = c.peers {
-                    self.selections[s].users.remove(&ep);
-                }
-            }
-        }
+        self.forget_contributions(ep);
         self.state.endpoints.remove(&ep).map_or(0, |p| p.entries.len())
     }
 
@@ -765,13 +772,7 @@ impl PolicyResolver {
     /// entries); answers how many entries changed.
     fn recompute_endpoint(&mut self, ep: u16) -> usize {
         let Some(i) = self.position(ep) else { return 0 };
-        if let Some(st) = self.endpoint_state.remove(&ep) {
-            for c in st.contributions {
-                if let PeerSet::Sel(s) = c.peers {
-                    self.selections[s].users.remove(&ep);
-                }
-            }
-        }
+        self.forget_contributions(ep);
         let labels = &self.endpoints[i].labels;
         let mut rules: Vec<usize> = self
             .policy_rules
