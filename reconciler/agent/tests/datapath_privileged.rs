@@ -5,11 +5,10 @@
 //! the kernel runs them on the loopback device, so endpoints are registered at ifindex 1.
 //! Attach tests create a veth pair inside a throwaway network namespace (one thread's,
 //! gone with the thread), never in the root namespace.
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    sync::atomic::{AtomicU32, Ordering},
-};
+mod common;
+use common::PinDir;
+
+use std::process::Command;
 
 use aya::maps::lpm_trie::Key;
 use palisade_agent::datapath::{
@@ -41,32 +40,6 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
-/// A pin directory on bpffs that is removed (with every pin and link in it) on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new() -> PinDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        assert!(nix::unistd::geteuid().is_root(), "the datapath tests load eBPF programs: run them as root");
-        assert!(Path::new("/sys/fs/bpf").exists(), "bpffs is not mounted at /sys/fs/bpf: run ci/setup.sh (as root)");
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        PinDir(PathBuf::from(format!("/sys/fs/bpf/palisade-test-{}-{n}", std::process::id())))
-    }
-
-    fn config(&self) -> DatapathConfig {
-        DatapathConfig { pin_dir: self.0.clone() }
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = Datapath::uninstall(&self.0) {
-            eprintln!("cleaning up {}: {e}", self.0.display());
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 /// A loaded datapath with its maps and events, in a private pin directory.
 struct Fixture {
     dp: Datapath,
@@ -78,7 +51,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        let pins = PinDir::new();
+        let pins = PinDir::new("test");
         let mut dp = Datapath::load(&pins.config()).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         let maps = dp.take_maps().expect("maps");
         let events = dp.take_events().expect("events");
@@ -762,7 +735,7 @@ fn measures_per_packet_cost() {
 
 #[test]
 fn restart_reuses_pinned_maps() {
-    let pins = PinDir::new();
+    let pins = PinDir::new("test");
     {
         let mut dp = Datapath::load(&pins.config()).unwrap();
         let mut maps = dp.take_maps().unwrap();
@@ -778,7 +751,7 @@ fn restart_reuses_pinned_maps() {
 
 #[test]
 fn incompatible_pinned_map_is_refused() {
-    let pins = PinDir::new();
+    let pins = PinDir::new("test");
     std::fs::create_dir_all(&pins.0).unwrap();
     // An object whose POLICY map is smaller than this build's, pinned where the agent looks.
     let ebpf = aya::EbpfLoader::new()
@@ -849,7 +822,7 @@ fn tc_filters(ifname: &str, side: &str) -> String {
 #[test]
 fn tcx_attach_is_idempotent_survives_restart_and_detaches() {
     in_throwaway_netns(|| {
-        let pins = PinDir::new();
+        let pins = PinDir::new("test");
         let ifindex = veth_pair("pal-h0", "pal-p0");
 
         let mut dp = Datapath::load(&pins.config()).unwrap();
@@ -904,7 +877,7 @@ fn tcx_attach_is_idempotent_survives_restart_and_detaches() {
 #[test]
 fn clsact_attach_replaces_in_place_and_detaches() {
     in_throwaway_netns(|| {
-        let pins = PinDir::new();
+        let pins = PinDir::new("test");
         veth_pair("pal-h1", "pal-p1");
         let mut dp = Datapath::load(&pins.config()).unwrap();
         dp.set_attach_mode(AttachMode::Clsact);
@@ -944,7 +917,7 @@ fn clsact_attach_replaces_in_place_and_detaches() {
 #[test]
 fn uninstall_removes_pins_and_links() {
     in_throwaway_netns(|| {
-        let pins = PinDir::new();
+        let pins = PinDir::new("test");
         veth_pair("pal-h2", "pal-p2");
         veth_pair("pal-h3", "pal-p3");
         let mut dp = Datapath::load(&pins.config()).unwrap();

@@ -3,44 +3,16 @@
 //! size, drift made through a second handle on the pinned maps and repaired, and pinned maps
 //! of another size refused. Every datapath is loaded in a private pin directory
 //! (`/sys/fs/bpf/palisade-mw-<pid>-<n>`) removed by a guard even on panic.
-use std::{
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
-};
+mod common;
+use common::PinDir;
 
 use palisade_agent::actors::map_writer::{apply_plan, read_state};
-use palisade_agent::datapath::{Datapath, DatapathConfig, DatapathError, MapSet, MapSizes, WritableMap, WriteMode};
+use palisade_agent::datapath::{Datapath, DatapathError, MapSet, MapSizes, WritableMap, WriteMode};
 use palisade_agent::mapstate::{MapLimits, MapState, plan, policy_lengths};
 use palisade_common::{
     EndpointInfo, IpcacheValue, Ipv4Prefix, POLICY_PREFIX_FULL, PolicyKey, PolicyLengthsKey, PolicyValue, direction,
     endpoint_flags, map_names, proto,
 };
-
-/// A pin directory on bpffs that is removed (with every pin in it) on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new() -> PinDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        assert!(nix::unistd::geteuid().is_root(), "these tests load eBPF programs: run them as root");
-        assert!(Path::new("/sys/fs/bpf").exists(), "bpffs is not mounted at /sys/fs/bpf: run ci/setup.sh (as root)");
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        PinDir(PathBuf::from(format!("/sys/fs/bpf/palisade-mw-{}-{n}", std::process::id())))
-    }
-
-    fn config(&self) -> DatapathConfig {
-        DatapathConfig { pin_dir: self.0.clone() }
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = Datapath::uninstall(&self.0) {
-            eprintln!("cleaning up {}: {e}", self.0.display());
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
 
 struct Fixture {
     // Field order is drop order: handles first, then the pins.
@@ -50,7 +22,7 @@ struct Fixture {
 }
 
 fn load(sizes: &[&str]) -> Fixture {
-    let pins = PinDir::new();
+    let pins = PinDir::new("mw");
     let sizes = MapSizes::with_overrides(sizes).unwrap();
     let mut dp = Datapath::load_with_sizes(&pins.config(), &sizes).expect("the datapath loads");
     let maps = dp.take_maps().unwrap();

@@ -17,14 +17,13 @@
 //! | ingress   | any            | allow TCP/8443               |
 //! | egress    | PEER (300)     | allow TCP/8080               |
 //! | egress    | CIDR 192.0.2.0/24 | allow UDP/123             |
-use std::{
-    fmt::Write as _,
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
-};
+mod common;
+use common::PinDir;
+
+use std::fmt::Write as _;
 
 use aya::maps::lpm_trie::Key;
-use palisade_agent::datapath::{Datapath, DatapathConfig, EventReader, Hook, MapSet, TestRunOutcome};
+use palisade_agent::datapath::{Datapath, EventReader, Hook, MapSet, TestRunOutcome};
 use palisade_common::{
     EndpointInfo, IpcacheValue, Ipv4Prefix, Ipv6Prefix, POLICY_PREFIX_FULL, PolicyKey, PolicyValue, VerdictEvent,
     direction, endpoint_flags, identity, policy_flags, proto, reason,
@@ -58,28 +57,6 @@ const NEXTHDR_DEST: u8 = 60;
 // ---------------------------------------------------------------------------------------
 // Fixture
 
-/// A pin directory on bpffs, removed with every pin in it on drop (also on panic).
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new() -> PinDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        assert!(nix::unistd::geteuid().is_root(), "the packet table loads eBPF programs: run it as root");
-        assert!(Path::new("/sys/fs/bpf").exists(), "bpffs is not mounted at /sys/fs/bpf: run ci/setup.sh (as root)");
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        PinDir(PathBuf::from(format!("/sys/fs/bpf/palisade-table-{}-{n}", std::process::id())))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = Datapath::uninstall(&self.0) {
-            eprintln!("cleaning up {}: {e}", self.0.display());
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 /// What one packet did.
 struct Observed {
     /// The program's action.
@@ -99,9 +76,8 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        let pins = PinDir::new();
-        let mut dp = Datapath::load(&DatapathConfig { pin_dir: pins.0.clone() })
-            .unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+        let pins = PinDir::new("table");
+        let mut dp = Datapath::load(&pins.config()).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         let maps = dp.take_maps().expect("maps");
         let events = dp.take_events().expect("events");
         let mut fx = Fixture { dp, maps, events, _pins: pins };
