@@ -43,7 +43,8 @@ spec:
 "#;
 
 fn scenario() -> String {
-    let policy: serde_yaml::Value = serde_yaml::from_str(&POLICY.replace("PORT", &ECHO_TCP.to_string())).unwrap();
+    let policy: palisade_policy::yaml::Value =
+        palisade_policy::yaml::from_str(&POLICY.replace("PORT", &ECHO_TCP.to_string())).unwrap();
     format!(
         r#"
 name: datapath-live

@@ -114,8 +114,8 @@ fn each_actor_panics_once_and_enforcement_stays_right_privileged() {
         return;
     };
     let policy = plan.policies[0].clone();
-    let v1 = serde_yaml::to_string(&policy.manifest).unwrap();
-    let v2 = v1.replace("port: '80'", "port: '81'");
+    let v1 = palisade_policy::yaml::to_string(&policy.manifest).unwrap();
+    let v2 = v1.replace("port: \"80\"", "port: \"81\"");
     assert_ne!(v1, v2);
     runtime().block_on(async {
         let session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");

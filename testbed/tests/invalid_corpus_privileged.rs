@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use palisade_policy::yaml::{self, Value};
 
 /// Corpus files that are one YAML mapping (a scenario holds manifests as YAML, so files
 /// that are not YAML, or not UTF-8, cannot be carried; the policy crate's corpus test
@@ -42,14 +43,14 @@ spec:
 "#;
 
 /// The scenario for one bad manifest: client -> server, where only port 80 is allowed.
-fn scenario(file: &str, mut bad: serde_yaml::Value) -> serde_yaml::Value {
-    let map = bad.as_mapping_mut().unwrap_or_else(|| panic!("{file} is not one YAML mapping"));
-    map.insert("expectRejected".into(), true.into());
+fn scenario(file: &str, mut bad: Value) -> Value {
+    let map = bad.as_object_mut().unwrap_or_else(|| panic!("{file} is not one YAML mapping"));
+    map.insert("expectRejected".to_owned(), true.into());
     if file == SAME_NAME {
         bad["metadata"]["name"] = "allow-http".into();
         bad["metadata"]["namespace"] = "default".into();
     }
-    let valid: serde_yaml::Value = serde_yaml::from_str(VALID).unwrap();
+    let valid: Value = yaml::from_str(VALID).unwrap();
     let stem = file.trim_end_matches(".yaml");
     let text = format!(
         "name: invalid-corpus-{stem}\n\
@@ -63,8 +64,8 @@ fn scenario(file: &str, mut bad: serde_yaml::Value) -> serde_yaml::Value {
          - {{from: default/client, to: default/server, port: 80, protocol: TCP, expect: allow}}\n\
          - {{from: default/client, to: default/server, port: 443, protocol: TCP, expect: deny}}\n"
     );
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    doc["policies"] = serde_yaml::Value::Sequence(vec![valid, bad]);
+    let mut doc: Value = yaml::from_str(&text).unwrap();
+    doc["policies"] = Value::Array(vec![valid, bad]);
     doc
 }
 
@@ -85,9 +86,9 @@ fn bad_manifests_change_nothing_that_is_enforced_privileged() {
     let mut files = Vec::new();
     for name in SAMPLE {
         let text = std::fs::read_to_string(corpus.join(name)).unwrap();
-        let bad: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let bad: Value = yaml::from_str(&text).unwrap();
         let path = dir.path().join(name);
-        std::fs::write(&path, serde_yaml::to_string(&scenario(name, bad)).unwrap()).unwrap();
+        std::fs::write(&path, yaml::to_string(&scenario(name, bad)).unwrap()).unwrap();
         files.push(path.display().to_string());
     }
 

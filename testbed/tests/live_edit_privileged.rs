@@ -64,7 +64,7 @@ fn editing_a_watched_policy_file_changes_enforcement_privileged() {
         let session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");
         let (port80, port81) = (&plan.probes[0], &plan.probes[1]);
         let policy = &plan.policies[0];
-        let original = serde_yaml::to_string(&policy.manifest).unwrap();
+        let original = palisade_policy::yaml::to_string(&policy.manifest).unwrap();
         assert!(session.policy_dir().join(&policy.file_name).is_file());
 
         let (o, d) = observe(&session, port80).await;
@@ -87,12 +87,12 @@ fn editing_a_watched_policy_file_changes_enforcement_privileged() {
 
         // A deny rule added to the original allow: deny wins.
         let mut manifest = policy.manifest.clone();
-        let deny: serde_yaml::Value = serde_yaml::from_str(
+        let deny: palisade_policy::yaml::Value = palisade_policy::yaml::from_str(
             "[{fromEndpoints: [{matchLabels: {app: client}}], toPorts: [{ports: [{port: '80', protocol: TCP}]}]}]",
         )
         .unwrap();
-        manifest["spec"].as_mapping_mut().unwrap().insert("ingressDeny".into(), deny);
-        let with_deny = serde_yaml::to_string(&manifest).unwrap();
+        manifest["spec"].as_object_mut().unwrap().insert("ingressDeny".to_owned(), deny);
+        let with_deny = palisade_policy::yaml::to_string(&manifest).unwrap();
         let st = session.write_policy_file(&policy.file_name, &with_deny).await.expect("the agent takes the edit in");
         assert!(st.enforced, "{st:?}\n{with_deny}");
         let r = session.probe(port80).await;

@@ -84,11 +84,11 @@ fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
     rt.block_on(async {
         let mut session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");
         let policy = &plan.policies[0];
-        let v1 = serde_yaml::to_string(&policy.manifest).unwrap();
+        let v1 = palisade_policy::yaml::to_string(&policy.manifest).unwrap();
         let mut m2 = policy.manifest.clone();
-        let extra: serde_yaml::Value = serde_yaml::from_str(V2_EXTRA).unwrap();
-        m2["spec"]["ingress"].as_sequence_mut().unwrap().extend(extra.as_sequence().unwrap().iter().cloned());
-        let v2 = serde_yaml::to_string(&m2).unwrap();
+        let extra: palisade_policy::yaml::Value = palisade_policy::yaml::from_str(V2_EXTRA).unwrap();
+        m2["spec"]["ingress"].as_array_mut().unwrap().extend(extra.as_array().unwrap().iter().cloned());
+        let v2 = palisade_policy::yaml::to_string(&m2).unwrap();
         let port82 = plan.probes[2].clone();
         assert_eq!(session.probe(&port82).await.observed, Observed::Deny);
 

@@ -7,9 +7,8 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use serde::Deserialize;
+use palisade_policy::yaml::{self, Value};
 use serde::de::DeserializeOwned;
-use serde_yaml::Value;
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
@@ -17,16 +16,13 @@ fn deploy_dir() -> PathBuf {
 
 fn documents(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .filter(|v| !v.is_null())
-        .collect()
+    yaml::documents(&text).unwrap_or_else(|e| panic!("{}: document {}: {}", path.display(), e.document, e.error))
 }
 
 /// Parses `doc` as `T` and checks that nothing was dropped: the typed object, written
 /// back, equals the document (so a misspelled field fails here, not in the cluster).
 fn typed<T: DeserializeOwned + serde::Serialize>(doc: &Value, what: &str) -> T {
-    let t: T = serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let t: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
     let back: serde_json::Value = serde_json::to_value(&t).unwrap();
     let orig: serde_json::Value = serde_json::to_value(doc).unwrap();
     assert_eq!(back, orig, "{what}: fields were lost or changed when parsed as the API type");
@@ -147,7 +143,7 @@ fn crds_are_up_to_date() {
 #[test]
 fn cilium_example_manifests_fit_the_generated_types() {
     // The same manifest a Cilium user applies: it deserializes into the typed resource.
-    let cnp: palisade_agent::k8s::crd::CiliumNetworkPolicy = serde_yaml::from_str(
+    let cnp: palisade_agent::k8s::crd::CiliumNetworkPolicy = yaml::from_str(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: api}}]\n    toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]\n",
     )
     .unwrap();

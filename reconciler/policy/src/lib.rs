@@ -7,6 +7,7 @@
 //! - [`model`]: the one internal rule model every policy kind translates into.
 //! - [`parse`]: manifests -> policies, or errors with field paths.
 //! - [`resolve`]: policies x endpoints x identities -> desired policy entries.
+//! - [`yaml`]: YAML in and out (with the parser's limits), for every crate.
 
 pub mod cidr;
 pub mod explain;
@@ -19,6 +20,7 @@ pub mod resolve;
 pub mod selector;
 #[doc(hidden)]
 pub mod synth;
+pub mod yaml;
 
 pub use cidr::{CidrBlock, CidrIdentities, Prefix};
 pub use identity::IdentityAllocator;

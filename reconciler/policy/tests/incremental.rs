@@ -22,6 +22,7 @@ use std::sync::Arc;
 use palisade_policy::model::{NamedPort, Peer, Policy};
 use palisade_policy::resolve::{DesiredState, EndpointView, Options, PolicyResolver};
 use palisade_policy::synth::{Cluster, Rng, Shape, namespace_labels, same_state};
+use palisade_policy::yaml::{self, Value};
 use palisade_policy::{IdentityAllocator, LabelSet, ManifestOutcome, parse_manifests};
 
 /// Entries that differ between two states (all of an endpoint's entries when it is in
@@ -160,16 +161,16 @@ fn fixtures(dir: &str) -> Vec<std::path::PathBuf> {
     files
 }
 
-fn map_of(v: Option<&serde_yaml::Value>) -> BTreeMap<String, String> {
-    v.and_then(|v| v.as_mapping())
+fn map_of(v: Option<&Value>) -> BTreeMap<String, String> {
+    v.and_then(|v| v.as_object())
         .map(|m| {
             m.iter()
                 .map(|(k, v)| {
                     let v = match v {
-                        serde_yaml::Value::String(s) => s.clone(),
-                        other => serde_yaml::to_string(other).unwrap().trim().to_owned(),
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
                     };
-                    (k.as_str().unwrap().to_owned(), v)
+                    (k.clone(), v)
                 })
                 .collect()
         })
@@ -206,11 +207,11 @@ struct Scenario {
 
 fn load(path: &Path) -> Scenario {
     let name = path.file_name().unwrap().to_string_lossy().into_owned();
-    let doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let doc: Value = yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut text = String::new();
-    for p in doc.get("policies").and_then(|p| p.as_sequence()).into_iter().flatten() {
+    for p in doc.get("policies").and_then(|p| p.as_array()).into_iter().flatten() {
         text.push_str("---\n");
-        text.push_str(&serde_yaml::to_string(p).unwrap());
+        text.push_str(&yaml::to_string(p).unwrap());
     }
     let policies: Vec<Policy> = parse_manifests(&text, &name)
         .unwrap()
@@ -222,14 +223,14 @@ fn load(path: &Path) -> Scenario {
         .collect();
     let namespaces: BTreeMap<String, BTreeMap<String, String>> = doc
         .get("namespaces")
-        .and_then(|n| n.as_mapping())
-        .map(|m| m.iter().map(|(k, v)| (k.as_str().unwrap().to_owned(), map_of(Some(v)))).collect())
+        .and_then(|n| n.as_object())
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), map_of(Some(v)))).collect())
         .unwrap_or_default();
     let mut identities = IdentityAllocator::new();
     let mut endpoints = Vec::new();
     let mut addresses = BTreeMap::new();
     let mut pods = Vec::new();
-    for (i, pod) in doc.get("pods").and_then(|p| p.as_sequence()).into_iter().flatten().enumerate() {
+    for (i, pod) in doc.get("pods").and_then(|p| p.as_array()).into_iter().flatten().enumerate() {
         let ns = pod.get("namespace").and_then(|n| n.as_str()).unwrap_or("default").to_owned();
         let labels = map_of(pod.get("labels"));
         let set =
@@ -246,7 +247,7 @@ fn load(path: &Path) -> Scenario {
         }
         let named_ports = pod
             .get("ports")
-            .and_then(|p| p.as_sequence())
+            .and_then(|p| p.as_array())
             .into_iter()
             .flatten()
             .filter_map(|p| {

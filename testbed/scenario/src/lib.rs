@@ -92,24 +92,43 @@ pub fn load_str(text: &str, file: &Path) -> Result<Plan, ScenarioError> {
     validate::resolve(raw, file).map_err(|issues| ScenarioError::Invalid { file: file.to_path_buf(), issues })
 }
 
+/// The YAML parser's options for scenario files: YAML 1.2 booleans only (`yes` stays a
+/// string inside policy manifests, as in Kubernetes), and an empty value for a string key
+/// is the empty string, as before (serde_yaml did that).
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        strict_booleans: true,
+        null_as_string: true,
+        with_snippet: false,
+    }
+}
+
 /// Parses scenario text into the raw model (no cross-checks).
 pub fn parse(text: &str, file: &Path) -> Result<RawScenario, ScenarioError> {
-    let de = serde_yaml::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let location = inner.location().map(|l| (l.line(), l.column()));
-        ScenarioError::Syntax {
-            file: file.to_path_buf(),
-            path: if path == "." { String::new() } else { path },
-            message: strip_location(&inner.to_string()),
-            location,
-        }
+    // The key path of a deserialization error; the parser's own errors have none.
+    let path = std::cell::RefCell::new(String::new());
+    let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, yaml_options(), |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            *path.borrow_mut() = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    let inner = match parsed {
+        Ok(raw) => return Ok(raw),
+        Err(e) => e,
+    };
+    let path = path.into_inner();
+    let location = inner.location().map(|l| (l.line() as usize, l.column() as usize));
+    Err(ScenarioError::Syntax {
+        file: file.to_path_buf(),
+        path: if path == "." { String::new() } else { path },
+        message: strip_location(&inner.to_string()),
+        location,
     })
 }
 
-/// serde_yaml appends " at line L column C" to its messages; the location is reported
-/// separately.
+/// The YAML parser appends " at line L, column C" to its messages; the location is
+/// reported separately.
 fn strip_location(message: &str) -> String {
     match message.rfind(" at line ") {
         Some(i) if message[i..].contains(" column ") => message[..i].to_string(),

@@ -25,7 +25,7 @@ pub struct RawScenario {
     pub pods: Vec<RawPod>,
     /// Full manifests, as a user would `kubectl apply` them.
     #[serde(default)]
-    pub policies: Vec<serde_yaml::Value>,
+    pub policies: Vec<serde_json::Value>,
     #[serde(default)]
     pub probes: Vec<RawProbe>,
 }

@@ -122,15 +122,15 @@ pub struct PlanPolicy {
     /// The scenario said `expectRejected: true`.
     pub expect_rejected: bool,
     /// The manifest without `expectRejected`.
-    pub manifest: serde_yaml::Value,
+    pub manifest: serde_json::Value,
     /// File name in the agent's policy directory.
     pub file_name: String,
 }
 
 impl PlanPolicy {
     /// The manifest as written into the agent's policy directory.
-    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
-        serde_yaml::to_string(&self.manifest)
+    pub fn to_yaml(&self) -> Result<String, serde_saphyr::SerializeError> {
+        serde_saphyr::to_string(&self.manifest)
     }
 
     /// `Kind/namespace/name` (or `Kind/name`), for messages.

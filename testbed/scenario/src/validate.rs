@@ -269,7 +269,7 @@ fn check_ports(i: usize, pod: &RawPod, issues: &mut Vec<Issue>) {
 }
 
 fn resolve_policies(
-    raw: &[serde_yaml::Value],
+    raw: &[serde_json::Value],
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
     issues: &mut Vec<Issue>,
 ) -> Vec<PlanPolicy> {
@@ -277,20 +277,20 @@ fn resolve_policies(
     let mut seen: HashMap<(String, Option<String>, String), usize> = HashMap::new();
     for (i, manifest) in raw.iter().enumerate() {
         let at = |k: &str| if k.is_empty() { format!("policies[{i}]") } else { format!("policies[{i}].{k}") };
-        let serde_yaml::Value::Mapping(map) = manifest else {
+        let serde_json::Value::Object(map) = manifest else {
             issues.push(Issue::invalid(at(""), "a policy must be a manifest (a mapping with apiVersion, kind, ...)"));
             continue;
         };
         let mut map = map.clone();
         let expect_rejected = match map.remove("expectRejected") {
             None => false,
-            Some(serde_yaml::Value::Bool(b)) => b,
+            Some(serde_json::Value::Bool(b)) => b,
             Some(_) => {
                 issues.push(Issue::invalid(at("expectRejected"), "must be true or false"));
                 false
             }
         };
-        let text = |v: Option<&serde_yaml::Value>| v.and_then(serde_yaml::Value::as_str).map(str::to_string);
+        let text = |v: Option<&serde_json::Value>| v.and_then(serde_json::Value::as_str).map(str::to_string);
         let kind = text(map.get("kind")).unwrap_or_else(|| "(no kind)".into());
         let metadata = map.get("metadata");
         let name = text(metadata.and_then(|m| m.get("name"))).unwrap_or_else(|| "(no name)".into());
@@ -321,7 +321,7 @@ fn resolve_policies(
             namespace,
             name,
             expect_rejected,
-            manifest: serde_yaml::Value::Mapping(map),
+            manifest: serde_json::Value::Object(map),
             file_name,
         });
     }

@@ -188,7 +188,7 @@ pub fn crds_yaml() -> String {
     );
     for crd in crds() {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&crd).expect("a CRD serializes"));
+        out.push_str(&palisade_policy::yaml::to_string(&crd).expect("a CRD serializes"));
     }
     out
 }

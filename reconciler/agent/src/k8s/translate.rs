@@ -33,7 +33,7 @@ pub fn policy_text<K: Serialize>(obj: &K, api_version: &str, kind: &str) -> Stri
             meta.retain(|k, _| k == "name" || k == "namespace");
         }
     }
-    serde_yaml::to_string(&v).unwrap_or_default()
+    palisade_policy::yaml::to_string(&v).unwrap_or_default()
 }
 
 /// What the agent uses of a pod that has an address and is not host-network.

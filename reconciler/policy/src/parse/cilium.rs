@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use serde_yaml::Value;
+use crate::yaml::Value;
 
 use super::Invalid;
 use super::common::{KeyStyle, cidr_block, end_port, label_selector, object_names, prefix, serde_invalid};

@@ -261,7 +261,7 @@ pub(super) fn cidr_block(
 /// A serde error as an [`Invalid`] with its path; `reference` names the API reference
 /// to check types against, `schema_note` what an unknown field would do elsewhere.
 pub(super) fn serde_invalid(
-    e: &serde_path_to_error::Error<serde_yaml::Error>,
+    e: &serde_path_to_error::Error<serde_json::Error>,
     reference: &str,
     schema_note: &str,
 ) -> Invalid {

@@ -14,9 +14,9 @@ mod raw;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::Deserialize;
 use serde::Serialize;
-use serde_yaml::Value;
+
+use crate::yaml::{self, Value};
 
 use crate::model::{Policy, PolicyKind};
 
@@ -64,13 +64,12 @@ impl fmt::Display for ParseError {
                     (line, column) => write!(f, " at line {line}, column {column}")?,
                 }
                 write!(f, ": {message}")?;
-                if message.starts_with("recursion limit exceeded") || message.starts_with("flow collections") {
-                    f.write_str(" (hint: values are nested too deeply; no policy needs more than a few levels)")?;
-                } else if message.starts_with("repetition limit exceeded") {
+                if message.starts_with("values are nested more than") {
                     f.write_str(
-                        " (hint: aliases (*name) are replayed too often, as in a 'billion laughs' text; \
-                         write the values out)",
+                        " (hint: no policy needs more than about ten levels; look for brackets that are not closed)",
                     )?;
+                } else if message.contains("in this mapping twice") || message.contains("in its mapping twice") {
+                    f.write_str(" (hint: keep one of them: which one is meant cannot be told)")?;
                 }
                 Ok(())
             }
@@ -170,13 +169,14 @@ impl Invalid {
     }
 }
 
-/// Parses every YAML document of `text`. Empty documents are skipped. A document that
+/// Parses every YAML (or JSON) document of `text`. Empty documents are skipped (and not
+/// counted in the documents' numbers). A document that
 /// defines the same policy (kind, namespace, name) as another document of the text is
 /// rejected, as is the other one: which of them is meant cannot be told.
 ///
 /// Reading is bounded: texts over [`limits::MAX_TEXT_BYTES`], documents nested more than
-/// 128 levels deep or expanding to more than [`limits::MAX_VALUES_PER_DOCUMENT`] values
-/// are a [`ParseError`].
+/// [`limits::MAX_DEPTH`] levels deep or with more than [`limits::MAX_VALUES_PER_DOCUMENT`]
+/// values (or alias replays) are a [`ParseError`].
 pub fn parse_manifests(text: &str, source: &str) -> Result<Vec<ManifestOutcome>, ParseError> {
     if text.len() > limits::MAX_TEXT_BYTES {
         return Err(ParseError::TooLarge {
@@ -185,35 +185,9 @@ pub fn parse_manifests(text: &str, source: &str) -> Result<Vec<ManifestOutcome>,
             limit: limits::MAX_TEXT_BYTES,
         });
     }
-    if let Some(line) = limits::flow_depth_over(text, limits::MAX_FLOW_DEPTH) {
-        return Err(ParseError::Yaml {
-            origin: source.to_owned(),
-            line,
-            column: 0,
-            message: format!(
-                "flow collections ([...] and {{...}}) are nested more than {} levels deep",
-                limits::MAX_FLOW_DEPTH
-            ),
-        });
-    }
-    limits::count_values(text, limits::MAX_VALUES_PER_DOCUMENT).map_err(|(document, why)| match why {
-        limits::CountError::TooManyValues => {
-            ParseError::TooManyValues { origin: source.to_owned(), document, limit: limits::MAX_VALUES_PER_DOCUMENT }
-        }
-        limits::CountError::Yaml(e) => yaml_error(&e, source),
-    })?;
-    let mut outcomes = Vec::new();
-    let mut documents = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let value = Value::deserialize(doc).map_err(|e| yaml_error(&e, source))?;
-        documents.push(value);
-    }
-    for (i, value) in documents.into_iter().enumerate() {
-        if value.is_null() {
-            continue;
-        }
-        outcomes.push((i + 1, parse_document(value, source, i + 1)));
-    }
+    let documents = yaml::documents(text).map_err(|e| read_error(&e, source))?;
+    let outcomes =
+        documents.into_iter().enumerate().map(|(i, value)| (i + 1, parse_document(value, source, i + 1))).collect();
     Ok(reject_duplicates(outcomes))
 }
 
@@ -289,14 +263,27 @@ fn reject_duplicates(outcomes: Vec<(usize, ManifestOutcome)>) -> Vec<ManifestOut
         .collect()
 }
 
-fn yaml_error(e: &serde_yaml::Error, source: &str) -> ParseError {
-    let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-    let mut message = e.to_string();
-    // The position is said once, before the message.
-    if let Some(short) = message.strip_suffix(&format!(" at line {line} column {column}")) {
-        message = short.to_owned();
-    }
-    ParseError::Yaml { origin: source.to_owned(), line, column, message }
+/// A document that cannot be read as the error for the whole text.
+fn read_error(e: &yaml::DocumentError, source: &str) -> ParseError {
+    let origin = source.to_owned();
+    let (line, column) = e.error.location().map_or((0, 0), |l| (l.line() as usize, l.column() as usize));
+    let message = match limits::stop(&e.error) {
+        limits::Stop::TooManyValues => {
+            return ParseError::TooManyValues { origin, document: e.document, limit: limits::MAX_VALUES_PER_DOCUMENT };
+        }
+        limits::Stop::TooDeep => format!("values are nested more than {} levels deep", limits::MAX_DEPTH),
+        limits::Stop::DuplicateKey(Some(key)) => format!("the key {key:?} is in this mapping twice"),
+        limits::Stop::DuplicateKey(None) => "this key is in its mapping twice".to_owned(),
+        limits::Stop::Other(error) => {
+            let message = error.to_string();
+            // The position is said once, before the message.
+            match message.strip_suffix(&format!(" at line {line}, column {column}")) {
+                Some(short) => short.to_owned(),
+                None => message,
+            }
+        }
+    };
+    ParseError::Yaml { origin, line, column, message }
 }
 
 fn text_field<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
@@ -314,12 +301,11 @@ fn parse_document(value: Value, source: &str, document: usize) -> ManifestOutcom
     let name = text_field(&value, &["metadata", "name"]).filter(|n| !n.is_empty()).map(str::to_owned);
     let mut namespace = text_field(&value, &["metadata", "namespace"]).filter(|n| !n.is_empty()).map(str::to_owned);
     let not_a_manifest = match &value {
-        Value::Mapping(_) => None,
-        Value::Sequence(_) => Some("a list"),
+        Value::Object(_) => None,
+        Value::Array(_) => Some("a list"),
         Value::String(_) => Some("a string"),
         Value::Number(_) => Some("a number"),
         Value::Bool(_) => Some("a boolean"),
-        Value::Tagged(_) => Some("a tagged value"),
         Value::Null => Some("empty"),
     };
     let result = match (kind.as_deref(), api_version.as_deref()) {

@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::yaml::Value;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
-use serde_yaml::Value;
 
 /// The object metadata we use; every other metadata field is ignored.
 #[derive(Debug, Default, Deserialize)]
