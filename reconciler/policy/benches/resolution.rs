@@ -187,7 +187,7 @@ fn main() {
         // The fixed cost of an update: nothing changed (the address maps are still
         // compared and copied).
         let mut r = base.clone();
-        let (ch, wall_ms, cpu_ms) = timed(|| r.update_identities(ids.clone(), &[], c.addresses.clone()));
+        let (ch, wall_ms, cpu_ms) = timed(|| r.update(ids.clone(), &[], c.addresses.clone()));
         assert_eq!((ch.entries, ch.endpoints), (0, 0));
         samples.push(Sample {
             case: "no_change".into(),
@@ -207,11 +207,11 @@ fn main() {
                 // The pod added by identity_add goes away again: set it up first.
                 let id = Arc::make_mut(&mut alloc).allocate(&new_pod(&c, k));
                 addresses.insert(IpAddr::V4([10, 200, 0, k as u8].into()), id);
-                r.update_identities(alloc.clone(), &[id], addresses.clone());
+                r.update(alloc.clone(), &[id], addresses.clone());
                 Arc::make_mut(&mut alloc).release(id);
                 addresses.remove(&IpAddr::V4([10, 200, 0, k as u8].into()));
                 let before = r.state().clone();
-                let (ch, wall_ms, cpu_ms) = timed(|| r.update_identities(alloc.clone(), &[id], addresses.clone()));
+                let (ch, wall_ms, cpu_ms) = timed(|| r.update(alloc.clone(), &[id], addresses.clone()));
                 check(&c, &r, &before, &alloc, &addresses, &ch, case, run == 0);
                 samples.push(sample(case, run, wall_ms, cpu_ms, &ch));
                 continue;
@@ -225,7 +225,7 @@ fn main() {
             };
             addresses.insert(addr, id);
             let before = r.state().clone();
-            let (ch, wall_ms, cpu_ms) = timed(|| r.update_identities(alloc.clone(), &[id], addresses.clone()));
+            let (ch, wall_ms, cpu_ms) = timed(|| r.update(alloc.clone(), &[id], addresses.clone()));
             check(&c, &r, &before, &alloc, &addresses, &ch, case, run == 0);
             samples.push(sample(case, run, wall_ms, cpu_ms, &ch));
         }

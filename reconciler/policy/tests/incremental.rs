@@ -1,6 +1,6 @@
 //! Incremental resolution equals full resolution.
 //!
-//! [`PolicyResolver::update_identities`] recomputes only the entries of identities that
+//! [`PolicyResolver::update`] recomputes only the entries of identities that
 //! appear or disappear. These tests drive it through sequences of identity and address
 //! changes and, after every step, compare its state with a full resolution of the same
 //! inputs ([`same_state`]), and check that the number of changed entries it reports is
@@ -86,7 +86,7 @@ impl Harness {
         let before = self.resolver.state().clone();
         self.resolver.set_policies(self.policies.clone());
         self.resolver.set_endpoints(self.endpoints.clone());
-        let ch = self.resolver.update_identities(self.identities.clone(), changed, self.addresses.clone());
+        let ch = self.resolver.update(self.identities.clone(), changed, self.addresses.clone());
         assert!(!ch.full, "{what}: changes are incremental");
         let fresh = self.full();
         if let Err(e) = same_state(self.resolver.state(), fresh.state()) {

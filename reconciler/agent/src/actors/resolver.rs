@@ -107,7 +107,7 @@ impl ResolverState {
             self.engine.resolve();
             Changes { full: true, ..Changes::default() }
         } else {
-            self.engine.update_identities(self.allocator.clone(), &changed, addresses)
+            self.engine.update(self.allocator.clone(), &changed, addresses)
         };
         // Cheap: one shared reference per endpoint.
         let desired = self.engine.state().clone();
