@@ -83,6 +83,19 @@ const TIERS: [&str; 4] = ["web", "api", "db", "cache"];
 const TEAMS: usize = 10;
 
 /// The namespace labels of namespace `n`.
+/// Every policy of `text`, which must all be accepted (panics otherwise: for tests and
+/// benchmarks).
+pub fn accepted_policies(text: &str, source: &str) -> Vec<Policy> {
+    parse_manifests(text, source)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|o| match o {
+            ManifestOutcome::Accepted(p) => p,
+            ManifestOutcome::Rejected(e) => panic!("rejected: {e}"),
+        })
+        .collect()
+}
+
 pub fn namespace_labels(n: usize) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("team".to_owned(), format!("t{}", n % TEAMS)),
@@ -148,14 +161,7 @@ impl Cluster {
             text.push_str(&serde_json::to_string(&doc).expect("json"));
             text.push('\n');
         }
-        let policies = parse_manifests(&text, "synthetic")
-            .expect("synthetic manifests parse")
-            .into_iter()
-            .map(|o| match o {
-                ManifestOutcome::Accepted(p) => p,
-                ManifestOutcome::Rejected(e) => panic!("synthetic policy rejected: {e}"),
-            })
-            .collect();
+        let policies = accepted_policies(&text, "synthetic");
         Cluster { shape, policies, identities, endpoints, addresses, label_sets }
     }
 }

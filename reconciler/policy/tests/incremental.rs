@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use palisade_policy::model::{NamedPort, Peer, Policy};
 use palisade_policy::resolve::{DesiredState, EndpointView, Options, PolicyResolver};
-use palisade_policy::synth::{Cluster, Rng, Shape, namespace_labels, same_state};
+use palisade_policy::synth::{Cluster, Rng, Shape, accepted_policies, namespace_labels, same_state};
 use palisade_policy::yaml::{self, Value};
 use palisade_policy::{IdentityAllocator, LabelSet, ManifestOutcome, parse_manifests};
 
@@ -510,14 +510,7 @@ spec:
     - fromEntities: [all]
       toPorts: [{ports: [{port: "8000", endPort: 8015, protocol: TCP}]}]
 "#;
-    let policies: Vec<Policy> = parse_manifests(yaml, "t.yaml")
-        .unwrap()
-        .into_iter()
-        .map(|o| match o {
-            ManifestOutcome::Accepted(p) => p,
-            ManifestOutcome::Rejected(e) => panic!("{e}"),
-        })
-        .collect();
+    let policies = accepted_policies(yaml, "t.yaml");
     let pod = |app: &str, v: &str| {
         let labels = BTreeMap::from([("app".to_owned(), app.to_owned()), ("version".to_owned(), v.to_owned())]);
         LabelSet::for_pod("shop", &BTreeMap::new(), &labels, "default", "default")

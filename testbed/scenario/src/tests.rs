@@ -78,12 +78,13 @@ fn unknown_key_is_an_error_naming_its_path() {
     let (path, message) = syntax(&BASE.replace("labels: {app: frontend}", "labels: {app: frontend}\n    lables: {}"));
     assert_eq!(path, "pods[0].lables");
     assert!(message.contains("unknown field `lables`"), "{message}");
-    let (path, _) = syntax(&BASE.replace("name: t\n", "name: t\nfoo: 1\n"));
-    assert_eq!(path, "foo");
-    let (path, _) = syntax(&BASE.replace("expect: allow}", "expect: allow, colour: red}"));
-    assert_eq!(path, "probes[0].colour");
-    let (path, _) = syntax(&BASE.replace("name: http}", "name: http, hostPort: 1}"));
-    assert_eq!(path, "pods[1].ports[0].hostPort");
+    for (from, to, path) in [
+        ("name: t\n", "name: t\nfoo: 1\n", "foo"),
+        ("expect: allow}", "expect: allow, colour: red}", "probes[0].colour"),
+        ("name: http}", "name: http, hostPort: 1}", "pods[1].ports[0].hostPort"),
+    ] {
+        assert_eq!(syntax(&BASE.replace(from, to)).0, path);
+    }
 }
 
 #[test]

@@ -202,24 +202,12 @@ fn resolve_pods(
         .map(|(i, pod)| {
             let ipv4 = has_v4.then(|| {
                 pod.ip.unwrap_or_else(|| {
-                    loop {
-                        let candidate = Ipv4Addr::from(next);
-                        next += 1;
-                        if !explicit_ips.contains_key(&candidate) && unusable_ipv4(candidate).is_none() {
-                            break candidate;
-                        }
-                    }
+                    next_free(&mut next, |a: Ipv4Addr| !explicit_ips.contains_key(&a) && unusable_ipv4(a).is_none())
                 })
             });
             let ipv6 = has_v6.then(|| {
                 pod.ipv6.unwrap_or_else(|| {
-                    loop {
-                        let candidate = Ipv6Addr::from(next_v6);
-                        next_v6 += 1;
-                        if !explicit_ipv6.contains_key(&candidate) && unusable_ipv6(candidate).is_none() {
-                            break candidate;
-                        }
-                    }
+                    next_free(&mut next_v6, |a: Ipv6Addr| !explicit_ipv6.contains_key(&a) && unusable_ipv6(a).is_none())
                 })
             });
             let mut host_interface = host_interface_name(&pod.namespace, &pod.name, i);
@@ -264,6 +252,21 @@ fn check_ports(i: usize, pod: &RawPod, issues: &mut Vec<Issue>) {
             if let Some(j) = names.insert(name.clone(), k) {
                 issues.push(Issue::invalid(at("name"), format!("port name {name:?} is already used by ports[{j}]")));
             }
+        }
+    }
+}
+
+/// The first address from `*next` on that `free` takes; `*next` moves past it.
+fn next_free<N, A>(next: &mut N, free: impl Fn(A) -> bool) -> A
+where
+    N: Copy + std::ops::AddAssign + From<u8>,
+    A: From<N> + Copy,
+{
+    loop {
+        let candidate = A::from(*next);
+        *next += N::from(1);
+        if free(candidate) {
+            return candidate;
         }
     }
 }

@@ -9,7 +9,9 @@ use std::collections::HashSet;
 use crate::yaml::Value;
 
 use super::Invalid;
-use super::common::{KeyStyle, cidr_block, end_port, label_selector, object_names, prefix, serde_invalid};
+use super::common::{
+    KeyStyle, cidr_block, end_port, label_selector, object_names, prefix, serde_invalid, unknown_protocol,
+};
 use super::icmp;
 use super::raw;
 use crate::cidr::CidrBlock;
@@ -460,9 +462,10 @@ fn port_protocol(path: &str, pp: &raw::PortProtocol) -> Result<PortRule, Invalid
             ));
         }
         Some(other) => {
-            return Err(Invalid::new(
-                format!("{path}.protocol"),
-                format!("protocol {other:?} is not one of TCP, UDP, SCTP, ANY"),
+            return Err(unknown_protocol(
+                path,
+                other,
+                "TCP, UDP, SCTP, ANY",
                 "protocols are upper case; leave it out for ANY",
             ));
         }

@@ -258,6 +258,11 @@ pub(super) fn cidr_block(
     Ok(CidrBlock { cidr: outer, except: holes })
 }
 
+/// The error for a protocol at `{path}.protocol` that is not one of `allowed`.
+pub(super) fn unknown_protocol(path: &str, protocol: &str, allowed: &str, hint: &str) -> Invalid {
+    Invalid::new(format!("{path}.protocol"), format!("protocol {protocol:?} is not one of {allowed}"), hint)
+}
+
 /// A serde error as an [`Invalid`] with its path; `reference` names the API reference
 /// to check types against, `schema_note` what an unknown field would do elsewhere.
 pub(super) fn serde_invalid(

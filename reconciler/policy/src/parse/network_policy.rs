@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use crate::yaml::Value;
 
 use super::Invalid;
-use super::common::{KeyStyle, cidr_block, end_port, label_selector, object_names, serde_invalid};
+use super::common::{KeyStyle, cidr_block, end_port, label_selector, object_names, serde_invalid, unknown_protocol};
 use super::raw;
 use crate::labels::{keys, source};
 use crate::model::{Peer, PeerRule, Peers, Policy, PolicyKind, Port, PortRule, Protocol, Rule, Verdict, is_port_name};
@@ -201,9 +201,10 @@ fn port(path: &str, p: &raw::NetworkPolicyPort) -> Result<PortRule, Invalid> {
         Some("UDP") => Protocol::Udp,
         Some("SCTP") => Protocol::Sctp,
         Some(other) => {
-            return Err(Invalid::new(
-                format!("{path}.protocol"),
-                format!("protocol {other:?} is not one of TCP, UDP, SCTP"),
+            return Err(unknown_protocol(
+                path,
+                other,
+                "TCP, UDP, SCTP",
                 "protocols are upper case; leave it out for TCP",
             ));
         }

@@ -20,20 +20,21 @@ spec:
         protocol: TCP
 "#;
 
-fn one(text: &str) -> ManifestOutcome {
+/// The one document of `text`.
+pub(super) fn one(text: &str) -> ManifestOutcome {
     let mut all = parse_manifests(text, "test.yaml").expect("readable YAML");
     assert_eq!(all.len(), 1, "{all:?}");
     all.remove(0)
 }
 
-fn accepted(text: &str) -> Policy {
+pub(super) fn accepted(text: &str) -> Policy {
     match one(text) {
         ManifestOutcome::Accepted(p) => p,
         ManifestOutcome::Rejected(e) => panic!("rejected: {e}"),
     }
 }
 
-fn rejected(text: &str) -> PolicyError {
+pub(super) fn rejected(text: &str) -> PolicyError {
     match one(text) {
         ManifestOutcome::Accepted(p) => panic!("accepted: {p:?}"),
         ManifestOutcome::Rejected(e) => e,

@@ -9,24 +9,12 @@ fn knp(spec: &str) -> String {
     )
 }
 
-fn outcome(spec: &str) -> ManifestOutcome {
-    let mut all = parse_manifests(&knp(spec), "k.yaml").unwrap();
-    assert_eq!(all.len(), 1);
-    all.remove(0)
-}
-
 fn accepted(spec: &str) -> Policy {
-    match outcome(spec) {
-        ManifestOutcome::Accepted(p) => p,
-        ManifestOutcome::Rejected(e) => panic!("rejected: {e}"),
-    }
+    super::tests::accepted(&knp(spec))
 }
 
 fn rejected(spec: &str) -> PolicyError {
-    match outcome(spec) {
-        ManifestOutcome::Accepted(p) => panic!("accepted: {p:?}"),
-        ManifestOutcome::Rejected(e) => e,
-    }
+    super::tests::rejected(&knp(spec))
 }
 
 /// The peers of the first ingress rule, shown.

@@ -4,12 +4,6 @@
 use super::*;
 use crate::model::{Entity, Peer, Peers, Port, PortRule, Protocol};
 
-fn one(text: &str) -> ManifestOutcome {
-    let mut all = parse_manifests(text, "test.yaml").expect("readable YAML");
-    assert_eq!(all.len(), 1, "{all:?}");
-    all.remove(0)
-}
-
 /// A CNP in namespace `default` with one item in `field` (YAML flow text).
 fn cnp(field: &str, item: &str) -> String {
     format!(
@@ -19,16 +13,17 @@ fn cnp(field: &str, item: &str) -> String {
 }
 
 fn accepted(field: &str, item: &str) -> Policy {
-    match one(&cnp(field, item)) {
-        ManifestOutcome::Accepted(p) => p,
-        ManifestOutcome::Rejected(e) => panic!("rejected: {e}"),
-    }
+    super::tests::accepted(&cnp(field, item))
 }
 
 fn rejected(field: &str, item: &str) -> PolicyError {
-    match one(&cnp(field, item)) {
-        ManifestOutcome::Accepted(p) => panic!("accepted: {p:?}"),
-        ManifestOutcome::Rejected(e) => e,
+    super::tests::rejected(&cnp(field, item))
+}
+
+/// Each (field, item) is rejected at its path.
+fn rejected_at(cases: &[(&str, &str, &str)]) {
+    for (field, item, path) in cases {
+        assert_eq!(rejected(field, item).path, *path, "{field}: {item}");
     }
 }
 
@@ -73,14 +68,12 @@ fn cidrs_and_cidr_sets() {
     let Peer::Cidr(block) = &list[0] else { panic!() };
     assert_eq!(block.to_string(), "10.0.0.0/8 except 10.96.0.0/12");
 
-    let e = rejected("egress", "{toCIDR: [10.0.0.0/40]}");
-    assert_eq!(e.path, "spec.egress[0].toCIDR[0]");
-    let e = rejected("egress", "{toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.0.0.0/8]}]}");
-    assert_eq!(e.path, "spec.egress[0].toCIDRSet[0].except[0]");
-    let e = rejected("egress", "{toCIDRSet: [{cidrGroupRef: office}]}");
-    assert_eq!(e.path, "spec.egress[0].toCIDRSet[0].cidrGroupRef");
-    let e = rejected("egress", "{toCIDRSet: [{except: [10.0.0.0/8]}]}");
-    assert_eq!(e.path, "spec.egress[0].toCIDRSet[0].cidr");
+    rejected_at(&[
+        ("egress", "{toCIDR: [10.0.0.0/40]}", "spec.egress[0].toCIDR[0]"),
+        ("egress", "{toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.0.0.0/8]}]}", "spec.egress[0].toCIDRSet[0].except[0]"),
+        ("egress", "{toCIDRSet: [{cidrGroupRef: office}]}", "spec.egress[0].toCIDRSet[0].cidrGroupRef"),
+        ("egress", "{toCIDRSet: [{except: [10.0.0.0/8]}]}", "spec.egress[0].toCIDRSet[0].cidr"),
+    ]);
 }
 
 #[test]
@@ -123,14 +116,12 @@ fn icmps() {
         ]
     );
     assert_eq!(peers("egress", "{icmps: [{fields: [{type: 0}]}]}"), Peers::Any, "ICMP only: every peer");
-    let e = rejected("ingress", "{icmps: [{fields: [{type: 8}]}], toPorts: [{ports: [{port: \"80\"}]}]}");
-    assert_eq!(e.path, "spec.ingress[0].icmps");
-    let e = rejected("ingress", "{icmps: [{fields: [{type: 300}]}]}");
-    assert_eq!(e.path, "spec.ingress[0].icmps[0].fields[0].type");
-    let e = rejected("ingress", "{icmps: [{fields: [{type: 8, family: ipv4}]}]}");
-    assert_eq!(e.path, "spec.ingress[0].icmps[0].fields[0].family");
-    let e = rejected("ingress", "{icmps: [{}]}");
-    assert_eq!(e.path, "spec.ingress[0].icmps[0].fields");
+    rejected_at(&[
+        ("ingress", "{icmps: [{fields: [{type: 8}]}], toPorts: [{ports: [{port: \"80\"}]}]}", "spec.ingress[0].icmps"),
+        ("ingress", "{icmps: [{fields: [{type: 300}]}]}", "spec.ingress[0].icmps[0].fields[0].type"),
+        ("ingress", "{icmps: [{fields: [{type: 8, family: ipv4}]}]}", "spec.ingress[0].icmps[0].fields[0].family"),
+        ("ingress", "{icmps: [{}]}", "spec.ingress[0].icmps[0].fields"),
+    ]);
     let p = accepted("ingressDeny", "{icmps: [{fields: [{type: 8}]}]}");
     assert_eq!(p.rules[0].ingress[0].ports.len(), 1, "deny rules take ICMP types");
 }
@@ -165,10 +156,21 @@ fn unenforced_peers_warn_and_match_nothing() {
 
 #[test]
 fn label_syntax_in_cilium_selectors() {
-    let e = rejected("ingress", "{fromEndpoints: [{matchLabels: {\"k8s:app name\": x}}]}");
-    assert_eq!(e.path, "spec.ingress[0].fromEndpoints[0].matchLabels.k8s:app name");
-    let e = rejected("ingress", "{fromEndpoints: [{matchExpressions: [{key: \"-x\", operator: Exists}]}]}");
-    assert_eq!(e.path, "spec.ingress[0].fromEndpoints[0].matchExpressions[0].key");
-    let e = rejected("ingress", "{fromEndpoints: [{matchExpressions: [{key: x, operator: In, values: [\"a/b\"]}]}]}");
-    assert_eq!(e.path, "spec.ingress[0].fromEndpoints[0].matchExpressions[0].values[0]");
+    rejected_at(&[
+        (
+            "ingress",
+            "{fromEndpoints: [{matchLabels: {\"k8s:app name\": x}}]}",
+            "spec.ingress[0].fromEndpoints[0].matchLabels.k8s:app name",
+        ),
+        (
+            "ingress",
+            "{fromEndpoints: [{matchExpressions: [{key: \"-x\", operator: Exists}]}]}",
+            "spec.ingress[0].fromEndpoints[0].matchExpressions[0].key",
+        ),
+        (
+            "ingress",
+            "{fromEndpoints: [{matchExpressions: [{key: x, operator: In, values: [\"a/b\"]}]}]}",
+            "spec.ingress[0].fromEndpoints[0].matchExpressions[0].values[0]",
+        ),
+    ]);
 }

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::parse::{ManifestOutcome, parse_manifests};
+use crate::synth::accepted_policies;
 
 struct World {
     identities: IdentityAllocator,
@@ -32,15 +32,7 @@ impl World {
     }
 
     fn resolve(&self, yaml: &str) -> DesiredState {
-        let policies: Vec<Policy> = parse_manifests(yaml, "t.yaml")
-            .unwrap()
-            .into_iter()
-            .map(|o| match o {
-                ManifestOutcome::Accepted(p) => p,
-                ManifestOutcome::Rejected(e) => panic!("{e}"),
-            })
-            .collect();
-        resolve(&policies, &self.endpoints, &self.identities)
+        resolve(&accepted_policies(yaml, "t.yaml"), &self.endpoints, &self.identities)
     }
 }
 

@@ -5,14 +5,7 @@ use crate::cidr::Prefix;
 use crate::identity::LOCAL_SCOPE;
 
 fn policies(yaml: &str) -> Vec<Policy> {
-    parse_manifests(yaml, "t.yaml")
-        .unwrap()
-        .into_iter()
-        .map(|o| match o {
-            ManifestOutcome::Accepted(p) => p,
-            ManifestOutcome::Rejected(e) => panic!("{e}"),
-        })
-        .collect()
+    accepted_policies(yaml, "t.yaml")
 }
 
 fn knp(ns: &str, spec: &str) -> String {
