@@ -10,7 +10,7 @@ use crate::yaml::Value;
 
 use super::Invalid;
 use super::common::{
-    KeyStyle, cidr_block, end_port, label_selector, object_names, prefix, serde_invalid, unknown_protocol,
+    KeyStyle, cidr_block, end_port, label_selector, object_names, policy_name, prefix, serde_invalid, unknown_protocol,
 };
 use super::icmp;
 use super::raw;
@@ -32,11 +32,7 @@ pub(super) fn translate(value: Value, kind: PolicyKind, origin: &str) -> Result<
             "Cilium's CRD schema would silently drop this field, so the policy would not do what it says",
         )
     })?;
-    let name = raw
-        .metadata
-        .name
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| Invalid::new("metadata.name", "the policy has no name", "set metadata.name"))?;
+    let name = policy_name(raw.metadata.name)?;
     let mut warnings = Vec::new();
     let written_namespace = raw.metadata.namespace.filter(|ns| !ns.is_empty());
     let namespace = if kind.is_namespaced() {

@@ -113,6 +113,12 @@ fn label_value(path: &str, value: &str) -> Result<(), Invalid> {
     })
 }
 
+/// `metadata.name`, which a policy must have.
+pub(super) fn policy_name(name: Option<String>) -> Result<String, Invalid> {
+    name.filter(|n| !n.is_empty())
+        .ok_or_else(|| Invalid::new("metadata.name", "the policy has no name", "set metadata.name"))
+}
+
 /// Checks `metadata.name` (a DNS subdomain, as Kubernetes requires of every object name)
 /// and `metadata.namespace` (a DNS label), when present.
 pub(super) fn object_names(name: &str, namespace: Option<&str>) -> Result<(), Invalid> {

@@ -15,7 +15,9 @@ use std::collections::HashSet;
 use crate::yaml::Value;
 
 use super::Invalid;
-use super::common::{KeyStyle, cidr_block, end_port, label_selector, object_names, serde_invalid, unknown_protocol};
+use super::common::{
+    KeyStyle, cidr_block, end_port, label_selector, object_names, policy_name, serde_invalid, unknown_protocol,
+};
 use super::raw;
 use crate::labels::{keys, source};
 use crate::model::{Peer, PeerRule, Peers, Policy, PolicyKind, Port, PortRule, Protocol, Rule, Verdict, is_port_name};
@@ -25,11 +27,7 @@ pub(super) fn translate(value: Value, origin: &str) -> Result<Policy, Invalid> {
     let raw: raw::NetworkPolicy = serde_path_to_error::deserialize(value).map_err(|e| {
         serde_invalid(&e, "NetworkPolicy", "the Kubernetes API server would drop this field or reject the policy")
     })?;
-    let name = raw
-        .metadata
-        .name
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| Invalid::new("metadata.name", "the policy has no name", "set metadata.name"))?;
+    let name = policy_name(raw.metadata.name)?;
     let namespace = raw.metadata.namespace.filter(|ns| !ns.is_empty()).unwrap_or_else(|| "default".to_owned());
     object_names(&name, Some(&namespace))?;
     let Some(spec) = raw.spec else {
