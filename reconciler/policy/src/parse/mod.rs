@@ -68,6 +68,11 @@ impl fmt::Display for ParseError {
                     f.write_str(
                         " (hint: no policy needs more than about ten levels; look for brackets that are not closed)",
                     )?;
+                } else if message.starts_with("repetition limit exceeded") {
+                    f.write_str(
+                        " (hint: aliases (*name) are replayed too often, as in a 'billion laughs' text; \
+                         write the values out)",
+                    )?;
                 } else if message.contains("in this mapping twice") || message.contains("in its mapping twice") {
                     f.write_str(" (hint: keep one of them: which one is meant cannot be told)")?;
                 }
@@ -175,8 +180,9 @@ impl Invalid {
 /// rejected, as is the other one: which of them is meant cannot be told.
 ///
 /// Reading is bounded: texts over [`limits::MAX_TEXT_BYTES`], documents nested more than
-/// [`limits::MAX_DEPTH`] levels deep or with more than [`limits::MAX_VALUES_PER_DOCUMENT`]
-/// values (or alias replays) are a [`ParseError`].
+/// [`limits::MAX_DEPTH`] levels deep, with more than [`limits::MAX_VALUES_PER_DOCUMENT`]
+/// values or aliases that replay more than [`limits::MAX_ALIAS_REPLAYS`] are a
+/// [`ParseError`].
 pub fn parse_manifests(text: &str, source: &str) -> Result<Vec<ManifestOutcome>, ParseError> {
     if text.len() > limits::MAX_TEXT_BYTES {
         return Err(ParseError::TooLarge {
@@ -270,6 +276,9 @@ fn read_error(e: &yaml::DocumentError, source: &str) -> ParseError {
     let message = match limits::stop(&e.error) {
         limits::Stop::TooManyValues => {
             return ParseError::TooManyValues { origin, document: e.document, limit: limits::MAX_VALUES_PER_DOCUMENT };
+        }
+        limits::Stop::TooManyReplays => {
+            format!("repetition limit exceeded: aliases replay more than {} values", limits::MAX_ALIAS_REPLAYS)
         }
         limits::Stop::TooDeep => format!("values are nested more than {} levels deep", limits::MAX_DEPTH),
         limits::Stop::DuplicateKey(Some(key)) => format!("the key {key:?} is in this mapping twice"),
