@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod monitor;
 pub mod revisions;
 pub mod state;
+pub mod writer;
