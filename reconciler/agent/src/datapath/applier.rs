@@ -51,8 +51,16 @@ impl<B: MapBackend + ?Sized> MapVisitor for WriteStep<'_, B> {
 
 /// Reads what the maps the agent writes hold.
 pub fn read_state<B: MapBackend + ?Sized>(maps: &B) -> Result<MapState, DatapathError> {
+    read_maps(maps, WritableMap::ALL)
+}
+
+/// Reads what maps `which` hold (the others are left empty).
+pub fn read_maps<B: MapBackend + ?Sized>(
+    maps: &B,
+    which: impl IntoIterator<Item = WritableMap>,
+) -> Result<MapState, DatapathError> {
     let mut state = MapState::default();
-    for m in WritableMap::ALL {
+    for m in which {
         m.visit(ReadMap { maps, state: &mut state })?;
     }
     Ok(state)

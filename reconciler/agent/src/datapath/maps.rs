@@ -180,6 +180,22 @@ impl MapSizes {
     }
 }
 
+/// How full the map pinned at `path` is, whatever its type: its number of keys (one
+/// BPF_MAP_GET_NEXT_KEY per key) and its `max_entries`; `None` when it cannot be opened.
+pub fn pinned_map_fill(path: &Path) -> Option<(u64, u32)> {
+    let data = MapData::from_pin(path).ok()?;
+    let info = data.info().ok()?;
+    let fd = data.fd().as_fd();
+    let (mut key, mut next) = (vec![0u8; info.key_size() as usize], vec![0u8; info.key_size() as usize]);
+    let mut keys = 0u64;
+    // A failing call ends the count, as the end of the keys does.
+    while matches!(sys::map_get_next_key(fd, (keys > 0).then_some(&key[..]), &mut next), Ok(true)) {
+        keys += 1;
+        std::mem::swap(&mut key, &mut next);
+    }
+    Some((keys, info.max_entries()))
+}
+
 /// Counters summed over all CPUs, one per (reason, direction).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CounterTotals {
@@ -401,6 +417,17 @@ pub(crate) const MAP_SPECS: [MapSpec; WritableMap::COUNT + OTHER_SPECS.len()] = 
     let mut i = 0;
     while i < out.len() {
         out[i] = if i < WritableMap::COUNT { WRITABLE_SPECS[i] } else { OTHER_SPECS[i - WritableMap::COUNT] };
+        i += 1;
+    }
+    out
+};
+
+/// The name of every map of the object (and of its pin), in [`MAP_SPECS`] order.
+pub const MAP_NAMES: [&str; MAP_SPECS.len()] = {
+    let mut out = [""; MAP_SPECS.len()];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = MAP_SPECS[i].name;
         i += 1;
     }
     out

@@ -16,14 +16,14 @@ mod loader;
 mod maps;
 mod sys;
 
-pub use applier::{apply_plan, map_limits, read_state};
+pub use applier::{apply_plan, map_limits, read_maps, read_state};
 pub use attach::{AttachMode, CLSACT_HANDLE, CLSACT_PRIORITY};
 pub use backend::{MapBackend, Programs, WriteMode};
 pub use error::DatapathError;
 pub use events::{EventReader, MAX_BATCH};
 pub use fake::{FakeMaps, FakePrograms};
 pub use loader::{Datapath, DatapathConfig, Hook, TestRunOutcome};
-pub use maps::{CounterTotals, MapSet, MapSizes, RESIZABLE};
+pub use maps::{CounterTotals, MAP_NAMES, MapSet, MapSizes, RESIZABLE, pinned_map_fill};
 pub use sys::PartialWrite;
 
 pub use crate::mapstate::WritableMap;

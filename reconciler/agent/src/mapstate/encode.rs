@@ -3,7 +3,7 @@
 //! of their rules, the bitmaps of prefix lengths, and the ipcache split into host entries
 //! and shorter prefixes.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use palisade_common::{
@@ -97,7 +97,7 @@ type EncodedEndpoint = (Arc<EndpointPolicy>, Vec<(PolicyMapKey, PolicyValue)>);
 pub fn encode(
     desired: &DesiredState,
     endpoints: &[EndpointMapping],
-    ipcache: &BTreeMap<(std::net::IpAddr, u8), u32>,
+    ipcache: &BTreeMap<(IpAddr, u8), u32>,
     cookies: &mut CookieJar,
 ) -> MapState {
     encode_cached(desired, endpoints, ipcache, cookies, &mut EncodeCache::default())
@@ -109,7 +109,7 @@ pub fn encode(
 pub fn encode_cached(
     desired: &DesiredState,
     endpoints: &[EndpointMapping],
-    ipcache: &BTreeMap<(std::net::IpAddr, u8), u32>,
+    ipcache: &BTreeMap<(IpAddr, u8), u32>,
     cookies: &mut CookieJar,
     cache: &mut EncodeCache,
 ) -> MapState {
@@ -164,21 +164,44 @@ pub fn encode_cached(
     for ((addr, len), identity) in ipcache {
         let value = IpcacheValue { identity: *identity, flags: 0 };
         match addr {
-            std::net::IpAddr::V4(a) if *len >= 32 => {
+            IpAddr::V4(a) if *len >= 32 => {
                 out.ipcache_host_v4.insert(Ipv4Prefix { addr: a.octets() }, value);
             }
-            std::net::IpAddr::V4(a) => {
+            IpAddr::V4(a) => {
                 out.ipcache_v4.insert((u32::from(*len), Ipv4Prefix { addr: a.octets() }), value);
             }
-            std::net::IpAddr::V6(a) if *len >= 128 => {
+            IpAddr::V6(a) if *len >= 128 => {
                 out.ipcache_host_v6.insert(Ipv6Prefix { addr: a.octets() }, value);
             }
-            std::net::IpAddr::V6(a) => {
+            IpAddr::V6(a) => {
                 out.ipcache_v6.insert((u32::from(*len), Ipv6Prefix { addr: a.octets() }), value);
             }
         }
     }
     out
+}
+
+impl MapState {
+    /// Every ipcache entry, whichever map holds it (the inverse of [`encode`]'s split into
+    /// host entries and shorter prefixes): (address, prefix length) and identity, in map
+    /// order.
+    pub fn ipcache_entries(&self) -> Vec<((IpAddr, u8), u32)> {
+        let mut out = Vec::new();
+        let prefix = |len: u32| len as u8;
+        for ((len, p), v) in &self.ipcache_v4 {
+            out.push(((IpAddr::V4(Ipv4Addr::from(p.addr)), prefix(*len)), v.identity));
+        }
+        for ((len, p), v) in &self.ipcache_v6 {
+            out.push(((IpAddr::V6(Ipv6Addr::from(p.addr)), prefix(*len)), v.identity));
+        }
+        for (p, v) in &self.ipcache_host_v4 {
+            out.push(((IpAddr::V4(Ipv4Addr::from(p.addr)), 32), v.identity));
+        }
+        for (p, v) in &self.ipcache_host_v6 {
+            out.push(((IpAddr::V6(Ipv6Addr::from(p.addr)), 128), v.identity));
+        }
+        out
+    }
 }
 
 /// The POLICY_LENGTHS content for `policy`: per (endpoint, direction, identity), the bitmap
@@ -216,7 +239,6 @@ mod tests {
 
     #[test]
     fn host_prefixes_go_to_the_host_maps() {
-        use std::net::IpAddr;
         let mut ipcache = BTreeMap::new();
         ipcache.insert((IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 32), 300);
         ipcache.insert((IpAddr::V4(Ipv4Addr::new(10, 0, 0, 0)), 8), 301);
