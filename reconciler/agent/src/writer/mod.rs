@@ -135,15 +135,23 @@ impl Writer {
         if self.applied.is_some() {
             return;
         }
+        self.reapply("retrying the apply failed; retrying again");
+    }
+
+    /// Applies the last desired state again; on success the warning of an earlier failure
+    /// goes, on failure `failed` is logged.
+    fn reapply(&mut self, failed: &str) {
         let Some(last) = self.last.take() else { return };
         match self.reconcile(&last) {
             Ok(_) => {
-                tracing::info!(revision = last.revision, "retried apply succeeded");
+                if !self.warnings.is_empty() {
+                    tracing::info!(revision = last.revision, "applying again succeeded");
+                }
                 self.warnings.clear();
             }
             Err(e) => {
                 self.counters.apply_failures += 1;
-                tracing::error!(error = %e, "retrying the apply failed; retrying again");
+                tracing::error!(error = %e, "{failed}");
                 self.warnings = vec![format!("last apply failed: {e}")];
             }
         }
@@ -155,14 +163,8 @@ impl Writer {
     pub fn periodic(&mut self, drift_check: bool) {
         let missing =
             self.last.as_ref().is_some_and(|l| l.endpoints.iter().any(|e| !self.attached.contains(&e.interface)));
-        if (missing || self.applied.is_none())
-            && let Some(last) = self.last.take()
-        {
-            if let Err(e) = self.reconcile(&last) {
-                self.counters.apply_failures += 1;
-                tracing::error!(error = %e, "periodic apply failed");
-            }
-            self.last = Some(last);
+        if missing || self.applied.is_none() {
+            self.reapply("periodic apply failed");
         }
         if drift_check && let Err(e) = self.check_drift() {
             tracing::error!(error = %e, "the periodic compare of the eBPF maps failed; retrying");
@@ -341,5 +343,193 @@ impl Writer {
         self.counters.drift_repairs += p.len() as u64;
         self.applied = Some(applied);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Arc;
+
+    use palisade_common::{endpoint_flags, proto};
+    use palisade_policy::labels::LabelSet;
+    use palisade_policy::model::Direction;
+    use palisade_policy::resolve::{DesiredState, EndpointPolicy, EntryKey, EntryValue};
+
+    use super::*;
+    use crate::datapath::fake::FakeOp;
+    use crate::datapath::{FakeMaps, FakePrograms, WritableMap, bulk};
+
+    fn endpoint(id: u16, ifindex: u32) -> LocalEndpoint {
+        LocalEndpoint {
+            id,
+            namespace: "default".into(),
+            name: format!("pod-{id}"),
+            labels: LabelSet::default(),
+            identity: 1000 + u32::from(id),
+            ipv4: Some(Ipv4Addr::new(10, 0, 0, id as u8)),
+            ipv6: None,
+            interface: format!("lxc{id}"),
+            ifindex,
+            named_ports: Vec::new(),
+        }
+    }
+
+    /// Endpoint 1 admits TCP to `ports` from identity 300 (ingress enforced); endpoint 2 is
+    /// not enforced.
+    fn desired(revision: u64, ports: &[u16]) -> Desired {
+        let entries = ports
+            .iter()
+            .map(|port| {
+                let key = EntryKey {
+                    direction: Direction::Ingress,
+                    identity: 300,
+                    protocol: proto::TCP,
+                    port: *port,
+                    port_prefix_len: 16,
+                };
+                (key, EntryValue::default())
+            })
+            .collect();
+        let policy = EndpointPolicy { ingress_enforced: true, egress_enforced: false, entries };
+        let endpoints = vec![endpoint(1, 11), endpoint(2, 12)];
+        let ipcache = endpoints
+            .iter()
+            .map(|e| ((IpAddr::V4(e.ipv4.unwrap()), 32), e.identity))
+            .chain([((IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)), 24), 300)])
+            .collect();
+        Desired {
+            revision,
+            desired: Arc::new(DesiredState {
+                endpoints: BTreeMap::from([(1, Arc::new(policy))]),
+                ..Default::default()
+            }),
+            endpoints: Arc::new(endpoints),
+            ipcache: Arc::new(ipcache),
+            policies: Arc::default(),
+        }
+    }
+
+    fn writer(maps: &FakeMaps) -> Writer {
+        Writer::new(Box::new(maps.clone()), Box::new(FakePrograms::default()), Arc::default()).unwrap()
+    }
+
+    #[test]
+    fn a_desired_state_is_written_and_realized() {
+        let maps = FakeMaps::new();
+        let mut w = writer(&maps);
+        let mut waiting = w.wait(3).unwrap_err();
+        w.apply(desired(3, &[80, 81]));
+        assert_eq!(waiting.try_recv(), Ok(3));
+        let s = maps.state();
+        assert_eq!(s.endpoints.len(), 2);
+        assert_eq!(s.endpoints[&11].flags & endpoint_flags::INGRESS_ENFORCED, endpoint_flags::INGRESS_ENFORCED);
+        assert_eq!(s.policy.len(), 2);
+        assert_eq!((s.ipcache_host_v4.len(), s.ipcache_v4.len()), (2, 1));
+        let r = w.realized_state();
+        assert_eq!(r.revision, 3);
+        assert_eq!(r.endpoints[&1].policy_entries, 2);
+        assert!(r.endpoints[&1].ingress_enforced && !r.endpoints[&2].ingress_enforced);
+        assert!(r.warnings.is_empty() && r.map_errors.is_empty());
+        assert_eq!(maps.generation(), 1, "one plan, one generation");
+    }
+
+    #[test]
+    fn a_starting_writer_adopts_what_the_maps_hold() {
+        let maps = FakeMaps::new();
+        writer(&maps).apply(desired(1, &[80]));
+        let written = maps.writes().len();
+        // A new agent over the same maps, same desired state: nothing to write.
+        let mut again = writer(&maps);
+        again.apply(desired(2, &[80]));
+        assert_eq!(maps.writes().len(), written);
+        assert_eq!(again.realized_state().revision, 2);
+        // A change writes only the difference: one POLICY entry (the bit of its length is
+        // set already).
+        again.apply(desired(3, &[80, 443]));
+        assert_eq!(maps.writes().len(), written + 1, "{:?}", maps.writes());
+    }
+
+    #[test]
+    fn drift_behind_the_writers_back_is_repaired() {
+        let maps = FakeMaps::new();
+        let mut w = writer(&maps);
+        w.apply(desired(1, &[80]));
+        let applied = maps.state();
+        // Someone else deletes the enforced endpoint's record and adds a stray ipcache entry.
+        let mut other = maps.clone();
+        bulk::delete(&mut other, WritableMap::Endpoints, &[11u32]).unwrap();
+        let stray = palisade_common::Ipv4Prefix { addr: [10, 9, 9, 9] };
+        bulk::upsert(&mut other, WritableMap::IpcacheHostV4, &[(stray, palisade_common::IpcacheValue::default())])
+            .unwrap();
+        assert_ne!(maps.state(), applied);
+        w.periodic(true);
+        assert_eq!(maps.state(), applied);
+        let c = w.realized_state().counters;
+        assert_eq!((c.drift_checks, c.drift_repairs), (1, 2));
+        w.periodic(true);
+        assert_eq!(w.realized_state().counters.drift_repairs, 2, "nothing more to repair");
+    }
+
+    #[test]
+    fn what_does_not_fit_fails_closed_and_says_so() {
+        let maps = FakeMaps::with_limits(&MapLimits { policy: 2, ..MapLimits::UNLIMITED });
+        let mut w = writer(&maps);
+        w.apply(desired(1, &[80, 81, 82]));
+        let s = maps.state();
+        assert!(s.policy.is_empty(), "endpoint 1's ingress does not fit: no entries");
+        assert_eq!(s.endpoints[&11].flags & endpoint_flags::INGRESS_ENFORCED, endpoint_flags::INGRESS_ENFORCED);
+        let r = w.realized_state();
+        assert_eq!(r.endpoints[&1].fail_closed, vec!["ingress".to_string()]);
+        assert_eq!(r.counters.map_overflows, 1);
+        assert!(r.map_errors[0].contains("map POLICY is full") && r.map_errors[0].contains("default/pod-1 ingress"));
+        assert_eq!(r.revision, 1, "failing closed is realized");
+        // Room again: the entries are loaded, the errors go.
+        w.apply(desired(2, &[80]));
+        assert_eq!(maps.state().policy.len(), 1);
+        let r = w.realized_state();
+        assert!(r.map_errors.is_empty() && r.endpoints[&1].fail_closed.is_empty());
+    }
+
+    #[test]
+    fn a_failed_apply_is_retried_from_what_the_maps_hold() {
+        let maps = FakeMaps::new();
+        let mut w = writer(&maps);
+        // The second host entry fails (the first is written).
+        maps.fail(Some(WritableMap::IpcacheHostV4), FakeOp::Update, 1, libc::EIO);
+        w.apply(desired(1, &[80]));
+        let r = w.realized_state();
+        assert_eq!(r.revision, 0);
+        assert_eq!(r.counters.apply_failures, 1);
+        assert!(r.warnings[0].starts_with("last apply failed: map IPCACHE_HOST_V4"), "{:?}", r.warnings);
+        assert_eq!(maps.state().ipcache_host_v4.len(), 1);
+        w.retry();
+        let r = w.realized_state();
+        assert_eq!(r.revision, 1);
+        assert!(r.warnings.is_empty());
+        assert_eq!(maps.state().ipcache_host_v4.len(), 2);
+        // The retry read the maps back: the entry written before the failure was not written again.
+        let hosts = maps.writes().iter().filter(|w| w.map == WritableMap::IpcacheHostV4).count();
+        assert_eq!(hosts, 2);
+        // Nothing failed: nothing to retry.
+        w.retry();
+        assert_eq!(w.realized_state().counters.apply_failures, 1);
+    }
+
+    #[test]
+    fn an_endpoint_is_realized_once_its_programs_are_attached() {
+        let maps = FakeMaps::new();
+        let programs = FakePrograms::default();
+        programs.fail_attach("lxc2", true);
+        let mut w = Writer::new(Box::new(maps.clone()), Box::new(programs.clone()), Arc::default()).unwrap();
+        w.apply(desired(1, &[80]));
+        assert_eq!(w.realized_state().revision, 0, "endpoint 2 is not attached");
+        assert_eq!(maps.state().endpoints.keys().copied().collect::<Vec<_>>(), vec![11]);
+        programs.fail_attach("lxc2", false);
+        w.periodic(false);
+        assert_eq!(w.realized_state().revision, 1);
+        assert_eq!(maps.state().endpoints.len(), 2);
+        assert_eq!(programs.attached().len(), 2);
     }
 }
