@@ -263,7 +263,7 @@ macro_rules! define_table {
         }
 
         /// The changes that turn a loaded [`MapState`] into a desired one, map by map (made
-        /// by [`plan`](super::plan)). [`Plan::steps`] is the order they are written in.
+        /// by `mapstate::plan`). [`Plan::steps`] is the order they are written in.
         ///
         /// POLICY_LENGTHS updates are split: `policy_lengths.updates` only set bits (an
         /// update that also clears bits writes old | new), written before the POLICY
