@@ -73,7 +73,7 @@ fn editing_a_watched_policy_file_changes_enforcement_privileged() {
         assert_eq!(o, Observed::Deny, "{d}");
 
         // Allow 81 instead of 80: 80 is now denied, 81 allowed.
-        let edited = original.replace("port: '80'", "port: '81'");
+        let edited = original.replace("port: \"80\"", "port: \"81\"");
         assert_ne!(edited, original, "the manifest's port is written as expected:\n{original}");
         let before = session.status().await.unwrap().revision;
         let st = session.write_policy_file(&policy.file_name, &edited).await.expect("the agent takes the edit in");
