@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use palisade_agent::api::types::MonitorEvent;
+use palisade_api::types::MonitorEvent;
 use palisade_testbed::netns::{self, Netns};
 use palisade_testbed::probe::{internet_checksum, raw_socket};
 use palisade_testbed::scenario::{self, Plan};

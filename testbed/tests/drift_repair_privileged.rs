@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use palisade_agent::actors::map_writer::read_state;
-use palisade_agent::api::client::Client;
-use palisade_agent::api::types::EndpointStatus;
 use palisade_agent::datapath::MapSet;
 use palisade_agent::mapstate::MapState;
+use palisade_api::Client;
+use palisade_api::types::EndpointStatus;
 use palisade_common::{IpcacheValue, Ipv4Prefix, PolicyValue, direction, policy_flags};
 use palisade_testbed::netns;
 use palisade_testbed::report::Observed;

@@ -170,9 +170,8 @@ fn vanished_interfaces_are_cleaned_up_and_identities_released_privileged() {
         let ep = |name: &str| eps.iter().find(|e| e.name == name).unwrap().clone();
         let (c, twin, victim) = (ep("client"), ep("twin"), ep("victim"));
         assert_eq!(c.identity, twin.identity, "same labels, same identity");
-        let refs = |ids: &[palisade_agent::api::types::IdentityInfo], id: u32| {
-            ids.iter().find(|i| i.id == id).map(|i| i.references)
-        };
+        let refs =
+            |ids: &[palisade_api::types::IdentityInfo], id: u32| ids.iter().find(|i| i.id == id).map(|i| i.references);
         let ids = client.identities().await.unwrap();
         assert_eq!(refs(&ids, c.identity), Some(2));
         assert_eq!(refs(&ids, victim.identity), Some(1));

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::agent_binary;
-use palisade_agent::api::client::Client;
+use palisade_api::Client;
 use palisade_testbed::kubeapi::KubeApiServer;
 use serde_json::{Value, json};
 

@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use palisade_agent::api::client::Client;
-use palisade_agent::api::types::EndpointStatus;
+use palisade_api::Client;
+use palisade_api::types::EndpointStatus;
 use palisade_testbed::netns;
 use palisade_testbed::report::Observed;
 use palisade_testbed::scenario::{self, PlanProbe};

@@ -14,8 +14,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use palisade_agent::api::Client;
-use palisade_agent::api::types::{BpfPolicy, EndpointStatus, IpcacheEntry};
+use palisade_api::Client;
+use palisade_api::types::{BpfPolicy, EndpointStatus, IpcacheEntry};
 use palisade_testbed::netns;
 use palisade_testbed::report::Observed;
 use palisade_testbed::scenario;

@@ -93,7 +93,7 @@ fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
         assert_eq!(session.probe(&port82).await.observed, Observed::Deny);
 
         let before = session.client().unwrap().endpoints().await.unwrap();
-        let key = |e: &palisade_agent::api::types::EndpointStatus| (e.namespace.clone(), e.name.clone(), e.id, e.identity);
+        let key = |e: &palisade_api::types::EndpointStatus| (e.namespace.clone(), e.name.clone(), e.id, e.identity);
         let mut before: Vec<_> = before.iter().map(key).collect();
         before.sort();
         assert_eq!(before.len(), 2);

@@ -2,14 +2,15 @@
 //! datapath loader, the local API, and the decoding of verdict events.
 pub mod actors;
 pub mod api;
-pub mod cni;
 pub mod datapath;
 pub mod endpoint;
 pub mod error;
-pub mod explain;
 pub mod k8s;
 pub mod mapstate;
 pub mod metrics;
 pub mod monitor;
 pub mod revisions;
 pub mod state;
+
+/// Why a flow passes or not (`POST /v1/explain`): `palisade-node`'s, over the resolver's state.
+pub use palisade_node::explain;

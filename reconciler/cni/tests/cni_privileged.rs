@@ -129,7 +129,7 @@ async fn cni_add_check_del_in_a_throwaway_namespace_privileged() {
         ("CNI_PATH", cni_path.as_str()),
         ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1"),
     ];
-    let host = palisade_agent::cni::host_ifname("c0ffee");
+    let host = palisade_cni::host_ifname("c0ffee");
 
     let (ok, result) = cni(&node, "ADD", &env, &conf);
     assert!(ok, "ADD failed: {result}");

@@ -18,8 +18,8 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::api::client::{Client, ClientError};
-use crate::api::types::EndpointSpec;
+use palisade_api::types::EndpointSpec;
+use palisade_api::{Client, ClientError};
 
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 const GATEWAY_V4: &str = "169.254.1.1";
