@@ -73,10 +73,7 @@ fn cni_blocking(node: &Netns, command: &str, env: &[(&str, &str)], conf: &Value)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cni_add_check_del_in_a_throwaway_namespace_privileged() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let tag = std::process::id();
     let node = Netns::new(&format!("pcni{tag}-node"));
     let pod = Netns::new(&format!("pcni{tag}-pod"));
