@@ -151,10 +151,7 @@ fn drop_at_server(ev: &MonitorEvent, reason: &str, protocol: &str, port: u16) ->
 
 #[test]
 fn removing_an_allow_cuts_an_established_connection_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     with_session("rv", async |session, plan| {
         let (server_ns, server4, server6) = pod(session, plan, "server");
         let (client_ns, _, _) = pod(session, plan, "client");
@@ -229,10 +226,7 @@ fn reassembled() -> (u64, u64) {
 
 #[test]
 fn fragmented_datagrams_arrive_only_where_allowed_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     with_session("fr", async |session, plan| {
         let (server_ns, server4, server6) = pod(session, plan, "server");
         let (client_ns, _, _) = pod(session, plan, "client");
@@ -354,10 +348,7 @@ fn send_raw(dst: IpAddr, packet: &[u8]) -> std::io::Result<()> {
 
 #[test]
 fn a_pod_cannot_send_from_another_address_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     with_session("sp", async |session, plan| {
         let (client_ns, client4, client6) = pod(session, plan, "client");
         let (_, bystander4, bystander6) = pod(session, plan, "bystander");

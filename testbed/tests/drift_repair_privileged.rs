@@ -90,10 +90,7 @@ fn find<'a>(eps: &'a [EndpointStatus], name: &str) -> &'a EndpointStatus {
 
 #[test]
 fn drift_behind_the_agents_back_is_repaired_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let agent = agent_binary();
     assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
     let plan = scenario::load_str(SCENARIO, Path::new("drift-repair.yaml")).unwrap();

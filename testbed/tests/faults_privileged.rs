@@ -51,10 +51,7 @@ probes:
 const ACTORS: [&str; 5] = ["policy_watch", "endpoint_tracker", "identity_cache", "resolver", "map_writer"];
 
 fn setup(tag: &str, args: &[&str]) -> Option<(Plan, RunNames, RunOptions)> {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return None;
-    }
+    palisade_privileged::require_root!(None);
     let agent = agent_binary();
     assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
     let plan = scenario::load_str(SCENARIO, Path::new("faults.yaml")).unwrap();

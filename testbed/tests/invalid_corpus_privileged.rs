@@ -70,10 +70,7 @@ fn scenario(file: &str, mut bad: serde_yaml::Value) -> serde_yaml::Value {
 
 #[test]
 fn bad_manifests_change_nothing_that_is_enforced_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let agent = Path::new(BIN).with_file_name("palisade-agent");
     assert!(
         agent.is_file() || std::env::var_os("PALISADE_AGENT").is_some(),

@@ -124,8 +124,8 @@ fn http_get(ns: &Netns, path: &str) -> Option<(u16, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_follows_the_api_through_relists_disconnects_and_outages_privileged() {
-    if !nix::unistd::Uid::effective().is_root() || !std::path::Path::new("/sys/fs/bpf").exists() {
-        eprintln!("skipped: needs root and bpffs");
+    palisade_privileged::require_root!();
+    if !palisade_privileged::has_bpffs() {
         return;
     }
     let tag = format!("pk8s{}", std::process::id());

@@ -106,10 +106,7 @@ async fn endpoint_present(session: &Session, name: &str, present: bool) {
 
 #[test]
 fn policies_and_pods_through_the_api_server_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let agent = agent_binary();
     assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
     let plan = scenario::load_str(SCENARIO, Path::new("kubernetes-live.yaml")).unwrap();

@@ -45,10 +45,7 @@ async fn observe(session: &Session, p: &PlanProbe) -> (Observed, String) {
 
 #[test]
 fn editing_a_watched_policy_file_changes_enforcement_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let agent = agent_binary();
     assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
     let plan = scenario::load_str(SCENARIO, Path::new("live-edit.yaml")).unwrap();

@@ -71,10 +71,7 @@ async fn server(client: &Client) -> EndpointStatus {
 
 #[test]
 fn overflowing_a_map_fails_closed_and_recovers_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let agent = agent_binary();
     assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
     let plan = scenario::load_str(SCENARIO, Path::new("map-limits.yaml")).unwrap();

@@ -114,10 +114,7 @@ const ALLOWED_BY_POLICY: &str =
 
 #[test]
 fn metrics_health_ipcache_and_bpf_policy_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let agent = bin("palisade-agent");
     assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
     assert!(bin("palisade").is_file(), "build the binaries first (`cargo build --bins`)");

@@ -68,10 +68,7 @@ fn operations_since_start(log: &Path) -> Vec<u64> {
 
 #[test]
 fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let agent = agent_binary();
     assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
     let plan = scenario::load_str(SCENARIO, Path::new("restart.yaml")).unwrap();

@@ -8,10 +8,7 @@ use common::*;
 
 #[test]
 fn seed_scenario_passes_with_the_real_agent_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let agent = Path::new(BIN).with_file_name("palisade-agent");
     assert!(
         agent.is_file() || std::env::var_os("PALISADE_AGENT").is_some(),

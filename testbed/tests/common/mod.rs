@@ -17,10 +17,6 @@ pub fn agent_binary() -> PathBuf {
         .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
 }
 
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// Starts `palisade-testbed ARGS...` with piped output.
 pub fn spawn(args: &[&str]) -> Child {
     Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("palisade-testbed starts")

@@ -1,7 +1,8 @@
 //! The one place that decides how a test behaves when what it needs is missing (root, for
 //! eBPF and network namespaces; a Docker engine, for the container tests). Every
 //! `*_privileged*` test of the agent, the CNI plugin and the testbed starts with
-//! [`require_root!`] (or calls [`has_root`] / [`skip`]):
+//! [`require_root!`] (or calls [`has_root`] / [`skip`]; the agent's kernel tests, whose
+//! shared set-up makes the pin directory, call [`require_root_for_this_binary`] there):
 //!
 //! - with what it needs, the test runs;
 //! - without, it prints `skipped: needs root (<test>)` on stderr and passes, so a plain
@@ -47,6 +48,27 @@ pub fn has_root() -> bool {
     }
     skip("needs root");
     false
+}
+
+/// True when bpffs is there (`/sys/fs/bpf`; `ci/setup.sh` mounts it). Otherwise reports the
+/// skip ([`skip`]) and answers false.
+pub fn has_bpffs() -> bool {
+    if std::path::Path::new("/sys/fs/bpf").is_dir() {
+        return true;
+    }
+    skip("needs bpffs mounted at /sys/fs/bpf (ci/setup.sh mounts it)");
+    false
+}
+
+/// For set-up that every test of a test binary shares and that cannot make its caller
+/// return (a constructor): unless root, reports the skip as [`has_root`] does (a panic
+/// under `CI=true`) and ends the whole test binary there, successfully, since none of its
+/// tests can run.
+pub fn require_root_for_this_binary() {
+    if !has_root() {
+        eprintln!("skipped: every test of this binary needs root");
+        std::process::exit(0);
+    }
 }
 
 /// Returns from the calling test (with `()`, or with the value given) unless it runs as
