@@ -181,7 +181,7 @@ fn vanished_interfaces_are_cleaned_up_and_identities_released_privileged() {
         // The pods die abruptly: their namespaces go, and with them both ends of the veths.
         // The victim dies while no agent runs (killed): the next agent drops it on start.
         let pod_ns: Vec<String> = session.topology().pods.iter().map(|p| p.netns.name().to_string()).collect();
-        let delete_ns = |i: usize| netns::ip(&["netns", "delete", &pod_ns[i]]).unwrap();
+        let delete_ns = |i: usize| netns::delete(&pod_ns[i]).unwrap();
         session.stop_agent(StopHow::Kill).unwrap();
         delete_ns(2);
         // The kernel removes the veth once the namespace is gone; wait (bounded) for it.

@@ -63,7 +63,7 @@ fn probes_answer_get_refused_and_see_loss_privileged() {
         assert!(listeners.arrived(&want));
 
         // b's link down: packets to it vanish without an answer.
-        topo.pods[1].netns.ip(&["link", "set", "eth0", "down"]).unwrap();
+        topo.pods[1].netns.netlink(|nl| nl.set_down(&nl.existing_link("eth0")?, "eth0")).unwrap();
         let lost = from_a(Box::new(move || probe::tcp(SocketAddr::new(b_ip, 8080), t)));
         assert_eq!(lost.attempt, Attempt::NoAnswer);
         assert!(lost.elapsed >= t);

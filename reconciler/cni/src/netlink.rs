@@ -1,4 +1,5 @@
-//! The plugin's network configuration over rtnetlink: links (veth pairs, moves between
+//! The plugin's network configuration over rtnetlink (the testbed builds its namespaces'
+//! links with it too): links (veth pairs, moves between
 //! namespaces, names, up), addresses and routes, in the network namespace of the thread that
 //! opened the [`Netlink`] handle. The plugin is synchronous (one call, then exit): each
 //! handle drives its netlink connection on a runtime of its own, one request at a time.
@@ -15,9 +16,9 @@ use std::os::fd::RawFd;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 /// A netlink request that failed: what was asked, and the kernel's (or the socket's) answer.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +72,8 @@ impl Link {
 pub enum Via {
     /// Straight out of the interface (`dev X`, scope link).
     Link,
+    /// Straight out of the interface, with this preferred source address (`dev X src S`).
+    LinkFrom(IpAddr),
     /// Through a gateway reachable on the interface (`via G dev X`).
     Gateway(IpAddr),
 }
@@ -125,6 +128,20 @@ impl Netlink {
             .map_err(failed(format!("creating the veth pair {name} <-> {peer}")))
     }
 
+    /// Creates the veth pair `name` (here) <-> `peer` (directly in the network namespace
+    /// open at `peer_netns_fd`), both down: neither end ever exists anywhere else.
+    pub fn add_veth_with_peer_in(&self, name: &str, peer: &str, peer_netns_fd: RawFd) -> Result<(), NetlinkError> {
+        let peer_msg =
+            LinkMessageBuilder::<LinkUnspec>::new().name(peer.to_string()).setns_by_fd(peer_netns_fd).build();
+        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(name.to_string())
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.runtime
+            .block_on(self.handle.link().add(msg).execute())
+            .map_err(failed(format!("creating the veth pair {name} <-> {peer} (in another namespace)")))
+    }
+
     /// Deletes a link (for a veth, both ends and the routes through it).
     pub fn delete_link(&self, link: &Link, name: &str) -> Result<(), NetlinkError> {
         self.runtime
@@ -152,6 +169,14 @@ impl Netlink {
     pub fn set_up(&self, link: &Link, name: &str) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(link.index).up().build();
         self.runtime.block_on(self.handle.link().set(msg).execute()).map_err(failed(format!("setting link {name} up")))
+    }
+
+    /// Sets a link down.
+    pub fn set_down(&self, link: &Link, name: &str) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(link.index).down().build();
+        self.runtime
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(failed(format!("setting link {name} down")))
     }
 
     /// Adds `address/prefix_len` to a link; `nodad`: usable at once (no duplicate address
@@ -200,6 +225,7 @@ impl Netlink {
     ) -> Result<(), NetlinkError> {
         let what = match via {
             Via::Link => format!("adding the route {dest}/{prefix_len} dev {name}"),
+            Via::LinkFrom(src) => format!("adding the route {dest}/{prefix_len} dev {name} src {src}"),
             Via::Gateway(g) => format!("adding the route {dest}/{prefix_len} via {g} dev {name}"),
         };
         let msg = match (dest, via) {
@@ -213,9 +239,20 @@ impl Netlink {
                 .gateway(g)
                 .output_interface(link.index)
                 .build(),
+            (IpAddr::V4(d), Via::LinkFrom(IpAddr::V4(src))) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d, prefix_len)
+                .output_interface(link.index)
+                .scope(RouteScope::Link)
+                .pref_source(src)
+                .build(),
             (IpAddr::V6(d), Via::Link) => RouteMessageBuilder::<Ipv6Addr>::new()
                 .destination_prefix(d, prefix_len)
                 .output_interface(link.index)
+                .build(),
+            (IpAddr::V6(d), Via::LinkFrom(IpAddr::V6(src))) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d, prefix_len)
+                .output_interface(link.index)
+                .pref_source(src)
                 .build(),
             (IpAddr::V6(d), Via::Gateway(IpAddr::V6(g))) => RouteMessageBuilder::<Ipv6Addr>::new()
                 .destination_prefix(d, prefix_len)
@@ -225,7 +262,10 @@ impl Netlink {
             _ => {
                 return Err(NetlinkError {
                     what,
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "gateway of another family"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "gateway or source of another family",
+                    ),
                 });
             }
         };
