@@ -18,7 +18,7 @@ use palisade_testbed::agent::StopHow;
 use palisade_testbed::netns;
 use palisade_testbed::probe::{self, Attempt};
 use palisade_testbed::report::Observed;
-use palisade_testbed::scenario::{self, HostRef, IpFamily, Plan};
+use palisade_testbed::scenario::{HostRef, IpFamily, Plan};
 use palisade_testbed::session::{RunNames, RunOptions, Session};
 
 const SCENARIO: &str = r#"
@@ -52,19 +52,7 @@ const ACTORS: [&str; 5] = ["policy_watch", "endpoint_tracker", "identity_cache",
 
 fn setup(tag: &str, args: &[&str]) -> Option<(Plan, RunNames, RunOptions)> {
     palisade_privileged::require_root!(None);
-    let agent = agent_binary();
-    assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
-    let plan = scenario::load_str(SCENARIO, Path::new("faults.yaml")).unwrap();
-    let pid = std::process::id();
-    let names = RunNames { prefix: format!("pt{pid}-{tag}"), tag: format!("{pid}-{tag}") };
-    let mut opts = RunOptions::new(Some(agent));
-    opts.timeout = Duration::from_millis(500);
-    opts.agent_args = args.iter().map(|a| a.to_string()).collect();
-    Some((plan, names, opts))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    Some(agent_run(SCENARIO, tag, args))
 }
 
 /// Probes `probes` (indexes into the plan) and asserts each verdict is the expected one.

@@ -42,8 +42,7 @@ fn left_behind(state: &InstanceState, instance_dir: &Path) -> Vec<String> {
 #[test]
 fn up_probe_exec_edit_down_privileged() {
     palisade_privileged::require_root!();
-    let agent = Path::new(BIN).with_file_name("palisade-agent");
-    assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
+    built_agent();
     let root = tempfile::tempdir().unwrap();
     let seed = fixture("seed-allow-frontend-to-backend.yaml");
     let seed = seed.to_str().unwrap();

@@ -10,9 +10,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::agent_binary;
+use common::{agent_binary, eventually};
 use palisade_api::Client;
 use palisade_testbed::kubeapi::KubeApiServer;
 use palisade_testbed::netns::{Netns, Via};
@@ -53,17 +53,6 @@ fn cnp(ns: &str, name: &str, port: &str) -> Value {
         "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
                  "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "api"}}],
                               "toPorts": [{"ports": [{"port": port, "protocol": "TCP"}]}]}]}})
-}
-
-async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// `GET path` on the agent's health listener (its default, 127.0.0.1:9962, inside the
