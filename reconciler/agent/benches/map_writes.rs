@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::Key;
 use palisade_agent::actors::map_writer::{apply_plan, read_state};
-use palisade_agent::datapath::{Datapath, DatapathConfig, MapSet, WritableMap, WriteMode};
-use palisade_agent::mapstate::{MapLimits, MapState, plan, policy_lengths};
+use palisade_agent::datapath::{Datapath, DatapathConfig, MapSet, WritableMap, WriteMode, map_limits};
+use palisade_agent::mapstate::{MapState, plan, policy_lengths};
 use palisade_common::{
     EndpointInfo, IpcacheValue, Ipv4Prefix, POLICY_PREFIX_FULL, PolicyKey, PolicyValue, endpoint_flags, proto,
 };
@@ -113,16 +113,7 @@ fn main() {
     let pins = Pins(PathBuf::from(format!("/sys/fs/bpf/palisade-bench-mw-{}", std::process::id())));
     let mut dp = Datapath::load(&DatapathConfig { pin_dir: pins.0.clone() }).expect("the datapath loads");
     let mut maps: MapSet = dp.take_maps().unwrap();
-    let m = |maps: &MapSet, w| maps.max_entries(w).unwrap();
-    let limits = MapLimits {
-        endpoints: m(&maps, WritableMap::Endpoints),
-        ipcache_v4: m(&maps, WritableMap::IpcacheV4),
-        ipcache_v6: m(&maps, WritableMap::IpcacheV6),
-        ipcache_host_v4: m(&maps, WritableMap::IpcacheHostV4),
-        ipcache_host_v6: m(&maps, WritableMap::IpcacheHostV6),
-        policy: m(&maps, WritableMap::Policy),
-        policy_lengths: m(&maps, WritableMap::PolicyLengths),
-    };
+    let limits = map_limits(&maps).unwrap();
 
     let policy = policy_entries(entries);
     let policy_keys: Vec<PolicyKey> = policy.iter().map(|(k, _)| *k).collect();

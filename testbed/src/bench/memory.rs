@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::MapInfo;
-use palisade_common::map_names;
+use palisade_agent::datapath::MAP_NAMES;
 
 use super::net::BenchNet;
 use super::{Report, filters};
@@ -15,20 +15,7 @@ use crate::agent::{AgentProcess, RunDirs};
 use crate::netns::Netns;
 
 /// Every map of the datapath, by its name in the object (and in bpffs).
-pub const MAPS: [&str; 12] = [
-    map_names::ENDPOINTS,
-    map_names::IPCACHE_V4,
-    map_names::IPCACHE_V6,
-    map_names::IPCACHE_HOST_V4,
-    map_names::IPCACHE_HOST_V6,
-    map_names::POLICY,
-    map_names::POLICY_LENGTHS,
-    map_names::CONNTRACK,
-    map_names::EVENTS,
-    map_names::COUNTERS,
-    map_names::CONFIG,
-    map_names::FRAGMENTS,
-];
+pub const MAPS: [&str; MAP_NAMES.len()] = MAP_NAMES;
 
 /// Peers of the loaded-map measurement (the largest datapath size).
 pub const LOADED_PEERS: usize = 10_000;

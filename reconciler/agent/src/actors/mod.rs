@@ -31,9 +31,11 @@ use actix::prelude::*;
 use tokio::sync::broadcast;
 
 use crate::api::types::MonitorEvent;
-use crate::datapath::{AttachMode, Datapath, DatapathConfig, DatapathError, MapSizes};
+use crate::datapath::{
+    AttachMode, Datapath, DatapathConfig, DatapathError, EventReader, MapBackend, MapSizes, Programs,
+};
 use crate::monitor::{DecodeContext, decode};
-use crate::state::StateDir;
+use crate::state::{EndpointRegistry, StateDir};
 use supervise::start_supervised;
 
 /// How the agent runs.
@@ -171,9 +173,7 @@ impl Agent {
     /// handed in its state ([`Agent::resync`], called here unless
     /// [`AgentConfig::external_sources`]). Must run inside an actix system.
     pub fn start(config: AgentConfig) -> Result<Agent, StartError> {
-        let state = StateDir::new(&config.state_dir);
-        let registry = endpoints::restore_registry(&state)
-            .map_err(|source| StartError::State { dir: config.state_dir.clone(), source })?;
+        let registry = restore(&config)?;
         let mut datapath =
             Datapath::load_with_sizes(&DatapathConfig { pin_dir: config.bpffs.clone() }, &config.map_sizes)?;
         if let Some(mode) = config.attach_mode {
@@ -187,8 +187,37 @@ impl Agent {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning stale link pins failed"),
         }
-        let mut reader = datapath.take_events()?;
-        let decode_ctx = Arc::new(RwLock::new(DecodeContext::default()));
+        let reader = datapath.take_events()?;
+        let decode = Arc::new(RwLock::new(DecodeContext::default()));
+        let map_writer = map_writer::MapWriter::new(datapath, decode.clone(), config.repair_interval)?;
+        Ok(Agent::start_actors(config, registry, map_writer, decode, Some(reader)))
+    }
+
+    /// [`Agent::start`] over any map backend and program attachment: the fakes
+    /// (`datapath::FakeMaps`, `datapath::FakePrograms`) in tests without root. There are no
+    /// verdict events; `config.bpffs` and `config.map_sizes` are not used.
+    pub fn start_over(
+        config: AgentConfig,
+        maps: Box<dyn MapBackend + Send>,
+        programs: Box<dyn Programs + Send>,
+        timers: map_writer::WriterTimers,
+    ) -> Result<Agent, StartError> {
+        let registry = restore(&config)?;
+        let decode = Arc::new(RwLock::new(DecodeContext::default()));
+        let map_writer = map_writer::MapWriter::over(maps, programs, decode.clone(), timers)?;
+        Ok(Agent::start_actors(config, registry, map_writer, decode, None))
+    }
+
+    /// Starts every actor under supervision, the map writer being `map_writer`, and the
+    /// verdict-event feed from `events_reader`.
+    fn start_actors(
+        config: AgentConfig,
+        registry: EndpointRegistry,
+        map_writer: map_writer::MapWriter,
+        decode_ctx: Arc<RwLock<DecodeContext>>,
+        events_reader: Option<EventReader>,
+    ) -> Agent {
+        let state = StateDir::new(&config.state_dir);
         let decode_shared = decode_ctx.clone();
         // Filled once every actor runs; a restarted actor's hook resyncs through it.
         let cell: Rc<RefCell<Option<Agent>>> = Rc::default();
@@ -215,11 +244,7 @@ impl Agent {
                 }
             }
         };
-        let map_writer = start_supervised(
-            "map_writer",
-            map_writer::MapWriter::new(datapath, decode_ctx.clone(), config.repair_interval)?,
-            hook.clone(),
-        );
+        let map_writer = start_supervised("map_writer", map_writer, hook.clone());
         let resolver = start_supervised("resolver", resolver::Resolver::new(map_writer.clone()), hook.clone());
         let identities = start_supervised(
             "identity_cache",
@@ -244,23 +269,9 @@ impl Agent {
             hook,
         );
         let (events, _) = broadcast::channel(4096);
-        let tx = events.clone();
-        actix_rt::spawn(async move {
-            let mut batch = Vec::new();
-            loop {
-                batch.clear();
-                if let Err(e) = reader.next_batch(&mut batch).await {
-                    tracing::error!(error = %e, "reading verdict events failed; the monitor stops");
-                    return;
-                }
-                let Ok(ctx) = decode_ctx.read() else { return };
-                for ev in &batch {
-                    let m = decode(ev, &ctx);
-                    tracing::debug!(endpoint = ?m.endpoint, verdict = %m.verdict, reason = %m.reason, src = %m.src, dst = %m.dst, dport = m.dst_port, proto = %m.protocol, "verdict");
-                    let _ = tx.send(m);
-                }
-            }
-        });
+        if let Some(reader) = events_reader {
+            feed_events(reader, decode_ctx, events.clone());
+        }
         let agent = Agent {
             policy_watch,
             endpoints,
@@ -282,7 +293,7 @@ impl Agent {
                 }
             });
         }
-        Ok(agent)
+        agent
     }
 
     /// Makes every source hand its whole state to the resolver (the policy directory is
@@ -316,4 +327,31 @@ impl Agent {
         }
         self.resolver.send(resolver::SourcesSynced).await
     }
+}
+
+/// The endpoint registry saved in the state directory, without the endpoints whose
+/// interface is gone.
+fn restore(config: &AgentConfig) -> Result<EndpointRegistry, StartError> {
+    endpoints::restore_registry(&StateDir::new(&config.state_dir))
+        .map_err(|source| StartError::State { dir: config.state_dir.clone(), source })
+}
+
+/// Decodes the verdict events of `reader` (naming things with `names`) onto `events`.
+fn feed_events(mut reader: EventReader, names: Arc<RwLock<DecodeContext>>, events: broadcast::Sender<MonitorEvent>) {
+    actix_rt::spawn(async move {
+        let mut batch = Vec::new();
+        loop {
+            batch.clear();
+            if let Err(e) = reader.next_batch(&mut batch).await {
+                tracing::error!(error = %e, "reading verdict events failed; the monitor stops");
+                return;
+            }
+            let Ok(ctx) = names.read() else { return };
+            for ev in &batch {
+                let m = decode(ev, &ctx);
+                tracing::debug!(endpoint = ?m.endpoint, verdict = %m.verdict, reason = %m.reason, src = %m.src, dst = %m.dst, dport = m.dst_port, proto = %m.protocol, "verdict");
+                let _ = events.send(m);
+            }
+        }
+    });
 }

@@ -6,14 +6,15 @@
 //!
 //! Every call does blocking map syscalls: run it off the actor thread
 //! (`tokio::task::spawn_blocking`).
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::Path;
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuArray};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use palisade_common::{
-    COUNTER_SLOTS, Counter, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IpcacheValue, Ipv4Prefix, Ipv6Prefix,
-    PolicyKey, PolicyLengthsKey, PolicyValue, map_names, policy_length_bit,
+    COUNTER_SLOTS, Counter, EndpointInfo, PolicyKey, PolicyLengthsKey, PolicyValue, map_names, policy_length_bit,
 };
+
+use crate::datapath::{DatapathError, MapSet, RESIZABLE, WritableMap, pinned_map_fill, read_maps};
 
 /// Why the pinned maps cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -22,11 +23,11 @@ pub struct KernelReadError {
     pub map: &'static str,
     pub dir: String,
     #[source]
-    pub source: aya::maps::MapError,
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 fn open(dir: &Path, name: &'static str) -> Result<Map, KernelReadError> {
-    let err = |source| KernelReadError { map: name, dir: dir.display().to_string(), source };
+    let err = |source| KernelReadError { map: name, dir: dir.display().to_string(), source: Box::new(source) };
     let data = MapData::from_pin(dir.join(name)).map_err(err)?;
     Map::from_map_data(data).map_err(err)
 }
@@ -35,7 +36,7 @@ fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &'stati
     T::try_from(open(dir, name)?).map_err(|source| KernelReadError {
         map: name,
         dir: dir.display().to_string(),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -47,33 +48,20 @@ pub struct IpcacheRow {
     pub identity: u32,
 }
 
-/// Every entry of the four ipcache maps (host entries and LPM tries), sorted by prefix.
+/// Every entry of the ipcache maps (host entries and LPM tries), sorted by prefix.
 pub fn ipcache(dir: &Path) -> Result<Vec<IpcacheRow>, KernelReadError> {
-    let mut out = Vec::new();
-    let host4: HashMap<MapData, Ipv4Prefix, IpcacheValue> = typed(dir, map_names::IPCACHE_HOST_V4)?;
-    for (k, v) in host4.iter().filter_map(Result::ok) {
-        out.push(IpcacheRow { addr: IpAddr::V4(Ipv4Addr::from(k.addr)), prefix_len: 32, identity: v.identity });
-    }
-    let host6: HashMap<MapData, Ipv6Prefix, IpcacheValue> = typed(dir, map_names::IPCACHE_HOST_V6)?;
-    for (k, v) in host6.iter().filter_map(Result::ok) {
-        out.push(IpcacheRow { addr: IpAddr::V6(Ipv6Addr::from(k.addr)), prefix_len: 128, identity: v.identity });
-    }
-    let trie4: LpmTrie<MapData, Ipv4Prefix, IpcacheValue> = typed(dir, map_names::IPCACHE_V4)?;
-    for (k, v) in trie4.iter().filter_map(Result::ok) {
-        out.push(IpcacheRow {
-            addr: IpAddr::V4(Ipv4Addr::from(k.data().addr)),
-            prefix_len: k.prefix_len() as u8,
-            identity: v.identity,
-        });
-    }
-    let trie6: LpmTrie<MapData, Ipv6Prefix, IpcacheValue> = typed(dir, map_names::IPCACHE_V6)?;
-    for (k, v) in trie6.iter().filter_map(Result::ok) {
-        out.push(IpcacheRow {
-            addr: IpAddr::V6(Ipv6Addr::from(k.data().addr)),
-            prefix_len: k.prefix_len() as u8,
-            identity: v.identity,
-        });
-    }
+    let err = |source: DatapathError| KernelReadError {
+        map: "IPCACHE_*",
+        dir: dir.display().to_string(),
+        source: Box::new(source),
+    };
+    let maps = MapSet::open_pinned(dir).map_err(err)?;
+    let state = read_maps(&maps, WritableMap::ipcache()).map_err(err)?;
+    let mut out: Vec<IpcacheRow> = state
+        .ipcache_entries()
+        .into_iter()
+        .map(|((addr, prefix_len), identity)| IpcacheRow { addr, prefix_len, identity })
+        .collect();
     out.sort_by_key(|r| (r.addr, r.prefix_len));
     Ok(out)
 }
@@ -124,7 +112,7 @@ pub fn counters(dir: &Path) -> Result<Vec<(u8, u8, Counter)>, KernelReadError> {
         let per_cpu = arr.get(&i, 0).map_err(|source| KernelReadError {
             map: map_names::COUNTERS,
             dir: dir.display().to_string(),
-            source,
+            source: Box::new(source),
         })?;
         let mut total = Counter::default();
         for c in per_cpu.iter() {
@@ -145,47 +133,16 @@ pub struct MapFill {
 }
 
 /// Maps whose fill is worth watching: every hash, LRU and LPM map of the datapath.
-pub const PRESSURE_MAPS: [&str; 9] = [
-    map_names::ENDPOINTS,
-    map_names::IPCACHE_V4,
-    map_names::IPCACHE_V6,
-    map_names::IPCACHE_HOST_V4,
-    map_names::IPCACHE_HOST_V6,
-    map_names::POLICY,
-    map_names::POLICY_LENGTHS,
-    map_names::CONNTRACK,
-    map_names::FRAGMENTS,
-];
+pub const PRESSURE_MAPS: [&str; RESIZABLE.len()] = RESIZABLE;
 
 /// Counts the keys of every map of [`PRESSURE_MAPS`] (one syscall per key) and reads its
 /// size. A map that cannot be opened is left out.
 pub fn map_fill(dir: &Path) -> Vec<MapFill> {
-    fn hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Option<u64> {
-        let m: HashMap<MapData, K, V> = typed(dir, name).ok()?;
-        Some(m.keys().filter(Result::is_ok).count() as u64)
-    }
-    fn trie<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Option<u64> {
-        let m: LpmTrie<MapData, K, V> = typed(dir, name).ok()?;
-        Some(m.keys().filter(Result::is_ok).count() as u64)
-    }
-    let mut out = Vec::new();
-    for name in PRESSURE_MAPS {
-        let Ok(info) = MapInfo::from_pin(dir.join(name)) else { continue };
-        let entries = match name {
-            map_names::ENDPOINTS => hash::<u32, EndpointInfo>(dir, name),
-            map_names::IPCACHE_V4 => trie::<Ipv4Prefix, IpcacheValue>(dir, name),
-            map_names::IPCACHE_V6 => trie::<Ipv6Prefix, IpcacheValue>(dir, name),
-            map_names::IPCACHE_HOST_V4 => hash::<Ipv4Prefix, IpcacheValue>(dir, name),
-            map_names::IPCACHE_HOST_V6 => hash::<Ipv6Prefix, IpcacheValue>(dir, name),
-            map_names::POLICY => hash::<PolicyKey, PolicyValue>(dir, name),
-            map_names::POLICY_LENGTHS => hash::<PolicyLengthsKey, u32>(dir, name),
-            map_names::CONNTRACK => hash::<CtKey, CtValue>(dir, name),
-            map_names::FRAGMENTS => hash::<FragKey, FragValue>(dir, name),
-            _ => None,
-        };
-        if let Some(entries) = entries {
-            out.push(MapFill { name, entries, max_entries: info.max_entries() });
-        }
-    }
-    out
+    PRESSURE_MAPS
+        .into_iter()
+        .filter_map(|name| {
+            let (entries, max_entries) = pinned_map_fill(&dir.join(name))?;
+            Some(MapFill { name, entries, max_entries })
+        })
+        .collect()
 }

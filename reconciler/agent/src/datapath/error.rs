@@ -81,6 +81,13 @@ pub enum DatapathError {
         source: io::Error,
     },
 
+    #[error("map {map}: reading it failed: {source}")]
+    MapRead {
+        map: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
     #[error(
         "map {map} is full: writing {total} entries stopped after {done} ({source}); raise its size \
          with --map-size {map}=N"

@@ -1,101 +1,108 @@
-//! Typed handles on the datapath's maps ([`MapSet`]), counter totals, the expected
-//! layout of every map (used to refuse pinned maps left by an incompatible version), the
-//! configurable map sizes ([`MapSizes`]), and the map writer's bulk writes: batched where
-//! the kernel supports it for the map ([`WriteMode`]), one element at a time otherwise.
+//! Typed handles on the datapath's maps ([`MapSet`], its writable maps generated from the
+//! map table, `mapstate::table`), the kernel's [`MapBackend`] on their descriptors, counter
+//! totals, the expected layout of every map (used to refuse pinned maps left by an
+//! incompatible version) and the configurable map sizes ([`MapSizes`]).
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::AsFd;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
 use aya::Pod;
-use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapType, PerCpuArray, lpm_trie::Key};
+use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapType, PerCpuArray};
 use palisade_common::{
-    COUNTER_SLOTS, Counter, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IpcacheValue, Ipv4Prefix, Ipv6Prefix,
-    PolicyKey, PolicyLengthsKey, PolicyValue, config, counter_index, map_names, map_sizes, policy_length_bit, reason,
+    COUNTER_SLOTS, Counter, CtKey, CtValue, FragKey, FragValue, PolicyKey, PolicyValue, config, counter_index,
+    map_names, map_sizes, policy_length_bit, reason,
 };
 
-use super::{DatapathError, sys};
+use super::sys::{self, PartialWrite};
+use super::{DatapathError, MapBackend, WriteMode, bulk};
+use crate::mapstate::WritableMap;
+use crate::mapstate::table::{kernel_key, writable_maps};
 
-/// The datapath's maps, typed. The map writer is their only writer.
-pub struct MapSet {
-    /// Host-side interface index -> endpoint.
-    pub endpoints: HashMap<MapData, u32, EndpointInfo>,
-    /// Prefixes shorter than /32 (the datapath looks host entries up first, in
-    /// `ipcache_host_v4`; a /32 here still works, behind the host entry).
-    pub ipcache_v4: LpmTrie<MapData, Ipv4Prefix, IpcacheValue>,
-    /// Prefixes shorter than /128.
-    pub ipcache_v6: LpmTrie<MapData, Ipv6Prefix, IpcacheValue>,
-    /// Host entries: /32 addresses.
-    pub ipcache_host_v4: HashMap<MapData, Ipv4Prefix, IpcacheValue>,
-    /// Host entries: /128 addresses.
-    pub ipcache_host_v6: HashMap<MapData, Ipv6Prefix, IpcacheValue>,
-    /// Keys cut to their prefix length ([`PolicyKey::at_prefix`]); see
-    /// [`MapSet::insert_policy`].
-    pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
-    /// (endpoint, direction, identity) -> bitmap of the prefix lengths `policy` holds for it.
-    pub policy_lengths: HashMap<MapData, PolicyLengthsKey, u32>,
-    /// An LRU hash in the kernel; aya's `HashMap` reads and writes it.
-    pub conntrack: HashMap<MapData, CtKey, CtValue>,
-    pub counters: PerCpuArray<MapData, Counter>,
-    pub config: Array<MapData, u32>,
-    /// How [`MapSet::upsert`] and [`MapSet::delete`] reach the kernel.
-    write_mode: WriteMode,
-    /// Maps whose batch commands the kernel refused: written one element at a time.
-    no_batch: BTreeSet<&'static str>,
+/// The aya handle type of a table row's `kernel` column.
+macro_rules! kernel_handle {
+    (hash $k:ty, $v:ty) => { HashMap<MapData, $k, $v> };
+    (lpm $p:ty, $v:ty) => { LpmTrie<MapData, $p, $v> };
 }
 
-/// How bulk writes reach the kernel.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum WriteMode {
-    /// BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH, falling back to one element at a time
-    /// for maps (or kernels) that do not support them.
-    #[default]
-    Batched,
-    /// One BPF_MAP_UPDATE_ELEM / BPF_MAP_DELETE_ELEM per element.
-    PerEntry,
+/// The BPF map type of a table row's `kernel` column.
+macro_rules! kernel_map_type {
+    (hash) => {
+        MapType::Hash
+    };
+    (lpm) => {
+        MapType::LpmTrie
+    };
 }
 
-/// The maps the map writer writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum WritableMap {
-    Endpoints,
-    IpcacheV4,
-    IpcacheV6,
-    IpcacheHostV4,
-    IpcacheHostV6,
-    Policy,
-    PolicyLengths,
+macro_rules! define_map_set {
+    ($(
+        $(#[doc = $doc:literal])*
+        $Variant:ident $field:ident $NAME:ident ($role:ident):
+            $Key:ty => $Value:ty, kernel $kind:ident $Kernel:ty $(, narrowed in $narrow:ident)?;
+    )*) => {
+        /// The datapath's maps, typed: one field per [`WritableMap`], then the maps the
+        /// datapath writes itself or that hold settings. The map writer is the only writer
+        /// of the writable ones.
+        pub struct MapSet {
+            $( $(#[doc = $doc])* pub $field: kernel_handle!($kind $Kernel, $Value), )*
+            /// An LRU hash in the kernel; aya's `HashMap` reads and writes it.
+            pub conntrack: HashMap<MapData, CtKey, CtValue>,
+            pub counters: PerCpuArray<MapData, Counter>,
+            pub config: Array<MapData, u32>,
+            /// How [`MapSet::upsert`] and [`MapSet::delete`] reach the kernel.
+            write_mode: WriteMode,
+            /// Maps whose batch commands the kernel refused: written one element at a time.
+            no_batch: BTreeSet<WritableMap>,
+        }
+
+        impl MapSet {
+            fn data(&self, map: WritableMap) -> &MapData {
+                match map {
+                    $(WritableMap::$Variant => self.$field.map(),)*
+                }
+            }
+
+            pub(crate) fn from_maps(
+                take: &mut dyn FnMut(&'static str) -> Option<Map>,
+            ) -> Result<MapSet, DatapathError> {
+                fn conv<T>(name: &'static str, map: Option<Map>) -> Result<T, DatapathError>
+                where
+                    T: TryFrom<Map, Error = aya::maps::MapError>,
+                {
+                    let map = map.ok_or(DatapathError::MapMissing { map: name })?;
+                    T::try_from(map).map_err(|e| DatapathError::MapType { map: name, source: Box::new(e) })
+                }
+                Ok(MapSet {
+                    $($field: conv(map_names::$NAME, take(map_names::$NAME))?,)*
+                    conntrack: conv(map_names::CONNTRACK, take(map_names::CONNTRACK))?,
+                    counters: conv(map_names::COUNTERS, take(map_names::COUNTERS))?,
+                    config: conv(map_names::CONFIG, take(map_names::CONFIG))?,
+                    write_mode: WriteMode::default(),
+                    no_batch: BTreeSet::new(),
+                })
+            }
+        }
+
+        /// The layouts of the writable maps, in table order.
+        const WRITABLE_SPECS: [MapSpec; WritableMap::COUNT] = [
+            $(spec::<kernel_key!($kind $Kernel), $Value>(
+                map_names::$NAME,
+                kernel_map_type!($kind),
+                map_sizes::$NAME,
+            ),)*
+        ];
+    };
 }
+
+writable_maps!(define_map_set);
 
 impl WritableMap {
-    pub const ALL: [WritableMap; 7] = [
-        WritableMap::Endpoints,
-        WritableMap::IpcacheV4,
-        WritableMap::IpcacheV6,
-        WritableMap::IpcacheHostV4,
-        WritableMap::IpcacheHostV6,
-        WritableMap::Policy,
-        WritableMap::PolicyLengths,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            WritableMap::Endpoints => map_names::ENDPOINTS,
-            WritableMap::IpcacheV4 => map_names::IPCACHE_V4,
-            WritableMap::IpcacheV6 => map_names::IPCACHE_V6,
-            WritableMap::IpcacheHostV4 => map_names::IPCACHE_HOST_V4,
-            WritableMap::IpcacheHostV6 => map_names::IPCACHE_HOST_V6,
-            WritableMap::Policy => map_names::POLICY,
-            WritableMap::PolicyLengths => map_names::POLICY_LENGTHS,
-        }
-    }
-
-    fn spec(self) -> &'static MapSpec {
-        MAP_SPECS.iter().find(|s| s.name == self.name()).expect("every writable map has a spec")
+    /// The layout the map must have for the programs of this build.
+    pub(crate) fn spec(self) -> &'static MapSpec {
+        &WRITABLE_SPECS[self as usize]
     }
 }
-
-/// Elements per batch call: bounds the buffers and the time the kernel spends per call.
-const BATCH: usize = 4096;
 
 /// Number of entries of every map whose size can be configured. Unlisted maps keep the
 /// size the programs declare ([`palisade_common::map_sizes`]).
@@ -111,18 +118,18 @@ impl Default for MapSizes {
     }
 }
 
-/// Maps whose size can be configured (hash maps, LPM tries, LRU hashes).
-pub const RESIZABLE: [&str; 9] = [
-    map_names::ENDPOINTS,
-    map_names::IPCACHE_V4,
-    map_names::IPCACHE_V6,
-    map_names::IPCACHE_HOST_V4,
-    map_names::IPCACHE_HOST_V6,
-    map_names::POLICY,
-    map_names::POLICY_LENGTHS,
-    map_names::CONNTRACK,
-    map_names::FRAGMENTS,
-];
+/// Maps whose size can be configured (hash maps, LPM tries, LRU hashes): the writable maps,
+/// conntrack and fragments.
+pub const RESIZABLE: [&str; WritableMap::COUNT + 2] = {
+    let mut out = [map_names::CONNTRACK; WritableMap::COUNT + 2];
+    let mut i = 0;
+    while i < WritableMap::COUNT {
+        out[i] = WritableMap::ALL[i].name();
+        i += 1;
+    }
+    out[WritableMap::COUNT + 1] = map_names::FRAGMENTS;
+    out
+};
 
 impl MapSizes {
     /// The defaults with `overrides` applied: each `NAME=ENTRIES` (map name as in
@@ -171,6 +178,22 @@ impl MapSizes {
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, u32)> + '_ {
         self.sizes.iter().map(|(k, v)| (*k, *v))
     }
+}
+
+/// How full the map pinned at `path` is, whatever its type: its number of keys (one
+/// BPF_MAP_GET_NEXT_KEY per key) and its `max_entries`; `None` when it cannot be opened.
+pub fn pinned_map_fill(path: &Path) -> Option<(u64, u32)> {
+    let data = MapData::from_pin(path).ok()?;
+    let info = data.info().ok()?;
+    let fd = data.fd().as_fd();
+    let (mut key, mut next) = (vec![0u8; info.key_size() as usize], vec![0u8; info.key_size() as usize]);
+    let mut keys = 0u64;
+    // A failing call ends the count, as the end of the keys does.
+    while matches!(sys::map_get_next_key(fd, (keys > 0).then_some(&key[..]), &mut next), Ok(true)) {
+        keys += 1;
+        std::mem::swap(&mut key, &mut next);
+    }
+    Some((keys, info.max_entries()))
 }
 
 /// Counters summed over all CPUs, one per (reason, direction).
@@ -224,19 +247,11 @@ impl MapSet {
 
     /// Maps whose batch commands the kernel refused (written one element at a time).
     pub fn unbatched_maps(&self) -> Vec<&'static str> {
-        self.no_batch.iter().copied().collect()
+        self.no_batch.iter().map(|m| m.name()).collect()
     }
 
-    fn data(&self, map: WritableMap) -> &MapData {
-        match map {
-            WritableMap::Endpoints => self.endpoints.map(),
-            WritableMap::IpcacheV4 => self.ipcache_v4.map(),
-            WritableMap::IpcacheV6 => self.ipcache_v6.map(),
-            WritableMap::IpcacheHostV4 => self.ipcache_host_v4.map(),
-            WritableMap::IpcacheHostV6 => self.ipcache_host_v6.map(),
-            WritableMap::Policy => self.policy.map(),
-            WritableMap::PolicyLengths => self.policy_lengths.map(),
-        }
+    fn fd(&self, map: WritableMap) -> BorrowedFd<'_> {
+        self.data(map).fd().as_fd()
     }
 
     /// The kernel's `max_entries` of `map`.
@@ -246,129 +261,23 @@ impl MapSet {
     }
 
     /// Writes (adds or replaces) `entries` into `map`: in batches when the mode and the
-    /// kernel allow, else one at a time. `K` and `V` must be the map's key and value types
-    /// (for the LPM tries, `Key<prefix>`). On error, the entries before the failing one are
-    /// written.
+    /// kernel allow, else one at a time ([`bulk::upsert`]). `K` and `V` must be the map's key
+    /// and value types (for the LPM tries, `Key<prefix>`). On error, the entries before the
+    /// failing one are written.
     pub fn upsert<K: Pod, V: Pod>(&mut self, map: WritableMap, entries: &[(K, V)]) -> Result<(), DatapathError> {
-        check_layout::<K>(map, size_of::<V>())?;
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let name = map.name();
-        let batched = self.write_mode == WriteMode::Batched && !self.no_batch.contains(name);
-        let fd = self.data(map).fd().as_fd();
-        let mut start = 0;
-        if batched {
-            while start < entries.len() {
-                let chunk = &entries[start..(start + BATCH).min(entries.len())];
-                let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
-                let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
-                match sys::map_update_batch(fd, bytes_of(&keys), bytes_of(&values), chunk.len(), 0) {
-                    Ok(()) => start += chunk.len(),
-                    Err(p) if p.done == 0 && start == 0 && sys::batch_unsupported(&p.error) => {
-                        tracing::debug!(map = name, error = %p.error, "no batch updates for this map; writing one entry at a time");
-                        self.no_batch.insert(name);
-                        break;
-                    }
-                    Err(p) => return Err(write_error(map, "update", start + p.done, entries.len(), p.error)),
-                }
-            }
-            if start == entries.len() {
-                return Ok(());
-            }
-        }
-        let fd = self.data(map).fd().as_fd();
-        for (i, (k, v)) in entries.iter().enumerate().skip(start) {
-            sys::map_update_elem(fd, bytes_of(std::slice::from_ref(k)), bytes_of(std::slice::from_ref(v)), 0)
-                .map_err(|e| write_error(map, "update", i, entries.len(), e))?;
-        }
-        Ok(())
+        bulk::upsert(self, map, entries)
     }
 
     /// Deletes `keys` from `map` (keys already gone are fine): in batches when the mode and
     /// the kernel allow, else one at a time.
     pub fn delete<K: Pod>(&mut self, map: WritableMap, keys: &[K]) -> Result<(), DatapathError> {
-        check_layout::<K>(map, map.spec().value_size as usize)?;
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let name = map.name();
-        let batched = self.write_mode == WriteMode::Batched && !self.no_batch.contains(name);
-        let fd = self.data(map).fd().as_fd();
-        let mut start = 0;
-        if batched {
-            while start < keys.len() {
-                let chunk = &keys[start..(start + BATCH).min(keys.len())];
-                match sys::map_delete_batch(fd, bytes_of(chunk), chunk.len()) {
-                    Ok(()) => start += chunk.len(),
-                    // A key that is not there: skip it and go on after it.
-                    Err(p) if p.error.raw_os_error() == Some(libc::ENOENT) => start += p.done + 1,
-                    Err(p) if p.done == 0 && start == 0 && sys::batch_unsupported(&p.error) => {
-                        tracing::debug!(map = name, error = %p.error, "no batch deletes for this map; deleting one entry at a time");
-                        self.no_batch.insert(name);
-                        break;
-                    }
-                    Err(p) => return Err(write_error(map, "delete", start + p.done, keys.len(), p.error)),
-                }
-            }
-            if start >= keys.len() {
-                return Ok(());
-            }
-        }
-        let fd = self.data(map).fd().as_fd();
-        for (i, k) in keys.iter().enumerate().skip(start) {
-            match sys::map_delete_elem(fd, bytes_of(std::slice::from_ref(k))) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(write_error(map, "delete", i, keys.len(), e)),
-            }
-        }
-        Ok(())
+        bulk::delete(self, map, keys)
     }
 
     /// Every entry of hash map `map`, read in batches (BPF_MAP_LOOKUP_BATCH); `None` when
     /// the kernel has no batch lookup for it (read it entry by entry then).
     pub fn read_batched<K: Pod, V: Pod>(&self, map: WritableMap) -> Result<Option<Vec<(K, V)>>, DatapathError> {
-        check_layout::<K>(map, size_of::<V>())?;
-        if self.write_mode != WriteMode::Batched {
-            return Ok(None);
-        }
-        let fd = self.data(map).fd().as_fd();
-        let (ks, vs) = (size_of::<K>(), size_of::<V>());
-        let mut keys = vec![0u8; BATCH * ks];
-        let mut values = vec![0u8; BATCH * vs];
-        let mut token = None;
-        let mut out = Vec::new();
-        loop {
-            match sys::map_lookup_batch(fd, &mut token, &mut keys, &mut values, BATCH) {
-                Ok((n, done)) => {
-                    for i in 0..n {
-                        // SAFETY: the kernel wrote `n` keys and values of these sizes; `K` and
-                        // `V` are plain data, read unaligned from the byte buffers.
-                        let (k, v) = unsafe {
-                            (
-                                std::ptr::read_unaligned(keys.as_ptr().add(i * ks).cast::<K>()),
-                                std::ptr::read_unaligned(values.as_ptr().add(i * vs).cast::<V>()),
-                            )
-                        };
-                        out.push((k, v));
-                    }
-                    if done {
-                        return Ok(Some(out));
-                    }
-                }
-                Err(e) if out.is_empty() && token.is_none() && sys::batch_unsupported(&e) => return Ok(None),
-                Err(e) => {
-                    return Err(DatapathError::MapWrite {
-                        map: map.name(),
-                        op: "batch read",
-                        done: out.len(),
-                        total: 0,
-                        source: e,
-                    });
-                }
-            }
-        }
+        bulk::read_batched(self, map)
     }
 
     /// Sums the per-CPU counters.
@@ -461,67 +370,6 @@ impl MapSet {
         }
         Ok(removed)
     }
-
-    pub(crate) fn from_maps(take: &mut dyn FnMut(&'static str) -> Option<Map>) -> Result<MapSet, DatapathError> {
-        fn conv<T>(name: &'static str, map: Option<Map>) -> Result<T, DatapathError>
-        where
-            T: TryFrom<Map, Error = aya::maps::MapError>,
-        {
-            let map = map.ok_or(DatapathError::MapMissing { map: name })?;
-            T::try_from(map).map_err(|e| DatapathError::MapType { map: name, source: Box::new(e) })
-        }
-        Ok(MapSet {
-            endpoints: conv(map_names::ENDPOINTS, take(map_names::ENDPOINTS))?,
-            ipcache_v4: conv(map_names::IPCACHE_V4, take(map_names::IPCACHE_V4))?,
-            ipcache_v6: conv(map_names::IPCACHE_V6, take(map_names::IPCACHE_V6))?,
-            ipcache_host_v4: conv(map_names::IPCACHE_HOST_V4, take(map_names::IPCACHE_HOST_V4))?,
-            ipcache_host_v6: conv(map_names::IPCACHE_HOST_V6, take(map_names::IPCACHE_HOST_V6))?,
-            policy: conv(map_names::POLICY, take(map_names::POLICY))?,
-            policy_lengths: conv(map_names::POLICY_LENGTHS, take(map_names::POLICY_LENGTHS))?,
-            conntrack: conv(map_names::CONNTRACK, take(map_names::CONNTRACK))?,
-            counters: conv(map_names::COUNTERS, take(map_names::COUNTERS))?,
-            config: conv(map_names::CONFIG, take(map_names::CONFIG))?,
-            write_mode: WriteMode::default(),
-            no_batch: BTreeSet::new(),
-        })
-    }
-}
-
-fn check_layout<K>(map: WritableMap, value_size: usize) -> Result<(), DatapathError> {
-    let spec = map.spec();
-    if size_of::<K>() != spec.key_size as usize || value_size != spec.value_size as usize {
-        return Err(DatapathError::MapWrite {
-            map: map.name(),
-            op: "write",
-            done: 0,
-            total: 0,
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "key/value of {} and {} bytes, the map has {} and {}",
-                    size_of::<K>(),
-                    value_size,
-                    spec.key_size,
-                    spec.value_size
-                ),
-            ),
-        });
-    }
-    Ok(())
-}
-
-fn write_error(map: WritableMap, op: &'static str, done: usize, total: usize, source: std::io::Error) -> DatapathError {
-    if op == "update" && sys::map_full(&source) {
-        return DatapathError::MapFull { map: map.name(), done, total, source };
-    }
-    DatapathError::MapWrite { map: map.name(), op, done, total, source }
-}
-
-/// The bytes of a slice of plain-data values, as the kernel reads them.
-fn bytes_of<T: Pod>(v: &[T]) -> &[u8] {
-    // SAFETY: `T: Pod` is plain data (`#[repr(C)]`, explicit padding, no pointers), so its
-    // bytes may be read; the length covers exactly the slice.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 /// The layout a map must have for the programs of this build.
@@ -548,15 +396,8 @@ const fn spec<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> 
     MapSpec { name, map_type, key_size: size_of::<K>() as u32, value_size: size_of::<V>() as u32, max_entries }
 }
 
-/// Every map of the object, as the programs declare it.
-pub(crate) const MAP_SPECS: [MapSpec; 12] = [
-    spec::<u32, EndpointInfo>(map_names::ENDPOINTS, MapType::Hash, map_sizes::ENDPOINTS),
-    spec::<Key<Ipv4Prefix>, IpcacheValue>(map_names::IPCACHE_V4, MapType::LpmTrie, map_sizes::IPCACHE_V4),
-    spec::<Key<Ipv6Prefix>, IpcacheValue>(map_names::IPCACHE_V6, MapType::LpmTrie, map_sizes::IPCACHE_V6),
-    spec::<Ipv4Prefix, IpcacheValue>(map_names::IPCACHE_HOST_V4, MapType::Hash, map_sizes::IPCACHE_HOST_V4),
-    spec::<Ipv6Prefix, IpcacheValue>(map_names::IPCACHE_HOST_V6, MapType::Hash, map_sizes::IPCACHE_HOST_V6),
-    spec::<PolicyKey, PolicyValue>(map_names::POLICY, MapType::Hash, map_sizes::POLICY),
-    spec::<PolicyLengthsKey, u32>(map_names::POLICY_LENGTHS, MapType::Hash, map_sizes::POLICY_LENGTHS),
+/// The maps of the object that the agent does not write.
+const OTHER_SPECS: [MapSpec; 5] = [
     spec::<CtKey, CtValue>(map_names::CONNTRACK, MapType::LruHash, map_sizes::CONNTRACK),
     MapSpec {
         name: map_names::EVENTS,
@@ -569,3 +410,72 @@ pub(crate) const MAP_SPECS: [MapSpec; 12] = [
     spec::<u32, u32>(map_names::CONFIG, MapType::Array, config::SLOTS),
     spec::<FragKey, FragValue>(map_names::FRAGMENTS, MapType::LruHash, map_sizes::FRAGMENTS),
 ];
+
+/// Every map of the object, as the programs declare it: the writable maps, then the rest.
+pub(crate) const MAP_SPECS: [MapSpec; WritableMap::COUNT + OTHER_SPECS.len()] = {
+    let mut out = [OTHER_SPECS[0]; WritableMap::COUNT + OTHER_SPECS.len()];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = if i < WritableMap::COUNT { WRITABLE_SPECS[i] } else { OTHER_SPECS[i - WritableMap::COUNT] };
+        i += 1;
+    }
+    out
+};
+
+/// The name of every map of the object (and of its pin), in [`MAP_SPECS`] order.
+pub const MAP_NAMES: [&str; MAP_SPECS.len()] = {
+    let mut out = [""; MAP_SPECS.len()];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = MAP_SPECS[i].name;
+        i += 1;
+    }
+    out
+};
+
+/// The pinned kernel maps: each command is one bpf(2) call on the map's descriptor.
+impl MapBackend for MapSet {
+    fn max_entries(&self, map: WritableMap) -> Result<u32, DatapathError> {
+        MapSet::max_entries(self, map)
+    }
+    fn update_batch(&mut self, map: WritableMap, keys: &[u8], values: &[u8], count: usize) -> Result<(), PartialWrite> {
+        sys::map_update_batch(self.fd(map), keys, values, count, 0)
+    }
+    fn delete_batch(&mut self, map: WritableMap, keys: &[u8], count: usize) -> Result<(), PartialWrite> {
+        sys::map_delete_batch(self.fd(map), keys, count)
+    }
+    fn lookup_batch(
+        &self,
+        map: WritableMap,
+        token: &mut Option<u64>,
+        keys: &mut [u8],
+        values: &mut [u8],
+        count: usize,
+    ) -> io::Result<(usize, bool)> {
+        sys::map_lookup_batch(self.fd(map), token, keys, values, count)
+    }
+    fn update_elem(&mut self, map: WritableMap, key: &[u8], value: &[u8]) -> io::Result<()> {
+        sys::map_update_elem(self.fd(map), key, value, 0)
+    }
+    fn delete_elem(&mut self, map: WritableMap, key: &[u8]) -> io::Result<()> {
+        sys::map_delete_elem(self.fd(map), key)
+    }
+    fn lookup_elem(&self, map: WritableMap, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+        sys::map_lookup_elem(self.fd(map), key, value)
+    }
+    fn next_key(&self, map: WritableMap, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
+        sys::map_get_next_key(self.fd(map), key, next)
+    }
+    fn bump_policy_generation(&mut self) -> Result<u32, DatapathError> {
+        MapSet::bump_policy_generation(self)
+    }
+    fn write_mode(&self) -> WriteMode {
+        self.write_mode
+    }
+    fn batch_refused(&self, map: WritableMap) -> bool {
+        self.no_batch.contains(&map)
+    }
+    fn refuse_batch(&mut self, map: WritableMap) {
+        self.no_batch.insert(map);
+    }
+}

@@ -1,8 +1,9 @@
 //! The few system calls aya does not expose: the interface and program of a pinned tcx link
 //! (to tell whether a link left by an earlier agent still belongs to an interface), the bpffs
-//! check, the memlock limit, and map writes by batch (`BPF_MAP_UPDATE_BATCH`,
-//! `BPF_MAP_DELETE_BATCH`, `BPF_MAP_LOOKUP_BATCH`, which aya 0.14 does not offer) with the single-element commands
-//! beside them for maps or kernels without batch support.
+//! check, the memlock limit, and the map commands on raw bytes behind the kernel's
+//! [`MapBackend`](super::MapBackend): by batch (`BPF_MAP_UPDATE_BATCH`,
+//! `BPF_MAP_DELETE_BATCH`, `BPF_MAP_LOOKUP_BATCH`, which aya 0.14 does not offer) and the
+//! single-element commands beside them for maps or kernels without batch support.
 use std::{
     ffi::CString,
     io,
@@ -18,8 +19,10 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
@@ -307,4 +310,45 @@ pub fn map_lookup_batch(
     }
     *token = Some(out);
     Ok((read, false))
+}
+
+/// Looks `key` up (BPF_MAP_LOOKUP_ELEM; an LPM trie answers its longest prefix match) into
+/// `value`; `false` when there is no entry.
+pub fn map_lookup_elem(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `key` has the map's key size, `value` room for its value size; both outlive
+    // the call.
+    let r = unsafe { bpf(BPF_MAP_LOOKUP_ELEM, (&raw mut attr).cast(), size_of::<ElemAttr>()) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENOENT) { Ok(false) } else { Err(e) };
+    }
+    Ok(true)
+}
+
+/// The key after `key` (`None`: the first) into `next` (BPF_MAP_GET_NEXT_KEY); `false` when
+/// there is none. A `key` that is not in the map gives the first key.
+pub fn map_get_next_key(fd: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
+    // The attribute of BPF_MAP_GET_NEXT_KEY: map_fd, key, next_key (as `ElemAttr`, with
+    // `value` holding next_key).
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        pad: 0,
+        key: key.map_or(0, |k| k.as_ptr() as u64),
+        value: next.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `key` (if any) and `next` have the map's key size and outlive the call.
+    let r = unsafe { bpf(BPF_MAP_GET_NEXT_KEY, (&raw mut attr).cast(), size_of::<ElemAttr>()) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENOENT) { Ok(false) } else { Err(e) };
+    }
+    Ok(true)
 }
