@@ -35,7 +35,14 @@ pub fn skip(reason: &str) {
         "skipped: {reason}{test}, and CI=true makes a skipped test a failure: run the tests where they can run \
          (as root: sudo ./ci/test.sh)"
     );
-    eprintln!("skipped: {reason}{test}");
+    say(&format!("skipped: {reason}{test}"));
+}
+
+/// A line on stderr that the test harness does not capture (it captures `eprintln!` of
+/// passing tests): a skip must be seen in a plain `cargo test`.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// True when the process runs as root (effective uid 0). Otherwise reports the skip
@@ -66,7 +73,7 @@ pub fn has_bpffs() -> bool {
 /// tests can run.
 pub fn require_root_for_this_binary() {
     if !has_root() {
-        eprintln!("skipped: every test of this binary needs root");
+        say("skipped: every test of this binary needs root");
         std::process::exit(0);
     }
 }
