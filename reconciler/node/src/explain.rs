@@ -274,17 +274,8 @@ pub mod offline {
     /// The files of a policy directory the agent reads (`*.yaml`, `*.yml`, `*.json`, not
     /// hidden), sorted, with their content.
     pub fn read_policy_dir(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, OfflineError> {
-        let err = |source| OfflineError::PolicyDir { dir: dir.to_path_buf(), source };
-        let mut files = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(err)? {
-            let path = entry.map_err(err)?.path();
-            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-            let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
-            if !hidden && matches!(ext, "yaml" | "yml" | "json") && path.is_file() {
-                files.push(path);
-            }
-        }
-        files.sort();
+        let files = crate::sources::policy_files(dir)
+            .map_err(|source| OfflineError::PolicyDir { dir: dir.to_path_buf(), source })?;
         files
             .into_iter()
             .map(|f| {

@@ -12,6 +12,22 @@ use palisade_api::types::PolicyStatus;
 use palisade_policy::model::Policy;
 use palisade_policy::parse::{ManifestOutcome, parse_manifests};
 
+/// The files of a policy directory the agent reads, sorted: `*.yaml`, `*.yml`, `*.json`,
+/// not hidden (the agent's policy watch and offline explain read the same ones).
+pub fn policy_files(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+        if !hidden && matches!(ext, "yaml" | "yml" | "json") && path.is_file() {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Identity of a policy: (kind, namespace, name).
 type PolicyId = (String, Option<String>, String);
 
@@ -237,6 +253,22 @@ fn display_name(id: &PolicyId) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_directory_is_its_visible_yaml_and_json_files_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b.yaml", "a.json", "c.yml", ".hidden.yaml", "notes.txt", "d.yaml.swp"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("sub.yaml")).unwrap();
+        let names: Vec<String> = policy_files(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["a.json", "b.yaml", "c.yml"]);
+        assert!(policy_files(&dir.path().join("missing")).is_err());
+    }
 
     const CNP: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: api}}]}]\n";
     const CNP_BAD: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: api}}], toPorts: [{ports: [{port: \"99999\"}]}]}]\n";

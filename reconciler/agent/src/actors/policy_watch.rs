@@ -95,17 +95,7 @@ impl PolicyWatch {
     }
 
     fn list_files(&self) -> std::io::Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-            let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
-            if !hidden && matches!(ext, "yaml" | "yml" | "json") && path.is_file() {
-                out.push(path);
-            }
-        }
-        out.sort();
-        Ok(out)
+        palisade_node::sources::policy_files(&self.dir)
     }
 
     /// Re-reads the directory; true when the accepted set changed.
