@@ -15,7 +15,8 @@ if [ "$(id -u)" -ne 0 ]; then
   say "must run as root (it installs Debian packages and mounts bpffs)"; exit 1
 fi
 
-# Debian packages: iproute2 (ip netns, veth), iptables/nftables (benchmark baselines),
+# Debian packages: iproute2 (`ip`, which the CNI test reads the plugin's work back with, and
+# for people poking at a testbed), iptables/nftables (benchmark baselines),
 # tcpdump is not needed: captures are done by the testbed itself.
 need_pkgs=()
 for p in iproute2 iptables nftables procps; do
@@ -30,12 +31,12 @@ fi
 
 # A Docker engine for the containerized-agent test (the test starts its own dockerd, with
 # its own state folders and without touching the machine's firewall, and stops it).
-# Optional: if it cannot be installed, that test says so and is skipped.
+# If it cannot be installed, that test says so and is skipped (a failure under CI=true).
 if ! command -v dockerd >/dev/null 2>&1; then
   say "installing docker.io (Docker engine for the container test)"
   export DEBIAN_FRONTEND=noninteractive
   if ! { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends docker.io >/dev/null; }; then
-    say "docker.io could not be installed: the container test will be skipped"
+    say "docker.io could not be installed: the container test will be skipped (and fail under CI=true)"
   fi
 fi
 

@@ -11,9 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use palisade_agent::api::types::{EndpointStatus, NamespaceSpec, PolicyStatus};
-use palisade_agent::api::{Client, ClientError};
-use palisade_agent::explain::offline;
+use palisade_api::types::{EndpointStatus, NamespaceSpec, PolicyStatus};
+use palisade_api::{Client, ClientError};
+use palisade_cli::offline;
 
 use crate::cleanup;
 use crate::error::SetupError;

@@ -1,7 +1,7 @@
 //! Why a run could not be set up or could not check what the scenario says (exit code 2).
 use std::path::PathBuf;
 
-use palisade_agent::api::ClientError;
+use palisade_api::ClientError;
 
 use crate::cleanup::Terminating;
 use crate::scenario::ScenarioError;

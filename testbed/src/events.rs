@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use palisade_agent::api::Client;
-use palisade_agent::api::types::MonitorEvent;
+use palisade_api::Client;
+use palisade_api::types::MonitorEvent;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 

@@ -3,7 +3,7 @@
 //! drive the offline check (`palisade policy explain --scenario`) in the tests.
 use std::net::IpAddr;
 
-use palisade_agent::api::types::{ExplainRequest, Explanation};
+use palisade_api::types::{ExplainRequest, Explanation};
 
 use crate::report::Observed;
 use crate::scenario::{HostRef, IpFamily, Plan, PlanProbe};
@@ -83,7 +83,7 @@ pub fn allowed_by(e: &Explanation) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use palisade_agent::api::types::SideDecision;
+    use palisade_api::types::SideDecision;
 
     use super::*;
 

@@ -284,7 +284,7 @@ pub fn sweep(dir: &Path, state: Option<&InstanceState>) -> (Vec<String>, Vec<Str
         }
         for ns in &s.namespaces {
             if Path::new(netns::NETNS_DIR).join(ns).exists() {
-                match netns::ip(&["netns", "delete", ns]) {
+                match netns::delete(ns) {
                     Ok(()) => removed.push(format!("network namespace {ns}")),
                     Err(e) => failed.push(format!("network namespace {ns}: {e}")),
                 }

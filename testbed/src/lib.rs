@@ -21,7 +21,6 @@ pub mod agent;
 pub mod bench;
 pub mod cleanup;
 pub mod cli;
-pub mod container;
 pub mod error;
 pub mod events;
 pub mod explain_check;

@@ -1,6 +1,7 @@
-//! Network namespaces the testbed owns: creation and removal (`ip netns`, so they show up
-//! in `ip netns list` and interoperate with other tools), running code inside one, and the
-//! `ip` command runner the topology uses.
+//! Network namespaces the testbed owns: creation and removal (netns-rs, which keeps them
+//! where `ip netns` does, so they show up in `ip netns list` and interoperate with other
+//! tools), running code inside one, and netlink inside one ([`Netns::netlink`]: links,
+//! addresses and routes, with the CNI plugin's rtnetlink handle).
 //!
 //! Code runs "inside" a namespace on a fresh thread that `setns`'d into it: that thread's
 //! sockets belong to the namespace for good, even when they are used from other threads
@@ -8,9 +9,9 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::process::Command;
 
 use nix::sched::{CloneFlags, setns};
+pub use palisade_cni::netlink::{Link, Netlink, NetlinkError, Via};
 
 use crate::cleanup;
 use crate::error::SetupError;
@@ -35,15 +36,18 @@ impl Netns {
         }
         let owned = name.to_string();
         let guard = cleanup::register(format!("network namespace {name}"), move || {
-            let _ = Command::new("ip").args(["netns", "delete", &owned]).output();
+            let _ = delete(&owned);
         })?;
-        if let Err(e) = ip(&["netns", "add", name]) {
+        if let Err(e) = netns_rs::NetNs::new(name) {
             // Whatever is there under that name now is not ours to remove.
             guard.disarm();
-            return Err(e);
+            return Err(SetupError::Io {
+                what: format!("creating network namespace {name}"),
+                source: std::io::Error::other(e.to_string()),
+            });
         }
         let ns = Netns { name: name.to_string(), _guard: guard };
-        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        ns.netlink(|nl| nl.set_up(&nl.existing_link("lo")?, "lo"))?;
         Ok(ns)
     }
 
@@ -66,11 +70,14 @@ impl Netns {
         run_in(self.open()?, f)
     }
 
-    /// Runs `ip -n <this namespace> ARGS...`.
-    pub fn ip(&self, args: &[&str]) -> Result<(), SetupError> {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        ip(&all)
+    /// Runs `f` with a netlink handle opened inside this namespace (on a thread there).
+    pub fn netlink<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Netlink) -> Result<T, NetlinkError> + Send + 'static,
+    ) -> Result<T, SetupError> {
+        let name = self.name.clone();
+        self.run(move || Netlink::open().and_then(|nl| f(&nl)))?
+            .map_err(|e| SetupError::Io { what: format!("in network namespace {name}: {}", e.what), source: e.source })
     }
 
     /// Writes sysctls (`net/ipv4/ip_forward` style keys under /proc/sys) in this namespace.
@@ -109,22 +116,14 @@ pub fn run_in<T: Send + 'static>(ns: File, f: impl FnOnce() -> T + Send + 'stati
     }
 }
 
-/// Runs `ip ARGS...`; a non-zero exit is an error carrying its stderr.
-pub fn ip(args: &[&str]) -> Result<(), SetupError> {
-    let command = format!("ip {}", args.join(" "));
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| SetupError::Spawn { command: command.clone(), source })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(SetupError::Command {
-            command,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+/// Removes the namespace `name` (as `ip netns delete` does: unmounts and removes its
+/// handle; the namespace goes when nothing uses it any more).
+pub fn delete(name: &str) -> Result<(), SetupError> {
+    let err = |e: netns_rs::Error| SetupError::Io {
+        what: format!("removing network namespace {name}"),
+        source: std::io::Error::other(e.to_string()),
+    };
+    netns_rs::NetNs::get(name).map_err(err)?.remove().map_err(err)
 }
 
 /// Names of the namespaces in `ip netns list` that start with `prefix`.

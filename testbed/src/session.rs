@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use palisade_agent::api::types::{EndpointStatus, MonitorEvent, PolicyStatus, Status};
+use palisade_api::types::{EndpointStatus, MonitorEvent, PolicyStatus, Status};
 use tokio::sync::Semaphore;
 
 use crate::agent::{self, AgentProcess, CALL_TIMEOUT, PolicyOutcome, READY_TIMEOUT, RunDirs};
@@ -697,7 +697,7 @@ impl Session {
     }
 
     /// The agent's API client, if an agent runs.
-    pub fn client(&self) -> Option<&palisade_agent::api::Client> {
+    pub fn client(&self) -> Option<&palisade_api::Client> {
         self.agent.as_ref().map(|a| &a.process.client)
     }
 
@@ -743,7 +743,7 @@ async fn start_agent_kube(
 ) -> Result<(PolicyOutcome, HashMap<String, EndpointStatus>, Collector), SetupError> {
     process.wait_ready(READY_TIMEOUT).await?;
     let client = &process.client;
-    for spec in palisade_agent::explain::offline::scenario_reserved_entries(plan) {
+    for spec in palisade_cli::offline::scenario_reserved_entries(plan) {
         let what = format!("registering {} as entity {:?}", spec.cidr, spec.entity);
         agent::call(what, CALL_TIMEOUT, client.put_ipcache(&spec)).await?;
     }

@@ -61,7 +61,7 @@ pub fn remove(leftovers: &[Leftover]) -> Vec<(Leftover, String)> {
     let mut failed = Vec::new();
     for l in leftovers {
         let r = match l {
-            Leftover::Netns(name) => netns::ip(&["netns", "delete", name]).map_err(|e| e.to_string()),
+            Leftover::Netns(name) => netns::delete(name).map_err(|e| e.to_string()),
             Leftover::Dir(path) => std::fs::remove_dir_all(path).map_err(|e| e.to_string()),
         };
         if let Err(e) = r {

@@ -22,10 +22,11 @@
 //! address exists only as the namespace the testbed made for it. IPv6 duplicate address
 //! detection and router solicitations are off, so addresses work at once.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use crate::error::SetupError;
-use crate::netns::Netns;
+use crate::netns::{Netns, Via};
 use crate::scenario::{
     Entity, HostRef, IpFamily, NODE_IPV4, NODE_IPV6, POD_GATEWAY_IPV4, POD_GATEWAY_IPV6, Plan, PlanHost, PlanPod,
 };
@@ -207,13 +208,18 @@ fn build_node(prefix: &str, families: Families) -> Result<Node, SetupError> {
     }
     // The node's IPv4 address exists in every scenario (the agent's own API is a unix
     // socket; the address only matters to probes), its IPv6 one when IPv6 is on.
-    netns.ip(&["addr", "add", &format!("{NODE_IPV4}/32"), "dev", NODE_ADDRESS_DEV])?;
-    // Proxy ARP answers for an address only if the node routes it elsewhere than where
-    // the request came from: give the gateway address a route on the loopback.
-    netns.ip(&["route", "add", &format!("{POD_GATEWAY_IPV4}/32"), "dev", NODE_ADDRESS_DEV])?;
-    if families.v6 {
-        netns.ip(&["-6", "addr", "add", &format!("{NODE_IPV6}/128"), "dev", NODE_ADDRESS_DEV, "nodad"])?;
-    }
+    let v6 = families.v6;
+    netns.netlink(move |nl| {
+        let dev = nl.existing_link(NODE_ADDRESS_DEV)?;
+        nl.add_address(&dev, NODE_ADDRESS_DEV, NODE_IPV4.into(), 32, false)?;
+        // Proxy ARP answers for an address only if the node routes it elsewhere than where
+        // the request came from: give the gateway address a route on the loopback.
+        nl.add_route(&dev, NODE_ADDRESS_DEV, POD_GATEWAY_IPV4.into(), 32, Via::Link)?;
+        if v6 {
+            nl.add_address(&dev, NODE_ADDRESS_DEV, NODE_IPV6.into(), 128, true)?;
+        }
+        Ok(())
+    })?;
     Ok(Node { netns, ipv4: families.v4.then_some(NODE_IPV4), ipv6: families.v6.then_some(NODE_IPV6) })
 }
 
@@ -348,7 +354,9 @@ fn wire(
     ipv6: Option<Ipv6Addr>,
 ) -> Result<(), SetupError> {
     // Both ends are created directly in their namespaces: never in the root namespace.
-    node.netns.ip(&["link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
+    let peer_ns = netns.open()?;
+    let name = dev.to_string();
+    node.netns.netlink(move |nl| nl.add_veth_with_peer_in(&name, "eth0", peer_ns.as_raw_fd()))?;
     if ipv4.is_some() {
         let proxy_arp = format!("net/ipv4/conf/{dev}/proxy_arp");
         let rp_filter = format!("net/ipv4/conf/{dev}/rp_filter");
@@ -356,40 +364,43 @@ fn wire(
         let proxy_delay = format!("net/ipv4/neigh/{dev}/proxy_delay");
         node.netns.sysctls(&[(&proxy_arp, "1"), (&rp_filter, "0"), (&proxy_delay, "0")])?;
     }
-    if ipv6.is_some() {
-        node.netns.ip(&["-6", "addr", "add", &format!("{POD_GATEWAY_IPV6}/64"), "dev", dev, "nodad"])?;
-    }
-    node.netns.ip(&["link", "set", dev, "up"])?;
-
-    if let Some(v4) = ipv4 {
-        netns.ip(&["addr", "add", &format!("{v4}/32"), "dev", "eth0"])?;
-    }
-    if let Some(v6) = ipv6 {
-        netns.ip(&["-6", "addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"])?;
-    }
-    netns.ip(&["link", "set", "eth0", "up"])?;
-    if ipv4.is_some() {
-        let gw = POD_GATEWAY_IPV4.to_string();
-        netns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
-        netns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
-    }
-    if ipv6.is_some() {
-        netns.ip(&["-6", "route", "add", "default", "via", &POD_GATEWAY_IPV6.to_string(), "dev", "eth0"])?;
-    }
-
-    if let Some(v4) = ipv4 {
-        let src = NODE_IPV4.to_string();
-        node.netns.ip(&["route", "add", &format!("{v4}/32"), "dev", dev, "src", &src])?;
-    }
-    if let Some(v6) = ipv6 {
-        let mut args = vec!["-6", "route", "add"];
-        let dst = format!("{v6}/128");
-        args.extend([dst.as_str(), "dev", dev]);
-        let src = NODE_IPV6.to_string();
-        if node.ipv6.is_some() {
-            args.extend(["src", src.as_str()]);
+    let name = dev.to_string();
+    node.netns.netlink(move |nl| {
+        let link = nl.existing_link(&name)?;
+        if ipv6.is_some() {
+            nl.add_address(&link, &name, POD_GATEWAY_IPV6.into(), 64, true)?;
         }
-        node.netns.ip(&args)?;
-    }
+        nl.set_up(&link, &name)
+    })?;
+    netns.netlink(move |nl| {
+        let eth0 = nl.existing_link("eth0")?;
+        if let Some(v4) = ipv4 {
+            nl.add_address(&eth0, "eth0", v4.into(), 32, false)?;
+        }
+        if let Some(v6) = ipv6 {
+            nl.add_address(&eth0, "eth0", v6.into(), 128, true)?;
+        }
+        nl.set_up(&eth0, "eth0")?;
+        if ipv4.is_some() {
+            nl.add_route(&eth0, "eth0", POD_GATEWAY_IPV4.into(), 32, Via::Link)?;
+            nl.add_route(&eth0, "eth0", Ipv4Addr::UNSPECIFIED.into(), 0, Via::Gateway(POD_GATEWAY_IPV4.into()))?;
+        }
+        if ipv6.is_some() {
+            nl.add_route(&eth0, "eth0", Ipv6Addr::UNSPECIFIED.into(), 0, Via::Gateway(POD_GATEWAY_IPV6.into()))?;
+        }
+        Ok(())
+    })?;
+    let (name, node_v6) = (dev.to_string(), node.ipv6);
+    node.netns.netlink(move |nl| {
+        let link = nl.existing_link(&name)?;
+        if let Some(v4) = ipv4 {
+            nl.add_route(&link, &name, v4.into(), 32, Via::LinkFrom(NODE_IPV4.into()))?;
+        }
+        if let Some(v6) = ipv6 {
+            let via = if node_v6.is_some() { Via::LinkFrom(NODE_IPV6.into()) } else { Via::Link };
+            nl.add_route(&link, &name, v6.into(), 128, via)?;
+        }
+        Ok(())
+    })?;
     Ok(())
 }

@@ -14,10 +14,7 @@ const BENCH: &str = env!("CARGO_BIN_EXE_palisade-bench");
 
 #[test]
 fn bench_quick_writes_every_figure_and_leaves_nothing_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("quick.json");
     let svg = dir.path().join("plot.svg");
@@ -59,10 +56,7 @@ fn bench_quick_writes_every_figure_and_leaves_nothing_privileged() {
 
 #[test]
 fn interrupted_bench_leaves_nothing_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("quick.json");
     let mut child = Command::new(BENCH)

@@ -9,10 +9,7 @@ use common::*;
 
 #[test]
 fn plumbing_run_without_agent_passes_and_leaves_nothing_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let file = fixture("seed-allow-frontend-to-backend.yaml");
     let (pid, out) = run(&["run", "--no-agent", file.to_str().unwrap()]);
     let stdout = text(&out.stdout);
@@ -23,10 +20,7 @@ fn plumbing_run_without_agent_passes_and_leaves_nothing_privileged() {
 
 #[test]
 fn run_whose_agent_dies_exits_2_and_leaves_nothing_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let file = fixture("seed-allow-frontend-to-backend.yaml");
     let (pid, out) = run(&["run", "--agent", "/bin/false", file.to_str().unwrap()]);
     let stderr = text(&out.stderr);
@@ -37,10 +31,7 @@ fn run_whose_agent_dies_exits_2_and_leaves_nothing_privileged() {
 
 #[test]
 fn interrupted_run_stops_its_agent_and_leaves_nothing_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     // An "agent" that never answers: the run waits for it until interrupted.
     let dir = tempfile::tempdir().unwrap();
     let pidfile = dir.path().join("agent.pid");

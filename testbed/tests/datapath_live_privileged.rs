@@ -9,15 +9,14 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use palisade_agent::api::types::MonitorEvent;
+use palisade_api::types::MonitorEvent;
 use palisade_testbed::netns::{self, Netns};
 use palisade_testbed::probe::{internet_checksum, raw_socket};
-use palisade_testbed::scenario::{self, Plan};
-use palisade_testbed::session::{RunNames, RunOptions, Session};
+use palisade_testbed::scenario::Plan;
+use palisade_testbed::session::Session;
 
 /// A TCP port the test serves itself (the testbed's own TCP listeners close at once).
 const ECHO_TCP: u16 = 8080;
@@ -70,14 +69,9 @@ probes:
 /// The scenario up, with the agent; `body` runs inside, then everything is taken down and
 /// checked gone.
 fn with_session(tag: &str, body: impl AsyncFnOnce(&Session, &Plan)) {
-    let agent = agent_binary();
-    assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
-    let plan = scenario::load_str(&scenario(), Path::new("datapath-live.yaml")).unwrap();
-    let pid = std::process::id();
-    let names = RunNames { prefix: format!("pt{pid}-{tag}"), tag: format!("{pid}-{tag}") };
-    let mut opts = RunOptions::new(Some(agent));
+    let (plan, names, mut opts) = agent_run(&scenario(), tag, &[]);
     opts.timeout = Duration::from_millis(1500);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = runtime();
     rt.block_on(async {
         let session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");
         body(&session, &plan).await;
@@ -152,10 +146,7 @@ fn drop_at_server(ev: &MonitorEvent, reason: &str, protocol: &str, port: u16) ->
 
 #[test]
 fn removing_an_allow_cuts_an_established_connection_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     with_session("rv", async |session, plan| {
         let (server_ns, server4, server6) = pod(session, plan, "server");
         let (client_ns, _, _) = pod(session, plan, "client");
@@ -230,10 +221,7 @@ fn reassembled() -> (u64, u64) {
 
 #[test]
 fn fragmented_datagrams_arrive_only_where_allowed_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     with_session("fr", async |session, plan| {
         let (server_ns, server4, server6) = pod(session, plan, "server");
         let (client_ns, _, _) = pod(session, plan, "client");
@@ -355,10 +343,7 @@ fn send_raw(dst: IpAddr, packet: &[u8]) -> std::io::Result<()> {
 
 #[test]
 fn a_pod_cannot_send_from_another_address_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     with_session("sp", async |session, plan| {
         let (client_ns, client4, client6) = pod(session, plan, "client");
         let (_, bystander4, bystander6) = pod(session, plan, "bystander");

@@ -7,58 +7,25 @@
 //! Needs root and the binaries built (`cargo build --bins`).
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use palisade_agent::actors::map_writer::read_state;
-use palisade_agent::api::client::Client;
-use palisade_agent::api::types::EndpointStatus;
 use palisade_agent::datapath::MapSet;
 use palisade_agent::mapstate::MapState;
+use palisade_api::Client;
+use palisade_api::types::EndpointStatus;
 use palisade_common::{IpcacheValue, Ipv4Prefix, PolicyValue, direction, policy_flags};
 use palisade_testbed::netns;
 use palisade_testbed::report::Observed;
-use palisade_testbed::scenario::{self, PlanProbe};
-use palisade_testbed::session::{RunNames, RunOptions, Session};
-
-const SCENARIO: &str = r#"
-name: drift-repair
-namespaces: {default: {}}
-pods:
-  - {name: client, namespace: default, labels: {app: client}}
-  - name: server
-    namespace: default
-    labels: {app: server}
-    ports: [{port: 80, protocol: TCP}, {port: 81, protocol: TCP}]
-policies:
-  - apiVersion: cilium.io/v2
-    kind: CiliumNetworkPolicy
-    metadata: {name: server-ingress, namespace: default}
-    spec:
-      endpointSelector: {matchLabels: {app: server}}
-      ingress:
-        - fromEndpoints: [{matchLabels: {app: client}}]
-          toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-probes:
-  - {from: default/client, to: default/server, port: 80, protocol: TCP, expect: allow}
-  - {from: default/client, to: default/server, port: 81, protocol: TCP, expect: deny}
-"#;
+use palisade_testbed::scenario::PlanProbe;
+use palisade_testbed::session::Session;
 
 /// The longest the test waits for a repair (the agent checks every second).
 const REPAIR_WAIT: Duration = Duration::from_secs(15);
 
-async fn verdicts(session: &Session, probes: &[PlanProbe]) -> Vec<(Observed, String)> {
-    session
-        .probe_many(probes)
-        .await
-        .into_iter()
-        .map(|r| (r.observed, format!("{} -> {} {:?}/{}: {:?}", r.from, r.to, r.port, r.protocol, r.detail)))
-        .collect()
-}
-
 async fn assert_policy_verdicts(session: &Session, probes: &[PlanProbe], when: &str) {
-    let v = verdicts(session, probes).await;
+    let v = observe(session, probes).await;
     assert_eq!(v[0].0, Observed::Allow, "{when}: {}", v[0].1);
     assert_eq!(v[1].0, Observed::Deny, "{when}: {}", v[1].1);
 }
@@ -90,20 +57,10 @@ fn find<'a>(eps: &'a [EndpointStatus], name: &str) -> &'a EndpointStatus {
 
 #[test]
 fn drift_behind_the_agents_back_is_repaired_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let agent = agent_binary();
-    assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
-    let plan = scenario::load_str(SCENARIO, Path::new("drift-repair.yaml")).unwrap();
-    let pid = std::process::id();
-    let names = RunNames { prefix: format!("pt{pid}-dr"), tag: format!("{pid}-dr") };
-    let mut opts = RunOptions::new(Some(agent));
-    opts.timeout = Duration::from_millis(500);
-    opts.agent_args = vec!["--repair-interval-secs".into(), "1".into()];
-
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    palisade_privileged::require_root!();
+    let scenario = client_server_scenario("drift-repair", &[]);
+    let (plan, names, opts) = agent_run(&scenario, "dr", &["--repair-interval-secs", "1"]);
+    let rt = runtime();
     rt.block_on(async {
         let session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");
         let client = Client::new(&session.dirs().socket);

@@ -18,7 +18,7 @@ use palisade_testbed::agent::StopHow;
 use palisade_testbed::netns;
 use palisade_testbed::probe::{self, Attempt};
 use palisade_testbed::report::Observed;
-use palisade_testbed::scenario::{self, HostRef, IpFamily, Plan};
+use palisade_testbed::scenario::{HostRef, IpFamily, Plan};
 use palisade_testbed::session::{RunNames, RunOptions, Session};
 
 const SCENARIO: &str = r#"
@@ -51,23 +51,8 @@ probes:
 const ACTORS: [&str; 5] = ["policy_watch", "endpoint_tracker", "identity_cache", "resolver", "map_writer"];
 
 fn setup(tag: &str, args: &[&str]) -> Option<(Plan, RunNames, RunOptions)> {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return None;
-    }
-    let agent = agent_binary();
-    assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
-    let plan = scenario::load_str(SCENARIO, Path::new("faults.yaml")).unwrap();
-    let pid = std::process::id();
-    let names = RunNames { prefix: format!("pt{pid}-{tag}"), tag: format!("{pid}-{tag}") };
-    let mut opts = RunOptions::new(Some(agent));
-    opts.timeout = Duration::from_millis(500);
-    opts.agent_args = args.iter().map(|a| a.to_string()).collect();
-    Some((plan, names, opts))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    palisade_privileged::require_root!(None);
+    Some(agent_run(SCENARIO, tag, args))
 }
 
 /// Probes `probes` (indexes into the plan) and asserts each verdict is the expected one.
@@ -170,9 +155,8 @@ fn vanished_interfaces_are_cleaned_up_and_identities_released_privileged() {
         let ep = |name: &str| eps.iter().find(|e| e.name == name).unwrap().clone();
         let (c, twin, victim) = (ep("client"), ep("twin"), ep("victim"));
         assert_eq!(c.identity, twin.identity, "same labels, same identity");
-        let refs = |ids: &[palisade_agent::api::types::IdentityInfo], id: u32| {
-            ids.iter().find(|i| i.id == id).map(|i| i.references)
-        };
+        let refs =
+            |ids: &[palisade_api::types::IdentityInfo], id: u32| ids.iter().find(|i| i.id == id).map(|i| i.references);
         let ids = client.identities().await.unwrap();
         assert_eq!(refs(&ids, c.identity), Some(2));
         assert_eq!(refs(&ids, victim.identity), Some(1));
@@ -185,7 +169,7 @@ fn vanished_interfaces_are_cleaned_up_and_identities_released_privileged() {
         // The pods die abruptly: their namespaces go, and with them both ends of the veths.
         // The victim dies while no agent runs (killed): the next agent drops it on start.
         let pod_ns: Vec<String> = session.topology().pods.iter().map(|p| p.netns.name().to_string()).collect();
-        let delete_ns = |i: usize| netns::ip(&["netns", "delete", &pod_ns[i]]).unwrap();
+        let delete_ns = |i: usize| netns::delete(&pod_ns[i]).unwrap();
         session.stop_agent(StopHow::Kill).unwrap();
         delete_ns(2);
         // The kernel removes the veth once the namespace is gone; wait (bounded) for it.

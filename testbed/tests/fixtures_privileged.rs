@@ -17,10 +17,7 @@ fn every_fixture_scenario_passes_in_kubernetes_mode_with_cni_plumbing_privileged
 }
 
 fn run_every_fixture(extra: &[&str]) {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let dir = fixture("");
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()

@@ -41,12 +41,8 @@ fn left_behind(state: &InstanceState, instance_dir: &Path) -> Vec<String> {
 
 #[test]
 fn up_probe_exec_edit_down_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let agent = Path::new(BIN).with_file_name("palisade-agent");
-    assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
+    palisade_privileged::require_root!();
+    built_agent();
     let root = tempfile::tempdir().unwrap();
     let seed = fixture("seed-allow-frontend-to-backend.yaml");
     let seed = seed.to_str().unwrap();

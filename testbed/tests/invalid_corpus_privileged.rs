@@ -71,16 +71,8 @@ fn scenario(file: &str, mut bad: Value) -> Value {
 
 #[test]
 fn bad_manifests_change_nothing_that_is_enforced_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let agent = Path::new(BIN).with_file_name("palisade-agent");
-    assert!(
-        agent.is_file() || std::env::var_os("PALISADE_AGENT").is_some(),
-        "{} is missing: build the binaries first (`cargo build --bins`)",
-        agent.display()
-    );
+    palisade_privileged::require_root!();
+    built_agent();
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/invalid");
     let dir = tempfile::tempdir().unwrap();
     let mut files = Vec::new();

@@ -10,47 +10,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::agent_binary;
-use palisade_agent::api::client::Client;
+use common::{agent_binary, eventually};
+use palisade_api::Client;
 use palisade_testbed::kubeapi::KubeApiServer;
+use palisade_testbed::netns::{Netns, Via};
 use serde_json::{Value, json};
-
-// ---------------------------------------------------------------- throwaway namespace
-
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(name: &str) -> Netns {
-        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
-        run(&["ip", "netns", "add", name]);
-        let ns = Netns { name: name.into() };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["ip", "-n", &self.name];
-        all.extend_from_slice(args);
-        run(&all);
-    }
-    fn file(&self) -> std::fs::File {
-        std::fs::File::open(format!("/var/run/netns/{}", self.name)).unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-fn run(args: &[&str]) {
-    let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
-    assert!(st.success(), "{args:?}");
-}
 
 struct Agent {
     child: Child,
@@ -89,22 +55,11 @@ fn cnp(ns: &str, name: &str, port: &str) -> Value {
                               "toPorts": [{"ports": [{"port": port, "protocol": "TCP"}]}]}]}})
 }
 
-async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// `GET path` on the agent's health listener (its default, 127.0.0.1:9962, inside the
 /// throwaway namespace); `None` while nothing listens.
 fn http_get(ns: &Netns, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let nsfile = ns.file();
+    let nsfile = ns.open().unwrap();
     let path = path.to_string();
     std::thread::spawn(move || {
         nix::sched::setns(&nsfile, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
@@ -124,21 +79,25 @@ fn http_get(ns: &Netns, path: &str) -> Option<(u16, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_follows_the_api_through_relists_disconnects_and_outages_privileged() {
-    if !nix::unistd::Uid::effective().is_root() || !std::path::Path::new("/sys/fs/bpf").exists() {
-        eprintln!("skipped: needs root and bpffs");
+    palisade_privileged::require_root!();
+    if !palisade_privileged::has_bpffs() {
         return;
     }
     let tag = format!("pk8s{}", std::process::id());
-    let ns = Netns::new(&tag);
+    let ns = Netns::create(&tag).expect("a throwaway network namespace");
     // A "pod" interface on this node: the host side of a veth, with the host route a CNI
     // plugin would add.
-    ns.ip(&["link", "add", "lxck8s0", "type", "veth", "peer", "name", "podk8s0"]);
-    ns.ip(&["link", "set", "lxck8s0", "up"]);
-    ns.ip(&["link", "set", "podk8s0", "up"]);
-    ns.ip(&["route", "add", "10.7.0.5/32", "dev", "lxck8s0"]);
+    ns.netlink(|nl| {
+        nl.add_veth("lxck8s0", "podk8s0")?;
+        for dev in ["lxck8s0", "podk8s0"] {
+            nl.set_up(&nl.existing_link(dev)?, dev)?;
+        }
+        nl.add_route(&nl.existing_link("lxck8s0")?, "lxck8s0", [10, 7, 0, 5].into(), 32, Via::Link)
+    })
+    .expect("the pod's veth and host route");
 
     // The fake API server listens on 127.0.0.1 inside the throwaway namespace.
-    let server = KubeApiServer::start(ns.file()).unwrap();
+    let server = KubeApiServer::start(ns.open().unwrap()).unwrap();
     let api = server.api.clone();
     let port = server.port;
 
@@ -185,7 +144,7 @@ async fn agent_follows_the_api_through_relists_disconnects_and_outages_privilege
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
-    let fd = ns.file();
+    let fd = ns.open().unwrap();
     let raw = fd.as_raw_fd();
     // SAFETY: only setns, async-signal-safe, between fork and exec; `fd` outlives spawn.
     unsafe {

@@ -6,15 +6,14 @@
 //! and the binaries built (`cargo build --bins`).
 mod common;
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use palisade_testbed::kubeapi::{self, FakeApi};
 use palisade_testbed::netns;
 use palisade_testbed::report::Observed;
-use palisade_testbed::scenario::{self, Plan};
-use palisade_testbed::session::{KUBE_NODE, RunNames, RunOptions, Session};
+use palisade_testbed::scenario::Plan;
+use palisade_testbed::session::{KUBE_NODE, Session};
 use serde_json::{Value, json};
 
 const SCENARIO: &str = r#"
@@ -50,18 +49,6 @@ probes:
 /// The probes' verdicts, in the scenario's order.
 async fn verdicts(session: &Session, plan: &Plan) -> Vec<Observed> {
     session.probe_many(&plan.probes).await.into_iter().map(|r| r.observed).collect()
-}
-
-/// Polls `f` (every 50 ms, at most 30 s) until it answers.
-async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Applies `obj` (a policy) through the API and waits until the agent has taken in this
@@ -106,21 +93,13 @@ async fn endpoint_present(session: &Session, name: &str, present: bool) {
 
 #[test]
 fn policies_and_pods_through_the_api_server_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let agent = agent_binary();
-    assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
-    let plan = scenario::load_str(SCENARIO, Path::new("kubernetes-live.yaml")).unwrap();
-    let pid = std::process::id();
-    let names = RunNames { prefix: format!("pt{pid}-kl"), tag: format!("{pid}-kl") };
-    let mut opts = RunOptions::new(Some(agent));
+    palisade_privileged::require_root!();
+    let (plan, names, mut opts) = agent_run(SCENARIO, "kl", &[]);
     opts.timeout = Duration::from_millis(700);
     opts.kubernetes = true;
     use Observed::{Allow, Deny};
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = runtime();
     rt.block_on(async {
         let session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up in Kubernetes mode");
         let api = session.kube_api().expect("Kubernetes mode has an API server").clone();

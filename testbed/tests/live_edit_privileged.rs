@@ -5,37 +5,11 @@
 //! -> allow. Needs root and the binaries built (`cargo build --bins`).
 mod common;
 
-use std::path::Path;
-use std::time::Duration;
-
 use common::*;
 use palisade_testbed::netns;
 use palisade_testbed::report::Observed;
-use palisade_testbed::scenario::{self, PlanProbe};
-use palisade_testbed::session::{RunNames, RunOptions, Session};
-
-const SCENARIO: &str = r#"
-name: live-edit
-namespaces: {default: {}}
-pods:
-  - {name: client, namespace: default, labels: {app: client}}
-  - name: server
-    namespace: default
-    labels: {app: server}
-    ports: [{port: 80, protocol: TCP}, {port: 81, protocol: TCP}]
-policies:
-  - apiVersion: cilium.io/v2
-    kind: CiliumNetworkPolicy
-    metadata: {name: server-ingress, namespace: default}
-    spec:
-      endpointSelector: {matchLabels: {app: server}}
-      ingress:
-        - fromEndpoints: [{matchLabels: {app: client}}]
-          toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-probes:
-  - {from: default/client, to: default/server, port: 80, protocol: TCP, expect: allow}
-  - {from: default/client, to: default/server, port: 81, protocol: TCP, expect: deny}
-"#;
+use palisade_testbed::scenario::PlanProbe;
+use palisade_testbed::session::Session;
 
 /// Runs `p` and returns what it observed, with its detail for messages.
 async fn observe(session: &Session, p: &PlanProbe) -> (Observed, String) {
@@ -45,21 +19,11 @@ async fn observe(session: &Session, p: &PlanProbe) -> (Observed, String) {
 
 #[test]
 fn editing_a_watched_policy_file_changes_enforcement_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let agent = agent_binary();
-    assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
-    let plan = scenario::load_str(SCENARIO, Path::new("live-edit.yaml")).unwrap();
-    let pid = std::process::id();
-    let names = RunNames { prefix: format!("pt{pid}-le"), tag: format!("{pid}-le") };
-    let mut opts = RunOptions::new(Some(agent));
-    opts.timeout = Duration::from_millis(500);
+    palisade_privileged::require_root!();
     // Re-reads every hour: only the agent's directory watch can notice the edits in time.
-    opts.agent_args = vec!["--policy-rescan-secs".into(), "3600".into()];
-
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let scenario = client_server_scenario("live-edit", &[]);
+    let (plan, names, opts) = agent_run(&scenario, "le", &["--policy-rescan-secs", "3600"]);
+    let rt = runtime();
     rt.block_on(async {
         let session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");
         let (port80, port81) = (&plan.probes[0], &plan.probes[1]);

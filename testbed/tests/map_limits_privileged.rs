@@ -8,39 +8,14 @@
 //! Needs root and the binaries built (`cargo build --bins`).
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use palisade_agent::api::client::Client;
-use palisade_agent::api::types::EndpointStatus;
+use palisade_api::Client;
+use palisade_api::types::EndpointStatus;
 use palisade_testbed::netns;
 use palisade_testbed::report::Observed;
-use palisade_testbed::scenario::{self, PlanProbe};
-use palisade_testbed::session::{RunNames, RunOptions, Session};
-
-const SCENARIO: &str = r#"
-name: map-limits
-namespaces: {default: {}}
-pods:
-  - {name: client, namespace: default, labels: {app: client}}
-  - name: server
-    namespace: default
-    labels: {app: server}
-    ports: [{port: 80, protocol: TCP}, {port: 81, protocol: TCP}]
-policies:
-  - apiVersion: cilium.io/v2
-    kind: CiliumNetworkPolicy
-    metadata: {name: server-80, namespace: default}
-    spec:
-      endpointSelector: {matchLabels: {app: server}}
-      ingress:
-        - fromEndpoints: [{matchLabels: {app: client}}]
-          toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-probes:
-  - {from: default/client, to: default/server, port: 80, protocol: TCP, expect: allow}
-  - {from: default/client, to: default/server, port: 81, protocol: TCP, expect: deny}
-"#;
+use palisade_testbed::session::Session;
 
 /// A port range 1000-1999: a dozen POLICY entries, more than the map holds.
 const BIG_POLICY: &str = r#"
@@ -56,35 +31,16 @@ spec:
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn observe(session: &Session, probes: &[PlanProbe]) -> Vec<(Observed, String)> {
-    session
-        .probe_many(probes)
-        .await
-        .into_iter()
-        .map(|r| (r.observed, format!("{} -> {} {:?}/{}: {:?}", r.from, r.to, r.port, r.protocol, r.detail)))
-        .collect()
-}
-
 async fn server(client: &Client) -> EndpointStatus {
     client.endpoints().await.unwrap().into_iter().find(|e| e.name == "server").expect("the server endpoint")
 }
 
 #[test]
 fn overflowing_a_map_fails_closed_and_recovers_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let agent = agent_binary();
-    assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
-    let plan = scenario::load_str(SCENARIO, Path::new("map-limits.yaml")).unwrap();
-    let pid = std::process::id();
-    let names = RunNames { prefix: format!("pt{pid}-ml"), tag: format!("{pid}-ml") };
-    let mut opts = RunOptions::new(Some(agent));
-    opts.timeout = Duration::from_millis(500);
-    opts.agent_args = vec!["--map-size".into(), "POLICY=4".into()];
-
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    palisade_privileged::require_root!();
+    let scenario = client_server_scenario("map-limits", &[]);
+    let (plan, names, opts) = agent_run(&scenario, "ml", &["--map-size", "POLICY=4"]);
+    let rt = runtime();
     rt.block_on(async {
         let session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");
         let client = Client::new(&session.dirs().socket);

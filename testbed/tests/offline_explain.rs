@@ -4,8 +4,8 @@
 //! The privileged runs then check the kernel against the live agent's explain, probe by probe.
 use std::path::Path;
 
-use palisade_agent::explain::explain;
-use palisade_agent::explain::offline::OfflineState;
+use palisade_cli::offline::scenario_state;
+use palisade_node::explain::explain;
 use palisade_testbed::explain_check;
 use palisade_testbed::scenario::{self, Expect};
 
@@ -18,7 +18,7 @@ fn offline_explain_agrees_with_every_fixture_expectation() {
     let mut wrong = Vec::new();
     for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "yaml")) {
         let plan = scenario::load(file).unwrap();
-        let state = OfflineState::from_scenario(&plan, None).unwrap();
+        let state = scenario_state(&plan, None).unwrap();
         for p in &plan.probes {
             let req = explain_check::request(&plan, p).unwrap();
             let e = explain(&req, &state.inputs()).unwrap_or_else(|e| panic!("{}: {req:?}: {e}", file.display()));
@@ -44,12 +44,12 @@ fn offline_explain_agrees_with_every_fixture_expectation() {
 fn offline_explain_names_the_rules_and_world_addresses_get_cidr_identities() {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/seed-allow-frontend-to-backend.yaml");
     let plan = scenario::load(&file).unwrap();
-    let state = OfflineState::from_scenario(&plan, None).unwrap();
+    let state = scenario_state(&plan, None).unwrap();
     // The testbed's addresses: the first pod gets 10.200.1.10.
     let frontend = state.endpoints().iter().find(|e| e.full_name() == "default/frontend").unwrap();
     assert_eq!(frontend.ipv4, plan.pods[0].ipv4);
     assert_eq!(frontend.ipv4.unwrap().to_string(), "10.200.1.10");
-    let req = |from: &str, to: &str, port| palisade_agent::api::types::ExplainRequest {
+    let req = |from: &str, to: &str, port| palisade_api::types::ExplainRequest {
         from: from.into(),
         to: to.into(),
         port: Some(port),
@@ -69,7 +69,7 @@ fn offline_explain_names_the_rules_and_world_addresses_get_cidr_identities() {
 
     let world = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/world-cidr-except.yaml");
     let plan = scenario::load(&world).unwrap();
-    let state = OfflineState::from_scenario(&plan, None).unwrap();
+    let state = scenario_state(&plan, None).unwrap();
     for p in plan.probes.iter().filter(|p| matches!(p.to, scenario::HostRef::World(_))) {
         let e = explain(&explain_check::request(&plan, p).unwrap(), &state.inputs()).unwrap();
         assert_eq!(e.ingress.decision, "not-local", "{e:?}");
@@ -93,10 +93,10 @@ fn a_policy_directory_replaces_the_scenarios_policies() {
     )
     .unwrap();
     std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
-    let state = OfflineState::from_scenario(&plan, Some(dir.path())).unwrap();
+    let state = scenario_state(&plan, Some(dir.path())).unwrap();
     let rejected: Vec<_> = state.statuses().iter().filter(|s| !s.enforced).collect();
     assert_eq!(rejected.len(), 1, "{:?}", state.statuses());
-    let req = |from: &str, port| palisade_agent::api::types::ExplainRequest {
+    let req = |from: &str, port| palisade_api::types::ExplainRequest {
         from: from.into(),
         to: "default/backend".into(),
         port: Some(port),

@@ -14,12 +14,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use palisade_agent::api::Client;
-use palisade_agent::api::types::{BpfPolicy, EndpointStatus, IpcacheEntry};
+use palisade_api::Client;
+use palisade_api::types::{BpfPolicy, EndpointStatus, IpcacheEntry};
 use palisade_testbed::netns;
 use palisade_testbed::report::Observed;
-use palisade_testbed::scenario;
-use palisade_testbed::session::{RunNames, RunOptions, Session};
+use palisade_testbed::session::Session;
 
 const SCENARIO: &str = r#"
 name: operator-surface
@@ -114,22 +113,11 @@ const ALLOWED_BY_POLICY: &str =
 
 #[test]
 fn metrics_health_ipcache_and_bpf_policy_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let agent = bin("palisade-agent");
-    assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
+    palisade_privileged::require_root!();
     assert!(bin("palisade").is_file(), "build the binaries first (`cargo build --bins`)");
-    let plan = scenario::load_str(SCENARIO, Path::new("operator.yaml")).unwrap();
-    let pid = std::process::id();
-    let names = RunNames { prefix: format!("pt{pid}-op"), tag: format!("{pid}-op") };
-    let mut opts = RunOptions::new(Some(agent));
-    opts.timeout = Duration::from_millis(500);
     // No drift repair during the test: the entry removed below must stay removed.
-    opts.agent_args = vec!["--repair-interval-secs".into(), "3600".into()];
-
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (plan, names, opts) = agent_run(SCENARIO, "op", &["--repair-interval-secs", "3600"]);
+    let rt = runtime();
     rt.block_on(async {
         let session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");
         let socket = session.dirs().socket.clone();

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::is_root;
 use palisade_testbed::listen::{ListenOn, Listeners, Wanted};
 use palisade_testbed::netns;
 use palisade_testbed::probe::{self, Attempt};
@@ -25,10 +24,7 @@ pods:
 
 #[test]
 fn probes_answer_get_refused_and_see_loss_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let plan = scenario::load_str(TWO_PODS, Path::new("two-pods.yaml")).unwrap();
     let prefix = format!("pt{}-probes", std::process::id());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -67,7 +63,7 @@ fn probes_answer_get_refused_and_see_loss_privileged() {
         assert!(listeners.arrived(&want));
 
         // b's link down: packets to it vanish without an answer.
-        topo.pods[1].netns.ip(&["link", "set", "eth0", "down"]).unwrap();
+        topo.pods[1].netns.netlink(|nl| nl.set_down(&nl.existing_link("eth0")?, "eth0")).unwrap();
         let lost = from_a(Box::new(move || probe::tcp(SocketAddr::new(b_ip, 8080), t)));
         assert_eq!(lost.attempt, Attempt::NoAnswer);
         assert!(lost.elapsed >= t);

@@ -16,32 +16,8 @@ use common::*;
 use palisade_testbed::agent::StopHow;
 use palisade_testbed::netns;
 use palisade_testbed::report::Observed;
-use palisade_testbed::scenario::{self, HostRef, IpFamily};
-use palisade_testbed::session::{RunNames, RunOptions, Session};
-
-const SCENARIO: &str = r#"
-name: restart
-namespaces: {default: {}}
-pods:
-  - {name: client, namespace: default, labels: {app: client}}
-  - name: server
-    namespace: default
-    labels: {app: server}
-    ports: [{port: 80, protocol: TCP}, {port: 81, protocol: TCP}, {port: 82, protocol: TCP}]
-policies:
-  - apiVersion: cilium.io/v2
-    kind: CiliumNetworkPolicy
-    metadata: {name: server-ingress, namespace: default}
-    spec:
-      endpointSelector: {matchLabels: {app: server}}
-      ingress:
-        - fromEndpoints: [{matchLabels: {app: client}}]
-          toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-probes:
-  - {from: default/client, to: default/server, port: 80, protocol: TCP, expect: allow}
-  - {from: default/client, to: default/server, port: 81, protocol: TCP, expect: deny}
-  - {from: default/client, to: default/server, port: 82, protocol: TCP, expect: deny}
-"#;
+use palisade_testbed::scenario::{HostRef, IpFamily};
+use palisade_testbed::session::Session;
 
 /// Version 2 of the policy: port 82 allowed too, written as a range with a second rule.
 const V2_EXTRA: &str =
@@ -68,19 +44,9 @@ fn operations_since_start(log: &Path) -> Vec<u64> {
 
 #[test]
 fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let agent = agent_binary();
-    assert!(agent.is_file(), "{} is missing: build the binaries first (`cargo build --bins`)", agent.display());
-    let plan = scenario::load_str(SCENARIO, Path::new("restart.yaml")).unwrap();
-    let pid = std::process::id();
-    let names = RunNames { prefix: format!("pt{pid}-rs"), tag: format!("{pid}-rs") };
-    let mut opts = RunOptions::new(Some(agent));
-    opts.timeout = Duration::from_millis(500);
-
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    palisade_privileged::require_root!();
+    let (plan, names, opts) = agent_run(&client_server_scenario("restart", &[82]), "rs", &[]);
+    let rt = runtime();
     rt.block_on(async {
         let mut session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up");
         let policy = &plan.policies[0];
@@ -93,7 +59,7 @@ fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
         assert_eq!(session.probe(&port82).await.observed, Observed::Deny);
 
         let before = session.client().unwrap().endpoints().await.unwrap();
-        let key = |e: &palisade_agent::api::types::EndpointStatus| (e.namespace.clone(), e.name.clone(), e.id, e.identity);
+        let key = |e: &palisade_api::types::EndpointStatus| (e.namespace.clone(), e.name.clone(), e.id, e.identity);
         let mut before: Vec<_> = before.iter().map(key).collect();
         before.sort();
         assert_eq!(before.len(), 2);
@@ -141,13 +107,7 @@ fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
         }
         stop.store(true, Ordering::Relaxed);
         let tally = prober.join().expect("the prober ends");
-        eprintln!(
-            "{} rounds across {RESTARTS} restarts: {} allowed ok, {} denied ok, {} wrong; map operations of restarts without a change: {no_change_ops:?}",
-            tally.rounds,
-            tally.allowed_ok,
-            tally.denied_ok,
-            tally.wrong.len()
-        );
+        eprintln!("across {RESTARTS} restarts, {tally}; map operations of restarts without a change: {no_change_ops:?}");
         restart_times.sort();
         eprintln!(
             "map operations of restarts in the middle of a change: {change_ops:?}; stop to first apply of the new agent: median {:?}, max {:?}",

@@ -2,22 +2,12 @@
 //! palisade-testbed: `cargo build --bins`).
 mod common;
 
-use std::path::Path;
-
 use common::*;
 
 #[test]
 fn seed_scenario_passes_with_the_real_agent_privileged() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let agent = Path::new(BIN).with_file_name("palisade-agent");
-    assert!(
-        agent.is_file() || std::env::var_os("PALISADE_AGENT").is_some(),
-        "{} is missing: build the binaries first (`cargo build --bins`)",
-        agent.display()
-    );
+    palisade_privileged::require_root!();
+    built_agent();
     let file = fixture("seed-allow-frontend-to-backend.yaml");
     let (pid, out) = run(&["run", "--json", file.to_str().unwrap()]);
     let stdout = text(&out.stdout);

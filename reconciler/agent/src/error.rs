@@ -18,8 +18,8 @@ pub enum AgentError {
     InvalidEndpoint { namespace: String, name: String, reason: String },
     #[error("no endpoint ids left (65535 endpoints on this node)")]
     EndpointIdsExhausted,
-    #[error("ipcache entry {cidr:?}: {reason}")]
-    InvalidCidr { cidr: String, reason: String },
+    #[error(transparent)]
+    InvalidCidr(#[from] palisade_node::ipcache::InvalidPrefix),
     #[error("datapath: {0}")]
     Datapath(#[from] crate::datapath::DatapathError),
     #[error("policy directory {path}: {source}")]
@@ -36,7 +36,7 @@ impl AgentError {
             AgentError::InterfaceNotFound { .. }
             | AgentError::UnknownNamespace { .. }
             | AgentError::InvalidEndpoint { .. }
-            | AgentError::InvalidCidr { .. } => 400,
+            | AgentError::InvalidCidr(_) => 400,
             AgentError::EndpointIdsExhausted => 507,
             _ => 500,
         }

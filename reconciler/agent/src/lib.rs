@@ -2,12 +2,10 @@
 //! datapath loader, the local API, and the decoding of verdict events.
 pub mod actors;
 pub mod api;
-pub mod cni;
 pub mod datapath;
 pub mod endpoint;
 pub mod endpoint_registry;
 pub mod error;
-pub mod explain;
 pub mod k8s;
 pub mod link_watch;
 pub mod mapstate;
@@ -16,3 +14,6 @@ pub mod monitor;
 pub mod revisions;
 pub mod state;
 pub mod writer;
+
+/// Why a flow passes or not (`POST /v1/explain`): `palisade-node`'s, over the resolver's state.
+pub use palisade_node::explain;

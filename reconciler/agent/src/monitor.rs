@@ -96,7 +96,7 @@ impl DecodeContext {
 }
 
 /// Name of the allow every ingress-enforced endpoint has for the node (the host identity,
-/// any protocol and port; see `actors::resolver::allow_localhost`).
+/// any protocol and port; see `palisade_node::explain::allow_localhost`).
 pub const BUILTIN_ALLOW_LOCALHOST: &str = "built-in allow-localhost";
 /// Name of the allow for any peer that enforces a direction with deny rules but
 /// `enableDefaultDeny: false` (the denies win over it).

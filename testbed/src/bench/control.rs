@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use palisade_agent::api::types::{EndpointSpec, NamespaceSpec};
+use palisade_api::types::{EndpointSpec, NamespaceSpec};
 use palisade_common::{POLICY_PREFIX_FULL, PolicyKey, PolicyValue, direction, proto};
 use palisade_policy::{EndpointView, IdentityAllocator, LabelSet, ManifestOutcome, Policy};
 

@@ -11,9 +11,10 @@
 //! a CNI's pod interface would be: palisade's tc programs on it, the firewalls' rules
 //! matching `-o tbs` in the node's forward path.
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
 
 use crate::error::SetupError;
-use crate::netns::Netns;
+use crate::netns::{Netns, Via};
 
 /// The server's host-side interface in the node namespace: where every filter sits.
 pub const SERVER_DEV: &str = "tbs";
@@ -53,8 +54,11 @@ impl BenchNet {
             ("net/ipv4/conf/all/rp_filter", "0"),
             ("net/ipv4/conf/default/rp_filter", "0"),
         ])?;
-        node.ip(&["addr", "add", &format!("{NODE_ADDR}/32"), "dev", "lo"])?;
-        node.ip(&["route", "add", &format!("{GATEWAY}/32"), "dev", "lo"])?;
+        node.netlink(|nl| {
+            let lo = nl.existing_link("lo")?;
+            nl.add_address(&lo, "lo", NODE_ADDR.into(), 32, false)?;
+            nl.add_route(&lo, "lo", GATEWAY.into(), 32, Via::Link)
+        })?;
         let client = Netns::create(&format!("{prefix}c"))?;
         let server = Netns::create(&format!("{prefix}s"))?;
         let net = BenchNet { client, server, node, client_addr, server_addr: SERVER_ADDR };
@@ -66,18 +70,26 @@ impl BenchNet {
     fn wire(&self, ns: &Netns, dev: &str, addr: Ipv4Addr) -> Result<(), SetupError> {
         ns.sysctls(&IPV6_OFF)?;
         // Both ends made directly in their namespaces, never in the root namespace.
-        self.node.ip(&["link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
+        let peer_ns = ns.open()?;
+        let name = dev.to_string();
+        self.node.netlink(move |nl| nl.add_veth_with_peer_in(&name, "eth0", peer_ns.as_raw_fd()))?;
         let proxy_arp = format!("net/ipv4/conf/{dev}/proxy_arp");
         let rp_filter = format!("net/ipv4/conf/{dev}/rp_filter");
         let proxy_delay = format!("net/ipv4/neigh/{dev}/proxy_delay");
         self.node.sysctls(&[(&proxy_arp, "1"), (&rp_filter, "0"), (&proxy_delay, "0")])?;
-        self.node.ip(&["link", "set", dev, "up"])?;
-        ns.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        let gw = GATEWAY.to_string();
-        ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
-        ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
-        self.node.ip(&["route", "add", &format!("{addr}/32"), "dev", dev, "src", &NODE_ADDR.to_string()])?;
+        let name = dev.to_string();
+        self.node.netlink(move |nl| nl.set_up(&nl.existing_link(&name)?, &name))?;
+        ns.netlink(move |nl| {
+            let eth0 = nl.existing_link("eth0")?;
+            nl.add_address(&eth0, "eth0", addr.into(), 32, false)?;
+            nl.set_up(&eth0, "eth0")?;
+            nl.add_route(&eth0, "eth0", GATEWAY.into(), 32, Via::Link)?;
+            nl.add_route(&eth0, "eth0", Ipv4Addr::UNSPECIFIED.into(), 0, Via::Gateway(GATEWAY.into()))
+        })?;
+        let name = dev.to_string();
+        self.node.netlink(move |nl| {
+            nl.add_route(&nl.existing_link(&name)?, &name, addr.into(), 32, Via::LinkFrom(NODE_ADDR.into()))
+        })?;
         Ok(())
     }
 }

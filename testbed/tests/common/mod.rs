@@ -3,6 +3,11 @@
 #![allow(dead_code, reason = "each test crate uses a different part")]
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use palisade_testbed::report::Observed;
+use palisade_testbed::scenario::{self, Plan, PlanProbe};
+use palisade_testbed::session::{RunNames, RunOptions, Session};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_palisade-testbed");
 
@@ -17,8 +22,99 @@ pub fn agent_binary() -> PathBuf {
         .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
 }
 
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+/// [`agent_binary`], which must have been built.
+pub fn built_agent() -> PathBuf {
+    let agent = agent_binary();
+    assert!(
+        agent.is_file(),
+        "{} is missing: build the binaries first (`cargo build --bins`), or name one with PALISADE_AGENT",
+        agent.display()
+    );
+    agent
+}
+
+/// The scenario most tests of the real agent share: pods `client` and `server` in
+/// `default`, the server listening on TCP 80, 81 and `extra_ports`; the policy
+/// `server-ingress` admits the client on TCP/80 only; probes: TCP/80 allowed, TCP/81 and
+/// every extra port denied (in that order).
+pub fn client_server_scenario(name: &str, extra_ports: &[u16]) -> String {
+    let ports: String = [80, 81]
+        .iter()
+        .chain(extra_ports)
+        .map(|p| format!("{{port: {p}, protocol: TCP}}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut probes =
+        String::from("  - {from: default/client, to: default/server, port: 80, protocol: TCP, expect: allow}\n");
+    for p in [81].iter().chain(extra_ports) {
+        probes.push_str(&format!(
+            "  - {{from: default/client, to: default/server, port: {p}, protocol: TCP, expect: deny}}\n"
+        ));
+    }
+    format!(
+        r#"
+name: {name}
+namespaces: {{default: {{}}}}
+pods:
+  - {{name: client, namespace: default, labels: {{app: client}}}}
+  - name: server
+    namespace: default
+    labels: {{app: server}}
+    ports: [{ports}]
+policies:
+  - apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {{name: server-ingress, namespace: default}}
+    spec:
+      endpointSelector: {{matchLabels: {{app: server}}}}
+      ingress:
+        - fromEndpoints: [{{matchLabels: {{app: client}}}}]
+          toPorts: [{{ports: [{{port: "80", protocol: TCP}}]}}]
+probes:
+{probes}"#
+    )
+}
+
+/// What [`Session::up`] needs to bring `scenario` (YAML text) up with the real agent: the
+/// plan, the run's names (`pt<pid>-<tag>`, which `palisade-testbed cleanup` recognises),
+/// and options (the built agent with `agent_args`, a probe timeout of 500 ms).
+pub fn agent_run(scenario: &str, tag: &str, agent_args: &[&str]) -> (Plan, RunNames, RunOptions) {
+    let plan = scenario::load_str(scenario, Path::new(&format!("{tag}.yaml"))).expect("the test's scenario is valid");
+    let pid = std::process::id();
+    let names = RunNames { prefix: format!("pt{pid}-{tag}"), tag: format!("{pid}-{tag}") };
+    let mut opts = RunOptions::new(Some(built_agent()));
+    opts.timeout = Duration::from_millis(500);
+    opts.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
+    (plan, names, opts)
+}
+
+/// The runtime the tests drive a session on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a tokio runtime")
+}
+
+/// Runs `probes` (concurrently) and returns what each observed, with its detail for
+/// messages.
+pub async fn observe(session: &Session, probes: &[PlanProbe]) -> Vec<(Observed, String)> {
+    session
+        .probe_many(probes)
+        .await
+        .into_iter()
+        .map(|r| (r.observed, format!("{} -> {} {:?}/{}: {:?}", r.from, r.to, r.port, r.protocol, r.detail)))
+        .collect()
+}
+
+/// Polls `f` (every 50 ms, at most 30 s) until it answers; fails the test naming `what`
+/// when it never does.
+pub async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Starts `palisade-testbed ARGS...` with piped output.
@@ -67,6 +163,19 @@ pub struct Tally {
     pub allowed_ok: usize,
     pub denied_ok: usize,
     pub wrong: Vec<String>,
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} rounds: {} allowed ok, {} denied ok, {} wrong",
+            self.rounds,
+            self.allowed_ok,
+            self.denied_ok,
+            self.wrong.len()
+        )
+    }
 }
 
 /// Probes server:80 (must connect) and server:81 (must get no answer) from the namespace

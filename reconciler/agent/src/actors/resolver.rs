@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use palisade_policy::identity::IdentityAllocator;
 use palisade_policy::model::Policy;
-use palisade_policy::resolve::{Changes, DesiredState, EndpointView, Options, PolicyResolver};
+use palisade_policy::resolve::{Changes, DesiredState, Options, PolicyResolver};
 
 use super::identity::Prefix;
 use super::map_writer::{ApplyDesired, MapWriter};
@@ -98,7 +98,7 @@ impl ResolverState {
     /// incrementally otherwise); answers it with the ipcache and what changed.
     pub fn recompute(&mut self) -> (Arc<DesiredState>, Arc<BTreeMap<Prefix, u32>>, Changes) {
         if std::mem::take(&mut self.endpoints_changed) {
-            self.engine.set_endpoints(self.endpoints.iter().map(view_of).collect());
+            self.engine.set_endpoints(self.endpoints.iter().map(LocalEndpoint::view).collect());
         }
         let addresses = crate::endpoint::pod_addresses(&self.endpoints, &self.remote_addresses);
         let changed = std::mem::take(&mut self.changed_identities);
@@ -116,16 +116,6 @@ impl ResolverState {
         // then the address identities of pod addresses inside ipBlocks.
         let ipcache = crate::endpoint::assemble_ipcache(&desired, &self.external_ipcache, &self.endpoints);
         (Arc::new(desired), Arc::new(ipcache), changes)
-    }
-}
-
-fn view_of(e: &LocalEndpoint) -> EndpointView {
-    EndpointView {
-        id: e.id,
-        namespace: e.namespace.clone(),
-        identity: e.identity,
-        labels: e.labels.clone(),
-        named_ports: e.named_ports.clone(),
     }
 }
 
@@ -364,16 +354,6 @@ impl Handler<Explain> for Resolver {
             cluster: &msg.cluster,
         };
         crate::explain::explain(&msg.request, &inputs)
-    }
-}
-
-/// The node itself may always reach its pods (kubelet probes), as Cilium's default
-/// `allow-localhost` does: every ingress-enforced endpoint gets an allow for the host
-/// identity (see [`palisade_policy::resolve::allow_localhost`]). The agent's resolver does
-/// this itself; this is for states resolved without it (offline explanations).
-pub fn allow_localhost(desired: &mut DesiredState) {
-    for ep in desired.endpoints.values_mut() {
-        palisade_policy::resolve::allow_localhost(Arc::make_mut(ep));
     }
 }
 

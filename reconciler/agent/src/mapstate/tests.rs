@@ -100,8 +100,8 @@ fn endpoint_is_enforced_after_its_entries_and_deleted_before_them() {
 // Snapshots of plans for fixture scenarios.
 
 fn scenario_state(file: &str, skip_policies: usize, jar: &mut CookieJar) -> MapState {
-    use crate::explain::offline::scenario_reserved_entries;
-    use crate::explain::offline::{OfflineState, PodInput, scenario_endpoint_spec, scenario_policy_files};
+    use palisade_cli::offline::{scenario_endpoint_spec, scenario_policy_files, scenario_reserved_entries};
+    use palisade_node::explain::offline::{OfflineState, PodInput};
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/scenarios").join(file);
     let plan = palisade_scenario::load(&path).unwrap();
     let files: Vec<(String, Vec<u8>)> = scenario_policy_files(&plan)

@@ -11,7 +11,8 @@ impl PinDir {
     /// `/sys/fs/bpf/palisade-<tag>-<pid>-<n>`.
     pub fn new(tag: &str) -> PinDir {
         static N: AtomicU32 = AtomicU32::new(0);
-        assert!(nix::unistd::geteuid().is_root(), "these tests load eBPF programs: run them as root");
+        // Every test of these binaries loads eBPF programs or maps.
+        palisade_privileged::require_root_for_this_binary();
         assert!(Path::new("/sys/fs/bpf").exists(), "bpffs is not mounted at /sys/fs/bpf: run ci/setup.sh (as root)");
         let n = N.fetch_add(1, Ordering::Relaxed);
         PinDir(PathBuf::from(format!("/sys/fs/bpf/palisade-{tag}-{}-{n}", std::process::id())))

@@ -73,10 +73,7 @@ fn cni_blocking(node: &Netns, command: &str, env: &[(&str, &str)], conf: &Value)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cni_add_check_del_in_a_throwaway_namespace_privileged() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    palisade_privileged::require_root!();
     let tag = std::process::id();
     let node = Netns::new(&format!("pcni{tag}-node"));
     let pod = Netns::new(&format!("pcni{tag}-pod"));
@@ -129,7 +126,7 @@ async fn cni_add_check_del_in_a_throwaway_namespace_privileged() {
         ("CNI_PATH", cni_path.as_str()),
         ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1"),
     ];
-    let host = palisade_agent::cni::host_ifname("c0ffee");
+    let host = palisade_cni::host_ifname("c0ffee");
 
     let (ok, result) = cni(&node, "ADD", &env, &conf);
     assert!(ok, "ADD failed: {result}");

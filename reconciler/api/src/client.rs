@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use super::types::*;
+use crate::types::*;
 
 /// Why a call to the agent failed.
 #[derive(Debug, thiserror::Error)]

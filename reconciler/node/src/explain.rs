@@ -5,9 +5,9 @@
 //! Two callers, one code path ([`explain`] over [`ExplainInputs`]):
 //! - the running agent (`POST /v1/explain`): the resolver actor's current state;
 //! - offline, without an agent or root ([`offline::OfflineState`], `palisade policy explain
-//!   --scenario FILE [--policies DIR]`): the state an agent would hold after being told what
-//!   the testbed tells it about a scenario (namespaces, pods at the testbed's addresses,
-//!   reserved entity addresses) and after reading the policy files.
+//!   --scenario FILE [--policies DIR]`, the CLI's `offline` module): the state an agent
+//!   would hold after being told about namespaces, pods and reserved entity addresses and
+//!   after reading the policy files.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -19,9 +19,10 @@ use palisade_policy::labels::LabelSet;
 use palisade_policy::model::{Direction, Policy};
 use palisade_policy::resolve::{DesiredState, EndpointView, resolve_full};
 
-use crate::actors::identity::Prefix;
-use crate::api::types::{ExplainRequest, Explanation, SideDecision};
+use palisade_api::types::{ExplainRequest, Explanation, SideDecision};
+
 use crate::endpoint::LocalEndpoint;
+use crate::ipcache::Prefix;
 
 /// Everything the resolver holds that an explanation needs.
 pub struct ExplainInputs<'a> {
@@ -55,22 +56,12 @@ impl Party {
     }
 }
 
-fn view_of(e: &LocalEndpoint) -> EndpointView {
-    EndpointView {
-        id: e.id,
-        namespace: e.namespace.clone(),
-        identity: e.identity,
-        labels: e.labels.clone(),
-        named_ports: e.named_ports.clone(),
-    }
-}
-
 /// Longest-prefix match in the ipcache, as the datapath does; no entry = world.
 fn ipcache_identity(ipcache: &BTreeMap<Prefix, u32>, ip: IpAddr) -> u32 {
     ipcache
         .iter()
         // Family first: masking an IPv4 address with an IPv6 prefix length overflows.
-        .filter(|((net, len), _)| net.is_ipv4() == ip.is_ipv4() && crate::actors::identity::mask(ip, *len) == *net)
+        .filter(|((net, len), _)| net.is_ipv4() == ip.is_ipv4() && crate::ipcache::mask(ip, *len) == *net)
         .max_by_key(|((_, len), _)| *len)
         .map(|(_, id)| *id)
         .unwrap_or(if ip.is_ipv4() { reserved::WORLD_IPV4 } else { reserved::WORLD_IPV6 })
@@ -82,7 +73,7 @@ fn parse_party(text: &str, hypothetical_id: u16, inp: &ExplainInputs<'_>) -> Res
         if let Some(e) =
             inp.endpoints.iter().find(|e| e.ipv4.map(IpAddr::V4) == Some(ip) || e.ipv6.map(IpAddr::V6) == Some(ip))
         {
-            return Ok(Party::Local { view: view_of(e), name: e.full_name(), ip: Some(ip) });
+            return Ok(Party::Local { view: e.view(), name: e.full_name(), ip: Some(ip) });
         }
         return Ok(Party::Address { ip, identity: ipcache_identity(inp.ipcache, ip) });
     }
@@ -117,7 +108,7 @@ fn parse_party(text: &str, hypothetical_id: u16, inp: &ExplainInputs<'_>) -> Res
             .iter()
             .find(|e| e.namespace == ns && e.name == name)
             .map(|e| Party::Local {
-                view: view_of(e),
+                view: e.view(),
                 name: e.full_name(),
                 ip: e.ipv4.map(IpAddr::V4).or(e.ipv6.map(IpAddr::V6)),
             })
@@ -173,7 +164,7 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
     let fresh;
     let desired = if hypothetical {
         let mut allocator = inp.allocator.clone();
-        let mut views: Vec<EndpointView> = inp.endpoints.iter().map(view_of).collect();
+        let mut views: Vec<EndpointView> = inp.endpoints.iter().map(LocalEndpoint::view).collect();
         for p in [&mut from, &mut to] {
             if let Party::Hypothetical { view, .. } = p {
                 view.identity = allocator.allocate(&view.labels);
@@ -229,8 +220,19 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
     })
 }
 
+/// The node itself may always reach its pods (kubelet probes), as Cilium's default
+/// `allow-localhost` does: every ingress-enforced endpoint gets an allow for the host
+/// identity (see [`palisade_policy::resolve::allow_localhost`]). The agent's resolver does
+/// this itself; this is for states resolved without it (offline explanations).
+pub fn allow_localhost(desired: &mut DesiredState) {
+    for ep in desired.endpoints.values_mut() {
+        palisade_policy::resolve::allow_localhost(std::sync::Arc::make_mut(ep));
+    }
+}
+
 /// The state an agent would hold, built without one: for `palisade policy explain
-/// --scenario/--policies` and for checks that compare the kernel with it. Every step is the
+/// --scenario/--policies` (the CLI turns a scenario into its inputs) and for checks that
+/// compare the kernel with it. Every step is the
 /// agent's own code where it is reachable ([`PolicySources`] reads the manifests,
 /// `resolve_full` + [`allow_localhost`] resolve, [`ExternalIpcache`] holds the
 /// reserved addresses), and the same label derivation and ipcache assembly
@@ -243,14 +245,13 @@ pub mod offline {
     use palisade_policy::identity::IdentityAllocator;
     use palisade_policy::model::Policy;
     use palisade_policy::resolve::{DesiredState, EndpointView, NamedPort, resolve_full};
-    use palisade_scenario::{Entity, IpFamily, Plan, PlanPod};
 
-    use super::{ExplainInputs, view_of};
-    use crate::actors::identity::{ExternalIpcache, Prefix, parse_prefix};
-    use crate::actors::policy_watch::PolicySources;
-    use crate::actors::resolver::allow_localhost;
-    use crate::api::types::{EndpointSpec, IpcacheEntrySpec, PolicyStatus, PortSpec, ReservedEntity};
-    use crate::endpoint::LocalEndpoint;
+    use palisade_api::types::{EndpointSpec, IpcacheEntrySpec, PolicyStatus};
+
+    use super::{ExplainInputs, allow_localhost};
+    use crate::endpoint::{LocalEndpoint, assemble_ipcache, endpoint_labels, pod_addresses};
+    use crate::ipcache::{ExternalIpcache, Prefix, entity_identity, parse_prefix};
+    use crate::sources::PolicySources;
 
     /// The agent's default cluster name (`--cluster`).
     pub const DEFAULT_CLUSTER: &str = "default";
@@ -262,10 +263,6 @@ pub mod offline {
         PolicyDir { dir: PathBuf, source: std::io::Error },
         #[error("cannot read policy file {}: {source}", file.display())]
         PolicyFile { file: PathBuf, source: std::io::Error },
-        #[error(transparent)]
-        Scenario(#[from] palisade_scenario::ScenarioError),
-        #[error("policy manifest {manifest} of the scenario cannot be written as YAML: {reason}")]
-        Manifest { manifest: String, reason: String },
         #[error("pod {namespace}/{name}: {reason}")]
         Endpoint { namespace: String, name: String, reason: String },
         #[error("namespace {namespace} of pod {namespace}/{name} is not known")]
@@ -274,76 +271,11 @@ pub mod offline {
         Ipcache { cidr: String, reason: String },
     }
 
-    /// What the testbed registers for a pod of a scenario (`PUT /v1/endpoints/ns/name`).
-    pub fn scenario_endpoint_spec(pod: &PlanPod) -> EndpointSpec {
-        EndpointSpec {
-            labels: pod.labels.clone(),
-            service_account: pod.service_account.clone(),
-            ipv4: pod.ipv4,
-            ipv6: pod.ipv6,
-            interface: pod.host_interface.clone(),
-            ports: pod
-                .ports
-                .iter()
-                .filter_map(|p| {
-                    p.name.as_ref().map(|n| PortSpec {
-                        name: n.clone(),
-                        port: p.port,
-                        protocol: p.protocol.to_string(),
-                    })
-                })
-                .collect(),
-        }
-    }
-
-    /// The reserved addresses the testbed registers for a scenario (`PUT /v1/ipcache`): the
-    /// node (host), the simulated remote node and the API server, in the scenario's families.
-    pub fn scenario_reserved_entries(plan: &Plan) -> Vec<IpcacheEntrySpec> {
-        let mut out = Vec::new();
-        for (entity, reserved) in [
-            (Entity::Host, ReservedEntity::Host),
-            (Entity::RemoteNode, ReservedEntity::RemoteNode),
-            (Entity::KubeApiserver, ReservedEntity::KubeApiserver),
-        ] {
-            let (v4, v6) = entity.addresses();
-            if plan.has_family(IpFamily::IPv4) {
-                out.push(IpcacheEntrySpec { cidr: format!("{v4}/32"), entity: reserved });
-            }
-            if plan.has_family(IpFamily::IPv6) {
-                out.push(IpcacheEntrySpec { cidr: format!("{v6}/128"), entity: reserved });
-            }
-        }
-        out
-    }
-
-    /// The scenario's manifests as the testbed writes them into the policy directory
-    /// (file name, text), without those marked `expectRejected`.
-    pub fn scenario_policy_files(plan: &Plan) -> Result<Vec<(String, String)>, OfflineError> {
-        plan.policies
-            .iter()
-            .filter(|p| !p.expect_rejected)
-            .map(|p| {
-                let text =
-                    p.to_yaml().map_err(|e| OfflineError::Manifest { manifest: p.label(), reason: e.to_string() })?;
-                Ok((p.file_name.clone(), text))
-            })
-            .collect()
-    }
-
     /// The files of a policy directory the agent reads (`*.yaml`, `*.yml`, `*.json`, not
     /// hidden), sorted, with their content.
     pub fn read_policy_dir(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, OfflineError> {
-        let err = |source| OfflineError::PolicyDir { dir: dir.to_path_buf(), source };
-        let mut files = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(err)? {
-            let path = entry.map_err(err)?.path();
-            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-            let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
-            if !hidden && matches!(ext, "yaml" | "yml" | "json") && path.is_file() {
-                files.push(path);
-            }
-        }
-        files.sort();
+        let files = crate::sources::policy_files(dir)
+            .map_err(|source| OfflineError::PolicyDir { dir: dir.to_path_buf(), source })?;
         files
             .into_iter()
             .map(|f| {
@@ -352,9 +284,6 @@ pub mod offline {
             })
             .collect()
     }
-
-    use crate::actors::identity::entity_identity;
-    use crate::endpoint::{assemble_ipcache, endpoint_labels, pod_addresses};
 
     /// A pod as the agent's API receives it.
     #[derive(Clone, Debug)]
@@ -442,7 +371,7 @@ pub mod offline {
 
             let mut cidrs = CidrIdentities::new();
             cidrs.sync(&policies);
-            let views: Vec<EndpointView> = endpoints.iter().map(view_of).collect();
+            let views: Vec<EndpointView> = endpoints.iter().map(LocalEndpoint::view).collect();
             let addresses = pod_addresses(&endpoints, &BTreeMap::new());
             let mut desired = resolve_full(&policies, &views, &allocator, &cidrs, &addresses);
             allow_localhost(&mut desired);
@@ -457,27 +386,6 @@ pub mod offline {
                 ipcache,
                 cluster: cluster.to_string(),
             })
-        }
-
-        /// A scenario as the testbed would bring it up: its namespaces, its pods at the
-        /// addresses the testbed gives them, the reserved entity addresses, and either its
-        /// own manifests (`policy_dir` `None`) or the files of `policy_dir`.
-        pub fn from_scenario(plan: &Plan, policy_dir: Option<&Path>) -> Result<OfflineState, OfflineError> {
-            let files = match policy_dir {
-                Some(dir) => read_policy_dir(dir)?,
-                None => scenario_policy_files(plan)?.into_iter().map(|(n, t)| (n, t.into_bytes())).collect(),
-            };
-            let pods: Vec<PodInput> = plan
-                .pods
-                .iter()
-                .map(|p| PodInput {
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
-                    spec: scenario_endpoint_spec(p),
-                })
-                .collect();
-            let cluster = plan.cluster.as_deref().unwrap_or(DEFAULT_CLUSTER);
-            Self::build(&plan.namespaces, &pods, &scenario_reserved_entries(plan), &files, cluster)
         }
 
         /// Policies only (no pods): flows between label sets and addresses.

@@ -8,22 +8,26 @@
 //! (`PUT /v1/endpoints/{namespace}/{name}`). DEL undoes it and is idempotent. CHECK
 //! verifies the interfaces and addresses still exist.
 //!
-//! The network configuration is done with `ip` (iproute2), run inside the pod's network
-//! namespace from a thread that entered it (`setns`), so the plugin process itself never
-//! changes namespace.
+//! The network configuration is done over netlink ([`netlink`]); the pod's side from a
+//! thread that entered the pod's network namespace (`setns`) and opened its own netlink
+//! socket there, so the plugin process itself never changes namespace. Only the IPAM
+//! plugin is run as a program, as the CNI spec says.
+pub mod netlink;
+
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
 use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::api::client::{Client, ClientError};
-use crate::api::types::EndpointSpec;
+use palisade_api::types::EndpointSpec;
+use palisade_api::{Client, ClientError};
 
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
-const GATEWAY_V4: &str = "169.254.1.1";
-const GATEWAY_V6: &str = "fe80::1";
+const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// The plugin's network configuration (stdin).
 #[derive(Clone, Debug, Deserialize)]
@@ -149,17 +153,10 @@ pub fn main(env: &BTreeMap<String, String>, stdin: &[u8]) -> (u8, String) {
     }
 }
 
-/// Runs `ip ARGS` (in the current thread's network namespace).
-fn ip(args: &[&str]) -> Result<String, CniError> {
-    let out = Command::new("ip").args(args).output().map_err(|e| err(11, "cannot run ip (iproute2)", e))?;
-    if !out.status.success() {
-        return Err(err(
-            11,
-            "network configuration failed",
-            format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()),
-        ));
+impl From<netlink::NetlinkError> for CniError {
+    fn from(e: netlink::NetlinkError) -> CniError {
+        err(11, "network configuration failed", e)
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs `f` in a thread that entered the network namespace at `path`.
@@ -176,13 +173,6 @@ fn in_netns<T: Send + 'static>(
     })
     .join()
     .map_err(|_| err(11, "network namespace worker panicked", ""))?
-}
-
-fn mac_of(dev: &str) -> String {
-    ip(&["-o", "link", "show", "dev", dev])
-        .ok()
-        .and_then(|o| o.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).map(str::to_string))
-        .unwrap_or_default()
 }
 
 /// Runs the IPAM plugin named in the configuration with the same stdin.
@@ -223,6 +213,13 @@ fn ipam(args: &CniArgs, conf: &NetConf, stdin: &[u8], command: &str) -> Result<V
     Ok(v)
 }
 
+/// The prefix length of an IPAM address (`fd09::5/64` -> 64).
+fn prefix_len(cidr: &str) -> Result<u8, CniError> {
+    cidr.split_once('/')
+        .and_then(|(_, l)| l.parse().ok())
+        .ok_or_else(|| err(7, "IPAM gave an address without a valid prefix length", cidr))
+}
+
 fn run_agent<T>(f: impl std::future::Future<Output = Result<T, ClientError>>) -> Result<T, ClientError> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime").block_on(f)
 }
@@ -248,10 +245,15 @@ fn add(args: &CniArgs, conf: &NetConf, stdin: &[u8]) -> Result<Value, CniError> 
     let host = host_ifname(&args.container_id);
     let tmp = format!("tmp{}", &host[3..]);
     // Host side (the plugin's namespace): the pair, the peer moved into the pod.
-    let _ = ip(&["link", "del", &host]);
-    ip(&["link", "add", &host, "type", "veth", "peer", "name", &tmp])?;
+    let nl = netlink::Netlink::open()?;
+    if let Some(stale) = nl.link(&host)? {
+        nl.delete_link(&stale, &host)?;
+    }
+    nl.add_veth(&host, &tmp)?;
     let setup = (|| {
-        ip(&["link", "set", &tmp, "netns", &args.netns])?;
+        let pod_ns = std::fs::File::open(&args.netns)
+            .map_err(|e| err(11, "cannot open the pod's network namespace", format!("{}: {e}", args.netns)))?;
+        nl.move_to_netns(&nl.existing_link(&tmp)?, &tmp, pod_ns.as_raw_fd())?;
         // The pod's gateway 169.254.1.1 is answered by proxy ARP, which the kernel only
         // does on a forwarding interface.
         let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{host}/forwarding"), "1");
@@ -259,44 +261,51 @@ fn add(args: &CniArgs, conf: &NetConf, stdin: &[u8]) -> Result<Value, CniError> 
         // Answer the pod's first ARP at once, not after a random delay of up to 0.8 s.
         let _ = std::fs::write(format!("/proc/sys/net/ipv4/neigh/{host}/proxy_delay"), "0");
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{host}/accept_dad"), "0");
-        ip(&["link", "set", &host, "up"])?;
+        let host_link = nl.existing_link(&host)?;
+        nl.set_up(&host_link, &host)?;
         if addrs.iter().any(|(a, _)| a.is_ipv6()) {
-            ip(&["-6", "addr", "add", &format!("{GATEWAY_V6}/64"), "dev", &host, "nodad"])?;
+            nl.add_address(&host_link, &host, GATEWAY_V6.into(), 64, true)?;
         }
         for (a, _) in &addrs {
             let len = if a.is_ipv4() { 32 } else { 128 };
-            ip(&["route", "replace", &format!("{a}/{len}"), "dev", &host])?;
+            nl.add_route(&host_link, &host, *a, len, netlink::Via::Link)?;
         }
         // Pod side.
         let (ifname, tmp2, list) = (args.ifname.clone(), tmp.clone(), addrs.clone());
         in_netns(&args.netns, move || {
-            ip(&["link", "set", &tmp2, "name", &ifname])?;
+            let nl = netlink::Netlink::open()?;
+            nl.rename(&nl.existing_link(&tmp2)?, &tmp2, &ifname)?;
             let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad"), "0");
+            let pod_link = nl.existing_link(&ifname)?;
             for (a, cidr) in &list {
                 // IPv4 as a /32: everything goes through the gateway on the host side.
-                if a.is_ipv4() {
-                    ip(&["addr", "add", &format!("{a}/32"), "dev", &ifname])?;
-                } else {
-                    ip(&["addr", "add", cidr, "dev", &ifname, "nodad"])?;
-                }
+                let len = if a.is_ipv4() { 32 } else { prefix_len(cidr)? };
+                nl.add_address(&pod_link, &ifname, *a, len, a.is_ipv6())?;
             }
-            ip(&["link", "set", "lo", "up"])?;
-            ip(&["link", "set", &ifname, "up"])?;
+            nl.set_up(&nl.existing_link("lo")?, "lo")?;
+            nl.set_up(&pod_link, &ifname)?;
             if list.iter().any(|(a, _)| a.is_ipv4()) {
-                ip(&["route", "add", GATEWAY_V4, "dev", &ifname, "scope", "link"])?;
-                ip(&["route", "add", "default", "via", GATEWAY_V4, "dev", &ifname])?;
+                nl.add_route(&pod_link, &ifname, GATEWAY_V4.into(), 32, netlink::Via::Link)?;
+                let default = Ipv4Addr::UNSPECIFIED.into();
+                nl.add_route(&pod_link, &ifname, default, 0, netlink::Via::Gateway(GATEWAY_V4.into()))?;
             }
             if list.iter().any(|(a, _)| a.is_ipv6()) {
-                ip(&["-6", "route", "add", "default", "via", GATEWAY_V6, "dev", &ifname])?;
+                let default = Ipv6Addr::UNSPECIFIED.into();
+                nl.add_route(&pod_link, &ifname, default, 0, netlink::Via::Gateway(GATEWAY_V6.into()))?;
             }
-            Ok(mac_of(&ifname))
+            Ok(nl.existing_link(&ifname)?.mac)
         })
     })();
+    let undo = |nl: &netlink::Netlink| {
+        if let Ok(Some(link)) = nl.link(&host) {
+            let _ = nl.delete_link(&link, &host);
+        }
+        let _ = ipam(args, conf, stdin, "DEL");
+    };
     let pod_mac = match setup {
         Ok(m) => m,
         Err(e) => {
-            let _ = ip(&["link", "del", &host]);
-            let _ = ipam(args, conf, stdin, "DEL");
+            undo(&nl);
             return Err(e);
         }
     };
@@ -319,29 +328,28 @@ fn add(args: &CniArgs, conf: &NetConf, stdin: &[u8]) -> Result<Value, CniError> 
     if let Err(e) = run_agent(client.put_endpoint(&namespace, &name, &spec)) {
         eprintln!("palisade-cni: endpoint {namespace}/{name} not registered with the agent: {e}");
         if conf.require_agent {
-            let _ = ip(&["link", "del", &host]);
-            let _ = ipam(args, conf, stdin, "DEL");
+            undo(&nl);
             return Err(err(11, "the palisade agent did not take the endpoint", e));
         }
     }
     let ips: Vec<Value> = addrs
         .iter()
         .map(|(a, cidr)| {
-            let gw = if a.is_ipv4() { GATEWAY_V4 } else { GATEWAY_V6 };
-            json!({ "address": cidr, "gateway": gw, "interface": 1 })
+            let gw: IpAddr = if a.is_ipv4() { GATEWAY_V4.into() } else { GATEWAY_V6.into() };
+            json!({ "address": cidr, "gateway": gw.to_string(), "interface": 1 })
         })
         .collect();
     let mut routes = Vec::new();
     if addrs.iter().any(|(a, _)| a.is_ipv4()) {
-        routes.push(json!({ "dst": "0.0.0.0/0", "gw": GATEWAY_V4 }));
+        routes.push(json!({ "dst": "0.0.0.0/0", "gw": GATEWAY_V4.to_string() }));
     }
     if addrs.iter().any(|(a, _)| a.is_ipv6()) {
-        routes.push(json!({ "dst": "::/0", "gw": GATEWAY_V6 }));
+        routes.push(json!({ "dst": "::/0", "gw": GATEWAY_V6.to_string() }));
     }
     Ok(json!({
         "cniVersion": conf.cni_version,
         "interfaces": [
-            { "name": host, "mac": mac_of(&host) },
+            { "name": host, "mac": nl.link(&host)?.map(|l| l.mac).unwrap_or_default() },
             { "name": args.ifname, "mac": pod_mac, "sandbox": args.netns }
         ],
         "ips": ips,
@@ -359,8 +367,9 @@ fn del(args: &CniArgs, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
     }
     let host = host_ifname(&args.container_id);
     // Deleting one end removes the pair and the host routes; gone already is fine.
-    if ip(&["link", "show", "dev", &host]).is_ok() {
-        ip(&["link", "del", &host])?;
+    let nl = netlink::Netlink::open()?;
+    if let Some(link) = nl.link(&host)? {
+        nl.delete_link(&link, &host)?;
     }
     if conf.ipam.is_some() {
         ipam(args, conf, stdin, "DEL")?;
@@ -370,11 +379,11 @@ fn del(args: &CniArgs, conf: &NetConf, stdin: &[u8]) -> Result<(), CniError> {
 
 fn check(args: &CniArgs, conf: &NetConf) -> Result<(), CniError> {
     let host = host_ifname(&args.container_id);
-    let link = ip(&["-o", "link", "show", "dev", &host]).map_err(|_| err(11, "host-side interface missing", &host))?;
-    if !link.contains("UP") {
+    let link = netlink::Netlink::open()?.link(&host)?.ok_or_else(|| err(11, "host-side interface missing", &host))?;
+    if !link.up {
         return Err(err(11, "host-side interface is down", host));
     }
-    let want: Vec<String> = conf
+    let want: Vec<IpAddr> = conf
         .prev_result
         .as_ref()
         .and_then(|r| r.get("ips"))
@@ -382,12 +391,16 @@ fn check(args: &CniArgs, conf: &NetConf) -> Result<(), CniError> {
         .into_iter()
         .flatten()
         .filter_map(|i| i.get("address").and_then(Value::as_str))
-        .filter_map(|c| c.split('/').next().map(str::to_string))
+        .filter_map(|c| c.split('/').next().and_then(|a| a.parse().ok()))
         .collect();
     let ifname = args.ifname.clone();
-    let have = in_netns(&args.netns, move || ip(&["-o", "addr", "show", "dev", &ifname]))?;
+    let have = in_netns(&args.netns, move || {
+        let nl = netlink::Netlink::open()?;
+        let link = nl.link(&ifname)?.ok_or_else(|| err(11, "pod interface missing", &ifname))?;
+        Ok(nl.addresses(&link, &ifname)?)
+    })?;
     for a in want {
-        if !have.contains(&format!(" {a}/")) {
+        if !have.contains(&a) {
             return Err(err(11, "pod address missing", format!("{a} on {}", args.ifname)));
         }
     }

@@ -2,8 +2,8 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use palisade_agent::api::Client;
-use palisade_agent::api::types::{ExplainRequest, Explanation, MonitorEvent, SideDecision};
+use palisade_api::Client;
+use palisade_api::types::{ExplainRequest, Explanation, MonitorEvent, SideDecision};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
@@ -470,28 +470,28 @@ fn explain_offline(
     policies: Option<&Path>,
     cluster: Option<&str>,
 ) -> Result<Explanation, String> {
-    use palisade_agent::explain::offline::{DEFAULT_CLUSTER, OfflineState};
+    use palisade_node::explain::offline::{DEFAULT_CLUSTER, OfflineState};
     let state = match scenario {
         Some(file) => {
             let mut plan = palisade_scenario::load(file).map_err(|e| e.to_string())?;
             if let Some(c) = cluster {
                 plan.cluster = Some(c.to_string());
             }
-            OfflineState::from_scenario(&plan, policies)
+            palisade_cli::offline::scenario_state(&plan, policies).map_err(|e| e.to_string())?
         }
         None => OfflineState::from_policy_dir(
             policies.expect("--policies or --scenario"),
             cluster.unwrap_or(DEFAULT_CLUSTER),
-        ),
-    }
-    .map_err(|e| e.to_string())?;
+        )
+        .map_err(|e| e.to_string())?,
+    };
     for st in state.statuses().iter().filter(|s| !s.enforced) {
         eprintln!(
             "palisade: warning: not enforced (the agent would reject it too): {}",
             st.error.as_deref().unwrap_or("?")
         );
     }
-    palisade_agent::explain::explain(request, &state.inputs())
+    palisade_node::explain::explain(request, &state.inputs())
 }
 
 /// Outcome of `policy validate`: invalid manifests make the exit code 1.

@@ -1,0 +1,4 @@
+//! The `palisade` CLI's library part: offline `policy explain` of a testbed scenario
+//! ([`offline`]). The testbed uses the same functions to register a scenario with a real
+//! agent, so the offline answer and the kernel's verdicts can be compared probe by probe.
+pub mod offline;
