@@ -1,6 +1,6 @@
 //! palisade's network-namespace testbed: builds a scenario's pods out of network
 //! namespaces on one machine, runs the real agent binary against them, sends real packets,
-//! and checks every verdict against the scenario (see spec/scenario-format.md).
+//! and checks every verdict against the scenario (see docs/scenario-format.md).
 //!
 //! Modules, in the order a run uses them:
 //! - [`scenario`]: the file format, parsing with key paths, validation, the resolved plan
