@@ -141,6 +141,23 @@ pub struct InstanceState {
     pub ends: Vec<End>,
     /// A probe of the scenario, for the examples `up` prints.
     pub example_probe: Option<(String, String, String)>,
+    /// With several nodes: the nodes after the first, each with its own agent and
+    /// directories (the first node's are the fields above).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeState>,
+}
+
+/// A node after the first of an instance with several nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeState {
+    pub name: String,
+    pub netns: String,
+    pub agent: Option<ProcRef>,
+    pub api_socket: PathBuf,
+    pub agent_log: Option<PathBuf>,
+    pub run_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
 }
 
 impl InstanceState {
@@ -167,11 +184,14 @@ impl InstanceState {
         std::fs::rename(&tmp, &path).map_err(SetupError::io(format!("writing {}", path.display())))
     }
 
-    /// The end `target` names: `namespace/pod`, `node` (= `entity:host`), an entity, or a
-    /// world host's address.
+    /// The end `target` names: `namespace/pod`, `node` (= `entity:host`, the first node),
+    /// `node:NAME` or just a node's `NAME`, an entity, or a world host's address.
     pub fn end(&self, target: &str) -> Option<&End> {
         let target = if target == "node" { "entity:host" } else { target };
-        self.ends.iter().find(|e| e.name == target)
+        self.ends.iter().find(|e| e.name == target).or_else(|| {
+            let as_node = format!("node:{target}");
+            self.ends.iter().find(|e| e.name == as_node)
+        })
     }
 }
 
@@ -275,7 +295,7 @@ pub fn request(dir: &Path, req: &Request, limit: Duration) -> Result<Response, S
 pub fn sweep(dir: &Path, state: Option<&InstanceState>) -> (Vec<String>, Vec<String>) {
     let (mut removed, mut failed) = (Vec::new(), Vec::new());
     if let Some(s) = state {
-        if let Some(agent) = s.agent.filter(ProcRef::alive) {
+        for agent in s.nodes.iter().filter_map(|n| n.agent).chain(s.agent).filter(ProcRef::alive) {
             if agent.stop(Duration::from_secs(5)) {
                 removed.push(format!("agent process {}", agent.pid));
             } else {
@@ -290,7 +310,8 @@ pub fn sweep(dir: &Path, state: Option<&InstanceState>) -> (Vec<String>, Vec<Str
                 }
             }
         }
-        for d in [&s.bpffs_dir, &s.run_dir] {
+        let node_dirs = s.nodes.iter().flat_map(|n| [&n.bpffs_dir, &n.run_dir]);
+        for d in node_dirs.chain([&s.bpffs_dir, &s.run_dir]) {
             if d.exists() {
                 match std::fs::remove_dir_all(d) {
                     Ok(()) => removed.push(format!("directory {}", d.display())),
@@ -371,6 +392,7 @@ mod tests {
             namespaces: vec!["pt1-p0".into(), "pt1-node".into()],
             ends: vec![End { name: "entity:host".into(), netns: "pt1-node".into(), ipv4: None, ipv6: None }],
             example_probe: None,
+            nodes: Vec::new(),
         };
         s.save(dir.path()).unwrap();
         assert_eq!(InstanceState::load(dir.path()).unwrap().unwrap(), s);

@@ -152,6 +152,17 @@ fn describe(s: &InstanceState) -> String {
         s.agent_log.as_ref().map_or("-".into(), |l| l.display().to_string())
     );
     let _ = writeln!(out, "  API socket       {socket}");
+    for n in &s.nodes {
+        let agent = n.agent.map_or_else(|| "none".to_string(), |a| format!("process {}", a.pid));
+        let _ = writeln!(
+            out,
+            "  node {}: agent {agent}, log {}, API socket {}, netns {}",
+            n.name,
+            n.agent_log.as_ref().map_or("-".into(), |l| l.display().to_string()),
+            n.api_socket.display(),
+            n.netns
+        );
+    }
     let _ = writeln!(out, "  policy directory {}", s.policy_dir.display());
     let _ = writeln!(
         out,

@@ -1,4 +1,4 @@
-//! Testbed scenario files (docs/scenario-format.md, version 1): the YAML model exactly as
+//! Testbed scenario files (docs/scenario-format.md, version 1.1): the YAML model exactly as
 //! people write it, parsing with the path of the offending key in every error, and the
 //! validated, resolved [`Plan`]: pods with the addresses the testbed gives them, world and
 //! entity hosts, policy manifests, probes. One crate, so that the testbed and the offline
