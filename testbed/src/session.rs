@@ -883,7 +883,7 @@ async fn start_agent_kube(
         let what = format!("registering {} as entity {:?}", spec.cidr, spec.entity);
         agent::call(what, CALL_TIMEOUT, client.put_ipcache(&spec)).await?;
     }
-    let wanted: Vec<String> = plan.pods.iter().map(|p| p.key()).collect();
+    let wanted: Vec<String> = plan.pods.iter().filter(|p| !p.host_network).map(|p| p.key()).collect();
     let policies = plan.policies.iter().filter(|p| !p.expect_rejected).count();
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut outcome = PolicyOutcome::default();
