@@ -428,9 +428,7 @@ pub async fn wait_remote_endpoints(client: &Client, plan: &Plan, node: usize) ->
         .pods
         .iter()
         .filter(|p| p.node != node && !p.host_network)
-        .flat_map(|p| {
-            [p.ipv4.map(|a| format!("{a}/32")), p.ipv6.map(|a| format!("{a}/128"))].into_iter().flatten()
-        })
+        .flat_map(|p| [p.ipv4.map(|a| format!("{a}/32")), p.ipv6.map(|a| format!("{a}/128"))].into_iter().flatten())
         .collect();
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
@@ -521,8 +519,12 @@ pub async fn apply_policies(client: &Client, dirs: &RunDirs, plan: &Plan) -> Res
 /// every manifest the scenario expects enforced and none of those it expects rejected.
 pub async fn check_policies_read(client: &Client, plan: &Plan) -> Result<PolicyOutcome, SetupError> {
     let ack = call("asking the agent to re-read its policy directory", CALL_TIMEOUT, client.rescan_policies()).await?;
-    call("waiting until the policies are realized", WAIT_CALL_TIMEOUT, client.wait_revision(ack.revision, READY_TIMEOUT))
-        .await?;
+    call(
+        "waiting until the policies are realized",
+        WAIT_CALL_TIMEOUT,
+        client.wait_revision(ack.revision, READY_TIMEOUT),
+    )
+    .await?;
     let statuses = call("listing policies", CALL_TIMEOUT, client.policies()).await?;
     let mut outcome = PolicyOutcome::default();
     for p in &plan.policies {

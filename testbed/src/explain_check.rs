@@ -54,9 +54,8 @@ pub fn request(plan: &Plan, p: &PlanProbe) -> Option<ExplainRequest> {
 /// as the source's node explains it, the ingress side as the destination's node does (each
 /// calls the other end "not-local"), allowed when both pass.
 pub fn combine(at_source: Explanation, at_destination: Explanation) -> Explanation {
-    let passes = |s: &palisade_api::types::SideDecision| {
-        matches!(s.decision.as_str(), "allowed" | "not-selected" | "not-local")
-    };
+    let passes =
+        |s: &palisade_api::types::SideDecision| matches!(s.decision.as_str(), "allowed" | "not-selected" | "not-local");
     let verdict = if passes(&at_source.egress) && passes(&at_destination.ingress) { "allow" } else { "deny" };
     Explanation {
         from: at_source.from,
@@ -161,7 +160,8 @@ mod tests {
         at_source.ingress = side("default/b", "not-local", &[]);
         at_source.ingress.endpoint = None;
         let mut at_destination = explanation("deny");
-        at_destination.egress = SideDecision { endpoint: None, decision: "not-local".into(), entry: None, rules: vec![] };
+        at_destination.egress =
+            SideDecision { endpoint: None, decision: "not-local".into(), entry: None, rules: vec![] };
         let c = combine(at_source.clone(), at_destination.clone());
         assert_eq!(c.verdict, "deny");
         assert_eq!(c.egress.decision, "not-selected");

@@ -383,7 +383,8 @@ impl Session {
             report.notes.push("run without an agent (--no-agent): every probe expects plain connectivity".into());
         }
         for (k, a) in self.agents.iter().enumerate() {
-            let on = if self.plan.is_multi_node() { format!(" (node {})", self.plan.nodes[k].name) } else { String::new() };
+            let on =
+                if self.plan.is_multi_node() { format!(" (node {})", self.plan.nodes[k].name) } else { String::new() };
             if let Err(e) = a.process.check_alive("while probing") {
                 report.failures.push(format!("{e}{on}"));
             }
@@ -710,12 +711,11 @@ impl Session {
         // The drop happened when the probe was sent; the event may still be on its way.
         let grace = (self.timeout / 2).max(Duration::from_millis(250));
         let waits = judges.iter().map(|c| Box::pin(c.wait_for(grace, |ev| flow.is_policy_drop(ev))));
-        let found = match futures_util::future::select_ok(waits.map(|w| Box::pin(async move { w.await.ok_or(()) })))
-            .await
-        {
-            Ok((ev, _)) => Some(ev),
-            Err(()) => None,
-        };
+        let found =
+            match futures_util::future::select_ok(waits.map(|w| Box::pin(async move { w.await.ok_or(()) }))).await {
+                Ok((ev, _)) => Some(ev),
+                Err(()) => None,
+            };
         match found {
             Some(ev) => {
                 let place = flow.place(&ev).unwrap_or("?");
@@ -793,8 +793,10 @@ impl Session {
     /// includes the policy directory as it found it), then reopens the verdict-event stream.
     pub async fn start_agent_again(&mut self) -> Result<(), SetupError> {
         let node_ns = self.topology.node.netns.open()?;
-        let side =
-            self.agents.first_mut().ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))?;
+        let side = self
+            .agents
+            .first_mut()
+            .ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))?;
         side.process.start_again(node_ns, &self.dirs)?;
         side.process.wait_ready(READY_TIMEOUT).await?;
         let client = &side.process.client;

@@ -160,12 +160,8 @@ impl Topology {
     pub fn build_with(plan: &Plan, prefix: &str, cni: Option<&Cni>) -> Result<Topology, SetupError> {
         let families = Families { v4: plan.has_family(IpFamily::IPv4), v6: plan.has_family(IpFamily::IPv6) };
         let node = build_node(prefix, 0, families)?;
-        let mut topo = Topology {
-            pods: Vec::with_capacity(plan.pods.len()),
-            hosts: Vec::new(),
-            extra_nodes: Vec::new(),
-            node,
-        };
+        let mut topo =
+            Topology { pods: Vec::with_capacity(plan.pods.len()), hosts: Vec::new(), extra_nodes: Vec::new(), node };
         for k in 1..plan.nodes.len() {
             let n = build_node(prefix, k, families)?;
             topo.extra_nodes.push(n);
@@ -176,12 +172,9 @@ impl Topology {
         for pod in &plan.pods {
             let node = topo.node_at(pod.node);
             let net = match cni {
-                _ if pod.host_network => PodNet {
-                    netns: node.netns.alias(),
-                    ipv4: pod.ipv4,
-                    ipv6: pod.ipv6,
-                    host_interface: String::new(),
-                },
+                _ if pod.host_network => {
+                    PodNet { netns: node.netns.alias(), ipv4: pod.ipv4, ipv6: pod.ipv6, host_interface: String::new() }
+                }
                 Some(cni) => build_pod_with_cni(node, pod, prefix, families, cni)?,
                 None => build_pod(node, pod, prefix, families)?,
             };

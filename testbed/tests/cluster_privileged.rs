@@ -198,7 +198,8 @@ fn up_probe_exec_node_down_with_three_nodes_privileged() {
     assert!(out.contains("8080/TCP: allow"), "{out}");
     let out = ok(&testbed(root.path(), &["probe", "--expect", "deny", "node:node-c", "default/backend", "8080/TCP"]));
     assert!(out.contains("ingress of default/backend"), "{out}");
-    let out = ok(&testbed(root.path(), &["probe", "--expect", "deny", "default/other", "default/node-agent", "9100/TCP"]));
+    let out =
+        ok(&testbed(root.path(), &["probe", "--expect", "deny", "default/other", "default/node-agent", "9100/TCP"]));
     assert!(out.contains("egress of default/other"), "{out}");
 
     // exec NODE: node-b's namespace, with its address and the underlay to the others.

@@ -129,7 +129,12 @@ pub async fn run(agent: Agent, opts: RemoteFileOptions) {
 
 /// Sends the identity cache the difference between `applied` and `want` (everything in
 /// `want` when `all`), and records what it took.
-async fn apply(agent: &Agent, applied: &mut BTreeMap<String, RemoteSpec>, want: &BTreeMap<String, RemoteSpec>, all: bool) {
+async fn apply(
+    agent: &Agent,
+    applied: &mut BTreeMap<String, RemoteSpec>,
+    want: &BTreeMap<String, RemoteSpec>,
+    all: bool,
+) {
     let base = if all { BTreeMap::new() } else { applied.clone() };
     let p = plan(&base, want);
     for (key, spec) in p.upserts {

@@ -424,7 +424,8 @@ fn a_file_without_nodes_has_one_implicit_node() {
 
 #[test]
 fn node_errors_name_the_key_and_the_nodes() {
-    let i = issues(&NODES.replace("node: node-b\n    labels: {app: backend}", "node: node-c\n    labels: {app: backend}"));
+    let i =
+        issues(&NODES.replace("node: node-b\n    labels: {app: backend}", "node: node-c\n    labels: {app: backend}"));
     let hit = i.iter().find(|i| i.path == "pods[1].node").unwrap_or_else(|| panic!("{i:?}"));
     assert!(hit.message.contains("\"node-c\" is not listed under `nodes` (nodes: node-a, node-b)"), "{hit}");
 
@@ -441,7 +442,8 @@ fn node_errors_name_the_key_and_the_nodes() {
     let i = issues(&BASE.replace("from: default/frontend, to: default/backend", "from: node:x, to: default/backend"));
     assert!(i.iter().any(|i| i.path == "probes[0].from" && i.message.contains("use entity:host")), "{i:?}");
 
-    let i = issues(&NODES.replace("nodes:\n  - name: node-a\n  - name: node-b\n    labels: {zone: b}\n", "nodes: []\n"));
+    let i =
+        issues(&NODES.replace("nodes:\n  - name: node-a\n  - name: node-b\n    labels: {zone: b}\n", "nodes: []\n"));
     assert!(i.iter().any(|i| i.path == "nodes"), "{i:?}");
     let (path, _) = syntax(&NODES.replace("labels: {zone: b}", "lables: {zone: b}"));
     assert_eq!(path, "nodes[1].lables");
@@ -453,10 +455,8 @@ fn host_network_rules() {
     let i = issues(&NODES.replace("hostNetwork: true", "hostNetwork: true\n    ip: 10.201.1.99"));
     assert!(i.iter().any(|i| i.path == "pods[3].ip" && i.message.contains("node's addresses")), "{i:?}");
     // Two host-network pods of one node cannot serve one port.
-    let text = NODES.replace(
-        "probes:\n",
-        "  - {name: agent2, node: node-b, hostNetwork: true, ports: [{port: 7070}]}\nprobes:\n",
-    );
+    let text = NODES
+        .replace("probes:\n", "  - {name: agent2, node: node-b, hostNetwork: true, ports: [{port: 7070}]}\nprobes:\n");
     let i = issues(&text);
     assert!(i.iter().any(|i| i.path == "pods[4].ports[0].port" && i.message.contains("already served")), "{i:?}");
     // A probe needs an enforced pod at one end.

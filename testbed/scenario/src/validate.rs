@@ -30,7 +30,15 @@ const ICMPV6_ECHO_REQUEST: u8 = 128;
 /// `port`, `family`.
 pub(super) fn extra_probe(plan: &Plan, raw: &RawProbe, index: usize) -> Result<PlanProbe, Vec<Issue>> {
     let mut issues = Vec::new();
-    let probe = resolve_probes(std::slice::from_ref(raw), &plan.pods, &plan.nodes, plan.nodes_listed, &plan.ip_families, &mut issues).pop();
+    let probe = resolve_probes(
+        std::slice::from_ref(raw),
+        &plan.pods,
+        &plan.nodes,
+        plan.nodes_listed,
+        &plan.ip_families,
+        &mut issues,
+    )
+    .pop();
     let mut issues: Vec<Issue> =
         issues.into_iter().map(|i| Issue { path: i.path.trim_start_matches("probes[0].").to_string(), ..i }).collect();
     let Some(mut probe) = probe else { return Err(issues) };
@@ -184,10 +192,8 @@ fn resolve_nodes(raw: Option<&[RawNode]>, families: &[IpFamily], issues: &mut Ve
 
 /// The node `name` names, or an issue at `path`.
 fn find_node(name: &str, path: &str, nodes: &[PlanNode], listed: bool, issues: &mut Vec<Issue>) -> Option<usize> {
-    if let Some(n) = nodes.iter().find(|n| n.name == name) {
-        if listed {
-            return Some(n.index);
-        }
+    if listed && let Some(n) = nodes.iter().find(|n| n.name == name) {
+        return Some(n.index);
     }
     if !listed {
         issues.push(Issue::invalid(
