@@ -178,6 +178,7 @@ fn state_of(plan: &Plan, session: &Session, opts: &HoldOptions) -> Result<Instan
         ends,
         example_probe,
         nodes,
+        first_node: plan.is_multi_node().then(|| plan.nodes[0].name.clone()),
     })
 }
 
@@ -256,5 +257,6 @@ async fn probe(session: &Session, p: ProbeRequest) -> Response {
         decided_by: r.decided_by,
         detail: r.detail,
         ms: r.ms,
+        judged_on: r.judged.as_ref().map(crate::report::JudgedOn::text),
     })
 }

@@ -145,6 +145,9 @@ pub struct InstanceState {
     /// directories (the first node's are the fields above).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<NodeState>,
+    /// With several nodes: the first node's name (whose agent the fields above describe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_node: Option<String>,
 }
 
 /// A node after the first of an instance with several nodes.
@@ -269,6 +272,9 @@ pub struct ProbeOutcome {
     pub decided_by: String,
     pub detail: Option<String>,
     pub ms: u64,
+    /// With several nodes: which node judged each side (`egress node-a, ingress node-b`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged_on: Option<String>,
 }
 
 /// Sends one request on the instance's control socket and reads the answer (bounded).
@@ -393,6 +399,7 @@ mod tests {
             ends: vec![End { name: "entity:host".into(), netns: "pt1-node".into(), ipv4: None, ipv6: None }],
             example_probe: None,
             nodes: Vec::new(),
+            first_node: None,
         };
         s.save(dir.path()).unwrap();
         assert_eq!(InstanceState::load(dir.path()).unwrap().unwrap(), s);

@@ -187,6 +187,7 @@ fn up_probe_exec_node_down_with_three_nodes_privileged() {
 
     let out = ok(&testbed(root.path(), &["up", file]));
     assert!(out.contains("node node-b: agent process") && out.contains("node node-c: agent process"), "{out}");
+    assert!(out.contains("(node node-a), log"), "{out}");
     assert!(out.contains("node:node-b") && out.contains("10.201.0.1"), "{out}");
     let state = InstanceState::load(&dir).unwrap().expect("up wrote the state");
     assert_eq!(state.nodes.len(), 2, "{state:?}");
@@ -196,6 +197,10 @@ fn up_probe_exec_node_down_with_three_nodes_privileged() {
 
     let out = ok(&testbed(root.path(), &["probe", "default/frontend", "default/backend", "8080/TCP"]));
     assert!(out.contains("8080/TCP: allow"), "{out}");
+    assert!(out.contains("[judged on: egress node-a, ingress node-b]"), "{out}");
+    let out = ok(&testbed(root.path(), &["probe", "--json", "default/client-c", "default/backend", "9090/TCP"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["observed"].as_str(), v["judgedOn"].as_str()), (Some("deny"), Some("egress node-c, ingress node-b")));
     let out = ok(&testbed(root.path(), &["probe", "--expect", "deny", "node:node-c", "default/backend", "8080/TCP"]));
     assert!(out.contains("ingress of default/backend"), "{out}");
     let out =
