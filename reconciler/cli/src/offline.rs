@@ -118,6 +118,48 @@ pub fn scenario_pods(plan: &Plan) -> Vec<PodInput> {
         .collect()
 }
 
+/// As [`scenario_state`], for the agent of node `node` of a scenario with several nodes: its
+/// own pods as endpoints, the other nodes' pods as remote endpoints (their labels, as its
+/// remote endpoints file gives them), its own address as host and the other nodes' as
+/// remote node.
+pub fn scenario_state_for_node(
+    plan: &Plan,
+    node: usize,
+    policy_dir: Option<&Path>,
+) -> Result<OfflineState, ScenarioStateError> {
+    let files = match policy_dir {
+        Some(dir) => read_policy_dir(dir)?,
+        None => scenario_policy_files(plan)?.into_iter().map(|(n, t)| (n, t.into_bytes())).collect(),
+    };
+    let cluster = plan.cluster.as_deref().unwrap_or(DEFAULT_CLUSTER);
+    let (local, remote): (Vec<PodInput>, Vec<PodInput>) = plan
+        .pods
+        .iter()
+        .filter(|p| !p.host_network)
+        .map(|p| {
+            (
+                p.node == node,
+                PodInput { namespace: p.namespace.clone(), name: p.name.clone(), spec: scenario_endpoint_spec(p) },
+            )
+        })
+        .fold((Vec::new(), Vec::new()), |(mut l, mut r), (here, pod)| {
+            if here {
+                l.push(pod)
+            } else {
+                r.push(pod)
+            }
+            (l, r)
+        });
+    Ok(OfflineState::build_with_remote(
+        &plan.namespaces,
+        &local,
+        &remote,
+        &scenario_reserved_entries_for_node(plan, node),
+        &files,
+        cluster,
+    )?)
+}
+
 /// A scenario as the testbed would bring it up: its namespaces, its pods at the addresses
 /// the testbed gives them, the reserved entity addresses, and either its own manifests
 /// (`policy_dir` `None`) or the files of `policy_dir`.
