@@ -782,8 +782,13 @@ impl Session {
     /// ([`Session::stop_agent`], then [`Session::start_agent_again`]). Answers the old
     /// process's exit status.
     pub async fn restart_agent(&mut self, how: agent::StopHow) -> Result<String, SetupError> {
-        let exit = self.stop_agent(how)?;
-        self.start_agent_again().await?;
+        self.restart_agent_of(0, how).await
+    }
+
+    /// [`Session::restart_agent`] for the agent of node `node`.
+    pub async fn restart_agent_of(&mut self, node: usize, how: agent::StopHow) -> Result<String, SetupError> {
+        let exit = self.stop_agent_of(node, how)?;
+        self.start_agent_again_of(node).await?;
         Ok(exit)
     }
 
@@ -792,12 +797,22 @@ impl Session {
     /// directory. Waits until it answers and has realized its first revision (which
     /// includes the policy directory as it found it), then reopens the verdict-event stream.
     pub async fn start_agent_again(&mut self) -> Result<(), SetupError> {
-        let node_ns = self.topology.node.netns.open()?;
+        self.start_agent_again_of(0).await
+    }
+
+    /// [`Session::start_agent_again`] for the agent of node `node` (it reads its remote
+    /// endpoints file again by itself).
+    pub async fn start_agent_again_of(&mut self, node: usize) -> Result<(), SetupError> {
+        if node >= self.plan.nodes.len() {
+            return Err(SetupError::Unsupported(format!("the scenario has no node #{node}")));
+        }
+        let node_ns = self.topology.node_at(node).netns.open()?;
+        let dirs = if node == 0 { &self.dirs } else { &self.node_dirs[node - 1] };
         let side = self
             .agents
-            .first_mut()
+            .get_mut(node)
             .ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))?;
-        side.process.start_again(node_ns, &self.dirs)?;
+        side.process.start_again(node_ns, dirs)?;
         side.process.wait_ready(READY_TIMEOUT).await?;
         let client = &side.process.client;
         agent::call(
@@ -818,7 +833,15 @@ impl Session {
     /// Stops the agent (SIGTERM or SIGKILL) without starting it again; the datapath it
     /// loaded stays. Answers its exit status.
     pub fn stop_agent(&mut self, how: agent::StopHow) -> Result<String, SetupError> {
-        let side = self.agent()?;
+        self.stop_agent_of(0, how)
+    }
+
+    /// [`Session::stop_agent`] for the agent of node `node`.
+    pub fn stop_agent_of(&mut self, node: usize, how: agent::StopHow) -> Result<String, SetupError> {
+        let side = self
+            .agents
+            .get(node)
+            .ok_or_else(|| SetupError::Unsupported("this session runs without an agent on that node".into()))?;
         side.process.stop_now(how, Duration::from_secs(10))
     }
 

@@ -162,6 +162,19 @@ fn remote_endpoints_file_and_policy_edits_are_enforced_on_each_node_privileged()
             let policies = session.client_of(k).unwrap().policies().await.unwrap();
             assert!(policies.iter().any(|p| p.name == "frontend-egress" && p.enforced), "node {k}: {policies:?}");
         }
+
+        // node-b's agent killed and started again: it reads its file again, so other (on
+        // node-a) is still recognised by its labels at backend's ingress.
+        let mut session = session;
+        session.restart_agent_of(1, palisade_testbed::agent::StopHow::Kill).await.unwrap();
+        let other = probe("default/other", "default/backend", 9090);
+        let denied = probe("default/other", "default/node-agent", 9100);
+        let seen = eventually("node-b recognises other again after its restart", async || {
+            let seen = observe(&session, &[other.clone(), denied.clone()]).await;
+            (seen[0].0 == Observed::Allow).then_some(seen)
+        })
+        .await;
+        assert_eq!(seen[1].0, Observed::Deny, "{}", seen[1].1);
         session.down().await;
     });
     assert_eq!(leftovers(std::process::id()), Vec::<String>::new());
