@@ -382,6 +382,19 @@ impl Session {
         if self.agents.is_empty() {
             report.notes.push("run without an agent (--no-agent): every probe expects plain connectivity".into());
         }
+        if self.plan.is_multi_node() {
+            let nodes: Vec<String> = self
+                .plan
+                .nodes
+                .iter()
+                .map(|n| {
+                    let addrs: Vec<String> =
+                        n.ipv4.map(|a| a.to_string()).into_iter().chain(n.ipv6.map(|a| a.to_string())).collect();
+                    format!("{} ({})", n.name, addrs.join(", "))
+                })
+                .collect();
+            report.notes.push(format!("nodes, each with its own agent: {}", nodes.join("; ")));
+        }
         for (k, a) in self.agents.iter().enumerate() {
             let on =
                 if self.plan.is_multi_node() { format!(" (node {})", self.plan.nodes[k].name) } else { String::new() };
