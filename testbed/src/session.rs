@@ -68,7 +68,7 @@ pub const KUBE_NODE: &str = "testbed-node";
 impl RunOptions {
     pub fn new(agent: Option<PathBuf>) -> RunOptions {
         RunOptions {
-            timeout: Duration::from_millis(1000),
+            timeout: Duration::from_secs(1),
             agent,
             agent_args: Vec::new(),
             keep_logs: false,
@@ -667,7 +667,7 @@ impl Session {
         let (src_port, tag) = (want.peer.port(), want.tag.unwrap_or(0));
         let listeners = self.listeners.as_ref().expect("listeners run while the session is up");
         let mut arrived = false;
-        for wait in [self.timeout / 2, self.timeout - self.timeout / 2] {
+        for wait in [self.timeout / 2, self.timeout.checked_sub(self.timeout / 2).unwrap()] {
             let ns = src.netns.open()?;
             let sent = blocking(move || netns::run_in(ns, move || probe::sctp_init(dst, src_port, tag))).await??;
             if let Err(why) = sent {
@@ -724,30 +724,23 @@ impl Session {
         // The drop happened when the probe was sent; the event may still be on its way.
         let grace = (self.timeout / 2).max(Duration::from_millis(250));
         let waits = judges.iter().map(|c| Box::pin(c.wait_for(grace, |ev| flow.is_policy_drop(ev))));
-        let found =
-            match futures_util::future::select_ok(waits.map(|w| Box::pin(async move { w.await.ok_or(()) }))).await {
-                Ok((ev, _)) => Some(ev),
-                Err(()) => None,
-            };
-        match found {
-            Some(ev) => {
-                let place = flow.place(&ev).unwrap_or("?");
-                let at = ev.endpoint.clone().unwrap_or_else(|| format!("endpoint {}", ev.endpoint_id));
-                result.observed = Observed::Deny;
-                result.decided_by = format!("{} ({place} {at})", events::describe(&ev));
-                result.detail = Some(format!("dropped at {place} of {at}: {}", events::describe(&ev)));
-            }
-            None => {
-                let ended: String = judges
-                    .iter()
-                    .filter_map(|c| c.ended())
-                    .map(|w| format!(" (verdict events stopped: {w})"))
-                    .collect();
-                result.detail = Some(format!(
-                    "unexplained loss: no answer and no policy drop reported for this flow{}{ended}",
-                    drops()
-                ));
-            }
+        let found = futures_util::future::select_ok(waits.map(|w| Box::pin(async move { w.await.ok_or(()) })))
+            .await
+            .ok()
+            .map(|(ev, _)| ev);
+        if let Some(ev) = found {
+            let place = flow.place(&ev).unwrap_or("?");
+            let at = ev.endpoint.clone().unwrap_or_else(|| format!("endpoint {}", ev.endpoint_id));
+            result.observed = Observed::Deny;
+            result.decided_by = format!("{} ({place} {at})", events::describe(&ev));
+            result.detail = Some(format!("dropped at {place} of {at}: {}", events::describe(&ev)));
+        } else {
+            let ended: String =
+                judges.iter().filter_map(|c| c.ended()).map(|w| format!(" (verdict events stopped: {w})")).collect();
+            result.detail = Some(format!(
+                "unexplained loss: no answer and no policy drop reported for this flow{}{ended}",
+                drops()
+            ));
         }
     }
 
@@ -921,7 +914,8 @@ async fn start_agent_kube(
         let what = format!("registering {} as entity {:?}", spec.cidr, spec.entity);
         agent::call(what, CALL_TIMEOUT, client.put_ipcache(&spec)).await?;
     }
-    let wanted: Vec<String> = plan.pods.iter().filter(|p| !p.host_network).map(|p| p.key()).collect();
+    let wanted: Vec<String> =
+        plan.pods.iter().filter(|p| !p.host_network).map(palisade_scenario::PlanPod::key).collect();
     let policies = plan.policies.iter().filter(|p| !p.expect_rejected).count();
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut outcome = PolicyOutcome::default();
@@ -989,14 +983,13 @@ fn allow_decided_by(flow: &Flow, sides: &[(&str, &Vec<MonitorEvent>, &HashMap<St
         let place = *place;
         let Some(end) = end else { continue };
         let ev = events.iter().find(|e| flow.is_allow(e) && flow.place(e) == Some(place));
-        let text = match ev {
-            Some(ev) => events::describe(ev),
-            None => {
-                let enforced = endpoints
-                    .get(&end.key)
-                    .is_some_and(|e| if place == "egress" { e.egress_enforced } else { e.ingress_enforced });
-                if enforced { "policy".to_string() } else { "not enforced".to_string() }
-            }
+        let text = if let Some(ev) = ev {
+            events::describe(ev)
+        } else {
+            let enforced = endpoints
+                .get(&end.key)
+                .is_some_and(|e| if place == "egress" { e.egress_enforced } else { e.ingress_enforced });
+            if enforced { "policy".to_string() } else { "not enforced".to_string() }
         };
         if text != "not enforced" {
             parts.push(format!("{place}: {text}"));

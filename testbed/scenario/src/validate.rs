@@ -559,7 +559,7 @@ fn resolve_probes(
         match (probe.protocol.is_icmp(), probe.port) {
             (true, Some(_)) => issues.push(Issue::invalid(at("port"), "ICMP probes have no port")),
             (false, None) => {
-                issues.push(Issue::invalid(at("port"), format!("a {} probe needs a destination port", probe.protocol)))
+                issues.push(Issue::invalid(at("port"), format!("a {} probe needs a destination port", probe.protocol)));
             }
             _ => {}
         }
@@ -644,15 +644,16 @@ fn resolve_ref(text: &str, path: &str, ctx: &RefContext<'_>, issues: &mut Vec<Is
         return find_node(name, path, ctx.nodes, ctx.nodes_listed, issues).map(HostRef::Node);
     }
     if let Some(name) = text.strip_prefix("entity:") {
-        return match Entity::parse(name) {
-            Some(e) => Some(HostRef::Entity(e)),
-            None => {
-                issues.push(Issue::invalid(
-                    path,
-                    format!("unknown entity {name:?} (probes can name entity:host, entity:remote-node, entity:kube-apiserver)"),
-                ));
-                None
-            }
+        return if let Some(e) = Entity::parse(name) {
+            Some(HostRef::Entity(e))
+        } else {
+            issues.push(Issue::invalid(
+                path,
+                format!(
+                    "unknown entity {name:?} (probes can name entity:host, entity:remote-node, entity:kube-apiserver)"
+                ),
+            ));
+            None
         };
     }
     if let Ok(ip) = text.parse::<IpAddr>() {
@@ -675,12 +676,11 @@ fn resolve_ref(text: &str, path: &str, ctx: &RefContext<'_>, issues: &mut Vec<Is
         return Some(HostRef::World(ip));
     }
     if let Some((ns, name)) = text.split_once('/') {
-        return match by_key.get(&(ns, name)) {
-            Some(&i) => Some(HostRef::Pod(i)),
-            None => {
-                issues.push(Issue::invalid(path, format!("no pod {text:?} in the scenario")));
-                None
-            }
+        return if let Some(&i) = by_key.get(&(ns, name)) {
+            Some(HostRef::Pod(i))
+        } else {
+            issues.push(Issue::invalid(path, format!("no pod {text:?} in the scenario")));
+            None
         };
     }
     issues.push(Issue::invalid(
@@ -741,25 +741,24 @@ fn resolve_hosts(
     for (end, is_destination, p) in ends {
         let end = &end;
         {
-            let i = match hosts.iter().position(|h| &h.host == end) {
-                Some(i) => i,
-                None => {
-                    let (ipv4, ipv6) = match end {
-                        HostRef::Pod(_) => continue,
-                        HostRef::Node(k) => (nodes[*k].ipv4, nodes[*k].ipv6),
-                        HostRef::World(IpAddr::V4(a)) => (Some(*a), None),
-                        HostRef::World(IpAddr::V6(a)) => (None, Some(*a)),
-                        HostRef::Entity(e) => {
-                            let (v4, v6) = e.addresses();
-                            (
-                                families.contains(&IpFamily::IPv4).then_some(v4),
-                                families.contains(&IpFamily::IPv6).then_some(v6),
-                            )
-                        }
-                    };
-                    hosts.push(PlanHost { host: end.clone(), ipv4, ipv6, ports: Vec::new() });
-                    hosts.len() - 1
-                }
+            let i = if let Some(i) = hosts.iter().position(|h| &h.host == end) {
+                i
+            } else {
+                let (ipv4, ipv6) = match end {
+                    HostRef::Pod(_) => continue,
+                    HostRef::Node(k) => (nodes[*k].ipv4, nodes[*k].ipv6),
+                    HostRef::World(IpAddr::V4(a)) => (Some(*a), None),
+                    HostRef::World(IpAddr::V6(a)) => (None, Some(*a)),
+                    HostRef::Entity(e) => {
+                        let (v4, v6) = e.addresses();
+                        (
+                            families.contains(&IpFamily::IPv4).then_some(v4),
+                            families.contains(&IpFamily::IPv6).then_some(v6),
+                        )
+                    }
+                };
+                hosts.push(PlanHost { host: end.clone(), ipv4, ipv6, ports: Vec::new() });
+                hosts.len() - 1
             };
             if let (true, Some(protocol), Some(port)) = (is_destination, p.protocol.port_protocol(), p.port) {
                 let ports = &mut hosts[i].ports;
@@ -772,13 +771,12 @@ fn resolve_hosts(
     // Host-network pods' ports are served in their node's namespace.
     for pod in pods.iter().filter(|p| p.host_network) {
         let end = node_ref(pod.node);
-        let i = match hosts.iter().position(|h| h.host == end) {
-            Some(i) => i,
-            None => {
-                let node = &nodes[pod.node];
-                hosts.push(PlanHost { host: end, ipv4: node.ipv4, ipv6: node.ipv6, ports: Vec::new() });
-                hosts.len() - 1
-            }
+        let i = if let Some(i) = hosts.iter().position(|h| h.host == end) {
+            i
+        } else {
+            let node = &nodes[pod.node];
+            hosts.push(PlanHost { host: end, ipv4: node.ipv4, ipv6: node.ipv6, ports: Vec::new() });
+            hosts.len() - 1
         };
         for port in &pod.ports {
             let ports = &mut hosts[i].ports;
