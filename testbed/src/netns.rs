@@ -58,6 +58,7 @@ impl Netns {
 
     /// Another handle on the same namespace that does not remove it when dropped (a
     /// host-network pod's namespace is its node's).
+    #[must_use]
     pub fn alias(&self) -> Netns {
         Netns { name: self.name.clone(), guard: None }
     }

@@ -14,6 +14,7 @@
 //! ICMP events carry no echo identifier, so ICMP probes between the same two addresses
 //! run one after the other.
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -136,7 +137,7 @@ impl Session {
         for k in 1..plan.nodes.len() {
             let mut d = RunDirs::create(&format!("{}-n{k}", names.tag), opts.keep_logs)?;
             // One policy directory for the cluster, as one API server would be.
-            d.policies = dirs.policies.clone();
+            d.policies.clone_from(&dirs.policies);
             node_dirs.push(d);
         }
         if opts.cni.is_some() && !(opts.kubernetes && opts.agent.is_some()) {
@@ -460,7 +461,7 @@ impl Session {
         }
         if self.plan.is_multi_node() {
             for (result, p) in results.iter_mut().zip(probes) {
-                result.0.judged = self.judged_on(p);
+                result.0.judged = Some(self.judged_on(p));
             }
         }
         let mut results: Vec<ProbeResult> = results.into_iter().map(|(r, _)| r).collect();
@@ -545,9 +546,9 @@ impl Session {
 
     /// Which node judged each side of a probe (multi-node scenarios): the source's node its
     /// egress, the destination's node its ingress, for ends that are enforced pods.
-    fn judged_on(&self, p: &PlanProbe) -> Option<crate::report::JudgedOn> {
+    fn judged_on(&self, p: &PlanProbe) -> crate::report::JudgedOn {
         let node = |end: &HostRef| self.plan.endpoint_pod(end).map(|pod| self.plan.nodes[pod.node].name.clone());
-        Some(crate::report::JudgedOn { egress: node(&p.from), ingress: node(&p.to) })
+        crate::report::JudgedOn { egress: node(&p.from), ingress: node(&p.to) }
     }
 
     async fn run_probe(&self, p: &PlanProbe) -> (ProbeResult, Option<Flow>) {
@@ -735,8 +736,10 @@ impl Session {
             result.decided_by = format!("{} ({place} {at})", events::describe(&ev));
             result.detail = Some(format!("dropped at {place} of {at}: {}", events::describe(&ev)));
         } else {
-            let ended: String =
-                judges.iter().filter_map(|c| c.ended()).map(|w| format!(" (verdict events stopped: {w})")).collect();
+            let ended: String = judges.iter().filter_map(|c| c.ended()).fold(String::new(), |mut out, w| {
+                let _ = write!(out, " (verdict events stopped: {w})");
+                out
+            });
             result.detail = Some(format!(
                 "unexplained loss: no answer and no policy drop reported for this flow{}{ended}",
                 drops()

@@ -132,24 +132,9 @@ pub fn scenario_state_for_node(
         None => scenario_policy_files(plan)?.into_iter().map(|(n, t)| (n, t.into_bytes())).collect(),
     };
     let cluster = plan.cluster.as_deref().unwrap_or(DEFAULT_CLUSTER);
-    let (local, remote): (Vec<PodInput>, Vec<PodInput>) = plan
-        .pods
-        .iter()
-        .filter(|p| !p.host_network)
-        .map(|p| {
-            (
-                p.node == node,
-                PodInput { namespace: p.namespace.clone(), name: p.name.clone(), spec: scenario_endpoint_spec(p) },
-            )
-        })
-        .fold((Vec::new(), Vec::new()), |(mut l, mut r), (here, pod)| {
-            if here {
-                l.push(pod)
-            } else {
-                r.push(pod)
-            }
-            (l, r)
-        });
+    let (local, remote): (Vec<PodInput>, Vec<PodInput>) = scenario_pods(plan).into_iter().partition(|input| {
+        plan.pods.iter().any(|p| p.node == node && p.namespace == input.namespace && p.name == input.name)
+    });
     Ok(OfflineState::build_with_remote(
         &plan.namespaces,
         &local,

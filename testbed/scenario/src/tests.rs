@@ -350,7 +350,7 @@ probes:
     assert_eq!(e[0].path, "from", "{e:?}");
 }
 
-const NODES: &str = r#"
+const NODES: &str = r"
 name: cluster
 nodes:
   - name: node-a
@@ -376,7 +376,7 @@ probes:
   - {from: entity:host, to: default/backend, port: 9090, expect: allow}
   - {from: default/frontend, to: default/agent, port: 7070, expect: allow}
   - {from: default/frontend, to: node:node-b, port: 7070, expect: allow}
-"#;
+";
 
 #[test]
 fn nodes_pods_on_nodes_and_node_probes_resolve() {

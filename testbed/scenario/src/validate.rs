@@ -195,16 +195,16 @@ fn find_node(name: &str, path: &str, nodes: &[PlanNode], listed: bool, issues: &
     if listed && let Some(n) = nodes.iter().find(|n| n.name == name) {
         return Some(n.index);
     }
-    if !listed {
-        issues.push(Issue::invalid(
-            path,
-            format!("node {name:?}: the scenario lists no `nodes` (it has one node; list nodes under `nodes` to name them, or use entity:host)"),
-        ));
-    } else {
+    if listed {
         let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
         issues.push(Issue::invalid(
             path,
             format!("node {name:?} is not listed under `nodes` (nodes: {})", names.join(", ")),
+        ));
+    } else {
+        issues.push(Issue::invalid(
+            path,
+            format!("node {name:?}: the scenario lists no `nodes` (it has one node; list nodes under `nodes` to name them, or use entity:host)"),
         ));
     }
     None
