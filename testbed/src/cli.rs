@@ -178,9 +178,10 @@ pub fn check(args: &CheckArgs) -> ExitCode {
     let Some(plans) = load_all(&args.files) else { return ExitCode::from(EXIT_SETUP) };
     for p in plans {
         println!(
-            "{}: {} ok ({} namespaces, {} pods, {} policies, {} probes)",
+            "{}: {} ok ({}{} namespaces, {} pods, {} policies, {} probes)",
             p.file.display(),
             p.name,
+            if p.is_multi_node() { format!("{} nodes, ", p.nodes.len()) } else { String::new() },
             p.namespaces.len(),
             p.pods.len(),
             p.policies.len(),

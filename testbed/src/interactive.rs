@@ -147,12 +147,24 @@ fn describe(s: &InstanceState) -> String {
     let agent = s.agent.map_or_else(|| "none".to_string(), |a| format!("process {}", a.pid));
     let _ = writeln!(out, "scenario {} ({}) is up as testbed instance {:?}", s.scenario, s.file.display(), s.name);
     let _ = writeln!(out, "  testbed process  {} (keeps the pods' listeners; `down` stops it)", s.holder.pid);
+    let on = s.first_node.as_ref().map(|n| format!(" (node {n})")).unwrap_or_default();
     let _ = writeln!(
         out,
-        "  agent            {agent}, log {}",
+        "  agent            {agent}{on}, log {}",
         s.agent_log.as_ref().map_or("-".into(), |l| l.display().to_string())
     );
-    let _ = writeln!(out, "  API socket       {socket}");
+    let _ = writeln!(out, "  API socket       {socket}{on}");
+    for n in &s.nodes {
+        let agent = n.agent.map_or_else(|| "none".to_string(), |a| format!("process {}", a.pid));
+        let _ = writeln!(
+            out,
+            "  node {}: agent {agent}, log {}, API socket {}, netns {}",
+            n.name,
+            n.agent_log.as_ref().map_or("-".into(), |l| l.display().to_string()),
+            n.api_socket.display(),
+            n.netns
+        );
+    }
     let _ = writeln!(out, "  policy directory {}", s.policy_dir.display());
     let _ = writeln!(
         out,
@@ -287,7 +299,10 @@ fn probe_line(o: &ProbeOutcome) -> String {
         None => o.protocol.clone(),
     };
     let v6 = if o.family == IpFamily::IPv6 { " (IPv6)" } else { "" };
-    let why = o.detail.clone().unwrap_or_else(|| o.decided_by.clone());
+    let mut why = o.detail.clone().unwrap_or_else(|| o.decided_by.clone());
+    if let Some(on) = &o.judged_on {
+        why = format!("{why} [judged on: {on}]");
+    }
     format!("{} -> {} {spec}{v6}: {} ({} ms)\n  {why}\n", o.from, o.to, o.observed, o.ms)
 }
 

@@ -334,7 +334,7 @@ pub fn pod_object(plan: &Plan, index: usize, node: &str) -> Value {
         .collect();
     json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": pod.labels},
-        "spec": {"nodeName": node, "serviceAccountName": pod.service_account,
+        "spec": {"nodeName": node, "serviceAccountName": pod.service_account, "hostNetwork": pod.host_network,
                  "containers": [{"name": "main", "ports": ports}]},
         "status": {"phase": "Running", "podIP": ips.first(),
                    "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()}})

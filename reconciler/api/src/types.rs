@@ -113,6 +113,40 @@ pub struct IpcacheEntrySpec {
     pub entity: ReservedEntity,
 }
 
+/// The pods of other nodes, with their labels, for an agent that shares no store with them
+/// (a cluster in file mode): the file `palisade-agent --remote-endpoints FILE` watches
+/// (JSON). Each pod's address gets the identity of its label set, derived exactly as for
+/// a local pod, so a policy selects it by labels on every node. The kvstore (etcd) mode
+/// replaces this file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RemoteEndpoints {
+    /// The labels of the namespaces the pods are in.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    pub pods: Vec<RemotePod>,
+}
+
+/// A pod of another node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RemotePod {
+    pub namespace: String,
+    pub name: String,
+    /// The node it runs on (for people reading the file).
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default)]
+    pub ipv4: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Addr>,
+}
+
 /// One identity and what it stands for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

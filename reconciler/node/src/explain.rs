@@ -320,6 +320,20 @@ pub mod offline {
             policy_files: &[(String, Vec<u8>)],
             cluster: &str,
         ) -> Result<OfflineState, OfflineError> {
+            Self::build_with_remote(namespaces, pods, &[], reserved_entries, policy_files, cluster)
+        }
+
+        /// As [`OfflineState::build`], for one node of several: `remote_pods` are the other
+        /// nodes' pods (their addresses get the identities of their label sets, as the
+        /// agent's remote endpoints do; their interfaces are not used).
+        pub fn build_with_remote(
+            namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+            pods: &[PodInput],
+            remote_pods: &[PodInput],
+            reserved_entries: &[IpcacheEntrySpec],
+            policy_files: &[(String, Vec<u8>)],
+            cluster: &str,
+        ) -> Result<OfflineState, OfflineError> {
             let mut sources = PolicySources::default();
             for (i, (source, bytes)) in policy_files.iter().enumerate() {
                 let name = Path::new(source).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -367,6 +381,18 @@ pub mod offline {
             }
 
             let mut external = ExternalIpcache::default();
+            for pod in remote_pods {
+                let ns_labels = namespaces.get(&pod.namespace).ok_or_else(|| OfflineError::UnknownNamespace {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                })?;
+                let labels = endpoint_labels(&pod.namespace, ns_labels, &pod.spec, cluster);
+                let identity = allocator.allocate(&labels);
+                let ips =
+                    pod.spec.ipv4.map(std::net::IpAddr::V4).into_iter().chain(pod.spec.ipv6.map(std::net::IpAddr::V6));
+                let key = format!("{}/{}", pod.namespace, pod.name);
+                external.upsert_remote(&key, crate::ipcache::RemoteEndpoint { identity, ips: ips.collect() });
+            }
             for e in reserved_entries {
                 let prefix = parse_prefix(&e.cidr)
                     .map_err(|err| OfflineError::Ipcache { cidr: e.cidr.clone(), reason: err.to_string() })?;
@@ -376,7 +402,7 @@ pub mod offline {
             let mut cidrs = CidrIdentities::new();
             cidrs.sync(&policies);
             let views: Vec<EndpointView> = endpoints.iter().map(LocalEndpoint::view).collect();
-            let addresses = pod_addresses(&endpoints, &BTreeMap::new());
+            let addresses = pod_addresses(&endpoints, &external.pod_addresses());
             let mut desired = resolve_full(&policies, &views, &allocator, &cidrs, &addresses);
             allow_localhost(&mut desired);
             let ipcache = assemble_ipcache(&desired, &external.entries(), &endpoints);
