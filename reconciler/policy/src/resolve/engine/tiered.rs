@@ -300,32 +300,34 @@ fn encode(t: &Target, with_none: bool) -> Vec<Made> {
         } else {
             count.iter().filter(|(v, _)| v.is_some()).max_by_key(|(_, n)| **n).and_then(|(v, _)| *v)
         };
-        if base.is_some() && base != parent {
-            let by: Vec<By> =
-                pieces.iter().filter(|p| value(p.2.outcome) == base).flat_map(|p| p.2.by.iter().cloned()).collect();
-            out.push((protocol, 0, 0, base.expect("some"), by));
+        let by: Vec<By> =
+            pieces.iter().filter(|p| value(p.2.outcome) == base).flat_map(|p| p.2.by.iter().cloned()).collect();
+        match (base, parent) {
+            (Some(b), p) if Some(b) != p => out.push((protocol, 0, 0, b, by)),
+            (Some(_), Some(_)) => {
+                // The entry for any protocol decides these ports too: it names their rules.
+                let any_protocol = out.iter_mut().find(|m| m.0 == 0).expect("the parent entry");
+                for b in by {
+                    if !any_protocol.4.contains(&b) {
+                        any_protocol.4.push(b);
+                    }
+                }
+            }
+            // Pieces that must find no entry: only blocks for the others (and no entry
+            // for any protocol above them, see `per_protocol`).
+            _ => {}
         }
-        let effective = if base.is_some() { base } else { None };
         for (lo, hi, d) in pieces {
             let v = value(d.outcome);
-            if v == effective || v.is_none() {
+            if v == base || v.is_none() {
                 continue;
             }
-            // Without a protocol entry, the other protocols' entry (if any) would catch
-            // these ports: each piece is covered by its own blocks.
             for (port, len) in
                 range_to_prefixes(u16::try_from(*lo).expect("ports fit"), u16::try_from(*hi).expect("ports fit"))
             {
                 out.push((protocol, port, len, v.expect("some"), d.by.clone()));
             }
         }
-        // A protocol with pieces that need no entry, under an entry for every protocol:
-        // cannot happen (per_protocol), and without one they find nothing.
-        debug_assert!(base.is_some() || parent.is_none() || !has_none(pieces));
-        // A protocol whose pieces all equal the parent and need no entry of their own
-        // leaves the parent's entry to decide; one whose most common value is the
-        // parent's too.
-        let _ = effective;
     }
     out
 }
