@@ -93,6 +93,7 @@ mod tests {
             decision: decision.into(),
             entry: None,
             rules: rules.iter().map(|r| r.to_string()).collect(),
+            tiers: Vec::new(),
         }
     }
 
