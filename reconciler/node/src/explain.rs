@@ -17,8 +17,8 @@ use palisade_policy::explain::{Decision, decide};
 use palisade_policy::identity::IdentityAllocator;
 use palisade_policy::labels::LabelSet;
 use palisade_policy::model::{Direction, Policy, Verdict};
-use palisade_policy::tiers::{self, TierDecision, TierRule, Trace};
 use palisade_policy::resolve::{DesiredState, EndpointView, resolve_full};
+use palisade_policy::tiers::{self, TierDecision, TierRule, Trace};
 
 use palisade_api::types::{ExplainRequest, Explanation, SideDecision};
 
@@ -252,9 +252,10 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
                 .cloned()
                 .unwrap_or_default()
         };
-        for (me, peer, peer_id, dir, out) in
-            [(&from, &to, to_identity, Direction::Egress, &mut egress), (&to, &from, from_identity, Direction::Ingress, &mut ingress)]
-        {
+        for (me, peer, peer_id, dir, out) in [
+            (&from, &to, to_identity, Direction::Egress, &mut egress),
+            (&to, &from, from_identity, Direction::Ingress, &mut ingress),
+        ] {
             let (Party::Local { view, name, .. } | Party::Hypothetical { view, name }) = me else { continue };
             let labels = labels_of(peer_id);
             let np = tiers::network_policy_tier_selects(inp.policies, view, dir);
@@ -270,6 +271,20 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
                 np,
             );
             out.tiers = tier_lines(&trace, name, dir);
+            // Entries the tier flattening wrote without a rule behind them.
+            if out.entry.is_some() && out.decision == "allowed" && matches!(trace.decision, TierDecision::Default) {
+                out.rules = vec![
+                    "built-in: no tier decides, so the flow is allowed (a ClusterNetworkPolicy subject is \
+                                  not isolated)"
+                        .to_string(),
+                ];
+            } else if out.decision == "denied" && out.rules.is_empty() {
+                out.rules = vec![
+                    "no rule allows it: the NetworkPolicy tier's default deny (written as a deny entry \
+                                  by the tier flattening)"
+                        .to_string(),
+                ];
+            }
         }
     }
     let passes = |s: &SideDecision| matches!(s.decision.as_str(), "allowed" | "not-selected" | "not-local");

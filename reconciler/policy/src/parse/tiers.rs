@@ -677,7 +677,6 @@ fn cnp_protocols(path: &str, list: Option<&[CnpProtocol]>, peers: &RulePeers) ->
         ]
         .into_iter()
         .filter(|(_, v, _)| v.is_some())
-        .map(|(f, v, proto)| (f, v, proto))
         .collect();
         let rule = match (set.as_slice(), &p.destination_named_port) {
             ([], Some(name)) => named_port(&format!("{at}.destinationNamedPort"), name, peers)?,

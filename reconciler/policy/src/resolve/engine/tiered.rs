@@ -359,11 +359,14 @@ fn allowed_where_any_denies(t: &Target, any: &Target) -> bool {
         })
 }
 
+/// One flattened entry: key, deny, what decided it.
+type FlatEntry = (EntryKey, bool, Vec<By>);
+
 /// The flattened chain of the directions tiered rules select, to put in place of what
 /// the NetworkPolicy tier made there ([`Flattened::apply`]).
 pub(super) struct Flattened {
     /// (direction, enforced, entries: key, deny, what decided).
-    directions: Vec<(Direction, bool, Vec<(EntryKey, bool, Vec<By>)>)>,
+    directions: Vec<(Direction, bool, Vec<FlatEntry>)>,
 }
 
 impl Flattened {
