@@ -166,7 +166,7 @@ impl AgentProcess {
         let guard = {
             let child = child.clone();
             cleanup::register(format!("agent process ({})", binary.display()), move || {
-                if let Some(c) = child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                if let Some(c) = child.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
                     stop(c);
                 }
             })?
@@ -220,8 +220,8 @@ impl AgentProcess {
                 // The testbed blocks its stop signals (see `cleanup`); the agent must get
                 // its SIGTERM.
                 let mut none: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut none);
-                if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                libc::sigemptyset(&raw mut none);
+                if libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut()) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
@@ -235,7 +235,7 @@ impl AgentProcess {
                 Ok(())
             });
         }
-        let mut slot = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.is_some() {
             return Err(SetupError::Unsupported("the agent still runs; stop it before starting it again".into()));
         }
@@ -249,7 +249,7 @@ impl AgentProcess {
     /// Stops the agent with SIGTERM or SIGKILL (this child only, by its PID) and waits up
     /// to `timeout` for it to exit; answers its exit status. The datapath it loaded stays.
     pub fn stop_now(&self, how: StopHow, timeout: Duration) -> Result<String, SetupError> {
-        let mut slot = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(mut child) = slot.take() else { return Ok("not running".into()) };
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let sig = match how {
@@ -284,12 +284,12 @@ impl AgentProcess {
 
     /// The agent's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(Child::id)
+        self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(Child::id)
     }
 
     /// The agent's exit status if it has exited.
     pub fn exited(&self) -> Option<String> {
-        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match c.as_mut().map(Child::try_wait) {
             Some(Ok(Some(status))) => Some(status.to_string()),
             None => Some("stopped".into()),

@@ -116,6 +116,7 @@ pub struct HoldArgs {
 }
 
 #[derive(Args, Debug)]
+#[allow(clippy::struct_excessive_bools, reason = "command-line switches")]
 pub struct RunArgs {
     /// One JSON document on stdout instead of the truth tables.
     #[arg(long)]

@@ -92,7 +92,7 @@ mod tests {
             endpoint: Some(endpoint.into()),
             decision: decision.into(),
             entry: None,
-            rules: rules.iter().map(|r| r.to_string()).collect(),
+            rules: rules.iter().map(std::string::ToString::to_string).collect(),
             tiers: Vec::new(),
         }
     }

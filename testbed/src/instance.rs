@@ -32,9 +32,7 @@ pub const HOLDER_FILE: &str = "holder.json";
 
 /// The directory that holds every instance.
 pub fn state_root() -> PathBuf {
-    std::env::var_os("PALISADE_TESTBED_STATE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT))
+    std::env::var_os("PALISADE_TESTBED_STATE_DIR").map_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT), PathBuf::from)
 }
 
 /// Instance names become directory names: lowercase letters, digits, '-', at most 32.
@@ -325,7 +323,7 @@ pub fn abandoned() -> Vec<(PathBuf, Option<InstanceState>)> {
             None => e
                 .metadata()
                 .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(600))),
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_mins(10))),
         };
         if gone {
             out.push((dir, state));

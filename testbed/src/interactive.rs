@@ -18,11 +18,11 @@ use crate::netns::NETNS_DIR;
 use crate::scenario::{self, Expect, IpFamily, ProbeProtocol};
 
 /// How long `up` waits for the scenario (namespaces, agent, registrations, policies).
-const UP_TIMEOUT: Duration = Duration::from_secs(180);
+const UP_TIMEOUT: Duration = Duration::from_mins(3);
 /// How long a probe request may take (a probe is bounded by its timeout plus grace).
-const PROBE_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const PROBE_REQUEST_TIMEOUT: Duration = Duration::from_mins(1);
 /// How long `down` waits for the holder to take everything down.
-const DOWN_TIMEOUT: Duration = Duration::from_secs(60);
+const DOWN_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// `up`'s settings.
 #[derive(Clone, Debug)]
@@ -33,6 +33,7 @@ pub struct UpOptions {
     pub timeout: Duration,
 }
 
+#[allow(clippy::needless_pass_by_value, reason = "the exit path takes the error it reports")]
 fn fail(e: SetupError) -> ExitCode {
     eprintln!("palisade-testbed: {e}");
     ExitCode::from(EXIT_SETUP)
@@ -87,8 +88,8 @@ fn up_inner(opts: &UpOptions) -> Result<InstanceState, SetupError> {
                 return Err(std::io::Error::last_os_error());
             }
             let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+            libc::sigemptyset(&raw mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -207,7 +208,7 @@ fn running(name: &str) -> Result<(PathBuf, InstanceState), SetupError> {
     Ok((dir, state))
 }
 
-/// `PORT/PROTO`, `PORT` (TCP), `ICMP` or `ICMPv6`.
+/// `PORT/PROTO`, `PORT` (TCP), `ICMP` or ICMPv6.
 pub fn parse_port_spec(spec: &str) -> Result<(Option<u16>, ProbeProtocol), String> {
     let protocol = |p: &str| match p.to_ascii_uppercase().as_str() {
         "TCP" => Ok(ProbeProtocol::TCP),

@@ -130,7 +130,7 @@ pub fn delete(name: &str) -> Result<(), SetupError> {
 pub fn list_with_prefix(prefix: &str) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir(NETNS_DIR) else { return Vec::new() };
     let mut names: Vec<String> = dir
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.starts_with(prefix))
         .collect();

@@ -68,7 +68,7 @@ pub const KUBE_NODE: &str = "testbed-node";
 impl RunOptions {
     pub fn new(agent: Option<PathBuf>) -> RunOptions {
         RunOptions {
-            timeout: Duration::from_millis(1000),
+            timeout: Duration::from_secs(1),
             agent,
             agent_args: Vec::new(),
             keep_logs: false,
@@ -313,7 +313,7 @@ impl Session {
         };
         match &self.agent {
             None => {
-                report.notes.push("run without an agent (--no-agent): every probe expects plain connectivity".into())
+                report.notes.push("run without an agent (--no-agent): every probe expects plain connectivity".into());
             }
             Some(a) => {
                 if let Err(e) = a.process.check_alive("while probing") {
@@ -547,7 +547,7 @@ impl Session {
         let (src_port, tag) = (want.peer.port(), want.tag.unwrap_or(0));
         let listeners = self.listeners.as_ref().expect("listeners run while the session is up");
         let mut arrived = false;
-        for wait in [self.timeout / 2, self.timeout - self.timeout / 2] {
+        for wait in [self.timeout / 2, self.timeout.checked_sub(self.timeout / 2).unwrap()] {
             let ns = src.netns.open()?;
             let sent = blocking(move || netns::run_in(ns, move || probe::sctp_init(dst, src_port, tag))).await??;
             if let Err(why) = sent {
@@ -600,22 +600,18 @@ impl Session {
         }
         // The drop happened when the probe was sent; the event may still be on its way.
         let grace = (self.timeout / 2).max(Duration::from_millis(250));
-        match agent.collector.wait_for(grace, |ev| flow.is_policy_drop(ev)).await {
-            Some(ev) => {
-                let place = flow.place(&ev).unwrap_or("?");
-                let at = ev.endpoint.clone().unwrap_or_else(|| format!("endpoint {}", ev.endpoint_id));
-                result.observed = Observed::Deny;
-                result.decided_by = format!("{} ({place} {at})", events::describe(&ev));
-                result.detail = Some(format!("dropped at {place} of {at}: {}", events::describe(&ev)));
-            }
-            None => {
-                let ended =
-                    agent.collector.ended().map(|w| format!(" (verdict events stopped: {w})")).unwrap_or_default();
-                result.detail = Some(format!(
-                    "unexplained loss: no answer and no policy drop reported for this flow{}{ended}",
-                    related_drops(&agent.collector, flow)
-                ));
-            }
+        if let Some(ev) = agent.collector.wait_for(grace, |ev| flow.is_policy_drop(ev)).await {
+            let place = flow.place(&ev).unwrap_or("?");
+            let at = ev.endpoint.clone().unwrap_or_else(|| format!("endpoint {}", ev.endpoint_id));
+            result.observed = Observed::Deny;
+            result.decided_by = format!("{} ({place} {at})", events::describe(&ev));
+            result.detail = Some(format!("dropped at {place} of {at}: {}", events::describe(&ev)));
+        } else {
+            let ended = agent.collector.ended().map(|w| format!(" (verdict events stopped: {w})")).unwrap_or_default();
+            result.detail = Some(format!(
+                "unexplained loss: no answer and no policy drop reported for this flow{}{ended}",
+                related_drops(&agent.collector, flow)
+            ));
         }
     }
 
@@ -747,7 +743,7 @@ async fn start_agent_kube(
         let what = format!("registering {} as entity {:?}", spec.cidr, spec.entity);
         agent::call(what, CALL_TIMEOUT, client.put_ipcache(&spec)).await?;
     }
-    let wanted: Vec<String> = plan.pods.iter().map(|p| p.key()).collect();
+    let wanted: Vec<String> = plan.pods.iter().map(palisade_scenario::PlanPod::key).collect();
     let policies = plan.policies.iter().filter(|p| !p.expect_rejected).count();
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut outcome = PolicyOutcome::default();
@@ -813,14 +809,13 @@ fn allow_decided_by(flow: &Flow, events: &[MonitorEvent], endpoints: &HashMap<St
     for (place, end) in [("egress", &flow.src_endpoint), ("ingress", &flow.dst_endpoint)] {
         let Some(end) = end else { continue };
         let ev = events.iter().find(|e| flow.is_allow(e) && flow.place(e) == Some(place));
-        let text = match ev {
-            Some(ev) => events::describe(ev),
-            None => {
-                let enforced = endpoints
-                    .get(&end.key)
-                    .is_some_and(|e| if place == "egress" { e.egress_enforced } else { e.ingress_enforced });
-                if enforced { "policy".to_string() } else { "not enforced".to_string() }
-            }
+        let text = if let Some(ev) = ev {
+            events::describe(ev)
+        } else {
+            let enforced = endpoints
+                .get(&end.key)
+                .is_some_and(|e| if place == "egress" { e.egress_enforced } else { e.ingress_enforced });
+            if enforced { "policy".to_string() } else { "not enforced".to_string() }
         };
         if text != "not enforced" {
             parts.push(format!("{place}: {text}"));

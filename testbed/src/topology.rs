@@ -17,7 +17,7 @@
 //! The node's addresses sit on its loopback (this kernel has no dummy interfaces). The node
 //! answers the pods' ARP for the gateway 169.254.1.1 by proxy ARP (it has a route for it
 //! on another interface, the loopback); for IPv6 every host-side interface carries the
-//! link-local gateway fe80::1 itself. The node forwards between the /32 and /128 routes.
+//! link-local gateway `fe80::1` itself. The node forwards between the /32 and /128 routes.
 //! It has no route out, so nothing a scenario sends can leave the testbed: a "world"
 //! address exists only as the namespace the testbed made for it. IPv6 duplicate address
 //! detection and router solicitations are off, so addresses work at once.
@@ -244,7 +244,7 @@ pub struct Cni {
 
 /// A pod's namespace plumbed by the CNI plugin: ADD run inside the node's namespace (the
 /// plugin creates the veth pair there and moves its peer into the pod), with the pod's
-/// identity in CNI_ARGS and its scenario addresses from a static IPAM plugin.
+/// identity in `CNI_ARGS` and its scenario addresses from a static IPAM plugin.
 fn build_pod_with_cni(
     node: &Node,
     pod: &PlanPod,

@@ -196,7 +196,7 @@ pub struct DatapathCounters {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MonitorEvent {
-    /// Nanoseconds, CLOCK_MONOTONIC.
+    /// Nanoseconds, `CLOCK_MONOTONIC`.
     pub ts_ns: u64,
     pub endpoint_id: u32,
     /// `namespace/name` of the endpoint, when known.
@@ -244,7 +244,7 @@ pub struct ExplainRequest {
     /// Destination port; for ICMP the type (default 8, echo request).
     #[serde(default)]
     pub port: Option<u16>,
-    /// `TCP`, `UDP`, `SCTP`, `ICMP` or `ICMPv6`.
+    /// `TCP`, `UDP`, `SCTP`, `ICMP` or ICMPv6.
     pub protocol: String,
 }
 
@@ -325,7 +325,7 @@ pub struct BpfPolicyEntry {
     pub identity: u32,
     /// The peer identity's labels (`["any"]` for 0).
     pub labels: Vec<String>,
-    /// `ANY` (every protocol), `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6`.
+    /// `ANY` (every protocol), `TCP`, `UDP`, `SCTP`, `ICMP`, ICMPv6.
     pub protocol: String,
     /// `any`, a port (`8080`), a range (`8000-8003`); for ICMP the type.
     pub port: String,
@@ -339,7 +339,7 @@ pub struct BpfPolicyEntry {
     pub policies: Vec<String>,
     /// The rules behind the entry (`Kind namespace/name spec.ingress[0]`).
     pub rules: Vec<String>,
-    /// False if POLICY_LENGTHS does not list the entry's length: the datapath would never
+    /// False if `POLICY_LENGTHS` does not list the entry's length: the datapath would never
     /// look it up (a bug or a half-written update).
     pub probed: bool,
 }

@@ -169,7 +169,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
         println!("{}", s.join("  ").trim_end());
     };
-    line(header.iter().map(|h| h.to_string()).collect());
+    line(header.iter().map(std::string::ToString::to_string).collect());
     for r in rows {
         line(r);
     }
@@ -190,11 +190,9 @@ fn short_labels(labels: &[String]) -> String {
             out.insert(0, format!("ns={ns}"));
         } else if let Some(sa) = rest.strip_prefix("io.cilium.k8s.policy.serviceaccount=") {
             out.push(format!("sa={sa}"));
-        } else if rest.starts_with("io.cilium.k8s.namespace.labels.")
-            || rest.starts_with("io.cilium.k8s.policy.cluster=")
+        } else if !rest.starts_with("io.cilium.k8s.namespace.labels.")
+            && !rest.starts_with("io.cilium.k8s.policy.cluster=")
         {
-            continue;
-        } else {
             out.push(rest.to_string());
         }
     }

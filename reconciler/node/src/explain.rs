@@ -64,8 +64,7 @@ fn ipcache_identity(ipcache: &BTreeMap<Prefix, u32>, ip: IpAddr) -> u32 {
         // Family first: masking an IPv4 address with an IPv6 prefix length overflows.
         .filter(|((net, len), _)| net.is_ipv4() == ip.is_ipv4() && crate::ipcache::mask(ip, *len) == *net)
         .max_by_key(|((_, len), _)| *len)
-        .map(|(_, id)| *id)
-        .unwrap_or(if ip.is_ipv4() { reserved::WORLD_IPV4 } else { reserved::WORLD_IPV6 })
+        .map_or(if ip.is_ipv4() { reserved::WORLD_IPV4 } else { reserved::WORLD_IPV6 }, |(_, id)| *id)
 }
 
 fn parse_party(text: &str, hypothetical_id: u16, inp: &ExplainInputs<'_>) -> Result<Party, String> {
@@ -155,7 +154,7 @@ fn side(endpoint: Option<String>, d: Decision) -> SideDecision {
         endpoint,
         decision: decision.into(),
         entry,
-        rules: rules.iter().map(|r| r.to_string()).collect(),
+        rules: rules.iter().map(std::string::ToString::to_string).collect(),
         tiers: Vec::new(),
     }
 }
@@ -222,7 +221,7 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
     let decide_for = |p: &Party, dir: Direction, peer: u32| match p {
         Party::Local { view, name, .. } | Party::Hypothetical { view, name } => side(
             Some(name.clone()),
-            decide(desired.endpoints.get(&view.id).map(|p| p.as_ref()), dir, peer, protocol, port),
+            decide(desired.endpoints.get(&view.id).map(std::convert::AsRef::as_ref), dir, peer, protocol, port),
         ),
         Party::Address { .. } => side(None, Decision::NotLocal),
     };

@@ -94,7 +94,7 @@ pub fn load_str(text: &str, file: &Path) -> Result<Plan, ScenarioError> {
 
 /// The YAML parser's options for scenario files: YAML 1.2 booleans only (`yes` stays a
 /// string inside policy manifests, as in Kubernetes), and an empty value for a string key
-/// is the empty string, as before (serde_yaml did that).
+/// is the empty string, as before (`serde_yaml` did that).
 fn yaml_options() -> serde_saphyr::Options {
     serde_saphyr::options! {
         strict_booleans: true,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use super::model::{Expect, IpFamily, PodPort, ProbeProtocol, RawProbe};
 
 /// The node's own address (on the loopback of the node's namespace). 10.200.0.0/24 and
-/// fd00:10:200::/112 are kept for the testbed's infrastructure hosts: the node and the
+/// `fd00:10:200::/112` are kept for the testbed's infrastructure hosts: the node and the
 /// simulated entities.
 pub const NODE_IPV4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x200, 0, 0, 0, 0, 1);

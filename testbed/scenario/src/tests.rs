@@ -3,7 +3,7 @@ use std::path::Path;
 
 use super::*;
 
-const BASE: &str = r#"
+const BASE: &str = r"
 name: t
 namespaces:
   default: {}
@@ -28,7 +28,7 @@ policies:
       endpointSelector: {matchLabels: {app: backend}}
 probes:
   - {from: default/frontend, to: default/backend, port: 8080, protocol: TCP, expect: allow}
-"#;
+";
 
 fn load(text: &str) -> Result<Plan, ScenarioError> {
     load_str(text, Path::new("t.yaml"))
@@ -315,7 +315,7 @@ fn namespace_labels_may_be_null() {
 
 #[test]
 fn extra_probes_use_the_scenarios_pods_and_hosts_only() {
-    let text = r#"
+    let text = r"
 name: x
 namespaces: {default: {}}
 pods:
@@ -323,7 +323,7 @@ pods:
   - {name: b, namespace: default, ports: [{port: 80}]}
 probes:
   - {from: default/a, to: 203.0.113.7, port: 443, protocol: TCP, expect: deny}
-"#;
+";
     let plan = load_str(text, Path::new("x.yaml")).unwrap();
     let raw = |from: &str, to: &str, port: Option<u16>| RawProbe {
         from: from.into(),

@@ -388,7 +388,7 @@ fn resolve_probes(
         match (probe.protocol.is_icmp(), probe.port) {
             (true, Some(_)) => issues.push(Issue::invalid(at("port"), "ICMP probes have no port")),
             (false, None) => {
-                issues.push(Issue::invalid(at("port"), format!("a {} probe needs a destination port", probe.protocol)))
+                issues.push(Issue::invalid(at("port"), format!("a {} probe needs a destination port", probe.protocol)));
             }
             _ => {}
         }
@@ -461,15 +461,16 @@ fn resolve_ref(
 ) -> Option<HostRef> {
     let text = text.trim();
     if let Some(name) = text.strip_prefix("entity:") {
-        return match Entity::parse(name) {
-            Some(e) => Some(HostRef::Entity(e)),
-            None => {
-                issues.push(Issue::invalid(
-                    path,
-                    format!("unknown entity {name:?} (probes can name entity:host, entity:remote-node, entity:kube-apiserver)"),
-                ));
-                None
-            }
+        return if let Some(e) = Entity::parse(name) {
+            Some(HostRef::Entity(e))
+        } else {
+            issues.push(Issue::invalid(
+                path,
+                format!(
+                    "unknown entity {name:?} (probes can name entity:host, entity:remote-node, entity:kube-apiserver)"
+                ),
+            ));
+            None
         };
     }
     if let Ok(ip) = text.parse::<IpAddr>() {
@@ -491,12 +492,11 @@ fn resolve_ref(
         return Some(HostRef::World(ip));
     }
     if let Some((ns, name)) = text.split_once('/') {
-        return match by_key.get(&(ns, name)) {
-            Some(&i) => Some(HostRef::Pod(i)),
-            None => {
-                issues.push(Issue::invalid(path, format!("no pod {text:?} in the scenario")));
-                None
-            }
+        return if let Some(&i) = by_key.get(&(ns, name)) {
+            Some(HostRef::Pod(i))
+        } else {
+            issues.push(Issue::invalid(path, format!("no pod {text:?} in the scenario")));
+            None
         };
     }
     issues.push(Issue::invalid(path, format!("{text:?} is neither NAMESPACE/POD, entity:NAME nor an IP address")));
@@ -538,24 +538,23 @@ fn resolve_hosts(probes: &[PlanProbe], families: &[IpFamily]) -> Vec<PlanHost> {
     let mut hosts: Vec<PlanHost> = Vec::new();
     for p in probes {
         for (end, is_destination) in [(&p.from, false), (&p.to, true)] {
-            let i = match hosts.iter().position(|h| &h.host == end) {
-                Some(i) => i,
-                None => {
-                    let (ipv4, ipv6) = match end {
-                        HostRef::Pod(_) => continue,
-                        HostRef::World(IpAddr::V4(a)) => (Some(*a), None),
-                        HostRef::World(IpAddr::V6(a)) => (None, Some(*a)),
-                        HostRef::Entity(e) => {
-                            let (v4, v6) = e.addresses();
-                            (
-                                families.contains(&IpFamily::IPv4).then_some(v4),
-                                families.contains(&IpFamily::IPv6).then_some(v6),
-                            )
-                        }
-                    };
-                    hosts.push(PlanHost { host: end.clone(), ipv4, ipv6, ports: Vec::new() });
-                    hosts.len() - 1
-                }
+            let i = if let Some(i) = hosts.iter().position(|h| &h.host == end) {
+                i
+            } else {
+                let (ipv4, ipv6) = match end {
+                    HostRef::Pod(_) => continue,
+                    HostRef::World(IpAddr::V4(a)) => (Some(*a), None),
+                    HostRef::World(IpAddr::V6(a)) => (None, Some(*a)),
+                    HostRef::Entity(e) => {
+                        let (v4, v6) = e.addresses();
+                        (
+                            families.contains(&IpFamily::IPv4).then_some(v4),
+                            families.contains(&IpFamily::IPv6).then_some(v6),
+                        )
+                    }
+                };
+                hosts.push(PlanHost { host: end.clone(), ipv4, ipv6, ports: Vec::new() });
+                hosts.len() - 1
             };
             if let (true, Some(protocol), Some(port)) = (is_destination, p.protocol.port_protocol(), p.port) {
                 let ports = &mut hosts[i].ports;

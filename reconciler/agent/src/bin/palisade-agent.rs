@@ -41,8 +41,8 @@ struct Args {
     #[arg(long, env = "PALISADE_REPAIR_INTERVAL_SECS", default_value_t = 10)]
     repair_interval_secs: u64,
     /// Size of an eBPF map, NAME=ENTRIES (repeatable, or comma-separated in the
-    /// environment), e.g. POLICY=524288. Maps: ENDPOINTS, IPCACHE_V4, IPCACHE_V6,
-    /// IPCACHE_HOST_V4, IPCACHE_HOST_V6, POLICY, POLICY_LENGTHS, CONNTRACK, FRAGMENTS.
+    /// environment), e.g. POLICY=524288. Maps: ENDPOINTS, `IPCACHE_V4`, `IPCACHE_V6`,
+    /// `IPCACHE_HOST_V4`, `IPCACHE_HOST_V6`, POLICY, `POLICY_LENGTHS`, CONNTRACK, FRAGMENTS.
     #[arg(long = "map-size", env = "PALISADE_MAP_SIZES", value_delimiter = ',')]
     map_sizes: Vec<String>,
     /// How the programs are attached to pod interfaces: `tcx` (bpf links, kernel 6.6 and
