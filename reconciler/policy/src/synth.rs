@@ -167,8 +167,8 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// [`Cluster::generate`], and `tiered` ClusterNetworkPolicies (and v1alpha1
-    /// AdminNetworkPolicies) on top: Admin and Baseline tiers, few priorities (so that
+    /// [`Cluster::generate`], and `tiered` `ClusterNetworkPolicies` (and v1alpha1
+    /// `AdminNetworkPolicies`) on top: Admin and Baseline tiers, few priorities (so that
     /// policies share them), Accept, Deny and Pass, pod, namespace, network and node
     /// peers, ports, ranges and named ports overlapping those of the other rules.
     pub fn generate_tiered(shape: Shape, tiered: usize) -> Cluster {
@@ -193,7 +193,7 @@ fn tier_protocols(rng: &mut Rng, named: bool) -> Option<Value> {
         return None;
     }
     let mut list = Vec::new();
-    for _ in 0..1 + rng.below(3) {
+    for _ in 0..=rng.below(3) {
         list.push(match rng.below(8) {
             0 => json!({"tcp": {"destinationPort": {"range": {"start": 8000, "end": 8000 + 8 * (1 + rng.below(4))}}}}),
             1 => json!({"udp": {"destinationPort": {"number": 53}}}),
@@ -226,7 +226,7 @@ fn tiered_doc(shape: &Shape, rng: &mut Rng, r: usize) -> Value {
             continue;
         }
         let mut rules = Vec::new();
-        for _ in 0..1 + rng.below(3) {
+        for _ in 0..=rng.below(3) {
             let action = match rng.below(if admin { 3 } else { 2 }) {
                 0 => {
                     if v1alpha1 {
@@ -240,7 +240,7 @@ fn tiered_doc(shape: &Shape, rng: &mut Rng, r: usize) -> Value {
             };
             let mut peers = Vec::new();
             let mut pods_only = true;
-            for _ in 0..1 + rng.below(2) {
+            for _ in 0..=rng.below(2) {
                 peers.push(match rng.below(if direction == "egress" { 6 } else { 4 }) {
                     0 => json!({"namespaces": {"matchLabels": {"team": format!("t{}", rng.below(TEAMS))}}}),
                     1 => json!({"namespaces": {"matchLabels": {"env": "prod"}}}),

@@ -82,17 +82,14 @@ fn peer_matches(peer: &Peer, p: &PeerView) -> bool {
 /// of a world identity of the block's family for `0.0.0.0/0` and `::/0`).
 fn cidr_identity_in(block: &CidrBlock, labels: &LabelSet) -> bool {
     let cidr = labels.iter().find(|l| l.source == source::CIDR).and_then(|l| Prefix::parse(&l.key).ok());
-    match cidr {
-        Some((p, _)) => block.covers(&p),
-        None => {
-            let family = if block.cidr.is_ipv4() { "world-ipv4" } else { "world-ipv6" };
-            block.cidr.is_everything()
-                && !labels.has_source(source::K8S)
-                && (labels.get(family).is_some_and(|l| l.source == source::RESERVED)
-                    || (labels.get("world").is_some_and(|l| l.source == source::RESERVED)
-                        && labels.iter().count() == 1))
-        }
+    if let Some((p, _)) = cidr {
+        return block.covers(&p);
     }
+    let family = if block.cidr.is_ipv4() { "world-ipv4" } else { "world-ipv6" };
+    block.cidr.is_everything()
+        && !labels.has_source(source::K8S)
+        && (labels.get(family).is_some_and(|l| l.source == source::RESERVED)
+            || (labels.get("world").is_some_and(|l| l.source == source::RESERVED) && labels.iter().count() == 1))
 }
 
 /// Whether a port rule matches (protocol, port) on the destination. Named ports resolve on

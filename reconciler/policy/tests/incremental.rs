@@ -377,7 +377,7 @@ fn random_identity_changes_on_synthetic_clusters_equal_full_resolution() {
     random_identity_changes(0);
 }
 
-/// The same with ClusterNetworkPolicies and AdminNetworkPolicies of both tiers on top:
+/// The same with `ClusterNetworkPolicies` and `AdminNetworkPolicies` of both tiers on top:
 /// a tiered endpoint is recomputed in full on every identity change, and that too must
 /// equal full resolution.
 #[test]
@@ -502,7 +502,7 @@ fn random_policy_and_endpoint_changes(tiered: usize) {
                 }
                 2 if policies.len() > 1 => {
                     let (a, b) = (rng.below(policies.len()), rng.below(policies.len()));
-                    policies[a].rules = c.policies[b % c.policies.len()].rules.clone();
+                    policies[a].rules.clone_from(&c.policies[b % c.policies.len()].rules);
                     h.set_policies(policies, &format!("{what}: a policy changed"));
                 }
                 3 if h.endpoints.len() > 1 => {

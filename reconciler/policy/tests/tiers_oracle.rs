@@ -1,7 +1,7 @@
 //! The flattened tier chain against a packet-by-packet evaluation of the tier model.
 //!
-//! Random synthetic clusters (NetworkPolicy, CNP and CCNP rules, and ClusterNetworkPolicies
-//! and AdminNetworkPolicies of both tiers, few priorities, overlapping ports and ranges)
+//! Random synthetic clusters (NetworkPolicy, CNP and CCNP rules, and `ClusterNetworkPolicies`
+//! and `AdminNetworkPolicies` of both tiers, few priorities, overlapping ports and ranges)
 //! are resolved; then random packets (local endpoint, direction, peer address, protocol,
 //! port) are decided twice:
 //!
@@ -83,8 +83,9 @@ fn check(c: &Cluster, packets: impl IntoIterator<Item = Packet>, what: &str) -> 
         let ep = &c.endpoints[e];
         let id_full = identity_of(&full, &c.addresses, addr);
         let id_np = identity_of(&np, &c.addresses, addr);
-        let kernel = decide(full.endpoints.get(&ep.id).map(|p| p.as_ref()), direction, id_full, protocol, port);
-        let np_policy = np.endpoints.get(&ep.id).map(|p| p.as_ref());
+        let kernel =
+            decide(full.endpoints.get(&ep.id).map(std::convert::AsRef::as_ref), direction, id_full, protocol, port);
+        let np_policy = np.endpoints.get(&ep.id).map(std::convert::AsRef::as_ref);
         let np_selects = np_policy.is_some_and(|p| match direction {
             Direction::Ingress => p.ingress_enforced,
             Direction::Egress => p.egress_enforced,
@@ -230,7 +231,7 @@ spec:
 #[test]
 fn overlapping_ranges_at_different_priorities() {
     let c = cluster_with(
-        r#"
+        r"
 apiVersion: policy.networking.k8s.io/v1alpha2
 kind: ClusterNetworkPolicy
 metadata: {name: a-narrow-accept}
@@ -270,7 +271,7 @@ spec:
   subject: {namespaces: {}}
   ingress:
   - {action: Deny, from: [{namespaces: {}}]}
-"#,
+",
     );
     let ports = [1, 79, 80, 7999, 8000, 8079, 8080, 8085, 8090, 8091, 8100, 8101, 10000, 10001, 65535];
     let by_tier = check(&c, sweep(&c, &ports), "ranges");

@@ -606,7 +606,7 @@ fn peers(
     Ok(RulePeers { peers: Peers::Only(out), not_pods })
 }
 
-/// The CRD's DomainName pattern: an optional `*.`, then labels of letters, digits, '-'
+/// The CRD's `DomainName` pattern: an optional `*.`, then labels of letters, digits, '-'
 /// and '_' (not at either end of a label), at least two labels, an optional final dot.
 fn domain_name(name: &str) -> bool {
     let rest = name.strip_prefix("*.").unwrap_or(name);

@@ -4,6 +4,7 @@
 use crate::Policy;
 use crate::model::{Entity, Peer, Peers, PolicyKind, Port, PortRule, Protocol, Tier, TierPlace, Verdict};
 use crate::parse::{ManifestOutcome, PolicyError, parse_manifests};
+use std::fmt::Write as _;
 
 fn outcome(text: &str) -> ManifestOutcome {
     let mut out = parse_manifests(text, "test.yaml").expect("readable YAML");
@@ -25,10 +26,18 @@ fn rejected(text: &str) -> PolicyError {
     }
 }
 
+/// The lines of `spec`, indented by two spaces.
+fn indent(spec: &str) -> String {
+    spec.lines().fold(String::new(), |mut s, l| {
+        writeln!(s, "  {l}").unwrap();
+        s
+    })
+}
+
 fn cnp(spec: &str) -> String {
     format!(
         "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: p}}\nspec:\n{}",
-        spec.lines().map(|l| format!("  {l}\n")).collect::<String>()
+        indent(spec)
     )
 }
 
@@ -187,7 +196,10 @@ fn schema_and_cel_rejections() {
 
 #[test]
 fn too_many_rules_or_peers() {
-    let peers: String = (0..26).map(|i| format!("{{namespaces: {{matchLabels: {{n: x{i}}}}}}}, ")).collect();
+    let peers: String = (0..26).fold(String::new(), |mut s, i| {
+        write!(s, "{{namespaces: {{matchLabels: {{n: x{i}}}}}}}, ").unwrap();
+        s
+    });
     let e = rejected(&cnp(&format!("{SUBJECT}ingress: [{{action: Deny, from: [{peers}]}}]")));
     assert_eq!(e.path, "spec.ingress[0].from");
     let rules: String = (0..26).map(|_| "{action: Deny, from: [{namespaces: {}}]}, ").collect();
@@ -205,7 +217,7 @@ fn wrong_api_version() {
 fn anp(kind: &str, name: &str, spec: &str) -> String {
     format!(
         "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec:\n{}",
-        spec.lines().map(|l| format!("  {l}\n")).collect::<String>()
+        indent(spec)
     )
 }
 

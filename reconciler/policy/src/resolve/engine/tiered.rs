@@ -95,20 +95,18 @@ impl<'a> Chain<'a> {
     }
 
     fn blocks(&self, c: &'a CompiledPeerRule, peer: u32) -> Cow<'a, [(u8, u16, u8)]> {
-        match &c.fixed_blocks {
-            Some(b) => Cow::Borrowed(b),
-            None => {
-                let base = self.src.universe.get(peer).and_then(|m| m.base).unwrap_or(peer);
-                let mut out: Vec<(u8, u16, u8)> = c
-                    .ports
-                    .iter()
-                    .flat_map(|r| l4_blocks(r, c.direction, base, Some(self.endpoint), self.src.endpoints))
-                    .collect();
-                out.sort_unstable();
-                out.dedup();
-                Cow::Owned(out)
-            }
+        if let Some(b) = &c.fixed_blocks {
+            return Cow::Borrowed(b);
         }
+        let base = self.src.universe.get(peer).and_then(|m| m.base).unwrap_or(peer);
+        let mut out: Vec<(u8, u16, u8)> = c
+            .ports
+            .iter()
+            .flat_map(|r| l4_blocks(r, c.direction, base, Some(self.endpoint), self.src.endpoints))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        Cow::Owned(out)
     }
 
     /// The longest NetworkPolicy-tier entry of `peer` matching (protocol, port).
@@ -267,9 +265,8 @@ fn encode(t: &Target, with_none: bool) -> Vec<Made> {
     let value = |o: Outcome| -> Option<bool> {
         match o {
             Outcome::Allow => Some(false),
-            Outcome::Deny => Some(true),
             Outcome::Drop if with_none => None,
-            Outcome::Drop => Some(true),
+            Outcome::Deny | Outcome::Drop => Some(true),
         }
     };
     let mut out: Vec<Made> = Vec::new();
