@@ -108,7 +108,7 @@ fn a_policy_directory_replaces_the_scenarios_policies() {
     assert!(e.ingress.rules[0].contains("default/web"), "{e:?}");
 }
 
-/// With ClusterNetworkPolicies in force, each side lists the tier steps: Pass hops, then
+/// With `ClusterNetworkPolicies` in force, each side lists the tier steps: Pass hops, then
 /// the tier, priority and rule that decided (or the NetworkPolicy tier, or nothing).
 #[test]
 fn offline_explain_shows_the_tier_priority_rule_and_pass_hops() {
