@@ -130,6 +130,8 @@ fn offline_explain_shows_the_tier_priority_rule_and_pass_hops() {
         e.ingress.tiers,
         vec!["Admin tier, priority 10: ClusterNetworkPolicy pass-example spec.ingress[0]: Deny (decides)"]
     );
+    // Dropped like every peer the NetworkPolicy does not allow: no entry of its own.
+    assert_eq!(e.ingress.decision, "default-deny");
     assert_eq!(e.ingress.rules, vec!["ClusterNetworkPolicy pass-example spec.ingress[0] (Admin tier, priority 10)"]);
 
     let e = explain_in("tier-admin-pass-to-network-policy.yaml", "snakes/snake", "lions/lion", 80);

@@ -277,6 +277,14 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
                                   not isolated)"
                         .to_string(),
                 ];
+            } else if let (
+                "default-deny",
+                TierDecision::Admin { rule: r, allowed: false } | TierDecision::Baseline { rule: r, allowed: false },
+            ) = (out.decision.as_str(), &trace.decision)
+            {
+                // The identity is dropped like every other peer, so it has no entries of
+                // its own: the rule that drops it is the tier's.
+                out.rules = vec![format!("{} {} ({} tier, priority {})", r.policy, r.path, r.tier, r.priority)];
             } else if out.decision == "denied" && out.rules.is_empty() {
                 out.rules = vec![
                     "no rule allows it: the NetworkPolicy tier's default deny (written as a deny entry \
