@@ -121,6 +121,7 @@ mod tests {
             decision: decision.into(),
             entry: None,
             rules: rules.iter().map(std::string::ToString::to_string).collect(),
+            tiers: Vec::new(),
         }
     }
 

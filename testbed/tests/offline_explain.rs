@@ -138,3 +138,59 @@ fn offline_explain_of_each_node_agrees_with_the_cluster_fixtures() {
     assert!(checked >= 40, "only {checked} probes checked");
     assert!(wrong.is_empty(), "{} of {checked} disagree:\n{}", wrong.len(), wrong.join("\n"));
 }
+
+/// With `ClusterNetworkPolicies` in force, each side lists the tier steps: Pass hops, then
+/// the tier, priority and rule that decided (or the NetworkPolicy tier, or nothing).
+#[test]
+fn offline_explain_shows_the_tier_priority_rule_and_pass_hops() {
+    let explain_in = |file: &str, from: &str, to: &str, port: u16| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios").join(file);
+        let plan = scenario::load(&path).unwrap();
+        let state = scenario_state(&plan, None).unwrap();
+        let req = palisade_api::types::ExplainRequest {
+            from: from.into(),
+            to: to.into(),
+            port: Some(port),
+            protocol: "TCP".into(),
+        };
+        explain(&req, &state.inputs()).unwrap()
+    };
+    let e = explain_in("tier-admin-deny-beats-network-policy.yaml", "snakes/snake", "lions/lion", 80);
+    assert_eq!(e.verdict, "deny");
+    assert_eq!(
+        e.ingress.tiers,
+        vec!["Admin tier, priority 10: ClusterNetworkPolicy pass-example spec.ingress[0]: Deny (decides)"]
+    );
+    // Dropped like every peer the NetworkPolicy does not allow: no entry of its own.
+    assert_eq!(e.ingress.decision, "default-deny");
+    assert_eq!(e.ingress.rules, vec!["ClusterNetworkPolicy pass-example spec.ingress[0] (Admin tier, priority 10)"]);
+
+    let e = explain_in("tier-admin-pass-to-network-policy.yaml", "snakes/snake", "lions/lion", 80);
+    assert_eq!(e.verdict, "allow");
+    assert_eq!(
+        e.ingress.tiers,
+        vec![
+            "Admin tier, priority 10: ClusterNetworkPolicy pass-example spec.ingress[0]: Pass (on to the next tier)",
+            "NetworkPolicy tier: a policy of it selects lions/lion for ingress: its verdict decides",
+        ]
+    );
+    assert_eq!(e.ingress.rules, vec!["NetworkPolicy lions/allow-snakes spec.ingress[0]"]);
+
+    let e = explain_in("tier-admin-pass-to-baseline.yaml", "snakes/snake", "lions/lion", 8080);
+    assert_eq!(e.verdict, "deny");
+    assert_eq!(e.ingress.tiers.len(), 2, "{:?}", e.ingress.tiers);
+    assert!(e.ingress.tiers[0].ends_with("Pass (on to the next tier)"));
+    assert_eq!(
+        e.ingress.tiers[1],
+        "Baseline tier, priority 0: ClusterNetworkPolicy default spec.ingress[0]: Deny (decides: no \
+         NetworkPolicy-tier policy selects lions/lion for ingress)"
+    );
+
+    let e = explain_in("tier-admin-pass-to-baseline.yaml", "snakes/snake", "lions/lion", 9000);
+    assert_eq!(e.verdict, "allow");
+    assert!(e.ingress.tiers.last().unwrap().starts_with("no tier decides"), "{:?}", e.ingress.tiers);
+
+    // Without tiered policies nothing changes.
+    let e = explain_in("seed-allow-frontend-to-backend.yaml", "default/frontend", "default/backend", 8080);
+    assert!(e.ingress.tiers.is_empty() && e.egress.tiers.is_empty());
+}

@@ -295,6 +295,11 @@ pub struct SideDecision {
     pub entry: Option<String>,
     /// The rules behind that entry: `Kind namespace/name spec.ingress[0]`.
     pub rules: Vec<String>,
+    /// When `ClusterNetworkPolicies` (or v1alpha1 admin policies) are in force: how the
+    /// tiers decided this side, one line per step (Pass hops first, then the tier that
+    /// decided, with its priority and rule).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<String>,
 }
 
 /// Why a flow passes or not: the source's egress and the destination's ingress.

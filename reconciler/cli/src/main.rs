@@ -221,6 +221,9 @@ fn print_explanation(e: &Explanation) {
         for r in &s.rules {
             println!("           rule {r}");
         }
+        for t in &s.tiers {
+            println!("           tier {t}");
+        }
     };
     show("egress", &e.egress);
     show("ingress", &e.ingress);

@@ -16,8 +16,9 @@ use palisade_policy::CidrIdentities;
 use palisade_policy::explain::{Decision, decide};
 use palisade_policy::identity::IdentityAllocator;
 use palisade_policy::labels::LabelSet;
-use palisade_policy::model::{Direction, Policy};
+use palisade_policy::model::{Direction, Policy, Verdict};
 use palisade_policy::resolve::{DesiredState, EndpointView, resolve_full};
+use palisade_policy::tiers::{self, TierDecision, TierRule, Trace};
 
 use palisade_api::types::{ExplainRequest, Explanation, SideDecision};
 
@@ -138,7 +139,13 @@ fn side(endpoint: Option<String>, d: Decision) -> SideDecision {
             } else {
                 "built-in: no default deny here (enableDefaultDeny: false)".to_string()
             };
-            return SideDecision { endpoint, decision: "allowed".into(), entry: Some(entry), rules: vec![why] };
+            return SideDecision {
+                endpoint,
+                decision: "allowed".into(),
+                entry: Some(entry),
+                rules: vec![why],
+                tiers: Vec::new(),
+            };
         }
         Decision::Allowed { entry, rules } => ("allowed", Some(entry), rules),
         Decision::Denied { entry, rules } => ("denied", Some(entry), rules),
@@ -148,7 +155,37 @@ fn side(endpoint: Option<String>, d: Decision) -> SideDecision {
         decision: decision.into(),
         entry,
         rules: rules.iter().map(std::string::ToString::to_string).collect(),
+        tiers: Vec::new(),
     }
+}
+
+/// The tier model's steps for one side, as lines (see [`SideDecision::tiers`]).
+fn tier_lines(trace: &Trace, endpoint: &str, direction: Direction) -> Vec<String> {
+    let rule = |r: &TierRule| {
+        let action = match r.verdict {
+            Some(Verdict::Allow) => "Accept",
+            Some(Verdict::Deny) => "Deny",
+            Some(Verdict::Pass) => "Pass",
+            None => "-",
+        };
+        format!("{} tier, priority {}: {} {}: {action}", r.tier, r.priority, r.policy, r.path)
+    };
+    let mut out: Vec<String> = trace.passes.iter().map(|r| format!("{} (on to the next tier)", rule(r))).collect();
+    let dir = match direction {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    };
+    out.push(match &trace.decision {
+        TierDecision::Admin { rule: r, .. } => format!("{} (decides)", rule(r)),
+        TierDecision::NetworkPolicy => {
+            format!("NetworkPolicy tier: a policy of it selects {endpoint} for {dir}: its verdict decides")
+        }
+        TierDecision::Baseline { rule: r, .. } => {
+            format!("{} (decides: no NetworkPolicy-tier policy selects {endpoint} for {dir})", rule(r))
+        }
+        TierDecision::Default => format!("no tier decides for {endpoint} ({dir}): allowed"),
+    });
+    out
 }
 
 /// Explains one flow.
@@ -202,8 +239,61 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
         other => other.identity(),
     };
     let (from_identity, to_identity) = (peer_identity(&from), peer_identity(&to));
-    let egress = decide_for(&from, Direction::Egress, to_identity);
-    let ingress = decide_for(&to, Direction::Ingress, from_identity);
+    let mut egress = decide_for(&from, Direction::Egress, to_identity);
+    let mut ingress = decide_for(&to, Direction::Ingress, from_identity);
+    if tiers::any_tiered(inp.policies) {
+        let views: Vec<EndpointView> = inp.endpoints.iter().map(LocalEndpoint::view).collect();
+        let labels_of = |id: u32| {
+            inp.allocator
+                .get(id)
+                .or_else(|| desired.cidr_identities.get(&id))
+                .or_else(|| desired.address_identities.get(&id))
+                .cloned()
+                .unwrap_or_default()
+        };
+        for (me, peer, peer_id, dir, out) in [
+            (&from, &to, to_identity, Direction::Egress, &mut egress),
+            (&to, &from, from_identity, Direction::Ingress, &mut ingress),
+        ] {
+            let (Party::Local { view, name, .. } | Party::Hypothetical { view, name }) = me else { continue };
+            let labels = labels_of(peer_id);
+            let np = tiers::network_policy_tier_selects(inp.policies, view, dir);
+            let trace = tiers::evaluate(
+                inp.policies,
+                view,
+                &views,
+                dir,
+                tiers::PeerView { identity: peer_id, labels: &labels },
+                peer.identity(),
+                protocol,
+                port,
+                np,
+            );
+            out.tiers = tier_lines(&trace, name, dir);
+            // Entries the tier flattening wrote without a rule behind them.
+            if out.entry.is_some() && out.decision == "allowed" && matches!(trace.decision, TierDecision::Default) {
+                out.rules = vec![
+                    "built-in: no tier decides, so the flow is allowed (a ClusterNetworkPolicy subject is \
+                                  not isolated)"
+                        .to_string(),
+                ];
+            } else if let (
+                "default-deny",
+                TierDecision::Admin { rule: r, allowed: false } | TierDecision::Baseline { rule: r, allowed: false },
+            ) = (out.decision.as_str(), &trace.decision)
+            {
+                // The identity is dropped like every other peer, so it has no entries of
+                // its own: the rule that drops it is the tier's.
+                out.rules = vec![format!("{} {} ({} tier, priority {})", r.policy, r.path, r.tier, r.priority)];
+            } else if out.decision == "denied" && out.rules.is_empty() {
+                out.rules = vec![
+                    "no rule allows it: the NetworkPolicy tier's default deny (written as a deny entry \
+                                  by the tier flattening)"
+                        .to_string(),
+                ];
+            }
+        }
+    }
     let passes = |s: &SideDecision| matches!(s.decision.as_str(), "allowed" | "not-selected" | "not-local");
     let verdict = if passes(&egress) && passes(&ingress) { "allow" } else { "deny" };
     let label = |p: &Party, text: &str| match p {

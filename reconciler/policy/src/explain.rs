@@ -108,6 +108,7 @@ mod tests {
             rule_index: 0,
             peer_rule_index: 0,
             path: "spec.ingress[0]".into(),
+            tier: None,
         }])
     }
 

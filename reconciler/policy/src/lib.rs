@@ -20,6 +20,7 @@ pub mod resolve;
 pub mod selector;
 #[doc(hidden)]
 pub mod synth;
+pub mod tiers;
 pub mod yaml;
 
 pub use cidr::{CidrBlock, CidrIdentities, Prefix};

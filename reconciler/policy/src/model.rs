@@ -19,6 +19,12 @@ pub enum PolicyKind {
     CiliumNetworkPolicy,
     CiliumClusterwideNetworkPolicy,
     NetworkPolicy,
+    /// `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy (Admin or Baseline tier).
+    ClusterNetworkPolicy,
+    /// `policy.networking.k8s.io/v1alpha1` AdminNetworkPolicy: the Admin tier.
+    AdminNetworkPolicy,
+    /// `policy.networking.k8s.io/v1alpha1` BaselineAdminNetworkPolicy: the Baseline tier.
+    BaselineAdminNetworkPolicy,
 }
 
 impl PolicyKind {
@@ -27,12 +33,23 @@ impl PolicyKind {
             PolicyKind::CiliumNetworkPolicy => "CiliumNetworkPolicy",
             PolicyKind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
             PolicyKind::NetworkPolicy => "NetworkPolicy",
+            PolicyKind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            PolicyKind::AdminNetworkPolicy => "AdminNetworkPolicy",
+            PolicyKind::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
         }
     }
 
     /// Whether policies of this kind live in a namespace.
     pub fn is_namespaced(self) -> bool {
-        self != PolicyKind::CiliumClusterwideNetworkPolicy
+        matches!(self, PolicyKind::CiliumNetworkPolicy | PolicyKind::NetworkPolicy)
+    }
+
+    /// The kinds of the Admin and Baseline tiers (the others are the NetworkPolicy tier).
+    pub fn is_tiered(self) -> bool {
+        matches!(
+            self,
+            PolicyKind::ClusterNetworkPolicy | PolicyKind::AdminNetworkPolicy | PolicyKind::BaselineAdminNetworkPolicy
+        )
     }
 }
 
@@ -84,10 +101,49 @@ impl Protocol {
     pub const WITH_PORTS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 }
 
+/// The tiers of ClusterNetworkPolicy, in evaluation order. The NetworkPolicy tier
+/// (Kubernetes NetworkPolicy, CNP, CCNP) sits between them and has no value here: a
+/// policy of it has [`Policy::tier`] `None`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Tier {
+    /// Before the NetworkPolicy tier: Accept and Deny are final, Pass hands on.
+    Admin,
+    /// After the NetworkPolicy tier, only for pods that no policy of it selects.
+    Baseline,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Admin => "Admin",
+            Tier::Baseline => "Baseline",
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a tiered policy stands: its tier and its priority in it (0..=1000, lower first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct TierPlace {
+    pub tier: Tier,
+    pub priority: u32,
+}
+
 /// An accepted policy manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Policy {
     pub kind: PolicyKind,
+    /// Admin or Baseline tier (ClusterNetworkPolicy and the v1alpha1 kinds); `None`: the
+    /// NetworkPolicy tier. The rules of a tiered policy never put an endpoint under
+    /// default deny; their peer rules are ordered (first match decides, see
+    /// [`crate::tiers`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<TierPlace>,
     /// `None` for clusterwide policies.
     pub namespace: Option<String>,
     pub name: String,
@@ -139,11 +195,14 @@ impl Rule {
     }
 }
 
-/// Allow or deny.
+/// Allow or deny; Pass only in the Admin tier (hands the decision to the next tier).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Verdict {
+    /// Allow (ClusterNetworkPolicy's Accept).
     Allow,
     Deny,
+    /// ClusterNetworkPolicy's Pass: the rest of the tier is skipped.
+    Pass,
 }
 
 /// One item of `ingress`, `egress`, `ingressDeny` or `egressDeny`: traffic with these

@@ -166,6 +166,136 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// [`Cluster::generate`], and `tiered` `ClusterNetworkPolicies` (and v1alpha1
+    /// `AdminNetworkPolicies`) on top: Admin and Baseline tiers, few priorities (so that
+    /// policies share them), Accept, Deny and Pass, pod, namespace, network and node
+    /// peers, ports, ranges and named ports overlapping those of the other rules.
+    pub fn generate_tiered(shape: Shape, tiered: usize) -> Cluster {
+        let mut c = Cluster::generate(shape);
+        let mut rng = Rng::new(shape.seed.wrapping_mul(7919) ^ 0x7133);
+        let mut text = String::new();
+        for r in 0..tiered {
+            text.push_str("---\n");
+            text.push_str(&serde_json::to_string(&tiered_doc(&shape, &mut rng, r)).expect("json"));
+            text.push('\n');
+        }
+        if tiered > 0 {
+            c.policies.extend(accepted_policies(&text, "synthetic-tiered"));
+        }
+        c
+    }
+}
+
+/// A protocol list for a tiered rule: nothing (all traffic) or one to three entries.
+fn tier_protocols(rng: &mut Rng, named: bool) -> Option<Value> {
+    if rng.chance(30) {
+        return None;
+    }
+    let mut list = Vec::new();
+    for _ in 0..=rng.below(3) {
+        list.push(match rng.below(8) {
+            0 => json!({"tcp": {"destinationPort": {"range": {"start": 8000, "end": 8000 + 8 * (1 + rng.below(4))}}}}),
+            1 => json!({"udp": {"destinationPort": {"number": 53}}}),
+            2 if named => json!({"destinationNamedPort": "http"}),
+            3 => json!({"tcp": {"destinationPort": {"range": {"start": 1, "end": 1000}}}}),
+            4 => json!({"sctp": {"destinationPort": {"number": 5432}}}),
+            _ => json!({"tcp": {"destinationPort": {"number": 80 + 10 * rng.below(20)}}}),
+        });
+    }
+    Some(json!(list))
+}
+
+/// One tiered policy (see [`Cluster::generate_tiered`]).
+fn tiered_doc(shape: &Shape, rng: &mut Rng, r: usize) -> Value {
+    let admin = rng.chance(65);
+    let v1alpha1 = admin && rng.chance(20);
+    let subject = match rng.below(4) {
+        0 => json!({"namespaces": {}}),
+        1 => json!({"namespaces": {"matchLabels": {"team": format!("t{}", rng.below(TEAMS))}}}),
+        _ => json!({"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": app(shape, rng)}}}}),
+    };
+    let mut spec = serde_json::Map::new();
+    spec.insert("subject".into(), subject);
+    spec.insert("priority".into(), json!(10 * rng.below(4)));
+    if !v1alpha1 {
+        spec.insert("tier".into(), json!(if admin { "Admin" } else { "Baseline" }));
+    }
+    for direction in ["ingress", "egress"] {
+        if rng.chance(40) {
+            continue;
+        }
+        let mut rules = Vec::new();
+        for _ in 0..=rng.below(3) {
+            let action = match rng.below(if admin { 3 } else { 2 }) {
+                0 => {
+                    if v1alpha1 {
+                        "Allow"
+                    } else {
+                        "Accept"
+                    }
+                }
+                1 => "Deny",
+                _ => "Pass",
+            };
+            let mut peers = Vec::new();
+            let mut pods_only = true;
+            for _ in 0..=rng.below(2) {
+                peers.push(match rng.below(if direction == "egress" { 6 } else { 4 }) {
+                    0 => json!({"namespaces": {"matchLabels": {"team": format!("t{}", rng.below(TEAMS))}}}),
+                    1 => json!({"namespaces": {"matchLabels": {"env": "prod"}}}),
+                    2 | 3 => json!({"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": app(shape, rng)}}}}),
+                    4 => {
+                        pods_only = false;
+                        let c = rng.below(64) * 4;
+                        json!({"networks": [format!("10.128.{c}.0/24"), "203.0.113.0/24"]})
+                    }
+                    _ => {
+                        pods_only = false;
+                        json!({"nodes": {}})
+                    }
+                });
+            }
+            let peer_key = if direction == "ingress" { "from" } else { "to" };
+            let mut rule = serde_json::Map::new();
+            rule.insert("action".into(), json!(action));
+            rule.insert(peer_key.into(), json!(peers));
+            if let Some(protocols) = tier_protocols(rng, pods_only) {
+                if v1alpha1 {
+                    let ports: Vec<Value> = protocols
+                        .as_array()
+                        .expect("a list")
+                        .iter()
+                        .map(|p| {
+                            if let Some(name) = p.get("destinationNamedPort") {
+                                return json!({"namedPort": name});
+                            }
+                            let (proto, v) = p.as_object().expect("one protocol").iter().next().expect("one");
+                            let d = &v["destinationPort"];
+                            let proto = proto.to_ascii_uppercase();
+                            match d.get("number") {
+                                Some(n) => json!({"portNumber": {"protocol": proto, "port": n}}),
+                                None => json!({"portRange": {"protocol": proto, "start": d["range"]["start"], "end": d["range"]["end"]}}),
+                            }
+                        })
+                        .collect();
+                    rule.insert("ports".into(), json!(ports));
+                } else {
+                    rule.insert("protocols".into(), protocols);
+                }
+            }
+            rules.push(Value::Object(rule));
+        }
+        spec.insert(direction.into(), json!(rules));
+    }
+    let (api, kind) = if v1alpha1 {
+        ("policy.networking.k8s.io/v1alpha1", "AdminNetworkPolicy")
+    } else {
+        ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy")
+    };
+    json!({"apiVersion": api, "kind": kind, "metadata": {"name": format!("tier-{r}")}, "spec": Value::Object(spec)})
+}
+
 fn app(shape: &Shape, rng: &mut Rng) -> String {
     format!("app-{}", rng.below(shape.apps))
 }

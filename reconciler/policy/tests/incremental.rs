@@ -374,9 +374,24 @@ fn ip_blocks(policies: &[Policy]) -> Vec<palisade_policy::CidrBlock> {
 
 #[test]
 fn random_identity_changes_on_synthetic_clusters_equal_full_resolution() {
-    for seed in 1..=6 {
-        let shape = Shape { namespaces: 5, identities: 150, endpoints: 40, rules: 120, apps: 6, seed };
-        let c = Cluster::generate(shape);
+    random_identity_changes(0);
+}
+
+/// The same with `ClusterNetworkPolicies` and `AdminNetworkPolicies` of both tiers on top:
+/// a tiered endpoint is recomputed in full on every identity change, and that too must
+/// equal full resolution.
+#[test]
+fn random_identity_changes_on_tiered_synthetic_clusters_equal_full_resolution() {
+    random_identity_changes(25);
+}
+
+fn random_identity_changes(tiered: usize) {
+    // Tiered clusters are smaller: a tiered endpoint is recomputed in full on every
+    // identity change, and so is every step's full resolution (debug builds).
+    let (seeds, identities, endpoints) = if tiered > 0 { (4, 80, 16) } else { (6, 150, 40) };
+    for seed in 1..=seeds {
+        let shape = Shape { namespaces: 5, identities, endpoints, rules: 120, apps: 6, seed };
+        let c = Cluster::generate_tiered(shape, tiered);
         let blocks = ip_blocks(&c.policies);
         let mut rng = Rng::new(seed * 77);
         let mut h = Harness::new(c.policies.clone(), c.endpoints.clone(), c.identities.clone(), c.addresses.clone());
@@ -437,9 +452,20 @@ fn random_identity_changes_on_synthetic_clusters_equal_full_resolution() {
 /// synthetic clusters: incremental equals full resolution after every step.
 #[test]
 fn random_policy_and_endpoint_changes_on_synthetic_clusters_equal_full_resolution() {
+    random_policy_and_endpoint_changes(0);
+}
+
+/// The same with tiered policies: they are removed, put back and changed (their rules
+/// swapped with those of other policies, tiered or not) like the others.
+#[test]
+fn random_policy_and_endpoint_changes_on_tiered_synthetic_clusters_equal_full_resolution() {
+    random_policy_and_endpoint_changes(20);
+}
+
+fn random_policy_and_endpoint_changes(tiered: usize) {
     for seed in 1..=6 {
         let shape = Shape { namespaces: 4, identities: 120, endpoints: 30, rules: 80, apps: 6, seed };
-        let c = Cluster::generate(shape);
+        let c = Cluster::generate_tiered(shape, tiered);
         let mut rng = Rng::new(seed * 131);
         let mut h = Harness::new(c.policies.clone(), c.endpoints.clone(), c.identities.clone(), c.addresses.clone());
         let mut removed: Vec<Policy> = Vec::new();
@@ -447,6 +473,24 @@ fn random_policy_and_endpoint_changes_on_synthetic_clusters_equal_full_resolutio
         for step in 0..40 {
             let what = format!("seed {seed} step {step}");
             let mut policies = (*h.policies).clone();
+            if tiered > 0 && rng.chance(20) {
+                // A tiered policy moves to another priority (or tier).
+                let tiered_at: Vec<usize> = (0..policies.len()).filter(|i| policies[*i].tier.is_some()).collect();
+                if let Some(&k) = tiered_at.get(rng.below(tiered_at.len().max(1))) {
+                    let passes = policies[k]
+                        .rules
+                        .iter()
+                        .flat_map(|r| r.ingress.iter().chain(&r.egress))
+                        .any(|p| p.verdict == palisade_policy::model::Verdict::Pass);
+                    let place = policies[k].tier.as_mut().expect("tiered");
+                    place.priority = 10 * rng.below(4) as u32 + 5 * rng.below(2) as u32;
+                    if rng.chance(20) && !passes {
+                        place.tier = palisade_policy::model::Tier::Baseline;
+                    }
+                    h.set_policies(policies, &format!("{what}: a tiered policy's priority changes"));
+                    continue;
+                }
+            }
             match rng.below(6) {
                 0 if policies.len() > 1 => {
                     removed.push(policies.remove(rng.below(policies.len())));
@@ -458,7 +502,7 @@ fn random_policy_and_endpoint_changes_on_synthetic_clusters_equal_full_resolutio
                 }
                 2 if policies.len() > 1 => {
                     let (a, b) = (rng.below(policies.len()), rng.below(policies.len()));
-                    policies[a].rules = c.policies[b % c.policies.len()].rules.clone();
+                    policies[a].rules.clone_from(&c.policies[b % c.policies.len()].rules);
                     h.set_policies(policies, &format!("{what}: a policy changed"));
                 }
                 3 if h.endpoints.len() > 1 => {

@@ -10,6 +10,9 @@ mod icmp;
 pub mod limits;
 mod network_policy;
 mod raw;
+mod tiers;
+
+pub use tiers::BANP_PRIORITY;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -221,7 +224,15 @@ fn defined_policy(outcome: &ManifestOutcome) -> Option<(String, Option<String>, 
         ManifestOutcome::Accepted(p) => Some((p.kind.to_string(), p.namespace.clone(), p.name.clone())),
         ManifestOutcome::Rejected(e) => {
             let kind = e.kind.as_deref()?;
-            let known = ["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy"].contains(&kind);
+            let known = [
+                "CiliumNetworkPolicy",
+                "CiliumClusterwideNetworkPolicy",
+                "NetworkPolicy",
+                "ClusterNetworkPolicy",
+                "AdminNetworkPolicy",
+                "BaselineAdminNetworkPolicy",
+            ]
+            .contains(&kind);
             let name = e.name.as_deref().filter(|n| !n.is_empty())?;
             known.then(|| (kind.to_owned(), e.namespace.clone(), name.to_owned()))
         }
@@ -345,10 +356,21 @@ fn parse_document(value: Value, source: &str, document: usize) -> ManifestOutcom
             check_api_version(v, "networking.k8s.io/v1", "NetworkPolicy")
                 .and_then(|()| network_policy::translate(value, source))
         }
+        (Some("ClusterNetworkPolicy"), v) => {
+            namespace = None;
+            check_api_version(v, "policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy")
+                .and_then(|()| tiers::translate_cluster_network_policy(value, source))
+        }
+        (Some(k @ ("AdminNetworkPolicy" | "BaselineAdminNetworkPolicy")), v) => {
+            namespace = None;
+            check_api_version(v, "policy.networking.k8s.io/v1alpha1", k)
+                .and_then(|()| tiers::translate_v1alpha1(value, source, k == "BaselineAdminNetworkPolicy"))
+        }
         (Some(other), _) => Err(Invalid::new(
             "kind",
             format!("{other} is not a policy kind palisade knows"),
-            "use CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy; \
+            "use CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy, ClusterNetworkPolicy \
+             (or the v1alpha1 AdminNetworkPolicy and BaselineAdminNetworkPolicy); \
              keep other resources out of policy files",
         )),
         (None, _) if value.get("kind").is_some_and(|k| !k.is_null()) => Err(Invalid::new(

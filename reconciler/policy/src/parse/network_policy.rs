@@ -94,6 +94,7 @@ pub(super) fn translate(value: Value, origin: &str) -> Result<Policy, Invalid> {
     let rule = Rule { path: "spec".to_owned(), subject, enforce_ingress, enforce_egress, ingress, egress };
     Ok(Policy {
         kind: PolicyKind::NetworkPolicy,
+        tier: None,
         namespace: Some(namespace),
         name,
         source: origin.to_owned(),

@@ -12,7 +12,7 @@ use serde::{Serialize, Serializer};
 
 use crate::identity;
 use crate::labels::LabelSet;
-use crate::model::{Direction, PeerRule, Policy, PolicyKind};
+use crate::model::{Direction, PeerRule, Policy, PolicyKind, TierPlace};
 use crate::ports::{block_contains, block_last};
 
 /// The desired policy of every endpoint, by endpoint id, and the CIDR identities the
@@ -136,6 +136,9 @@ pub struct RuleOrigin {
     pub peer_rule_index: usize,
     /// Where the peer rule is in the manifest (`spec.ingressDeny[1]`).
     pub path: String,
+    /// The tier and priority of a ClusterNetworkPolicy (or v1alpha1 admin policy) rule;
+    /// `None` in the NetworkPolicy tier.
+    pub tier: Option<TierPlace>,
 }
 
 impl fmt::Display for RuleOrigin {
@@ -145,7 +148,11 @@ impl fmt::Display for RuleOrigin {
         if let Some(ns) = &self.namespace {
             write!(f, "{ns}/")?;
         }
-        write!(f, "{} {}", self.name, self.path)
+        write!(f, "{} {}", self.name, self.path)?;
+        if let Some(place) = &self.tier {
+            write!(f, " ({} tier, priority {})", place.tier, place.priority)?;
+        }
+        Ok(())
     }
 }
 

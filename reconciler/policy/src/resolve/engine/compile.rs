@@ -11,7 +11,9 @@ use std::sync::Arc;
 use super::super::{RuleOrigin, l4_blocks};
 use crate::cidr::CidrBlock;
 use crate::identity;
-use crate::model::{Direction, Entity, Peer, Peers, Policy, PolicyKind, Port, PortRule, Protocol, Rule, Verdict};
+use crate::model::{
+    Direction, Entity, Peer, Peers, Policy, PolicyKind, Port, PortRule, Protocol, Rule, TierPlace, Verdict,
+};
 use crate::selector::EndpointSelector;
 
 /// A policy's name: policies with the same name replace each other.
@@ -44,9 +46,22 @@ pub(super) enum PeerRef {
     Peer(u32),
 }
 
+/// Where the rule of a tiered policy stands among all tiered rules: tier, priority, then
+/// the policy's kind and name (policies of one priority are ordered by name, so that the
+/// order is the same however the rules were compiled).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct TierOrder {
+    pub place: TierPlace,
+    pub kind: PolicyKind,
+    pub name: String,
+}
+
 /// One rule of one policy, compiled.
 #[derive(Clone, Debug)]
 pub(super) struct FlatRule {
+    /// `Some` for the rules of Admin and Baseline tier policies: their peer rules are
+    /// ordered (first match decides) and they enforce nothing.
+    pub order: Option<TierOrder>,
     pub subject: EndpointSelector,
     /// Whether the rule puts ingress, egress under default deny.
     pub enforce: [bool; 2],
@@ -191,6 +206,7 @@ impl CompiledRules {
 
     fn compile_rule(&mut self, p: &Policy, ri: usize, rule: &Rule) -> FlatRule {
         let mut flat = FlatRule {
+            order: p.tier.map(|place| TierOrder { place, kind: p.kind, name: p.name.clone() }),
             subject: rule.subject.clone(),
             enforce: [rule.enforce_ingress, rule.enforce_egress],
             peer_rules: Vec::new(),
@@ -205,6 +221,7 @@ impl CompiledRules {
                     rule_index: ri,
                     peer_rule_index: i,
                     path: pr.path.clone(),
+                    tier: p.tier,
                 });
                 let fixed = pr.ports.iter().all(|r| !matches!(r.port, Port::Named(_)));
                 let ports = if pr.ports.is_empty() {

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::super::{EndpointView, EntryKey, l4_blocks};
-use super::compile::{CompiledPeerRule, CompiledRules, PeerRef};
+use super::compile::{CompiledPeerRule, CompiledRules, PeerRef, TierOrder};
 use super::selections::{SelKey, Selections};
 use super::universe::Universe;
 use super::verdicts::Raw;
@@ -14,7 +14,7 @@ use crate::identity;
 use crate::model::{Direction, Peer, Verdict};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PeerSet {
+pub(super) enum PeerSet {
     Any,
     Sel(usize),
 }
@@ -25,10 +25,24 @@ struct Contribution {
     peers: PeerSet,
 }
 
+/// A peer rule of an Admin or Baseline tier policy selecting the endpoint, with its
+/// place in the evaluation order.
+#[derive(Clone, Debug)]
+pub(super) struct TieredContribution {
+    /// (tier order of its rule, position of the peer rule in its rule).
+    pub order: (TierOrder, usize),
+    pub rule: u32,
+    pub peers: Vec<PeerSet>,
+}
+
 /// What the rules selecting one endpoint give it.
 #[derive(Clone, Debug, Default)]
 pub(super) struct EndpointContributions {
+    /// The NetworkPolicy tier's.
     contributions: Vec<Contribution>,
+    /// The Admin and Baseline tiers', in evaluation order (Admin by priority, then
+    /// Baseline by priority; rule order within a policy).
+    pub tiered: Vec<TieredContribution>,
     pub enforce: [bool; 2],
     /// Whether some direction has deny rules without default deny: then the direction
     /// holds its denies and one allow for any peer, and updates recompute the endpoint.
@@ -39,6 +53,12 @@ impl EndpointContributions {
     /// Whether some contribution has a named port (its L4 blocks depend on the endpoints).
     pub fn names_ports(&self, rules: &CompiledRules) -> bool {
         self.contributions.iter().any(|c| rules.peer_rule(c.rule).fixed_blocks.is_none())
+            || self.tiered.iter().any(|c| rules.peer_rule(c.rule).fixed_blocks.is_none())
+    }
+
+    /// Whether some Admin or Baseline tier rule selects the endpoint in `direction`.
+    pub fn tiered_in(&self, direction: Direction, rules: &CompiledRules) -> bool {
+        self.tiered.iter().any(|c| rules.peer_rule(c.rule).direction == direction)
     }
 }
 
@@ -82,6 +102,24 @@ impl Contributions {
         let mut st = EndpointContributions::default();
         for &fi in selecting {
             let flat = rules.rule(fi);
+            if let Some(order) = &flat.order {
+                for (position, (pr, refs)) in flat.peer_rules.iter().enumerate() {
+                    let peers = refs
+                        .iter()
+                        .map(|r| match *r {
+                            PeerRef::Any => PeerSet::Any,
+                            PeerRef::Peer(peer) => PeerSet::Sel(selections.use_for(
+                                SelKey { peer, requires: Vec::new() },
+                                ep,
+                                rules,
+                                universe,
+                            )),
+                        })
+                        .collect();
+                    st.tiered.push(TieredContribution { order: (order.clone(), position), rule: *pr, peers });
+                }
+                continue;
+            }
             st.enforce[0] |= flat.enforce[0];
             st.enforce[1] |= flat.enforce[1];
             for (pr, refs) in &flat.peer_rules {
@@ -113,15 +151,24 @@ impl Contributions {
                 st.deny_without_default = true;
             }
         }
+        st.tiered.sort_by(|a, b| a.order.cmp(&b.order));
         self.by_endpoint.insert(ep, st);
     }
 
     /// Takes endpoint `ep`'s contributions out, and the endpoint out of its selections'
     /// users.
     pub fn forget(&mut self, ep: u16, selections: &mut Selections) {
-        for c in self.by_endpoint.remove(&ep).map(|st| st.contributions).unwrap_or_default() {
+        let Some(st) = self.by_endpoint.remove(&ep) else { return };
+        for c in st.contributions {
             if let PeerSet::Sel(s) = c.peers {
                 selections.stop_using(s, ep);
+            }
+        }
+        for c in st.tiered {
+            for p in c.peers {
+                if let PeerSet::Sel(s) = p {
+                    selections.stop_using(s, ep);
+                }
             }
         }
     }

@@ -55,6 +55,7 @@ mod addresses;
 mod compile;
 mod contributions;
 mod selections;
+mod tiered;
 mod universe;
 mod verdicts;
 
@@ -500,6 +501,16 @@ impl PolicyResolver {
         if self.options.allow_localhost {
             super::allow_localhost(&mut policy);
         }
+        if !st.tiered.is_empty() {
+            let sources = Sources {
+                rules: &self.rules,
+                selections: &self.selections,
+                universe: &self.universe,
+                endpoints: &self.inputs.endpoints,
+            };
+            let flat = tiered::flatten(&policy, st, &sources, ep);
+            flat.apply(&mut policy, &mut self.rules.origins);
+        }
         policy
     }
 
@@ -508,7 +519,9 @@ impl PolicyResolver {
     fn update_identity_entries(&mut self, ep: u16, ids: &BTreeSet<u32>) -> usize {
         let Some(i) = self.position(ep) else { return 0 };
         let st = self.contributions.get(ep).expect("only endpoints with contributions are updated");
-        if st.deny_without_default {
+        // A direction with deny rules but no default deny, or one that tiered rules
+        // select: every identity's entries depend on the others (see `tiered`).
+        if st.deny_without_default || !st.tiered.is_empty() {
             let new = self.endpoint_policy(i);
             return self.replace_endpoint_policy(ep, new);
         }
