@@ -28,7 +28,7 @@ use palisade_common::{
 
 use crate::{
     conntrack::{TCP_ACK, TCP_SYN},
-    maps::{CONFIG, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS},
+    maps::{CONFIG, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS, SCRATCH},
     parse::{Packet, Parsed, Reject, fragment, icmp_class},
 };
 
@@ -76,7 +76,17 @@ struct Verdict {
 fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     // SAFETY: `skb` is the context pointer the kernel passed to the program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let mut pkt = Packet::empty();
+    // The packet's parsed fields live in a per-CPU scratch slot, not on the stack: the
+    // stack stays within its 512 bytes, and the verifier, which does not track what map
+    // memory holds, checks the decision once for all header chains instead of once for
+    // every chain it can tell apart.
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
+        return Err(TC_ACT_SHOT);
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, used by nothing else while the program
+    // runs (programs do not migrate, and tc programs do not nest on one CPU).
+    let pkt = unsafe { &mut *slot };
+    *pkt = Packet::empty();
     let mut v = Verdict {
         reason: reason::ALLOWED_ALWAYS,
         match_kind: match_kind::NONE,
@@ -90,11 +100,11 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         None => {
             // The programs run only on endpoints' interfaces: one without a record is a pod
             // the table could not hold, or one not (or no longer) registered. Fail closed.
-            let _ = parse::parse(ctx, &mut pkt);
+            let _ = parse::parse(ctx, pkt);
             v.reason = reason::DROP_NO_ENDPOINT;
             let len = ctx.len();
             count(v.reason, dir, len);
-            report(ifindex, &EndpointInfo::default(), dir, &pkt, &v, len);
+            report(ifindex, &EndpointInfo::default(), dir, pkt, &v, len);
             return Err(TC_ACT_SHOT);
         }
     };
@@ -102,9 +112,9 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         if dir == direction::EGRESS { endpoint_flags::EGRESS_ENFORCED } else { endpoint_flags::INGRESS_ENFORCED };
     let enforced = ep.flags & enforce_bit != 0;
 
-    match parse::parse(ctx, &mut pkt) {
+    match parse::parse(ctx, pkt) {
         Ok(Parsed::Arp) => {}
-        Ok(Parsed::Ip) => decide(ctx, &ep, dir, enforced, &mut pkt, &mut v),
+        Ok(Parsed::Ip) => decide(ctx, &ep, dir, enforced, pkt, &mut v),
         // Outside the grammar: dropped whether or not policy is enforced, since what the
         // kernel would make of it is not what the program saw.
         Err(Reject(r)) => {
@@ -113,13 +123,13 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         }
     }
     if pkt.frag == fragment::FIRST {
-        remember_fragment(&pkt, v.reason);
+        remember_fragment(pkt, v.reason);
     }
 
     let len = ctx.len();
     count(v.reason, dir, len);
     if v.report {
-        report(ifindex, &ep, dir, &pkt, &v, len);
+        report(ifindex, &ep, dir, pkt, &v, len);
     }
     if reason::is_drop(v.reason) { Err(TC_ACT_SHOT) } else { Ok(TC_ACT_UNSPEC) }
 }

@@ -5,6 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
+use crate::parse::Packet;
 use palisade_common::{
     COUNTER_SLOTS, Counter, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IpcacheValue, Ipv4Prefix, Ipv6Prefix,
     PolicyKey, PolicyLengthsKey, PolicyValue, config, map_sizes,
@@ -49,3 +50,7 @@ pub static CONFIG: Array<u32> = Array::pinned(config::SLOTS, 0);
 
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(map_sizes::FRAGMENTS, 0);
+
+/// Scratch space of one packet (not pinned: nothing outside the program reads it).
+#[map]
+pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);

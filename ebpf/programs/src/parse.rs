@@ -210,14 +210,35 @@ pub fn load<T: Copy>(ctx: &TcContext, off: u32) -> Result<T, Reject> {
     ctx.load::<T>(off as usize).map_err(|_| MALFORMED)
 }
 
-/// [`load`] within the IP packet: bytes past `l3_end` (the end the IP header's length
-/// field gives; what follows is link-layer padding the kernel trims) count as missing.
+/// A read at `off` within the IP packet: bytes past `l3_end` (the end the IP header's
+/// length field gives; what follows is link-layer padding the kernel trims) count as
+/// missing. Always through `bpf_skb_load_bytes`: the offset, which depends on header
+/// lengths read from the packet, is then only a helper argument, and the verifier can
+/// merge the states of different header chains instead of following each one to the end
+/// (direct packet access would make every offset a distinct state).
 #[inline(always)]
 pub fn load_in<T: Copy>(ctx: &TcContext, l3_end: u32, off: u32) -> Result<T, Reject> {
     if off as u64 + size_of::<T>() as u64 > l3_end as u64 {
         return Err(MALFORMED);
     }
-    load(ctx, off)
+    ctx.load::<T>(off as usize).map_err(|_| MALFORMED)
+}
+
+/// [`load_in`] for the L4 header: straight from the linear data when the header sits right
+/// behind a fixed-size IP header (no IPv4 options, no IPv6 extension headers: nearly every
+/// packet), at an offset the verifier knows.
+#[inline(always)]
+fn load_l4<T: Copy>(ctx: &TcContext, pkt: &Packet, off: u32) -> Result<T, Reject> {
+    if off as u64 + size_of::<T>() as u64 > pkt.l3_end as u64 {
+        return Err(MALFORMED);
+    }
+    if off == ETH_HLEN + 20 {
+        return load::<T>(ctx, ETH_HLEN + 20);
+    }
+    if off == ETH_HLEN + IPV6_HLEN {
+        return load::<T>(ctx, ETH_HLEN + IPV6_HLEN);
+    }
+    load_in(ctx, pkt.l3_end, off)
 }
 
 /// Whether `protocol` is the ICMP of the family: ICMP (1) in IPv4, ICMPv6 (58) in IPv6.
@@ -385,7 +406,7 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Reject> {
     match pkt.protocol {
         proto::TCP => {
             // sport, dport, seq, ack, data offset, flags
-            match load_in::<[u8; 14]>(ctx, end, off) {
+            match load_l4::<[u8; 14]>(ctx, pkt, off) {
                 Ok(t) => {
                     if t[12] >> 4 < 5 {
                         return Err(MALFORMED);
@@ -405,12 +426,12 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Reject> {
             }
         }
         proto::UDP | proto::SCTP | PROTO_UDPLITE => {
-            let p = load_in::<[u8; 4]>(ctx, end, off)?;
+            let p = load_l4::<[u8; 4]>(ctx, pkt, off)?;
             set_ports(pkt, u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]), 0);
         }
         p if is_icmp(pkt.family, p) => {
             // type, code, checksum, identifier (echo), sequence
-            let i = load_in::<[u8; 8]>(ctx, end, off)?;
+            let i = load_l4::<[u8; 8]>(ctx, pkt, off)?;
             set_ports(pkt, i[1] as u16, i[0] as u16, u16::from_be_bytes([i[4], i[5]]));
         }
         _ => {}

@@ -859,9 +859,12 @@ fn tcx_attach_is_idempotent_survives_restart_and_detaches() {
         let mut maps = dp.take_maps().unwrap();
         let ep = EndpointInfo { endpoint_id: 5, flags: endpoint_flags::INGRESS_ENFORCED, ..Default::default() };
         maps.endpoints.insert(ifindex, ep, 0).unwrap();
+        // Loopback: an endpoint enforcing nothing (an interface without a record would be
+        // dropped as well: the datapath fails closed).
+        maps.endpoints.insert(LO, EndpointInfo { endpoint_id: 6, ..Default::default() }, 0).unwrap();
         let frame = tcp4(PEER, POD, 1, 80, TCP_SYN);
         assert_dropped(dp.test_run(Hook::ToPod, &frame, Some(ifindex)).unwrap(), "endpoint at the veth's ifindex");
-        assert_passed(dp.test_run(Hook::ToPod, &frame, None).unwrap(), "loopback is no endpoint");
+        assert_passed(dp.test_run(Hook::ToPod, &frame, None).unwrap(), "loopback is another endpoint");
         drop(maps);
 
         // The agent exits: the links stay, with the old programs.
