@@ -658,11 +658,25 @@ impl Episode {
 }
 
 fn addr4(rng: &mut Rng) -> [u8; 4] {
-    rng.pick(&[PEER, OTHER, NODE, WORLD, CIDR_HOST, POD, [10, 0, 0, 9]])
+    rng.pick(&[PEER, PEER, PEER, PEER, OTHER, NODE, WORLD, CIDR_HOST, POD, [10, 0, 0, 9]])
 }
 
 fn addr6(rng: &mut Rng) -> [u8; 16] {
-    rng.pick(&[PEER6, OTHER6, NODE6, WORLD6, LINK_LOCAL, GATEWAY_LL, ALL_NODES, GLOBAL_MCAST, [0; 16], POD6])
+    rng.pick(&[
+        PEER6,
+        PEER6,
+        PEER6,
+        PEER6,
+        OTHER6,
+        NODE6,
+        WORLD6,
+        LINK_LOCAL,
+        GATEWAY_LL,
+        ALL_NODES,
+        GLOBAL_MCAST,
+        [0; 16],
+        POD6,
+    ])
 }
 
 /// The L4 header (and a little payload) of a new packet.
@@ -754,7 +768,7 @@ fn reply_to(rng: &mut Rng, hook: Hook, ip: &[u8]) -> Option<(Hook, Vec<u8>)> {
 /// One random frame: (hook, ingress interface, frame).
 fn frame(rng: &mut Rng, ep: &mut Episode) -> (Hook, u32, Vec<u8>) {
     let iif = if rng.chance(85) { 0 } else { rng.pick(&[UPLINK_IF, OTHER_IF, LO, 5]) };
-    if !ep.sent.is_empty() && rng.chance(25) {
+    if !ep.sent.is_empty() && rng.chance(35) {
         let (h, ip) = ep.sent[rng.below(ep.sent.len() as u64) as usize].clone();
         if let Some((hook, r)) = reply_to(rng, h, &ip) {
             let ethertype = if r[0] >> 4 == 6 { ETH_IPV6 } else { ETH_IPV4 };
@@ -765,7 +779,19 @@ fn frame(rng: &mut Rng, ep: &mut Episode) -> (Hook, u32, Vec<u8>) {
     let hook = if rng.chance(50) { Hook::FromPod } else { Hook::ToPod };
     let out = hook == Hook::FromPod;
     let v6 = rng.chance(45);
-    let protocol = if rng.chance(8) {
+    // A third of the frames start a flow the policy allows (so that replies, related errors
+    // and later fragments have something to belong to); the rest are anything.
+    let legit = rng.chance(33);
+    let allowed: &[(u8, u16)] = match (out, v6) {
+        (false, false) => &[(proto::TCP, 8080), (proto::UDP, 5353), (proto::SCTP, 3868), (proto::ICMP, 8)],
+        (false, true) => &[(proto::TCP, 8080), (proto::UDP, 5353), (proto::ICMPV6, 128)],
+        (true, false) => &[(proto::TCP, 6000), (proto::UDP, 9999), (proto::ICMP, 8)],
+        (true, true) => &[(proto::TCP, 6000), (proto::UDP, 9999), (proto::ICMPV6, 128)],
+    };
+    let (legit_protocol, legit_port) = rng.pick(allowed);
+    let protocol = if legit {
+        legit_protocol
+    } else if rng.chance(8) {
         rng.pick(&[proto::ICMP, proto::ICMPV6, 4, 41, 47, 50, 59, 255, 0])
     } else if v6 {
         rng.pick(&[proto::TCP, proto::TCP, proto::UDP, proto::ICMPV6, proto::ICMPV6, proto::SCTP, 136])
@@ -773,9 +799,22 @@ fn frame(rng: &mut Rng, ep: &mut Episode) -> (Hook, u32, Vec<u8>) {
         rng.pick(&[proto::TCP, proto::TCP, proto::UDP, proto::ICMP, proto::SCTP, 136])
     };
     let mut body = l4(rng, ep, protocol, v6);
+    if legit {
+        if is_icmp(v6, protocol) {
+            body[0] = legit_port as u8;
+        } else {
+            body[2..4].copy_from_slice(&legit_port.to_be_bytes());
+        }
+    }
     let ip = if v6 {
-        let own = if rng.chance(85) { rng.pick(&[POD6, POD6, LINK_LOCAL, [0; 16], ALL_NODES]) } else { addr6(rng) };
-        let peer = addr6(rng);
+        let own = if legit {
+            POD6
+        } else if rng.chance(85) {
+            rng.pick(&[POD6, POD6, LINK_LOCAL, [0; 16], ALL_NODES])
+        } else {
+            addr6(rng)
+        };
+        let peer = if legit { PEER6 } else { addr6(rng) };
         let (src, dst) = if out { (own, peer) } else { (peer, own) };
         // An extension header chain, maybe with a Fragment header.
         let mut next = protocol;
@@ -810,8 +849,8 @@ fn frame(rng: &mut Rng, ep: &mut Episode) -> (Hook, u32, Vec<u8>) {
         let hl = rng.pick(&[255, 255, 1, 64, any]);
         ipv6_packet(hl, src, dst, next, &body)
     } else {
-        let own = if rng.chance(90) { POD } else { addr4(rng) };
-        let peer = addr4(rng);
+        let own = if legit || rng.chance(90) { POD } else { addr4(rng) };
+        let peer = if legit { PEER } else { addr4(rng) };
         let (src, dst) = if out { (own, peer) } else { (peer, own) };
         let options: Vec<u8> = if rng.chance(85) { Vec::new() } else { (0..4 * rng.below(11)).map(|_| 1).collect() };
         let id = ep.id(rng);
