@@ -93,11 +93,16 @@ fn udp_frame(tags: &[(u16, u16)], port: u16, payload: &[u8]) -> Vec<u8> {
 
 /// Sends `frame` on the pod's interface through an AF_PACKET socket, from the pod's namespace.
 fn send_from_pod(ns: &str, frame: Vec<u8>) {
+    send_raw(ns, "pal-p9", frame);
+}
+
+/// Sends `frame` on `ifname` of the namespace `ns` through an AF_PACKET socket.
+fn send_raw(ns: &str, ifname: &'static str, frame: Vec<u8>) {
     let path = format!("/var/run/netns/{ns}");
     std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).expect("open the pod's netns");
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into the pod");
-        let ifindex = palisade_agent::datapath::ifindex("pal-p9").expect("pod side");
+        let f = std::fs::File::open(&path).expect("open the netns");
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let ifindex = palisade_agent::datapath::ifindex(ifname).expect("interface");
         // SAFETY: plain socket calls with valid arguments; the descriptor is closed below.
         unsafe {
             let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
@@ -106,7 +111,7 @@ fn send_from_pod(ns: &str, frame: Vec<u8>) {
             addr.sll_family = libc::AF_PACKET as u16;
             addr.sll_ifindex = ifindex as i32;
             addr.sll_halen = 6;
-            addr.sll_addr[..6].copy_from_slice(&HOST_MAC);
+            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
             let n = libc::sendto(
                 fd,
                 frame.as_ptr().cast(),
@@ -197,5 +202,138 @@ fn attack_double_vlan_live_the_kernel_delivers_it_and_the_program_drops_it() {
         drop(dp);
         drop(pins);
         drop(ns);
+    });
+}
+
+/// Runs `f` on a thread inside the named namespace `ns`.
+fn in_named_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open the netns");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+/// Datagrams to `addr` received inside `ns` until 500 ms pass without one (the socket is
+/// bound before this returns).
+fn receiver(ns: &str, addr: &'static str) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let h = in_named_netns(ns, move || {
+        let sock = UdpSocket::bind(addr).expect("bind in the pod");
+        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        ready_tx.send(()).unwrap();
+        received(&sock)
+    });
+    ready_rx.recv().expect("receiver ready");
+    h
+}
+
+fn payloads(got: &[Vec<u8>]) -> Vec<String> {
+    got.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect()
+}
+
+#[test]
+fn attack_local_pod_address_from_the_uplink_live() {
+    use palisade_common::{IpcacheValue, Ipv4Prefix, POLICY_PREFIX_FULL, PolicyKey, PolicyValue, ipcache_flags};
+    palisade_privileged::require_root!();
+    in_node_netns(|| {
+        let pid = std::process::id();
+        let (a, b, out) = (PodNs(format!("pal-a-{pid}")), PodNs(format!("pal-b-{pid}")), PodNs(format!("pal-o-{pid}")));
+        for (ns, host, peer, subnet, host_mac) in [
+            (&a, "pal-ha", "pal-pa", 1, "02:00:00:00:01:01"),
+            (&b, "pal-hb", "pal-pb", 2, "02:00:00:00:02:01"),
+            (&out, "pal-hu", "pal-pu", 3, "02:00:00:00:03:01"),
+        ] {
+            ip(&["netns", "add", &ns.0]);
+            ip(&["link", "add", host, "address", host_mac, "type", "veth", "peer", "name", peer]);
+            ip(&["link", "set", peer, "netns", &ns.0]);
+            ip(&["addr", "add", &format!("10.200.{subnet}.1/24"), "dev", host]);
+            ip(&["link", "set", host, "up"]);
+            let n = ns.0.as_str();
+            ip(&["-n", n, "addr", "add", &format!("10.200.{subnet}.2/24"), "dev", peer]);
+            ip(&["-n", n, "link", "set", peer, "up"]);
+            ip(&["-n", n, "link", "set", "lo", "up"]);
+            ip(&["-n", n, "route", "add", "default", "via", &format!("10.200.{subnet}.1")]);
+        }
+        ip(&["link", "set", "lo", "up"]);
+        // A node that forwards, without reverse-path filtering (as with asymmetric routes).
+        for (k, v) in [
+            ("net/ipv4/ip_forward", "1"),
+            ("net/ipv4/conf/all/rp_filter", "0"),
+            ("net/ipv4/conf/default/rp_filter", "0"),
+            ("net/ipv4/conf/pal-hu/rp_filter", "0"),
+        ] {
+            std::fs::write(format!("/proc/sys/{k}"), v).unwrap_or_else(|e| panic!("sysctl {k}: {e}"));
+        }
+        let a_ip = [10, 200, 1, 2];
+        let b_ip = [10, 200, 2, 2];
+        // What someone on the node's network sends: A's address to B's port that only A may use.
+        let spoofed = |payload: &[u8]| {
+            let mut packet = ipv4_packet(a_ip, b_ip, proto::UDP, &[], 0, 9, &udp(40000, 7777, payload));
+            ipv4_checksum(&mut packet[..20]);
+            let mut f = ethernet(ETH_IPV4, &packet);
+            f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0x03, 0x01]);
+            f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0x03, 0x02]);
+            f
+        };
+        let from_a = |payload: &'static [u8]| {
+            in_named_netns(&a.0, move || {
+                let s = UdpSocket::bind("10.200.1.2:40001").expect("bind in A");
+                s.send_to(payload, "10.200.2.2:7777").expect("send from A");
+            })
+            .join()
+            .expect("A's sender");
+        };
+
+        // Without palisade: the node forwards the forged datagram to B.
+        let rx = receiver(&b.0, "10.200.2.2:7777");
+        send_raw(&out.0, "pal-pu", spoofed(b"forged"));
+        from_a(b"from A");
+        let got = payloads(&rx.join().expect("receiver"));
+        assert!(got.contains(&"forged".to_string()), "the kernel's side of the attack: {got:?}");
+
+        // With palisade: B's ingress admits A's identity on UDP 7777 only.
+        let pins = PinDir::new("live");
+        let mut dp = Datapath::load(&pins.config()).expect("load");
+        dp.attach("pal-ha").expect("attach A");
+        let b_if = dp.attach("pal-hb").expect("attach B");
+        let a_if = palisade_agent::datapath::ifindex("pal-ha").expect("A");
+        let mut maps = dp.take_maps().expect("maps");
+        let flags = endpoint_flags::HAS_IPV4;
+        maps.endpoints
+            .insert(a_if, EndpointInfo { endpoint_id: 1, identity: 300, flags, ipv4: a_ip, ipv6: [0; 16] }, 0)
+            .expect("A");
+        let b_ep = EndpointInfo {
+            endpoint_id: 2,
+            identity: 301,
+            flags: flags | endpoint_flags::INGRESS_ENFORCED,
+            ipv4: b_ip,
+            ipv6: [0; 16],
+        };
+        maps.endpoints.insert(b_if, b_ep, 0).expect("B");
+        let local = ipcache_flags::LOCAL_ENDPOINT;
+        maps.ipcache_host_v4.insert(Ipv4Prefix { addr: a_ip }, IpcacheValue { identity: 300, flags: local }, 0).unwrap();
+        maps.ipcache_host_v4.insert(Ipv4Prefix { addr: b_ip }, IpcacheValue { identity: 301, flags: local }, 0).unwrap();
+        let key = PolicyKey::new(2, direction::INGRESS, 300, proto::UDP, 7777);
+        let value = PolicyValue { flags: 0, cookie: 1, prefix_len: POLICY_PREFIX_FULL };
+        maps.insert_policy(POLICY_PREFIX_FULL, key, value).expect("policy");
+        let count = |maps: &palisade_agent::datapath::MapSet, r| {
+            maps.sum_counters().expect("counters").get(r, direction::INGRESS).packets
+        };
+
+        let rx = receiver(&b.0, "10.200.2.2:7777");
+        send_raw(&out.0, "pal-pu", spoofed(b"forged"));
+        from_a(b"from A");
+        let got = payloads(&rx.join().expect("receiver"));
+        assert_eq!(got, vec!["from A".to_string()], "only A's own datagram reaches B's socket");
+        assert_eq!(count(&maps, reason::DROP_SPOOFED_SOURCE), 1, "the forged one, dropped at B's ingress");
+        assert_eq!(count(&maps, reason::ALLOWED_BY_POLICY), 1, "A's, allowed by policy");
+
+        drop(maps);
+        dp.detach("pal-ha").expect("detach");
+        dp.detach("pal-hb").expect("detach");
+        drop(dp);
+        drop(pins);
     });
 }
