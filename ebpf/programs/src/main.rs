@@ -15,12 +15,12 @@ mod maps;
 mod parse;
 mod policy;
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::classifier,
     programs::TcContext,
 };
-use aya_ebpf::bindings::BPF_NOEXIST;
 use palisade_common::{
     EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, identity, ipcache_flags,
     match_kind, proto, reason, verdict,

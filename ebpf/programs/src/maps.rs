@@ -1,11 +1,11 @@
 //! The maps of the datapath, named as in `palisade_common::map_names` and pinned by name
 //! so that the agent finds (and a restarted agent reuses) them under its pin directory.
+use crate::parse::Packet;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
-use crate::parse::Packet;
 use palisade_common::{
     COUNTER_SLOTS, Counter, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IpcacheValue, Ipv4Prefix, Ipv6Prefix,
     PolicyKey, PolicyLengthsKey, PolicyValue, config, map_sizes,

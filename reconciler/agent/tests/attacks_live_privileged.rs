@@ -187,9 +187,7 @@ fn attack_double_vlan_live_the_kernel_delivers_it_and_the_program_drops_it() {
 
         // The same pod under a policy that admits nothing but enforces nothing either: the
         // double-tagged frames are still outside the grammar.
-        maps.endpoints
-            .insert(ifindex, EndpointInfo { flags: endpoint_flags::HAS_IPV4, ..ep }, 0)
-            .expect("endpoint");
+        maps.endpoints.insert(ifindex, EndpointInfo { flags: endpoint_flags::HAS_IPV4, ..ep }, 0).expect("endpoint");
         send_from_pod(&ns.0, udp_frame(&qinq, 9999, b"qinq"));
         send_from_pod(&ns.0, udp_frame(&[], 9999, b"plain"));
         let got = received(&sock);
@@ -313,8 +311,12 @@ fn attack_local_pod_address_from_the_uplink_live() {
         };
         maps.endpoints.insert(b_if, b_ep, 0).expect("B");
         let local = ipcache_flags::LOCAL_ENDPOINT;
-        maps.ipcache_host_v4.insert(Ipv4Prefix { addr: a_ip }, IpcacheValue { identity: 300, flags: local }, 0).unwrap();
-        maps.ipcache_host_v4.insert(Ipv4Prefix { addr: b_ip }, IpcacheValue { identity: 301, flags: local }, 0).unwrap();
+        maps.ipcache_host_v4
+            .insert(Ipv4Prefix { addr: a_ip }, IpcacheValue { identity: 300, flags: local }, 0)
+            .unwrap();
+        maps.ipcache_host_v4
+            .insert(Ipv4Prefix { addr: b_ip }, IpcacheValue { identity: 301, flags: local }, 0)
+            .unwrap();
         let key = PolicyKey::new(2, direction::INGRESS, 300, proto::UDP, 7777);
         let value = PolicyValue { flags: 0, cookie: 1, prefix_len: POLICY_PREFIX_FULL };
         maps.insert_policy(POLICY_PREFIX_FULL, key, value).expect("policy");

@@ -818,9 +818,16 @@ fn frame(rng: &mut Rng, ep: &mut Episode) -> (Hook, u32, Vec<u8>) {
         let (src, dst) = if out { (own, peer) } else { (peer, own) };
         // An extension header chain, maybe with a Fragment header.
         let mut next = protocol;
-        let n = if rng.chance(70) { 0 } else if rng.chance(90) { rng.below(4) } else { rng.below(19) };
+        let n = if rng.chance(70) {
+            0
+        } else if rng.chance(90) {
+            rng.below(4)
+        } else {
+            rng.below(19)
+        };
         for _ in 0..n {
-            let kind = rng.pick(&[NEXTHDR_DEST, NEXTHDR_DEST, NEXTHDR_ROUTING, NEXTHDR_HOP, NEXTHDR_AUTH, NEXTHDR_FRAGMENT]);
+            let kind =
+                rng.pick(&[NEXTHDR_DEST, NEXTHDR_DEST, NEXTHDR_ROUTING, NEXTHDR_HOP, NEXTHDR_AUTH, NEXTHDR_FRAGMENT]);
             let mut h = match kind {
                 NEXTHDR_FRAGMENT => {
                     let offset = if rng.chance(50) { 0 } else { rng.below(8) as u16 };
@@ -963,7 +970,8 @@ fn random_frames_get_the_reference_models_verdict() {
                 (o.out.dropped(), o.moved.first().map(|m| m.0))
             } else {
                 let out = fx.dp.test_run_from(hook, &f, iif);
-                let out = out.unwrap_or_else(|e| panic!("test run of {} bytes {:02x?}, {hook:?}, iif {iif}: {e}", f.len(), f));
+                let out = out
+                    .unwrap_or_else(|e| panic!("test run of {} bytes {:02x?}, {hook:?}, iif {iif}: {e}", f.len(), f));
                 (out.dropped(), None)
             };
             let reason_wrong = check_reason && got_reason != Some(want);

@@ -193,7 +193,12 @@ impl Datapath {
 
     /// Runs one program once on `packet` (on loopback) as if it had entered the node on the
     /// interface `ingress_ifindex` (`__sk_buff.ingress_ifindex`; 0: sent by the node itself).
-    pub fn test_run_from(&self, hook: Hook, packet: &[u8], ingress_ifindex: u32) -> Result<TestRunOutcome, DatapathError> {
+    pub fn test_run_from(
+        &self,
+        hook: Hook,
+        packet: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<TestRunOutcome, DatapathError> {
         self.run_program_ctx(hook.program_name(), packet, None, ingress_ifindex, 1)
     }
 

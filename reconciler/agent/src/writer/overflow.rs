@@ -105,6 +105,8 @@ mod tests {
             ..Fitted::default()
         };
         let errors = overflow_errors(&fitted, &BTreeMap::new());
-        assert!(errors[0].contains("endpoints left out, failing closed (the datapath drops all their traffic: no-endpoint): endpoint 7"));
+        assert!(errors[0].contains(
+            "endpoints left out, failing closed (the datapath drops all their traffic: no-endpoint): endpoint 7"
+        ));
     }
 }
