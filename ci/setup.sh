@@ -57,6 +57,15 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version >/dev/null 
     --no-default-features --features "llvm-$LLVM_MAJOR"
 fi
 
+# With --lint-tools (as `.ci/run` calls it): cargo-deny, for the licence and banned-crate
+# check. Built without its default features: the advisory database (git, network) is not
+# used, only `check licenses bans`. The testbed and the tests do not need it.
+CARGO_DENY_VERSION=${CARGO_DENY_VERSION:-0.20.2}
+if [ "${1:-}" = "--lint-tools" ] && ! cargo deny --version 2>/dev/null | grep -q " $CARGO_DENY_VERSION\b"; then
+  say "building cargo-deny $CARGO_DENY_VERSION (a few minutes)"
+  cargo install --locked cargo-deny --version "$CARGO_DENY_VERSION" --no-default-features
+fi
+
 if ! mountpoint -q /sys/fs/bpf; then
   say "mounting bpffs at /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf

@@ -13,7 +13,7 @@ fn main() {
     let root = manifest_dir.join("../..").canonicalize().expect("workspace root");
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     // OUT_DIR = <target>/<profile>/build/<pkg>-<hash>/out
-    let target_dir = out_dir.ancestors().nth(4).map(Path::to_path_buf).unwrap_or_else(|| root.join("target"));
+    let target_dir = out_dir.ancestors().nth(4).map_or_else(|| root.join("target"), Path::to_path_buf);
     let bpf_target_dir = target_dir.join("bpf");
 
     for p in ["ebpf/programs/src", "ebpf/programs/Cargo.toml", "ebpf/common/src", "ebpf/common/Cargo.toml"] {
@@ -60,12 +60,11 @@ fn main() {
         let status = cmd
             .status()
             .unwrap_or_else(|e| panic!("could not run cargo to build the eBPF programs: {e}; run ci/setup.sh first"));
-        if !status.success() {
-            panic!(
-                "building the eBPF programs failed ({status}). They need the rust-src component and \
-                 bpf-linker built against rustc's LLVM: run ci/setup.sh (it installs both)."
-            );
-        }
+        assert!(
+            status.success(),
+            "building the eBPF programs failed ({status}). They need the rust-src component and \
+             bpf-linker built against rustc's LLVM: run ci/setup.sh (it installs both)."
+        );
         bpf_target_dir.join("bpfel-unknown-none/release/palisade-ebpf")
     };
     let dest = out_dir.join("palisade-ebpf.o");

@@ -62,6 +62,11 @@ pub struct RunDirs {
 pub const BPFFS: &str = "/sys/fs/bpf";
 
 impl RunDirs {
+    /// The remote endpoints file of this node's agent (file mode of several nodes).
+    pub fn remote_endpoints(&self) -> PathBuf {
+        self.root.join("remote-endpoints.json")
+    }
+
     /// Creates `$TMPDIR/palisade-testbed-<tag>` and `/sys/fs/bpf/palisade-testbed-<tag>`.
     pub fn create(tag: &str, keep_logs: bool) -> Result<RunDirs, SetupError> {
         let root = std::env::temp_dir().join(format!("palisade-testbed-{tag}"));
@@ -166,7 +171,7 @@ impl AgentProcess {
         let guard = {
             let child = child.clone();
             cleanup::register(format!("agent process ({})", binary.display()), move || {
-                if let Some(c) = child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                if let Some(c) = child.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
                     stop(c);
                 }
             })?
@@ -220,8 +225,8 @@ impl AgentProcess {
                 // The testbed blocks its stop signals (see `cleanup`); the agent must get
                 // its SIGTERM.
                 let mut none: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut none);
-                if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                libc::sigemptyset(&raw mut none);
+                if libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut()) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
@@ -235,7 +240,7 @@ impl AgentProcess {
                 Ok(())
             });
         }
-        let mut slot = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.is_some() {
             return Err(SetupError::Unsupported("the agent still runs; stop it before starting it again".into()));
         }
@@ -249,7 +254,7 @@ impl AgentProcess {
     /// Stops the agent with SIGTERM or SIGKILL (this child only, by its PID) and waits up
     /// to `timeout` for it to exit; answers its exit status. The datapath it loaded stays.
     pub fn stop_now(&self, how: StopHow, timeout: Duration) -> Result<String, SetupError> {
-        let mut slot = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(mut child) = slot.take() else { return Ok("not running".into()) };
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let sig = match how {
@@ -284,12 +289,12 @@ impl AgentProcess {
 
     /// The agent's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(Child::id)
+        self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(Child::id)
     }
 
     /// The agent's exit status if it has exited.
     pub fn exited(&self) -> Option<String> {
-        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match c.as_mut().map(Child::try_wait) {
             Some(Ok(Some(status))) => Some(status.to_string()),
             None => Some("stopped".into()),
@@ -369,12 +374,22 @@ pub fn log_tail(path: &Path, n: usize) -> String {
 /// comes from the functions offline `palisade policy explain --scenario` uses too, so both
 /// see the same pods, addresses and entities.
 pub async fn register(client: &Client, plan: &Plan) -> Result<HashMap<usize, EndpointStatus>, SetupError> {
+    register_node(client, plan, 0).await
+}
+
+/// [`register`] for the agent of node `node`: every namespace, the pods of that node that
+/// are not host-network, that node's address as host and the other nodes' as remote node.
+pub async fn register_node(
+    client: &Client,
+    plan: &Plan,
+    node: usize,
+) -> Result<HashMap<usize, EndpointStatus>, SetupError> {
     for (name, labels) in &plan.namespaces {
         let spec = NamespaceSpec { labels: labels.clone() };
         call(format!("registering namespace {name}"), CALL_TIMEOUT, client.put_namespace(name, &spec)).await?;
     }
     let mut endpoints = HashMap::new();
-    for pod in &plan.pods {
+    for pod in plan.pods.iter().filter(|p| p.node == node && !p.host_network) {
         let spec = offline::scenario_endpoint_spec(pod);
         let status = call(
             format!("registering pod {}", pod.key()),
@@ -384,13 +399,60 @@ pub async fn register(client: &Client, plan: &Plan) -> Result<HashMap<usize, End
         .await?;
         endpoints.insert(pod.index, status);
     }
-    for spec in offline::scenario_reserved_entries(plan) {
+    for spec in offline::scenario_reserved_entries_for_node(plan, node) {
         let what = format!("registering {} as entity {:?}", spec.cidr, spec.entity);
         call(what, CALL_TIMEOUT, client.put_ipcache(&spec)).await?;
     }
     call("waiting until the endpoints are realized", WAIT_CALL_TIMEOUT, client.wait_current(READY_TIMEOUT)).await?;
     Ok(endpoints)
 }
+
+/// Writes the file of the other nodes' pods that the agent of node `node` watches
+/// (`--remote-endpoints`), atomically.
+pub fn write_remote_endpoints(path: &Path, plan: &Plan, node: usize) -> Result<(), SetupError> {
+    let file = offline::scenario_remote_endpoints(plan, node);
+    let text = serde_json::to_string_pretty(&file).map_err(|e| SetupError::Io {
+        what: format!("encoding {}", path.display()),
+        source: std::io::Error::other(e),
+    })?;
+    let staged = path.with_extension("json.new");
+    std::fs::write(&staged, text).map_err(SetupError::io(format!("writing {}", staged.display())))?;
+    std::fs::rename(&staged, path).map_err(SetupError::io(format!("moving {}", path.display())))
+}
+
+/// Waits (bounded) until the kernel's ipcache of node `node`'s agent maps every address of
+/// the other nodes' pods to a pod identity (it read its remote endpoints file), then until
+/// that is realized.
+pub async fn wait_remote_endpoints(client: &Client, plan: &Plan, node: usize) -> Result<(), SetupError> {
+    let wanted: Vec<String> = plan
+        .pods
+        .iter()
+        .filter(|p| p.node != node && !p.host_network)
+        .flat_map(|p| [p.ipv4.map(|a| format!("{a}/32")), p.ipv6.map(|a| format!("{a}/128"))].into_iter().flatten())
+        .collect();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let entries = call("reading the ipcache", CALL_TIMEOUT, client.ipcache()).await?;
+        let missing: Vec<&String> = wanted
+            .iter()
+            .filter(|w| !entries.iter().any(|e| &e.prefix == *w && e.identity >= FIRST_CLUSTER_IDENTITY))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(SetupError::Unsupported(format!(
+                "node {}: after {}s the agent's ipcache still lacks the other nodes' pods {missing:?} (its --remote-endpoints file)",
+                plan.nodes[node].name,
+                READY_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The first identity of a cluster's label sets (below it: reserved identities).
+const FIRST_CLUSTER_IDENTITY: u32 = 256;
 
 /// What applying the scenario's policies found, besides hard errors.
 #[derive(Debug, Default)]
@@ -448,6 +510,41 @@ pub async fn apply_policies(client: &Client, dirs: &RunDirs, plan: &Plan) -> Res
         outcome.failures.push(format!(
             "applying the manifests expected to be rejected changed what is enforced:\n  before: {before:?}\n  after:  {after:?}"
         ));
+    }
+    Ok(outcome)
+}
+
+/// Another node's agent, reading the policy directory the first node's start filled: makes
+/// it re-read the directory, waits until that revision is realized, and checks it enforces
+/// every manifest the scenario expects enforced and none of those it expects rejected.
+pub async fn check_policies_read(client: &Client, plan: &Plan) -> Result<PolicyOutcome, SetupError> {
+    let ack = call("asking the agent to re-read its policy directory", CALL_TIMEOUT, client.rescan_policies()).await?;
+    call(
+        "waiting until the policies are realized",
+        WAIT_CALL_TIMEOUT,
+        client.wait_revision(ack.revision, READY_TIMEOUT),
+    )
+    .await?;
+    let statuses = call("listing policies", CALL_TIMEOUT, client.policies()).await?;
+    let mut outcome = PolicyOutcome::default();
+    for p in &plan.policies {
+        let st = find_status(&statuses, &p.file_name)
+            .ok_or_else(|| SetupError::PolicyNotSeen { file: p.file_name.clone(), secs: READY_TIMEOUT.as_secs() })?;
+        match (p.expect_rejected, st.enforced) {
+            (false, false) => {
+                return Err(SetupError::ManifestRejected {
+                    manifest: p.label(),
+                    index: p.index,
+                    error: st.error.clone().unwrap_or_else(|| "(the agent gave no reason)".into()),
+                });
+            }
+            (true, true) => outcome.failures.push(format!(
+                "policies[{}] {} has expectRejected: true, but another node's agent accepted and enforces it",
+                p.index,
+                p.label()
+            )),
+            _ => {}
+        }
     }
     Ok(outcome)
 }

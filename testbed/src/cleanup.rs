@@ -36,7 +36,7 @@ fn registry() -> &'static Registry {
 
 fn lock() -> MutexGuard<'static, State> {
     // A panic while holding the lock cannot leave the map half-updated: recover it.
-    registry().state.lock().unwrap_or_else(|e| e.into_inner())
+    registry().state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The process is being torn down after a signal: nothing new may be created.
@@ -72,7 +72,7 @@ pub fn register(what: impl Into<String>, action: impl FnOnce() + Send + 'static)
 impl Guard {
     /// Runs the removal now.
     pub fn release(self) {
-        drop(self)
+        drop(self);
     }
 
     /// Forgets the removal without running it (the resource is kept on purpose).
@@ -129,7 +129,7 @@ pub fn run_all() {
             eprintln!("palisade-testbed: gave up waiting for {} removal(s) in progress", st.running);
             break;
         }
-        st = registry().idle.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
+        st = registry().idle.wait_timeout(st, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
     }
 }
 

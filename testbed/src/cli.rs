@@ -116,6 +116,7 @@ pub struct HoldArgs {
 }
 
 #[derive(Args, Debug)]
+#[allow(clippy::struct_excessive_bools, reason = "command-line switches")]
 pub struct RunArgs {
     /// One JSON document on stdout instead of the truth tables.
     #[arg(long)]
@@ -177,9 +178,10 @@ pub fn check(args: &CheckArgs) -> ExitCode {
     let Some(plans) = load_all(&args.files) else { return ExitCode::from(EXIT_SETUP) };
     for p in plans {
         println!(
-            "{}: {} ok ({} namespaces, {} pods, {} policies, {} probes)",
+            "{}: {} ok ({}{} namespaces, {} pods, {} policies, {} probes)",
             p.file.display(),
             p.name,
+            if p.is_multi_node() { format!("{} nodes, ", p.nodes.len()) } else { String::new() },
             p.namespaces.len(),
             p.pods.len(),
             p.policies.len(),

@@ -46,7 +46,7 @@ impl Collector {
                 let why = loop {
                     match stream.next().await {
                         Ok(Some(ev)) => {
-                            let mut v = events.lock().unwrap_or_else(|e| e.into_inner());
+                            let mut v = events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                             if v.len() < MAX_EVENTS {
                                 v.push(ev);
                             }
@@ -58,7 +58,7 @@ impl Collector {
                         Err(e) => break format!("monitor stream: {e}"),
                     }
                 };
-                *ended.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                *ended.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
                 tx.send_replace(usize::MAX);
             }
         });
@@ -67,12 +67,12 @@ impl Collector {
 
     /// A copy of every event so far.
     pub fn snapshot(&self) -> Vec<MonitorEvent> {
-        self.events.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Why the stream ended, if it did.
     pub fn ended(&self) -> Option<String> {
-        self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.ended.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// The first event matching `pred`, waiting up to `timeout` for it to arrive.
@@ -82,7 +82,7 @@ impl Collector {
         let mut checked = 0;
         loop {
             {
-                let v = self.events.lock().unwrap_or_else(|e| e.into_inner());
+                let v = self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if let Some(ev) = v[checked..].iter().find(|e| pred(e)) {
                     return Some(ev.clone());
                 }
@@ -121,7 +121,7 @@ pub struct Flow {
     pub src_endpoint: Option<EndpointRef>,
     /// The destination when it is an endpoint of this node (its ingress can drop).
     pub dst_endpoint: Option<EndpointRef>,
-    /// Events before this CLOCK_MONOTONIC time belong to earlier probes.
+    /// Events before this `CLOCK_MONOTONIC` time belong to earlier probes.
     pub since_ns: u64,
 }
 
@@ -132,7 +132,7 @@ pub fn is_policy_drop(reason: &str) -> bool {
 }
 
 fn same_ip(text: &str, ip: IpAddr) -> bool {
-    text.parse::<IpAddr>().map(|a| a == ip).unwrap_or(false)
+    text.parse::<IpAddr>().is_ok_and(|a| a == ip)
 }
 
 fn same_protocol(text: &str, p: ProbeProtocol) -> bool {

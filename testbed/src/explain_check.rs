@@ -23,6 +23,13 @@ pub fn party(plan: &Plan, end: &HostRef, family: IpFamily) -> Option<String> {
             Some(ip.map_or_else(|| pod.key(), |ip| ip.to_string()))
         }
         HostRef::World(ip) => Some(ip.to_string()),
+        HostRef::Node(k) => {
+            let node = plan.nodes.get(*k)?;
+            match family {
+                IpFamily::IPv4 => node.ipv4.map(|a| a.to_string()),
+                IpFamily::IPv6 => node.ipv6.map(|a| a.to_string()),
+            }
+        }
         HostRef::Entity(e) => {
             let (v4, v6) = e.addresses();
             Some(match family {
@@ -41,6 +48,27 @@ pub fn request(plan: &Plan, p: &PlanProbe) -> Option<ExplainRequest> {
         port: if p.protocol.is_icmp() { p.icmp_type.map(u16::from) } else { p.port },
         protocol: p.protocol.as_str().to_string(),
     })
+}
+
+/// One explanation of a flow between two nodes from the two agents' answers: the egress side
+/// as the source's node explains it, the ingress side as the destination's node does (each
+/// calls the other end "not-local"), allowed when both pass.
+pub fn combine(at_source: Explanation, at_destination: Explanation) -> Explanation {
+    let passes =
+        |s: &palisade_api::types::SideDecision| matches!(s.decision.as_str(), "allowed" | "not-selected" | "not-local");
+    let verdict = if passes(&at_source.egress) && passes(&at_destination.ingress) { "allow" } else { "deny" };
+    Explanation {
+        from: at_source.from,
+        to: at_destination.to,
+        protocol: at_source.protocol,
+        port: at_source.port,
+        // Each node's own numbers for the peer it judged.
+        from_identity: at_destination.from_identity,
+        to_identity: at_source.to_identity,
+        egress: at_source.egress,
+        ingress: at_destination.ingress,
+        verdict: verdict.into(),
+    }
 }
 
 /// The disagreement between explain and what the kernel did, if any (`None` also when the
@@ -92,7 +120,7 @@ mod tests {
             endpoint: Some(endpoint.into()),
             decision: decision.into(),
             entry: None,
-            rules: rules.iter().map(|r| r.to_string()).collect(),
+            rules: rules.iter().map(std::string::ToString::to_string).collect(),
         }
     }
 
@@ -124,6 +152,22 @@ mod tests {
         assert!(d.contains("ingress of default/b: default-deny"), "{d}");
         let d = disagreement(Observed::Deny, &explanation("allow")).unwrap();
         assert!(d.starts_with("explain says allow but the kernel did deny"), "{d}");
+    }
+
+    #[test]
+    fn two_nodes_explanations_combine_each_nodes_side() {
+        let mut at_source = explanation("allow");
+        at_source.ingress = side("default/b", "not-local", &[]);
+        at_source.ingress.endpoint = None;
+        let mut at_destination = explanation("deny");
+        at_destination.egress =
+            SideDecision { endpoint: None, decision: "not-local".into(), entry: None, rules: vec![] };
+        let c = combine(at_source.clone(), at_destination.clone());
+        assert_eq!(c.verdict, "deny");
+        assert_eq!(c.egress.decision, "not-selected");
+        assert_eq!(c.ingress.decision, "default-deny");
+        at_destination.ingress = side("default/b", "allowed", &["CiliumNetworkPolicy default/web spec.ingress[0]"]);
+        assert_eq!(combine(at_source, at_destination).verdict, "allow");
     }
 
     #[test]

@@ -117,8 +117,20 @@ fn state_of(plan: &Plan, session: &Session, opts: &HoldOptions) -> Result<Instan
         .map(|(pod, net)| End { name: pod.key(), netns: net.netns.name().to_string(), ipv4: net.ipv4, ipv6: net.ipv6 })
         .collect();
     for (host, net) in plan.hosts.iter().zip(&topo.hosts) {
-        let netns = net.netns.as_ref().unwrap_or(&topo.node.netns);
-        ends.push(End { name: host.host.to_string(), netns: netns.name().to_string(), ipv4: net.ipv4, ipv6: net.ipv6 });
+        let netns = net.netns.as_ref().unwrap_or(&topo.node_at(net.node).netns);
+        let name = match host.host {
+            HostRef::Node(k) => format!("node:{}", plan.nodes[k].name),
+            ref other => other.to_string(),
+        };
+        ends.push(End { name, netns: netns.name().to_string(), ipv4: net.ipv4, ipv6: net.ipv6 });
+    }
+    if plan.nodes_listed {
+        for (n, node) in plan.nodes.iter().zip(topo.nodes()) {
+            let name = format!("node:{}", n.name);
+            if !ends.iter().any(|e| e.name == name) {
+                ends.push(End { name, netns: node.netns.name().to_string(), ipv4: node.ipv4, ipv6: node.ipv6 });
+            }
+        }
     }
     if !ends.iter().any(|e| e.name == "entity:host") {
         let node = &topo.node;
@@ -138,6 +150,19 @@ fn state_of(plan: &Plan, session: &Session, opts: &HoldOptions) -> Result<Instan
             (p.from_text.clone(), p.to_text.clone(), spec)
         });
     let dirs = session.dirs();
+    let mut nodes = Vec::new();
+    for (k, node) in plan.nodes.iter().enumerate().skip(1) {
+        let d = session.dirs_of(k).expect("every node has directories");
+        nodes.push(crate::instance::NodeState {
+            name: node.name.clone(),
+            netns: topo.node_at(k).netns.name().to_string(),
+            agent: session.agent_pid_of(k).map(|pid| own(pid, "agent")).transpose()?,
+            api_socket: d.socket.clone(),
+            agent_log: session.agent_pid_of(k).map(|_| d.log.clone()),
+            run_dir: d.root.clone(),
+            bpffs_dir: d.bpffs.clone(),
+        });
+    }
     Ok(InstanceState {
         name: opts.name.clone(),
         scenario: plan.name.clone(),
@@ -152,6 +177,8 @@ fn state_of(plan: &Plan, session: &Session, opts: &HoldOptions) -> Result<Instan
         namespaces: session.netns_names(),
         ends,
         example_probe,
+        nodes,
+        first_node: plan.is_multi_node().then(|| plan.nodes[0].name.clone()),
     })
 }
 
@@ -230,5 +257,6 @@ async fn probe(session: &Session, p: ProbeRequest) -> Response {
         decided_by: r.decided_by,
         detail: r.detail,
         ms: r.ms,
+        judged_on: r.judged.as_ref().map(crate::report::JudgedOn::text),
     })
 }

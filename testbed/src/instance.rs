@@ -32,9 +32,7 @@ pub const HOLDER_FILE: &str = "holder.json";
 
 /// The directory that holds every instance.
 pub fn state_root() -> PathBuf {
-    std::env::var_os("PALISADE_TESTBED_STATE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT))
+    std::env::var_os("PALISADE_TESTBED_STATE_DIR").map_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT), PathBuf::from)
 }
 
 /// Instance names become directory names: lowercase letters, digits, '-', at most 32.
@@ -141,6 +139,26 @@ pub struct InstanceState {
     pub ends: Vec<End>,
     /// A probe of the scenario, for the examples `up` prints.
     pub example_probe: Option<(String, String, String)>,
+    /// With several nodes: the nodes after the first, each with its own agent and
+    /// directories (the first node's are the fields above).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeState>,
+    /// With several nodes: the first node's name (whose agent the fields above describe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_node: Option<String>,
+}
+
+/// A node after the first of an instance with several nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeState {
+    pub name: String,
+    pub netns: String,
+    pub agent: Option<ProcRef>,
+    pub api_socket: PathBuf,
+    pub agent_log: Option<PathBuf>,
+    pub run_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
 }
 
 impl InstanceState {
@@ -167,11 +185,14 @@ impl InstanceState {
         std::fs::rename(&tmp, &path).map_err(SetupError::io(format!("writing {}", path.display())))
     }
 
-    /// The end `target` names: `namespace/pod`, `node` (= `entity:host`), an entity, or a
-    /// world host's address.
+    /// The end `target` names: `namespace/pod`, `node` (= `entity:host`, the first node),
+    /// `node:NAME` or just a node's `NAME`, an entity, or a world host's address.
     pub fn end(&self, target: &str) -> Option<&End> {
         let target = if target == "node" { "entity:host" } else { target };
-        self.ends.iter().find(|e| e.name == target)
+        self.ends.iter().find(|e| e.name == target).or_else(|| {
+            let as_node = format!("node:{target}");
+            self.ends.iter().find(|e| e.name == as_node)
+        })
     }
 }
 
@@ -249,6 +270,9 @@ pub struct ProbeOutcome {
     pub decided_by: String,
     pub detail: Option<String>,
     pub ms: u64,
+    /// With several nodes: which node judged each side (`egress node-a, ingress node-b`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged_on: Option<String>,
 }
 
 /// Sends one request on the instance's control socket and reads the answer (bounded).
@@ -275,7 +299,7 @@ pub fn request(dir: &Path, req: &Request, limit: Duration) -> Result<Response, S
 pub fn sweep(dir: &Path, state: Option<&InstanceState>) -> (Vec<String>, Vec<String>) {
     let (mut removed, mut failed) = (Vec::new(), Vec::new());
     if let Some(s) = state {
-        if let Some(agent) = s.agent.filter(ProcRef::alive) {
+        for agent in s.nodes.iter().filter_map(|n| n.agent).chain(s.agent).filter(ProcRef::alive) {
             if agent.stop(Duration::from_secs(5)) {
                 removed.push(format!("agent process {}", agent.pid));
             } else {
@@ -290,7 +314,8 @@ pub fn sweep(dir: &Path, state: Option<&InstanceState>) -> (Vec<String>, Vec<Str
                 }
             }
         }
-        for d in [&s.bpffs_dir, &s.run_dir] {
+        let node_dirs = s.nodes.iter().flat_map(|n| [&n.bpffs_dir, &n.run_dir]);
+        for d in node_dirs.chain([&s.bpffs_dir, &s.run_dir]) {
             if d.exists() {
                 match std::fs::remove_dir_all(d) {
                     Ok(()) => removed.push(format!("directory {}", d.display())),
@@ -325,7 +350,7 @@ pub fn abandoned() -> Vec<(PathBuf, Option<InstanceState>)> {
             None => e
                 .metadata()
                 .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(600))),
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_mins(10))),
         };
         if gone {
             out.push((dir, state));
@@ -371,6 +396,8 @@ mod tests {
             namespaces: vec!["pt1-p0".into(), "pt1-node".into()],
             ends: vec![End { name: "entity:host".into(), netns: "pt1-node".into(), ipv4: None, ipv6: None }],
             example_probe: None,
+            nodes: Vec::new(),
+            first_node: None,
         };
         s.save(dir.path()).unwrap();
         assert_eq!(InstanceState::load(dir.path()).unwrap().unwrap(), s);

@@ -18,11 +18,11 @@ use crate::netns::NETNS_DIR;
 use crate::scenario::{self, Expect, IpFamily, ProbeProtocol};
 
 /// How long `up` waits for the scenario (namespaces, agent, registrations, policies).
-const UP_TIMEOUT: Duration = Duration::from_secs(180);
+const UP_TIMEOUT: Duration = Duration::from_mins(3);
 /// How long a probe request may take (a probe is bounded by its timeout plus grace).
-const PROBE_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const PROBE_REQUEST_TIMEOUT: Duration = Duration::from_mins(1);
 /// How long `down` waits for the holder to take everything down.
-const DOWN_TIMEOUT: Duration = Duration::from_secs(60);
+const DOWN_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// `up`'s settings.
 #[derive(Clone, Debug)]
@@ -33,6 +33,7 @@ pub struct UpOptions {
     pub timeout: Duration,
 }
 
+#[allow(clippy::needless_pass_by_value, reason = "the exit path takes the error it reports")]
 fn fail(e: SetupError) -> ExitCode {
     eprintln!("palisade-testbed: {e}");
     ExitCode::from(EXIT_SETUP)
@@ -87,8 +88,8 @@ fn up_inner(opts: &UpOptions) -> Result<InstanceState, SetupError> {
                 return Err(std::io::Error::last_os_error());
             }
             let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+            libc::sigemptyset(&raw mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -146,12 +147,24 @@ fn describe(s: &InstanceState) -> String {
     let agent = s.agent.map_or_else(|| "none".to_string(), |a| format!("process {}", a.pid));
     let _ = writeln!(out, "scenario {} ({}) is up as testbed instance {:?}", s.scenario, s.file.display(), s.name);
     let _ = writeln!(out, "  testbed process  {} (keeps the pods' listeners; `down` stops it)", s.holder.pid);
+    let on = s.first_node.as_ref().map(|n| format!(" (node {n})")).unwrap_or_default();
     let _ = writeln!(
         out,
-        "  agent            {agent}, log {}",
+        "  agent            {agent}{on}, log {}",
         s.agent_log.as_ref().map_or("-".into(), |l| l.display().to_string())
     );
-    let _ = writeln!(out, "  API socket       {socket}");
+    let _ = writeln!(out, "  API socket       {socket}{on}");
+    for n in &s.nodes {
+        let agent = n.agent.map_or_else(|| "none".to_string(), |a| format!("process {}", a.pid));
+        let _ = writeln!(
+            out,
+            "  node {}: agent {agent}, log {}, API socket {}, netns {}",
+            n.name,
+            n.agent_log.as_ref().map_or("-".into(), |l| l.display().to_string()),
+            n.api_socket.display(),
+            n.netns
+        );
+    }
     let _ = writeln!(out, "  policy directory {}", s.policy_dir.display());
     let _ = writeln!(
         out,
@@ -207,7 +220,7 @@ fn running(name: &str) -> Result<(PathBuf, InstanceState), SetupError> {
     Ok((dir, state))
 }
 
-/// `PORT/PROTO`, `PORT` (TCP), `ICMP` or `ICMPv6`.
+/// `PORT/PROTO`, `PORT` (TCP), `ICMP` or ICMPv6.
 pub fn parse_port_spec(spec: &str) -> Result<(Option<u16>, ProbeProtocol), String> {
     let protocol = |p: &str| match p.to_ascii_uppercase().as_str() {
         "TCP" => Ok(ProbeProtocol::TCP),
@@ -286,7 +299,10 @@ fn probe_line(o: &ProbeOutcome) -> String {
         None => o.protocol.clone(),
     };
     let v6 = if o.family == IpFamily::IPv6 { " (IPv6)" } else { "" };
-    let why = o.detail.clone().unwrap_or_else(|| o.decided_by.clone());
+    let mut why = o.detail.clone().unwrap_or_else(|| o.decided_by.clone());
+    if let Some(on) = &o.judged_on {
+        why = format!("{why} [judged on: {on}]");
+    }
     format!("{} -> {} {spec}{v6}: {} ({} ms)\n  {why}\n", o.from, o.to, o.observed, o.ms)
 }
 

@@ -2,7 +2,7 @@
 //! list/watch HTTP protocol that kube-rs watchers use — lists with a resourceVersion,
 //! watches from a resourceVersion with ADDED/MODIFIED/DELETED events, bookmarks every half
 //! second, 410 Gone after [`FakeApi::compact`], disconnects and outages on demand — for Pods,
-//! Namespaces, NetworkPolicies, CiliumNetworkPolicies and CiliumClusterwideNetworkPolicies,
+//! Namespaces, `NetworkPolicies`, `CiliumNetworkPolicies` and `CiliumClusterwideNetworkPolicies`,
 //! plus the status subresource of the Cilium kinds (merge patch). Objects are plain JSON.
 //!
 //! [`KubeApiServer::start`] serves it inside a network namespace (the testbed's node, where
@@ -58,7 +58,7 @@ const RESOURCES: &[(&str, &str, &str)] = &[
 ];
 
 fn collection_of(kind: &str) -> &'static str {
-    RESOURCES.iter().find(|r| r.2 == kind).map(|r| r.0).unwrap_or_else(|| panic!("the fake API server has no {kind}"))
+    RESOURCES.iter().find(|r| r.2 == kind).map_or_else(|| panic!("the fake API server has no {kind}"), |r| r.0)
 }
 
 fn key_of(obj: &Value) -> String {
@@ -136,6 +136,7 @@ impl FakeApi {
         self.poke(true);
     }
 
+    #[allow(clippy::unused_async, reason = "the shape of the HTTP server's handler")]
     pub async fn handle(self, method: Method, uri: Uri, body: Bytes) -> Response {
         if self.state.lock().unwrap().down {
             return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
@@ -233,7 +234,7 @@ impl FakeApi {
                     }
                     tokio::select! {
                         _ = rx.changed() => {}
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {
                             // A bookmark with the current resourceVersion.
                             let rv = api.state.lock().unwrap().rv;
                             sent = sent.max(rv);
@@ -333,7 +334,7 @@ pub fn pod_object(plan: &Plan, index: usize, node: &str) -> Value {
         .collect();
     json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": pod.labels},
-        "spec": {"nodeName": node, "serviceAccountName": pod.service_account,
+        "spec": {"nodeName": node, "serviceAccountName": pod.service_account, "hostNetwork": pod.host_network,
                  "containers": [{"name": "main", "ports": ports}]},
         "status": {"phase": "Running", "podIP": ips.first(),
                    "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()}})

@@ -35,7 +35,7 @@ pub struct Arrival {
     pub peer: SocketAddr,
     /// SCTP: the INIT's initiate tag.
     pub tag: Option<u32>,
-    /// CLOCK_MONOTONIC, ns.
+    /// `CLOCK_MONOTONIC`, ns.
     pub at_ns: u64,
 }
 
@@ -196,7 +196,7 @@ impl Listeners {
 
     /// Whether what `want` describes has arrived.
     pub fn arrived(&self, want: &Wanted) -> bool {
-        self.arrivals.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|a| want.matches(a))
+        self.arrivals.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().any(|a| want.matches(a))
     }
 
     /// Waits up to `timeout` for what `want` describes to arrive.
@@ -242,7 +242,7 @@ impl Noter {
         // Dual-stack sockets show IPv4 peers as ::ffff:a.b.c.d.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let a = Arrival { host, protocol, local_port, peer, tag, at_ns: monotonic_ns() };
-        let mut v = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = self.arrivals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if v.len() < MAX_ARRIVALS {
             v.push(a);
         }
@@ -310,7 +310,7 @@ fn recv_packet(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<Option<probe::Sc
             buf.len(),
             0,
             (&raw mut from).cast::<libc::sockaddr>(),
-            &mut len,
+            &raw mut len,
         )
     };
     if n < 0 {

@@ -19,11 +19,12 @@ use crate::error::SetupError;
 /// Where `ip netns` keeps its namespace handles.
 pub const NETNS_DIR: &str = "/var/run/netns";
 
-/// A network namespace created by this run; removed when dropped.
+/// A network namespace created by this run; removed when dropped (an [`Netns::alias`]
+/// only names it).
 #[derive(Debug)]
 pub struct Netns {
     name: String,
-    _guard: cleanup::Guard,
+    guard: Option<cleanup::Guard>,
 }
 
 impl Netns {
@@ -46,13 +47,25 @@ impl Netns {
                 source: std::io::Error::other(e.to_string()),
             });
         }
-        let ns = Netns { name: name.to_string(), _guard: guard };
+        let ns = Netns { name: name.to_string(), guard: Some(guard) };
         ns.netlink(|nl| nl.set_up(&nl.existing_link("lo")?, "lo"))?;
         Ok(ns)
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Another handle on the same namespace that does not remove it when dropped (a
+    /// host-network pod's namespace is its node's).
+    #[must_use]
+    pub fn alias(&self) -> Netns {
+        Netns { name: self.name.clone(), guard: None }
+    }
+
+    /// Whether this handle is an [`Netns::alias`].
+    pub fn is_alias(&self) -> bool {
+        self.guard.is_none()
     }
 
     pub fn path(&self) -> PathBuf {
@@ -130,7 +143,7 @@ pub fn delete(name: &str) -> Result<(), SetupError> {
 pub fn list_with_prefix(prefix: &str) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir(NETNS_DIR) else { return Vec::new() };
     let mut names: Vec<String> = dir
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.starts_with(prefix))
         .collect();

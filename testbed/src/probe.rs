@@ -30,18 +30,18 @@ pub struct ProbeRun {
     pub attempt: Attempt,
     /// The source port the probe used (TCP, UDP).
     pub local_port: Option<u16>,
-    /// CLOCK_MONOTONIC when the probe started, in ns (the clock of verdict events).
+    /// `CLOCK_MONOTONIC` when the probe started, in ns (the clock of verdict events).
     pub started_ns: u64,
     pub elapsed: Duration,
     /// SCTP: the INIT's initiate tag.
     pub tag: Option<u32>,
 }
 
-/// CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` uses.
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock `bpf_ktime_get_ns` uses.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
 }
 
@@ -53,12 +53,12 @@ fn wait_ready(fd: &impl AsFd, events: libc::c_short, deadline: Instant) -> Resul
         let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
         let mut p = libc::pollfd { fd: fd.as_fd().as_raw_fd(), events, revents: 0 };
         // SAFETY: one valid pollfd, for the duration of the call.
-        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        let n = unsafe { libc::poll(&raw mut p, 1, ms) };
         match n {
             0 => return Ok(false),
             n if n > 0 => return Ok(true),
             _ => match Errno::last() {
-                Errno::EINTR => continue,
+                Errno::EINTR => {}
                 e => return Err(e),
             },
         }
@@ -78,7 +78,9 @@ fn any_of(dst: &SocketAddr) -> SockaddrStorage {
 }
 
 fn port_of(addr: &SockaddrStorage) -> Option<u16> {
-    addr.as_sockaddr_in().map(|a| a.port()).or_else(|| addr.as_sockaddr_in6().map(|a| a.port()))
+    addr.as_sockaddr_in()
+        .map(nix::sys::socket::SockaddrIn::port)
+        .or_else(|| addr.as_sockaddr_in6().map(nix::sys::socket::SockaddrIn6::port))
 }
 
 fn family_of(dst: &SocketAddr) -> AddressFamily {
@@ -227,7 +229,7 @@ pub fn icmp_echo(dst: IpAddr, ident: u16, seq: u16, timeout: Duration) -> ProbeR
                     return finish(Attempt::Answered, None, started, t0);
                 }
             }
-            Ok(_) | Err(Errno::EINTR) | Err(Errno::EAGAIN) => {}
+            Ok(_) | Err(Errno::EINTR | Errno::EAGAIN) => {}
             Err(e) => return fail("receiving", e),
         }
     }
@@ -284,7 +286,7 @@ pub fn sctp_init(dst: SocketAddr, src_port: u16, tag: u32) -> Result<(), String>
 }
 
 /// An SCTP packet (RFC 9260) with one INIT chunk: common header with verification tag 0
-/// (as an INIT must have) and a CRC32c checksum, then the chunk carrying `tag` as its
+/// (as an INIT must have) and a `CRC32c` checksum, then the chunk carrying `tag` as its
 /// initiate tag.
 pub fn sctp_init_packet(src_port: u16, dst_port: u16, tag: u32) -> Vec<u8> {
     let mut p = Vec::with_capacity(32);

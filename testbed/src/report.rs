@@ -43,6 +43,28 @@ pub struct ProbeResult {
     /// Short form of what decided, for the table's column.
     #[serde(skip)]
     pub decided_by: String,
+    /// Scenarios with several nodes: which node judged each side.
+    #[serde(rename = "nodes", skip_serializing_if = "Option::is_none")]
+    pub judged: Option<JudgedOn>,
+}
+
+/// Which node judged a probe's sides: the source's node its egress, the destination's its
+/// ingress (`None`: that end is no enforced pod: a node, a host-network pod, a world host).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct JudgedOn {
+    pub egress: Option<String>,
+    pub ingress: Option<String>,
+}
+
+impl JudgedOn {
+    /// `egress node-a, ingress node-b` (the table's column).
+    pub fn text(&self) -> String {
+        let parts: Vec<String> = [("egress", &self.egress), ("ingress", &self.ingress)]
+            .into_iter()
+            .filter_map(|(side, node)| node.as_ref().map(|n| format!("{side} {n}")))
+            .collect();
+        if parts.is_empty() { "-".into() } else { parts.join(", ") }
+    }
 }
 
 impl ProbeResult {
@@ -87,15 +109,20 @@ pub fn json(reports: &[ScenarioReport]) -> String {
     serde_json::to_string_pretty(&JsonDocument { scenarios: reports }).expect("reports serialize")
 }
 
-/// The human truth table of one scenario.
+/// The human truth table of one scenario (with several nodes, a column says which node
+/// judged each side).
 pub fn table(r: &ScenarioReport) -> String {
-    let header = ["#", "FROM", "TO", "PORT/PROTO", "EXPECT", "OBSERVED", "DECIDED BY", "MS", ""];
-    let rows: Vec<[String; 9]> = r
+    let nodes = r.probes.iter().any(|p| p.judged.is_some());
+    let mut header = vec!["#", "FROM", "TO", "PORT/PROTO", "EXPECT", "OBSERVED", "DECIDED BY", "MS", ""];
+    if nodes {
+        header.insert(7, "JUDGED ON");
+    }
+    let rows: Vec<Vec<String>> = r
         .probes
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            [
+            let mut row = vec![
                 (i + 1).to_string(),
                 p.from.clone(),
                 p.to.clone(),
@@ -109,10 +136,15 @@ pub fn table(r: &ScenarioReport) -> String {
                 p.decided_by.clone(),
                 p.ms.to_string(),
                 if p.passed() { "ok".into() } else { "FAIL".into() },
-            ]
+            ];
+            if nodes {
+                row.insert(7, p.judged.as_ref().map_or_else(|| "-".into(), JudgedOn::text));
+            }
+            row
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let ms_column = if nodes { 8 } else { 7 };
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -122,9 +154,10 @@ pub fn table(r: &ScenarioReport) -> String {
     let _ = writeln!(out, "scenario {} ({})", r.name, r.file);
     let line = |cells: &[String]| {
         let mut s = String::from(" ");
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            let w = *w;
             // Numbers right-aligned, text left-aligned.
-            if i == 0 || i == 7 {
+            if i == 0 || i == ms_column {
                 let _ = write!(s, " {cell:>w$}");
             } else {
                 let _ = write!(s, " {cell:<w$}");
@@ -132,7 +165,8 @@ pub fn table(r: &ScenarioReport) -> String {
         }
         s.trim_end().to_string()
     };
-    let _ = writeln!(out, "{}", line(&header.map(String::from)));
+    let header: Vec<String> = header.into_iter().map(String::from).collect();
+    let _ = writeln!(out, "{}", line(&header));
     for (row, p) in rows.iter().zip(&r.probes) {
         let _ = writeln!(out, "{}", line(row));
         if !p.passed()
@@ -177,6 +211,7 @@ mod tests {
                     detail: Some("not enforced".into()),
                     ms: 1,
                     decided_by: "not enforced".into(),
+                    judged: None,
                 },
                 ProbeResult {
                     from: "default/a".into(),
@@ -189,6 +224,7 @@ mod tests {
                     detail: Some("unexplained loss".into()),
                     ms: 1000,
                     decided_by: "-".into(),
+                    judged: None,
                 },
             ],
             failures: vec![],
@@ -209,6 +245,21 @@ mod tests {
         assert_eq!(s["probes"][1]["port"], serde_json::Value::Null);
         assert_eq!(s["probes"][1]["observed"], "error");
         assert_eq!(s["probes"][0]["expect"], "allow");
+    }
+
+    #[test]
+    fn several_nodes_add_which_node_judged_each_side() {
+        let mut r = report();
+        r.probes[0].judged = Some(JudgedOn { egress: Some("node-a".into()), ingress: Some("node-b".into()) });
+        r.probes[1].judged = Some(JudgedOn { egress: None, ingress: Some("node-b".into()) });
+        let t = table(&r);
+        assert!(t.contains("JUDGED ON"), "{t}");
+        assert!(t.contains("egress node-a, ingress node-b"), "{t}");
+        let v: serde_json::Value = serde_json::from_str(&json(&[r])).unwrap();
+        let p = &v["scenarios"][0]["probes"];
+        assert_eq!(p[0]["nodes"], serde_json::json!({"egress": "node-a", "ingress": "node-b"}));
+        assert_eq!(p[1]["nodes"]["egress"], serde_json::Value::Null);
+        assert!(!table(&report()).contains("JUDGED ON"));
     }
 
     #[test]

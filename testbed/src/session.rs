@@ -14,6 +14,7 @@
 //! ICMP events carry no echo identifier, so ICMP probes between the same two addresses
 //! run one after the other.
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -68,7 +69,7 @@ pub const KUBE_NODE: &str = "testbed-node";
 impl RunOptions {
     pub fn new(agent: Option<PathBuf>) -> RunOptions {
         RunOptions {
-            timeout: Duration::from_millis(1000),
+            timeout: Duration::from_secs(1),
             agent,
             agent_args: Vec::new(),
             keep_logs: false,
@@ -93,7 +94,8 @@ impl RunNames {
     }
 }
 
-/// The agent side of a session. Field order is drop order: the event stream first.
+/// The agent side of a session, one per node. Field order is drop order: the event stream
+/// first.
 struct AgentSide {
     collector: Collector,
     /// By `namespace/name`.
@@ -106,13 +108,17 @@ pub struct Session {
     plan: Plan,
     timeout: Duration,
     outcome: PolicyOutcome,
-    // Field order is drop order: agent, listeners, topology, directories.
-    agent: Option<AgentSide>,
+    // Field order is drop order: agents, listeners, topology, directories.
+    /// One per node, in [`Plan::nodes`] order; empty without an agent.
+    agents: Vec<AgentSide>,
     /// Kubernetes mode's API server (stopped after the agent).
     kube: Option<KubeApiServer>,
     listeners: Option<Listeners>,
     topology: Topology,
+    /// The first node's directories (with the policy directory every agent reads).
     dirs: RunDirs,
+    /// The other nodes' directories (pins, state, socket, log, remote endpoints file).
+    node_dirs: Vec<RunDirs>,
 }
 
 impl Session {
@@ -121,6 +127,19 @@ impl Session {
     /// so far is removed (and the agent's log tail printed when it helps).
     pub async fn up(plan: &Plan, opts: &RunOptions, names: &RunNames) -> Result<Session, SetupError> {
         let dirs = RunDirs::create(&names.tag, opts.keep_logs)?;
+        if plan.is_multi_node() && opts.kubernetes {
+            return Err(SetupError::Unsupported(
+                "a scenario with several nodes runs in file mode only: Kubernetes mode on several nodes is not supported yet by this testbed version"
+                    .into(),
+            ));
+        }
+        let mut node_dirs = Vec::new();
+        for k in 1..plan.nodes.len() {
+            let mut d = RunDirs::create(&format!("{}-n{k}", names.tag), opts.keep_logs)?;
+            // One policy directory for the cluster, as one API server would be.
+            d.policies.clone_from(&dirs.policies);
+            node_dirs.push(d);
+        }
         if opts.cni.is_some() && !(opts.kubernetes && opts.agent.is_some()) {
             return Err(SetupError::Unsupported(
                 "pods plumbed by the CNI plugin need the agent in Kubernetes mode (their labels come from the API server)"
@@ -138,7 +157,7 @@ impl Session {
         };
         let mut listeners = Listeners::new();
         let ipv6 = plan.has_family(IpFamily::IPv6);
-        for pod in &plan.pods {
+        for pod in plan.pods.iter().filter(|p| !p.host_network) {
             let Some(h) = topology.host(plan, &HostRef::Pod(pod.index)) else { continue };
             listeners.start(ListenOn { key: h.key, netns: h.netns, ipv6, is_node: false }, &pod.ports)?;
         }
@@ -150,11 +169,12 @@ impl Session {
             plan: plan.clone(),
             timeout: opts.timeout,
             outcome: PolicyOutcome::default(),
-            agent: None,
+            agents: Vec::new(),
             kube: None,
             listeners: Some(listeners),
             topology,
             dirs,
+            node_dirs,
         };
         if let Some(binary) = &opts.agent {
             let mut args = opts.agent_args.clone();
@@ -170,32 +190,67 @@ impl Session {
                 args.extend(["--kubeconfig".to_string(), kubeconfig.display().to_string()]);
                 session.kube = Some(server);
             }
-            let process = AgentProcess::spawn(
-                binary,
-                session.topology.node.netns.open()?,
-                &session.dirs,
-                plan.cluster.as_deref(),
-                &args,
-            )?;
-            let started = if opts.kubernetes {
-                start_agent_kube(plan, &process).await
-            } else {
-                start_agent(plan, &session.dirs, &process).await
-            };
-            match started {
-                Ok((outcome, endpoints, collector)) => {
-                    session.outcome = outcome;
-                    session.agent = Some(AgentSide { collector, endpoints, process });
+            // Every node's agent starts before any is told anything; the first one's start
+            // (file mode) applies the policies, which every agent reads from the one
+            // directory.
+            let mut processes = Vec::with_capacity(plan.nodes.len());
+            for k in 0..plan.nodes.len() {
+                let dirs = session.node_dirs(k);
+                let mut node_args = args.clone();
+                if plan.is_multi_node() {
+                    agent::write_remote_endpoints(&dirs.remote_endpoints(), plan, k)?;
+                    node_args.push("--remote-endpoints".into());
+                    node_args.push(dirs.remote_endpoints().display().to_string());
                 }
-                Err(e) => {
-                    if !matches!(e, SetupError::AgentExited { .. } | SetupError::AgentNotReady { .. }) {
-                        print_log_tail(&process);
+                let ns = session.topology.node_at(k).netns.open()?;
+                processes.push(AgentProcess::spawn(binary, ns, dirs, plan.cluster.as_deref(), &node_args)?);
+            }
+            for (k, process) in processes.into_iter().enumerate() {
+                let started = if opts.kubernetes {
+                    start_agent_kube(plan, &process).await
+                } else {
+                    start_agent(plan, k, &session, &process).await
+                };
+                match started {
+                    Ok((outcome, endpoints, collector)) => {
+                        if k == 0 {
+                            session.outcome = outcome;
+                        } else {
+                            session.outcome.warnings.extend(outcome.warnings);
+                            session.outcome.failures.extend(outcome.failures);
+                        }
+                        session.agents.push(AgentSide { collector, endpoints, process });
                     }
-                    return Err(e);
+                    Err(e) => {
+                        if !matches!(e, SetupError::AgentExited { .. } | SetupError::AgentNotReady { .. }) {
+                            print_log_tail(&process);
+                        }
+                        return Err(e);
+                    }
                 }
             }
         }
         Ok(session)
+    }
+
+    /// Node `k`'s directories.
+    fn node_dirs(&self, k: usize) -> &RunDirs {
+        if k == 0 { &self.dirs } else { &self.node_dirs[k - 1] }
+    }
+
+    /// Node `k`'s directories (pins, state directory, API socket, log, remote endpoints file).
+    pub fn dirs_of(&self, k: usize) -> Option<&RunDirs> {
+        (k <= self.node_dirs.len()).then(|| self.node_dirs(k))
+    }
+
+    /// The agent of node `k`'s API client, if an agent runs.
+    pub fn client_of(&self, k: usize) -> Option<&palisade_api::Client> {
+        self.agents.get(k).map(|a| &a.process.client)
+    }
+
+    /// The agent of node `k`'s process id, if it runs.
+    pub fn agent_pid_of(&self, k: usize) -> Option<u32> {
+        self.agents.get(k).and_then(|a| a.process.pid())
     }
 
     pub fn plan(&self) -> &Plan {
@@ -211,9 +266,9 @@ impl Session {
         &self.dirs.policies
     }
 
-    /// The agent's log file, if an agent runs.
+    /// The (first node's) agent's log file, if an agent runs.
     pub fn agent_log(&self) -> Option<&Path> {
-        self.agent.as_ref().map(|a| a.process.log.as_path())
+        self.agents.first().map(|a| a.process.log.as_path())
     }
 
     /// The run's directories (temporary directory with the API socket, log and policy
@@ -224,16 +279,18 @@ impl Session {
 
     /// The agent's process id, if an agent runs.
     pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().and_then(|a| a.process.pid())
+        self.agents.first().and_then(|a| a.process.pid())
     }
 
-    /// Every network namespace of the session: pods', other hosts', then the node's.
+    /// Every network namespace of the session: pods', other hosts', then the nodes'.
     pub fn netns_names(&self) -> Vec<String> {
         let t = &self.topology;
         t.pods
             .iter()
+            .filter(|p| !p.netns.is_alias())
             .map(|p| p.netns.name().to_string())
             .chain(t.hosts.iter().filter_map(|h| h.netns.as_ref().map(|n| n.name().to_string())))
+            .chain(t.extra_nodes.iter().map(|n| n.netns.name().to_string()))
             .chain([t.node.netns.name().to_string()])
             .collect()
     }
@@ -244,7 +301,7 @@ impl Session {
     }
 
     fn agent(&self) -> Result<&AgentSide, SetupError> {
-        self.agent.as_ref().ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))
+        self.agents.first().ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))
     }
 
     /// The agent's endpoints.
@@ -268,31 +325,43 @@ impl Session {
     /// own (its directory watch; no rescan request is made) and realized that revision.
     /// `text` must differ from what the file held, or there is nothing to wait for.
     /// Returns the agent's status of the manifest (enforced or rejected).
+    /// With several nodes every agent reads the one directory; this waits for each of them
+    /// and answers the first node's status.
     pub async fn write_policy_file(&self, file_name: &str, text: &str) -> Result<PolicyStatus, SetupError> {
-        let side = self.agent()?;
-        let before = self.policies().await?;
-        let old = agent::find_status(&before, file_name).map(|s| s.revision);
+        self.agent()?;
+        let mut olds = Vec::with_capacity(self.agents.len());
+        for side in &self.agents {
+            let before = agent::call("listing policies", CALL_TIMEOUT, side.process.client.policies()).await?;
+            olds.push(agent::find_status(&before, file_name).map(|s| s.revision));
+        }
         self.dirs.write_policy(file_name, text)?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let status = loop {
-            side.process.check_alive("while its policy directory changed")?;
-            let now = self.policies().await?;
-            // u64::MAX: read, but not yet numbered by the resolver.
-            match agent::find_status(&now, file_name) {
-                Some(s) if Some(s.revision) != old && s.revision != u64::MAX => break s.clone(),
-                _ if Instant::now() >= deadline => {
-                    return Err(SetupError::PolicyNotSeen { file: file_name.into(), secs: READY_TIMEOUT.as_secs() });
+        let mut first = None;
+        for (side, old) in self.agents.iter().zip(olds) {
+            let deadline = Instant::now() + READY_TIMEOUT;
+            let status = loop {
+                side.process.check_alive("while its policy directory changed")?;
+                let now = agent::call("listing policies", CALL_TIMEOUT, side.process.client.policies()).await?;
+                // u64::MAX: read, but not yet numbered by the resolver.
+                match agent::find_status(&now, file_name) {
+                    Some(s) if Some(s.revision) != old && s.revision != u64::MAX => break s.clone(),
+                    _ if Instant::now() >= deadline => {
+                        return Err(SetupError::PolicyNotSeen {
+                            file: file_name.into(),
+                            secs: READY_TIMEOUT.as_secs(),
+                        });
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
-        agent::call(
-            "waiting until the edited policy is realized",
-            READY_TIMEOUT + Duration::from_secs(5),
-            side.process.client.wait_revision(status.revision, READY_TIMEOUT),
-        )
-        .await?;
-        Ok(status)
+            };
+            agent::call(
+                "waiting until the edited policy is realized",
+                READY_TIMEOUT + Duration::from_secs(5),
+                side.process.client.wait_revision(status.revision, READY_TIMEOUT),
+            )
+            .await?;
+            first.get_or_insert(status);
+        }
+        first.ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))
     }
 
     /// Runs one probe.
@@ -311,17 +380,30 @@ impl Session {
             failures: self.outcome.failures.clone(),
             notes: self.outcome.warnings.iter().map(|w| format!("agent warning: {w}")).collect(),
         };
-        match &self.agent {
-            None => {
-                report.notes.push("run without an agent (--no-agent): every probe expects plain connectivity".into())
+        if self.agents.is_empty() {
+            report.notes.push("run without an agent (--no-agent): every probe expects plain connectivity".into());
+        }
+        if self.plan.is_multi_node() {
+            let nodes: Vec<String> = self
+                .plan
+                .nodes
+                .iter()
+                .map(|n| {
+                    let addrs: Vec<String> =
+                        n.ipv4.map(|a| a.to_string()).into_iter().chain(n.ipv6.map(|a| a.to_string())).collect();
+                    format!("{} ({})", n.name, addrs.join(", "))
+                })
+                .collect();
+            report.notes.push(format!("nodes, each with its own agent: {}", nodes.join("; ")));
+        }
+        for (k, a) in self.agents.iter().enumerate() {
+            let on =
+                if self.plan.is_multi_node() { format!(" (node {})", self.plan.nodes[k].name) } else { String::new() };
+            if let Err(e) = a.process.check_alive("while probing") {
+                report.failures.push(format!("{e}{on}"));
             }
-            Some(a) => {
-                if let Err(e) = a.process.check_alive("while probing") {
-                    report.failures.push(e.to_string());
-                }
-                if let Some(why) = a.collector.ended() {
-                    report.notes.push(format!("verdict events stopped: {why}"));
-                }
+            if let Some(why) = a.collector.ended() {
+                report.notes.push(format!("verdict events stopped{on}: {why}"));
             }
         }
         report
@@ -360,15 +442,26 @@ impl Session {
             results[i] = Some(r);
         }
         let mut results: Vec<(ProbeResult, Option<Flow>)> = results.into_iter().flatten().collect();
-        // Allowed flows: what decided, from the events that came in meanwhile.
-        if let Some(agent) = &self.agent {
-            let events = agent.collector.snapshot();
-            for (result, flow) in &mut results {
+        // Allowed flows: what decided, from the events that came in meanwhile (each side
+        // on the node that judged it).
+        if !self.agents.is_empty() {
+            let events: Vec<Vec<MonitorEvent>> = self.agents.iter().map(|a| a.collector.snapshot()).collect();
+            for ((result, flow), p) in results.iter_mut().zip(probes) {
                 if let (Observed::Allow, Some(flow)) = (result.observed, flow) {
-                    let text = allow_decided_by(flow, &events, &agent.endpoints);
+                    let (src, dst) = (self.plan.node_of(&p.from), self.plan.node_of(&p.to));
+                    let sides = [
+                        ("egress", &events[src], &self.agents[src].endpoints),
+                        ("ingress", &events[dst], &self.agents[dst].endpoints),
+                    ];
+                    let text = allow_decided_by(flow, &sides);
                     result.detail = Some(text.clone());
                     result.decided_by = text;
                 }
+            }
+        }
+        if self.plan.is_multi_node() {
+            for (result, p) in results.iter_mut().zip(probes) {
+                result.0.judged = Some(self.judged_on(p));
             }
         }
         let mut results: Vec<ProbeResult> = results.into_iter().map(|(r, _)| r).collect();
@@ -380,19 +473,39 @@ impl Session {
     /// probing (at most [`MAX_CONCURRENT_EXPLAINS`] calls at once): a verdict explain does
     /// not agree with makes the probe an error, so that explain and the kernel cannot
     /// drift apart unnoticed.
+    /// With several nodes, the source's node explains the egress side and the destination's
+    /// node the ingress side, each with its own identities, as their datapaths judge them.
     async fn check_explain(&self, probes: &[PlanProbe], results: &mut [ProbeResult]) {
         use futures_util::StreamExt;
-        let Some(agent) = &self.agent else { return };
-        let client = &agent.process.client;
+        if self.agents.is_empty() {
+            return;
+        }
         let plan = &self.plan;
+        let agents = &self.agents;
         let asks =
             probes.iter().zip(results.iter()).enumerate().filter(|(_, (_, r))| r.observed != Observed::Error).map(
                 |(i, (p, _))| async move {
                     let Some(req) = explain_check::request(plan, p) else {
                         return (i, Err("no explain request".into()));
                     };
-                    let answer = agent::call("policy explain", CALL_TIMEOUT, client.explain(&req)).await;
-                    (i, answer.map_err(|e| e.to_string()))
+                    let (src, dst) = (plan.node_of(&p.from), plan.node_of(&p.to));
+                    let ask = |k: usize| {
+                        let req = req.clone();
+                        async move {
+                            agent::call("policy explain", CALL_TIMEOUT, agents[k].process.client.explain(&req))
+                                .await
+                                .map_err(|e| e.to_string())
+                        }
+                    };
+                    let answer = if src == dst {
+                        ask(src).await
+                    } else {
+                        match (ask(src).await, ask(dst).await) {
+                            (Ok(at_src), Ok(at_dst)) => Ok(explain_check::combine(at_src, at_dst)),
+                            (Err(e), _) | (_, Err(e)) => Err(e),
+                        }
+                    };
+                    (i, answer)
                 },
             );
         let answers: Vec<_> =
@@ -425,14 +538,21 @@ impl Session {
     }
 
     fn endpoint_ref(&self, end: &HostRef) -> Option<EndpointRef> {
-        let HostRef::Pod(i) = end else { return None };
-        let key = self.plan.pod(*i).key();
-        let id = self.agent.as_ref().and_then(|a| a.endpoints.get(&key)).map_or(0, |e| u32::from(e.id));
+        let pod = self.plan.endpoint_pod(end)?;
+        let key = pod.key();
+        let id = self.agents.get(pod.node).and_then(|a| a.endpoints.get(&key)).map_or(0, |e| u32::from(e.id));
         Some(EndpointRef { key, id })
     }
 
+    /// Which node judged each side of a probe (multi-node scenarios): the source's node its
+    /// egress, the destination's node its ingress, for ends that are enforced pods.
+    fn judged_on(&self, p: &PlanProbe) -> crate::report::JudgedOn {
+        let node = |end: &HostRef| self.plan.endpoint_pod(end).map(|pod| self.plan.nodes[pod.node].name.clone());
+        crate::report::JudgedOn { egress: node(&p.from), ingress: node(&p.to) }
+    }
+
     async fn run_probe(&self, p: &PlanProbe) -> (ProbeResult, Option<Flow>) {
-        let expect = if self.agent.is_some() { p.expect } else { Expect::Allow };
+        let expect = if self.agents.is_empty() { Expect::Allow } else { p.expect };
         let mut result = ProbeResult {
             from: p.from_text.clone(),
             to: p.to_text.clone(),
@@ -444,6 +564,7 @@ impl Session {
             detail: None,
             ms: 0,
             decided_by: "-".into(),
+            judged: None,
         };
         let (Some(src), Some(dst)) = (self.topology.host(&self.plan, &p.from), self.topology.host(&self.plan, &p.to))
         else {
@@ -476,7 +597,7 @@ impl Session {
         match run.attempt {
             Attempt::Answered => {
                 result.observed = Observed::Allow;
-                if self.agent.is_none() {
+                if self.agents.is_empty() {
                     result.decided_by = "no agent".into();
                     result.detail = Some("connected (no agent runs)".into());
                 }
@@ -547,7 +668,7 @@ impl Session {
         let (src_port, tag) = (want.peer.port(), want.tag.unwrap_or(0));
         let listeners = self.listeners.as_ref().expect("listeners run while the session is up");
         let mut arrived = false;
-        for wait in [self.timeout / 2, self.timeout - self.timeout / 2] {
+        for wait in [self.timeout / 2, self.timeout.checked_sub(self.timeout / 2).unwrap()] {
             let ns = src.netns.open()?;
             let sent = blocking(move || netns::run_in(ns, move || probe::sctp_init(dst, src_port, tag))).await??;
             if let Err(why) = sent {
@@ -586,36 +707,43 @@ impl Session {
             }),
             _ => false,
         };
-        let Some(agent) = &self.agent else {
+        if self.agents.is_empty() {
             result.detail = Some("unexplained loss (no agent runs, so nothing should drop)".into());
             return;
-        };
+        }
+        // The source's egress is judged on its node, the destination's ingress on its node.
+        let (src_node, dst_node) = (self.plan.node_of(&p.from), self.plan.node_of(&p.to));
+        let mut judges: Vec<&Collector> = vec![&self.agents[src_node].collector];
+        if dst_node != src_node {
+            judges.push(&self.agents[dst_node].collector);
+        }
+        let drops = || judges.iter().map(|c| related_drops(c, flow)).collect::<String>();
         if reached {
-            result.detail = Some(format!(
-                "the probe reached {} but no answer came back{}",
-                p.to_text,
-                related_drops(&agent.collector, flow)
-            ));
+            result.detail = Some(format!("the probe reached {} but no answer came back{}", p.to_text, drops()));
             return;
         }
         // The drop happened when the probe was sent; the event may still be on its way.
         let grace = (self.timeout / 2).max(Duration::from_millis(250));
-        match agent.collector.wait_for(grace, |ev| flow.is_policy_drop(ev)).await {
-            Some(ev) => {
-                let place = flow.place(&ev).unwrap_or("?");
-                let at = ev.endpoint.clone().unwrap_or_else(|| format!("endpoint {}", ev.endpoint_id));
-                result.observed = Observed::Deny;
-                result.decided_by = format!("{} ({place} {at})", events::describe(&ev));
-                result.detail = Some(format!("dropped at {place} of {at}: {}", events::describe(&ev)));
-            }
-            None => {
-                let ended =
-                    agent.collector.ended().map(|w| format!(" (verdict events stopped: {w})")).unwrap_or_default();
-                result.detail = Some(format!(
-                    "unexplained loss: no answer and no policy drop reported for this flow{}{ended}",
-                    related_drops(&agent.collector, flow)
-                ));
-            }
+        let waits = judges.iter().map(|c| Box::pin(c.wait_for(grace, |ev| flow.is_policy_drop(ev))));
+        let found = futures_util::future::select_ok(waits.map(|w| Box::pin(async move { w.await.ok_or(()) })))
+            .await
+            .ok()
+            .map(|(ev, _)| ev);
+        if let Some(ev) = found {
+            let place = flow.place(&ev).unwrap_or("?");
+            let at = ev.endpoint.clone().unwrap_or_else(|| format!("endpoint {}", ev.endpoint_id));
+            result.observed = Observed::Deny;
+            result.decided_by = format!("{} ({place} {at})", events::describe(&ev));
+            result.detail = Some(format!("dropped at {place} of {at}: {}", events::describe(&ev)));
+        } else {
+            let ended: String = judges.iter().filter_map(|c| c.ended()).fold(String::new(), |mut out, w| {
+                let _ = write!(out, " (verdict events stopped: {w})");
+                out
+            });
+            result.detail = Some(format!(
+                "unexplained loss: no answer and no policy drop reported for this flow{}{ended}",
+                drops()
+            ));
         }
     }
 
@@ -625,15 +753,21 @@ impl Session {
         self.kube.as_ref().map(|k| &k.api)
     }
 
-    /// Waits until everything the agent has accepted so far is realized in the kernel.
+    /// Waits until everything the agents have accepted so far is realized in the kernel;
+    /// answers the first node's status.
     pub async fn wait_realized(&self) -> Result<Status, SetupError> {
-        let client = &self.agent()?.process.client;
-        agent::call(
-            "waiting until the agent's state is realized",
-            READY_TIMEOUT + CALL_TIMEOUT,
-            client.wait_current(READY_TIMEOUT),
-        )
-        .await
+        self.agent()?;
+        let mut first = None;
+        for side in &self.agents {
+            let status = agent::call(
+                "waiting until the agent's state is realized",
+                READY_TIMEOUT + CALL_TIMEOUT,
+                side.process.client.wait_current(READY_TIMEOUT),
+            )
+            .await?;
+            first.get_or_insert(status);
+        }
+        first.ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))
     }
 
     /// The first verdict event from the agent matching `pred` (one that came in since the
@@ -643,11 +777,11 @@ impl Session {
         timeout: Duration,
         pred: impl Fn(&MonitorEvent) -> bool,
     ) -> Option<MonitorEvent> {
-        self.agent.as_ref()?.collector.wait_for(timeout, pred).await
+        self.agents.first()?.collector.wait_for(timeout, pred).await
     }
 
     pub fn print_agent_log_tail(&self) {
-        if let Some(a) = &self.agent {
+        for a in &self.agents {
             print_log_tail(&a.process);
         }
     }
@@ -657,8 +791,13 @@ impl Session {
     /// ([`Session::stop_agent`], then [`Session::start_agent_again`]). Answers the old
     /// process's exit status.
     pub async fn restart_agent(&mut self, how: agent::StopHow) -> Result<String, SetupError> {
-        let exit = self.stop_agent(how)?;
-        self.start_agent_again().await?;
+        self.restart_agent_of(0, how).await
+    }
+
+    /// [`Session::restart_agent`] for the agent of node `node`.
+    pub async fn restart_agent_of(&mut self, node: usize, how: agent::StopHow) -> Result<String, SetupError> {
+        let exit = self.stop_agent_of(node, how)?;
+        self.start_agent_again_of(node).await?;
         Ok(exit)
     }
 
@@ -667,10 +806,22 @@ impl Session {
     /// directory. Waits until it answers and has realized its first revision (which
     /// includes the policy directory as it found it), then reopens the verdict-event stream.
     pub async fn start_agent_again(&mut self) -> Result<(), SetupError> {
-        let node_ns = self.topology.node.netns.open()?;
-        let side =
-            self.agent.as_mut().ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))?;
-        side.process.start_again(node_ns, &self.dirs)?;
+        self.start_agent_again_of(0).await
+    }
+
+    /// [`Session::start_agent_again`] for the agent of node `node` (it reads its remote
+    /// endpoints file again by itself).
+    pub async fn start_agent_again_of(&mut self, node: usize) -> Result<(), SetupError> {
+        if node >= self.plan.nodes.len() {
+            return Err(SetupError::Unsupported(format!("the scenario has no node #{node}")));
+        }
+        let node_ns = self.topology.node_at(node).netns.open()?;
+        let dirs = if node == 0 { &self.dirs } else { &self.node_dirs[node - 1] };
+        let side = self
+            .agents
+            .get_mut(node)
+            .ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))?;
+        side.process.start_again(node_ns, dirs)?;
         side.process.wait_ready(READY_TIMEOUT).await?;
         let client = &side.process.client;
         agent::call(
@@ -691,19 +842,26 @@ impl Session {
     /// Stops the agent (SIGTERM or SIGKILL) without starting it again; the datapath it
     /// loaded stays. Answers its exit status.
     pub fn stop_agent(&mut self, how: agent::StopHow) -> Result<String, SetupError> {
-        let side =
-            self.agent.as_ref().ok_or_else(|| SetupError::Unsupported("this session runs without an agent".into()))?;
+        self.stop_agent_of(0, how)
+    }
+
+    /// [`Session::stop_agent`] for the agent of node `node`.
+    pub fn stop_agent_of(&mut self, node: usize, how: agent::StopHow) -> Result<String, SetupError> {
+        let side = self
+            .agents
+            .get(node)
+            .ok_or_else(|| SetupError::Unsupported("this session runs without an agent on that node".into()))?;
         side.process.stop_now(how, Duration::from_secs(10))
     }
 
     /// The agent's API client, if an agent runs.
     pub fn client(&self) -> Option<&palisade_api::Client> {
-        self.agent.as_ref().map(|a| &a.process.client)
+        self.agents.first().map(|a| &a.process.client)
     }
 
     /// Takes everything down, in order.
     pub async fn down(mut self) {
-        self.agent = None;
+        self.agents.clear();
         if let Some(l) = self.listeners.take() {
             l.stop().await;
         }
@@ -711,18 +869,30 @@ impl Session {
     }
 }
 
+/// File mode, node `node`'s agent: registers that node's namespaces, pods and entities; with
+/// several nodes waits until it has read the other nodes' pods; the first node's start
+/// writes the manifests into the one policy directory and checks them, the others then
+/// check that they read the same.
 async fn start_agent(
     plan: &Plan,
-    dirs: &RunDirs,
+    node: usize,
+    session: &Session,
     process: &AgentProcess,
 ) -> Result<(PolicyOutcome, HashMap<String, EndpointStatus>, Collector), SetupError> {
     process.wait_ready(READY_TIMEOUT).await?;
-    tracing::info!("agent answers");
+    tracing::info!(node, "agent answers");
     let client = &process.client;
-    agent::register(client, plan).await?;
-    tracing::info!("namespaces, pods and entities registered and realized");
-    let outcome = agent::apply_policies(client, dirs, plan).await?;
-    tracing::info!("policies applied and realized");
+    agent::register_node(client, plan, node).await?;
+    if plan.is_multi_node() {
+        agent::wait_remote_endpoints(client, plan, node).await?;
+    }
+    tracing::info!(node, "namespaces, pods and entities registered and realized");
+    let outcome = if node == 0 {
+        agent::apply_policies(client, &session.dirs, plan).await?
+    } else {
+        agent::check_policies_read(client, plan).await?
+    };
+    tracing::info!(node, "policies applied and realized");
     let endpoints: HashMap<String, EndpointStatus> = agent::call("listing endpoints", CALL_TIMEOUT, client.endpoints())
         .await?
         .into_iter()
@@ -747,7 +917,8 @@ async fn start_agent_kube(
         let what = format!("registering {} as entity {:?}", spec.cidr, spec.entity);
         agent::call(what, CALL_TIMEOUT, client.put_ipcache(&spec)).await?;
     }
-    let wanted: Vec<String> = plan.pods.iter().map(|p| p.key()).collect();
+    let wanted: Vec<String> =
+        plan.pods.iter().filter(|p| !p.host_network).map(palisade_scenario::PlanPod::key).collect();
     let policies = plan.policies.iter().filter(|p| !p.expect_rejected).count();
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut outcome = PolicyOutcome::default();
@@ -808,19 +979,20 @@ fn related_drops(collector: &Collector, flow: &Flow) -> String {
 
 /// What allowed a flow at each end: the allow events if the agent emits them, else the
 /// endpoints' enforcement ("not enforced" or "policy").
-fn allow_decided_by(flow: &Flow, events: &[MonitorEvent], endpoints: &HashMap<String, EndpointStatus>) -> String {
+/// `sides`: for egress and ingress, the events and endpoints of the node that judged it.
+fn allow_decided_by(flow: &Flow, sides: &[(&str, &Vec<MonitorEvent>, &HashMap<String, EndpointStatus>); 2]) -> String {
     let mut parts = Vec::new();
-    for (place, end) in [("egress", &flow.src_endpoint), ("ingress", &flow.dst_endpoint)] {
+    for ((place, events, endpoints), end) in sides.iter().zip([&flow.src_endpoint, &flow.dst_endpoint]) {
+        let place = *place;
         let Some(end) = end else { continue };
         let ev = events.iter().find(|e| flow.is_allow(e) && flow.place(e) == Some(place));
-        let text = match ev {
-            Some(ev) => events::describe(ev),
-            None => {
-                let enforced = endpoints
-                    .get(&end.key)
-                    .is_some_and(|e| if place == "egress" { e.egress_enforced } else { e.ingress_enforced });
-                if enforced { "policy".to_string() } else { "not enforced".to_string() }
-            }
+        let text = if let Some(ev) = ev {
+            events::describe(ev)
+        } else {
+            let enforced = endpoints
+                .get(&end.key)
+                .is_some_and(|e| if place == "egress" { e.egress_enforced } else { e.ingress_enforced });
+            if enforced { "policy".to_string() } else { "not enforced".to_string() }
         };
         if text != "not enforced" {
             parts.push(format!("{place}: {text}"));

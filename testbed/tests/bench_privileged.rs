@@ -29,7 +29,7 @@ fn bench_quick_writes_every_figure_and_leaves_nothing_privileged() {
     let out = child.wait_with_output().expect("palisade-bench runs");
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(started.elapsed() < Duration::from_secs(300), "the quick run took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_mins(5), "the quick run took {:?}", started.elapsed());
 
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["size"], "quick");

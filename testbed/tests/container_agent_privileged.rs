@@ -68,7 +68,7 @@ fn in_container(tag: &str) -> Option<(Dockerd, RunNames, RunOptions)> {
 
 #[test]
 fn the_containerized_agent_enforces_the_seed_scenario_privileged() {
-    let _engine = ENGINE.lock().unwrap_or_else(|e| e.into_inner());
+    let _engine = ENGINE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     palisade_privileged::require_root!();
     let Some((dockerd, names, mut opts)) = in_container("ct") else { return };
     opts.timeout = Duration::from_millis(800);
@@ -93,7 +93,7 @@ const RESTARTS: usize = 10;
 
 #[test]
 fn the_containerized_agent_restarts_with_zero_wrong_verdicts_privileged() {
-    let _engine = ENGINE.lock().unwrap_or_else(|e| e.into_inner());
+    let _engine = ENGINE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     palisade_privileged::require_root!();
     let Some((dockerd, names, opts)) = in_container("cr") else { return };
     let plan =
@@ -117,7 +117,7 @@ fn the_containerized_agent_restarts_with_zero_wrong_verdicts_privileged() {
         let stop = Arc::new(AtomicBool::new(false));
         let prober = {
             let stop = stop.clone();
-            std::thread::spawn(move || probe_continuously(client_ns, server, stop, 20_000, Duration::from_secs(300)))
+            std::thread::spawn(move || probe_continuously(client_ns, server, stop, 20_000, Duration::from_mins(5)))
         };
         let mut current_v2 = false;
         for i in 0..RESTARTS {

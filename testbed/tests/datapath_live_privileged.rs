@@ -45,7 +45,7 @@ fn scenario() -> String {
     let policy: palisade_policy::yaml::Value =
         palisade_policy::yaml::from_str(&POLICY.replace("PORT", &ECHO_TCP.to_string())).unwrap();
     format!(
-        r#"
+        r"
 name: datapath-live
 ipFamilies: [IPv4, IPv6]
 namespaces: {{default: {{}}}}
@@ -61,7 +61,7 @@ policies:
 probes:
   - {{from: default/client, to: default/server, port: {UDP_ALLOWED}, protocol: UDP, expect: allow}}
   - {{from: default/client, to: default/server, port: {UDP_DENIED}, protocol: UDP, expect: deny}}
-"#,
+",
         serde_json::to_string(&policy).unwrap()
     )
 }
@@ -97,7 +97,7 @@ fn echo_one(listener: TcpListener) -> std::thread::JoinHandle<()> {
         listener.set_nonblocking(false).unwrap();
         let Ok((mut conn, _)) = listener.accept() else { return };
         conn.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        let end = Instant::now() + Duration::from_secs(60);
+        let end = Instant::now() + Duration::from_mins(1);
         let mut buf = [0u8; 1024];
         while Instant::now() < end {
             match conn.read(&mut buf) {
@@ -313,7 +313,7 @@ fn udp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, payload: &[u8]) ->
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&src.octets());
     pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&(len as u32).to_be_bytes());
+    pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
     pseudo.extend_from_slice(&[0, 0, 0, 17]);
     pseudo.extend_from_slice(&udp);
     let sum = match internet_checksum(&pseudo) {

@@ -104,5 +104,5 @@ fn bad_manifests_change_nothing_that_is_enforced_privileged() {
         }
     }
     assert_eq!(leftovers(pid), Vec::<String>::new(), "the run left things behind");
-    assert!(elapsed < Duration::from_secs(60), "{} scenarios took {elapsed:?}", SAMPLE.len());
+    assert!(elapsed < Duration::from_mins(1), "{} scenarios took {elapsed:?}", SAMPLE.len());
 }

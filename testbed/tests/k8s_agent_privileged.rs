@@ -36,10 +36,12 @@ impl Drop for Agent {
 
 // ---------------------------------------------------------------- fixtures
 
+#[allow(clippy::needless_pass_by_value, reason = "called with json! literals")]
 fn namespace(name: &str, labels: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
 }
 
+#[allow(clippy::needless_pass_by_value, reason = "called with json! literals")]
 fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "labels": labels},

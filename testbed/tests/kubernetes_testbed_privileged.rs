@@ -93,11 +93,11 @@ async fn endpoint_present(session: &Session, name: &str, present: bool) {
 
 #[test]
 fn policies_and_pods_through_the_api_server_privileged() {
+    use Observed::{Allow, Deny};
     palisade_privileged::require_root!();
     let (plan, names, mut opts) = agent_run(SCENARIO, "kl", &[]);
     opts.timeout = Duration::from_millis(700);
     opts.kubernetes = true;
-    use Observed::{Allow, Deny};
 
     let rt = runtime();
     rt.block_on(async {

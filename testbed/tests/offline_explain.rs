@@ -107,3 +107,34 @@ fn a_policy_directory_replaces_the_scenarios_policies() {
     assert_eq!(e.verdict, "allow");
     assert!(e.ingress.rules[0].contains("default/web"), "{e:?}");
 }
+
+/// Scenarios with several nodes, explained offline as each node's agent would: the egress
+/// side on the source's node, the ingress side on the destination's (the other nodes'
+/// pods remote, known by their labels), combined as the testbed combines the live agents'.
+#[test]
+fn offline_explain_of_each_node_agrees_with_the_cluster_fixtures() {
+    use palisade_cli::offline::scenario_state_for_node;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/cluster");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "yaml")) {
+        let plan = scenario::load(file).unwrap();
+        assert!(plan.is_multi_node(), "{}", file.display());
+        let states: Vec<_> = (0..plan.nodes.len()).map(|k| scenario_state_for_node(&plan, k, None).unwrap()).collect();
+        for p in &plan.probes {
+            let req = explain_check::request(&plan, p).unwrap();
+            let (src, dst) = (plan.node_of(&p.from), plan.node_of(&p.to));
+            let at = |k: usize| explain(&req, &states[k].inputs()).unwrap();
+            let e = if src == dst { at(src) } else { explain_check::combine(at(src), at(dst)) };
+            let expected = if p.expect == Expect::Allow { "allow" } else { "deny" };
+            if e.verdict != expected {
+                wrong.push(format!("{} probes[{}] {req:?}: expected {expected}, got {e:?}", file.display(), p.index));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 40, "only {checked} probes checked");
+    assert!(wrong.is_empty(), "{} of {checked} disagree:\n{}", wrong.len(), wrong.join("\n"));
+}

@@ -112,6 +112,7 @@ const ALLOWED_BY_POLICY: &str =
     r#"palisade_verdict_count_total{verdict="allow",reason="allowed-by-policy",direction="ingress"}"#;
 
 #[test]
+#[allow(clippy::float_cmp, reason = "metric values are counts, exact in an f64")]
 fn metrics_health_ipcache_and_bpf_policy_privileged() {
     palisade_privileged::require_root!();
     assert!(bin("palisade").is_file(), "build the binaries first (`cargo build --bins`)");

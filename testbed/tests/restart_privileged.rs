@@ -26,7 +26,7 @@ const V2_EXTRA: &str =
 const RESTARTS: usize = 12;
 /// Bounds of the background probing.
 const MAX_ROUNDS: usize = 20_000;
-const MAX_PROBING: Duration = Duration::from_secs(240);
+const MAX_PROBING: Duration = Duration::from_mins(4);
 
 /// Map operations of every apply since the agent last started ("datapath loaded"), from its log.
 fn operations_since_start(log: &Path) -> Vec<u64> {

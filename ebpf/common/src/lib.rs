@@ -17,11 +17,11 @@ pub mod map_names {
     /// LPM trie: IPv6 prefix shorter than /128 -> [`IpcacheValue`](super::IpcacheValue).
     pub const IPCACHE_V6: &str = "IPCACHE_V6";
     /// Hash: IPv4 host address (/32) -> [`IpcacheValue`](super::IpcacheValue). Looked up
-    /// before IPCACHE_V4: a host entry is always the longest prefix, and a hash lookup costs
+    /// before `IPCACHE_V4`: a host entry is always the longest prefix, and a hash lookup costs
     /// the same however many entries there are (an LPM trie walks one node per branching).
     pub const IPCACHE_HOST_V4: &str = "IPCACHE_HOST_V4";
     /// Hash: IPv6 host address (/128) -> [`IpcacheValue`](super::IpcacheValue), looked up
-    /// before IPCACHE_V6.
+    /// before `IPCACHE_V6`.
     pub const IPCACHE_HOST_V6: &str = "IPCACHE_HOST_V6";
     /// Hash: [`PolicyKey`](super::PolicyKey), cut to its prefix length (which the key
     /// carries, see [`PolicyKey::at_prefix`](super::PolicyKey::at_prefix)) ->
@@ -184,7 +184,7 @@ pub mod config {
     /// Bit flags, see the `FLAG_*` constants.
     pub const FLAGS: u32 = 0;
     /// Policy generation: the map writer increments it after every change of ENDPOINTS,
-    /// POLICY, POLICY_LENGTHS or the ipcache maps. A conntrack entry remembers, per hook, the
+    /// POLICY, `POLICY_LENGTHS` or the ipcache maps. A conntrack entry remembers, per hook, the
     /// generation at which policy last allowed the flow ([`CtValue::policy_gen`](super::CtValue));
     /// while it is current, forward packets of the flow skip the identity and policy lookups.
     /// 0 means "no generation yet": nothing is remembered.
@@ -223,15 +223,15 @@ pub struct EndpointInfo {
     pub ipv6: [u8; 16],
 }
 
-/// LPM data of the IPCACHE_V4 map (wrapped in the LPM key with its prefix length), and the
-/// key of the IPCACHE_HOST_V4 map (a /32).
+/// LPM data of the `IPCACHE_V4` map (wrapped in the LPM key with its prefix length), and the
+/// key of the `IPCACHE_HOST_V4` map (a /32).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Ipv4Prefix {
     pub addr: [u8; 4],
 }
 
-/// LPM data of the IPCACHE_V6 map, and the key of the IPCACHE_HOST_V6 map (a /128).
+/// LPM data of the `IPCACHE_V6` map, and the key of the `IPCACHE_HOST_V6` map (a /128).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Ipv6Prefix {
@@ -301,7 +301,9 @@ impl PolicyKey {
 
     /// The key as POLICY stores an entry of prefix length `prefix_len` (64..=88): the bits
     /// below the prefix cleared, the length recorded.
+    #[allow(clippy::inline_always, reason = "called by the eBPF programs per packet: inlined, not a BPF-to-BPF call")]
     #[inline(always)]
+    #[must_use]
     pub const fn at_prefix(&self, prefix_len: u32) -> PolicyKey {
         let mut k = *self;
         if prefix_len <= POLICY_PREFIX_FIXED {
@@ -319,7 +321,8 @@ impl PolicyKey {
         k
     }
 
-    /// The POLICY_LENGTHS key of this key's (endpoint, direction, identity).
+    /// The `POLICY_LENGTHS` key of this key's (endpoint, direction, identity).
+    #[allow(clippy::inline_always, reason = "called by the eBPF programs per packet: inlined, not a BPF-to-BPF call")]
     #[inline(always)]
     pub const fn lengths_key(&self) -> PolicyLengthsKey {
         PolicyLengthsKey {
@@ -340,7 +343,7 @@ impl PolicyKey {
     }
 }
 
-/// Key of the POLICY_LENGTHS map: the fixed part of a [`PolicyKey`].
+/// Key of the `POLICY_LENGTHS` map: the fixed part of a [`PolicyKey`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyLengthsKey {
@@ -367,7 +370,7 @@ impl PolicyLengthsKey {
     }
 }
 
-/// The POLICY_LENGTHS bit of prefix length `prefix_len` (64..=88).
+/// The `POLICY_LENGTHS` bit of prefix length `prefix_len` (64..=88).
 pub const fn policy_length_bit(prefix_len: u32) -> u32 {
     1 << ((prefix_len - POLICY_PREFIX_FIXED) & 31)
 }
@@ -410,6 +413,7 @@ pub struct CtKey {
 
 impl CtKey {
     /// The same flow seen from the other end.
+    #[must_use]
     pub const fn reversed(&self) -> CtKey {
         CtKey {
             saddr: self.daddr,
@@ -443,10 +447,10 @@ pub mod ct_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    /// CLOCK_MONOTONIC nanoseconds of the last packet (bpf_ktime_get_coarse_ns(): tick
+    /// `CLOCK_MONOTONIC` nanoseconds of the last packet (`bpf_ktime_get_coarse_ns()`: tick
     /// resolution, which is plenty for timeouts in seconds and much cheaper).
     pub last_seen_ns: u64,
-    /// CLOCK_MONOTONIC nanoseconds (coarse, as above) of the first packet.
+    /// `CLOCK_MONOTONIC` nanoseconds (coarse, as above) of the first packet.
     pub created_ns: u64,
     /// [`ct_flags`] bits.
     pub flags: u32,
@@ -461,7 +465,7 @@ pub struct CtValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VerdictEvent {
-    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_ns()` (`CLOCK_MONOTONIC`).
     pub ts_ns: u64,
     pub endpoint_id: u32,
     pub ifindex: u32,
@@ -538,17 +542,29 @@ mod pod {
     // SAFETY: every type is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
     // with no implicit padding (checked by the size assertions below).
     unsafe impl aya::Pod for super::EndpointInfo {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Ipv4Prefix {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Ipv6Prefix {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::IpcacheValue {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyLengthsKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyValue {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::CtKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::CtValue {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::VerdictEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Counter {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FragKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FragValue {}
 }
 
@@ -573,11 +589,11 @@ mod tests {
 
     #[test]
     fn policy_key_bytes_are_big_endian_prefix_order() {
-        let k = PolicyKey::new(0x0102, direction::EGRESS, 0x0a0b0c0d, proto::TCP, 8080);
+        let k = PolicyKey::new(0x0102, direction::EGRESS, 0x0a0b_0c0d, proto::TCP, 8080);
         assert_eq!(k.endpoint_id_be, [1, 2]);
         assert_eq!(k.identity_be, [0x0a, 0x0b, 0x0c, 0x0d]);
         assert_eq!(k.dport(), 8080);
-        assert_eq!(k.identity(), 0x0a0b0c0d);
+        assert_eq!(k.identity(), 0x0a0b_0c0d);
         assert_eq!(k.endpoint_id(), 0x0102);
     }
 

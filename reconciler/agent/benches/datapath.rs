@@ -1,5 +1,5 @@
 //! Datapath benchmark: what the tc programs cost per packet, measured by the kernel with
-//! BPF_PROG_TEST_RUN, next to an empty program (`palisade_empty`, which only returns "pass")
+//! `BPF_PROG_TEST_RUN`, next to an empty program (`palisade_empty`, which only returns "pass")
 //! loaded from the same object in the same run.
 //!
 //! ```text
@@ -15,7 +15,7 @@
 //! The measured endpoint has the same kinds of rules at both sizes (exact, deny, any-peer),
 //! so each packet makes the same lookups and only the number of entries differs.
 //! Each case is measured `--runs` times (cases interleaved, so a noisy neighbour hits all of
-//! them alike) and the median is reported. BPF_PROG_TEST_RUN with `repeat` runs the same
+//! them alike) and the median is reported. `BPF_PROG_TEST_RUN` with `repeat` runs the same
 //! packet again and again and map state persists between repetitions; what that means
 //! for each case is in [`CASES`] and in docs/benchmarks.md.
 use std::{
@@ -36,7 +36,7 @@ use palisade_common::{
 // ---------------------------------------------------------------------------------------
 // The measured endpoint and its peers
 
-/// BPF_PROG_TEST_RUN without a context runs the program on loopback: the endpoint is there.
+/// `BPF_PROG_TEST_RUN` without a context runs the program on loopback: the endpoint is there.
 const LO: u32 = 1;
 const EP_ID: u16 = 10;
 const POD: [u8; 4] = [10, 0, 0, 2];
@@ -169,7 +169,7 @@ impl Bench {
         b
     }
 
-    /// Where the agent puts it (mapstate::encode): host entries in the host map, shorter
+    /// Where the agent puts it (`mapstate::encode`): host entries in the host map, shorter
     /// prefixes in the trie.
     fn ipcache4(&mut self, addr: [u8; 4], len: u32, id: u32) {
         let value = IpcacheValue { identity: id, flags: 0 };
@@ -198,7 +198,7 @@ impl Bench {
     }
 
     /// The entries the cases need, then filler up to the size: host entries of pods spread
-    /// over 10.0.0.0/8 and fd00::/64 with 1% CIDR entries of every length, and policy entries
+    /// over 10.0.0.0/8 and `fd00::/64` with 1% CIDR entries of every length, and policy entries
     /// of 50 endpoints (exact port, port range, any port, any protocol, any peer, deny).
     fn fill(&mut self, size: Size) {
         let ep = EndpointInfo {
@@ -329,7 +329,7 @@ impl Bench {
 /// How a case is run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Method {
-    /// One BPF_PROG_TEST_RUN with `repeat` repetitions; the kernel's average.
+    /// One `BPF_PROG_TEST_RUN` with `repeat` repetitions; the kernel's average.
     Repeat,
     /// `repeat / CHUNK` runs of CHUNK repetitions with the event ring drained before each,
     /// so that every repetition writes its event; the average of the kernel's averages.
@@ -555,7 +555,7 @@ fn median(v: &mut [f64]) -> f64 {
     } else if n % 2 == 1 {
         v[n / 2]
     } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
     }
 }
 
@@ -571,8 +571,7 @@ struct Args {
 fn args() -> Args {
     // Benches run in the package's folder: the default is the workspace's target folder.
     let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"), PathBuf::from);
     let mut a = Args { repeat: 1_000_000, runs: 3, json: target.join("palisade-bench/datapath.json") };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -598,7 +597,7 @@ fn machine() -> serde_json::Value {
         .unwrap_or_default();
     let kernel =
         std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
-    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let nproc = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let load = std::fs::read_to_string("/proc/loadavg").map(|s| s.trim().to_string()).unwrap_or_default();
     serde_json::json!({ "cpu": cpu, "kernel": kernel, "nproc": nproc, "loadavg_at_start": load })
 }

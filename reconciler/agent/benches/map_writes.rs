@@ -1,9 +1,9 @@
 //! Map write benchmark: how many entries per second the map writer puts into and takes out
-//! of the kernel maps, one BPF_MAP_UPDATE_ELEM / BPF_MAP_DELETE_ELEM per entry against
-//! BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH (4096 entries per call), through the same
+//! of the kernel maps, one `BPF_MAP_UPDATE_ELEM` / `BPF_MAP_DELETE_ELEM` per entry against
+//! `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` (4096 entries per call), through the same
 //! calls the map writer makes ([`MapSet::upsert`], [`MapSet::delete`], and a whole plan
 //! with [`apply_plan`]), and the drift check's full read of the maps ([`read_state`]:
-//! entry by entry, or BPF_MAP_LOOKUP_BATCH for the hash maps).
+//! entry by entry, or `BPF_MAP_LOOKUP_BATCH` for the hash maps).
 //!
 //! ```text
 //! sudo cargo bench -p palisade-agent --bench map_writes

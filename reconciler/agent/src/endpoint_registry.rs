@@ -76,7 +76,7 @@ impl Registry {
                         name: ep.name.clone(),
                         id: ep.id,
                         identity: ep.identity,
-                        labels: ep.labels.iter().map(|l| l.to_string()).collect(),
+                        labels: ep.labels.iter().map(std::string::ToString::to_string).collect(),
                         ifindex: ep.ifindex,
                         spec: self.specs.get(key)?.clone(),
                     })
@@ -317,7 +317,7 @@ mod tests {
     fn labels_come_from_the_pod_and_its_namespace_and_follow_the_namespace() {
         let mut r = registry();
         let (a, _) = register(&mut r, "a", spec("lxc1", "web"), 300);
-        let text: Vec<String> = a.labels.iter().map(|l| l.to_string()).collect();
+        let text: Vec<String> = a.labels.iter().map(std::string::ToString::to_string).collect();
         assert!(text.iter().any(|l| l.ends_with("app=web")), "{text:?}");
         assert!(text.iter().any(|l| l.contains("namespace.labels.team=a")), "{text:?}");
         assert!(r.relabelled(|_| true).is_empty(), "nothing changed");
@@ -337,7 +337,7 @@ mod tests {
         register(&mut r, "b", spec("lxc2", "b"), 301);
         // lxc1 is gone; lxc2 is another interface now (index changed).
         let gone = r.remove_vanished(|name| (name == "lxc2").then_some(999));
-        let mut names: Vec<String> = gone.iter().map(|e| e.full_name()).collect();
+        let mut names: Vec<String> = gone.iter().map(palisade_node::endpoint::LocalEndpoint::full_name).collect();
         names.sort();
         assert_eq!(names, vec!["shop/a", "shop/b"]);
         assert!(r.endpoints().is_empty() && r.specs().is_empty());

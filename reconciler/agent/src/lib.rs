@@ -11,6 +11,7 @@ pub mod link_watch;
 pub mod mapstate;
 pub mod metrics;
 pub mod monitor;
+pub mod remote_file;
 pub mod revisions;
 pub mod state;
 pub mod writer;

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -128,7 +128,7 @@ pub fn global() -> &'static Recorder {
 
 impl Recorder {
     fn lock(&self) -> std::sync::MutexGuard<'_, Events> {
-        self.events.lock().unwrap_or_else(|e| e.into_inner())
+        self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The resolver accepted a change (policy, endpoint or identity): `revision` is new.
@@ -226,7 +226,7 @@ pub fn readiness() -> &'static Readiness {
 
 impl Readiness {
     fn lock(&self) -> std::sync::MutexGuard<'_, Sources> {
-        self.sources.lock().unwrap_or_else(|e| e.into_inner())
+        self.sources.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `source` feeds desired state: the agent is not ready before its first sync. Call
@@ -378,10 +378,10 @@ struct KernelView {
     fill: Vec<crate::api::kernel::MapFill>,
 }
 
-fn read_kernel(dir: PathBuf) -> KernelView {
+fn read_kernel(dir: &Path) -> KernelView {
     KernelView {
-        counters: crate::api::kernel::counters(&dir).map_err(|e| e.to_string()),
-        fill: crate::api::kernel::map_fill(&dir),
+        counters: crate::api::kernel::counters(dir).map_err(|e| e.to_string()),
+        fill: crate::api::kernel::map_fill(dir),
     }
 }
 
@@ -389,7 +389,7 @@ fn read_kernel(dir: PathBuf) -> KernelView {
 pub async fn render(agent: &Agent) -> String {
     let mut out = String::new();
     let dir = agent.config.bpffs.clone();
-    let kernel = tokio::task::spawn_blocking(move || read_kernel(dir)).await.ok();
+    let kernel = tokio::task::spawn_blocking(move || read_kernel(&dir)).await.ok();
 
     if let Ok(policies) = ask(&agent.policy_watch, ListPolicies).await {
         header(&mut out, "palisade_policy", "gauge", "Number of policies currently enforced");

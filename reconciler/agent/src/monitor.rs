@@ -83,10 +83,10 @@ impl DecodeContext {
                 continue;
             }
             let Some(origins) = jar.origins(*c) else { continue };
-            let mut names: Vec<String> = origins.iter().map(|o| o.policy_name()).collect();
+            let mut names: Vec<String> = origins.iter().map(palisade_policy::RuleOrigin::policy_name).collect();
             names.dedup();
             self.cookies.insert(*c, names);
-            self.rules.insert(*c, origins.iter().map(|o| o.to_string()).collect());
+            self.rules.insert(*c, origins.iter().map(std::string::ToString::to_string).collect());
         }
     }
 

@@ -229,7 +229,7 @@ async fn an_endpoint_is_realized_once_its_programs_attach() {
         id: 1,
         namespace: "default".into(),
         name: "pod-1".into(),
-        labels: Default::default(),
+        labels: palisade_policy::labels::LabelSet::default(),
         identity: 1001,
         ipv4: Some(Ipv4Addr::new(10, 0, 0, 1)),
         ipv6: None,

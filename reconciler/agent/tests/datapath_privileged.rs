@@ -1,7 +1,7 @@
 //! Kernel tests of the datapath (need root and bpffs at /sys/fs/bpf; `ci/setup.sh` mounts
 //! it). The real eBPF object is loaded with its maps pinned in a private directory
 //! (`/sys/fs/bpf/palisade-test-<pid>-<n>`, removed by a guard even on panic), the maps are
-//! filled, and the programs run on crafted frames with BPF_PROG_TEST_RUN. Without a context
+//! filled, and the programs run on crafted frames with `BPF_PROG_TEST_RUN`. Without a context
 //! the kernel runs them on the loopback device, so endpoints are registered at ifindex 1.
 //! Attach tests create a veth pair inside a throwaway network namespace (one thread's,
 //! gone with the thread), never in the root namespace.
@@ -23,7 +23,7 @@ use palisade_common::{
 // ---------------------------------------------------------------------------------------
 // Fixtures
 
-/// The interface the programs see under BPF_PROG_TEST_RUN without a context: loopback.
+/// The interface the programs see under `BPF_PROG_TEST_RUN` without a context: loopback.
 const LO: u32 = 1;
 const EP_ID: u16 = 10;
 const EP_IDENTITY: u32 = 1000;
@@ -824,8 +824,14 @@ fn veth_pair(host: &str, pod: &str) -> u32 {
 
 fn tcx_program_ids(ifname: &str) -> (Vec<u32>, Vec<u32>) {
     use aya::programs::{SchedClassifier, TcAttachType};
-    let ids =
-        |t| SchedClassifier::query_tcx(ifname, t).expect("query tcx").1.iter().map(|p| p.id()).collect::<Vec<_>>();
+    let ids = |t| {
+        SchedClassifier::query_tcx(ifname, t)
+            .expect("query tcx")
+            .1
+            .iter()
+            .map(aya::programs::ProgramInfo::id)
+            .collect::<Vec<_>>()
+    };
     (ids(TcAttachType::Ingress), ids(TcAttachType::Egress))
 }
 

@@ -222,6 +222,7 @@ fn drift_made_through_the_pins_is_found_and_repaired_privileged() {
 fn pinned_maps_of_another_size_are_refused_privileged() {
     let f = load(&["POLICY=128"]);
     drop(f.maps);
+    #[allow(clippy::used_underscore_binding, reason = "the datapath is kept alive by the fixture and dropped here")]
     drop(f._dp);
     let sizes = MapSizes::with_overrides(&["POLICY=256"]).unwrap();
     let err = Datapath::load_with_sizes(&f.pins.config(), &sizes).unwrap_err();

@@ -1,4 +1,4 @@
-//! A table of crafted packets run through the real tc programs with BPF_PROG_TEST_RUN (needs
+//! A table of crafted packets run through the real tc programs with `BPF_PROG_TEST_RUN` (needs
 //! root and bpffs at /sys/fs/bpf), each with the verdict and the reason it must get. The
 //! reason is read from the counters (exactly one (reason, direction) slot must move by one),
 //! and every drop must also send one verdict event with that reason.
@@ -7,7 +7,7 @@
 //! row follows the row that opened its flow, a later fragment the row of its first fragment.
 //! On failure the whole table is printed, one line per packet, mismatches marked.
 //!
-//! The endpoint (on loopback, where BPF_PROG_TEST_RUN runs programs without a context) is
+//! The endpoint (on loopback, where `BPF_PROG_TEST_RUN` runs programs without a context) is
 //! enforced in both directions (default deny) and has these rules:
 //!
 //! | direction | peer           | what                         |

@@ -10,7 +10,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use crate::types::*;
+use crate::types::{
+    Ack, ApiError, BpfPolicy, EndpointSpec, EndpointStatus, ExplainRequest, Explanation, IdentityInfo, IpcacheEntry,
+    IpcacheEntrySpec, MonitorEvent, NamespaceSpec, PolicyStatus, Status,
+};
 
 /// Why a call to the agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -92,8 +95,7 @@ impl Client {
                 return Err(ClientError::WaitTimeout { revision: q("revision="), timeout_ms: q("timeout_ms=") });
             }
             let message = serde_json::from_slice::<ApiError>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+                .map_or_else(|_| String::from_utf8_lossy(&body).into_owned(), |e| e.error);
             return Err(ClientError::Status {
                 method: method.to_string(),
                 path: path.to_string(),

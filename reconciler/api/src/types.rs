@@ -113,6 +113,40 @@ pub struct IpcacheEntrySpec {
     pub entity: ReservedEntity,
 }
 
+/// The pods of other nodes, with their labels, for an agent that shares no store with them
+/// (a cluster in file mode): the file `palisade-agent --remote-endpoints FILE` watches
+/// (JSON). Each pod's address gets the identity of its label set, derived exactly as for
+/// a local pod, so a policy selects it by labels on every node. The kvstore (etcd) mode
+/// replaces this file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RemoteEndpoints {
+    /// The labels of the namespaces the pods are in.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    pub pods: Vec<RemotePod>,
+}
+
+/// A pod of another node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RemotePod {
+    pub namespace: String,
+    pub name: String,
+    /// The node it runs on (for people reading the file).
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default)]
+    pub ipv4: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Addr>,
+}
+
 /// One identity and what it stands for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -196,7 +230,7 @@ pub struct DatapathCounters {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MonitorEvent {
-    /// Nanoseconds, CLOCK_MONOTONIC.
+    /// Nanoseconds, `CLOCK_MONOTONIC`.
     pub ts_ns: u64,
     pub endpoint_id: u32,
     /// `namespace/name` of the endpoint, when known.
@@ -244,7 +278,7 @@ pub struct ExplainRequest {
     /// Destination port; for ICMP the type (default 8, echo request).
     #[serde(default)]
     pub port: Option<u16>,
-    /// `TCP`, `UDP`, `SCTP`, `ICMP` or `ICMPv6`.
+    /// `TCP`, `UDP`, `SCTP`, `ICMP` or ICMPv6.
     pub protocol: String,
 }
 
@@ -320,7 +354,7 @@ pub struct BpfPolicyEntry {
     pub identity: u32,
     /// The peer identity's labels (`["any"]` for 0).
     pub labels: Vec<String>,
-    /// `ANY` (every protocol), `TCP`, `UDP`, `SCTP`, `ICMP`, `ICMPv6`.
+    /// `ANY` (every protocol), `TCP`, `UDP`, `SCTP`, `ICMP`, ICMPv6.
     pub protocol: String,
     /// `any`, a port (`8080`), a range (`8000-8003`); for ICMP the type.
     pub port: String,
@@ -334,7 +368,7 @@ pub struct BpfPolicyEntry {
     pub policies: Vec<String>,
     /// The rules behind the entry (`Kind namespace/name spec.ingress[0]`).
     pub rules: Vec<String>,
-    /// False if POLICY_LENGTHS does not list the entry's length: the datapath would never
+    /// False if `POLICY_LENGTHS` does not list the entry's length: the datapath would never
     /// look it up (a bug or a half-written update).
     pub probed: bool,
 }

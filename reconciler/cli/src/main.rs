@@ -114,6 +114,10 @@ enum PolicyCommand {
         /// Offline: the cluster name (default: the scenario's, else `default`).
         #[arg(long)]
         cluster: Option<String>,
+        /// Offline, a scenario with several nodes: explain as this node's agent does (its
+        /// pods local, the other nodes' remote). Without it every pod counts as local.
+        #[arg(long, value_name = "NAME", requires = "scenario")]
+        node: Option<String>,
     },
     /// Checks manifests offline (no agent, no root): exit 0 when all are valid, 1 with one
     /// line per error otherwise.
@@ -169,7 +173,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
         println!("{}", s.join("  ").trim_end());
     };
-    line(header.iter().map(|h| h.to_string()).collect());
+    line(header.iter().map(std::string::ToString::to_string).collect());
     for r in rows {
         line(r);
     }
@@ -190,11 +194,9 @@ fn short_labels(labels: &[String]) -> String {
             out.insert(0, format!("ns={ns}"));
         } else if let Some(sa) = rest.strip_prefix("io.cilium.k8s.policy.serviceaccount=") {
             out.push(format!("sa={sa}"));
-        } else if rest.starts_with("io.cilium.k8s.namespace.labels.")
-            || rest.starts_with("io.cilium.k8s.policy.cluster=")
+        } else if !rest.starts_with("io.cilium.k8s.namespace.labels.")
+            && !rest.starts_with("io.cilium.k8s.policy.cluster=")
         {
-            continue;
-        } else {
             out.push(rest.to_string());
         }
     }
@@ -334,11 +336,17 @@ async fn run(cli: Cli) -> Result<(), String> {
             return validate(&files, json);
         }
         Command::Policy {
-            command: PolicyCommand::Explain { from, to, port, protocol, scenario, policies, cluster },
+            command: PolicyCommand::Explain { from, to, port, protocol, scenario, policies, cluster, node },
         } => {
             let request = ExplainRequest { from, to, port, protocol };
             let e = if scenario.is_some() || policies.is_some() {
-                explain_offline(&request, scenario.as_deref(), policies.as_deref(), cluster.as_deref())?
+                explain_offline(
+                    &request,
+                    scenario.as_deref(),
+                    policies.as_deref(),
+                    cluster.as_deref(),
+                    node.as_deref(),
+                )?
             } else {
                 if cluster.is_some() {
                     return Err("--cluster only applies offline (with --scenario or --policies)".into());
@@ -469,6 +477,7 @@ fn explain_offline(
     scenario: Option<&Path>,
     policies: Option<&Path>,
     cluster: Option<&str>,
+    node: Option<&str>,
 ) -> Result<Explanation, String> {
     use palisade_node::explain::offline::{DEFAULT_CLUSTER, OfflineState};
     let state = match scenario {
@@ -477,7 +486,20 @@ fn explain_offline(
             if let Some(c) = cluster {
                 plan.cluster = Some(c.to_string());
             }
-            palisade_cli::offline::scenario_state(&plan, policies).map_err(|e| e.to_string())?
+            match node {
+                None => palisade_cli::offline::scenario_state(&plan, policies),
+                Some(name) => {
+                    let Some(k) = plan.nodes.iter().position(|n| n.name == name) else {
+                        let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+                        return Err(format!(
+                            "--node {name}: the scenario has no such node (nodes: {})",
+                            names.join(", ")
+                        ));
+                    };
+                    palisade_cli::offline::scenario_state_for_node(&plan, k, policies)
+                }
+            }
+            .map_err(|e| e.to_string())?
         }
         None => OfflineState::from_policy_dir(
             policies.expect("--policies or --scenario"),

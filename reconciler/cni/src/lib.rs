@@ -3,7 +3,7 @@
 //!
 //! ADD: delegate IPAM, create the veth pair (`lxc<hash>` on the host, `CNI_IFNAME` in the
 //! pod), give the pod its addresses and a default route via a link-local gateway
-//! (169.254.1.1 answered by proxy ARP on the host side; fe80::1 for IPv6), add host routes
+//! (169.254.1.1 answered by proxy ARP on the host side; `fe80::1` for IPv6), add host routes
 //! to the pod addresses via the host-side veth, then register the endpoint with the agent
 //! (`PUT /v1/endpoints/{namespace}/{name}`). DEL undoes it and is idempotent. CHECK
 //! verifies the interfaces and addresses still exist.
@@ -15,6 +15,7 @@
 pub mod netlink;
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::process::Command;
@@ -190,7 +191,6 @@ fn ipam(args: &CniArgs, conf: &NetConf, stdin: &[u8], command: &str) -> Result<V
         .map(|d| std::path::Path::new(d).join(kind))
         .find(|p| p.is_file())
         .ok_or_else(|| err(7, "IPAM plugin not found", format!("{kind} in CNI_PATH {}", args.path)))?;
-    use std::io::Write;
     let mut child = Command::new(&bin)
         .env("CNI_COMMAND", command)
         .stdin(std::process::Stdio::piped())
@@ -315,11 +315,11 @@ fn add(args: &CniArgs, conf: &NetConf, stdin: &[u8]) -> Result<Value, CniError> 
         service_account: "default".into(),
         ipv4: addrs.iter().find_map(|(a, _)| match a {
             IpAddr::V4(v) => Some(*v),
-            _ => None,
+            IpAddr::V6(_) => None,
         }),
         ipv6: addrs.iter().find_map(|(a, _)| match a {
             IpAddr::V6(v) => Some(*v),
-            _ => None,
+            IpAddr::V4(_) => None,
         }),
         interface: host.clone(),
         ports: Vec::new(),

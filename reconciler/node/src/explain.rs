@@ -63,8 +63,7 @@ fn ipcache_identity(ipcache: &BTreeMap<Prefix, u32>, ip: IpAddr) -> u32 {
         // Family first: masking an IPv4 address with an IPv6 prefix length overflows.
         .filter(|((net, len), _)| net.is_ipv4() == ip.is_ipv4() && crate::ipcache::mask(ip, *len) == *net)
         .max_by_key(|((_, len), _)| *len)
-        .map(|(_, id)| *id)
-        .unwrap_or(if ip.is_ipv4() { reserved::WORLD_IPV4 } else { reserved::WORLD_IPV6 })
+        .map_or(if ip.is_ipv4() { reserved::WORLD_IPV4 } else { reserved::WORLD_IPV6 }, |(_, id)| *id)
 }
 
 fn parse_party(text: &str, hypothetical_id: u16, inp: &ExplainInputs<'_>) -> Result<Party, String> {
@@ -144,7 +143,12 @@ fn side(endpoint: Option<String>, d: Decision) -> SideDecision {
         Decision::Allowed { entry, rules } => ("allowed", Some(entry), rules),
         Decision::Denied { entry, rules } => ("denied", Some(entry), rules),
     };
-    SideDecision { endpoint, decision: decision.into(), entry, rules: rules.iter().map(|r| r.to_string()).collect() }
+    SideDecision {
+        endpoint,
+        decision: decision.into(),
+        entry,
+        rules: rules.iter().map(std::string::ToString::to_string).collect(),
+    }
 }
 
 /// Explains one flow.
@@ -180,7 +184,7 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
     let decide_for = |p: &Party, dir: Direction, peer: u32| match p {
         Party::Local { view, name, .. } | Party::Hypothetical { view, name } => side(
             Some(name.clone()),
-            decide(desired.endpoints.get(&view.id).map(|p| p.as_ref()), dir, peer, protocol, port),
+            decide(desired.endpoints.get(&view.id).map(std::convert::AsRef::as_ref), dir, peer, protocol, port),
         ),
         Party::Address { .. } => side(None, Decision::NotLocal),
     };
@@ -316,6 +320,20 @@ pub mod offline {
             policy_files: &[(String, Vec<u8>)],
             cluster: &str,
         ) -> Result<OfflineState, OfflineError> {
+            Self::build_with_remote(namespaces, pods, &[], reserved_entries, policy_files, cluster)
+        }
+
+        /// As [`OfflineState::build`], for one node of several: `remote_pods` are the other
+        /// nodes' pods (their addresses get the identities of their label sets, as the
+        /// agent's remote endpoints do; their interfaces are not used).
+        pub fn build_with_remote(
+            namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+            pods: &[PodInput],
+            remote_pods: &[PodInput],
+            reserved_entries: &[IpcacheEntrySpec],
+            policy_files: &[(String, Vec<u8>)],
+            cluster: &str,
+        ) -> Result<OfflineState, OfflineError> {
             let mut sources = PolicySources::default();
             for (i, (source, bytes)) in policy_files.iter().enumerate() {
                 let name = Path::new(source).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -363,6 +381,18 @@ pub mod offline {
             }
 
             let mut external = ExternalIpcache::default();
+            for pod in remote_pods {
+                let ns_labels = namespaces.get(&pod.namespace).ok_or_else(|| OfflineError::UnknownNamespace {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                })?;
+                let labels = endpoint_labels(&pod.namespace, ns_labels, &pod.spec, cluster);
+                let identity = allocator.allocate(&labels);
+                let ips =
+                    pod.spec.ipv4.map(std::net::IpAddr::V4).into_iter().chain(pod.spec.ipv6.map(std::net::IpAddr::V6));
+                let key = format!("{}/{}", pod.namespace, pod.name);
+                external.upsert_remote(&key, crate::ipcache::RemoteEndpoint { identity, ips: ips.collect() });
+            }
             for e in reserved_entries {
                 let prefix = parse_prefix(&e.cidr)
                     .map_err(|err| OfflineError::Ipcache { cidr: e.cidr.clone(), reason: err.to_string() })?;
@@ -372,7 +402,7 @@ pub mod offline {
             let mut cidrs = CidrIdentities::new();
             cidrs.sync(&policies);
             let views: Vec<EndpointView> = endpoints.iter().map(LocalEndpoint::view).collect();
-            let addresses = pod_addresses(&endpoints, &BTreeMap::new());
+            let addresses = pod_addresses(&endpoints, &external.pod_addresses());
             let mut desired = resolve_full(&policies, &views, &allocator, &cidrs, &addresses);
             allow_localhost(&mut desired);
             let ipcache = assemble_ipcache(&desired, &external.entries(), &endpoints);

@@ -266,13 +266,12 @@ impl CidrIdentities {
         let new: Vec<Prefix> = wanted.into_iter().filter(|p| !self.by_prefix.contains_key(p)).collect();
         let changed = !gone.is_empty() || !new.is_empty();
         for p in new {
-            let id = match self.free.pop_first() {
-                Some(id) => id,
-                None => {
-                    let id = self.next;
-                    self.next += 1;
-                    id
-                }
+            let id = if let Some(id) = self.free.pop_first() {
+                id
+            } else {
+                let id = self.next;
+                self.next += 1;
+                id
             };
             self.by_prefix.insert(p, id);
         }

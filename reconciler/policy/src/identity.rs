@@ -85,13 +85,12 @@ impl IdentityAllocator {
             }
             return id;
         }
-        let id = match self.free.pop_first() {
-            Some(id) => id,
-            None => {
-                let id = self.next;
-                self.next += 1;
-                id
-            }
+        let id = if let Some(id) = self.free.pop_first() {
+            id
+        } else {
+            let id = self.next;
+            self.next += 1;
+            id
         };
         self.by_labels.insert(labels.clone(), id);
         self.by_id.insert(id, Slot { labels: labels.clone(), refs: 1 });

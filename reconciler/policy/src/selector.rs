@@ -108,12 +108,14 @@ impl EndpointSelector {
     }
 
     /// Adds a `matchLabels` entry; `key` may carry a source prefix.
+    #[must_use]
     pub fn match_label(mut self, key: &str, value: &str) -> EndpointSelector {
         self.require(SelectorKey::parse(key), Operator::In, &[value]);
         self
     }
 
     /// The selector that matches what both match.
+    #[must_use]
     pub fn and(mut self, other: &EndpointSelector) -> EndpointSelector {
         self.requirements.extend(other.requirements.iter().cloned());
         self

@@ -174,7 +174,7 @@ fn app(shape: &Shape, rng: &mut Rng) -> String {
 /// sometimes a named port.
 fn ports(rng: &mut Rng) -> Value {
     let mut list = Vec::new();
-    for _ in 0..1 + rng.below(3) {
+    for _ in 0..=rng.below(3) {
         let p = match rng.below(10) {
             0 => json!({"port": "8000", "endPort": 8000 + 8 * (1 + rng.below(4)), "protocol": "TCP"}),
             1 => json!({"port": "53", "protocol": "UDP"}),
@@ -188,7 +188,7 @@ fn ports(rng: &mut Rng) -> Value {
 }
 
 /// An endpoint selector for peers: an app in the policy's namespace, or pods of some
-/// teams' namespaces (matchExpressions), or a tier with a version (NotIn).
+/// teams' namespaces (matchExpressions), or a tier with a version (`NotIn`).
 fn peer_selector(shape: &Shape, rng: &mut Rng, r: usize, salt: u64) -> Value {
     match pick(r, salt, 10) {
         0..=5 => json!({"matchLabels": {"app": app(shape, rng)}}),
@@ -424,7 +424,7 @@ pub fn same_state(a: &DesiredState, b: &DesiredState) -> Result<(), String> {
     // Numbered differently: compare by labels.
     let name = |s: &DesiredState, id: u32| -> String {
         if id >= ADDRESS_IDENTITY_BASE {
-            s.address_identities.get(&id).map_or_else(|| format!("unknown {id}"), |l| l.to_string())
+            s.address_identities.get(&id).map_or_else(|| format!("unknown {id}"), std::string::ToString::to_string)
         } else {
             id.to_string()
         }

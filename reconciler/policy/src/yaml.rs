@@ -1,6 +1,6 @@
 //! YAML in and out, for every crate of palisade: texts are read with the options and
 //! limits of [`crate::parse::limits`] (serde-saphyr, a pure-Rust parser that enforces them
-//! while it parses), untyped documents are [`Value`]s (serde_json's: YAML that is also
+//! while it parses), untyped documents are [`Value`]s (`serde_json`'s: YAML that is also
 //! JSON, string keys), and YAML is written by the same crate.
 
 use serde::Serialize;

@@ -408,7 +408,7 @@ fn random_identity_changes_on_synthetic_clusters_equal_full_resolution() {
                         IpAddr::V4([10, 201, (step / 200) as u8, rng.below(250) as u8 + 1].into())
                     }];
                     if rng.chance(30) {
-                        ips.push(format!("fd00:10::{}:{}", seed, step).parse().unwrap());
+                        ips.push(format!("fd00:10::{seed}:{step}").parse().unwrap());
                     }
                     ips.retain(|ip| !h.addresses.contains_key(ip));
                     let id = h.add_pod(&set, &ips, &format!("seed {seed} step {step}: pod appears"));

@@ -5,6 +5,7 @@
 //! within a bounded time.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -234,7 +235,7 @@ fn alias_bombs_of_any_shape_are_refused_quickly() {
     }
     let mut text = "l0: &l0 [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n".to_owned();
     for i in 1..30 {
-        text.push_str(&format!("l{i}: &l{i} [{}]\n", vec![format!("*l{}", i - 1); 9].join(",")));
+        let _ = writeln!(text, "l{i}: &l{i} [{}]", vec![format!("*l{}", i - 1); 9].join(","));
     }
     let err = timed("a deep alias bomb", || parse_manifests(&text, "deep-aliases.yaml")).unwrap_err();
     assert!(matches!(err, ParseError::TooManyValues { .. }) || err.to_string().contains("repetition limit"), "{err}");

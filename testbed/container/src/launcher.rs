@@ -82,7 +82,7 @@ pub async fn run_agent(args: &LaunchArgs) -> Result<i64, String> {
         .with_mount(Mount::bind_mount("/var/run/netns", "/var/run/netns"))
         .with_env_var("NO_COLOR", "1")
         .with_cmd(cmd)
-        .with_startup_timeout(Duration::from_secs(60))
+        .with_startup_timeout(Duration::from_mins(1))
         .with_log_consumer(print);
     for m in &args.mounts {
         let m = m.display().to_string();

@@ -1,4 +1,4 @@
-//! Testbed scenario files (docs/scenario-format.md, version 1): the YAML model exactly as
+//! Testbed scenario files (docs/scenario-format.md, version 1.1): the YAML model exactly as
 //! people write it, parsing with the path of the offending key in every error, and the
 //! validated, resolved [`Plan`]: pods with the addresses the testbed gives them, world and
 //! entity hosts, policy manifests, probes. One crate, so that the testbed and the offline
@@ -14,11 +14,11 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use model::{Expect, IpFamily, PodPort, PortProtocol, ProbeProtocol, RawPod, RawProbe, RawScenario};
+pub use model::{Expect, IpFamily, PodPort, PortProtocol, ProbeProtocol, RawNode, RawPod, RawProbe, RawScenario};
 pub use plan::{
-    Entity, HostRef, KUBE_APISERVER_IPV4, KUBE_APISERVER_IPV6, NODE_IPV4, NODE_IPV6, POD_GATEWAY_IPV4,
-    POD_GATEWAY_IPV6, Plan, PlanHost, PlanPod, PlanPolicy, PlanProbe, REMOTE_NODE_IPV4, REMOTE_NODE_IPV6,
-    host_interface_name,
+    Entity, HostRef, IMPLICIT_NODE, KUBE_APISERVER_IPV4, KUBE_APISERVER_IPV6, MAX_NODES, NODE_IPV4, NODE_IPV6,
+    POD_GATEWAY_IPV4, POD_GATEWAY_IPV6, Plan, PlanHost, PlanNode, PlanPod, PlanPolicy, PlanProbe, REMOTE_NODE_IPV4,
+    REMOTE_NODE_IPV6, host_interface_name, node_addresses, node_pod_cidrs,
 };
 pub use validate::{MAX_PODS, MAX_PROBES};
 
@@ -94,7 +94,7 @@ pub fn load_str(text: &str, file: &Path) -> Result<Plan, ScenarioError> {
 
 /// The YAML parser's options for scenario files: YAML 1.2 booleans only (`yes` stays a
 /// string inside policy manifests, as in Kubernetes), and an empty value for a string key
-/// is the empty string, as before (serde_yaml did that).
+/// is the empty string, as before (`serde_yaml` did that).
 fn yaml_options() -> serde_saphyr::Options {
     serde_saphyr::options! {
         strict_booleans: true,

@@ -18,6 +18,9 @@ pub struct RawScenario {
     pub cluster: Option<String>,
     #[serde(default)]
     pub ip_families: Option<Vec<IpFamily>>,
+    /// The cluster's nodes (format 1.1); absent: one node, as in format 1.0.
+    #[serde(default)]
+    pub nodes: Option<Vec<RawNode>>,
     /// Namespace name -> its labels (`{}` or nothing for none).
     #[serde(default)]
     pub namespaces: BTreeMap<String, Option<BTreeMap<String, String>>>,
@@ -48,6 +51,22 @@ pub struct RawPod {
     pub ipv6: Option<Ipv6Addr>,
     #[serde(default)]
     pub ports: Vec<PodPort>,
+    /// The node the pod runs on (a name under `nodes`); the first node when absent.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The pod is its node's host: it has the node's addresses and its ports are served in
+    /// the node's namespace; it is not an endpoint the agent enforces.
+    #[serde(default)]
+    pub host_network: bool,
+}
+
+/// A node of the cluster (`nodes[]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawNode {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 fn default_namespace() -> String {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use super::model::{Expect, IpFamily, PodPort, ProbeProtocol, RawProbe};
 
 /// The node's own address (on the loopback of the node's namespace). 10.200.0.0/24 and
-/// fd00:10:200::/112 are kept for the testbed's infrastructure hosts: the node and the
+/// `fd00:10:200::/112` are kept for the testbed's infrastructure hosts: the node and the
 /// simulated entities.
 pub const NODE_IPV4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x200, 0, 0, 0, 0, 1);
@@ -23,6 +23,44 @@ pub const POD_GATEWAY_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// The IPv6 gateway of every pod: a link-local address on every host-side interface.
 pub const POD_GATEWAY_IPV6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
+/// The name of the one node of a scenario that lists no `nodes` (also its node name in
+/// Kubernetes mode).
+pub const IMPLICIT_NODE: &str = "testbed-node";
+/// Most nodes a scenario may list (each is a network namespace with its own agent).
+pub const MAX_NODES: usize = 16;
+
+/// The `index`-th node's own address (on its loopback): `10.(200+index).0.1` and
+/// `fd00:10:(200+index)::1`, so the first node's is [`NODE_IPV4`] / [`NODE_IPV6`], as in a
+/// scenario without `nodes`. Each node keeps `10.(200+index).0.0/24` and
+/// `fd00:10:(200+index)::/112` for itself and the testbed's hosts.
+pub fn node_addresses(index: usize) -> (Ipv4Addr, Ipv6Addr) {
+    let k = u8::try_from(index).ok().filter(|k| usize::from(*k) < MAX_NODES).expect("node index below MAX_NODES");
+    (Ipv4Addr::new(10, 200 + k, 0, 1), Ipv6Addr::new(0xfd00, 0x10, 0x200 + u16::from(k), 0, 0, 0, 0, 1))
+}
+
+/// The `index`-th node's pod address ranges, `10.(200+index).0.0/16` and
+/// `fd00:10:(200+index)::/64` (pods get addresses from `.1.10` / `::1:10` upward; the
+/// node routes the other nodes' ranges over the underlay).
+pub fn node_pod_cidrs(index: usize) -> ((Ipv4Addr, u8), (Ipv6Addr, u8)) {
+    let (v4, v6) = node_addresses(index);
+    let o = v4.octets();
+    let s = v6.segments();
+    ((Ipv4Addr::new(o[0], o[1], 0, 0), 16), (Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0), 64))
+}
+
+/// A node of the scenario: its own network namespace and agent.
+#[derive(Clone, Debug)]
+pub struct PlanNode {
+    /// Position in `nodes` (0 for the implicit node).
+    pub index: usize,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Set when IPv4 is in the scenario's families.
+    pub ipv4: Option<Ipv4Addr>,
+    /// Set when IPv6 is in the scenario's families.
+    pub ipv6: Option<Ipv6Addr>,
+}
+
 /// A validated, resolved scenario.
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -34,6 +72,10 @@ pub struct Plan {
     pub ip_families: Vec<IpFamily>,
     /// Namespace name -> labels as written (the agent adds `kubernetes.io/metadata.name`).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// The nodes: those of `nodes`, or one named [`IMPLICIT_NODE`].
+    pub nodes: Vec<PlanNode>,
+    /// The file lists `nodes` (then `entity:host` is the other end's node, [`HostRef::Node`]).
+    pub nodes_listed: bool,
     pub pods: Vec<PlanPod>,
     /// Hosts other than pods that probes start from or go to (world hosts, entities), in
     /// the order probes first name them.
@@ -57,10 +99,41 @@ impl Plan {
         self.ip_families.contains(&family)
     }
 
+    /// More than one node: each with its own agent, joined by an underlay.
+    pub fn is_multi_node(&self) -> bool {
+        self.nodes.len() > 1
+    }
+
+    /// How a probe end names node `index` itself: [`HostRef::Node`] when the file lists
+    /// nodes, `entity:host` ([`HostRef::Entity`]) in a scenario of format 1.0.
+    pub fn node_ref(&self, index: usize) -> HostRef {
+        if self.nodes_listed { HostRef::Node(index) } else { HostRef::Entity(Entity::Host) }
+    }
+
+    /// The node a probe end lives on: a pod's node, a node itself, and node 0 for every
+    /// other host (world hosts and the simulated entities are wired to the first node).
+    pub fn node_of(&self, end: &HostRef) -> usize {
+        match end {
+            HostRef::Pod(i) => self.pods[*i].node,
+            HostRef::Node(k) => *k,
+            HostRef::Entity(_) | HostRef::World(_) => 0,
+        }
+    }
+
+    /// The pod of a probe end whose policy an agent enforces (not host-network).
+    pub fn endpoint_pod(&self, end: &HostRef) -> Option<&PlanPod> {
+        match end {
+            HostRef::Pod(i) if !self.pods[*i].host_network => Some(&self.pods[*i]),
+            _ => None,
+        }
+    }
+
     /// The key of a probe end among all hosts: pods are `0..pods.len()`, then
     /// [`Plan::hosts`] in order. Listeners and captures are keyed by it.
+    /// A host-network pod has its node's key.
     pub fn host_key(&self, end: &HostRef) -> Option<usize> {
         match end {
+            HostRef::Pod(i) if self.pods[*i].host_network => self.host_key(&self.node_ref(self.pods[*i].node)),
             HostRef::Pod(i) => Some(*i),
             other => self.hosts.iter().position(|h| &h.host == other).map(|i| self.pods.len() + i),
         }
@@ -80,9 +153,9 @@ pub struct PlanHost {
 }
 
 impl PlanHost {
-    /// `entity:host`: the node's own namespace, not a namespace of its own.
+    /// `entity:host` or `node:NAME`: a node's own namespace, not a namespace of its own.
     pub fn is_node(&self) -> bool {
-        self.host == HostRef::Entity(Entity::Host)
+        matches!(self.host, HostRef::Entity(Entity::Host) | HostRef::Node(_))
     }
 }
 
@@ -99,8 +172,13 @@ pub struct PlanPod {
     /// Set when IPv6 is in the scenario's families.
     pub ipv6: Option<Ipv6Addr>,
     pub ports: Vec<PodPort>,
-    /// Host side of the pod's veth, in the node's namespace.
+    /// Host side of the pod's veth, in the node's namespace (unused for a host-network pod).
     pub host_interface: String,
+    /// Index into [`Plan::nodes`].
+    pub node: usize,
+    /// The pod is its node's host: its addresses are the node's, its ports are served in
+    /// the node's namespace, and no agent enforces it.
+    pub host_network: bool,
 }
 
 impl PlanPod {
@@ -182,6 +260,9 @@ impl Entity {
 pub enum HostRef {
     /// Index into [`Plan::pods`].
     Pod(usize),
+    /// A node itself (`node:NAME`, or `entity:host` in a file that lists nodes): index into
+    /// [`Plan::nodes`].
+    Node(usize),
     Entity(Entity),
     /// A host outside the cluster, with this address.
     World(IpAddr),
@@ -191,6 +272,7 @@ impl fmt::Display for HostRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HostRef::Pod(i) => write!(f, "pod #{i}"),
+            HostRef::Node(k) => write!(f, "node #{k}"),
             HostRef::Entity(e) => write!(f, "entity:{}", e.as_str()),
             HostRef::World(ip) => write!(f, "{ip}"),
         }

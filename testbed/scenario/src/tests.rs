@@ -3,7 +3,7 @@ use std::path::Path;
 
 use super::*;
 
-const BASE: &str = r#"
+const BASE: &str = r"
 name: t
 namespaces:
   default: {}
@@ -28,7 +28,7 @@ policies:
       endpointSelector: {matchLabels: {app: backend}}
 probes:
   - {from: default/frontend, to: default/backend, port: 8080, protocol: TCP, expect: allow}
-"#;
+";
 
 fn load(text: &str) -> Result<Plan, ScenarioError> {
     load_str(text, Path::new("t.yaml"))
@@ -315,7 +315,7 @@ fn namespace_labels_may_be_null() {
 
 #[test]
 fn extra_probes_use_the_scenarios_pods_and_hosts_only() {
-    let text = r#"
+    let text = r"
 name: x
 namespaces: {default: {}}
 pods:
@@ -323,7 +323,7 @@ pods:
   - {name: b, namespace: default, ports: [{port: 80}]}
 probes:
   - {from: default/a, to: 203.0.113.7, port: 443, protocol: TCP, expect: deny}
-"#;
+";
     let plan = load_str(text, Path::new("x.yaml")).unwrap();
     let raw = |from: &str, to: &str, port: Option<u16>| RawProbe {
         from: from.into(),
@@ -348,4 +348,130 @@ probes:
     assert!(plan.extra_probe(&raw("default/a", "entity:host", Some(80)), 9).is_err());
     let e = plan.extra_probe(&raw("default/zz", "default/b", Some(80)), 9).unwrap_err();
     assert_eq!(e[0].path, "from", "{e:?}");
+}
+
+const NODES: &str = r"
+name: cluster
+nodes:
+  - name: node-a
+  - name: node-b
+    labels: {zone: b}
+namespaces:
+  default: {}
+pods:
+  - {name: frontend, labels: {app: frontend}, node: node-a}
+  - name: backend
+    node: node-b
+    labels: {app: backend}
+    ports: [{port: 8080}, {port: 9090}]
+  - {name: other, labels: {app: other}}
+  - name: agent
+    node: node-b
+    hostNetwork: true
+    ports: [{port: 7070}]
+probes:
+  - {from: default/frontend, to: default/backend, port: 8080, expect: allow}
+  - {from: node:node-a, to: default/backend, port: 8080, expect: deny}
+  - {from: node:node-b, to: default/backend, port: 9090, expect: allow}
+  - {from: entity:host, to: default/backend, port: 9090, expect: allow}
+  - {from: default/frontend, to: default/agent, port: 7070, expect: allow}
+  - {from: default/frontend, to: node:node-b, port: 7070, expect: allow}
+";
+
+#[test]
+fn nodes_pods_on_nodes_and_node_probes_resolve() {
+    let plan = load(NODES).unwrap();
+    assert!(plan.nodes_listed && plan.is_multi_node());
+    let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["node-a", "node-b"]);
+    assert_eq!(plan.nodes[1].labels["zone"], "b");
+    assert_eq!(plan.nodes[0].ipv4, Some(NODE_IPV4));
+    assert_eq!(plan.nodes[1].ipv4.unwrap().to_string(), "10.201.0.1");
+    // pods[].node, defaulting to the first node; addresses from the node's range.
+    assert_eq!(plan.pods.iter().map(|p| p.node).collect::<Vec<_>>(), [0, 1, 0, 1]);
+    assert_eq!(plan.pods[0].ipv4.unwrap().to_string(), "10.200.1.10");
+    assert_eq!(plan.pods[1].ipv4.unwrap().to_string(), "10.201.1.10");
+    assert_eq!(plan.pods[2].ipv4.unwrap().to_string(), "10.200.1.11");
+    assert_eq!(node_pod_cidrs(1).0, ("10.201.0.0".parse().unwrap(), 16));
+    // A host-network pod has its node's address and is no endpoint.
+    let agent = &plan.pods[3];
+    assert!(agent.host_network);
+    assert_eq!(agent.ipv4, plan.nodes[1].ipv4);
+    assert!(plan.endpoint_pod(&HostRef::Pod(3)).is_none());
+    // node:NAME, and entity:host as the node of the other end's pod.
+    assert_eq!(plan.probes[1].from, HostRef::Node(0));
+    assert_eq!(plan.probes[2].from, HostRef::Node(1));
+    assert_eq!(plan.probes[3].from, HostRef::Node(1));
+    // The node serves its host-network pods' ports; probes to either share its listeners.
+    let node_b = plan.hosts.iter().find(|h| h.host == HostRef::Node(1)).unwrap();
+    assert!(node_b.is_node());
+    assert_eq!(node_b.ports.iter().map(|p| p.port).collect::<Vec<_>>(), [7070]);
+    assert_eq!(plan.host_key(&HostRef::Pod(3)), plan.host_key(&HostRef::Node(1)));
+    assert_eq!(plan.node_of(&plan.probes[0].to), 1);
+}
+
+#[test]
+fn a_file_without_nodes_has_one_implicit_node() {
+    let plan = load(BASE).unwrap();
+    assert!(!plan.nodes_listed && !plan.is_multi_node());
+    assert_eq!(plan.nodes.len(), 1);
+    assert_eq!(plan.nodes[0].name, IMPLICIT_NODE);
+    assert!(plan.pods.iter().all(|p| p.node == 0 && !p.host_network));
+    // entity:host stays the entity of format 1.0.
+    let text = BASE.replace("from: default/frontend, to: default/backend", "from: entity:host, to: default/backend");
+    assert_eq!(load(&text).unwrap().probes[0].from, HostRef::Entity(Entity::Host));
+}
+
+#[test]
+fn node_errors_name_the_key_and_the_nodes() {
+    let i =
+        issues(&NODES.replace("node: node-b\n    labels: {app: backend}", "node: node-c\n    labels: {app: backend}"));
+    let hit = i.iter().find(|i| i.path == "pods[1].node").unwrap_or_else(|| panic!("{i:?}"));
+    assert!(hit.message.contains("\"node-c\" is not listed under `nodes` (nodes: node-a, node-b)"), "{hit}");
+
+    let i = issues(&NODES.replace("  - name: node-b\n", "  - name: node-a\n"));
+    let hit = i.iter().find(|i| i.path == "nodes[1].name").unwrap_or_else(|| panic!("{i:?}"));
+    assert!(hit.message.contains("already defined at nodes[0]"), "{hit}");
+
+    let i = issues(&NODES.replace("from: node:node-a,", "from: node:nope,"));
+    assert!(i.iter().any(|i| i.path == "probes[1].from" && i.message.contains("\"nope\"")), "{i:?}");
+
+    // Without `nodes`, neither pods[].node nor node:NAME can name one.
+    let i = issues(&BASE.replace("labels: {app: frontend}", "labels: {app: frontend}\n    node: a"));
+    assert!(i.iter().any(|i| i.path == "pods[0].node" && i.message.contains("lists no `nodes`")), "{i:?}");
+    let i = issues(&BASE.replace("from: default/frontend, to: default/backend", "from: node:x, to: default/backend"));
+    assert!(i.iter().any(|i| i.path == "probes[0].from" && i.message.contains("use entity:host")), "{i:?}");
+
+    let i =
+        issues(&NODES.replace("nodes:\n  - name: node-a\n  - name: node-b\n    labels: {zone: b}\n", "nodes: []\n"));
+    assert!(i.iter().any(|i| i.path == "nodes"), "{i:?}");
+    let (path, _) = syntax(&NODES.replace("labels: {zone: b}", "lables: {zone: b}"));
+    assert_eq!(path, "nodes[1].lables");
+}
+
+#[test]
+fn host_network_rules() {
+    // No address of its own.
+    let i = issues(&NODES.replace("hostNetwork: true", "hostNetwork: true\n    ip: 10.201.1.99"));
+    assert!(i.iter().any(|i| i.path == "pods[3].ip" && i.message.contains("node's addresses")), "{i:?}");
+    // Two host-network pods of one node cannot serve one port.
+    let text = NODES
+        .replace("probes:\n", "  - {name: agent2, node: node-b, hostNetwork: true, ports: [{port: 7070}]}\nprobes:\n");
+    let i = issues(&text);
+    assert!(i.iter().any(|i| i.path == "pods[4].ports[0].port" && i.message.contains("already served")), "{i:?}");
+    // A probe needs an enforced pod at one end.
+    let text = NODES.replace("from: default/frontend, to: default/agent", "from: node:node-a, to: default/agent");
+    let i = issues(&text);
+    assert!(i.iter().any(|i| i.path == "probes[4].to" && i.message.contains("not host-network")), "{i:?}");
+    // Each node keeps its own /24.
+    let i = issues(&NODES.replace("labels: {app: other}", "labels: {app: other}, ip: 10.201.0.7"));
+    assert!(i.iter().any(|i| i.path == "pods[2].ip"), "{i:?}");
+    // In a file without nodes, a host-network pod is the one node's host.
+    let text = BASE
+        .replace("policies:\n", "  - {name: hn, hostNetwork: true, ports: [{port: 7070}]}\npolicies:\n")
+        .replace("probes:\n", "probes:\n  - {from: default/frontend, to: default/hn, port: 7070, expect: allow}\n");
+    let plan = load(&text).unwrap();
+    let hn = plan.pods.iter().position(|p| p.name == "hn").unwrap();
+    assert_eq!(plan.pods[hn].ipv4, Some(NODE_IPV4));
+    assert_eq!(plan.host_key(&HostRef::Pod(hn)), plan.host_key(&HostRef::Entity(Entity::Host)));
 }

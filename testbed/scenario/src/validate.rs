@@ -5,10 +5,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use super::Issue;
-use super::model::{IpFamily, PodPort, ProbeProtocol, RawPod, RawProbe, RawScenario};
+use super::model::{IpFamily, PodPort, ProbeProtocol, RawNode, RawPod, RawProbe, RawScenario};
 use super::plan::{
-    Entity, HostRef, NODE_IPV4, NODE_IPV6, POD_GATEWAY_IPV4, Plan, PlanHost, PlanPod, PlanPolicy, PlanProbe,
-    host_interface_name,
+    Entity, HostRef, IMPLICIT_NODE, MAX_NODES, NODE_IPV4, NODE_IPV6, POD_GATEWAY_IPV4, Plan, PlanHost, PlanNode,
+    PlanPod, PlanPolicy, PlanProbe, host_interface_name, node_addresses,
 };
 
 /// Most pods a scenario may have (each is a network namespace and a veth pair).
@@ -30,17 +30,30 @@ const ICMPV6_ECHO_REQUEST: u8 = 128;
 /// `port`, `family`.
 pub(super) fn extra_probe(plan: &Plan, raw: &RawProbe, index: usize) -> Result<PlanProbe, Vec<Issue>> {
     let mut issues = Vec::new();
-    let probe = resolve_probes(std::slice::from_ref(raw), &plan.pods, &plan.ip_families, &mut issues).pop();
+    let probe = resolve_probes(
+        std::slice::from_ref(raw),
+        &plan.pods,
+        &plan.nodes,
+        plan.nodes_listed,
+        &plan.ip_families,
+        &mut issues,
+    )
+    .pop();
     let mut issues: Vec<Issue> =
         issues.into_iter().map(|i| Issue { path: i.path.trim_start_matches("probes[0].").to_string(), ..i }).collect();
     let Some(mut probe) = probe else { return Err(issues) };
     for (end, key) in [(&probe.from, "from"), (&probe.to, "to")] {
-        if matches!(end, HostRef::Pod(_)) {
+        if plan.endpoint_pod(end).is_some() {
             continue;
         }
+        // A host-network pod is its node's host.
+        let end = match end {
+            HostRef::Pod(i) => &plan.node_ref(plan.pods[*i].node),
+            other => other,
+        };
         match plan.hosts.iter().find(|h| &h.host == end) {
-            // The node exists in every scenario (without listeners unless a probe aims at it).
-            None if key == "from" && end == &HostRef::Entity(Entity::Host) => {}
+            // The nodes exist in every scenario (without listeners unless a probe aims at them).
+            None if key == "from" && matches!(end, HostRef::Entity(Entity::Host) | HostRef::Node(_)) => {}
             None => issues.push(Issue::invalid(
                 key,
                 format!("{end} is not a host of this scenario: only its pods and the hosts its probes name exist"),
@@ -95,10 +108,12 @@ pub(super) fn resolve(raw: RawScenario, file: &Path) -> Result<Plan, Vec<Issue>>
         namespaces.insert(name.clone(), labels);
     }
 
-    let pods = resolve_pods(&raw.pods, &namespaces, &ip_families, &mut issues);
+    let nodes_listed = raw.nodes.is_some();
+    let nodes = resolve_nodes(raw.nodes.as_deref(), &ip_families, &mut issues);
+    let pods = resolve_pods(&raw.pods, &namespaces, &nodes, nodes_listed, &ip_families, &mut issues);
     let policies = resolve_policies(&raw.policies, &namespaces, &mut issues);
-    let probes = resolve_probes(&raw.probes, &pods, &ip_families, &mut issues);
-    let hosts = resolve_hosts(&probes, &ip_families);
+    let probes = resolve_probes(&raw.probes, &pods, &nodes, nodes_listed, &ip_families, &mut issues);
+    let hosts = resolve_hosts(&probes, &pods, &nodes, nodes_listed, &ip_families);
 
     if issues.is_empty() {
         Ok(Plan {
@@ -108,6 +123,8 @@ pub(super) fn resolve(raw: RawScenario, file: &Path) -> Result<Plan, Vec<Issue>>
             cluster: raw.cluster,
             ip_families,
             namespaces,
+            nodes,
+            nodes_listed,
             pods,
             hosts,
             policies,
@@ -130,9 +147,74 @@ fn check_families(families: Option<&[IpFamily]>, issues: &mut Vec<Issue>) -> Vec
     families.to_vec()
 }
 
+/// The nodes of `nodes`, or the one implicit node when the file lists none.
+fn resolve_nodes(raw: Option<&[RawNode]>, families: &[IpFamily], issues: &mut Vec<Issue>) -> Vec<PlanNode> {
+    let implicit = [RawNode { name: IMPLICIT_NODE.into(), labels: BTreeMap::new() }];
+    let raw = match raw {
+        None => &implicit[..],
+        Some([]) => {
+            issues.push(Issue::invalid("nodes", "must list at least one node (leave `nodes` out for one node)"));
+            &implicit[..]
+        }
+        Some(list) if list.len() > MAX_NODES => {
+            issues.push(Issue::invalid("nodes", format!("{} nodes: at most {MAX_NODES} are supported", list.len())));
+            &list[..MAX_NODES]
+        }
+        Some(list) => list,
+    };
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, node) in raw.iter().enumerate() {
+        if !is_dns_subdomain(&node.name) {
+            issues.push(Issue::invalid(
+                format!("nodes[{i}].name"),
+                format!("{:?} is not a valid node name (lowercase letters, digits, '-' and '.')", node.name),
+            ));
+        }
+        if let Some(j) = seen.insert(node.name.as_str(), i) {
+            issues.push(Issue::invalid(
+                format!("nodes[{i}].name"),
+                format!("node {:?} is already defined at nodes[{j}]", node.name),
+            ));
+        }
+        check_labels(&format!("nodes[{i}].labels"), &node.labels, issues);
+        let (v4, v6) = node_addresses(i);
+        out.push(PlanNode {
+            index: i,
+            name: node.name.clone(),
+            labels: node.labels.clone(),
+            ipv4: families.contains(&IpFamily::IPv4).then_some(v4),
+            ipv6: families.contains(&IpFamily::IPv6).then_some(v6),
+        });
+    }
+    out
+}
+
+/// The node `name` names, or an issue at `path`.
+fn find_node(name: &str, path: &str, nodes: &[PlanNode], listed: bool, issues: &mut Vec<Issue>) -> Option<usize> {
+    if listed && let Some(n) = nodes.iter().find(|n| n.name == name) {
+        return Some(n.index);
+    }
+    if listed {
+        let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        issues.push(Issue::invalid(
+            path,
+            format!("node {name:?} is not listed under `nodes` (nodes: {})", names.join(", ")),
+        ));
+    } else {
+        issues.push(Issue::invalid(
+            path,
+            format!("node {name:?}: the scenario lists no `nodes` (it has one node; list nodes under `nodes` to name them, or use entity:host)"),
+        ));
+    }
+    None
+}
+
 fn resolve_pods(
     raw: &[RawPod],
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    nodes: &[PlanNode],
+    nodes_listed: bool,
     families: &[IpFamily],
     issues: &mut Vec<Issue>,
 ) -> Vec<PlanPod> {
@@ -191,25 +273,80 @@ fn resolve_pods(
             issues.push(Issue::invalid(at("ipv6"), "set, but ipFamilies does not include IPv6"));
         }
         check_ports(i, pod, issues);
+        if pod.host_network {
+            for (key, set) in [("ip", pod.ip.is_some()), ("ipv6", pod.ipv6.is_some())] {
+                if set {
+                    issues.push(Issue::invalid(
+                        at(key),
+                        "a host-network pod has its node's addresses: leave the address out",
+                    ));
+                }
+            }
+        }
+        if nodes.len() > 1 {
+            for (key, reserved) in [
+                ("ip", pod.ip.and_then(|ip| node_reserved_v4(ip, nodes.len()))),
+                ("ipv6", pod.ipv6.and_then(|ip| node_reserved_v6(ip, nodes.len()))),
+            ] {
+                if let Some(why) = reserved {
+                    issues.push(Issue::invalid(at(key), format!("cannot be a pod address: {why}")));
+                }
+            }
+        }
+    }
+    let node_of: Vec<usize> = raw
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| match &pod.node {
+            None => 0,
+            Some(name) => find_node(name, &format!("pods[{i}].node"), nodes, nodes_listed, issues).unwrap_or(0),
+        })
+        .collect();
+    // Host-network pods of one node share its ports.
+    let mut served: HashMap<(usize, u16, super::model::PortProtocol), usize> = HashMap::new();
+    for (i, pod) in raw.iter().enumerate().filter(|(_, p)| p.host_network) {
+        for (k, p) in pod.ports.iter().enumerate() {
+            if let Some(j) = served.insert((node_of[i], p.port, p.protocol), i) {
+                issues.push(Issue::invalid(
+                    format!("pods[{i}].ports[{k}].port"),
+                    format!(
+                        "{}/{} is already served on node {} by the host-network pod pods[{j}]",
+                        p.port, p.protocol, nodes[node_of[i]].name
+                    ),
+                ));
+            }
+        }
     }
 
-    let mut next = u32::from(FIRST_ASSIGNED);
-    let mut next_v6 = u128::from(FIRST_ASSIGNED_V6);
+    // Pods get addresses from their node's range: 10.(200+k).1.10 upward (the first node's
+    // are those of a scenario without nodes).
+    let mut next: Vec<u32> = (0..nodes.len()).map(|k| u32::from(FIRST_ASSIGNED) + ((k as u32) << 16)).collect();
+    let mut next_v6: Vec<u128> =
+        (0..nodes.len()).map(|k| u128::from(FIRST_ASSIGNED_V6) + ((k as u128) << 80)).collect();
     let (has_v4, has_v6) = (families.contains(&IpFamily::IPv4), families.contains(&IpFamily::IPv6));
     let mut names = BTreeSet::new();
     raw.iter()
         .enumerate()
         .map(|(i, pod)| {
-            let ipv4 = has_v4.then(|| {
-                pod.ip.unwrap_or_else(|| {
-                    next_free(&mut next, |a: Ipv4Addr| !explicit_ips.contains_key(&a) && unusable_ipv4(a).is_none())
-                })
-            });
-            let ipv6 = has_v6.then(|| {
-                pod.ipv6.unwrap_or_else(|| {
-                    next_free(&mut next_v6, |a: Ipv6Addr| !explicit_ipv6.contains_key(&a) && unusable_ipv6(a).is_none())
-                })
-            });
+            let node = node_of[i];
+            let free_v4 = |a: Ipv4Addr| {
+                !explicit_ips.contains_key(&a)
+                    && unusable_ipv4(a).is_none()
+                    && (nodes.len() == 1 || node_reserved_v4(a, nodes.len()).is_none())
+            };
+            let free_v6 = |a: Ipv6Addr| {
+                !explicit_ipv6.contains_key(&a)
+                    && unusable_ipv6(a).is_none()
+                    && (nodes.len() == 1 || node_reserved_v6(a, nodes.len()).is_none())
+            };
+            let (ipv4, ipv6) = if pod.host_network {
+                (nodes[node].ipv4, nodes[node].ipv6)
+            } else {
+                (
+                    has_v4.then(|| pod.ip.unwrap_or_else(|| next_free(&mut next[node], free_v4))),
+                    has_v6.then(|| pod.ipv6.unwrap_or_else(|| next_free(&mut next_v6[node], free_v6))),
+                )
+            };
             let mut host_interface = host_interface_name(&pod.namespace, &pod.name, i);
             let mut salt = raw.len();
             while !names.insert(host_interface.clone()) {
@@ -226,9 +363,26 @@ fn resolve_pods(
                 ipv6,
                 ports: pod.ports.clone(),
                 host_interface,
+                node,
+                host_network: pod.host_network,
             }
         })
         .collect()
+}
+
+/// Why an IPv4 address is kept for the nodes of a multi-node scenario: each node's
+/// `10.(200+k).0.0/24` (its own address and the testbed's hosts).
+fn node_reserved_v4(ip: Ipv4Addr, nodes: usize) -> Option<&'static str> {
+    let o = ip.octets();
+    (o[0] == 10 && o[1] >= 200 && usize::from(o[1] - 200) < nodes && o[2] == 0)
+        .then_some("10.(200+k).0.0/24 is kept for node k's own address and the testbed's hosts")
+}
+
+/// As [`node_reserved_v4`] for `fd00:10:(200+k)::/112`.
+fn node_reserved_v6(ip: Ipv6Addr, nodes: usize) -> Option<&'static str> {
+    let s = ip.segments();
+    (s[0] == 0xfd00 && s[1] == 0x10 && s[2] >= 0x200 && usize::from(s[2] - 0x200) < nodes && s[3..7] == [0; 4])
+        .then_some("fd00:10:(200+k)::/112 is kept for node k's own address and the testbed's hosts")
 }
 
 fn check_ports(i: usize, pod: &RawPod, issues: &mut Vec<Issue>) {
@@ -334,6 +488,8 @@ fn resolve_policies(
 fn resolve_probes(
     raw: &[RawProbe],
     pods: &[PlanPod],
+    nodes: &[PlanNode],
+    nodes_listed: bool,
     families: &[IpFamily],
     issues: &mut Vec<Issue>,
 ) -> Vec<PlanProbe> {
@@ -344,14 +500,29 @@ fn resolve_probes(
         pods.iter().map(|p| ((p.namespace.as_str(), p.name.as_str()), p.index)).collect();
     let by_ip: HashMap<IpAddr, usize> = pods
         .iter()
+        .filter(|p| !p.host_network)
         .flat_map(|p| [p.ipv4.map(IpAddr::V4), p.ipv6.map(IpAddr::V6)].into_iter().flatten().map(|ip| (ip, p.index)))
         .collect();
     let mut out = Vec::new();
     for (i, probe) in raw.iter().enumerate() {
         let at = |k: &str| format!("probes[{i}].{k}");
         let before = issues.len();
-        let from = resolve_ref(&probe.from, &at("from"), &by_key, &by_ip, pods, issues);
-        let to = resolve_ref(&probe.to, &at("to"), &by_key, &by_ip, pods, issues);
+        let ctx = RefContext { by_key: &by_key, by_ip: &by_ip, pods, nodes, nodes_listed };
+        let mut from = resolve_ref(&probe.from, &at("from"), &ctx, issues);
+        let mut to = resolve_ref(&probe.to, &at("to"), &ctx, issues);
+        // In a file that lists nodes, `entity:host` is the node of the other end's pod.
+        if nodes_listed {
+            let (f0, t0) = (from.clone(), to.clone());
+            for (end, other) in [(&mut from, t0), (&mut to, f0)] {
+                if *end == Some(HostRef::Entity(Entity::Host)) {
+                    let node = match other {
+                        Some(HostRef::Pod(i)) => pods[i].node,
+                        _ => 0,
+                    };
+                    *end = Some(HostRef::Node(node));
+                }
+            }
+        }
 
         // A world host's address says which family the probe is.
         let literal = [&from, &to].into_iter().find_map(|end| match end {
@@ -388,7 +559,7 @@ fn resolve_probes(
         match (probe.protocol.is_icmp(), probe.port) {
             (true, Some(_)) => issues.push(Issue::invalid(at("port"), "ICMP probes have no port")),
             (false, None) => {
-                issues.push(Issue::invalid(at("port"), format!("a {} probe needs a destination port", probe.protocol)))
+                issues.push(Issue::invalid(at("port"), format!("a {} probe needs a destination port", probe.protocol)));
             }
             _ => {}
         }
@@ -409,13 +580,19 @@ fn resolve_probes(
                 ));
             }
         }
+        let is_endpoint = |end: &HostRef| matches!(end, HostRef::Pod(i) if !pods[*i].host_network);
         if let (Some(f), Some(t)) = (&from, &to)
-            && !matches!(f, HostRef::Pod(_))
-            && !matches!(t, HostRef::Pod(_))
+            && !is_endpoint(f)
+            && !is_endpoint(t)
         {
+            let host_network = [f, t].into_iter().any(|e| matches!(e, HostRef::Pod(_)));
             issues.push(Issue::invalid(
                 at("to"),
-                "at least one end of a probe must be a pod (the datapath only sees pods' traffic)",
+                if host_network {
+                    "at least one end of a probe must be a pod that is not host-network (the datapath only sees pods' traffic)"
+                } else {
+                    "at least one end of a probe must be a pod (the datapath only sees pods' traffic)"
+                },
             ));
         }
 
@@ -451,25 +628,32 @@ fn resolve_probes(
     out
 }
 
-fn resolve_ref(
-    text: &str,
-    path: &str,
-    by_key: &HashMap<(&str, &str), usize>,
-    by_ip: &HashMap<IpAddr, usize>,
-    pods: &[PlanPod],
-    issues: &mut Vec<Issue>,
-) -> Option<HostRef> {
+/// What a probe end can name.
+struct RefContext<'a> {
+    by_key: &'a HashMap<(&'a str, &'a str), usize>,
+    by_ip: &'a HashMap<IpAddr, usize>,
+    pods: &'a [PlanPod],
+    nodes: &'a [PlanNode],
+    nodes_listed: bool,
+}
+
+fn resolve_ref(text: &str, path: &str, ctx: &RefContext<'_>, issues: &mut Vec<Issue>) -> Option<HostRef> {
+    let (by_key, by_ip, pods) = (ctx.by_key, ctx.by_ip, ctx.pods);
     let text = text.trim();
+    if let Some(name) = text.strip_prefix("node:") {
+        return find_node(name, path, ctx.nodes, ctx.nodes_listed, issues).map(HostRef::Node);
+    }
     if let Some(name) = text.strip_prefix("entity:") {
-        return match Entity::parse(name) {
-            Some(e) => Some(HostRef::Entity(e)),
-            None => {
-                issues.push(Issue::invalid(
-                    path,
-                    format!("unknown entity {name:?} (probes can name entity:host, entity:remote-node, entity:kube-apiserver)"),
-                ));
-                None
-            }
+        return if let Some(e) = Entity::parse(name) {
+            Some(HostRef::Entity(e))
+        } else {
+            issues.push(Issue::invalid(
+                path,
+                format!(
+                    "unknown entity {name:?} (probes can name entity:host, entity:remote-node, entity:kube-apiserver)"
+                ),
+            ));
+            None
         };
     }
     if let Ok(ip) = text.parse::<IpAddr>() {
@@ -480,9 +664,10 @@ fn resolve_ref(
             ));
             return None;
         }
+        let n = ctx.nodes.len();
         let bad = match ip {
-            IpAddr::V4(v4) => unusable_ipv4(v4),
-            IpAddr::V6(v6) => unusable_ipv6(v6),
+            IpAddr::V4(v4) => unusable_ipv4(v4).or(if n > 1 { node_reserved_v4(v4, n) } else { None }),
+            IpAddr::V6(v6) => unusable_ipv6(v6).or(if n > 1 { node_reserved_v6(v6, n) } else { None }),
         };
         if let Some(why) = bad {
             issues.push(Issue::invalid(path, format!("{ip} cannot be a world host: {why}")));
@@ -491,15 +676,17 @@ fn resolve_ref(
         return Some(HostRef::World(ip));
     }
     if let Some((ns, name)) = text.split_once('/') {
-        return match by_key.get(&(ns, name)) {
-            Some(&i) => Some(HostRef::Pod(i)),
-            None => {
-                issues.push(Issue::invalid(path, format!("no pod {text:?} in the scenario")));
-                None
-            }
+        return if let Some(&i) = by_key.get(&(ns, name)) {
+            Some(HostRef::Pod(i))
+        } else {
+            issues.push(Issue::invalid(path, format!("no pod {text:?} in the scenario")));
+            None
         };
     }
-    issues.push(Issue::invalid(path, format!("{text:?} is neither NAMESPACE/POD, entity:NAME nor an IP address")));
+    issues.push(Issue::invalid(
+        path,
+        format!("{text:?} is neither NAMESPACE/POD, entity:NAME, node:NAME nor an IP address"),
+    ));
     None
 }
 
@@ -533,35 +720,68 @@ fn unusable_ipv6(ip: Ipv6Addr) -> Option<&'static str> {
 }
 
 /// The hosts other than pods that the probes name, each with the addresses of the
-/// scenario's families and the ports probes aim at it.
-fn resolve_hosts(probes: &[PlanProbe], families: &[IpFamily]) -> Vec<PlanHost> {
+/// scenario's families and the ports probes aim at it; a node that has host-network pods
+/// also serves their ports.
+fn resolve_hosts(
+    probes: &[PlanProbe],
+    pods: &[PlanPod],
+    nodes: &[PlanNode],
+    nodes_listed: bool,
+    families: &[IpFamily],
+) -> Vec<PlanHost> {
+    let node_ref = |k: usize| if nodes_listed { HostRef::Node(k) } else { HostRef::Entity(Entity::Host) };
     let mut hosts: Vec<PlanHost> = Vec::new();
-    for p in probes {
-        for (end, is_destination) in [(&p.from, false), (&p.to, true)] {
-            let i = match hosts.iter().position(|h| &h.host == end) {
-                Some(i) => i,
-                None => {
-                    let (ipv4, ipv6) = match end {
-                        HostRef::Pod(_) => continue,
-                        HostRef::World(IpAddr::V4(a)) => (Some(*a), None),
-                        HostRef::World(IpAddr::V6(a)) => (None, Some(*a)),
-                        HostRef::Entity(e) => {
-                            let (v4, v6) = e.addresses();
-                            (
-                                families.contains(&IpFamily::IPv4).then_some(v4),
-                                families.contains(&IpFamily::IPv6).then_some(v6),
-                            )
-                        }
-                    };
-                    hosts.push(PlanHost { host: end.clone(), ipv4, ipv6, ports: Vec::new() });
-                    hosts.len() - 1
-                }
+    // A probe end that is a host-network pod is its node.
+    let ends = probes.iter().flat_map(|p| {
+        [(&p.from, false, p), (&p.to, true, p)].map(|(end, dst, p)| match end {
+            HostRef::Pod(i) if pods[*i].host_network => (node_ref(pods[*i].node), dst, p),
+            other => (other.clone(), dst, p),
+        })
+    });
+    for (end, is_destination, p) in ends {
+        let end = &end;
+        {
+            let i = if let Some(i) = hosts.iter().position(|h| &h.host == end) {
+                i
+            } else {
+                let (ipv4, ipv6) = match end {
+                    HostRef::Pod(_) => continue,
+                    HostRef::Node(k) => (nodes[*k].ipv4, nodes[*k].ipv6),
+                    HostRef::World(IpAddr::V4(a)) => (Some(*a), None),
+                    HostRef::World(IpAddr::V6(a)) => (None, Some(*a)),
+                    HostRef::Entity(e) => {
+                        let (v4, v6) = e.addresses();
+                        (
+                            families.contains(&IpFamily::IPv4).then_some(v4),
+                            families.contains(&IpFamily::IPv6).then_some(v6),
+                        )
+                    }
+                };
+                hosts.push(PlanHost { host: end.clone(), ipv4, ipv6, ports: Vec::new() });
+                hosts.len() - 1
             };
             if let (true, Some(protocol), Some(port)) = (is_destination, p.protocol.port_protocol(), p.port) {
                 let ports = &mut hosts[i].ports;
                 if !ports.iter().any(|q| q.port == port && q.protocol == protocol) {
                     ports.push(PodPort { port, protocol, name: None });
                 }
+            }
+        }
+    }
+    // Host-network pods' ports are served in their node's namespace.
+    for pod in pods.iter().filter(|p| p.host_network) {
+        let end = node_ref(pod.node);
+        let i = if let Some(i) = hosts.iter().position(|h| h.host == end) {
+            i
+        } else {
+            let node = &nodes[pod.node];
+            hosts.push(PlanHost { host: end, ipv4: node.ipv4, ipv6: node.ipv6, ports: Vec::new() });
+            hosts.len() - 1
+        };
+        for port in &pod.ports {
+            let ports = &mut hosts[i].ports;
+            if !ports.iter().any(|q| q.port == port.port && q.protocol == port.protocol) {
+                ports.push(port.clone());
             }
         }
     }

@@ -10,7 +10,7 @@
 //!   identities the policies name): time from start to full enforcement, policy-to-kernel
 //!   latency of one changed policy, resident memory at that scale.
 //! - [`map_writes`] — policy entries written into the kernel per second, one
-//!   BPF_MAP_UPDATE_ELEM per entry and BPF_MAP_UPDATE_BATCH.
+//!   `BPF_MAP_UPDATE_ELEM` per entry and `BPF_MAP_UPDATE_BATCH`.
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -163,8 +163,10 @@ pub fn resolve_step(k: usize, runs: usize) -> Result<(f64, usize, u64), String> 
             });
         }
     }
-    let text: String =
-        (0..CURVE_POLICIES).map(|i| format!("---\n{}", policy_yaml(i, CURVE_ENDPOINTS, None, &[]))).collect();
+    let text: String = (0..CURVE_POLICIES).fold(String::new(), |mut s, i| {
+        let _ = write!(s, "---\n{}", policy_yaml(i, CURVE_ENDPOINTS, None, &[]));
+        s
+    });
     let policies = parse(&text, "bench")?;
     let mut times = Vec::new();
     let mut entries = 0;
@@ -245,12 +247,12 @@ fn endpoint_dev(j: usize) -> String {
 const REGISTER_CONCURRENCY: usize = 16;
 /// How long one registration may take (it returns once the endpoint is known; the agent
 /// may be busy resolving for the others).
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(60);
+const REGISTER_TIMEOUT: Duration = Duration::from_mins(1);
 /// How long registering every endpoint may take before the measurement gives up.
 fn register_deadline(size: Size) -> Duration {
     match size {
-        Size::Quick => Duration::from_secs(120),
-        Size::Full => Duration::from_secs(1200),
+        Size::Quick => Duration::from_mins(2),
+        Size::Full => Duration::from_mins(20),
     }
 }
 
@@ -321,10 +323,10 @@ fn agent_scale_inner(report: &mut Report, size: Size, agent: &Path, clsact: bool
     let extra: Vec<String> = if clsact { vec!["--attach-mode".into(), "clsact".into()] } else { Vec::new() };
     let proc = AgentProcess::spawn(agent, ns.open().map_err(|e| e.to_string())?, &dirs, None, &extra)
         .map_err(|e| e.to_string())?;
-    let limit = Duration::from_secs(120);
+    let limit = Duration::from_mins(2);
     let (ready, enforced) = rt
         .block_on(async {
-            proc.wait_ready(Duration::from_secs(60)).await?;
+            proc.wait_ready(Duration::from_mins(1)).await?;
             let ready = t0.elapsed();
             call("namespace", CALL_TIMEOUT, proc.client.put_namespace(NAMESPACE, &NamespaceSpec::default())).await?;
             // As kubelet starts pods: many at once, each through the CNI's call to the agent.
@@ -447,7 +449,7 @@ fn agent_scale_inner(report: &mut Report, size: Size, agent: &Path, clsact: bool
         lat.push(t.elapsed().as_secs_f64() * 1e3);
     }
     eprintln!("  policy change latencies (ms, in order): {lat:.0?}");
-    lat.sort_by(|a, b| a.total_cmp(b));
+    lat.sort_by(f64::total_cmp);
     let cctx = format!(
         "one policy's port changed: file written, rescan asked, until the agent reports the revision realized in the kernel; {} changes; {ctx}",
         s.changes
@@ -462,7 +464,7 @@ fn agent_scale_inner(report: &mut Report, size: Size, agent: &Path, clsact: bool
     proc.start_again(ns.open().map_err(|e| e.to_string())?, &dirs).map_err(|e| e.to_string())?;
     let ready = rt
         .block_on(async {
-            proc.wait_ready(Duration::from_secs(60)).await?;
+            proc.wait_ready(Duration::from_mins(1)).await?;
             let ready = t.elapsed();
             call("full enforcement after the restart", limit + Duration::from_secs(5), proc.client.wait_current(limit))
                 .await?;
@@ -550,7 +552,7 @@ struct BatchAttr {
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> Result<(), std::io::Error> {
     // SAFETY: `attr` is a valid bpf_attr prefix for `cmd`, alive for the call; the pointers
     // inside it point at live buffers of the sizes the map expects.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>() as u32) };
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut::<T>(attr), size_of::<T>() as u32) };
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
@@ -596,8 +598,8 @@ fn map_writes_inner(report: &mut Report, size: Size) -> Result<(), String> {
         let mut a = ElemAttr {
             map_fd,
             _pad: 0,
-            key: k as *const PolicyKey as u64,
-            value: &value as *const PolicyValue as u64,
+            key: std::ptr::from_ref::<PolicyKey>(k) as u64,
+            value: &raw const value as u64,
             flags: 0,
         };
         bpf(BPF_MAP_UPDATE_ELEM, &mut a).map_err(|e| format!("BPF_MAP_UPDATE_ELEM: {e}"))?;

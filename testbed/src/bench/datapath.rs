@@ -1,5 +1,5 @@
 //! Datapath against the alternatives: the same traffic through the same veth pair with no
-//! filter, palisade, palisade's hooks alone (a diagnostic), iptables (legacy and nf_tables
+//! filter, palisade, palisade's hooks alone (a diagnostic), iptables (legacy and `nf_tables`
 //! backends) and nftables, at several rule counts, each figure also as a ratio to the
 //! no-filter baseline of the same size.
 //!
@@ -12,6 +12,7 @@
 //! minimum, the maximum and a distribution-free 95% interval of the median. A slow drift of
 //! a shared machine hits both halves of a pair alike and cancels in the ratio.
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
@@ -214,7 +215,7 @@ pub fn run(report: &mut Report, size: Size) {
         let mut setups = Vec::new();
         for mode in Mode::ALL {
             k += 1;
-            match Setup::build(mode, n, &format!("b{k}")).and_then(|s| s.warm_up(&p).map(|_| s)) {
+            match Setup::build(mode, n, &format!("b{k}")).and_then(|s| s.warm_up(&p).map(|()| s)) {
                 Ok(s) => {
                     install.insert((n, mode), s.install_ms);
                     setups.push(s);
@@ -234,9 +235,11 @@ pub fn run(report: &mut Report, size: Size) {
             for s in order {
                 let r = s.measure(&p);
                 match &r {
-                    Ok(v) => line.push_str(&format!(" {} {:.1}/{:.0}", s.mode.name(), v[0], v[2])),
+                    Ok(v) => {
+                        let _ = write!(line, " {} {:.1}/{:.0}", s.mode.name(), v[0], v[2]);
+                    }
                     Err(e) => {
-                        report.failures.push(format!("datapath {} n={n} round {}: {e}", s.mode.name(), round + 1))
+                        report.failures.push(format!("datapath {} n={n} round {}: {e}", s.mode.name(), round + 1));
                     }
                 }
                 let v = samples.entry((n, s.mode)).or_insert_with(|| vec![None; p.rounds]);
@@ -299,7 +302,7 @@ fn push_figures(report: &mut Report, p: &Params, samples: &Samples, install: &BT
             .filter_map(|(x, y)| Some(x.as_ref()?[i] / y.as_ref()?[i]))
             .filter(|r| r.is_finite())
             .collect();
-        r.sort_by(|a, b| a.total_cmp(b));
+        r.sort_by(f64::total_cmp);
         r
     };
     for n in SIZES {

@@ -12,7 +12,7 @@
 //!   agent writes them: established/related accepted first, then one
 //!   ACCEPT rule per (peer, protocol, port) with the client's last (the worst case), then
 //!   DROP, in a chain of its own that FORWARD jumps to for `tbs`; loaded with
-//!   `iptables-restore` (legacy x_tables, and the nf_tables backend).
+//!   `iptables-restore` (legacy `x_tables`, and the `nf_tables` backend).
 //! - [`Mode::Nftables`] — one nftables chain: established/related accepted, then a lookup of
 //!   (source address . protocol . port) in a set, then drop.
 //!
@@ -119,9 +119,9 @@ pub fn install(mode: Mode, net: &BenchNet, allows: &[Allow], tag: &str) -> Resul
         Mode::PalisadeHook => {
             PalisadeFilter::install(net, allows, tag, false).map(|(f, d)| (Installed::Palisade(Box::new(f)), d))
         }
-        Mode::Iptables => iptables(net, allows, "iptables-legacy-restore").map(|_| (Installed::Firewall, t.elapsed())),
-        Mode::IptablesNft => iptables(net, allows, "iptables-nft-restore").map(|_| (Installed::Firewall, t.elapsed())),
-        Mode::Nftables => nftables(net, allows).map(|_| (Installed::Firewall, t.elapsed())),
+        Mode::Iptables => iptables(net, allows, "iptables-legacy-restore").map(|()| (Installed::Firewall, t.elapsed())),
+        Mode::IptablesNft => iptables(net, allows, "iptables-nft-restore").map(|()| (Installed::Firewall, t.elapsed())),
+        Mode::Nftables => nftables(net, allows).map(|()| (Installed::Firewall, t.elapsed())),
     }
 }
 

@@ -133,7 +133,7 @@ fn idle_agent(report: &mut Report, agent: &Path) -> Result<(), String> {
     let total: u64 = maps.iter().map(|m| m.memlock).sum();
     report.push(
         "memory.maps_idle_total_mib",
-        total as f64 / (1 << 20) as f64,
+        total as f64 / f64::from(1 << 20),
         "MiB",
         "kernel memory of the idle agent's 12 maps (sum of memlock in each map's fdinfo)",
     );
@@ -161,7 +161,7 @@ fn loaded_maps(report: &mut Report) -> Result<(), String> {
     let total: u64 = maps.iter().map(|m| m.memlock).sum();
     report.push(
         format!("memory.maps_n{LOADED_PEERS}_total_mib"),
-        total as f64 / (1 << 20) as f64,
+        total as f64 / f64::from(1 << 20),
         "MiB",
         format!(
             "kernel memory of the 12 maps holding the datapath comparison's {LOADED_PEERS}-peer rule set ({} ipcache host entries, {} policy entries)",

@@ -2,7 +2,7 @@
 //! on one machine, entirely inside the testbed's own network namespaces.
 //!
 //! - [`datapath`] — real traffic through a client — node — server chain of namespaces with no
-//!   filter, palisade's tc programs, iptables (legacy and nf_tables backends) and nftables
+//!   filter, palisade's tc programs, iptables (legacy and `nf_tables` backends) and nftables
 //!   (a set), at 10, 1,000 and 10,000 rules ([`net`], [`traffic`], [`filters`]);
 //! - [`memory`] — the real agent's resident memory at idle and the kernel memory of its maps;
 //! - [`control`] — the control plane at scale and the resolution scaling curve;
@@ -19,6 +19,7 @@ pub mod net;
 pub mod svg;
 pub mod traffic;
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -66,7 +67,7 @@ impl Machine {
             })
             .unwrap_or_default();
         Machine {
-            nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            nproc: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
             cpu,
             loadavg_start: loadavg(),
@@ -100,10 +101,7 @@ impl Report {
     pub fn new(size: Size) -> Report {
         Report {
             size,
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            started_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             seconds: 0.0,
             machine: Machine::probe(),
             figures: Vec::new(),
@@ -134,7 +132,7 @@ impl Report {
         let mut out = String::new();
         let width = self.figures.iter().map(|f| f.name.len()).max().unwrap_or(10);
         for f in &self.figures {
-            out.push_str(&format!("{:<width$}  {:>14}  {}\n", f.name, fmt_value(f.value), f.unit));
+            let _ = writeln!(out, "{:<width$}  {:>14}  {}", f.name, fmt_value(f.value), f.unit);
         }
         out
     }
@@ -174,9 +172,9 @@ pub fn median(values: &[f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 { v[n / 2] } else { f64::midpoint(v[n / 2 - 1], v[n / 2]) }
 }
 
 #[cfg(test)]
@@ -184,6 +182,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::float_cmp, reason = "nearest-rank percentiles pick one of the inputs, exactly")]
     fn percentiles_by_nearest_rank() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!(percentile(&v, 50.0), 50.0);

@@ -44,7 +44,7 @@ fn nice(v: f64) -> String {
             out.push(c);
         }
         out
-    } else if v >= 10.0 || v == v.round() {
+    } else if v >= 10.0 || v.fract() == 0.0 {
         format!("{v:.0}")
     } else if v >= 1.0 {
         format!("{v:.1}")
@@ -235,7 +235,7 @@ pub fn report_plot(r: &Report) -> String {
             .iter()
             .filter_map(|f| f.name.strip_prefix("control.resolve.k")?.strip_suffix("_ms")?.parse().ok())
             .collect();
-        v.sort_by(|a, b| a.total_cmp(b));
+        v.sort_by(f64::total_cmp);
         v
     };
     let curve = |metric: &str| -> Vec<(f64, f64)> {

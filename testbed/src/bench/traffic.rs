@@ -46,7 +46,7 @@ fn io_err(what: &str, e: impl std::fmt::Display) -> String {
 fn readable(fd: i32, ms: i32) -> bool {
     let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, ms) == 1 }
+    unsafe { libc::poll(&raw mut p, 1, ms) == 1 }
 }
 
 fn spawn(name: &str, f: impl FnOnce(Arc<AtomicBool>, Arc<AtomicU64>) + Send + 'static) -> Result<Server, String> {
@@ -100,7 +100,7 @@ fn set_rcvbuf(sock: &UdpSocket, bytes: i32) {
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVBUF,
-            (&bytes as *const i32).cast(),
+            (&raw const bytes).cast(),
             size_of::<i32>() as libc::socklen_t,
         );
     }
@@ -138,7 +138,7 @@ pub struct Latencies {
 
 impl Latencies {
     fn finish(mut self) -> Latencies {
-        self.samples_us.sort_by(|a, b| a.total_cmp(b));
+        self.samples_us.sort_by(f64::total_cmp);
         self
     }
     pub fn p(&self, p: f64) -> f64 {
@@ -164,7 +164,7 @@ pub fn udp_rr(client: &Netns, server: SocketAddrV4, warmup: usize, count: usize)
                 let ok = loop {
                     match sock.recv(&mut resp) {
                         Ok(n) if n >= 8 && resp[..8] == req[..8] => break true,
-                        Ok(_) => continue, // a late answer to an earlier request
+                        Ok(_) => {} // a late answer to an earlier request
                         Err(_) => break false,
                     }
                 };

@@ -98,7 +98,7 @@ fn run(args: &Args) -> ExitCode {
     };
     let agent = args.agent.clone().unwrap_or_else(bench::memory::default_agent_binary);
     let json = args.json.clone().unwrap_or_else(|| {
-        let base = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
+        let base = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
         base.join("palisade-bench").join(format!("{}.json", if args.quick { "quick" } else { "full" }))
     });
     let start = Instant::now();

@@ -1,6 +1,7 @@
 //! Helpers shared by the testbed's integration tests: running the binary, finding what a
 //! run left behind.
 #![allow(dead_code, reason = "each test crate uses a different part")]
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -15,11 +16,9 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios").join(name)
 }
 
-/// The agent binary the tests run: $PALISADE_AGENT, else the one built beside the testbed.
+/// The agent binary the tests run: $`PALISADE_AGENT`, else the one built beside the testbed.
 pub fn agent_binary() -> PathBuf {
-    std::env::var_os("PALISADE_AGENT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(BIN).with_file_name("palisade-agent"))
+    std::env::var_os("PALISADE_AGENT").map_or_else(|| Path::new(BIN).with_file_name("palisade-agent"), PathBuf::from)
 }
 
 /// [`agent_binary`], which must have been built.
@@ -47,9 +46,10 @@ pub fn client_server_scenario(name: &str, extra_ports: &[u16]) -> String {
     let mut probes =
         String::from("  - {from: default/client, to: default/server, port: 80, protocol: TCP, expect: allow}\n");
     for p in [81].iter().chain(extra_ports) {
-        probes.push_str(&format!(
-            "  - {{from: default/client, to: default/server, port: {p}, protocol: TCP, expect: deny}}\n"
-        ));
+        let _ = writeln!(
+            probes,
+            "  - {{from: default/client, to: default/server, port: {p}, protocol: TCP, expect: deny}}"
+        );
     }
     format!(
         r#"
@@ -84,7 +84,7 @@ pub fn agent_run(scenario: &str, tag: &str, agent_args: &[&str]) -> (Plan, RunNa
     let names = RunNames { prefix: format!("pt{pid}-{tag}"), tag: format!("{pid}-{tag}") };
     let mut opts = RunOptions::new(Some(built_agent()));
     opts.timeout = Duration::from_millis(500);
-    opts.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
+    opts.agent_args = agent_args.iter().map(std::string::ToString::to_string).collect();
     (plan, names, opts)
 }
 
@@ -196,7 +196,7 @@ pub fn probe_continuously(
         let start = Instant::now();
         while !stop.load(Ordering::Relaxed) && t.rounds < max_rounds && start.elapsed() < max_time {
             t.rounds += 1;
-            let allowed = probe::tcp(SocketAddr::new(server, 80), Duration::from_millis(1000));
+            let allowed = probe::tcp(SocketAddr::new(server, 80), Duration::from_secs(1));
             match allowed.attempt {
                 Attempt::Answered => t.allowed_ok += 1,
                 other => t.wrong.push(format!("round {}: port 80 (allowed): {other:?}", t.rounds)),

@@ -262,7 +262,7 @@ impl Handler<ListIdentities> for IdentityCache {
                 .iter()
                 .map(|(id, labels, refs)| IdentityInfo {
                     id,
-                    labels: labels.iter().map(|l| l.to_string()).collect(),
+                    labels: labels.iter().map(std::string::ToString::to_string).collect(),
                     references: refs,
                 })
                 .collect(),

@@ -182,7 +182,7 @@ impl Agent {
         // Links of interfaces that went away while no agent ran.
         match datapath.prune_stale_links() {
             Ok(gone) if !gone.is_empty() => {
-                tracing::info!(interfaces = ?gone, "removed the link pins of vanished interfaces")
+                tracing::info!(interfaces = ?gone, "removed the link pins of vanished interfaces");
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning stale link pins failed"),
@@ -190,7 +190,7 @@ impl Agent {
         let reader = datapath.take_events()?;
         let decode = Arc::new(RwLock::new(DecodeContext::default()));
         let map_writer = map_writer::MapWriter::new(datapath, decode.clone(), config.repair_interval)?;
-        Ok(Agent::start_actors(config, registry, map_writer, decode, Some(reader)))
+        Ok(Agent::start_actors(config, &registry, map_writer, decode, Some(reader)))
     }
 
     /// [`Agent::start`] over any map backend and program attachment: the fakes
@@ -205,14 +205,14 @@ impl Agent {
         let registry = restore(&config)?;
         let decode = Arc::new(RwLock::new(DecodeContext::default()));
         let map_writer = map_writer::MapWriter::over(maps, programs, decode.clone(), timers)?;
-        Ok(Agent::start_actors(config, registry, map_writer, decode, None))
+        Ok(Agent::start_actors(config, &registry, map_writer, decode, None))
     }
 
     /// Starts every actor under supervision, the map writer being `map_writer`, and the
     /// verdict-event feed from `events_reader`.
     fn start_actors(
         config: AgentConfig,
-        registry: EndpointRegistry,
+        registry: &EndpointRegistry,
         map_writer: map_writer::MapWriter,
         decode_ctx: Arc<RwLock<DecodeContext>>,
         events_reader: Option<EventReader>,
@@ -236,7 +236,7 @@ impl Agent {
                         match agent.resync_with(Some(forgotten)).await {
                             Ok(rev) => {
                                 supervise::record_resync(name, rev);
-                                tracing::info!(actor = name, revision = rev, "state rebuilt after the restart")
+                                tracing::info!(actor = name, revision = rev, "state rebuilt after the restart");
                             }
                             Err(e) => tracing::error!(actor = name, error = %e, "resync after a restart failed"),
                         }
@@ -258,7 +258,7 @@ impl Agent {
                 identities.clone(),
                 resolver.clone(),
                 Some(state),
-                &registry,
+                registry,
                 config.interface_check_interval,
             ),
             hook.clone(),

@@ -211,7 +211,7 @@ impl Actor for PolicyWatch {
             if act.periodic % FULL_READ_EVERY == 0 {
                 act.full_read_due = true;
             }
-            ctx.notify(Rescan)
+            ctx.notify(Rescan);
         });
     }
 }

@@ -156,7 +156,7 @@ impl Resolver {
             self.dirty = true;
             match self.last_recompute.map(|t| t.elapsed()) {
                 Some(since) if since < BURST_INTERVAL => {
-                    ctx.notify_later(Recompute, BURST_INTERVAL - since);
+                    ctx.notify_later(Recompute, BURST_INTERVAL.checked_sub(since).unwrap());
                 }
                 _ => {
                     ctx.notify(Recompute);
@@ -350,7 +350,7 @@ impl Handler<Explain> for Resolver {
             allocator: &self.state.allocator,
             cidrs: self.state.engine.cidr_identities(),
             desired: self.last.as_ref().map(|(d, _)| d.as_ref()),
-            ipcache: self.last.as_ref().map(|(_, i)| i.as_ref()).unwrap_or(&empty),
+            ipcache: self.last.as_ref().map_or(&empty, |(_, i)| i.as_ref()),
             cluster: &msg.cluster,
         };
         crate::explain::explain(&msg.request, &inputs)

@@ -25,7 +25,7 @@ use actix::prelude::*;
 
 /// Restarts allowed within [`RESTART_WINDOW`] before the process gives up.
 pub const MAX_RESTARTS: usize = 5;
-pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+pub const RESTART_WINDOW: Duration = Duration::from_mins(1);
 
 /// Restarts per actor since the process started.
 static RESTARTS: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());

@@ -66,13 +66,13 @@ pub fn ipcache(dir: &Path) -> Result<Vec<IpcacheRow>, KernelReadError> {
     Ok(out)
 }
 
-/// One POLICY entry as loaded, with whether POLICY_LENGTHS makes the datapath probe it.
+/// One POLICY entry as loaded, with whether `POLICY_LENGTHS` makes the datapath probe it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PolicyRow {
     /// The key as stored (cut to its prefix; `key.prefix_len` is the length).
     pub key: PolicyKey,
     pub value: PolicyValue,
-    /// False when POLICY_LENGTHS does not mark this entry's length for its (endpoint,
+    /// False when `POLICY_LENGTHS` does not mark this entry's length for its (endpoint,
     /// direction, identity): the datapath would never find it.
     pub probed: bool,
 }

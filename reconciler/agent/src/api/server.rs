@@ -16,7 +16,10 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::net::UnixListener;
 
-use super::types::*;
+use super::types::{
+    Ack, ApiError, BpfPolicy, BpfPolicyEntry, DatapathCounters, EndpointSpec, EndpointStatus, ExplainRequest,
+    Explanation, IdentityInfo, IpcacheEntry, IpcacheEntrySpec, NamespaceSpec, PolicyStatus, Status,
+};
 use crate::actors::Agent;
 use crate::actors::endpoints::{DeleteEndpoint, ListEndpoints, UpsertEndpoint, UpsertNamespace};
 use crate::actors::identity::{ListIdentities, UpsertReservedPrefix};
@@ -141,7 +144,7 @@ fn endpoint_status(ep: &LocalEndpoint, realized: &crate::actors::map_writer::Rea
         namespace: ep.namespace.clone(),
         name: ep.name.clone(),
         identity: ep.identity,
-        security_labels: ep.labels.iter().map(|l| l.to_string()).collect(),
+        security_labels: ep.labels.iter().map(std::string::ToString::to_string).collect(),
         ipv4: ep.ipv4,
         ipv6: ep.ipv6,
         interface: ep.interface.clone(),
@@ -314,7 +317,7 @@ fn identity_labels(ids: &[IdentityInfo], ipcache: &[super::kernel::IpcacheRow]) 
             && !out.contains_key(&row.identity)
             && let Some(p) = palisade_policy::Prefix::new(row.addr, row.prefix_len)
         {
-            let labels = palisade_policy::cidr::cidr_labels(&p).iter().map(|l| l.to_string()).collect();
+            let labels = palisade_policy::cidr::cidr_labels(&p).iter().map(std::string::ToString::to_string).collect();
             out.insert(row.identity, labels);
         }
     }
@@ -433,12 +436,12 @@ async fn bpf_policy(State(agent): State<Agent>, Query(q): Query<BpfPolicyQuery>)
             }
         })
         .collect();
-    let flags = loaded.map(|(_, info)| info.flags).unwrap_or(0);
+    let flags = loaded.map_or(0, |(_, info)| info.flags);
     Ok(Json(BpfPolicy {
         endpoint: ep.full_name(),
         endpoint_id: ep.id,
-        identity: loaded.map(|(_, info)| info.identity).unwrap_or(ep.identity),
-        ifindex: loaded.map(|(ifindex, _)| ifindex).unwrap_or(0),
+        identity: loaded.map_or(ep.identity, |(_, info)| info.identity),
+        ifindex: loaded.map_or(0, |(ifindex, _)| ifindex),
         ingress_enforced: flags & palisade_common::endpoint_flags::INGRESS_ENFORCED != 0,
         egress_enforced: flags & palisade_common::endpoint_flags::EGRESS_ENFORCED != 0,
         entries,

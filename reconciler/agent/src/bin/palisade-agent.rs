@@ -41,8 +41,8 @@ struct Args {
     #[arg(long, env = "PALISADE_REPAIR_INTERVAL_SECS", default_value_t = 10)]
     repair_interval_secs: u64,
     /// Size of an eBPF map, NAME=ENTRIES (repeatable, or comma-separated in the
-    /// environment), e.g. POLICY=524288. Maps: ENDPOINTS, IPCACHE_V4, IPCACHE_V6,
-    /// IPCACHE_HOST_V4, IPCACHE_HOST_V6, POLICY, POLICY_LENGTHS, CONNTRACK, FRAGMENTS.
+    /// environment), e.g. POLICY=524288. Maps: ENDPOINTS, `IPCACHE_V4`, `IPCACHE_V6`,
+    /// `IPCACHE_HOST_V4`, `IPCACHE_HOST_V6`, POLICY, `POLICY_LENGTHS`, CONNTRACK, FRAGMENTS.
     #[arg(long = "map-size", env = "PALISADE_MAP_SIZES", value_delimiter = ',')]
     map_sizes: Vec<String>,
     /// How the programs are attached to pod interfaces: `tcx` (bpf links, kernel 6.6 and
@@ -84,6 +84,14 @@ struct Args {
     /// Milliseconds between checks that every endpoint's interface still exists.
     #[arg(long, env = "PALISADE_INTERFACE_CHECK_MS", default_value_t = 1000)]
     interface_check_ms: u64,
+    /// A JSON file of the other nodes' pods with their labels (a cluster without a shared
+    /// store: the testbed's file mode), re-read when it changes; their addresses get the
+    /// identities of their label sets. See docs/cluster.md.
+    #[arg(long, env = "PALISADE_REMOTE_ENDPOINTS")]
+    remote_endpoints: Option<PathBuf>,
+    /// Milliseconds between reads of --remote-endpoints.
+    #[arg(long, env = "PALISADE_REMOTE_ENDPOINTS_POLL_MS", default_value_t = 200)]
+    remote_endpoints_poll_ms: u64,
     /// Tests only: enables `POST /v1/debug/panic/{actor}`, which makes an actor panic.
     #[arg(long, hide = true)]
     fault_injection: bool,
@@ -163,6 +171,11 @@ fn main() -> std::process::ExitCode {
     };
     let kube_sync_timeout = Duration::from_secs(args.kube_sync_timeout_secs.max(1));
     let socket = args.api_socket;
+    let remote_file = args.remote_endpoints.map(|path| palisade_agent::remote_file::RemoteFileOptions {
+        path,
+        cluster: config.cluster.clone(),
+        poll: Duration::from_millis(args.remote_endpoints_poll_ms.max(20)),
+    });
     let kubeconfig = args.kubeconfig;
     let metrics_address = args.metrics_address;
     let kube = match (args.kubernetes, args.node_name) {
@@ -196,6 +209,9 @@ fn main() -> std::process::ExitCode {
                 Some((addr, tokio::spawn(async move { palisade_agent::metrics::serve(agent, addr).await })))
             }
         };
+        if let Some(opts) = remote_file {
+            actix_rt::spawn(palisade_agent::remote_file::run(agent.clone(), opts));
+        }
         if let Some(opts) = kube {
             let a = agent.clone();
             actix_rt::spawn(async move {

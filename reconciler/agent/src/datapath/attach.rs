@@ -42,7 +42,7 @@ const ENOTSUPP: i32 = 524;
 pub enum AttachMode {
     /// tcx bpf links (kernel >= 6.6), pinned.
     Tcx,
-    /// cls_bpf filters on a clsact qdisc.
+    /// `cls_bpf` filters on a clsact qdisc.
     Clsact,
 }
 

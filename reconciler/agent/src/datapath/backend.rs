@@ -17,11 +17,11 @@ use crate::mapstate::WritableMap;
 /// How bulk writes reach the kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WriteMode {
-    /// BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH, falling back to one element at a time
+    /// `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH`, falling back to one element at a time
     /// for maps (or kernels) that do not support them.
     #[default]
     Batched,
-    /// One BPF_MAP_UPDATE_ELEM / BPF_MAP_DELETE_ELEM per element.
+    /// One `BPF_MAP_UPDATE_ELEM` / `BPF_MAP_DELETE_ELEM` per element.
     PerEntry,
 }
 
@@ -33,11 +33,11 @@ pub enum WriteMode {
 pub trait MapBackend {
     /// The map's `max_entries`.
     fn max_entries(&self, map: WritableMap) -> Result<u32, DatapathError>;
-    /// BPF_MAP_UPDATE_BATCH (`BPF_ANY`).
+    /// `BPF_MAP_UPDATE_BATCH` (`BPF_ANY`).
     fn update_batch(&mut self, map: WritableMap, keys: &[u8], values: &[u8], count: usize) -> Result<(), PartialWrite>;
-    /// BPF_MAP_DELETE_BATCH: stops at the first missing key (`ENOENT`).
+    /// `BPF_MAP_DELETE_BATCH`: stops at the first missing key (`ENOENT`).
     fn delete_batch(&mut self, map: WritableMap, keys: &[u8], count: usize) -> Result<(), PartialWrite>;
-    /// BPF_MAP_LOOKUP_BATCH of a hash map: up to `count` elements after `token` (`None`:
+    /// `BPF_MAP_LOOKUP_BATCH` of a hash map: up to `count` elements after `token` (`None`:
     /// from the start); answers how many were read and whether the map is done, and sets
     /// `token` for the next call.
     fn lookup_batch(
@@ -48,13 +48,13 @@ pub trait MapBackend {
         values: &mut [u8],
         count: usize,
     ) -> io::Result<(usize, bool)>;
-    /// BPF_MAP_UPDATE_ELEM (`BPF_ANY`).
+    /// `BPF_MAP_UPDATE_ELEM` (`BPF_ANY`).
     fn update_elem(&mut self, map: WritableMap, key: &[u8], value: &[u8]) -> io::Result<()>;
-    /// BPF_MAP_DELETE_ELEM.
+    /// `BPF_MAP_DELETE_ELEM`.
     fn delete_elem(&mut self, map: WritableMap, key: &[u8]) -> io::Result<()>;
-    /// BPF_MAP_LOOKUP_ELEM (an LPM trie answers the longest prefix match); `false`: none.
+    /// `BPF_MAP_LOOKUP_ELEM` (an LPM trie answers the longest prefix match); `false`: none.
     fn lookup_elem(&self, map: WritableMap, key: &[u8], value: &mut [u8]) -> io::Result<bool>;
-    /// BPF_MAP_GET_NEXT_KEY: the key after `key` (`None`, or a key not in the map: the
+    /// `BPF_MAP_GET_NEXT_KEY`: the key after `key` (`None`, or a key not in the map: the
     /// first); `false` when there is none.
     fn next_key(&self, map: WritableMap, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool>;
     /// Moves the policy generation (`CONFIG[POLICY_GEN]`) on, after a plan is written:

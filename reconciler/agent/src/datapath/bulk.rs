@@ -91,7 +91,7 @@ where
     Ok(())
 }
 
-/// Every entry of hash map `map`, read in batches (BPF_MAP_LOOKUP_BATCH); `None` when the
+/// Every entry of hash map `map`, read in batches (`BPF_MAP_LOOKUP_BATCH`); `None` when the
 /// write mode is one element at a time or the backend has no batch lookup for it.
 pub fn read_batched<B, K, V>(b: &B, map: WritableMap) -> Result<Option<Vec<(K, V)>>, DatapathError>
 where

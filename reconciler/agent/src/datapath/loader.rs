@@ -68,10 +68,10 @@ impl Hook {
     }
 }
 
-/// The result of one BPF_PROG_TEST_RUN.
+/// The result of one `BPF_PROG_TEST_RUN`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TestRunOutcome {
-    /// What the program returned: -1 (TC_ACT_UNSPEC, pass) or 2 (TC_ACT_SHOT, drop).
+    /// What the program returned: -1 (`TC_ACT_UNSPEC`, pass) or 2 (`TC_ACT_SHOT`, drop).
     pub action: i32,
     /// The kernel's average time per run.
     pub duration: Duration,
@@ -184,7 +184,7 @@ impl Datapath {
         Ok(EventReader::new(ring))
     }
 
-    /// Runs one program on `packet` (an Ethernet frame) with BPF_PROG_TEST_RUN. The program
+    /// Runs one program on `packet` (an Ethernet frame) with `BPF_PROG_TEST_RUN`. The program
     /// sees `ifindex` as the interface when given (it must exist in this thread's network
     /// namespace; the kernel refuses others), else the loopback interface (1).
     pub fn test_run(&self, hook: Hook, packet: &[u8], ifindex: Option<u32>) -> Result<TestRunOutcome, DatapathError> {
@@ -210,7 +210,7 @@ impl Datapath {
 
     /// Runs the empty program (`palisade_empty`: passes every packet, touches nothing;
     /// loaded on first use) `repeat` times on `packet`: the baseline of a benchmark, i.e.
-    /// what BPF_PROG_TEST_RUN costs by itself.
+    /// what `BPF_PROG_TEST_RUN` costs by itself.
     pub fn test_run_empty(&mut self, packet: &[u8], repeat: u32) -> Result<TestRunOutcome, DatapathError> {
         let name = program_names::EMPTY;
         let prog = program_mut(&mut self.ebpf, name)?;

@@ -181,7 +181,7 @@ impl MapSizes {
 }
 
 /// How full the map pinned at `path` is, whatever its type: its number of keys (one
-/// BPF_MAP_GET_NEXT_KEY per key) and its `max_entries`; `None` when it cannot be opened.
+/// `BPF_MAP_GET_NEXT_KEY` per key) and its `max_entries`; `None` when it cannot be opened.
 pub fn pinned_map_fill(path: &Path) -> Option<(u64, u32)> {
     let data = MapData::from_pin(path).ok()?;
     let info = data.info().ok()?;
@@ -274,7 +274,7 @@ impl MapSet {
         bulk::delete(self, map, keys)
     }
 
-    /// Every entry of hash map `map`, read in batches (BPF_MAP_LOOKUP_BATCH); `None` when
+    /// Every entry of hash map `map`, read in batches (`BPF_MAP_LOOKUP_BATCH`); `None` when
     /// the kernel has no batch lookup for it (read it entry by entry then).
     pub fn read_batched<K: Pod, V: Pod>(&self, map: WritableMap) -> Result<Option<Vec<(K, V)>>, DatapathError> {
         bulk::read_batched(self, map)
@@ -309,7 +309,7 @@ impl MapSet {
     }
 
     /// Moves the policy generation (`config::POLICY_GEN`) on, after a change of ENDPOINTS,
-    /// POLICY, POLICY_LENGTHS or the ipcache: the next forward packet of every established
+    /// POLICY, `POLICY_LENGTHS` or the ipcache: the next forward packet of every established
     /// flow is checked against policy in full again instead of by its conntrack entry's
     /// remembered verdict. Never returns to 0 (which means "no generation").
     pub fn bump_policy_generation(&mut self) -> Result<u32, DatapathError> {
@@ -328,7 +328,7 @@ impl MapSet {
     }
 
     /// Adds (or replaces) the policy entry `key` of prefix length `prefix_len` (64..=88) and
-    /// marks that length in POLICY_LENGTHS, in that order, so the datapath never probes for
+    /// marks that length in `POLICY_LENGTHS`, in that order, so the datapath never probes for
     /// an entry before it is there, then moves the policy generation on. For tests and tools:
     /// the map writer applies whole plans (which also clear lengths no entry uses any more).
     pub fn insert_policy(&mut self, prefix_len: u32, key: PolicyKey, value: PolicyValue) -> Result<(), DatapathError> {

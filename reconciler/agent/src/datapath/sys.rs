@@ -37,20 +37,20 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
-/// Raises RLIMIT_MEMLOCK as far as allowed. Kernels since 5.11 charge BPF memory to the
+/// Raises `RLIMIT_MEMLOCK` as far as allowed. Kernels since 5.11 charge BPF memory to the
 /// cgroup instead, so failure only matters on older kernels and is not an error here.
 pub fn raise_memlock_limit() {
     // SAFETY: plain libc calls on a local struct.
     unsafe {
         let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &raw mut lim) != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
             return;
         }
         let want = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &want) != 0 {
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const want) != 0 {
             // Without CAP_SYS_RESOURCE the hard limit cannot be raised; take what is allowed.
             let soft = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-            let _ = libc::setrlimit(libc::RLIMIT_MEMLOCK, &soft);
+            let _ = libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const soft);
         }
     }
 }
@@ -198,7 +198,7 @@ pub fn map_full(e: &io::Error) -> bool {
 }
 
 /// Writes `count` elements: `keys` and `values` are `count` keys of `key_size` bytes and
-/// `count` values of `value_size` bytes, back to back. One BPF_MAP_UPDATE_BATCH call; on
+/// `count` values of `value_size` bytes, back to back. One `BPF_MAP_UPDATE_BATCH` call; on
 /// error the kernel has written the first `done` elements.
 pub fn map_update_batch(
     fd: BorrowedFd<'_>,
@@ -210,7 +210,7 @@ pub fn map_update_batch(
     batch_call(BPF_MAP_UPDATE_BATCH, fd, keys, Some(values), count, flags)
 }
 
-/// Deletes `count` keys (back to back in `keys`) with one BPF_MAP_DELETE_BATCH call. The
+/// Deletes `count` keys (back to back in `keys`) with one `BPF_MAP_DELETE_BATCH` call. The
 /// kernel stops at the first key that is missing (ENOENT) after deleting the `done` before
 /// it.
 pub fn map_delete_batch(fd: BorrowedFd<'_>, keys: &[u8], count: usize) -> Result<(), PartialWrite> {
@@ -246,7 +246,7 @@ fn batch_call(
     Ok(())
 }
 
-/// Writes one element (BPF_MAP_UPDATE_ELEM).
+/// Writes one element (`BPF_MAP_UPDATE_ELEM`).
 pub fn map_update_elem(fd: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
     let mut attr = ElemAttr {
         map_fd: fd.as_raw_fd() as u32,
@@ -263,7 +263,7 @@ pub fn map_update_elem(fd: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64)
     Ok(())
 }
 
-/// Deletes one element (BPF_MAP_DELETE_ELEM).
+/// Deletes one element (`BPF_MAP_DELETE_ELEM`).
 pub fn map_delete_elem(fd: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
     let mut attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, pad: 0, key: key.as_ptr() as u64, value: 0, flags: 0 };
     // SAFETY: `key` has the map's key size and outlives the call.
@@ -274,7 +274,7 @@ pub fn map_delete_elem(fd: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads up to `count` elements with one BPF_MAP_LOOKUP_BATCH call into `keys` and `values`
+/// Reads up to `count` elements with one `BPF_MAP_LOOKUP_BATCH` call into `keys` and `values`
 /// (room for `count` of each), continuing after `token` (`None`: from the start). Returns
 /// how many were read and whether the map is done; `token` is set for the next call.
 pub fn map_lookup_batch(
@@ -312,7 +312,7 @@ pub fn map_lookup_batch(
     Ok((read, false))
 }
 
-/// Looks `key` up (BPF_MAP_LOOKUP_ELEM; an LPM trie answers its longest prefix match) into
+/// Looks `key` up (`BPF_MAP_LOOKUP_ELEM`; an LPM trie answers its longest prefix match) into
 /// `value`; `false` when there is no entry.
 pub fn map_lookup_elem(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
     let mut attr = ElemAttr {
@@ -332,7 +332,7 @@ pub fn map_lookup_elem(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::
     Ok(true)
 }
 
-/// The key after `key` (`None`: the first) into `next` (BPF_MAP_GET_NEXT_KEY); `false` when
+/// The key after `key` (`None`: the first) into `next` (`BPF_MAP_GET_NEXT_KEY`); `false` when
 /// there is none. A `key` that is not in the map gives the first key.
 pub fn map_get_next_key(fd: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
     // The attribute of BPF_MAP_GET_NEXT_KEY: map_fd, key, next_key (as `ElemAttr`, with

@@ -1,4 +1,4 @@
-//! The cilium.io/v2 policy resources as Rust types, for generating CustomResourceDefinitions
+//! The cilium.io/v2 policy resources as Rust types, for generating `CustomResourceDefinitions`
 //! on clusters without Cilium (`deploy/crds.yaml`, checked by a test to be up to date).
 //!
 //! The schema is that of Cilium's `api.Rule` at the level of rule fields: the shape of each

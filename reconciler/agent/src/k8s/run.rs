@@ -223,7 +223,7 @@ impl KubeSync {
     async fn sync_endpoints(&mut self, agent: &Agent) {
         // What the tracker holds now (a CNI registration may have replaced a spec).
         let held = agent.endpoints.send(ListEndpointSpecs).await.unwrap_or_default();
-        for (key, spec) in self.applied_local.iter_mut() {
+        for (key, spec) in &mut self.applied_local {
             match held.get(key) {
                 Some(h) => *spec = h.clone(),
                 None => spec.interface.clear(),
@@ -251,7 +251,7 @@ impl KubeSync {
                     self.applied_local.insert((namespace, name), spec);
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "endpoint not applied; will retry")
+                    tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "endpoint not applied; will retry");
                 }
                 Err(e) => tracing::error!(error = %e, "endpoint tracker unavailable"),
             }

@@ -145,6 +145,7 @@ mod tests {
         .unwrap()
     }
 
+    #[allow(clippy::needless_pass_by_value, reason = "tests pass json! literals")]
     fn cnp(name: &str, spec: serde_json::Value) -> DynamicObject {
         serde_json::from_value(serde_json::json!({
             "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",

@@ -146,7 +146,7 @@ impl DescribeKey for PolicyLengthsKey {
     }
 }
 
-/// POLICY_LENGTHS values: bitmaps of prefix lengths.
+/// `POLICY_LENGTHS` values: bitmaps of prefix lengths.
 impl DescribeValue for u32 {
     fn describe(&self) -> String {
         format!(" -> {}", describe_lengths(*self))
@@ -178,7 +178,7 @@ pub fn describe_policy_key((prefix, k): &PolicyMapKey) -> String {
     format!("ep {} {dir} identity {id} {l4}", k.endpoint_id())
 }
 
-/// A POLICY_LENGTHS key in words: `ep 3 ingress identity 257`.
+/// A `POLICY_LENGTHS` key in words: `ep 3 ingress identity 257`.
 pub fn describe_lengths_key(k: &PolicyLengthsKey) -> String {
     let dir = if k.direction == direction::INGRESS { "ingress" } else { "egress" };
     let id = match k.identity() {
@@ -188,7 +188,7 @@ pub fn describe_lengths_key(k: &PolicyLengthsKey) -> String {
     format!("ep {} {dir} identity {id}", k.endpoint_id())
 }
 
-/// A POLICY_LENGTHS bitmap in words: `/64 /72 /88`.
+/// A `POLICY_LENGTHS` bitmap in words: `/64 /72 /88`.
 fn describe_lengths(bits: u32) -> String {
     let lens: Vec<String> = (POLICY_PREFIX_FIXED..=palisade_common::POLICY_PREFIX_FULL)
         .filter(|l| bits & policy_length_bit(*l) != 0)

@@ -214,7 +214,7 @@ impl MapState {
     }
 }
 
-/// The POLICY_LENGTHS content for `policy`: per (endpoint, direction, identity), the bitmap
+/// The `POLICY_LENGTHS` content for `policy`: per (endpoint, direction, identity), the bitmap
 /// of its entries' prefix lengths.
 pub fn policy_lengths(policy: &BTreeMap<PolicyMapKey, PolicyValue>) -> BTreeMap<PolicyLengthsKey, u32> {
     let mut out: BTreeMap<PolicyLengthsKey, u32> = BTreeMap::new();

@@ -34,7 +34,7 @@ pub struct Fitted {
 
 /// Cuts `desired` down to what the maps can hold, never by silently dropping entries:
 ///
-/// - POLICY / POLICY_LENGTHS: the entries of one endpoint in one direction are kept or
+/// - POLICY / `POLICY_LENGTHS`: the entries of one endpoint in one direction are kept or
 ///   dropped as a whole. Directions are taken in order, those whose entries are already
 ///   loaded unchanged (`applied`) first, then by endpoint and direction, and kept while
 ///   they fit; a direction that does not fit *fails closed*: it is marked enforced with no

@@ -143,15 +143,15 @@ impl Plan {
     /// there:
     ///
     /// 1. POLICY adds and updates (invisible to the datapath until their length bit is set);
-    /// 2. POLICY_LENGTHS adds and widening updates: bits are only *set* here, so every
+    /// 2. `POLICY_LENGTHS` adds and widening updates: bits are only *set* here, so every
     ///    entry, old or new, stays reachable;
     /// 3. ipcache adds and updates, map by map (an address moves to its new identity once
     ///    the new identity's entries are reachable);
     /// 4. ENDPOINTS adds and updates (enforcement switches on last);
     /// 5. ENDPOINTS deletes;
     /// 6. POLICY deletes;
-    /// 7. POLICY_LENGTHS narrowing updates (`policy_lengths_narrow`: the final bitmaps,
-    ///    which clear the bits of lengths no entry has any more), then POLICY_LENGTHS
+    /// 7. `POLICY_LENGTHS` narrowing updates (`policy_lengths_narrow`: the final bitmaps,
+    ///    which clear the bits of lengths no entry has any more), then `POLICY_LENGTHS`
     ///    deletes;
     /// 8. ipcache deletes.
     ///
@@ -159,7 +159,7 @@ impl Plan {
     /// fit beside the old entries ([`Room`]) are written right after that map's deletes
     /// ([`Part::LateAdds`]).
     pub fn steps() -> Vec<Step> {
-        use Part::*;
+        use Part::{Adds, Deletes, LateAdds, Narrowed, Updates};
         use WritableMap::{Endpoints, Policy, PolicyLengths};
         let mut out = vec![
             Step::new(Policy, Adds),

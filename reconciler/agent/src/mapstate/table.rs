@@ -1,5 +1,5 @@
 //! The one table of the maps the agent writes ([`writable_maps!`]): ENDPOINTS, the four
-//! ipcache maps, POLICY and POLICY_LENGTHS, each with its name, the key and value
+//! ipcache maps, POLICY and `POLICY_LENGTHS`, each with its name, the key and value
 //! [`MapState`] holds for it, and its layout in the kernel.
 //!
 //! Everything that exists once per map is generated from that list: the fields of
@@ -39,7 +39,7 @@ macro_rules! writable_maps {
             Endpoints endpoints ENDPOINTS (Endpoints):
                 u32 => palisade_common::EndpointInfo, kernel hash u32;
             /// Prefixes shorter than /32 (an LPM trie; the datapath looks host entries up
-            /// first, in IPCACHE_HOST_V4).
+            /// first, in `IPCACHE_HOST_V4`).
             IpcacheV4 ipcache_v4 IPCACHE_V4 (Ipcache):
                 $crate::mapstate::V4Key => palisade_common::IpcacheValue, kernel lpm palisade_common::Ipv4Prefix;
             /// Prefixes shorter than /128 (an LPM trie).
@@ -97,7 +97,7 @@ pub trait TableMap {
     fn state_mut(s: &mut MapState) -> &mut BTreeMap<Self::Key, Self::Value>;
     fn plan(p: &Plan) -> &MapPlan<Self::Key, Self::Value>;
     fn plan_mut(p: &mut Plan) -> &mut MapPlan<Self::Key, Self::Value>;
-    /// Updates written after the deletes (empty for every map but POLICY_LENGTHS).
+    /// Updates written after the deletes (empty for every map but `POLICY_LENGTHS`).
     fn narrowed(p: &Plan) -> &[(Self::Key, Self::Value)];
 }
 
@@ -265,7 +265,7 @@ macro_rules! define_table {
         /// The changes that turn a loaded [`MapState`] into a desired one, map by map (made
         /// by `mapstate::plan`). [`Plan::steps`] is the order they are written in.
         ///
-        /// POLICY_LENGTHS updates are split: `policy_lengths.updates` only set bits (an
+        /// `POLICY_LENGTHS` updates are split: `policy_lengths.updates` only set bits (an
         /// update that also clears bits writes old | new), written before the POLICY
         /// deletes; `policy_lengths_narrow` holds the final bitmaps of the updates that
         /// clear bits, written after them.

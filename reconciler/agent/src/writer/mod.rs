@@ -275,9 +275,9 @@ impl Writer {
         }
         let times = StageTimes {
             attach: t_attach,
-            encode: t_encode - t_attach,
-            plan: t_plan - t_encode,
-            apply: t_apply - t_plan,
+            encode: t_encode.checked_sub(t_attach).unwrap(),
+            plan: t_plan.checked_sub(t_encode).unwrap(),
+            apply: t_apply.checked_sub(t_plan).unwrap(),
         };
         tracing::info!(
             revision = msg.revision,

@@ -94,6 +94,7 @@ struct PeerParts<'a> {
     to_ports: &'a [raw::PortRule],
 }
 
+#[allow(clippy::ref_option, reason = "called on the serde mirror's optional fields as they are")]
 fn items<T>(v: &Option<Vec<T>>) -> &[T] {
     v.as_deref().unwrap_or_default()
 }

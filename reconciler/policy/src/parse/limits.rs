@@ -92,6 +92,8 @@ pub(super) fn stop(e: &serde_saphyr::Error) -> Stop<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::fmt::Write as _;
+
     use crate::parse::{ParseError, parse_manifests};
 
     use super::*;
@@ -115,7 +117,11 @@ mod tests {
     fn nesting_is_limited_in_block_and_flow_style() {
         let flow = |n: usize| format!("kind: {}{}\n", "[".repeat(n), "]".repeat(n));
         let block = |n: usize| {
-            (0..n).map(|i| format!("{}k{i}:\n", "  ".repeat(i))).collect::<String>() + &"  ".repeat(n) + "x\n"
+            (0..n).fold(String::new(), |mut s, i| {
+                let _ = writeln!(s, "{}k{i}:", "  ".repeat(i));
+                s
+            }) + &"  ".repeat(n)
+                + "x\n"
         };
         for text in [flow(MAX_DEPTH - 1), block(MAX_DEPTH - 1)] {
             assert!(parse_manifests(&text, "t").is_ok(), "{text}");

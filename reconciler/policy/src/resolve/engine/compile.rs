@@ -258,12 +258,11 @@ impl CompiledRules {
     }
 
     fn intern_require(&mut self, sel: &EndpointSelector) -> u32 {
-        match self.requires.iter().position(|s| s == sel) {
-            Some(i) => i as u32,
-            None => {
-                self.requires.push(sel.clone());
-                (self.requires.len() - 1) as u32
-            }
+        if let Some(i) = self.requires.iter().position(|s| s == sel) {
+            i as u32
+        } else {
+            self.requires.push(sel.clone());
+            (self.requires.len() - 1) as u32
         }
     }
 }

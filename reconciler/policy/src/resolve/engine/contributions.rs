@@ -151,15 +151,14 @@ pub(super) fn raw_entries(
             let key = EntryKey { direction: c.direction, identity: peer, protocol, port, port_prefix_len };
             raw.push(Raw::new(&key, deny, c.origin));
         };
-        match &c.fixed_blocks {
-            Some(blocks) => blocks.iter().copied().for_each(&mut emit),
-            None => {
-                // Named ports resolve on the destination: for egress, the local endpoints
-                // of the peer's pod identity.
-                let base = src.universe.get(peer).and_then(|m| m.base).unwrap_or(peer);
-                for r in &c.ports {
-                    l4_blocks(r, c.direction, base, Some(ep), src.endpoints).into_iter().for_each(&mut emit);
-                }
+        if let Some(blocks) = &c.fixed_blocks {
+            blocks.iter().copied().for_each(&mut emit);
+        } else {
+            // Named ports resolve on the destination: for egress, the local endpoints
+            // of the peer's pod identity.
+            let base = src.universe.get(peer).and_then(|m| m.base).unwrap_or(peer);
+            for r in &c.ports {
+                l4_blocks(r, c.direction, base, Some(ep), src.endpoints).into_iter().for_each(&mut emit);
             }
         }
     };

@@ -39,14 +39,13 @@ pub(super) struct Selections {
 impl Selections {
     /// The selection for `key` with `ep` as a user, made (with its members) if new.
     pub fn use_for(&mut self, key: SelKey, ep: u16, rules: &CompiledRules, universe: &Universe) -> usize {
-        let s = match self.by_key.get(&key) {
-            Some(&s) => s,
-            None => {
-                let members = universe.members_of(rules.peer(key.peer), |id, m| selects(rules, &key, id, m));
-                self.list.push(Selection { key: key.clone(), members, users: BTreeSet::new() });
-                self.by_key.insert(key, self.list.len() - 1);
-                self.list.len() - 1
-            }
+        let s = if let Some(&s) = self.by_key.get(&key) {
+            s
+        } else {
+            let members = universe.members_of(rules.peer(key.peer), |id, m| selects(rules, &key, id, m));
+            self.list.push(Selection { key: key.clone(), members, users: BTreeSet::new() });
+            self.by_key.insert(key, self.list.len() - 1);
+            self.list.len() - 1
         };
         self.list[s].users.insert(ep);
         s

@@ -184,7 +184,7 @@ impl Universe {
                 out.extend(self.index.with_key(&block.label_key()).filter(&test));
                 out
             }
-            _ => self.special.iter().filter(|id| test(id)).copied().collect(),
+            Peer::Entity(_) => self.special.iter().filter(|id| test(id)).copied().collect(),
         }
     }
 

@@ -4,7 +4,7 @@
 //! (of the identity or of any peer) covers, so that the datapath's longest-prefix lookup
 //! can never find a more specific allow under a broader deny.
 //!
-//! Ordered policy tiers (ClusterNetworkPolicy: Admin tier by priority with Accept, Deny
+//! Ordered policy tiers (`ClusterNetworkPolicy`: Admin tier by priority with Accept, Deny
 //! and Pass, then the NetworkPolicy tier, then Baseline) would be decided here too: a raw
 //! entry would carry its tier and priority besides the verdict, and this step would
 //! flatten the chain into one verdict per key, as it flattens allows and denies now.
