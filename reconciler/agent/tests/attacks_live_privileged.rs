@@ -91,12 +91,12 @@ fn udp_frame(tags: &[(u16, u16)], port: u16, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Sends `frame` on the pod's interface through an AF_PACKET socket, from the pod's namespace.
+/// Sends `frame` on the pod's interface through an `AF_PACKET` socket, from the pod's namespace.
 fn send_from_pod(ns: &str, frame: Vec<u8>) {
     send_raw(ns, "pal-p9", frame);
 }
 
-/// Sends `frame` on `ifname` of the namespace `ns` through an AF_PACKET socket.
+/// Sends `frame` on `ifname` of the namespace `ns` through an `AF_PACKET` socket.
 fn send_raw(ns: &str, ifname: &'static str, frame: Vec<u8>) {
     let path = format!("/var/run/netns/{ns}");
     std::thread::spawn(move || {

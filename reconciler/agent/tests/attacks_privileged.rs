@@ -1,11 +1,11 @@
 //! The attack suite: crafted frames, one test per attack (issue 13 and the attacks that were
-//! already blocked), run through the real tc programs with BPF_PROG_TEST_RUN (needs root and
+//! already blocked), run through the real tc programs with `BPF_PROG_TEST_RUN` (needs root and
 //! bpffs). Every test asserts the verdict, the one (reason, direction) counter that moved,
 //! and, for drops, the verdict event with that reason. The legitimate cases the same issue
 //! found dropped are here too, delivered or dropped by a documented choice.
 //! docs/reliability.md lists which test shows which attack closed.
 //!
-//! The endpoint (on loopback, where BPF_PROG_TEST_RUN runs programs) is enforced both ways:
+//! The endpoint (on loopback, where `BPF_PROG_TEST_RUN` runs programs) is enforced both ways:
 //!
 //! | direction | peer        | allowed                       |
 //! |-----------|-------------|-------------------------------|
@@ -25,7 +25,7 @@ const EP_ID: u16 = 10;
 const POD: [u8; 4] = [10, 0, 0, 2];
 const PEER: [u8; 4] = [10, 0, 0, 1];
 const PEER_ID: u32 = 300;
-/// Another pod of this node, on interface OTHER_IF.
+/// Another pod of this node, on interface `OTHER_IF`.
 const OTHER: [u8; 4] = [10, 0, 0, 3];
 const OTHER_ID: u32 = 301;
 const OTHER_IF: u32 = 4242;
@@ -214,11 +214,14 @@ fn attack_malformed_nd_goes_through_policy() {
     expect(&mut fx, OUT, &f, reason::DROP_POLICY_DENIED, "MLD report with hop limit 255");
 }
 
+/// (hook, hop limit, source, destination, ICMPv6 type, what).
+type NdCase = (Hook, u8, [u8; 16], [u8; 16], u8, &'static str);
+
 #[test]
 fn well_formed_link_scoped_nd_passes_without_policy() {
     let mut fx = setup();
     let ok = reason::ALLOWED_ALWAYS;
-    let cases: [(Hook, u8, [u8; 16], [u8; 16], u8, &str); 9] = [
+    let cases: [NdCase; 9] = [
         (OUT, 255, LINK_LOCAL, GATEWAY_LL, 135, "NS to the gateway"),
         (OUT, 255, POD6, GATEWAY_LL, 136, "NA from the pod's address to link-local"),
         (OUT, 255, [0; 16], ALL_NODES, 135, "DAD from ::"),
@@ -342,7 +345,7 @@ fn attack_icmp_error_quoting_another_endpoints_flow_is_not_related() {
     expect(&mut fx, OUT, &err, reason::DROP_POLICY_DENIED, "the pod's error about another flow");
 }
 
-/// CLOCK_MONOTONIC now, as `bpf_ktime_get_coarse_ns` reads it (near enough).
+/// `CLOCK_MONOTONIC` now, as `bpf_ktime_get_coarse_ns` reads it (near enough).
 fn coarse_now_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: a valid pointer to a timespec.

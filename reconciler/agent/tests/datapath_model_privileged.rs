@@ -2,7 +2,7 @@
 //!
 //! Random frames (VLAN tags, ethertypes, IPv4 options and length fields, IPv6 extension
 //! header chains, fragment layouts, L4 headers, ICMP errors quoting earlier frames, replies,
-//! truncations) go through the real programs with BPF_PROG_TEST_RUN, and every verdict must
+//! truncations) go through the real programs with `BPF_PROG_TEST_RUN`, and every verdict must
 //! equal what the model below says: the datapath's accepted grammar and decision
 //! (docs/reliability.md), written from that description as plain Rust over plain
 //! collections. For one frame in 64 the reason (read from the counters) must agree too.
@@ -18,6 +18,7 @@ mod common;
 mod frames;
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 
 use frames::*;
 use palisade_agent::datapath::Hook;
@@ -466,7 +467,7 @@ impl Model {
             return reason::DROP_SPOOFED_SOURCE;
         }
         let peer_addr = if egress { p.daddr } else { p.saddr };
-        if p.class() == Icmp::Nd && self.nd_exempt(egress, p) {
+        if p.class() == Icmp::Nd && Self::nd_exempt(egress, p) {
             return reason::ALLOWED_ALWAYS;
         }
         let has_ports = matches!(p.protocol, proto::TCP | proto::UDP | proto::SCTP | 136) || is_icmp(p.v6, p.protocol);
@@ -533,7 +534,7 @@ impl Model {
         r
     }
 
-    fn nd_exempt(&self, egress: bool, p: &P) -> bool {
+    fn nd_exempt(egress: bool, p: &P) -> bool {
         let hl = if (133..=137).contains(&p.dport) { 255 } else { 1 };
         if p.frag != NONE || p.sport != 0 || p.hop_limit != hl {
             return false;
@@ -893,7 +894,7 @@ fn frame(rng: &mut Rng, ep: &mut Episode) -> (Hook, u32, Vec<u8>) {
     let mut f = match rng.below(100) {
         0..=2 => {
             let tags: Vec<(u16, u16)> =
-                (0..1 + rng.below(2)).map(|_| (rng.pick(&[TPID_8021Q, TPID_8021AD, TPID_QINQ]), 0)).collect();
+                (0..=rng.below(2)).map(|_| (rng.pick(&[TPID_8021Q, TPID_8021AD, TPID_QINQ]), 0)).collect();
             ethernet_tagged(&tags, ethertype, &ip)
         }
         3..=4 => {
@@ -937,7 +938,7 @@ fn random_frames_get_the_reference_models_verdict() {
     let mut done = 0usize;
     let mut episode_in_block = 0u16;
     while done < frames && mismatches.len() < 5 {
-        if done % BLOCK == 0 && done != 0 {
+        if done.is_multiple_of(BLOCK) && done != 0 {
             fx = load_fixture();
             episode_in_block = 0;
         }
@@ -954,7 +955,7 @@ fn random_frames_get_the_reference_models_verdict() {
             let want = model.verdict(hook, iif, &f);
             *by_reason.entry(want).or_default() += 1;
             seen_l2.insert(be16(&f, 12));
-            let check_reason = done % 64 == 0;
+            let check_reason = done.is_multiple_of(64);
             // BPF_PROG_TEST_RUN refuses an IPv4/IPv6 frame shorter than its fixed IP header
             // (the model says DROP_MALFORMED for it, which the program gives it too).
             let ip_ethertype = matches!(be16(&f, 12), ETH_IPV4 | ETH_IPV6);
@@ -982,7 +983,10 @@ fn random_frames_get_the_reference_models_verdict() {
                     got_reason.map(reason_name),
                     if reason::is_drop(want) { "drop" } else { "pass" },
                     reason_name(want),
-                    f.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                    f.iter().fold(String::new(), |mut hex, b| {
+                        let _ = write!(hex, "{b:02x}");
+                        hex
+                    })
                 ));
             }
             done += 1;
