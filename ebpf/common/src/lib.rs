@@ -132,7 +132,8 @@ pub mod reason {
     pub const ALLOWED_NOT_ENFORCED: u8 = 2;
     /// Reply (or related) traffic of a connection that policy allowed.
     pub const ALLOWED_REPLY: u8 = 3;
-    /// Traffic that is always allowed (ICMPv6 neighbour discovery).
+    /// Traffic that is always allowed: ARP, and link-scoped, well-formed ICMPv6 neighbour
+    /// and multicast listener discovery.
     pub const ALLOWED_ALWAYS: u8 = 4;
     /// First drop reason.
     pub const DROP_FIRST: u8 = 16;
@@ -144,8 +145,17 @@ pub mod reason {
     pub const DROP_SPOOFED_SOURCE: u8 = 18;
     /// Truncated or malformed headers on an enforced endpoint.
     pub const DROP_MALFORMED: u8 = 19;
-    /// A non-first fragment whose first fragment was not seen.
+    /// A non-first fragment whose first fragment was not seen (or was dropped as not the
+    /// sender's: spoofed, malformed).
     pub const DROP_FRAGMENT_UNKNOWN: u8 = 20;
+    /// The interface the program runs on has no ENDPOINTS record (the table is full, the
+    /// record is not written yet, or it was removed): fail closed.
+    pub const DROP_NO_ENDPOINT: u8 = 21;
+    /// Not ARP, IPv4 or IPv6 at the Ethernet layer, or more than one VLAN tag.
+    pub const DROP_L2_UNSUPPORTED: u8 = 22;
+    /// An IPv6 extension header chain the datapath does not follow: more headers than it
+    /// walks, Hop-by-Hop not first, or a second Fragment header.
+    pub const DROP_IPV6_EXT_CHAIN: u8 = 23;
     /// Number of reason slots (the counters array is sized from it).
     pub const SLOTS: u32 = 32;
 
@@ -233,8 +243,15 @@ pub struct Ipv6Prefix {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IpcacheValue {
     pub identity: u32,
-    /// Reserved for later use; zero.
+    /// [`ipcache_flags`] bits.
     pub flags: u32,
+}
+
+/// Bits of [`IpcacheValue::flags`].
+pub mod ipcache_flags {
+    /// The address is a local endpoint's (a pod of this node): a packet from it is genuine
+    /// only when it comes from that pod's own interface (or the node itself).
+    pub const LOCAL_ENDPOINT: u32 = 1;
 }
 
 /// Key of the POLICY map. An entry matches a packet on a bit prefix of these fields, in this
@@ -487,7 +504,9 @@ pub struct FragKey {
     pub pad: [u8; 2],
 }
 
-/// Value of the FRAGMENTS map: what the first fragment's L4 header said.
+/// Value of the FRAGMENTS map: what the first fragment's headers said, and its verdict.
+/// Written only for first fragments judged by policy (never for one dropped as spoofed or
+/// malformed); a denied one never replaces an entry that is there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragValue {
@@ -496,7 +515,10 @@ pub struct FragValue {
     pub dport: u16,
     /// ICMP echo identifier, host order; zero otherwise.
     pub icmp_id: u16,
-    pub pad: u16,
+    /// The datagram's L4 protocol (IPv6 later fragments do not say it).
+    pub protocol: u8,
+    /// 0: the first fragment passed; else the reason policy dropped it for.
+    pub denied: u8,
 }
 
 /// Packets and bytes for one (reason, direction).

@@ -73,9 +73,12 @@ fn tcp_bits(pkt: &Packet, fin: u32) -> u32 {
 }
 
 /// If `pkt` is a reply of a live flow the opposite hook allowed (its reversed tuple is
-/// `rev`), refreshes the entry and returns true.
+/// `rev`), refreshes the entry and returns true. A TCP SYN without ACK (`syn_only`) is a
+/// reply only in a simultaneous open: the flow has seen nothing back yet and is not closing
+/// (the peer's SYN crossed ours, RFC 9293 3.5); afterwards, or on a closed flow, it opens a
+/// new flow and policy decides.
 #[inline(always)]
-pub fn reply(rev: &CtKey, pkt: &Packet, dir: u8, now: u64) -> bool {
+pub fn reply(rev: &CtKey, pkt: &Packet, dir: u8, now: u64, syn_only: bool) -> bool {
     let Some(v) = CONNTRACK.get_ptr_mut(rev) else {
         return false;
     };
@@ -83,6 +86,9 @@ pub fn reply(rev: &CtKey, pkt: &Packet, dir: u8, now: u64) -> bool {
     // updates of the same entry can only lose a flag or a timestamp, never corrupt memory.
     let v = unsafe { &mut *v };
     if !live(v, rev.protocol, now) || v.flags & reply_flag(dir) == 0 {
+        return false;
+    }
+    if syn_only && (v.flags & ct_flags::SEEN_REPLY != 0 || closing(v.flags)) {
         return false;
     }
     v.last_seen_ns = now;

@@ -15,20 +15,21 @@ mod maps;
 mod parse;
 mod policy;
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::classifier,
     programs::TcContext,
 };
 use palisade_common::{
-    EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, match_kind, proto, reason,
-    verdict,
+    EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, identity, ipcache_flags,
+    match_kind, proto, reason, verdict,
 };
 
 use crate::{
     conntrack::{TCP_ACK, TCP_SYN},
-    maps::{CONFIG, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS},
-    parse::{Malformed, Packet, Parsed, fragment, icmp_class},
+    maps::{CONFIG, COUNTERS, ENDPOINTS, EVENTS, FRAGMENTS, SCRATCH},
+    parse::{Packet, Parsed, Reject, fragment, icmp_class},
 };
 
 /// Let the packet continue (tcx: next program, then the stack).
@@ -75,16 +76,17 @@ struct Verdict {
 fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     // SAFETY: `skb` is the context pointer the kernel passed to the program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the value is copied out at once.
-    let ep = match unsafe { ENDPOINTS.get(ifindex) } {
-        Some(ep) => *ep,
-        None => return Ok(TC_ACT_UNSPEC),
+    // The packet's parsed fields live in a per-CPU scratch slot, not on the stack: the
+    // stack stays within its 512 bytes, and the verifier, which does not track what map
+    // memory holds, checks the decision once for all header chains instead of once for
+    // every chain it can tell apart.
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
+        return Err(TC_ACT_SHOT);
     };
-    let enforce_bit =
-        if dir == direction::EGRESS { endpoint_flags::EGRESS_ENFORCED } else { endpoint_flags::INGRESS_ENFORCED };
-    let enforced = ep.flags & enforce_bit != 0;
-
-    let mut pkt = Packet::empty();
+    // SAFETY: this CPU's slot of a per-CPU array, used by nothing else while the program
+    // runs (programs do not migrate, and tc programs do not nest on one CPU).
+    let pkt = unsafe { &mut *slot };
+    *pkt = Packet::empty();
     let mut v = Verdict {
         reason: reason::ALLOWED_ALWAYS,
         match_kind: match_kind::NONE,
@@ -92,35 +94,62 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         peer_identity: 0,
         report: false,
     };
-    match parse::parse(ctx, &mut pkt) {
-        Ok(Parsed::NotIp) => {}
-        Ok(Parsed::Ip) => decide(ctx, &ep, dir, enforced, &mut pkt, &mut v),
-        Err(Malformed) => {
-            if enforced {
-                v.reason = reason::DROP_MALFORMED;
-                v.report = true;
-            } else {
-                v.reason = reason::ALLOWED_NOT_ENFORCED;
-            }
+    // SAFETY: the value is copied out at once.
+    let ep = match unsafe { ENDPOINTS.get(ifindex) } {
+        Some(ep) => *ep,
+        None => {
+            // The programs run only on endpoints' interfaces: one without a record is a pod
+            // the table could not hold, or one not (or no longer) registered. Fail closed.
+            let _ = parse::parse(ctx, pkt);
+            v.reason = reason::DROP_NO_ENDPOINT;
+            let len = ctx.len();
+            count(v.reason, dir, len);
+            report(ifindex, &EndpointInfo::default(), dir, pkt, &v, len);
+            return Err(TC_ACT_SHOT);
         }
+    };
+    let enforce_bit =
+        if dir == direction::EGRESS { endpoint_flags::EGRESS_ENFORCED } else { endpoint_flags::INGRESS_ENFORCED };
+    let enforced = ep.flags & enforce_bit != 0;
+
+    match parse::parse(ctx, pkt) {
+        Ok(Parsed::Arp) => {}
+        Ok(Parsed::Ip) => decide(ctx, &ep, dir, enforced, pkt, &mut v),
+        // Outside the grammar: dropped whether or not policy is enforced, since what the
+        // kernel would make of it is not what the program saw.
+        Err(Reject(r)) => {
+            v.reason = r;
+            v.report = true;
+        }
+    }
+    if pkt.frag == fragment::FIRST {
+        remember_fragment(pkt, v.reason);
     }
 
     let len = ctx.len();
     count(v.reason, dir, len);
     if v.report {
-        report(ifindex, &ep, dir, &pkt, &v, len);
+        report(ifindex, &ep, dir, pkt, &v, len);
     }
     if reason::is_drop(v.reason) { Err(TC_ACT_SHOT) } else { Ok(TC_ACT_UNSPEC) }
+}
+
+/// Records a first fragment's ports and verdict for its later fragments. Only a fragment
+/// that passed, or that policy dropped, is recorded: one dropped as spoofed or malformed
+/// is not its sender's to speak for. A denied one never replaces what is there, so it
+/// cannot displace the record of an allowed datagram with the same id.
+#[inline(always)]
+fn remember_fragment(pkt: &Packet, r: u8) {
+    if !reason::is_drop(r) {
+        let _ = FRAGMENTS.insert(pkt.frag_key(), pkt.frag_value(0), 0);
+    } else if r == reason::DROP_POLICY_DENIED || r == reason::DROP_POLICY_DENY_RULE {
+        let _ = FRAGMENTS.insert(pkt.frag_key(), pkt.frag_value(r), BPF_NOEXIST as u64);
+    }
 }
 
 /// The verdict for a parsed IP packet.
 #[inline(always)]
 fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut Packet, v: &mut Verdict) {
-    if pkt.icmp_class == icmp_class::NEIGHBOUR_DISCOVERY {
-        // IPv6 does not work without it, whatever the policy.
-        v.reason = reason::ALLOWED_ALWAYS;
-        return;
-    }
     // The peer's identity is looked up only where it is needed: for policy and for events.
     // Replies (the conntrack path) need neither.
     if dir == direction::EGRESS && spoofed(ep, pkt) {
@@ -129,15 +158,30 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
         v.peer_identity = peer_identity(dir, pkt);
         return;
     }
-    if pkt.frag == fragment::FIRST {
-        // Later fragments carry no ports: remember them for the datagram.
-        let _ = FRAGMENTS.insert(pkt.frag_key(), pkt.frag_value(), 0);
-    } else if pkt.frag == fragment::LATER && parse::has_ports(pkt.protocol) {
+    if dir == direction::INGRESS && local_source_elsewhere(ctx, pkt) {
+        v.reason = reason::DROP_SPOOFED_SOURCE;
+        v.report = true;
+        v.peer_identity = peer_identity(dir, pkt);
+        return;
+    }
+    if pkt.icmp_class == icmp_class::NEIGHBOUR_DISCOVERY && nd_exempt(ep, dir, pkt) {
+        // IPv6 does not work without it, whatever the policy.
+        v.reason = reason::ALLOWED_ALWAYS;
+        return;
+    }
+    if pkt.frag == fragment::LATER && (pkt.family == family::IPV6 || parse::has_ports(pkt.family, pkt.protocol)) {
+        // Later fragments carry no L4 header: take it from the first fragment.
         // SAFETY: the value is copied out at once.
         match unsafe { FRAGMENTS.get(pkt.frag_key()) } {
             Some(first) => {
                 let first = *first;
                 pkt.apply_fragment(&first);
+                if first.denied != 0 {
+                    v.reason = first.denied;
+                    v.report = true;
+                    v.peer_identity = peer_identity(dir, pkt);
+                    return;
+                }
             }
             None if enforced => {
                 v.reason = reason::DROP_FRAGMENT_UNKNOWN;
@@ -156,20 +200,16 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
     // resolution) costs a fraction of bpf_ktime_get_ns.
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if pkt.icmp_class == icmp_class::ERROR
-        && pkt.frag != fragment::LATER
-        && let Some(quoted) = parse::quoted_ct_key(ctx, pkt)
-        && conntrack::related(&quoted, dir, now)
-    {
+    if pkt.icmp_class == icmp_class::ERROR && pkt.frag == fragment::NONE && related_error(ctx, ep, dir, pkt, now) {
         v.reason = reason::ALLOWED_REPLY;
         return;
     }
     let key = pkt.ct_key();
     // ICMP: only echo replies are replies; other types with equal (zero) ports are not. A
-    // TCP SYN without ACK opens a flow: it is never a reply.
-    let may_be_reply = (pkt.icmp_class == icmp_class::NONE || pkt.icmp_class == icmp_class::ECHO_REPLY)
-        && !(pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
-    if may_be_reply && conntrack::reply(&key.reversed(), pkt, dir, now) {
+    // TCP SYN without ACK is a reply only in a simultaneous open (`conntrack::reply`).
+    let syn_only = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let may_be_reply = pkt.icmp_class == icmp_class::NONE || pkt.icmp_class == icmp_class::ECHO_REPLY;
+    if may_be_reply && conntrack::reply(&key.reversed(), pkt, dir, now, syn_only) {
         v.reason = reason::ALLOWED_REPLY;
         return;
     }
@@ -207,12 +247,110 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
         conntrack::dropped(fwd, dir);
         v.report = true;
     } else {
-        conntrack::allowed(&key, fwd, pkt, dir, now, v.cookie, generation);
+        // ICMP opens a flow only with an echo request: an allowed error or other message
+        // must not become an entry that lets unsolicited messages back in as "replies".
+        if pkt.icmp_class == icmp_class::NONE || pkt.icmp_class == icmp_class::ECHO_REQUEST {
+            conntrack::allowed(&key, fwd, pkt, dir, now, v.cookie, generation);
+        }
         v.report = new_flow && allow_events_enabled();
         if v.report && !enforced {
             v.peer_identity = peer_identity(dir, pkt);
         }
     }
+}
+
+/// Whether an ICMP error is related to a live flow of this endpoint: the packet it quotes
+/// was sent by the endpoint (ingress: the error comes back to it) or to it (egress: the
+/// endpoint reports on what it received), in the orientation conntrack knows the flow in,
+/// and the error comes from the quoted packet's other end, or (ingress only) from the node,
+/// the one router on the path the datapath can name.
+#[inline(always)]
+fn related_error(ctx: &TcContext, ep: &EndpointInfo, dir: u8, pkt: &Packet, now: u64) -> bool {
+    let Some(quoted) = parse::quoted_ct_key(ctx, pkt) else {
+        return false;
+    };
+    if dir == direction::INGRESS {
+        if !own_address(ep, pkt.family, &pkt.daddr) || quoted.saddr != pkt.daddr {
+            return false;
+        }
+        if quoted.daddr != pkt.saddr && peer_identity(dir, pkt) != identity::HOST {
+            return false;
+        }
+    } else if quoted.daddr != pkt.saddr || quoted.saddr != pkt.daddr {
+        return false;
+    }
+    conntrack::related(&quoted, dir, now)
+}
+
+/// Whether `addr` is the endpoint's address of that family (true when the endpoint has
+/// none recorded: nothing to compare with).
+#[inline(always)]
+fn own_address(ep: &EndpointInfo, fam: u8, addr: &[u8; 16]) -> bool {
+    if fam == family::IPV4 {
+        ep.flags & endpoint_flags::HAS_IPV4 == 0 || addr[..4] == ep.ipv4
+    } else {
+        ep.flags & endpoint_flags::HAS_IPV6 == 0 || *addr == ep.ipv6
+    }
+}
+
+#[inline(always)]
+fn link_local(a: &[u8; 16]) -> bool {
+    a[0] == 0xfe && a[1] & 0xc0 == 0x80
+}
+
+/// Interface- or link-local multicast (ffX1::/16, ffX2::/16): never routed off the link.
+#[inline(always)]
+fn link_scope_multicast(a: &[u8; 16]) -> bool {
+    a[0] == 0xff && a[1] & 0x0f <= 2
+}
+
+#[inline(always)]
+fn unspecified(a: &[u8; 16]) -> bool {
+    *a == [0u8; 16]
+}
+
+/// Whether an ICMPv6 neighbour/multicast listener discovery message passes without policy:
+/// only when it is well-formed (code 0, not fragmented, hop limit 255 for ND, 1 for MLD, as
+/// the kernel's receivers require) and stays on the pod's link: the pod's side of it is the
+/// pod's own (link-local, unspecified, its address, or link-scope multicast), and its other
+/// side is link-local, link-scope multicast, unspecified, or the node itself. Anything
+/// else is ICMPv6 like any other, and policy decides on its type.
+#[inline(always)]
+fn nd_exempt(ep: &EndpointInfo, dir: u8, pkt: &Packet) -> bool {
+    let ty = pkt.dport;
+    let hop_limit = if (133..=137).contains(&ty) { 255 } else { 1 };
+    if pkt.frag != fragment::NONE || pkt.sport != 0 || pkt.hop_limit != hop_limit {
+        return false;
+    }
+    let (local, peer) = if dir == direction::EGRESS { (&pkt.saddr, &pkt.daddr) } else { (&pkt.daddr, &pkt.saddr) };
+    let local_ok = link_local(local)
+        || (dir == direction::EGRESS && unspecified(local))
+        || (dir == direction::INGRESS && link_scope_multicast(local))
+        || own_address(ep, family::IPV6, local) && ep.flags & endpoint_flags::HAS_IPV6 != 0;
+    if !local_ok {
+        return false;
+    }
+    link_local(peer)
+        || (dir == direction::EGRESS && link_scope_multicast(peer))
+        || (dir == direction::INGRESS && unspecified(peer))
+        || peer_identity(dir, pkt) == identity::HOST
+}
+
+/// A packet to the pod whose source is a local pod's address, arriving from somewhere that
+/// is neither that pod's interface (whose own program checked the source) nor the node
+/// itself: someone on the node's network pretending to be a local pod.
+#[inline(always)]
+fn local_source_elsewhere(ctx: &TcContext, pkt: &Packet) -> bool {
+    // SAFETY: `skb` is the context pointer the kernel passed to the program.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if iif == 0 {
+        return false;
+    }
+    // SAFETY: only tested for presence.
+    if unsafe { ENDPOINTS.get(iif) }.is_some() {
+        return false;
+    }
+    policy::host_flags(pkt.family, &pkt.saddr) & ipcache_flags::LOCAL_ENDPOINT != 0
 }
 
 /// The identity of the packet's peer: the destination for egress, the source for ingress.

@@ -1,5 +1,6 @@
 //! The maps of the datapath, named as in `palisade_common::map_names` and pinned by name
 //! so that the agent finds (and a restarted agent reuses) them under its pin directory.
+use crate::parse::Packet;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
@@ -49,3 +50,7 @@ pub static CONFIG: Array<u32> = Array::pinned(config::SLOTS, 0);
 
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(map_sizes::FRAGMENTS, 0);
+
+/// Scratch space of one packet (not pinned: nothing outside the program reads it).
+#[map]
+pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);

@@ -2,15 +2,18 @@
 //! SCTP, ICMP and ICMPv6. Reads are bounds-checked against the linear packet data, falling
 //! back to `bpf_skb_load_bytes` for headers outside it; a failed read is a truncated packet.
 use aya_ebpf::programs::TcContext;
-use palisade_common::{CtKey, FragKey, FragValue, family, proto};
+use palisade_common::{CtKey, FragKey, FragValue, family, proto, reason};
 
 /// Length of the Ethernet header.
 pub const ETH_HLEN: u32 = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
 const IPV6_HLEN: u32 = 40;
-/// IPv6 extension headers followed at most; a packet with more is treated as malformed.
-const IPV6_MAX_EXT_HEADERS: usize = 6;
+/// IPv6 extension headers followed at most; a packet with more is dropped
+/// (`DROP_IPV6_EXT_CHAIN`). RFC 8200's recommended order has at most 6 before the upper
+/// layer (Destination Options twice); 16 leaves room for what real stacks send.
+pub const IPV6_MAX_EXT_HEADERS: usize = 16;
 
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
@@ -74,6 +77,10 @@ pub struct Packet {
     pub policy_port: u16,
     /// Offset of the L4 header.
     pub l4_off: u32,
+    /// End of the IP packet (Ethernet header + IP total length).
+    pub l3_end: u32,
+    /// IPv4 TTL / IPv6 hop limit.
+    pub hop_limit: u8,
 }
 
 impl Packet {
@@ -93,6 +100,8 @@ impl Packet {
             ct_dport: 0,
             policy_port: 0,
             l4_off: 0,
+            l3_end: 0,
+            hop_limit: 0,
         }
     }
 
@@ -110,37 +119,47 @@ impl Packet {
         }
     }
 
-    /// The FRAGMENTS key of this packet's datagram.
+    /// The FRAGMENTS key of this packet's datagram: the kernel's reassembly key. IPv4
+    /// reassembles by (addresses, id, protocol); IPv6 by (addresses, id) only, the protocol
+    /// coming from the first fragment (later fragments' Next Header is not used).
     #[inline(always)]
     pub fn frag_key(&self) -> FragKey {
         FragKey {
             saddr: self.saddr,
             daddr: self.daddr,
             id_be: self.frag_id_be,
-            protocol: self.protocol,
+            protocol: if self.family == family::IPV4 { self.protocol } else { 0 },
             family: self.family,
             pad: [0; 2],
         }
     }
 
-    /// What later fragments need from this (first) fragment's L4 header.
+    /// What later fragments need from this (first) fragment's headers, and how it was
+    /// judged (`denied`: the `reason::DROP_*` of its policy drop, 0 when it passed).
     #[inline(always)]
-    pub fn frag_value(&self) -> FragValue {
+    pub fn frag_value(&self, denied: u8) -> FragValue {
         let echo = self.icmp_class == icmp_class::ECHO_REQUEST || self.icmp_class == icmp_class::ECHO_REPLY;
-        FragValue { sport: self.sport, dport: self.dport, icmp_id: if echo { self.ct_sport } else { 0 }, pad: 0 }
+        FragValue {
+            sport: self.sport,
+            dport: self.dport,
+            icmp_id: if echo { self.ct_sport } else { 0 },
+            protocol: self.protocol,
+            denied,
+        }
     }
 
-    /// Takes the ports of a later fragment from its datagram's first fragment.
+    /// Takes the protocol and ports of a later fragment from its datagram's first fragment.
     #[inline(always)]
     pub fn apply_fragment(&mut self, v: &FragValue) {
+        self.protocol = v.protocol;
         set_ports(self, v.sport, v.dport, v.icmp_id);
     }
 }
 
 /// Whether the protocol has ports (or ICMP type/code) that policy and conntrack match.
 #[inline(always)]
-pub fn has_ports(protocol: u8) -> bool {
-    matches!(protocol, proto::TCP | proto::UDP | proto::SCTP | PROTO_UDPLITE | proto::ICMP | proto::ICMPV6)
+pub fn has_ports(fam: u8, protocol: u8) -> bool {
+    matches!(protocol, proto::TCP | proto::UDP | proto::SCTP | PROTO_UDPLITE) || is_icmp(fam, protocol)
 }
 
 /// Fills the port fields from the L4 header's values (ICMP: `sport` = code, `dport` = type,
@@ -150,7 +169,7 @@ fn set_ports(pkt: &mut Packet, sport: u16, dport: u16, icmp_id: u16) {
     pkt.sport = sport;
     pkt.dport = dport;
     pkt.policy_port = dport;
-    if pkt.protocol == proto::ICMP || pkt.protocol == proto::ICMPV6 {
+    if is_icmp(pkt.family, pkt.protocol) {
         pkt.icmp_class = classify_icmp(pkt.protocol, dport as u8);
         let echo = pkt.icmp_class == icmp_class::ECHO_REQUEST || pkt.icmp_class == icmp_class::ECHO_REPLY;
         let id = if echo { icmp_id } else { 0 };
@@ -164,20 +183,22 @@ fn set_ports(pkt: &mut Packet, sport: u16, dport: u16, icmp_id: u16) {
 
 /// Parse outcome.
 pub enum Parsed {
-    /// Not IPv4/IPv6 (ARP, LLDP...).
-    NotIp,
-    /// Headers parsed.
+    /// ARP: passed without further parsing (IPv4 needs it; it carries no IP payload).
+    Arp,
+    /// IPv4/IPv6 headers parsed.
     Ip,
 }
 
-/// A header was truncated or malformed.
-pub struct Malformed;
+/// The frame is outside the accepted grammar: dropped with this reason (a `reason::DROP_*`).
+pub struct Reject(pub u8);
+
+const MALFORMED: Reject = Reject(reason::DROP_MALFORMED);
 
 /// Reads a `T` at `off`: straight from the linear packet data when it is there (the common
 /// case), else through `bpf_skb_load_bytes`, which also reaches paged data. `Err` means the
 /// packet is shorter than `off + size_of::<T>()`.
 #[inline(always)]
-pub fn load<T: Copy>(ctx: &TcContext, off: u32) -> Result<T, Malformed> {
+pub fn load<T: Copy>(ctx: &TcContext, off: u32) -> Result<T, Reject> {
     let start = ctx.data();
     let end = ctx.data_end();
     // Offsets are bounded (headers are parsed a bounded number of times), so the verifier
@@ -186,12 +207,62 @@ pub fn load<T: Copy>(ctx: &TcContext, off: u32) -> Result<T, Malformed> {
         // SAFETY: the bytes lie within [data, data_end), checked just above.
         return Ok(unsafe { core::ptr::read_unaligned((start + off as usize) as *const T) });
     }
-    ctx.load::<T>(off as usize).map_err(|_| Malformed)
+    ctx.load::<T>(off as usize).map_err(|_| MALFORMED)
 }
 
-/// Parses the packet into `pkt`.
+/// A read at `off` within the IP packet: bytes past `l3_end` (the end the IP header's
+/// length field gives; what follows is link-layer padding the kernel trims) count as
+/// missing. Always through `bpf_skb_load_bytes`: the offset, which depends on header
+/// lengths read from the packet, is then only a helper argument, and the verifier can
+/// merge the states of different header chains instead of following each one to the end
+/// (direct packet access would make every offset a distinct state).
 #[inline(always)]
-pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Malformed> {
+pub fn load_in<T: Copy>(ctx: &TcContext, l3_end: u32, off: u32) -> Result<T, Reject> {
+    if off as u64 + size_of::<T>() as u64 > l3_end as u64 {
+        return Err(MALFORMED);
+    }
+    ctx.load::<T>(off as usize).map_err(|_| MALFORMED)
+}
+
+/// [`load_in`] for the L4 header: straight from the linear data when the header sits right
+/// behind a fixed-size IP header (no IPv4 options, no IPv6 extension headers: nearly every
+/// packet), at an offset the verifier knows.
+#[inline(always)]
+fn load_l4<T: Copy>(ctx: &TcContext, pkt: &Packet, off: u32) -> Result<T, Reject> {
+    if off as u64 + size_of::<T>() as u64 > pkt.l3_end as u64 {
+        return Err(MALFORMED);
+    }
+    if off == ETH_HLEN + 20 {
+        return load::<T>(ctx, ETH_HLEN + 20);
+    }
+    if off == ETH_HLEN + IPV6_HLEN {
+        return load::<T>(ctx, ETH_HLEN + IPV6_HLEN);
+    }
+    load_in(ctx, pkt.l3_end, off)
+}
+
+/// Whether `protocol` is the ICMP of the family: ICMP (1) in IPv4, ICMPv6 (58) in IPv6.
+/// Protocol 58 in IPv4, or 1 in IPv6, is an unknown protocol like any other.
+#[inline(always)]
+pub fn is_icmp(fam: u8, protocol: u8) -> bool {
+    (fam == family::IPV4 && protocol == proto::ICMP) || (fam == family::IPV6 && protocol == proto::ICMPV6)
+}
+
+/// Parses the frame into `pkt`. The accepted grammar (docs/reliability.md):
+///
+/// - Ethernet with ethertype ARP, IPv4 or IPv6 at offset 12. A VLAN tag in the frame's data
+///   (802.1Q, 802.1ad, QinQ 0x9100) is rejected: the kernel moves the first tag a pod sends
+///   into the packet's metadata before tc sees it, so a tag still in the data is a second
+///   one, which the kernel would strip again after the verdict and deliver what is inside.
+///   Any other ethertype (and 802.3 length fields) is rejected too.
+/// - IPv4: version 4, IHL >= 5, total length covering the header and within the frame.
+/// - IPv6: version 6, payload length within the frame (zero with a Hop-by-Hop header, a
+///   jumbogram, is rejected); at most [`IPV6_MAX_EXT_HEADERS`] extension headers, Hop-by-Hop
+///   only first, one Fragment header at most; a non-first fragment ends the chain there.
+/// - L4 headers of TCP (14 bytes read), UDP/UDP-Lite/SCTP (4), ICMP/ICMPv6 (8) complete
+///   within the IP packet; an IPv4 first fragment needs only the 8 bytes RFC 791 guarantees.
+#[inline(always)]
+pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reject> {
     let ethertype = u16::from_be_bytes(load::<[u8; 2]>(ctx, 12)?);
     match ethertype {
         ETH_P_IP => {
@@ -200,7 +271,8 @@ pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Malformed> {
         ETH_P_IPV6 => {
             parse_ipv6(ctx, pkt)?;
         }
-        _ => return Ok(Parsed::NotIp),
+        ETH_P_ARP => return Ok(Parsed::Arp),
+        _ => return Err(Reject(reason::DROP_L2_UNSUPPORTED)),
     }
     if pkt.frag != fragment::LATER {
         parse_l4(ctx, pkt)?;
@@ -209,17 +281,23 @@ pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Malformed> {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
+fn parse_ipv4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Reject> {
     pkt.family = family::IPV4;
     // version/ihl, tos, tot_len, id, frag_off, ttl, protocol, check, saddr, daddr
     let h = load::<[u8; 20]>(ctx, ETH_HLEN)?;
     if h[0] >> 4 != 4 {
-        return Err(Malformed);
+        return Err(MALFORMED);
     }
     let ihl = (h[0] & 0x0f) as u32;
     if ihl < 5 {
-        return Err(Malformed);
+        return Err(MALFORMED);
     }
+    let tot_len = u16::from_be_bytes([h[2], h[3]]) as u32;
+    if tot_len < ihl * 4 || ETH_HLEN + tot_len > ctx.len() {
+        return Err(MALFORMED);
+    }
+    pkt.l3_end = ETH_HLEN + tot_len;
+    pkt.hop_limit = h[8];
     pkt.protocol = h[9];
     pkt.saddr[..4].copy_from_slice(&h[12..16]);
     pkt.daddr[..4].copy_from_slice(&h[16..20]);
@@ -231,45 +309,82 @@ fn parse_ipv4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
     }
     pkt.frag_id_be = [0, 0, h[4], h[5]];
     pkt.l4_off = ETH_HLEN + ihl * 4;
+    if pkt.l4_off > pkt.l3_end {
+        return Err(MALFORMED);
+    }
     Ok(())
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
+fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Reject> {
     pkt.family = family::IPV6;
     let h = load::<[u8; 40]>(ctx, ETH_HLEN)?;
     if h[0] >> 4 != 6 {
-        return Err(Malformed);
+        return Err(MALFORMED);
     }
+    pkt.hop_limit = h[7];
     pkt.saddr.copy_from_slice(&h[8..24]);
     pkt.daddr.copy_from_slice(&h[24..40]);
+    let payload_len = u16::from_be_bytes([h[4], h[5]]) as u32;
     let mut next = h[6];
+    let frame_len = ctx.len();
+    if payload_len == 0 && frame_len > ETH_HLEN + IPV6_HLEN + 0xffff && next != NEXTHDR_HOP {
+        // A GSO/GRO packet above 64 KiB (BIG TCP): the kernel leaves the length zero.
+        pkt.l3_end = frame_len;
+    } else if payload_len == 0 && next == NEXTHDR_HOP {
+        // A jumbogram (RFC 2675): not supported.
+        return Err(MALFORMED);
+    } else if ETH_HLEN + IPV6_HLEN + payload_len > frame_len {
+        return Err(MALFORMED);
+    } else {
+        pkt.l3_end = ETH_HLEN + IPV6_HLEN + payload_len;
+    }
+    let end = pkt.l3_end;
     let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut seen_fragment = false;
     // One round per extension header, plus one to find the L4 header behind the last.
-    for _ in 0..=IPV6_MAX_EXT_HEADERS {
+    let mut i = 0;
+    while i <= IPV6_MAX_EXT_HEADERS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let e = load::<[u8; 2]>(ctx, off)?;
+                // The kernel processes Hop-by-Hop only right after the fixed header.
+                if next == NEXTHDR_HOP && i != 0 {
+                    return Err(Reject(reason::DROP_IPV6_EXT_CHAIN));
+                }
+                let e = load_in::<[u8; 2]>(ctx, end, off)?;
                 next = e[0];
                 off += (e[1] as u32 + 1) * 8;
             }
             NEXTHDR_AUTH => {
-                let e = load::<[u8; 2]>(ctx, off)?;
+                let e = load_in::<[u8; 2]>(ctx, end, off)?;
                 next = e[0];
                 off += (e[1] as u32 + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
+                // The kernel reassembles at the first Fragment header; a second one inside
+                // a datagram has no meaning (RFC 8200 allows one) and is not followed.
+                if seen_fragment {
+                    return Err(Reject(reason::DROP_IPV6_EXT_CHAIN));
+                }
+                seen_fragment = true;
                 // next header, reserved, offset (13 bits) + 2 reserved bits + M, identification
-                let e = load::<[u8; 8]>(ctx, off)?;
-                next = e[0];
+                let e = load_in::<[u8; 8]>(ctx, end, off)?;
                 off += 8;
                 let frag = u16::from_be_bytes([e[2], e[3]]);
+                pkt.frag_id_be = [e[4], e[5], e[6], e[7]];
                 if frag >> 3 != 0 {
+                    // A later fragment: what follows is payload, not headers, and its
+                    // Next Header is not the one the kernel uses (the first fragment's is).
                     pkt.frag = fragment::LATER;
+                    pkt.protocol = 0;
+                    pkt.l4_off = off;
+                    return Ok(());
                 } else if frag & 1 != 0 {
                     pkt.frag = fragment::FIRST;
                 }
-                pkt.frag_id_be = [e[4], e[5], e[6], e[7]];
+                // Offset 0 without M is an atomic fragment: the kernel goes on with the
+                // header behind it, as if there were no Fragment header.
+                next = e[0];
             }
             _ => {
                 pkt.protocol = next;
@@ -277,32 +392,46 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
                 return Ok(());
             }
         }
+        i += 1;
     }
     // Too many extension headers to follow.
-    Err(Malformed)
+    Err(Reject(reason::DROP_IPV6_EXT_CHAIN))
 }
 
 /// Reads the L4 ports (and TCP flags, ICMP type/code) at `pkt.l4_off`.
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
+fn parse_l4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Reject> {
     let off = pkt.l4_off;
+    let end = pkt.l3_end;
     match pkt.protocol {
         proto::TCP => {
             // sport, dport, seq, ack, data offset, flags
-            let t = load::<[u8; 14]>(ctx, off)?;
-            if t[12] >> 4 < 5 {
-                return Err(Malformed);
+            match load_l4::<[u8; 14]>(ctx, pkt, off) {
+                Ok(t) => {
+                    if t[12] >> 4 < 5 {
+                        return Err(MALFORMED);
+                    }
+                    pkt.tcp_flags = t[13];
+                    set_ports(pkt, u16::from_be_bytes([t[0], t[1]]), u16::from_be_bytes([t[2], t[3]]), 0);
+                }
+                Err(r) => {
+                    // RFC 791 promises a first fragment 8 bytes of L4 header: the ports
+                    // are there, the flags may be in the next fragment (unknown: 0).
+                    if !(pkt.family == family::IPV4 && pkt.frag == fragment::FIRST) {
+                        return Err(r);
+                    }
+                    let t = load_in::<[u8; 8]>(ctx, end, off)?;
+                    set_ports(pkt, u16::from_be_bytes([t[0], t[1]]), u16::from_be_bytes([t[2], t[3]]), 0);
+                }
             }
-            pkt.tcp_flags = t[13];
-            set_ports(pkt, u16::from_be_bytes([t[0], t[1]]), u16::from_be_bytes([t[2], t[3]]), 0);
         }
         proto::UDP | proto::SCTP | PROTO_UDPLITE => {
-            let p = load::<[u8; 4]>(ctx, off)?;
+            let p = load_l4::<[u8; 4]>(ctx, pkt, off)?;
             set_ports(pkt, u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]), 0);
         }
-        proto::ICMP | proto::ICMPV6 => {
-            // type, code, checksum, identifier (echo)
-            let i = load::<[u8; 6]>(ctx, off)?;
+        p if is_icmp(pkt.family, p) => {
+            // type, code, checksum, identifier (echo), sequence
+            let i = load_l4::<[u8; 8]>(ctx, pkt, off)?;
             set_ports(pkt, i[1] as u16, i[0] as u16, u16::from_be_bytes([i[4], i[5]]));
         }
         _ => {}
@@ -325,7 +454,8 @@ fn classify_icmp(protocol: u8, ty: u8) -> u8 {
             129 => icmp_class::ECHO_REPLY,
             1..=4 => icmp_class::ERROR,
             // Neighbour discovery and multicast listener discovery: link-local control
-            // that IPv6 needs to work at all.
+            // that IPv6 needs to work at all. Candidates only: the decision checks that
+            // they are link-scoped and well-formed (`nd_exempt` in main.rs).
             130..=137 | 143 => icmp_class::NEIGHBOUR_DISCOVERY,
             _ => icmp_class::OTHER,
         }
@@ -348,8 +478,9 @@ pub fn quoted_ct_key(ctx: &TcContext, pkt: &Packet) -> Option<CtKey> {
         pad: [0; 2],
     };
     let l4_off;
+    let end = pkt.l3_end;
     if pkt.family == family::IPV4 {
-        let h = load::<[u8; 20]>(ctx, off).ok()?;
+        let h = load_in::<[u8; 20]>(ctx, end, off).ok()?;
         let ihl = (h[0] & 0x0f) as u32;
         if h[0] >> 4 != 4 || ihl < 5 {
             return None;
@@ -359,7 +490,7 @@ pub fn quoted_ct_key(ctx: &TcContext, pkt: &Packet) -> Option<CtKey> {
         key.daddr[..4].copy_from_slice(&h[16..20]);
         l4_off = off + ihl * 4;
     } else {
-        let h = load::<[u8; 40]>(ctx, off).ok()?;
+        let h = load_in::<[u8; 40]>(ctx, end, off).ok()?;
         if h[0] >> 4 != 6 {
             return None;
         }
@@ -371,12 +502,12 @@ pub fn quoted_ct_key(ctx: &TcContext, pkt: &Packet) -> Option<CtKey> {
     }
     match key.protocol {
         proto::TCP | proto::UDP | proto::SCTP | PROTO_UDPLITE => {
-            let p = load::<[u8; 4]>(ctx, l4_off).ok()?;
+            let p = load_in::<[u8; 4]>(ctx, end, l4_off).ok()?;
             key.sport_be = [p[0], p[1]];
             key.dport_be = [p[2], p[3]];
         }
-        proto::ICMP | proto::ICMPV6 => {
-            let i = load::<[u8; 6]>(ctx, l4_off).ok()?;
+        p if is_icmp(key.family, p) => {
+            let i = load_in::<[u8; 6]>(ctx, end, l4_off).ok()?;
             let class = classify_icmp(key.protocol, i[0]);
             if class == icmp_class::ECHO_REQUEST || class == icmp_class::ECHO_REPLY {
                 key.sport_be = [i[4], i[5]];

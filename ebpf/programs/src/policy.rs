@@ -36,6 +36,26 @@ pub fn peer_identity(fam: u8, addr: &[u8; 16]) -> u32 {
     }
 }
 
+/// The [`ipcache_flags`](palisade_common::ipcache_flags) of the host entry of `addr`
+/// (0 without one): local endpoints' addresses are always host entries.
+#[inline(always)]
+pub fn host_flags(fam: u8, addr: &[u8; 16]) -> u32 {
+    // SAFETY (both gets): the value is copied out at once.
+    if fam == family::IPV4 {
+        let host = Ipv4Prefix { addr: [addr[0], addr[1], addr[2], addr[3]] };
+        match unsafe { IPCACHE_HOST_V4.get(&host) } {
+            Some(v) => v.flags,
+            None => 0,
+        }
+    } else {
+        let host = Ipv6Prefix { addr: *addr };
+        match unsafe { IPCACHE_HOST_V6.get(&host) } {
+            Some(v) => v.flags,
+            None => 0,
+        }
+    }
+}
+
 /// What the policy decided for one forward packet.
 pub struct PolicyVerdict {
     /// `ALLOWED_BY_POLICY`, `DROP_POLICY_DENY_RULE` or `DROP_POLICY_DENIED`.

@@ -365,8 +365,8 @@ const CASES: [Case; 12] = [
         name: "not_endpoint",
         hook: Some(Hook::ToPod),
         method: Method::Repeat,
-        expect: None,
-        what: "palisade_to_pod on an interface that is no endpoint: one ENDPOINTS miss, pass",
+        expect: Some((reason::DROP_NO_ENDPOINT, direction::INGRESS)),
+        what: "palisade_to_pod on an interface without an ENDPOINTS record: one miss, fail closed (drop)",
     },
     Case {
         name: "allow_forward",

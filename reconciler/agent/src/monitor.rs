@@ -33,6 +33,9 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::DROP_SPOOFED_SOURCE => "spoofed-source",
         reason::DROP_MALFORMED => "malformed",
         reason::DROP_FRAGMENT_UNKNOWN => "fragment-unknown",
+        reason::DROP_NO_ENDPOINT => "no-endpoint",
+        reason::DROP_L2_UNSUPPORTED => "l2-unsupported",
+        reason::DROP_IPV6_EXT_CHAIN => "ipv6-extension-chain",
         _ => "unknown",
     }
 }

@@ -345,14 +345,20 @@ fn unenforced_endpoint_passes_everything() {
 }
 
 #[test]
-fn unknown_interface_is_untouched() {
+fn unknown_interface_fails_closed() {
     let mut fx = Fixture::new();
-    // An endpoint on another interface; the program runs on loopback.
+    // An endpoint on another interface; the program runs on loopback, which has no record
+    // (as a pod would have when the ENDPOINTS table is full): everything is dropped.
     fx.endpoint(4242, endpoint_flags::INGRESS_ENFORCED | endpoint_flags::EGRESS_ENFORCED);
-    assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 1, 80, TCP_SYN)), "not an endpoint");
-    assert_passed(fx.run(Hook::FromPod, &[0u8; 14]), "not an endpoint, not even IP");
-    assert_eq!(fx.maps.sum_counters().unwrap().nonzero().count(), 0, "nothing counted");
-    assert!(fx.events().is_empty());
+    assert_dropped(fx.run(Hook::ToPod, &tcp4(PEER, POD, 1, 80, TCP_SYN)), "not an endpoint");
+    assert_dropped(fx.run(Hook::FromPod, &[0u8; 14]), "not an endpoint, not even IP");
+    assert_dropped(fx.run(Hook::FromPod, &ethernet(0x0806, &[0u8; 28])), "not an endpoint, ARP");
+    assert_eq!(fx.packets(reason::DROP_NO_ENDPOINT, direction::INGRESS), 1);
+    assert_eq!(fx.packets(reason::DROP_NO_ENDPOINT, direction::EGRESS), 2);
+    let evs = fx.events();
+    assert_eq!(evs.len(), 3);
+    assert!(evs.iter().all(|e| e.reason == reason::DROP_NO_ENDPOINT && e.endpoint_id == 0), "{evs:?}");
+    assert_eq!((evs[0].saddr, evs[0].dport), (v4(PEER), 80), "what could be parsed is reported");
 }
 
 #[test]
@@ -546,7 +552,7 @@ fn icmp_error_of_allowed_flow_is_related() {
 }
 
 #[test]
-fn malformed_headers_drop_only_when_enforced() {
+fn malformed_headers_drop_enforced_or_not() {
     let mut fx = Fixture::new();
     fx.endpoint(LO, endpoint_flags::INGRESS_ENFORCED);
     let truncated = {
@@ -558,7 +564,10 @@ fn malformed_headers_drop_only_when_enforced() {
     assert_eq!(fx.packets(reason::DROP_MALFORMED, direction::INGRESS), 1);
     let ev = fx.events()[0];
     assert_eq!((ev.reason, ev.verdict), (reason::DROP_MALFORMED, verdict::DROP));
-    assert_passed(fx.run(Hook::FromPod, &truncated), "truncated tcp, not enforced");
+    // A parse the program cannot complete is a drop also where no policy is enforced:
+    // anti-spoofing and the fragment records depend on it.
+    assert_dropped(fx.run(Hook::FromPod, &truncated), "truncated tcp, not enforced");
+    assert_eq!(fx.packets(reason::DROP_MALFORMED, direction::EGRESS), 1);
 
     let mut bad_version = tcp4(PEER, POD, 1, 80, TCP_SYN);
     bad_version[14] = 0x55;
@@ -592,11 +601,17 @@ fn ipv6_policy_and_neighbour_discovery() {
     let world = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     assert_dropped(fx.run(Hook::ToPod, &ipv6(world, POD6, proto::UDP, &udp(1, 2))), "v6 world");
 
-    // Neighbour solicitation from a link-local address passes whatever the policy.
+    // Neighbour solicitation between link-local addresses (hop limit 255) passes whatever
+    // the policy.
     let link_local = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
-    let ns = ipv6(link_local, POD6, proto::ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]);
-    assert_passed(fx.run(Hook::FromPod, &ns), "neighbour solicitation out");
-    assert_passed(fx.run(Hook::ToPod, &ns), "neighbour solicitation in");
+    let gateway = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let nd = |src, dst| {
+        let mut f = ipv6(src, dst, proto::ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]);
+        f[14 + 7] = 255;
+        f
+    };
+    assert_passed(fx.run(Hook::FromPod, &nd(link_local, gateway)), "neighbour solicitation out");
+    assert_passed(fx.run(Hook::ToPod, &nd(link_local, POD6)), "neighbour solicitation in");
     assert_eq!(fx.packets(reason::ALLOWED_ALWAYS, direction::INGRESS), 1);
 
     // A hop-by-hop extension header is walked to find TCP.
@@ -850,9 +865,12 @@ fn tcx_attach_is_idempotent_survives_restart_and_detaches() {
         let mut maps = dp.take_maps().unwrap();
         let ep = EndpointInfo { endpoint_id: 5, flags: endpoint_flags::INGRESS_ENFORCED, ..Default::default() };
         maps.endpoints.insert(ifindex, ep, 0).unwrap();
+        // Loopback: an endpoint enforcing nothing (an interface without a record would be
+        // dropped as well: the datapath fails closed).
+        maps.endpoints.insert(LO, EndpointInfo { endpoint_id: 6, ..Default::default() }, 0).unwrap();
         let frame = tcp4(PEER, POD, 1, 80, TCP_SYN);
         assert_dropped(dp.test_run(Hook::ToPod, &frame, Some(ifindex)).unwrap(), "endpoint at the veth's ifindex");
-        assert_passed(dp.test_run(Hook::ToPod, &frame, None).unwrap(), "loopback is no endpoint");
+        assert_passed(dp.test_run(Hook::ToPod, &frame, None).unwrap(), "loopback is another endpoint");
         drop(maps);
 
         // The agent exits: the links stay, with the old programs.

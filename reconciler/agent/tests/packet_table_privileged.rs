@@ -172,9 +172,14 @@ fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, l4: &[u8]) -> Vec<u8> {
 }
 
 fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
+    ipv6_hl(64, src, dst, next, payload)
+}
+
+/// [`ipv6`] with hop limit `hl` (neighbour discovery needs 255, listener discovery 1).
+fn ipv6_hl(hl: u8, src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
     let mut p = vec![0x60, 0, 0, 0];
     p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    p.extend_from_slice(&[next, 64]);
+    p.extend_from_slice(&[next, hl]);
     p.extend_from_slice(&src);
     p.extend_from_slice(&dst);
     p.extend_from_slice(payload);
@@ -274,6 +279,9 @@ fn reason_name(r: u8) -> &'static str {
         reason::DROP_SPOOFED_SOURCE => "DROP_SPOOFED_SOURCE",
         reason::DROP_MALFORMED => "DROP_MALFORMED",
         reason::DROP_FRAGMENT_UNKNOWN => "DROP_FRAGMENT_UNKNOWN",
+        reason::DROP_NO_ENDPOINT => "DROP_NO_ENDPOINT",
+        reason::DROP_L2_UNSUPPORTED => "DROP_L2_UNSUPPORTED",
+        reason::DROP_IPV6_EXT_CHAIN => "DROP_IPV6_EXT_CHAIN",
         _ => "?",
     }
 }
@@ -288,7 +296,7 @@ fn rows() -> Vec<Row> {
     let egress_tcp = ipv4(POD, PEER, proto::TCP, &tcp(5556, 8080, SYN));
     let unknown_quote = ipv4(POD, PEER, proto::UDP, &udp(5555, 9999, b"x"));
     let tcp443 = tcp(1000, 443, SYN);
-    // `n` destination options headers, the last naming TCP. The parser follows six.
+    // `n` destination options headers, the last naming TCP. The parser follows sixteen.
     let dest_opts_chain = |n: usize, sport: u16| {
         let mut chain = Vec::new();
         for i in 0..n {
@@ -714,18 +722,32 @@ fn rows() -> Vec<Row> {
             ALLOWED_BY_POLICY,
         ),
         row(
-            "v6 six extension headers (the most followed)",
+            "v6 six extension headers",
             IN,
             ipv6(PEER6, POD6, NEXTHDR_DEST, &dest_opts_chain(6, 1006)),
             Pass,
             ALLOWED_BY_POLICY,
         ),
         row(
-            "v6 seven extension headers (too many)",
+            "v6 seven extension headers",
             IN,
             ipv6(PEER6, POD6, NEXTHDR_DEST, &dest_opts_chain(7, 1007)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v6 sixteen extension headers (the most followed)",
+            IN,
+            ipv6(PEER6, POD6, NEXTHDR_DEST, &dest_opts_chain(16, 1016)),
+            Pass,
+            ALLOWED_BY_POLICY,
+        ),
+        row(
+            "v6 seventeen extension headers (too many)",
+            IN,
+            ipv6(PEER6, POD6, NEXTHDR_DEST, &dest_opts_chain(17, 1017)),
             Drop,
-            DROP_MALFORMED,
+            DROP_IPV6_EXT_CHAIN,
         ),
         row(
             "v6 first fragment, tcp :443",
@@ -795,42 +817,42 @@ fn rows() -> Vec<Row> {
         row(
             "v6 neighbour solicitation in",
             IN,
-            ipv6(LINK_LOCAL, POD6, proto::ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]),
+            ipv6_hl(255, LINK_LOCAL, POD6, proto::ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]),
             Pass,
             ALLOWED_ALWAYS,
         ),
         row(
             "v6 neighbour advertisement out",
             OUT,
-            ipv6(POD6, LINK_LOCAL, proto::ICMPV6, &[136, 0, 0, 0, 0, 0, 0, 0]),
+            ipv6_hl(255, POD6, LINK_LOCAL, proto::ICMPV6, &[136, 0, 0, 0, 0, 0, 0, 0]),
             Pass,
             ALLOWED_ALWAYS,
         ),
         row(
             "v6 router solicitation out",
             OUT,
-            ipv6(LINK_LOCAL, ALL_NODES, proto::ICMPV6, &[133, 0, 0, 0, 0, 0, 0, 0]),
+            ipv6_hl(255, LINK_LOCAL, ALL_NODES, proto::ICMPV6, &[133, 0, 0, 0, 0, 0, 0, 0]),
             Pass,
             ALLOWED_ALWAYS,
         ),
         row(
             "v6 router advertisement in",
             IN,
-            ipv6(LINK_LOCAL, ALL_NODES, proto::ICMPV6, &[134, 0, 0, 0, 0, 0, 0, 0]),
+            ipv6_hl(255, LINK_LOCAL, ALL_NODES, proto::ICMPV6, &[134, 0, 0, 0, 0, 0, 0, 0]),
             Pass,
             ALLOWED_ALWAYS,
         ),
         row(
             "v6 MLDv2 report out",
             OUT,
-            ipv6(LINK_LOCAL, ALL_NODES, proto::ICMPV6, &[143, 0, 0, 0, 0, 0, 0, 0]),
+            ipv6_hl(1, LINK_LOCAL, ALL_NODES, proto::ICMPV6, &[143, 0, 0, 0, 0, 0, 0, 0]),
             Pass,
             ALLOWED_ALWAYS,
         ),
         row(
             "v6 DAD solicitation from :: out",
             OUT,
-            ipv6([0; 16], ALL_NODES, proto::ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]),
+            ipv6_hl(255, [0; 16], ALL_NODES, proto::ICMPV6, &[135, 0, 0, 0, 0, 0, 0, 0]),
             Pass,
             ALLOWED_ALWAYS,
         ),

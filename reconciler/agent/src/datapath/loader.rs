@@ -191,6 +191,17 @@ impl Datapath {
         self.run_test(hook, packet, ifindex, 1)
     }
 
+    /// Runs one program once on `packet` (on loopback) as if it had entered the node on the
+    /// interface `ingress_ifindex` (`__sk_buff.ingress_ifindex`; 0: sent by the node itself).
+    pub fn test_run_from(
+        &self,
+        hook: Hook,
+        packet: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<TestRunOutcome, DatapathError> {
+        self.run_program_ctx(hook.program_name(), packet, None, ingress_ifindex, 1)
+    }
+
     /// Runs one program `repeat` times on `packet` (on loopback); the outcome's duration is
     /// the kernel's average per run. Maps and counters see every run.
     pub fn test_run_repeat(&self, hook: Hook, packet: &[u8], repeat: u32) -> Result<TestRunOutcome, DatapathError> {
@@ -226,6 +237,17 @@ impl Datapath {
         ifindex: Option<u32>,
         repeat: u32,
     ) -> Result<TestRunOutcome, DatapathError> {
+        self.run_program_ctx(name, packet, ifindex, 0, repeat)
+    }
+
+    fn run_program_ctx(
+        &self,
+        name: &'static str,
+        packet: &[u8],
+        ifindex: Option<u32>,
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutcome, DatapathError> {
         let prog: &SchedClassifier = self
             .ebpf
             .program(name)
@@ -238,9 +260,11 @@ impl Datapath {
         if let Some(i) = ifindex {
             ctx[40..44].copy_from_slice(&i.to_ne_bytes());
         }
+        // `ingress_ifindex` (offset 36) is one of the fields the kernel accepts.
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
         let opts = TestRunOptions {
             data_in: Some(packet),
-            ctx_in: ifindex.map(|_| &ctx[..]),
+            ctx_in: (ifindex.is_some() || ingress_ifindex != 0).then_some(&ctx[..]),
             repeat,
             ..TestRunOptions::default()
         };

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use palisade_common::{
     EndpointInfo, IpcacheValue, Ipv4Prefix, Ipv6Prefix, POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO, PolicyKey,
-    PolicyLengthsKey, PolicyValue, direction, endpoint_flags, policy_flags, policy_length_bit,
+    PolicyLengthsKey, PolicyValue, direction, endpoint_flags, ipcache_flags, policy_flags, policy_length_bit,
 };
 use palisade_policy::model::Direction;
 use palisade_policy::resolve::{DesiredState, EndpointPolicy, EntryKey, RuleOrigin};
@@ -176,6 +176,16 @@ pub fn encode_cached(
             IpAddr::V6(a) => {
                 out.ipcache_v6.insert((u32::from(*len), Ipv6Prefix { addr: a.octets() }), value);
             }
+        }
+    }
+    // Local endpoints' addresses are marked: the datapath drops a packet to a pod that claims
+    // such a source and does not come from that pod's interface (or the node).
+    for ep in endpoints {
+        if let Some(v) = ep.ipv4.and_then(|a| out.ipcache_host_v4.get_mut(&Ipv4Prefix { addr: a.octets() })) {
+            v.flags |= ipcache_flags::LOCAL_ENDPOINT;
+        }
+        if let Some(v) = ep.ipv6.and_then(|a| out.ipcache_host_v6.get_mut(&Ipv6Prefix { addr: a.octets() })) {
+            v.flags |= ipcache_flags::LOCAL_ENDPOINT;
         }
     }
     out

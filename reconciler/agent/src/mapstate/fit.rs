@@ -43,8 +43,9 @@ pub struct Fitted {
 /// - ipcache: when a prefix does not fit, a peer could be taken for another identity, so
 ///   every enforced direction of every endpoint fails closed. The prefixes already loaded
 ///   are kept first.
-/// - ENDPOINTS: an endpoint left out is not seen by the datapath at all; this cannot fail
-///   closed, it is reported. Endpoints already loaded are kept first, then by ifindex.
+/// - ENDPOINTS: an endpoint left out has no record, and the datapath drops everything on an
+///   interface without one (`no-endpoint`): it fails closed, and is reported. Endpoints
+///   already loaded are kept first, then by ifindex.
 pub fn fit(desired: MapState, limits: &MapLimits, applied: &MapState) -> Fitted {
     let mut s = desired;
     let mut out = Fitted::default();

@@ -25,7 +25,10 @@ pub fn overflow_errors(fitted: &Fitted, names: &BTreeMap<u16, String>) -> Vec<St
         .map(|o| {
             let consequence = if o.map == map_names::ENDPOINTS {
                 let left: Vec<String> = fitted.not_loaded.iter().map(|id| name(*id)).collect();
-                format!("endpoints left out, NOT enforced (the datapath does not see them): {}", left.join(", "))
+                format!(
+                    "endpoints left out, failing closed (the datapath drops all their traffic: no-endpoint): {}",
+                    left.join(", ")
+                )
             } else if closed.is_empty() {
                 "no endpoint direction had to fail closed".to_string()
             } else {
@@ -102,6 +105,8 @@ mod tests {
             ..Fitted::default()
         };
         let errors = overflow_errors(&fitted, &BTreeMap::new());
-        assert!(errors[0].contains("endpoints left out, NOT enforced (the datapath does not see them): endpoint 7"));
+        assert!(errors[0].contains(
+            "endpoints left out, failing closed (the datapath drops all their traffic: no-endpoint): endpoint 7"
+        ));
     }
 }
