@@ -152,14 +152,20 @@ impl Setup {
     }
 }
 
-/// The palisade numbers are only palisade's if its programs saw the packets and allowed
-/// them by policy: check the counters.
-fn check_palisade_saw_traffic(f: &filters::PalisadeFilter) -> Result<(), String> {
+/// The palisade numbers are only palisade's if its programs saw the packets and passed
+/// them as the mode says (by policy for `palisade`, unenforced for `palisade_hook`) and
+/// dropped none: check the counters.
+fn check_palisade_saw_traffic(f: &filters::PalisadeFilter, mode: Mode) -> Result<(), String> {
     let maps = f.maps.as_ref().ok_or("no maps")?;
     let totals = maps.sum_counters().map_err(|e| e.to_string())?;
-    let allowed = totals.get(palisade_common::reason::ALLOWED_BY_POLICY, palisade_common::direction::INGRESS);
+    let (why, what) = if mode == Mode::PalisadeHook {
+        (palisade_common::reason::ALLOWED_NOT_ENFORCED, "unenforced")
+    } else {
+        (palisade_common::reason::ALLOWED_BY_POLICY, "by policy")
+    };
+    let allowed = totals.get(why, palisade_common::direction::INGRESS);
     if allowed.packets == 0 {
-        return Err("palisade's programs allowed no packet by policy: they were not in the path".into());
+        return Err(format!("palisade's programs allowed no packet {what}: they were not in the path"));
     }
     if totals.dropped_packets() != 0 {
         return Err(format!("palisade dropped {} packets of allowed traffic", totals.dropped_packets()));
@@ -249,11 +255,10 @@ pub fn run(report: &mut Report, size: Size) {
         }
         for s in &setups {
             if let Installed::Palisade(f) = &s.installed
-                && s.mode == Mode::Palisade
-                && let Err(e) = check_palisade_saw_traffic(f)
+                && let Err(e) = check_palisade_saw_traffic(f, s.mode)
             {
-                report.failures.push(format!("datapath palisade n={n}: {e}"));
-                samples.remove(&(n, Mode::Palisade));
+                report.failures.push(format!("datapath {} n={n}: {e}", s.mode.name()));
+                samples.remove(&(n, s.mode));
             }
         }
         // Namespaces, pins and rules go here, before the next size.

@@ -41,9 +41,12 @@ pub const PORT: u16 = 5201;
 pub enum Mode {
     Baseline,
     Palisade,
-    /// palisade's programs attached with the same maps, but the server is not an endpoint:
-    /// every packet makes one ENDPOINTS lookup and passes. What the tcx hooks and a minimal
-    /// program cost by themselves (a diagnostic beside the real palisade).
+    /// palisade's programs attached with the same maps, but no policy selects the server:
+    /// it is an endpoint with neither direction enforced, so every packet is parsed, looked
+    /// up and passes. What the tcx hooks and the programs cost without a policy decision (a
+    /// diagnostic beside the real palisade). The server cannot simply be left out of
+    /// ENDPOINTS: an attached interface without an entry drops everything (`no-endpoint`,
+    /// the datapath fails closed).
     PalisadeHook,
     Iptables,
     IptablesNft,
@@ -147,13 +150,13 @@ const SERVER_IDENTITY: u32 = 1000;
 const PEER_IDENTITY_BASE: u32 = 100_000;
 
 impl PalisadeFilter {
-    /// `endpoint`: whether the server is made an endpoint (false: the programs are in the
-    /// path but pass every packet after the ENDPOINTS lookup).
+    /// `enforced`: whether the server's ingress is enforced (false: the programs are in the
+    /// path but pass every packet, as for a pod no policy selects).
     fn install(
         net: &BenchNet,
         allows: &[Allow],
         tag: &str,
-        endpoint: bool,
+        enforced: bool,
     ) -> Result<(PalisadeFilter, Duration), String> {
         let pin_dir = PathBuf::from(crate::agent::BPFFS).join(format!("palisade-testbed-{}-{tag}", std::process::id()));
         if pin_dir.exists() {
@@ -179,7 +182,7 @@ impl PalisadeFilter {
         let mut f = PalisadeFilter { maps: None, datapath: Some(dp), pin_dir, _guard: guard };
         let mut maps = f.datapath.as_mut().expect("just set").take_maps().map_err(|e| e.to_string())?;
         let t = Instant::now();
-        fill(&mut maps, ifindex, net.server_addr, allows, endpoint)?;
+        fill(&mut maps, ifindex, net.server_addr, allows, enforced)?;
         let took = t.elapsed();
         f.maps = Some(maps);
         Ok((f, took))
@@ -188,7 +191,7 @@ impl PalisadeFilter {
 
 /// What the map writer writes for the rule set: the server as an endpoint enforcing ingress,
 /// every peer's address in the ipcache with its own identity, one policy entry per allow.
-fn fill(maps: &mut MapSet, ifindex: u32, server: Ipv4Addr, allows: &[Allow], endpoint: bool) -> Result<(), String> {
+fn fill(maps: &mut MapSet, ifindex: u32, server: Ipv4Addr, allows: &[Allow], enforced: bool) -> Result<(), String> {
     let e = |what: &str, err: &dyn std::fmt::Display| format!("writing {what}: {err}");
     let mut identities: std::collections::HashMap<Ipv4Addr, u32> = std::collections::HashMap::new();
     maps.ipcache_host_v4
@@ -214,14 +217,12 @@ fn fill(maps: &mut MapSet, ifindex: u32, server: Ipv4Addr, allows: &[Allow], end
     let ep = EndpointInfo {
         endpoint_id: SERVER_ENDPOINT.into(),
         identity: SERVER_IDENTITY,
-        flags: endpoint_flags::INGRESS_ENFORCED | endpoint_flags::HAS_IPV4,
+        flags: if enforced { endpoint_flags::INGRESS_ENFORCED } else { 0 } | endpoint_flags::HAS_IPV4,
         ipv4: server.octets(),
         ipv6: [0; 16],
     };
     // The endpoint last, as the map writer does: enforcement starts with its policy in place.
-    if endpoint {
-        maps.endpoints.insert(ifindex, ep, 0).map_err(|x| e("the endpoint", &x))?;
-    }
+    maps.endpoints.insert(ifindex, ep, 0).map_err(|x| e("the endpoint", &x))?;
     maps.bump_policy_generation().map_err(|x| e("the policy generation", &x))?;
     Ok(())
 }
