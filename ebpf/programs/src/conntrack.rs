@@ -104,8 +104,8 @@ pub fn reply(rev: &CtKey, pkt: &Packet, dir: u8, now: u64, syn_only: bool) -> bo
 /// of a flow this hook allowed.
 #[inline(always)]
 pub fn related(quoted: &CtKey, dir: u8, now: u64) -> bool {
-    // SAFETY (both gets): the entry is read once and copied; a concurrent update can only
-    // make the answer stale by one packet.
+    // SAFETY: the entry is read once and copied; a concurrent update can only make the
+    // answer stale by one packet.
     if let Some(v) = unsafe { CONNTRACK.get(quoted) }
         && live(v, quoted.protocol, now)
         && v.flags & reply_flag(dir) != 0
@@ -113,6 +113,7 @@ pub fn related(quoted: &CtKey, dir: u8, now: u64) -> bool {
         return true;
     }
     let rev = quoted.reversed();
+    // SAFETY: as above.
     if let Some(v) = unsafe { CONNTRACK.get(rev) }
         && live(v, rev.protocol, now)
         && v.flags & own_flag(dir) != 0
@@ -152,29 +153,26 @@ pub fn allowed_at(fwd: *mut CtValue, dir: u8) -> u32 {
 pub fn allowed(key: &CtKey, fwd: Option<*mut CtValue>, pkt: &Packet, dir: u8, now: u64, cookie: u32, generation: u32) {
     let bits = own_flag(dir) | tcp_bits(pkt, ct_flags::TCP_FIN_FWD);
     let slot = (dir & 1) as usize;
-    match fwd {
-        Some(p) => {
-            // SAFETY: see `reply`.
-            let v = unsafe { &mut *p };
-            v.last_seen_ns = now;
-            let flags = v.flags | bits;
-            if flags != v.flags {
-                v.flags = flags;
-            }
-            if cookie != 0 && v.cookie != cookie {
-                v.cookie = cookie;
-            }
-            if v.policy_gen[slot] != generation {
-                v.policy_gen[slot] = generation;
-            }
+    if let Some(p) = fwd {
+        // SAFETY: see `reply`.
+        let v = unsafe { &mut *p };
+        v.last_seen_ns = now;
+        let flags = v.flags | bits;
+        if flags != v.flags {
+            v.flags = flags;
         }
-        None => {
-            let mut policy_gen = [0; 2];
-            policy_gen[slot] = generation;
-            let v = CtValue { last_seen_ns: now, created_ns: now, flags: bits, cookie, policy_gen };
-            // A full LRU evicts the oldest entry; failure only means no conntrack entry.
-            let _ = CONNTRACK.insert(key, v, 0);
+        if cookie != 0 && v.cookie != cookie {
+            v.cookie = cookie;
         }
+        if v.policy_gen[slot] != generation {
+            v.policy_gen[slot] = generation;
+        }
+    } else {
+        let mut policy_gen = [0; 2];
+        policy_gen[slot] = generation;
+        let v = CtValue { last_seen_ns: now, created_ns: now, flags: bits, cookie, policy_gen };
+        // A full LRU evicts the oldest entry; failure only means no conntrack entry.
+        let _ = CONNTRACK.insert(key, v, 0);
     }
 }
 

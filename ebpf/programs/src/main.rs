@@ -9,6 +9,10 @@
 //! allowed flows when asked to) in the EVENTS ring buffer, and pass or drop.
 #![no_std]
 #![no_main]
+#![allow(
+    clippy::inline_always,
+    reason = "every helper is inlined into the two programs on purpose: the verifier then tracks               packet-pointer bounds across the whole parse, and no BPF-to-BPF call frame eats               into the 512-byte stack"
+)]
 
 mod conntrack;
 mod maps;
@@ -38,23 +42,21 @@ const TC_ACT_UNSPEC: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
 
 #[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "the signature `#[classifier]` requires")]
 pub fn palisade_from_pod(ctx: TcContext) -> i32 {
-    match try_classify(&ctx, direction::EGRESS) {
-        Ok(action) => action,
-        Err(action) => action,
-    }
+    let (Ok(action) | Err(action)) = try_classify(&ctx, direction::EGRESS);
+    action
 }
 
 #[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "the signature `#[classifier]` requires")]
 pub fn palisade_to_pod(ctx: TcContext) -> i32 {
-    match try_classify(&ctx, direction::INGRESS) {
-        Ok(action) => action,
-        Err(action) => action,
-    }
+    let (Ok(action) | Err(action)) = try_classify(&ctx, direction::INGRESS);
+    action
 }
 
 /// Passes every packet and does nothing else: the baseline the datapath benchmark measures
-/// the real programs against (what BPF_PROG_TEST_RUN and the tc context cost by
+/// the real programs against (what `BPF_PROG_TEST_RUN` and the tc context cost by
 /// themselves). Loaded only on demand (`Datapath::test_run_empty`), never attached.
 #[classifier]
 pub fn palisade_empty(_ctx: TcContext) -> i32 {
@@ -95,18 +97,15 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         report: false,
     };
     // SAFETY: the value is copied out at once.
-    let ep = match unsafe { ENDPOINTS.get(ifindex) } {
-        Some(ep) => *ep,
-        None => {
-            // The programs run only on endpoints' interfaces: one without a record is a pod
-            // the table could not hold, or one not (or no longer) registered. Fail closed.
-            let _ = parse::parse(ctx, pkt);
-            v.reason = reason::DROP_NO_ENDPOINT;
-            let len = ctx.len();
-            count(v.reason, dir, len);
-            report(ifindex, &EndpointInfo::default(), dir, pkt, &v, len);
-            return Err(TC_ACT_SHOT);
-        }
+    let Some(ep) = unsafe { ENDPOINTS.get(ifindex) }.copied() else {
+        // The programs run only on endpoints' interfaces: one without a record is a pod the
+        // table could not hold, or one not (or no longer) registered. Fail closed.
+        let _ = parse::parse(ctx, pkt);
+        v.reason = reason::DROP_NO_ENDPOINT;
+        let len = ctx.len();
+        count(v.reason, dir, len);
+        report(ifindex, &EndpointInfo::default(), dir, pkt, &v, len);
+        return Err(TC_ACT_SHOT);
     };
     let enforce_bit =
         if dir == direction::EGRESS { endpoint_flags::EGRESS_ENFORCED } else { endpoint_flags::INGRESS_ENFORCED };
@@ -143,7 +142,7 @@ fn remember_fragment(pkt: &Packet, r: u8) {
     if !reason::is_drop(r) {
         let _ = FRAGMENTS.insert(pkt.frag_key(), pkt.frag_value(0), 0);
     } else if r == reason::DROP_POLICY_DENIED || r == reason::DROP_POLICY_DENY_RULE {
-        let _ = FRAGMENTS.insert(pkt.frag_key(), pkt.frag_value(r), BPF_NOEXIST as u64);
+        let _ = FRAGMENTS.insert(pkt.frag_key(), pkt.frag_value(r), u64::from(BPF_NOEXIST));
     }
 }
 
@@ -175,7 +174,7 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
         match unsafe { FRAGMENTS.get(pkt.frag_key()) } {
             Some(first) => {
                 let first = *first;
-                pkt.apply_fragment(&first);
+                pkt.apply_fragment(first);
                 if first.denied != 0 {
                     v.reason = first.denied;
                     v.report = true;
@@ -298,7 +297,7 @@ fn link_local(a: &[u8; 16]) -> bool {
     a[0] == 0xfe && a[1] & 0xc0 == 0x80
 }
 
-/// Interface- or link-local multicast (ffX1::/16, ffX2::/16): never routed off the link.
+/// Interface- or link-local multicast (`ffX1::/16`, `ffX2::/16`): never routed off the link.
 #[inline(always)]
 fn link_scope_multicast(a: &[u8; 16]) -> bool {
     a[0] == 0xff && a[1] & 0x0f <= 2
@@ -397,7 +396,7 @@ fn count(r: u8, dir: u8, len: u32) {
         // SAFETY: this CPU's slot of a per-CPU array; programs do not migrate while running.
         unsafe {
             (*c).packets += 1;
-            (*c).bytes += len as u64;
+            (*c).bytes += u64::from(len);
         }
     }
 }

@@ -150,7 +150,7 @@ impl Packet {
 
     /// Takes the protocol and ports of a later fragment from its datagram's first fragment.
     #[inline(always)]
-    pub fn apply_fragment(&mut self, v: &FragValue) {
+    pub fn apply_fragment(&mut self, v: FragValue) {
         self.protocol = v.protocol;
         set_ports(self, v.sport, v.dport, v.icmp_id);
     }
@@ -218,7 +218,7 @@ pub fn load<T: Copy>(ctx: &TcContext, off: u32) -> Result<T, Reject> {
 /// (direct packet access would make every offset a distinct state).
 #[inline(always)]
 pub fn load_in<T: Copy>(ctx: &TcContext, l3_end: u32, off: u32) -> Result<T, Reject> {
-    if off as u64 + size_of::<T>() as u64 > l3_end as u64 {
+    if u64::from(off) + size_of::<T>() as u64 > u64::from(l3_end) {
         return Err(MALFORMED);
     }
     ctx.load::<T>(off as usize).map_err(|_| MALFORMED)
@@ -229,7 +229,7 @@ pub fn load_in<T: Copy>(ctx: &TcContext, l3_end: u32, off: u32) -> Result<T, Rej
 /// packet), at an offset the verifier knows.
 #[inline(always)]
 fn load_l4<T: Copy>(ctx: &TcContext, pkt: &Packet, off: u32) -> Result<T, Reject> {
-    if off as u64 + size_of::<T>() as u64 > pkt.l3_end as u64 {
+    if u64::from(off) + size_of::<T>() as u64 > u64::from(pkt.l3_end) {
         return Err(MALFORMED);
     }
     if off == ETH_HLEN + 20 {
@@ -251,7 +251,7 @@ pub fn is_icmp(fam: u8, protocol: u8) -> bool {
 /// Parses the frame into `pkt`. The accepted grammar (docs/reliability.md):
 ///
 /// - Ethernet with ethertype ARP, IPv4 or IPv6 at offset 12. A VLAN tag in the frame's data
-///   (802.1Q, 802.1ad, QinQ 0x9100) is rejected: the kernel moves the first tag a pod sends
+///   (802.1Q, 802.1ad, `QinQ` 0x9100) is rejected: the kernel moves the first tag a pod sends
 ///   into the packet's metadata before tc sees it, so a tag still in the data is a second
 ///   one, which the kernel would strip again after the verdict and deliver what is inside.
 ///   Any other ethertype (and 802.3 length fields) is rejected too.
@@ -288,11 +288,11 @@ fn parse_ipv4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Reject> {
     if h[0] >> 4 != 4 {
         return Err(MALFORMED);
     }
-    let ihl = (h[0] & 0x0f) as u32;
+    let ihl = u32::from(h[0] & 0x0f);
     if ihl < 5 {
         return Err(MALFORMED);
     }
-    let tot_len = u16::from_be_bytes([h[2], h[3]]) as u32;
+    let tot_len = u32::from(u16::from_be_bytes([h[2], h[3]]));
     if tot_len < ihl * 4 || ETH_HLEN + tot_len > ctx.len() {
         return Err(MALFORMED);
     }
@@ -325,7 +325,7 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Reject> {
     pkt.hop_limit = h[7];
     pkt.saddr.copy_from_slice(&h[8..24]);
     pkt.daddr.copy_from_slice(&h[24..40]);
-    let payload_len = u16::from_be_bytes([h[4], h[5]]) as u32;
+    let payload_len = u32::from(u16::from_be_bytes([h[4], h[5]]));
     let mut next = h[6];
     let frame_len = ctx.len();
     if payload_len == 0 && frame_len > ETH_HLEN + IPV6_HLEN + 0xffff && next != NEXTHDR_HOP {
@@ -353,12 +353,12 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Reject> {
                 }
                 let e = load_in::<[u8; 2]>(ctx, end, off)?;
                 next = e[0];
-                off += (e[1] as u32 + 1) * 8;
+                off += (u32::from(e[1]) + 1) * 8;
             }
             NEXTHDR_AUTH => {
                 let e = load_in::<[u8; 2]>(ctx, end, off)?;
                 next = e[0];
-                off += (e[1] as u32 + 2) * 4;
+                off += (u32::from(e[1]) + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
                 // The kernel reassembles at the first Fragment header; a second one inside
@@ -432,7 +432,7 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Reject> {
         p if is_icmp(pkt.family, p) => {
             // type, code, checksum, identifier (echo), sequence
             let i = load_l4::<[u8; 8]>(ctx, pkt, off)?;
-            set_ports(pkt, i[1] as u16, i[0] as u16, u16::from_be_bytes([i[4], i[5]]));
+            set_ports(pkt, u16::from(i[1]), u16::from(i[0]), u16::from_be_bytes([i[4], i[5]]));
         }
         _ => {}
     }
@@ -481,7 +481,7 @@ pub fn quoted_ct_key(ctx: &TcContext, pkt: &Packet) -> Option<CtKey> {
     let end = pkt.l3_end;
     if pkt.family == family::IPV4 {
         let h = load_in::<[u8; 20]>(ctx, end, off).ok()?;
-        let ihl = (h[0] & 0x0f) as u32;
+        let ihl = u32::from(h[0] & 0x0f);
         if h[0] >> 4 != 4 || ihl < 5 {
             return None;
         }

@@ -16,20 +16,20 @@ pub fn peer_identity(fam: u8, addr: &[u8; 16]) -> u32 {
     if fam == family::IPV4 {
         let host = Ipv4Prefix { addr: [addr[0], addr[1], addr[2], addr[3]] };
         // SAFETY: the value is copied out at once.
-        if let Some(v) = unsafe { IPCACHE_HOST_V4.get(&host) } {
+        if let Some(v) = unsafe { IPCACHE_HOST_V4.get(host) } {
             return v.identity;
         }
-        match IPCACHE_V4.get(&Key::new(32, host)) {
+        match IPCACHE_V4.get(Key::new(32, host)) {
             Some(v) => v.identity,
             None => identity::WORLD_IPV4,
         }
     } else {
         let host = Ipv6Prefix { addr: *addr };
         // SAFETY: the value is copied out at once.
-        if let Some(v) = unsafe { IPCACHE_HOST_V6.get(&host) } {
+        if let Some(v) = unsafe { IPCACHE_HOST_V6.get(host) } {
             return v.identity;
         }
-        match IPCACHE_V6.get(&Key::new(128, host)) {
+        match IPCACHE_V6.get(Key::new(128, host)) {
             Some(v) => v.identity,
             None => identity::WORLD_IPV6,
         }
@@ -40,16 +40,17 @@ pub fn peer_identity(fam: u8, addr: &[u8; 16]) -> u32 {
 /// (0 without one): local endpoints' addresses are always host entries.
 #[inline(always)]
 pub fn host_flags(fam: u8, addr: &[u8; 16]) -> u32 {
-    // SAFETY (both gets): the value is copied out at once.
     if fam == family::IPV4 {
         let host = Ipv4Prefix { addr: [addr[0], addr[1], addr[2], addr[3]] };
-        match unsafe { IPCACHE_HOST_V4.get(&host) } {
+        // SAFETY: the value is copied out at once.
+        match unsafe { IPCACHE_HOST_V4.get(host) } {
             Some(v) => v.flags,
             None => 0,
         }
     } else {
         let host = Ipv6Prefix { addr: *addr };
-        match unsafe { IPCACHE_HOST_V6.get(&host) } {
+        // SAFETY: the value is copied out at once.
+        match unsafe { IPCACHE_HOST_V6.get(host) } {
             Some(v) => v.flags,
             None => 0,
         }
@@ -65,7 +66,7 @@ pub struct PolicyVerdict {
 }
 
 /// The longest POLICY entry matching (endpoint, direction, `peer`, protocol, port): probes
-/// POLICY at the prefix lengths POLICY_LENGTHS lists for (endpoint, direction, `peer`),
+/// POLICY at the prefix lengths `POLICY_LENGTHS` lists for (endpoint, direction, `peer`),
 /// longest first. One hash lookup when there is no entry for the peer at all, two when its
 /// longest entry matches; never more than one per prefix length in use.
 #[inline(always)]
