@@ -7,6 +7,7 @@ pub mod endpoint;
 pub mod endpoint_registry;
 pub mod error;
 pub mod k8s;
+pub mod kvstore;
 pub mod link_watch;
 pub mod mapstate;
 pub mod metrics;

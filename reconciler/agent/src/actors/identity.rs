@@ -26,6 +26,8 @@ pub struct IdentityCache {
     changed: Vec<u32>,
     resolver: Addr<Resolver>,
     state: Option<crate::state::StateDir>,
+    /// Kvstore mode: new label sets get their numbers from etcd.
+    kv: Option<Arc<crate::kvstore::Kv>>,
 }
 
 impl IdentityCache {
@@ -38,6 +40,7 @@ impl IdentityCache {
             changed: Vec::new(),
             resolver,
             state,
+            kv: None,
         };
         c.load_state();
         c
@@ -86,6 +89,19 @@ impl IdentityCache {
     fn allocate(&mut self, labels: &LabelSet) -> u32 {
         let known = self.allocator.lookup(labels).is_some();
         let id = self.allocator.allocate(labels);
+        if !known {
+            tracing::info!(identity = id, labels = %labels, "identity allocated");
+            self.changed.push(id);
+        }
+        id
+    }
+
+    /// Takes a reference on the identity of `labels` with number `wanted` (the cluster's);
+    /// answers the number it has here, which differs only when `wanted` is taken here by
+    /// other labels or the labels have another number here already.
+    fn allocate_as(&mut self, labels: &LabelSet, wanted: u32) -> u32 {
+        let known = self.allocator.lookup(labels).is_some();
+        let id = self.allocator.allocate_as(labels, wanted);
         if !known {
             tracing::info!(identity = id, labels = %labels, "identity allocated");
             self.changed.push(id);
@@ -145,21 +161,59 @@ impl Handler<Republish> for IdentityCache {
     }
 }
 
-/// Takes a reference on the identity of `labels`, allocating it if new.
+/// Uses the kvstore for new label sets from now on (kvstore mode).
 #[derive(Message)]
-#[rtype(result = "u32")]
+#[rtype(result = "()")]
+pub struct UseKvstore(pub Arc<crate::kvstore::Kv>);
+
+impl Handler<UseKvstore> for IdentityCache {
+    type Result = ();
+    fn handle(&mut self, msg: UseKvstore, _: &mut Self::Context) {
+        self.kv = Some(msg.0);
+    }
+}
+
+/// Takes a reference on the identity of `labels`, allocating it if new. In kvstore mode a
+/// label set this node does not hold yet gets its number from etcd; while etcd cannot be
+/// reached that fails (fail closed: the pod is not registered).
+#[derive(Message)]
+#[rtype(result = "Result<u32, AgentError>")]
 pub struct AllocateIdentity {
     pub labels: LabelSet,
 }
 
 impl Handler<AllocateIdentity> for IdentityCache {
-    type Result = u32;
-    fn handle(&mut self, msg: AllocateIdentity, _: &mut Self::Context) -> u32 {
-        let id = self.allocate(&msg.labels);
-        if !self.changed.is_empty() {
-            self.publish();
-        }
-        id
+    type Result = ResponseActFuture<Self, Result<u32, AgentError>>;
+    fn handle(&mut self, msg: AllocateIdentity, _: &mut Self::Context) -> Self::Result {
+        let kv = match &self.kv {
+            Some(kv) if self.allocator.lookup(&msg.labels).is_none() => kv.clone(),
+            _ => {
+                let id = self.allocate(&msg.labels);
+                if !self.changed.is_empty() {
+                    self.publish();
+                }
+                return Box::pin(fut::ready(Ok(id)));
+            }
+        };
+        let labels = msg.labels;
+        let asked = labels.clone();
+        Box::pin(async move { kv.allocate(&asked, None).await }.into_actor(self).map(move |res, act, _| {
+            let wanted = res.map_err(|e| AgentError::Kvstore(e.to_string()))?;
+            let id = act.allocate_as(&labels, wanted);
+            if id != wanted {
+                act.release(id);
+                if !act.changed.is_empty() {
+                    act.publish();
+                }
+                return Err(AgentError::Kvstore(format!(
+                    "identity {wanted} of {labels} from etcd is held here by other labels (or the labels hold {id} here)"
+                )));
+            }
+            if !act.changed.is_empty() {
+                act.publish();
+            }
+            Ok(id)
+        }))
     }
 }
 
@@ -201,13 +255,17 @@ impl Handler<UpsertReservedPrefix> for IdentityCache {
 }
 
 /// Adds or replaces a pod of another node (key e.g. `namespace/name`): takes a reference
-/// on the identity of `labels` and maps `ips` to it. Answers the identity.
+/// on the identity of `labels` and maps `ips` to it. Answers the identity. With
+/// `identity` (kvstore mode: the cluster's number) the labels get that number; if this
+/// node cannot give it to them (taken here by other labels), nothing is mapped (the
+/// addresses stay world) and the answer is 0.
 #[derive(Message)]
 #[rtype(result = "u32")]
 pub struct UpsertRemoteEndpoint {
     pub key: String,
     pub labels: LabelSet,
     pub ips: Vec<IpAddr>,
+    pub identity: Option<u32>,
 }
 
 impl Handler<UpsertRemoteEndpoint> for IdentityCache {
@@ -216,7 +274,21 @@ impl Handler<UpsertRemoteEndpoint> for IdentityCache {
         let mut ips = msg.ips;
         ips.sort();
         ips.dedup();
-        let id = self.allocate(&msg.labels);
+        let id = match msg.identity {
+            None => self.allocate(&msg.labels),
+            Some(wanted) => {
+                let id = self.allocate_as(&msg.labels, wanted);
+                if id != wanted {
+                    tracing::error!(endpoint = %msg.key, identity = wanted, here = id, labels = %msg.labels, "remote endpoint's identity is held here by other labels; its addresses stay world");
+                    self.release(id);
+                    if !self.changed.is_empty() {
+                        self.publish();
+                    }
+                    return 0;
+                }
+                id
+            }
+        };
         let new = RemoteEndpoint { identity: id, ips };
         let old = self.ipcache.upsert_remote(&msg.key, new.clone());
         let mut changed = old.as_ref() != Some(&new);
