@@ -107,6 +107,21 @@ async fn the_same_label_set_asked_by_every_node_at_once_gets_one_identity() {
         assert_eq!(h.len(), nodes.len(), "every node holds {app}: {h:?}");
         assert!(h.values().all(|v| *v == id), "{h:?}");
     }
+    // Each node proposing another free number for the same new label set (as restarted
+    // agents with different saved numbers would): still one number.
+    let mut tasks = Vec::new();
+    for (i, kv) in nodes.iter().enumerate() {
+        let kv = kv.clone();
+        let wanted = 500 + u32::try_from(i).unwrap();
+        tasks.push(tokio::spawn(async move { kv.allocate(&set("contended"), Some(wanted)).await }));
+    }
+    let mut got = BTreeSet::new();
+    for t in tasks {
+        got.insert(t.await.unwrap().unwrap());
+    }
+    assert_eq!(got.len(), 1, "one label set, several numbers: {got:?}");
+    let m = masters(&nodes[0]).await;
+    assert_eq!(m.values().filter(|l| **l == label_key(&set("contended"))).count(), 1, "{m:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
