@@ -147,6 +147,22 @@ impl Kv {
         Ok(self.bounded(c.lease_grant(ttl, None)).await?.id())
     }
 
+    /// The current lease; a node starting (or whose lease was just lost) may wait up to the
+    /// request timeout for the publisher to get one.
+    async fn wait_lease(&self) -> Result<i64, KvError> {
+        let start = std::time::Instant::now();
+        loop {
+            let lease = self.lease();
+            if lease != 0 {
+                return Ok(lease);
+            }
+            if start.elapsed() >= self.op_timeout {
+                return Err(KvError::NoLease);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// This node's key for a label set.
     fn own_value_key(&self, labels_key: &str) -> String {
         format!("{}{}", value_prefix(labels_key), self.node)
@@ -182,10 +198,7 @@ impl Kv {
         let prefix = value_prefix(&lkey);
         let mine = self.own_value_key(&lkey);
         for _ in 0..MAX_ATTEMPTS {
-            let lease = self.lease();
-            if lease == 0 {
-                return Err(KvError::NoLease);
-            }
+            let lease = self.wait_lease().await?;
             let put_mine = |id: u32| TxnOp::put(mine.clone(), id.to_string(), Some(PutOptions::new().with_lease(lease)));
             let mut c = self.client();
             let holders = self.bounded(c.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
