@@ -206,9 +206,11 @@ impl Session {
             }
             if opts.kvstore {
                 let node0 = &plan.nodes[0];
-                let address = node0.ipv4.map(IpAddr::V4).or(node0.ipv6.map(IpAddr::V6)).ok_or_else(|| {
-                    SetupError::Unsupported("--kvstore: the first node has no address".into())
-                })?;
+                let address = node0
+                    .ipv4
+                    .map(IpAddr::V4)
+                    .or(node0.ipv6.map(IpAddr::V6))
+                    .ok_or_else(|| SetupError::Unsupported("--kvstore: the first node has no address".into()))?;
                 let etcd = crate::kvstore::TestbedEtcd::start(
                     &session.topology.node.netns,
                     address,

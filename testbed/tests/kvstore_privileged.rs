@@ -126,7 +126,8 @@ fn identities_agree_across_nodes_and_survive_a_wiped_etcd_and_a_killed_agent_pri
             probe("default/frontend", "default/backend", 9090, Deny),
             probe("default/other", "default/backend", 9090, Allow),
         ];
-        let expected: Vec<Observed> = flows.iter().map(|p| if p.expect == Allow { Observed::Allow } else { Observed::Deny }).collect();
+        let expected: Vec<Observed> =
+            flows.iter().map(|p| if p.expect == Allow { Observed::Allow } else { Observed::Deny }).collect();
         let check = async |session: &Session, when: &str| {
             let seen = observe(session, &flows).await;
             for ((s, why), want) in seen.iter().zip(&expected) {

@@ -66,7 +66,9 @@ async fn holders(kv: &Kv, labels: &LabelSet) -> BTreeMap<String, u32> {
     let resp = c.get(prefix.clone(), Some(GetOptions::new().with_prefix())).await.unwrap();
     resp.kvs()
         .iter()
-        .map(|kv| (kv.key_str().unwrap().strip_prefix(&prefix).unwrap().to_string(), kv.value_str().unwrap().parse().unwrap()))
+        .map(|kv| {
+            (kv.key_str().unwrap().strip_prefix(&prefix).unwrap().to_string(), kv.value_str().unwrap().parse().unwrap())
+        })
         .collect()
 }
 
@@ -226,7 +228,12 @@ async fn fake_node(etcd: &Etcd, name: &str, address: Ipv4Addr) -> FakeNode {
     let kv = Arc::new(Kv::connect(&opts.endpoints, name, OP_TIMEOUT).await.unwrap());
     agent.identities.send(UseKvstore(kv.clone())).await.unwrap();
     actix_rt::spawn(palisade_agent::kvstore::sync::run(agent.clone(), kv, opts));
-    agent.endpoints.send(UpsertNamespace { name: "default".into(), spec: NamespaceSpec::default() }).await.unwrap().unwrap();
+    agent
+        .endpoints
+        .send(UpsertNamespace { name: "default".into(), spec: NamespaceSpec::default() })
+        .await
+        .unwrap()
+        .unwrap();
     FakeNode { _tmp: tmp, agent, maps }
 }
 
@@ -240,7 +247,8 @@ async fn register(n: &FakeNode, name: &str, app: &str, ip: Ipv4Addr) -> Result<u
         interface: "lo".into(),
         ports: Vec::new(),
     };
-    let r = n.agent.endpoints.send(UpsertEndpoint { namespace: "default".into(), name: name.into(), spec }).await.unwrap();
+    let r =
+        n.agent.endpoints.send(UpsertEndpoint { namespace: "default".into(), name: name.into(), spec }).await.unwrap();
     r.map(|(ep, _)| ep.identity).map_err(|e| e.to_string())
 }
 

@@ -28,7 +28,12 @@ pub fn free_port() -> std::io::Result<u16> {
 
 /// Whether the `etcd` binary is installed.
 pub fn installed() -> bool {
-    Command::new("etcd").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 impl Etcd {
@@ -98,14 +103,21 @@ impl Etcd {
                 && let Some(status) = child.try_wait()?
             {
                 self.child = None;
-                return Err(std::io::Error::other(format!("etcd exited at start ({status}); see {}", self.log().display())));
+                return Err(std::io::Error::other(format!(
+                    "etcd exited at start ({status}); see {}",
+                    self.log().display()
+                )));
             }
             if TcpStream::connect_timeout(&self.client, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(std::io::Error::other(format!("etcd not listening on {} after {timeout:?}; see {}", self.client, self.log().display())))
+        Err(std::io::Error::other(format!(
+            "etcd not listening on {} after {timeout:?}; see {}",
+            self.client,
+            self.log().display()
+        )))
     }
 
     /// `http://ADDR:PORT`.

@@ -312,12 +312,16 @@ fn kvstore_options(args: &Args, cluster: &str) -> Result<Option<palisade_agent::
     }
     for url in &args.kvstore_endpoints {
         if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
-            return Err(format!("--kvstore-endpoints: {url:?} is not an http:// or https:// URL (e.g. http://127.0.0.1:2379)"));
+            return Err(format!(
+                "--kvstore-endpoints: {url:?} is not an http:// or https:// URL (e.g. http://127.0.0.1:2379)"
+            ));
         }
     }
-    let node = args.node_name.clone().filter(|n| !n.is_empty() && !n.contains('/')).ok_or(
-        "--kvstore etcd needs this node's name: --node-name NAME (or NODE_NAME), without '/'",
-    )?;
+    let node = args
+        .node_name
+        .clone()
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+        .ok_or("--kvstore etcd needs this node's name: --node-name NAME (or NODE_NAME), without '/'")?;
     if args.node_address.is_empty() {
         return Err("--kvstore etcd needs this node's address: --node-address IP[,IP]".into());
     }

@@ -45,7 +45,9 @@ pub enum KvError {
     Timeout(Duration),
     #[error("kvstore: etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
-    #[error("kvstore: this node holds no lease yet (etcd not reached since the agent started or since the lease was lost)")]
+    #[error(
+        "kvstore: this node holds no lease yet (etcd not reached since the agent started or since the lease was lost)"
+    )]
     NoLease,
     #[error(
         "kvstore: identity {id} of labels {labels} is held by other labels in etcd (a store restored from an old copy?)"
@@ -199,7 +201,8 @@ impl Kv {
         let mine = self.own_value_key(&lkey);
         for _ in 0..MAX_ATTEMPTS {
             let lease = self.wait_lease().await?;
-            let put_mine = |id: u32| TxnOp::put(mine.clone(), id.to_string(), Some(PutOptions::new().with_lease(lease)));
+            let put_mine =
+                |id: u32| TxnOp::put(mine.clone(), id.to_string(), Some(PutOptions::new().with_lease(lease)));
             let mut c = self.client();
             let holders = self.bounded(c.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
             if let Some(kv) = holders.kvs().first() {
@@ -275,7 +278,8 @@ impl Kv {
         let mut deleted = 0;
         for m in masters {
             let prefix = value_prefix(&m.labels);
-            let held = self.bounded(c.get(prefix.clone(), Some(GetOptions::new().with_prefix().with_count_only()))).await?;
+            let held =
+                self.bounded(c.get(prefix.clone(), Some(GetOptions::new().with_prefix().with_count_only()))).await?;
             if held.count() > 0 {
                 continue;
             }

@@ -76,7 +76,10 @@ async fn publish_loop(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
             match keep_alive(&kv, &mut keeper).await {
                 Ok(ttl) if ttl > 0 => last_alive = Instant::now(),
                 Ok(_) => {
-                    tracing::warn!(lease = kv.lease(), "kvstore: the lease is gone (expired or the store was emptied); publishing again under a new one");
+                    tracing::warn!(
+                        lease = kv.lease(),
+                        "kvstore: the lease is gone (expired or the store was emptied); publishing again under a new one"
+                    );
                     kv.set_lease(0);
                     continue;
                 }
@@ -137,7 +140,8 @@ async fn publish(agent: &Agent, kv: &Kv, opts: &KvOptions, published: &mut Publi
     for ep in &eps {
         values.insert(label_key(&ep.labels), (ep.labels.clone(), ep.identity));
         for ip in ep.ipv4.map(IpAddr::V4).into_iter().chain(ep.ipv6.map(IpAddr::V6)) {
-            let entry = IpEntry { ip, host_ip: host, id: ep.identity, namespace: ep.namespace.clone(), pod: ep.name.clone() };
+            let entry =
+                IpEntry { ip, host_ip: host, id: ep.identity, namespace: ep.namespace.clone(), pod: ep.name.clone() };
             ips.insert(ip, (ep.identity, serde_json::to_string(&entry).expect("plain struct")));
         }
     }
@@ -261,7 +265,8 @@ impl Mirror {
             if !all && self.applied.get(key) == Some(&(labels.clone(), *ip, *id)) {
                 continue;
             }
-            let msg = UpsertRemoteEndpoint { key: key.clone(), labels: labels.clone(), ips: vec![*ip], identity: Some(*id) };
+            let msg =
+                UpsertRemoteEndpoint { key: key.clone(), labels: labels.clone(), ips: vec![*ip], identity: Some(*id) };
             match agent.identities.send(msg).await {
                 Ok(got) if got == *id => {
                     self.applied.insert(key.clone(), (labels.clone(), *ip, *id));
@@ -327,7 +332,13 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
         previous = store.merged(&previous);
         previous_until = Instant::now() + grace;
         store = fresh;
-        tracing::info!(revision, identities = store.identities.len(), addresses = store.ips.len(), nodes = store.nodes.len(), "kvstore: store listed; watching");
+        tracing::info!(
+            revision,
+            identities = store.identities.len(),
+            addresses = store.ips.len(),
+            nodes = store.nodes.len(),
+            "kvstore: store listed; watching"
+        );
         mirror.apply(&agent, &store.merged(&previous), &opts).await;
         let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
         let mut stream = match kv.bounded(c.watch(layout::STATE, Some(options))).await {
