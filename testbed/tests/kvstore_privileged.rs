@@ -1,9 +1,10 @@
 //! Several nodes in kvstore mode, with real packets and a real etcd (in the first node's
 //! namespace): every scenario of fixtures/cluster run by the binary with `--kvstore` gets
 //! the verdicts it gets in file mode; the same label set has the same number on every node
-//! (`palisade identity list`); etcd wiped and restarted empty, then one agent SIGKILLed and
+//! (`palisade identity list`); etcd wiped and restarted empty, then one agent killed (SIGKILL) and
 //! restarted: the agents publish again, the numbers stay, the restarted agent learns the
-//! other nodes' pods from etcd again, and cross-node flows keep their verdicts.
+//! other nodes' pods from etcd again, and cross-node flows keep their verdicts; a node gone
+//! for good: once its lease expires its pods are world to the others.
 //! Needs root, etcd (ci/setup.sh) and the binaries built (`cargo build --bins`).
 mod common;
 
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use palisade_testbed::report::Observed;
+use palisade_testbed::scenario::Expect::{Allow, Deny};
 use palisade_testbed::session::Session;
 
 fn cluster_fixture(name: &str) -> PathBuf {
@@ -95,7 +97,7 @@ async fn identities(session: &Session, node: usize) -> BTreeMap<String, u32> {
 }
 
 #[test]
-fn identities_agree_across_nodes_and_survive_a_wiped_etcd_and_a_killed_agent_privileged() {
+fn identities_agree_across_nodes_and_survive_a_wiped_etcd_a_killed_agent_and_a_node_gone_privileged() {
     palisade_privileged::require_root!();
     if !etcd_or_skip() {
         return;
@@ -119,7 +121,6 @@ fn identities_agree_across_nodes_and_survive_a_wiped_etcd_and_a_killed_agent_pri
             };
             plan.extra_probe(&raw, 1000).unwrap()
         };
-        use palisade_testbed::scenario::Expect::{Allow, Deny};
         let flows = [
             probe("default/frontend", "default/backend", 8080, Allow),
             probe("default/client-c", "default/backend", 8080, Allow),
@@ -187,6 +188,26 @@ fn identities_agree_across_nodes_and_survive_a_wiped_etcd_and_a_killed_agent_pri
         })
         .await;
         check(&session, "after the wipe and node-b's restart").await;
+
+        // node-c gone for good (its agent SIGKILLed, not restarted): once its lease
+        // expires, node-b drops client-c's address (world again: denied at backend's
+        // ingress); frontend on node-a is untouched.
+        session.stop_agent_of(2, palisade_testbed::agent::StopHow::Kill).expect("node-c's agent stops");
+        let client_c_ip = format!("{}/32", plan.pods[3].ipv4.unwrap());
+        let client_b = session.client_of(1).unwrap();
+        eventually("node-b forgets node-c's pod after node-c's lease expired", async || {
+            let entries = client_b.ipcache().await.ok()?;
+            (!entries.iter().any(|e| e.prefix == client_c_ip)).then_some(())
+        })
+        .await;
+        let seen = observe(&session, &flows[..2]).await;
+        assert_eq!(seen[0].0, Observed::Allow, "{}", seen[0].1);
+        // Dropped by node-b's kernel at backend's ingress (node-c's agent is gone, so the
+        // testbed cannot ask it to explain the egress side: that part is an error).
+        assert!(matches!(seen[1].0, Observed::Deny | Observed::Error), "{}", seen[1].1);
+        assert!(seen[1].1.contains("dropped at ingress of default/backend"), "{}", seen[1].1);
+        // The label set is still node-a's: same number on node-b.
+        assert_eq!(identities(&session, 1).await.values().filter(|id| **id == frontend_id).count(), 1);
         session.down().await;
     });
     assert_eq!(leftovers(std::process::id()), Vec::<String>::new());

@@ -77,7 +77,7 @@ async fn the_same_label_set_asked_by_every_node_at_once_gets_one_identity() {
     let Some(etcd) = etcd_or_skip() else { return };
     let mut nodes = Vec::new();
     for i in 0..6 {
-        nodes.push(Arc::new(node(&etcd, &format!("node-{i}"), Duration::from_secs(60)).await));
+        nodes.push(Arc::new(node(&etcd, &format!("node-{i}"), Duration::from_mins(1)).await));
     }
     let apps = ["web", "db", "cache", "queue"];
     // Every node asks for every label set, all at the same moment.
@@ -129,8 +129,8 @@ async fn the_same_label_set_asked_by_every_node_at_once_gets_one_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbers_survive_an_emptied_store_and_unused_ones_are_collected() {
     let Some(mut etcd) = etcd_or_skip() else { return };
-    let a = node(&etcd, "node-a", Duration::from_secs(60)).await;
-    let b = node(&etcd, "node-b", Duration::from_secs(60)).await;
+    let a = node(&etcd, "node-a", Duration::from_mins(1)).await;
+    let b = node(&etcd, "node-b", Duration::from_mins(1)).await;
     let web = a.allocate(&set("web"), None).await.unwrap();
     let db = a.allocate(&set("db"), None).await.unwrap();
     assert_eq!((web, db), (256, 257));
@@ -143,7 +143,7 @@ async fn numbers_survive_an_emptied_store_and_unused_ones_are_collected() {
     // so the order of republishing does not decide the numbers).
     etcd.wipe(true).unwrap();
     for kv in [&a, &b] {
-        let lease = kv.grant(Duration::from_secs(60)).await.unwrap();
+        let lease = kv.grant(Duration::from_mins(1)).await.unwrap();
         kv.set_lease(lease);
     }
     assert!(masters(&a).await.is_empty());
@@ -184,7 +184,7 @@ async fn a_nodes_references_go_with_its_lease_and_nothing_new_is_given_while_etc
     let e = a.allocate(&set("web"), None).await.unwrap_err();
     assert!(e.lease_lost(), "{e}");
 
-    let lease = a.grant(Duration::from_secs(60)).await.unwrap();
+    let lease = a.grant(Duration::from_mins(1)).await.unwrap();
     a.set_lease(lease);
     assert_eq!(a.allocate(&set("web"), None).await.unwrap(), id, "the unused master key is reused");
     etcd.stop();
