@@ -1,7 +1,8 @@
 //! Several nodes in kvstore mode, with real packets and a real etcd (in the first node's
 //! namespace): every scenario of fixtures/cluster run by the binary with `--kvstore` gets
 //! the verdicts it gets in file mode; the same label set has the same number on every node
-//! (`palisade identity list`); etcd wiped and restarted empty, then one agent killed (SIGKILL) and
+//! (`palisade identity list`); etcd stopped for longer than a lease lives under continuous
+//! cross-node probes: no wrong verdict, then or after; etcd wiped and restarted empty, then one agent killed (SIGKILL) and
 //! restarted: the agents publish again, the numbers stay, the restarted agent learns the
 //! other nodes' pods from etcd again, and cross-node flows keep their verdicts; a node gone
 //! for good: once its lease expires its pods are world to the others.
@@ -9,7 +10,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use common::*;
 use palisade_testbed::report::Observed;
@@ -81,6 +86,30 @@ fn every_cluster_fixture_passes_in_kvstore_mode_privileged() {
     assert!(cross_node >= 8, "{cross_node} probes judged on two nodes");
     assert_eq!(leftovers(pid), Vec::<String>::new());
     assert_eq!(etcd_leftovers(pid), Vec::<String>::new());
+}
+
+/// From the namespace `ns` (frontend's), backend:8080 must connect and backend:9090 must
+/// get no answer, round after round until `stop` (at most 2 minutes); answers the rounds
+/// and what was wrong.
+fn probe_backend_continuously(ns: std::fs::File, backend: IpAddr, stop: Arc<AtomicBool>) -> (usize, Vec<String>) {
+    use palisade_testbed::probe::{self, Attempt};
+    palisade_testbed::netns::run_in(ns, move || {
+        let (mut rounds, mut wrong) = (0, Vec::new());
+        let start = Instant::now();
+        while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(120) {
+            rounds += 1;
+            let allowed = probe::tcp(SocketAddr::new(backend, 8080), Duration::from_secs(1));
+            if !matches!(allowed.attempt, Attempt::Answered) {
+                wrong.push(format!("round {rounds}: 8080 (allowed): {:?}", allowed.attempt));
+            }
+            let denied = probe::tcp(SocketAddr::new(backend, 9090), Duration::from_millis(150));
+            if !matches!(denied.attempt, Attempt::NoAnswer) {
+                wrong.push(format!("round {rounds}: 9090 (denied): {:?}", denied.attempt));
+            }
+        }
+        (rounds, wrong)
+    })
+    .expect("probing runs in frontend's namespace")
 }
 
 /// Every node's cluster identities: labels (sorted, joined) -> number.
@@ -157,6 +186,33 @@ fn identities_agree_across_nodes_and_survive_a_wiped_etcd_a_killed_agent_and_a_n
         }
         let numbers: BTreeSet<u32> = all.values().flatten().copied().collect();
         assert_eq!(numbers.len(), all.len(), "two label sets share a number: {all:?}");
+
+        // etcd stopped for longer than a lease lives, with frontend (node-a) probing backend
+        // (node-b) all along: not one wrong verdict while it is away, nor after it returns
+        // and the leases held while it was away have expired (the agents took new ones and
+        // published again; otherwise node-b would drop frontend and deny it).
+        let stop = Arc::new(AtomicBool::new(false));
+        let probing = {
+            let ns = session.topology().pods[0].netns.open().unwrap();
+            let backend = IpAddr::V4(plan.pods[2].ipv4.unwrap());
+            let stop = stop.clone();
+            std::thread::spawn(move || probe_backend_continuously(ns, backend, stop))
+        };
+        let etcd = session.etcd().unwrap();
+        etcd.stop();
+        tokio::time::sleep(Duration::from_secs(palisade_testbed::kvstore::LEASE_TTL_SECS + 2)).await;
+        etcd.restart().expect("etcd comes back");
+        tokio::time::sleep(Duration::from_secs(palisade_testbed::kvstore::LEASE_TTL_SECS * 2 + 2)).await;
+        for k in 0..3 {
+            palisade_testbed::agent::wait_remote_endpoints(session.client_of(k).unwrap(), &plan, k)
+                .await
+                .unwrap_or_else(|e| panic!("after etcd came back: {e}"));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (rounds, wrong) = probing.join().unwrap();
+        assert!(rounds >= 10, "{rounds} rounds");
+        assert!(wrong.is_empty(), "{} wrong verdicts in {rounds} rounds: {wrong:?}", wrong.len());
+        check(&session, "after etcd was away").await;
 
         // etcd wiped and restarted empty: every agent publishes again.
         session.etcd().unwrap().wipe().expect("etcd comes back empty");
