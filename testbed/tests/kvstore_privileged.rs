@@ -269,3 +269,33 @@ fn identities_agree_across_nodes_and_survive_a_wiped_etcd_a_killed_agent_and_a_n
     assert_eq!(leftovers(std::process::id()), Vec::<String>::new());
     assert_eq!(etcd_leftovers(std::process::id()), Vec::<String>::new());
 }
+
+/// `up --kvstore` / `probe` / `down`: the etcd starts with the instance and goes with it.
+#[test]
+fn up_probe_down_in_kvstore_mode_privileged() {
+    palisade_privileged::require_root!();
+    if !etcd_or_skip() {
+        return;
+    }
+    built_agent();
+    let root = tempfile::tempdir().unwrap();
+    let file = cluster_fixture("three-nodes-frontend-backend.yaml");
+    let testbed = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env("PALISADE_TESTBED_STATE_DIR", root.path())
+            .output()
+            .expect("palisade-testbed runs");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}\n{}", text(&out.stdout), text(&out.stderr));
+        text(&out.stdout)
+    };
+    testbed(&["up", "--kvstore", file.to_str().unwrap()]);
+    let state = palisade_testbed::instance::InstanceState::load(&root.path().join("default")).unwrap().unwrap();
+    assert_eq!(etcd_leftovers(state.holder.pid).len(), 1, "one etcd runs for the instance");
+    let out = testbed(&["probe", "default/client-c", "default/backend", "8080/TCP"]);
+    assert!(out.contains("8080/TCP: allow") && out.contains("egress node-c, ingress node-b"), "{out}");
+    testbed(&["down"]);
+    assert!(state.holder.wait_gone(Duration::from_secs(10)));
+    assert_eq!(leftovers(state.holder.pid), Vec::<String>::new());
+    assert_eq!(etcd_leftovers(state.holder.pid), Vec::<String>::new());
+}

@@ -320,3 +320,49 @@ async fn two_agents_share_identities_and_pod_addresses_through_etcd() {
     assert_eq!(register(&a, "web3", "web", Ipv4Addr::new(10, 200, 1, 13)).await.unwrap(), web);
     assert!(has(&a.maps, [10, 201, 1, 10]), "known remote pods stay while etcd is away");
 }
+
+/// Bad kvstore flags: the agent says what is wrong and exits before touching anything
+/// (the bpffs directory given is never created).
+#[test]
+fn bad_kvstore_flags_are_refused_with_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bpffs = tmp.path().join("bpffs");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
+            .arg("--bpffs")
+            .arg(&bpffs)
+            .arg("--state-dir")
+            .arg(tmp.path().join("state"))
+            .args(["--metrics-address", "off"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run(&["--kvstore", "etcd"]);
+    assert!(e.contains("--kvstore etcd needs --kvstore-endpoints"), "{e}");
+    let e = run(&["--kvstore", "etcd", "--kvstore-endpoints", "127.0.0.1:2379"]);
+    assert!(e.contains("is not an http:// or https:// URL"), "{e}");
+    let e = run(&["--kvstore", "etcd", "--kvstore-endpoints", "http://127.0.0.1:2379"]);
+    assert!(e.contains("--node-name"), "{e}");
+    let e = run(&["--kvstore", "etcd", "--kvstore-endpoints", "http://127.0.0.1:2379", "--node-name", "a"]);
+    assert!(e.contains("--node-address"), "{e}");
+    let both = [
+        "--kvstore",
+        "etcd",
+        "--kvstore-endpoints",
+        "http://127.0.0.1:2379",
+        "--node-name",
+        "a",
+        "--node-address",
+        "10.0.0.1",
+        "--remote-endpoints",
+        "/nonexistent",
+    ];
+    let e = run(&both);
+    assert!(e.contains("choose one"), "{e}");
+    let e = run(&[&both[..8], &["--kvstore-lease-ttl", "0"]].concat());
+    assert!(e.contains("--kvstore-lease-ttl 0: must be 1..=3600"), "{e}");
+    assert!(!bpffs.exists(), "a refused start created {}", bpffs.display());
+}
