@@ -316,9 +316,28 @@ async fn two_agents_share_identities_and_pod_addresses_through_etcd() {
     etcd.stop();
     let e = register(&a, "new", "new", Ipv4Addr::new(10, 200, 1, 12)).await.unwrap_err();
     assert!(e.contains("kvstore") && e.contains("nothing new is allowed"), "{e}");
-    // A label set held already still registers (its number is known here).
+    // A label set held already still registers (its number is known here), but cannot be
+    // published: node-b does not know web3 (world there) until etcd is back.
     assert_eq!(register(&a, "web3", "web", Ipv4Addr::new(10, 200, 1, 13)).await.unwrap(), web);
+    // And a pod removed on node-b meanwhile stays known on node-a until etcd is back.
+    b.agent
+        .endpoints
+        .send(palisade_agent::actors::endpoints::DeleteEndpoint { namespace: "default".into(), name: "web2".into() })
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(has(&a.maps, [10, 201, 1, 10]), "known remote pods stay while etcd is away");
+    assert!(has(&a.maps, [10, 201, 1, 11]), "nothing is forgotten while etcd is away");
+    assert!(!has(&b.maps, [10, 200, 1, 13]), "web3 is not known on node-b before etcd is back");
+    etcd.restart(true).unwrap();
+    let back = Instant::now();
+    eventually("node-b learns web3 and node-a forgets web2 once etcd is back", async || {
+        has(&b.maps, [10, 200, 1, 13]) && !has(&a.maps, [10, 201, 1, 11])
+    })
+    .await;
+    eprintln!("converged {:?} after etcd came back", back.elapsed());
+    assert!(has(&a.maps, [10, 201, 1, 10]));
 }
 
 /// Bad kvstore flags: the agent says what is wrong and exits before touching anything
