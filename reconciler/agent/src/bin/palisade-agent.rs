@@ -233,6 +233,8 @@ fn main() -> std::process::ExitCode {
             }
         };
         if let Some(opts) = kvstore {
+            // Not ready before the first complete list of the store (the other nodes' pods).
+            palisade_agent::metrics::readiness().expect_source(palisade_agent::metrics::SOURCE_KVSTORE);
             let kv = palisade_agent::kvstore::Kv::connect(&opts.endpoints, &opts.node, opts.op_timeout)
                 .await
                 .map_err(|e| e.to_string())?;

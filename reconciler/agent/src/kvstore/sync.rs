@@ -340,6 +340,9 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
             "kvstore: store listed; watching"
         );
         mirror.apply(&agent, &store.merged(&previous), &opts).await;
+        if let Ok(revision) = agent.resolver.send(crate::actors::resolver::CurrentRevision).await {
+            crate::metrics::readiness().source_synced(crate::metrics::SOURCE_KVSTORE, revision);
+        }
         let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
         let mut stream = match kv.bounded(c.watch(layout::STATE, Some(options))).await {
             Ok(s) => s,
