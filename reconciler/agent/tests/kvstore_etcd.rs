@@ -296,6 +296,18 @@ async fn two_agents_share_identities_and_pod_addresses_through_etcd() {
     };
     eventually("node-a's maps hold node-b's db", async || has(&a.maps, [10, 201, 1, 10])).await;
 
+    // A key of node-a removed behind its back (an operator, a bad script): node-a puts it
+    // back.
+    let probe = Kv::connect(&[etcd.url()], "probe", OP_TIMEOUT).await.unwrap();
+    let web_key = format!("cilium/state/ip/v1/default/{web_ip}");
+    let mut c = probe.client();
+    assert_eq!(c.delete(web_key.clone(), None).await.unwrap().deleted(), 1);
+    eventually("node-a publishes its removed key again", async || {
+        let mut c = probe.client();
+        c.get(web_key.clone(), None).await.is_ok_and(|r| r.count() == 1)
+    })
+    .await;
+
     // etcd wiped: both agents publish again, the numbers stay.
     etcd.wipe(true).unwrap();
     let probe = Kv::connect(&[etcd.url()], "probe", OP_TIMEOUT).await.unwrap();

@@ -92,6 +92,11 @@ pub struct Kv {
     /// The node's lease, 0 while it has none.
     lease: AtomicI64,
     op_timeout: Duration,
+    /// Keys of this node that it is deleting itself (the watcher's delete events of the
+    /// others mean someone else removed them).
+    own_deletes: std::sync::Mutex<BTreeSet<String>>,
+    /// Someone removed a key this node published: publish everything again.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 /// A master key: its identity, label set key form and revision.
@@ -111,7 +116,14 @@ impl Kv {
             .with_timeout(op_timeout)
             .with_keep_alive(Duration::from_secs(2), op_timeout);
         let client = Client::connect(endpoints, Some(options)).await?;
-        Ok(Kv { client, node: node.to_string(), lease: AtomicI64::new(0), op_timeout })
+        Ok(Kv {
+            client,
+            node: node.to_string(),
+            lease: AtomicI64::new(0),
+            op_timeout,
+            own_deletes: std::sync::Mutex::default(),
+            dirty: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     pub fn node(&self) -> &str {
@@ -129,6 +141,29 @@ impl Kv {
 
     pub fn set_lease(&self, id: i64) {
         self.lease.store(id, Ordering::SeqCst);
+    }
+
+    fn own_deletes(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.own_deletes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The watcher saw `key`, one of this node's keys, deleted: unless this node deleted it
+    /// itself, everything is published again (Cilium's "recreated on removal").
+    pub fn note_own_key_deleted(&self, key: &str) {
+        if !self.own_deletes().remove(key) {
+            tracing::warn!(key, "kvstore: a key of this node was removed by someone else; publishing again");
+            self.dirty.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a key of this node was removed behind its back since the last call.
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::SeqCst)
+    }
+
+    /// Whether `key` under `cilium/state/identities/v1/value/` is this node's.
+    pub fn is_own_value_key(&self, key: &str) -> bool {
+        key.starts_with(layout::VALUES) && key.rsplit_once('/').is_some_and(|(_, node)| node == self.node)
     }
 
     /// `fut`, bounded by the request timeout.
@@ -262,9 +297,7 @@ impl Kv {
 
     /// Drops this node's reference on `labels` (its per-node key).
     pub async fn release(&self, labels_key: &str) -> Result<(), KvError> {
-        let mut c = self.client();
-        self.bounded(c.delete(self.own_value_key(labels_key), None)).await?;
-        Ok(())
+        self.delete(self.own_value_key(labels_key)).await
     }
 
     /// Deletes the master keys that no node held at the last pass (`candidates`, with the
@@ -313,9 +346,16 @@ impl Kv {
         Ok(())
     }
 
+    /// Deletes one of this node's keys.
     pub async fn delete(&self, key: String) -> Result<(), KvError> {
+        self.own_deletes().insert(key.clone());
         let mut c = self.client();
-        self.bounded(c.delete(key, None)).await?;
+        let resp = self.bounded(c.delete(key.clone(), None)).await;
+        if !matches!(&resp, Ok(r) if r.deleted() > 0) {
+            // No delete event will come for it.
+            self.own_deletes().remove(&key);
+        }
+        resp?;
         Ok(())
     }
 }

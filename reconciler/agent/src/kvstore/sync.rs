@@ -93,6 +93,9 @@ async fn publish_loop(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
                 }
             }
         }
+        if kv.take_dirty() {
+            published = Published::default();
+        }
         if let Err(e) = publish(&agent, &kv, &opts, &mut published).await {
             if e.lease_lost() {
                 tracing::warn!("kvstore: the lease is gone; publishing again under a new one");
@@ -371,6 +374,11 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
                     match ev.event_type() {
                         EventType::Put => store.put(&opts.cluster, key, kvp.value()),
                         EventType::Delete => {
+                            let own_ip = store.ips.get(key).is_some_and(|e| opts.node_addresses.contains(&e.host_ip));
+                            let own_node = key == format!("{}{}", layout::nodes_prefix(&opts.cluster), opts.node);
+                            if own_ip || own_node || kv.is_own_value_key(key) {
+                                kv.note_own_key_deleted(key);
+                            }
                             store.delete(key);
                             previous.delete(key);
                         }
