@@ -96,7 +96,7 @@ fn probe_backend_continuously(ns: std::fs::File, backend: IpAddr, stop: Arc<Atom
     palisade_testbed::netns::run_in(ns, move || {
         let (mut rounds, mut wrong) = (0, Vec::new());
         let start = Instant::now();
-        while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(120) {
+        while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_mins(2) {
             rounds += 1;
             let allowed = probe::tcp(SocketAddr::new(backend, 8080), Duration::from_secs(1));
             if !matches!(allowed.attempt, Attempt::Answered) {
