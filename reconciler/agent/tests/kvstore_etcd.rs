@@ -207,6 +207,8 @@ struct FakeNode {
     _tmp: tempfile::TempDir,
     agent: Agent,
     maps: FakeMaps,
+    /// The lease keeper and publisher (aborted: the node is gone, its lease expires).
+    publisher: tokio::task::JoinHandle<()>,
 }
 
 async fn fake_node(etcd: &Etcd, name: &str, address: Ipv4Addr) -> FakeNode {
@@ -227,14 +229,14 @@ async fn fake_node(etcd: &Etcd, name: &str, address: Ipv4Addr) -> FakeNode {
     };
     let kv = Arc::new(Kv::connect(&opts.endpoints, name, OP_TIMEOUT).await.unwrap());
     agent.identities.send(UseKvstore(kv.clone())).await.unwrap();
-    actix_rt::spawn(palisade_agent::kvstore::sync::run(agent.clone(), kv, opts));
+    let publisher = actix_rt::spawn(palisade_agent::kvstore::sync::run(agent.clone(), kv, opts));
     agent
         .endpoints
         .send(UpsertNamespace { name: "default".into(), spec: NamespaceSpec::default() })
         .await
         .unwrap()
         .unwrap();
-    FakeNode { _tmp: tmp, agent, maps }
+    FakeNode { _tmp: tmp, agent, maps, publisher }
 }
 
 /// Registers `default/<name>` (app=<app>) on the loopback interface; answers its identity.
@@ -350,6 +352,19 @@ async fn two_agents_share_identities_and_pod_addresses_through_etcd() {
     .await;
     eprintln!("converged {:?} after etcd came back", back.elapsed());
     assert!(has(&a.maps, [10, 201, 1, 10]));
+
+    // node-b gone for good (nothing keeps its lease alive): once the lease expires node-a
+    // forgets node-b's pods and node-b's address is no longer remote-node.
+    let ident = |maps: &FakeMaps, ip: [u8; 4]| {
+        maps.state().ipcache_host_v4.get(&palisade_common::Ipv4Prefix { addr: ip }).map(|v| v.identity)
+    };
+    assert_eq!(ident(&a.maps, [10, 201, 0, 1]), Some(palisade_common::identity::REMOTE_NODE));
+    b.publisher.abort();
+    eventually("node-a forgets node-b after its lease expired", async || {
+        !has(&a.maps, [10, 201, 1, 10]) && ident(&a.maps, [10, 201, 0, 1]).is_none()
+    })
+    .await;
+    assert!(has(&a.maps, [10, 200, 1, 10]), "node-a's own pod stays");
 }
 
 /// Bad kvstore flags: the agent says what is wrong and exits before touching anything

@@ -28,6 +28,9 @@ pub struct IdentityCache {
     state: Option<crate::state::StateDir>,
     /// Kvstore mode: new label sets get their numbers from etcd.
     kv: Option<Arc<crate::kvstore::Kv>>,
+    /// Kvstore mode: the other nodes' addresses that the node registry made remote-node
+    /// (not saved: they come back from etcd; an address the API set is the API's).
+    kv_nodes: std::collections::BTreeSet<Prefix>,
 }
 
 impl IdentityCache {
@@ -41,6 +44,7 @@ impl IdentityCache {
             resolver,
             state,
             kv: None,
+            kv_nodes: std::collections::BTreeSet::new(),
         };
         c.load_state();
         c
@@ -145,6 +149,7 @@ impl Supervised for IdentityCache {
     fn restarting(&mut self, _: &mut Self::Context) {
         self.allocator = IdentityAllocator::new();
         self.ipcache = ExternalIpcache::default();
+        self.kv_nodes.clear();
         self.load_state();
     }
 }
@@ -246,11 +251,51 @@ impl Handler<UpsertReservedPrefix> for IdentityCache {
     fn handle(&mut self, msg: UpsertReservedPrefix, _: &mut Self::Context) -> Self::Result {
         let prefix = parse_prefix(&msg.cidr)?;
         let id = entity_identity(msg.entity);
+        // Set through the API: the API's from now on, whatever the node registry says.
+        self.kv_nodes.remove(&prefix);
         if self.ipcache.upsert_reserved(prefix, id) {
             self.save_reserved(&msg.cidr, msg.entity);
             self.publish();
         }
         Ok(())
+    }
+}
+
+/// Kvstore mode: the other nodes' addresses in the node registry, all of them (level-based).
+/// New ones get remote-node unless the address has a reserved identity already; those the
+/// registry made remote-node and no longer lists (a node gone, its lease expired) lose it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetKvstoreNodes {
+    pub addresses: std::collections::BTreeSet<IpAddr>,
+}
+
+impl Handler<SetKvstoreNodes> for IdentityCache {
+    type Result = ();
+    fn handle(&mut self, msg: SetKvstoreNodes, _: &mut Self::Context) {
+        let want: std::collections::BTreeSet<Prefix> =
+            msg.addresses.iter().map(|ip| (*ip, if ip.is_ipv4() { 32 } else { 128 })).collect();
+        let mut changed = false;
+        for p in &want {
+            if !self.kv_nodes.contains(p) && self.ipcache.reserved(p).is_none() {
+                self.ipcache.upsert_reserved(*p, palisade_common::identity::REMOTE_NODE);
+                self.kv_nodes.insert(*p);
+                tracing::info!(address = %p.0, "kvstore: node address is remote-node");
+                changed = true;
+            }
+        }
+        let gone: Vec<Prefix> = self.kv_nodes.iter().filter(|p| !want.contains(*p)).copied().collect();
+        for p in gone {
+            self.kv_nodes.remove(&p);
+            if self.ipcache.reserved(&p) == Some(palisade_common::identity::REMOTE_NODE) {
+                self.ipcache.remove_reserved(&p);
+                tracing::info!(address = %p.0, "kvstore: node gone from the registry; its address is world again");
+                changed = true;
+            }
+        }
+        if changed {
+            self.publish();
+        }
     }
 }
 

@@ -12,8 +12,7 @@ use super::layout::{self, Entry, IpEntry, NodeAddress, NodeEntry, label_key};
 use super::{Kv, KvError, KvOptions};
 use crate::actors::Agent;
 use crate::actors::endpoints::ListEndpoints;
-use crate::actors::identity::{RemoveRemoteEndpoint, UpsertRemoteEndpoint, UpsertReservedPrefix};
-use crate::api::types::ReservedEntity;
+use crate::actors::identity::{RemoveRemoteEndpoint, SetKvstoreNodes, UpsertRemoteEndpoint};
 
 /// Runs the lease, the publisher and the watcher until the agent stops.
 pub async fn run(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
@@ -284,17 +283,17 @@ impl Mirror {
                 self.applied.remove(&key);
             }
         }
-        for node in store.nodes.values() {
-            if node.name == opts.node {
-                continue;
-            }
-            for a in &node.addresses {
-                if all || !self.remote_nodes.contains(&a.ip) {
-                    let msg = UpsertReservedPrefix { cidr: a.ip.to_string(), entity: ReservedEntity::RemoteNode };
-                    if matches!(agent.identities.send(msg).await, Ok(Ok(()))) {
-                        self.remote_nodes.insert(a.ip);
-                    }
-                }
+        let nodes: BTreeSet<IpAddr> = store
+            .nodes
+            .values()
+            .filter(|n| n.name != opts.node)
+            .flat_map(|n| n.addresses.iter().map(|a| a.ip))
+            .filter(|ip| !opts.node_addresses.contains(ip))
+            .collect();
+        if all || nodes != self.remote_nodes {
+            let msg = SetKvstoreNodes { addresses: nodes.clone() };
+            if agent.identities.send(msg).await.is_ok() {
+                self.remote_nodes = nodes;
             }
         }
     }
