@@ -153,7 +153,9 @@ impl FakeApi {
         st.gone_below = st.rv + 1;
     }
 
-    /// Serves kind `kind`'s collection or answers 404 for it (a CRD not installed); open
+    /// Serves kind `kind`'s collection or answers 404 for it, as when its CRD is deleted
+    /// (which deletes its objects: they are dropped here without watch events, so a
+    /// watcher learns it from the 404 alone; recreate them after serving it again). Open
     /// watches end either way.
     pub fn set_served(&self, kind: &str, served: bool) {
         {
@@ -162,6 +164,9 @@ impl FakeApi {
                 st.not_served.remove(collection_of(kind));
             } else {
                 st.not_served.insert(collection_of(kind));
+                if let Some(c) = st.collections.get_mut(collection_of(kind)) {
+                    c.objects.clear();
+                }
             }
         }
         self.poke(true);
