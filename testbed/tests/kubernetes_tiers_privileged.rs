@@ -123,6 +123,7 @@ fn tier_policies_through_the_api_server_privileged() {
         assert_eq!(verdicts(&session, &plan).await, [Deny, Allow]);
         let c = condition(&api, CNP, "accept-shop-clients", "True").await;
         assert_eq!(c["reason"], json!("Enforced"), "{c}");
+        eprintln!("accepted version's condition: {c}");
         let accept = serde_json::to_value(&plan.policies[1].manifest).unwrap();
 
         // 2. A priority change through the API: the Accept at 5 now decides first.
@@ -139,6 +140,7 @@ fn tier_policies_through_the_api_server_privileged() {
         assert_eq!(verdicts(&session, &plan).await, [Allow, Allow]);
         let c = condition(&api, CNP, "accept-shop-clients", "False").await;
         assert_eq!(c["reason"], json!("InvalidPreviousVersionEnforced"), "{c}");
+        eprintln!("rejected version's condition: {c}");
         assert!(c["message"].as_str().unwrap().contains("priority"), "{c}");
         // The other policy's condition is untouched by it.
         condition(&api, CNP, "deny-shop-clients", "True").await;
