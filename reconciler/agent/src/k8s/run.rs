@@ -88,11 +88,10 @@ fn watch_tier(client: &Client, kind: &'static str) -> std::pin::Pin<Box<dyn Stre
     let api = Api::<DynamicObject>::all_with(client.clone(), &tier_resource(kind));
     Box::pin(watcher::watcher(api, watcher::Config::default()).default_backoff().map(move |r| match r {
         Ok(ev) => Input::Tier(kind, Box::new(ev)),
-        Err(watcher::Error::InitialListFailed(kube::Error::Api(e)) | watcher::Error::WatchStartFailed(kube::Error::Api(e)))
-            if e.code == 404 =>
-        {
-            Input::TierNotServed(kind, e.message.clone())
-        }
+        Err(
+            watcher::Error::InitialListFailed(kube::Error::Api(e))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(e)),
+        ) if e.code == 404 => Input::TierNotServed(kind, e.message.clone()),
         Err(e) => Input::WatchError(kind, e.to_string()),
     }))
 }

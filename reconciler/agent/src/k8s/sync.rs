@@ -148,11 +148,9 @@ pub fn tier_condition(obj: &DynamicObject, node: &str, statuses: &[PolicyStatus]
     let (status, reason, message) = match (&st.error, st.ok) {
         (Some(e), _) if st.enforcing => ("False", "InvalidPreviousVersionEnforced", e.clone()),
         (Some(e), _) => ("False", "Invalid", e.clone()),
-        (None, true) if !st.annotations.is_empty() => (
-            "True",
-            "EnforcedWithWarnings",
-            st.annotations.values().cloned().collect::<Vec<_>>().join("; "),
-        ),
+        (None, true) if !st.annotations.is_empty() => {
+            ("True", "EnforcedWithWarnings", st.annotations.values().cloned().collect::<Vec<_>>().join("; "))
+        }
         (None, true) => ("True", "Enforced", format!("enforced by palisade on node {node}")),
         (None, false) => ("Unknown", "Pending", format!("not yet resolved by palisade on node {node}")),
     };
@@ -297,7 +295,10 @@ mod tests {
         }))
         .unwrap();
         let good = tier_condition(&obj, "n1", &[st(true, None, vec![])], &t1).unwrap();
-        assert_eq!((good.type_.as_str(), good.status.as_str(), good.reason.as_str()), ("Ready-On-Node-n1", "True", "Enforced"));
+        assert_eq!(
+            (good.type_.as_str(), good.status.as_str(), good.reason.as_str()),
+            ("Ready-On-Node-n1", "True", "Enforced")
+        );
         assert_eq!(good.observed_generation, Some(4));
         // Written (with another node's condition beside it): nothing more to write.
         let other = serde_json::json!({"type": "Ready-On-Node-n2", "status": "False", "reason": "Invalid",
@@ -305,12 +306,14 @@ mod tests {
         obj.data["status"] = serde_json::json!({"conditions": [other, serde_json::to_value(&good).unwrap()]});
         assert!(tier_condition(&obj, "n1", &[st(true, None, vec![])], &t2).is_none());
         // Warnings: still True (same transition time), another reason.
-        let warned = tier_condition(&obj, "n1", &[st(true, None, vec!["domainNames: not enforced".into()])], &t2).unwrap();
+        let warned =
+            tier_condition(&obj, "n1", &[st(true, None, vec!["domainNames: not enforced".into()])], &t2).unwrap();
         assert_eq!((warned.status.as_str(), warned.reason.as_str()), ("True", "EnforcedWithWarnings"));
         assert_eq!(warned.last_transition_time, t1);
         assert!(warned.message.contains("domainNames"));
         // Rejected: False, the time moves; a kept previous version says so.
-        let bad = tier_condition(&obj, "n1", &[st(false, Some("spec.priority: 1001 is out of range"), vec![])], &t2).unwrap();
+        let bad =
+            tier_condition(&obj, "n1", &[st(false, Some("spec.priority: 1001 is out of range"), vec![])], &t2).unwrap();
         assert_eq!((bad.status.as_str(), bad.reason.as_str()), ("False", "Invalid"));
         assert_eq!(bad.last_transition_time, t2);
         assert!(bad.message.contains("spec.priority"));
