@@ -1,6 +1,6 @@
 //! The tier kinds in Kubernetes mode, live: the real agent fed only through the testbed's
-//! list/watch API server enforces ClusterNetworkPolicies, an AdminNetworkPolicy and the
-//! BaselineAdminNetworkPolicy with real packets, follows a priority change and deletes,
+//! list/watch API server enforces `ClusterNetworkPolicies`, an `AdminNetworkPolicy` and the
+//! `BaselineAdminNetworkPolicy` with real packets, follows a priority change and deletes,
 //! keeps enforcing the last good version when a new one is rejected (and says why in its
 //! status condition), and treats a kind the server stops serving (CRD removed) as empty.
 //! Needs root and the binaries built (`cargo build --bins`).
@@ -16,7 +16,7 @@ use palisade_testbed::scenario::Plan;
 use palisade_testbed::session::{KUBE_NODE, Session};
 use serde_json::{Value, json};
 
-const SCENARIO: &str = r#"
+const SCENARIO: &str = r"
 name: kubernetes-tiers-live
 namespaces:
   shop: {team: a}
@@ -50,9 +50,10 @@ policies:
 probes:
   - {from: shop/client, to: shop/server, port: 80, protocol: TCP, expect: deny}
   - {from: ops/probe, to: shop/server, port: 80, protocol: TCP, expect: allow}
-"#;
+";
 
 const READY: &str = "Ready-On-Node-";
+const CNP: &str = "ClusterNetworkPolicy";
 
 async fn verdicts(session: &Session, plan: &Plan) -> Vec<Observed> {
     session.probe_many(&plan.probes).await.into_iter().map(|r| r.observed).collect()
@@ -118,7 +119,6 @@ fn tier_policies_through_the_api_server_privileged() {
     rt.block_on(async {
         let session = Session::up(&plan, &opts, &names).await.expect("the scenario comes up in Kubernetes mode");
         let api = session.kube_api().expect("Kubernetes mode has an API server").clone();
-        const CNP: &str = "ClusterNetworkPolicy";
         // 1. As the scenario says: the Deny at priority 10 comes before the Accept at 20.
         assert_eq!(verdicts(&session, &plan).await, [Deny, Allow]);
         let c = condition(&api, CNP, "accept-shop-clients", "True").await;
