@@ -24,26 +24,8 @@ use frames::*;
 use palisade_agent::datapath::Hook;
 use palisade_common::{EndpointInfo, direction, endpoint_flags, identity, ipcache_flags, proto, reason};
 
-const EP_ID: u16 = 10;
-const POD: [u8; 4] = [10, 0, 0, 2];
-const PEER: [u8; 4] = [10, 0, 0, 1];
-const PEER_ID: u32 = 300;
-const OTHER: [u8; 4] = [10, 0, 0, 3];
-const OTHER_ID: u32 = 301;
-const OTHER_IF: u32 = 4242;
-const UPLINK_IF: u32 = 77;
-const NODE: [u8; 4] = [10, 0, 0, 254];
-const WORLD: [u8; 4] = [203, 0, 113, 7];
 const CIDR_HOST: [u8; 4] = [192, 0, 2, 9];
 const CIDR_ID: u32 = identity::LOCAL_SCOPE | 1;
-const POD6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-const PEER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const OTHER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
-const NODE6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe];
-const WORLD6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
-const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-const GATEWAY_LL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const GLOBAL_MCAST: [u8; 16] = [0xff, 0x0e, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 const EPISODE: usize = 64;

@@ -11,6 +11,29 @@ use palisade_common::{
 
 use crate::common::PinDir;
 
+// The address plan of the fixture's node (the attack suite and the model test share it).
+
+pub const EP_ID: u16 = 10;
+pub const POD: [u8; 4] = [10, 0, 0, 2];
+pub const PEER: [u8; 4] = [10, 0, 0, 1];
+pub const PEER_ID: u32 = 300;
+/// Another pod of this node, on interface `OTHER_IF`.
+pub const OTHER: [u8; 4] = [10, 0, 0, 3];
+pub const OTHER_ID: u32 = 301;
+pub const OTHER_IF: u32 = 4242;
+/// An interface of the node that is no pod's (the uplink).
+pub const UPLINK_IF: u32 = 77;
+pub const NODE: [u8; 4] = [10, 0, 0, 254];
+pub const WORLD: [u8; 4] = [203, 0, 113, 7];
+pub const POD6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+pub const PEER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const OTHER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+pub const NODE6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe];
+pub const WORLD6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+pub const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+pub const GATEWAY_LL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
 pub const ETH_IPV4: u16 = 0x0800;
 pub const ETH_IPV6: u16 = 0x86dd;
 pub const ETH_ARP: u16 = 0x0806;
