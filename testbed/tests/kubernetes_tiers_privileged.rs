@@ -192,6 +192,17 @@ fn tier_policies_through_the_api_server_privileged() {
         session.wait_realized().await.unwrap();
         assert_eq!(verdicts(&session, &plan).await, [Allow, Deny]);
 
+        // 7. A namespace label change re-resolves the tier peers: ops is no longer team=ops,
+        //    the BaselineAdminNetworkPolicy's Deny stops matching it.
+        api.upsert(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ops", "labels": {"team": "tools"}}}));
+        eventually("ops relabelled", async || {
+            let ep = session.endpoints().await.ok()?.into_iter().find(|e| e.namespace == "ops")?;
+            ep.security_labels.iter().any(|l| l.contains("namespace.labels.team=tools")).then_some(())
+        })
+        .await;
+        session.wait_realized().await.unwrap();
+        assert_eq!(verdicts(&session, &plan).await, [Allow, Allow]);
+
         session.down().await;
     });
     assert_eq!(netns::list_with_prefix(&names.prefix), Vec::<String>::new());
