@@ -307,7 +307,7 @@ pub fn tier_crds() -> Vec<CustomResourceDefinition> {
 /// [`tier_crds`] as one multi-document YAML text.
 pub fn tier_crds_yaml() -> String {
     let mut out = String::from(
-        "# Generated from reconciler/agent/src/k8s/crd.rs (test k8s_deploy::crds_are_up_to_date);\n\
+        "# Generated from reconciler/agent/src/k8s/crd.rs (test k8s_deploy::tier_crds_are_up_to_date_cluster_scoped_with_conditions_and_status);\n\
          # apply only on clusters without the kubernetes-sigs/network-policy-api CRDs (theirs serve the same resources).\n",
     );
     for crd in tier_crds() {
