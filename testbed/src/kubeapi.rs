@@ -432,3 +432,52 @@ pub fn plan_objects(plan: &Plan, node: &str) -> Vec<Value> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(node: &str, status: &str) -> Bytes {
+        Bytes::from(
+            json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+                "metadata": {"name": "guard"},
+                "status": {"conditions": [{"type": format!("Ready-On-Node-{node}"), "status": status,
+                    "reason": "Enforced", "message": "", "lastTransitionTime": "2026-12-02T12:00:00Z"}]}})
+            .to_string(),
+        )
+    }
+
+    #[tokio::test]
+    async fn server_side_apply_of_the_status_merges_conditions_by_type() {
+        let api = FakeApi::new();
+        api.upsert(json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "guard"}, "spec": {"tier": "Admin", "priority": 1}}));
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/apply-patch+yaml".parse().unwrap());
+        let uri: Uri =
+            "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies/guard/status?fieldManager=x&force=true"
+                .parse()
+                .unwrap();
+        for (node, status) in [("a", "True"), ("b", "False"), ("a", "False")] {
+            let r = api.clone().handle(Method::PATCH, uri.clone(), headers.clone(), apply(node, status)).await;
+            assert_eq!(r.status(), StatusCode::OK);
+        }
+        let obj = api.get("ClusterNetworkPolicy", "guard").unwrap();
+        let conditions = obj["status"]["conditions"].as_array().unwrap();
+        let summary: Vec<(&str, &str)> =
+            conditions.iter().map(|c| (c["type"].as_str().unwrap(), c["status"].as_str().unwrap())).collect();
+        assert_eq!(summary, [("Ready-On-Node-a", "False"), ("Ready-On-Node-b", "False")]);
+        assert_eq!(obj["spec"]["priority"], json!(1), "the spec is untouched");
+        // A NetworkPolicy has no status subresource; a CNP's status path is namespaced.
+        assert!(status_target("/apis/networking.k8s.io/v1/namespaces/s/networkpolicies/x/status").is_none());
+        assert_eq!(
+            status_target("/apis/cilium.io/v2/namespaces/shop/ciliumnetworkpolicies/web/status"),
+            Some(("CiliumNetworkPolicy", "shop/web".to_string()))
+        );
+        // Not served: 404 for lists.
+        api.set_served("ClusterNetworkPolicy", false);
+        let list: Uri = "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies".parse().unwrap();
+        let r = api.clone().handle(Method::GET, list, HeaderMap::new(), Bytes::new()).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    }
+}
