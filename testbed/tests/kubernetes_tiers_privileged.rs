@@ -145,6 +145,19 @@ fn tier_policies_through_the_api_server_privileged() {
         // The other policy's condition is untouched by it.
         condition(&api, CNP, "deny-shop-clients", "True").await;
 
+        // A new object that was never valid (an unknown tier): rejected, reported, nothing
+        // enforced from it.
+        let middle = json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": CNP,
+            "metadata": {"name": "middle"},
+            "spec": {"tier": "Middle", "priority": 0, "subject": {"namespaces": {}},
+                     "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}});
+        apply(&session, &api, middle, false).await;
+        assert_eq!(verdicts(&session, &plan).await, [Allow, Allow]);
+        let c = condition(&api, CNP, "middle", "False").await;
+        assert_eq!(c["reason"], json!("Invalid"), "{c}");
+        assert!(c["message"].as_str().unwrap().contains("spec.tier"), "{c}");
+        delete(&session, &api, CNP, "middle").await;
+
         // 4. The good version back, then deleted: the Deny decides again.
         apply(&session, &api, first, true).await;
         condition(&api, CNP, "accept-shop-clients", "True").await;
