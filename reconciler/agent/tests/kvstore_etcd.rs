@@ -264,7 +264,7 @@ async fn identity_of(n: &FakeNode, app: &str) -> Option<u32> {
 async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
     let start = Instant::now();
     while !cond().await {
-        assert!(start.elapsed() < Duration::from_secs(15), "not within 15 s: {what}");
+        assert!(start.elapsed() < Duration::from_secs(20), "not within 20 s: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -411,4 +411,53 @@ fn bad_kvstore_flags_are_refused_with_what_to_do() {
     let e = run(&[&both[..8], &["--kvstore-lease-ttl", "0"]].concat());
     assert!(e.contains("--kvstore-lease-ttl 0: must be 1..=3600"), "{e}");
     assert!(!bpffs.exists(), "a refused start created {}", bpffs.display());
+}
+
+/// After a wipe someone else's labels took this node's number first: the node does not
+/// publish that label set's pods under it (other nodes would give them the wrong labels),
+/// and publishes them once the number is free again.
+#[actix::test]
+async fn a_number_taken_by_other_labels_is_not_published_until_it_is_free() {
+    let Some(mut etcd) = etcd_or_skip() else { return };
+    let a = fake_node(&etcd, "node-a", Ipv4Addr::new(10, 200, 0, 1)).await;
+    let web_ip = Ipv4Addr::new(10, 200, 1, 10);
+    let mut web = Err(String::new());
+    let start = Instant::now();
+    while web.is_err() && start.elapsed() < Duration::from_secs(10) {
+        web = register(&a, "web", "web", web_ip).await;
+        if web.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let web = web.unwrap();
+    etcd.wipe(true).unwrap();
+    // At once, before node-a notices its lease is gone (it keeps it alive every second).
+    let probe = Kv::connect(&[etcd.url()], "probe", OP_TIMEOUT).await.unwrap();
+    let mut c = probe.client();
+    c.put(format!("{IDS}{web}"), "k8s:app=evil;", None).await.unwrap();
+    let node_key = "cilium/state/nodes/v1/default/node-a";
+    let ip_key = format!("cilium/state/ip/v1/default/{web_ip}");
+    let count = async |key: &str| {
+        let mut c = probe.client();
+        c.get(key, None).await.map(|r| r.count()).unwrap_or(-1)
+    };
+    eventually("node-a publishes itself again", async || count(node_key).await == 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(&ip_key).await, 0, "web published under a number etcd gives other labels");
+    assert!(holders(&probe, &set_of_web()).await.is_empty(), "node-a holds no reference on another number");
+    // The number free again: node-a publishes web with it (after its retry interval).
+    c.delete(format!("{IDS}{web}"), None).await.unwrap();
+    eventually("web is published once its number is free", async || count(&ip_key).await == 1).await;
+    assert_eq!(masters(&probe).await.get(&web).map(|l| l.contains("k8s:app=web;")), Some(true));
+}
+
+/// web's label set as a fake node derives it (namespace default, service account default).
+fn set_of_web() -> LabelSet {
+    LabelSet::for_pod(
+        "default",
+        &BTreeMap::new(),
+        &BTreeMap::from([("app".to_string(), "web".to_string())]),
+        "default",
+        "default",
+    )
 }

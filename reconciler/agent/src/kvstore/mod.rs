@@ -265,14 +265,15 @@ impl Kv {
                 }
                 continue;
             }
-            // Nobody holds it: reuse an unused master key of the same labels (not yet
-            // collected), else create one.
+            // Nobody holds it: the number asked for if it is free (the node keeps its
+            // numbers), else an unused master key of the same labels (not yet collected),
+            // else a new one.
             let masters = self.masters().await?;
             let stale = masters.iter().find(|m| m.labels == lkey).map(|m| m.id);
             let used: BTreeSet<u32> = masters.iter().map(|m| m.id).collect();
-            let (id, fresh) = match (stale, wanted) {
-                (Some(id), _) => (id, false),
-                (None, Some(w)) if (FIRST_CLUSTER..LOCAL_SCOPE).contains(&w) && !used.contains(&w) => (w, true),
+            let (id, fresh) = match (wanted, stale) {
+                (Some(w), _) if (FIRST_CLUSTER..LOCAL_SCOPE).contains(&w) && !used.contains(&w) => (w, true),
+                (_, Some(id)) => (id, false),
                 _ => ((FIRST_CLUSTER..LOCAL_SCOPE).find(|n| !used.contains(n)).ok_or(KvError::Exhausted)?, true),
             };
             let master_cmp = if fresh {

@@ -21,6 +21,9 @@ pub async fn run(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
     publish_loop(agent, kv, opts).await;
 }
 
+/// How long a label set whose number etcd gives other labels waits before it is tried again.
+const CONFLICT_RETRY: Duration = Duration::from_secs(10);
+
 /// What was written under the current lease.
 #[derive(Default)]
 struct Published {
@@ -28,8 +31,10 @@ struct Published {
     values: BTreeMap<String, u32>,
     ips: BTreeMap<IpAddr, String>,
     node: Option<String>,
-    /// Identities whose number etcd gives another label set: their pods are not published.
-    conflicted: BTreeSet<u32>,
+    /// Identities whose number etcd gives another label set, with when that was seen:
+    /// their pods are not published, and the label set is tried again after
+    /// [`CONFLICT_RETRY`].
+    conflicted: BTreeMap<u32, Instant>,
 }
 
 /// Logs a failure at most every few seconds (an etcd that is away fails every poll).
@@ -148,15 +153,19 @@ async fn publish(agent: &Agent, kv: &Kv, opts: &KvOptions, published: &mut Publi
         }
     }
     for (lkey, (labels, id)) in &values {
-        if published.values.get(lkey) == Some(id) {
+        if published.values.get(lkey) == Some(id)
+            || published.conflicted.get(id).is_some_and(|t| t.elapsed() < CONFLICT_RETRY)
+        {
             continue;
         }
         let got = kv.allocate(labels, Some(*id)).await?;
         if got != *id {
-            tracing::error!(identity = id, cluster_identity = got, labels = %labels, "kvstore: this node's identity has another number in etcd; its pods are not published (other nodes see them as world) until they are registered again");
-            published.conflicted.insert(*id);
+            tracing::error!(identity = id, cluster_identity = got, labels = %labels, "kvstore: this node's identity has another number in etcd; its pods are not published (other nodes see them as world); tried again in {CONFLICT_RETRY:?}");
+            published.conflicted.insert(*id, Instant::now());
             kv.release(lkey).await?;
+            continue;
         }
+        published.conflicted.remove(id);
         published.values.insert(lkey.clone(), *id);
     }
     let gone: Vec<String> = published.values.keys().filter(|k| !values.contains_key(*k)).cloned().collect();
@@ -166,7 +175,7 @@ async fn publish(agent: &Agent, kv: &Kv, opts: &KvOptions, published: &mut Publi
     }
     let prefix = layout::ip_prefix(&opts.cluster);
     for (ip, (id, json)) in &ips {
-        if published.conflicted.contains(id) || published.ips.get(ip) == Some(json) {
+        if published.conflicted.contains_key(id) || published.ips.get(ip) == Some(json) {
             continue;
         }
         kv.put_leased(format!("{prefix}{ip}"), json.clone()).await?;
