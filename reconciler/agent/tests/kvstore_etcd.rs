@@ -439,7 +439,7 @@ async fn a_number_taken_by_other_labels_is_not_published_until_it_is_free() {
     let ip_key = format!("cilium/state/ip/v1/default/{web_ip}");
     let count = async |key: &str| {
         let mut c = probe.client();
-        c.get(key, None).await.map(|r| r.count()).unwrap_or(-1)
+        c.get(key, None).await.map_or(-1, |r| r.count())
     };
     eventually("node-a publishes itself again", async || count(node_key).await == 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
