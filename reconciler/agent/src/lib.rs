@@ -10,6 +10,7 @@ pub mod k8s;
 pub mod link_watch;
 pub mod mapstate;
 pub mod metrics;
+pub mod flows;
 pub mod monitor;
 pub mod remote_file;
 pub mod revisions;

@@ -69,6 +69,28 @@ pub struct DecodeContext {
     pub cookies: BTreeMap<u32, Vec<String>>,
     /// Cookie -> the rules behind it (`Kind namespace/name spec.ingress[0]`).
     pub rules: BTreeMap<u32, Vec<String>>,
+    /// Cookie -> the rules behind it, structured (for flow records).
+    pub origins: BTreeMap<u32, Vec<palisade_policy::RuleOrigin>>,
+    /// Endpoint id -> what a flow record says of it.
+    pub endpoint_info: BTreeMap<u32, EndpointNames>,
+    /// A local endpoint's address -> its id.
+    pub by_ip: BTreeMap<IpAddr, u32>,
+    /// Labels of the identities that are not local pods' (CIDR and address identities).
+    pub identity_labels: BTreeMap<u32, Vec<String>>,
+    /// This node's name (flow records' `node_name`).
+    pub node_name: String,
+}
+
+/// A local endpoint as flow records name it.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointNames {
+    pub namespace: String,
+    pub name: String,
+    pub identity: u32,
+    pub labels: Vec<String>,
+    /// Per direction ([`direction`] index): the policies that put the endpoint into
+    /// default deny there (empty when the direction is not enforced).
+    pub default_deny_by: [Vec<palisade_api::flow::FlowPolicy>; 2],
 }
 
 impl DecodeContext {
@@ -78,6 +100,7 @@ impl DecodeContext {
     pub fn set_cookies(&mut self, jar: &CookieJar, live: &BTreeSet<u32>) {
         self.cookies.retain(|c, _| live.contains(c));
         self.rules.retain(|c, _| live.contains(c));
+        self.origins.retain(|c, _| live.contains(c));
         for c in live {
             if self.cookies.contains_key(c) {
                 continue;
@@ -87,6 +110,7 @@ impl DecodeContext {
             names.dedup();
             self.cookies.insert(*c, names);
             self.rules.insert(*c, origins.iter().map(std::string::ToString::to_string).collect());
+            self.origins.insert(*c, origins.iter().cloned().collect());
         }
     }
 
@@ -96,6 +120,61 @@ impl DecodeContext {
         let names = self.cookies.get(&cookie)?;
         if names.is_empty() { Some(vec![builtin_entry(entry).to_string()]) } else { Some(names.clone()) }
     }
+}
+
+/// Takes what flow records say of the endpoints from the desired state the map writer
+/// applies: names, identities, labels, addresses, and per enforced direction the policies
+/// that put the endpoint into default deny there.
+pub fn set_endpoint_names(ctx: &mut DecodeContext, msg: &crate::writer::Desired) {
+    use palisade_policy::Direction;
+    ctx.by_ip.clear();
+    ctx.endpoint_info.clear();
+    for e in msg.endpoints.iter() {
+        let id = u32::from(e.id);
+        let policy = msg.desired.endpoints.get(&e.id);
+        let deny_by = |dir: Direction| {
+            let enforced = policy.is_some_and(|p| match dir {
+                Direction::Ingress => p.ingress_enforced,
+                Direction::Egress => p.egress_enforced,
+            });
+            if !enforced {
+                return Vec::new();
+            }
+            palisade_policy::explain::default_deny_by(&msg.policies, &e.labels, dir)
+                .iter()
+                .map(|p| palisade_api::flow::FlowPolicy {
+                    kind: p.kind.to_string(),
+                    namespace: p.namespace.clone().unwrap_or_default(),
+                    name: p.name.clone(),
+                    rule: String::new(),
+                    action: "default-deny".into(),
+                })
+                .collect()
+        };
+        ctx.endpoint_info.insert(
+            id,
+            EndpointNames {
+                namespace: e.namespace.clone(),
+                name: e.name.clone(),
+                identity: e.identity,
+                labels: e.labels.iter().map(ToString::to_string).collect(),
+                default_deny_by: [deny_by(Direction::Ingress), deny_by(Direction::Egress)],
+            },
+        );
+        if let Some(a) = e.ipv4 {
+            ctx.by_ip.insert(IpAddr::V4(a), id);
+        }
+        if let Some(a) = e.ipv6 {
+            ctx.by_ip.insert(IpAddr::V6(a), id);
+        }
+    }
+    ctx.identity_labels = msg
+        .desired
+        .cidr_identities
+        .iter()
+        .chain(&msg.desired.address_identities)
+        .map(|(id, l)| (*id, l.iter().map(ToString::to_string).collect()))
+        .collect();
 }
 
 /// Name of the allow every ingress-enforced endpoint has for the node (the host identity,

@@ -272,6 +272,7 @@ impl Writer {
         if let Ok(mut d) = self.decode.write() {
             d.endpoints = msg.endpoints.iter().map(|e| (u32::from(e.id), e.full_name())).collect();
             d.set_cookies(&self.cookies, &live);
+            crate::monitor::set_endpoint_names(&mut d, msg);
         }
         let times = StageTimes {
             attach: t_attach,
