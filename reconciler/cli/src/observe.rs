@@ -229,7 +229,12 @@ pub fn compact_line(f: &Flow) -> String {
     let ports = f.l4.ports();
     let src = end(&f.source, &f.ip.source, ports.map(|p| p.source_port));
     let dst = end(&f.destination, &f.ip.destination, ports.map(|p| p.destination_port));
-    let reason = f.drop_reason_desc.as_deref().map(|r| format!(" {r}")).unwrap_or_default();
+    let reason = f
+        .drop_reason_desc
+        .as_deref()
+        .or(f.forward_reason_desc.as_deref().filter(|r| *r != "POLICY"))
+        .map(|r| format!(" {r}"))
+        .unwrap_or_default();
     let by = decided(f);
     let by = if by.is_empty() { String::new() } else { format!(" by {by}") };
     format!(
