@@ -85,7 +85,12 @@ fn observe_names_the_pods_and_the_deciding_policy_privileged() {
         let by = &f["ingress_denied_by"][0];
         assert_eq!(
             (&by["kind"], &by["namespace"], &by["name"], &by["action"]),
-            (&"CiliumNetworkPolicy".into(), &"default".into(), &"allow-frontend-to-backend".into(), &"default-deny".into()),
+            (
+                &"CiliumNetworkPolicy".into(),
+                &"default".into(),
+                &"allow-frontend-to-backend".into(),
+                &"default-deny".into()
+            ),
             "{f}"
         );
         assert!(f["source"]["labels"].as_array().unwrap().iter().any(|l| l == &format!("k8s:app={src}")), "{f}");

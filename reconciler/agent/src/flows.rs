@@ -293,10 +293,7 @@ impl FlowStore {
     /// overwritten: with `last`, when fewer than `last` match and flows were overwritten
     /// (at most that many were missed); with `since`, when flows at or after it were
     /// overwritten. Subscribes the follower first when `follow` (so nothing falls between).
-    pub fn query(
-        &self,
-        q: &FlowQuery,
-    ) -> (Vec<FlowsResponse>, Option<broadcast::Receiver<Arc<Stored>>>, u64) {
+    pub fn query(&self, q: &FlowQuery) -> (Vec<FlowsResponse>, Option<broadcast::Receiver<Arc<Stored>>>, u64) {
         let rx = q.follow.then(|| self.live.subscribe());
         let Ok(b) = self.buf.lock() else { return (Vec::new(), rx, 0) };
         let overwritten = b.next_seq - b.flows.len() as u64;
@@ -352,12 +349,7 @@ mod tests {
         c.endpoint_info.insert(2, backend);
         c.endpoint_info.insert(
             1,
-            EndpointNames {
-                namespace: "default".into(),
-                name: "frontend".into(),
-                identity: 300,
-                ..Default::default()
-            },
+            EndpointNames { namespace: "default".into(), name: "frontend".into(), identity: 300, ..Default::default() },
         );
         c.by_ip.insert("10.200.1.10".parse().unwrap(), 1);
         c.by_ip.insert("10.200.1.11".parse().unwrap(), 2);
@@ -439,10 +431,7 @@ mod tests {
         assert!(rx.is_none());
         assert_eq!(out.len(), 2);
         let (out, _, _) = s.query(&FlowQuery { last: Some(10), ..Default::default() });
-        assert_eq!(
-            out[0],
-            FlowsResponse::LostEvents(LostEvents { source: "FLOW_BUFFER".into(), num_events_lost: 2 })
-        );
+        assert_eq!(out[0], FlowsResponse::LostEvents(LostEvents { source: "FLOW_BUFFER".into(), num_events_lost: 2 }));
         assert_eq!(out.len(), 4);
         let (out, _, _) = s.query(&FlowQuery { since_unix_ns: Some(3), ..Default::default() });
         assert_eq!(out.len(), 2, "flows 3 and 4, and nothing lost after 3");

@@ -220,7 +220,7 @@ impl Client {
             .map_err(|source| ClientError::Http { socket: self.socket.clone(), source })?;
         if !resp.status().is_success() {
             let status = resp.status().as_u16();
-            let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let bytes = resp.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
             let message = serde_json::from_slice::<crate::types::ApiError>(&bytes)
                 .map_or_else(|_| String::from_utf8_lossy(&bytes).into_owned(), |e| e.error);
             return Err(ClientError::Status { method: method.to_string(), path: path.into(), status, message });

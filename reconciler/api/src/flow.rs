@@ -382,7 +382,8 @@ impl FlowFilter {
             && any(&self.verdict, |v| v.eq_ignore_ascii_case(&flow.verdict))
             && any(&self.traffic_direction, |d| d.eq_ignore_ascii_case(&flow.traffic_direction))
             && any(&self.event_type, |t| {
-                t.eq_ignore_ascii_case(&flow.event_type) || (t.eq_ignore_ascii_case("trace") && flow.verdict == "FORWARDED")
+                t.eq_ignore_ascii_case(&flow.event_type)
+                    || (t.eq_ignore_ascii_case("trace") && flow.verdict == "FORWARDED")
             })
     }
 
@@ -469,9 +470,8 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 /// allowed) or a time ago (`30s`, `5m`, `2h`, `1d`), relative to `now_unix_ns`.
 pub fn parse_time(text: &str, now_unix_ns: u64) -> Result<u64, String> {
     let t = text.trim();
-    let bad = || {
-        format!("time {text:?} is neither RFC 3339 in UTC (2026-12-02T13:04:05Z) nor a time ago (30s, 5m, 2h, 1d)")
-    };
+    let bad =
+        || format!("time {text:?} is neither RFC 3339 in UTC (2026-12-02T13:04:05Z) nor a time ago (30s, 5m, 2h, 1d)");
     if let Some(unit) = t.chars().last().filter(|c| "smhd".contains(*c)) {
         let n: u64 = t[..t.len() - 1].parse().map_err(|_| bad())?;
         let secs = match unit {

@@ -67,7 +67,7 @@ enum Command {
     },
     /// Flow records of the agent's flow buffer, with both ends named and the policy that
     /// decided (the flags of `hubble observe`; `-o json` uses Hubble's field names).
-    Observe(palisade_cli::observe::ObserveArgs),
+    Observe(Box<palisade_cli::observe::ObserveArgs>),
     /// Live raw verdict events of the datapath (identities as numbers; for debugging the
     /// datapath: `observe --follow` is the everyday view).
     Monitor {
@@ -256,12 +256,16 @@ fn monitor_line(e: &MonitorEvent) -> String {
     )
 }
 
-async fn observe(c: &Client, a: &palisade_cli::observe::ObserveArgs, negated: &[String], output: Output) -> Result<(), String> {
+async fn observe(
+    c: &Client,
+    a: &palisade_cli::observe::ObserveArgs,
+    negated: &[String],
+    output: Output,
+) -> Result<(), String> {
     use palisade_api::flow::FlowsResponse;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0);
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     let query = a.query(negated, now)?;
     let mut stream = c.flows(&query).await.map_err(|e| e.to_string())?;
     let mut rows = Vec::new();

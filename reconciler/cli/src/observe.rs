@@ -32,7 +32,7 @@ pub struct FilterArgs {
     /// Source or destination port.
     #[arg(long)]
     pub port: Vec<u16>,
-    /// TCP, UDP, SCTP, ICMP (ICMPv4), ICMPv6.
+    /// TCP, UDP, SCTP, ICMP (`ICMPv4`), `ICMPv6`.
     #[arg(long)]
     pub protocol: Vec<String>,
     /// FORWARDED, DROPPED or AUDIT.
@@ -274,9 +274,10 @@ mod tests {
 
     #[test]
     fn not_negates_the_next_flag() {
-        let (kept, neg) =
-            split_not(args("palisade --socket s observe --not --verdict FORWARDED --to-pod default/backend --not --port=53"))
-                .unwrap();
+        let (kept, neg) = split_not(args(
+            "palisade --socket s observe --not --verdict FORWARDED --to-pod default/backend --not --port=53",
+        ))
+        .unwrap();
         assert_eq!(kept, args("palisade --socket s observe --to-pod default/backend"));
         assert_eq!(neg, args("--verdict FORWARDED --port=53"));
         let filters = negated_filters(&neg).unwrap();
@@ -327,8 +328,18 @@ mod tests {
                 tcp: Some(Ports { source_port: 4, destination_port: 9090, flags: Some(TcpFlags::from_byte(2)) }),
                 ..Default::default()
             },
-            source: FlowEndpoint { identity: 300, namespace: "default".into(), pod_name: "frontend".into(), ..Default::default() },
-            destination: FlowEndpoint { identity: 301, namespace: "default".into(), pod_name: "backend".into(), ..Default::default() },
+            source: FlowEndpoint {
+                identity: 300,
+                namespace: "default".into(),
+                pod_name: "frontend".into(),
+                ..Default::default()
+            },
+            destination: FlowEndpoint {
+                identity: 301,
+                namespace: "default".into(),
+                pod_name: "backend".into(),
+                ..Default::default()
+            },
             node_name: "node".into(),
             traffic_direction: "INGRESS".into(),
             ingress_denied_by: vec![FlowPolicy {

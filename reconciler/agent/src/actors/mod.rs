@@ -380,7 +380,7 @@ fn feed_events(
                     return;
                 }
                 batches = batches.wrapping_add(1);
-                if batches % 1024 == 0 {
+                if batches.is_multiple_of(1024) {
                     offset = crate::flows::monotonic_to_unix_offset();
                 }
                 let Ok(ctx) = names.read() else { return };
