@@ -129,6 +129,40 @@ fn observe_names_the_pods_and_the_deciding_policy_privileged() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(text(&bad.stderr).contains("FORWARDED, DROPPED, AUDIT"), "{}", text(&bad.stderr));
 
+    // --follow: a flow that happens after the call arrives on the open stream (and none
+    // from before it with --last 0).
+    let mut child = Command::new(Path::new(BIN).with_file_name("palisade"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["observe", "--follow", "--last", "0", "-o", "json", "--to-pod", "default/backend", "--port", "9090"])
+        .args(["--verdict", "DROPPED"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The stream is open once the agent answered; give it a moment before the probe.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    ok(&testbed(root.path(), &["probe", "--expect", "deny", "default/frontend", "default/backend", "9090/TCP"]));
+    let line = rx.recv_timeout(std::time::Duration::from_secs(10));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("the followed drop arrives within 10 s");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["flow"]["verdict"], "DROPPED", "{line}");
+    assert_eq!(v["flow"]["destination"]["pod_name"], "backend", "{line}");
+    assert_eq!(v["flow"]["l4"]["TCP"]["destination_port"], 9090, "{line}");
+    let first = dropped.iter().find(|f| f["l4"]["TCP"]["destination_port"] == 9090).unwrap();
+    assert_ne!(v["flow"]["time"], first["time"], "a new flow, not the buffered one");
+
     // `policy explain` names the same policy for the default deny.
     let out = Command::new(Path::new(BIN).with_file_name("palisade"))
         .arg("--socket")

@@ -84,7 +84,7 @@ pub struct ObserveArgs {
     /// Only flows at or before (same forms as --since).
     #[arg(long)]
     pub until: Option<String>,
-    /// The last N matching flows of the buffer (default 20 unless --since or --follow).
+    /// The last N matching flows of the buffer (default 20 unless --since).
     #[arg(long, value_name = "N")]
     pub last: Option<usize>,
     /// Keep printing new flows as they come.
@@ -164,10 +164,11 @@ impl ObserveArgs {
         let f = self.filters.to_filter();
         let since = self.since.as_deref().map(|t| parse_time(t, now_unix_ns)).transpose()?;
         let until = self.until.as_deref().map(|t| parse_time(t, now_unix_ns)).transpose()?;
-        let last = match (self.last, since, self.follow) {
-            (Some(n), _, _) => Some(n),
-            (None, None, false) => Some(20),
-            _ => None,
+        // As Hubble: the last 20 unless told otherwise (then, with --follow, new ones).
+        let last = match (self.last, since) {
+            (Some(n), _) => Some(n),
+            (None, None) => Some(20),
+            (None, Some(_)) => None,
         };
         let q = FlowQuery {
             whitelist: if f.is_empty() { Vec::new() } else { vec![f] },
