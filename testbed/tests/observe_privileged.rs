@@ -174,4 +174,21 @@ fn observe_names_the_pods_and_the_deciding_policy_privileged() {
     let e: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     assert_eq!(e["ingress"]["decision"], "default-deny");
     assert_eq!(e["ingress"]["defaultDenyBy"][0], "CiliumNetworkPolicy default/allow-frontend-to-backend");
+    // ... and the same rule for the allowed flow as its flow record.
+    let out = Command::new(Path::new(BIN).with_file_name("palisade"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["-o", "json", "policy", "explain", "--from", "default/frontend", "--to", "default/backend"])
+        .args(["--port", "8080"])
+        .output()
+        .unwrap();
+    let e: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let rule = format!(
+        "{} {}/{} {}",
+        by["kind"].as_str().unwrap(),
+        by["namespace"].as_str().unwrap(),
+        by["name"].as_str().unwrap(),
+        by["rule"].as_str().unwrap()
+    );
+    assert_eq!(e["ingress"]["rules"], serde_json::json!([rule]));
 }

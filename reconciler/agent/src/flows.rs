@@ -182,7 +182,12 @@ pub fn to_flow(ev: &VerdictEvent, ctx: &DecodeContext, unix_ns: u64) -> Flow {
         n.dedup();
         n.join(", ")
     };
-    let (policies, summary) = match ev.reason {
+    // A deny entry no rule made: the tier flattening's NetworkPolicy-tier default deny
+    // (see `policy explain`): named as a default deny.
+    let flattened_default_deny =
+        ev.reason == reason::DROP_POLICY_DENY_RULE && ctx.origins.get(&ev.cookie).is_some_and(Vec::is_empty);
+    let effective = if flattened_default_deny { reason::DROP_POLICY_DENIED } else { ev.reason };
+    let (policies, summary) = match effective {
         reason::ALLOWED_BY_POLICY => {
             let p = rule_policies(ctx, ev, "allow");
             let rules: Vec<String> = p.iter().map(|p| format!("{} {}", p.policy_name(), p.rule)).collect();
@@ -416,6 +421,11 @@ mod tests {
         assert_eq!(f.source.labels, vec!["reserved:world-ipv4".to_string()]);
         assert_eq!(f.drop_reason_desc.as_deref(), Some("SPOOFED_SOURCE"));
         assert!(f.ingress_denied_by.is_empty());
+        // A deny entry without rules (the tier flattening's default deny) is named as one.
+        c.origins.insert(6, Vec::new());
+        let f = to_flow(&event(reason::DROP_POLICY_DENY_RULE, 6), &c, 0);
+        assert_eq!(f.ingress_denied_by[0].action, "default-deny");
+        assert_eq!(f.ingress_denied_by[0].name, "allow-frontend-to-backend");
     }
 
     #[test]
