@@ -2,8 +2,13 @@
 //! list/watch HTTP protocol that kube-rs watchers use — lists with a resourceVersion,
 //! watches from a resourceVersion with ADDED/MODIFIED/DELETED events, bookmarks every half
 //! second, 410 Gone after [`FakeApi::compact`], disconnects and outages on demand — for Pods,
-//! Namespaces, `NetworkPolicies`, `CiliumNetworkPolicies` and `CiliumClusterwideNetworkPolicies`,
-//! plus the status subresource of the Cilium kinds (merge patch). Objects are plain JSON.
+//! Namespaces, `NetworkPolicies`, `CiliumNetworkPolicies`, `CiliumClusterwideNetworkPolicies`
+//! and the `policy.networking.k8s.io` tier kinds (`ClusterNetworkPolicies` v1alpha2,
+//! `AdminNetworkPolicies` and `BaselineAdminNetworkPolicies` v1alpha1), plus the status
+//! subresource of the policy kinds: merge patch, and server-side apply with
+//! `status.conditions` merged as the list map keyed by `type` that the tier CRDs declare.
+//! A collection can be withdrawn ([`FakeApi::set_served`]: 404, as for a CRD not
+//! installed). Objects are plain JSON.
 //!
 //! [`KubeApiServer::start`] serves it inside a network namespace (the testbed's node, where
 //! the agent runs), and [`plan_objects`] turns a scenario into the objects a cluster would
@@ -15,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -39,6 +44,8 @@ struct ApiState {
     gone_below: u64,
     /// Every request fails with 503 and open watches end.
     down: bool,
+    /// Collections answered with 404 (their CRD "not installed").
+    not_served: std::collections::BTreeSet<&'static str>,
 }
 
 #[derive(Clone)]
@@ -55,6 +62,21 @@ const RESOURCES: &[(&str, &str, &str)] = &[
     ("/apis/networking.k8s.io/v1/networkpolicies", "networking.k8s.io/v1", "NetworkPolicy"),
     ("/apis/cilium.io/v2/ciliumnetworkpolicies", "cilium.io/v2", "CiliumNetworkPolicy"),
     ("/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies", "cilium.io/v2", "CiliumClusterwideNetworkPolicy"),
+    (
+        "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
+        "policy.networking.k8s.io/v1alpha2",
+        "ClusterNetworkPolicy",
+    ),
+    (
+        "/apis/policy.networking.k8s.io/v1alpha1/adminnetworkpolicies",
+        "policy.networking.k8s.io/v1alpha1",
+        "AdminNetworkPolicy",
+    ),
+    (
+        "/apis/policy.networking.k8s.io/v1alpha1/baselineadminnetworkpolicies",
+        "policy.networking.k8s.io/v1alpha1",
+        "BaselineAdminNetworkPolicy",
+    ),
 ];
 
 fn collection_of(kind: &str) -> &'static str {
@@ -131,13 +153,32 @@ impl FakeApi {
         st.gone_below = st.rv + 1;
     }
 
+    /// Serves kind `kind`'s collection or answers 404 for it, as when its CRD is deleted
+    /// (which deletes its objects: they are dropped here without watch events, so a
+    /// watcher learns it from the 404 alone; recreate them after serving it again). Open
+    /// watches end either way.
+    pub fn set_served(&self, kind: &str, served: bool) {
+        {
+            let mut st = self.state.lock().unwrap();
+            if served {
+                st.not_served.remove(collection_of(kind));
+            } else {
+                st.not_served.insert(collection_of(kind));
+                if let Some(c) = st.collections.get_mut(collection_of(kind)) {
+                    c.objects.clear();
+                }
+            }
+        }
+        self.poke(true);
+    }
+
     pub fn set_down(&self, down: bool) {
         self.state.lock().unwrap().down = down;
         self.poke(true);
     }
 
     #[allow(clippy::unused_async, reason = "the shape of the HTTP server's handler")]
-    pub async fn handle(self, method: Method, uri: Uri, body: Bytes) -> Response {
+    pub async fn handle(self, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
         if self.state.lock().unwrap().down {
             return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
         }
@@ -150,11 +191,18 @@ impl FakeApi {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         if method == Method::PATCH && path.ends_with("/status") {
-            return self.patch_status(&path, &body);
+            let apply = headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/apply-patch"));
+            return self.patch_status(&path, &body, apply);
         }
         let Some(&(coll, api_version, kind)) = RESOURCES.iter().find(|r| r.0 == path) else {
             return (StatusCode::NOT_FOUND, format!("no route {path}")).into_response();
         };
+        if self.state.lock().unwrap().not_served.contains(coll) {
+            return (StatusCode::NOT_FOUND, "404 page not found").into_response();
+        }
         if query.get("watch").map(String::as_str) == Some("true") || query.get("watch").map(String::as_str) == Some("1")
         {
             let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -171,21 +219,35 @@ impl FakeApi {
         (StatusCode::OK, [("content-type", "application/json")], list.to_string()).into_response()
     }
 
-    fn patch_status(&self, path: &str, body: &[u8]) -> Response {
-        // /apis/cilium.io/v2/[namespaces/NS/]PLURAL/NAME/status
-        let parts: Vec<&str> = path.trim_start_matches("/apis/cilium.io/v2/").split('/').collect();
-        let (kind, key) = match parts.as_slice() {
-            ["namespaces", ns, "ciliumnetworkpolicies", name, "status"] => {
-                ("CiliumNetworkPolicy", format!("{ns}/{name}"))
-            }
-            ["ciliumclusterwidenetworkpolicies", name, "status"] => {
-                ("CiliumClusterwideNetworkPolicy", name.to_string())
-            }
-            _ => return (StatusCode::NOT_FOUND, "no such status").into_response(),
+    fn patch_status(&self, path: &str, body: &[u8], apply: bool) -> Response {
+        // /apis/GROUP/VERSION/[namespaces/NS/]PLURAL/NAME/status
+        let Some((kind, key)) = status_target(path) else {
+            return (StatusCode::NOT_FOUND, "no such status").into_response();
         };
         let Some(mut obj) = self.get(kind, &key) else { return (StatusCode::NOT_FOUND, "gone").into_response() };
         let patch: Value = serde_json::from_slice(body).unwrap();
-        merge(&mut obj, &patch);
+        if apply {
+            // Server-side apply of the status: only `status` counts, and `conditions` is a
+            // list map keyed by `type` (each applier keeps the entries of the others).
+            let Some(status) = patch.get("status") else {
+                return (StatusCode::UNPROCESSABLE_ENTITY, "an apply patch of the status without status")
+                    .into_response();
+            };
+            let mut status = status.clone();
+            if let Some(new) = status.get_mut("conditions").and_then(Value::as_array_mut).map(std::mem::take) {
+                let mut list = obj["status"]["conditions"].as_array().cloned().unwrap_or_default();
+                for c in new {
+                    match list.iter_mut().find(|o| o["type"] == c["type"]) {
+                        Some(o) => *o = c,
+                        None => list.push(c),
+                    }
+                }
+                status["conditions"] = Value::Array(list);
+            }
+            merge(&mut obj, &json!({ "status": status }));
+        } else {
+            merge(&mut obj, &patch);
+        }
         self.upsert(obj.clone());
         (StatusCode::OK, [("content-type", "application/json")], self.get(kind, &key).unwrap().to_string())
             .into_response()
@@ -251,6 +313,24 @@ impl FakeApi {
     }
 }
 
+/// The kind and key of a status subresource path, for the policy kinds that have one.
+fn status_target(path: &str) -> Option<(&'static str, String)> {
+    let rest = path.strip_suffix("/status")?;
+    let (coll, name) = rest.rsplit_once('/')?;
+    // Namespaced: /apis/G/V/namespaces/NS/PLURAL -> collection /apis/G/V/PLURAL.
+    let (coll, ns) = match coll.split_once("/namespaces/") {
+        Some((base, tail)) => {
+            let (ns, plural) = tail.split_once('/')?;
+            (format!("{base}/{plural}"), Some(ns))
+        }
+        None => (coll.to_string(), None),
+    };
+    // NetworkPolicy has no status subresource (its KEP was withdrawn), nor the core kinds.
+    let &(_, _, kind) =
+        RESOURCES.iter().find(|r| r.0 == coll && r.0.starts_with("/apis/") && r.2 != "NetworkPolicy")?;
+    Some((kind, ns.map_or_else(|| name.to_string(), |ns| format!("{ns}/{name}"))))
+}
+
 fn merge(target: &mut Value, patch: &Value) {
     match (target, patch) {
         (Value::Object(t), Value::Object(p)) => {
@@ -289,7 +369,9 @@ impl KubeApiServer {
         let api = FakeApi::new();
         let router = axum::Router::new().fallback({
             let api = api.clone();
-            move |method: Method, uri: Uri, body: Bytes| api.clone().handle(method, uri, body)
+            move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                api.clone().handle(method, uri, headers, body)
+            }
         });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
@@ -349,4 +431,53 @@ pub fn plan_objects(plan: &Plan, node: &str) -> Vec<Value> {
         out.push(serde_json::to_value(&p.manifest).unwrap_or(Value::Null));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(node: &str, status: &str) -> Bytes {
+        Bytes::from(
+            json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+                "metadata": {"name": "guard"},
+                "status": {"conditions": [{"type": format!("Ready-On-Node-{node}"), "status": status,
+                    "reason": "Enforced", "message": "", "lastTransitionTime": "2026-12-02T12:00:00Z"}]}})
+            .to_string(),
+        )
+    }
+
+    #[tokio::test]
+    async fn server_side_apply_of_the_status_merges_conditions_by_type() {
+        let api = FakeApi::new();
+        api.upsert(json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "guard"}, "spec": {"tier": "Admin", "priority": 1}}));
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/apply-patch+yaml".parse().unwrap());
+        let uri: Uri =
+            "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies/guard/status?fieldManager=x&force=true"
+                .parse()
+                .unwrap();
+        for (node, status) in [("a", "True"), ("b", "False"), ("a", "False")] {
+            let r = api.clone().handle(Method::PATCH, uri.clone(), headers.clone(), apply(node, status)).await;
+            assert_eq!(r.status(), StatusCode::OK);
+        }
+        let obj = api.get("ClusterNetworkPolicy", "guard").unwrap();
+        let conditions = obj["status"]["conditions"].as_array().unwrap();
+        let summary: Vec<(&str, &str)> =
+            conditions.iter().map(|c| (c["type"].as_str().unwrap(), c["status"].as_str().unwrap())).collect();
+        assert_eq!(summary, [("Ready-On-Node-a", "False"), ("Ready-On-Node-b", "False")]);
+        assert_eq!(obj["spec"]["priority"], json!(1), "the spec is untouched");
+        // A NetworkPolicy has no status subresource; a CNP's status path is namespaced.
+        assert!(status_target("/apis/networking.k8s.io/v1/namespaces/s/networkpolicies/x/status").is_none());
+        assert_eq!(
+            status_target("/apis/cilium.io/v2/namespaces/shop/ciliumnetworkpolicies/web/status"),
+            Some(("CiliumNetworkPolicy", "shop/web".to_string()))
+        );
+        // Not served: 404 for lists.
+        api.set_served("ClusterNetworkPolicy", false);
+        let list: Uri = "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies".parse().unwrap();
+        let r = api.clone().handle(Method::GET, list, HeaderMap::new(), Bytes::new()).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    }
 }

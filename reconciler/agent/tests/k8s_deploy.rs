@@ -141,6 +141,75 @@ fn crds_are_up_to_date() {
 }
 
 #[test]
+fn tier_crds_are_up_to_date_cluster_scoped_with_conditions_and_status() {
+    let path = deploy_dir().join("crds-network-policy-api.yaml");
+    let want = palisade_agent::k8s::crd::tier_crds_yaml();
+    if std::env::var_os("PALISADE_UPDATE_CRDS").is_some() {
+        std::fs::write(&path, &want).unwrap();
+    }
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        have == want,
+        "deploy/crds-network-policy-api.yaml is not what reconciler/agent/src/k8s/crd.rs generates; run PALISADE_UPDATE_CRDS=1 cargo test -p palisade-agent --test k8s_deploy"
+    );
+    let docs = documents(&path);
+    let names: Vec<&str> = docs.iter().map(|d| d["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "clusternetworkpolicies.policy.networking.k8s.io",
+            "adminnetworkpolicies.policy.networking.k8s.io",
+            "baselineadminnetworkpolicies.policy.networking.k8s.io"
+        ]
+    );
+    for d in &docs {
+        assert_eq!(d["spec"]["scope"].as_str(), Some("Cluster"), "{names:?}");
+        let version = &d["spec"]["versions"][0];
+        assert!(!version["subresources"]["status"].is_null());
+        let props = &version["schema"]["openAPIV3Schema"]["properties"];
+        assert_eq!(props["spec"]["x-kubernetes-preserve-unknown-fields"].as_bool(), Some(true));
+        // Upstream's status: conditions, a list map keyed by type (one entry per node).
+        let conditions = &props["status"]["properties"]["conditions"];
+        assert_eq!(conditions["x-kubernetes-list-type"].as_str(), Some("map"), "{conditions:?}");
+        assert_eq!(conditions["x-kubernetes-list-map-keys"][0].as_str(), Some("type"));
+        for field in ["type", "status", "reason", "message", "lastTransitionTime"] {
+            assert!(!conditions["items"]["properties"][field].is_null(), "condition field {field}");
+        }
+        if d["spec"]["names"]["kind"].as_str() != Some("BaselineAdminNetworkPolicy") {
+            assert_eq!(props["spec"]["properties"]["priority"]["maximum"].as_f64(), Some(1000.0));
+        }
+    }
+    let cnp = &docs[0]["spec"]["versions"][0];
+    assert_eq!(cnp["name"].as_str(), Some("v1alpha2"));
+    let tier = &cnp["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["tier"]["enum"];
+    assert_eq!(tier[0].as_str(), Some("Admin"));
+    assert_eq!(tier[1].as_str(), Some("Baseline"));
+}
+
+#[test]
+fn rbac_lets_the_agent_watch_the_tier_kinds_and_patch_only_their_status() {
+    let role = documents(&deploy_dir().join("rbac.yaml"))
+        .into_iter()
+        .find(|d| d["kind"].as_str() == Some("ClusterRole"))
+        .map(|d| typed::<ClusterRole>(&d, "ClusterRole"))
+        .unwrap();
+    let allows = |resource: &str, verb: &str| {
+        role.rules.iter().flatten().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == "policy.networking.k8s.io")
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    for plural in ["clusternetworkpolicies", "adminnetworkpolicies", "baselineadminnetworkpolicies"] {
+        for verb in ["get", "list", "watch"] {
+            assert!(allows(plural, verb), "{verb} {plural}");
+        }
+        assert!(allows(&format!("{plural}/status"), "patch"), "patch {plural}/status");
+        assert!(!allows(plural, "patch") && !allows(plural, "update"), "the spec stays read-only: {plural}");
+    }
+}
+
+#[test]
 fn cilium_example_manifests_fit_the_generated_types() {
     // The same manifest a Cilium user applies: it deserializes into the typed resource.
     let cnp: palisade_agent::k8s::crd::CiliumNetworkPolicy = yaml::from_str(

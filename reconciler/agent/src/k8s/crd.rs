@@ -1,5 +1,8 @@
-//! The cilium.io/v2 policy resources as Rust types, for generating `CustomResourceDefinitions`
-//! on clusters without Cilium (`deploy/crds.yaml`, checked by a test to be up to date).
+//! The cilium.io/v2 policy resources and the `policy.networking.k8s.io` tier kinds
+//! (ClusterNetworkPolicy v1alpha2, AdminNetworkPolicy and BaselineAdminNetworkPolicy
+//! v1alpha1) as Rust types, for generating `CustomResourceDefinitions` (`deploy/crds.yaml`
+//! for clusters without Cilium, `deploy/crds-network-policy-api.yaml` for clusters without
+//! the network-policy-api CRDs; both checked by a test to be up to date).
 //!
 //! The schema is that of Cilium's `api.Rule` at the level of rule fields: the shape of each
 //! rule (which fields exist, lists, strings) is checked by the API server; the meaning
@@ -149,6 +152,169 @@ pub struct NodePolicyStatus {
     /// Parts of the policy accepted but not enforced (L7 rules...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+}
+
+/// The `spec` of a v1alpha2 ClusterNetworkPolicy, at the level of its fields: the tier and
+/// priority are checked by the API server (enum, 0..=1000), the subject and rules keep
+/// what was written so the agent can report a mistake with its field path instead of the
+/// API server pruning it.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "policy.networking.k8s.io",
+    version = "v1alpha2",
+    kind = "ClusterNetworkPolicy",
+    plural = "clusternetworkpolicies",
+    status = "TierPolicyStatus",
+    doc = "ClusterNetworkPolicy: a cluster-wide policy of the Admin or Baseline tier (policy.networking.k8s.io/v1alpha2, enforced by palisade)",
+    printcolumn = r#"{"name":"Tier","type":"string","jsonPath":".spec.tier"}"#,
+    printcolumn = r#"{"name":"Priority","type":"string","jsonPath":".spec.priority"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct ClusterNetworkPolicySpec {
+    /// Admin (before the NetworkPolicy tier) or Baseline (after it, only for pods no
+    /// NetworkPolicy-tier policy selects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["Admin", "Baseline"]))]
+    pub tier: Option<String>,
+    /// 0..=1000; lower is evaluated first within the tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub priority: Option<i32>,
+    /// The pods the policy applies to (`namespaces` or `pods`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object")]
+    pub subject: Option<serde_json::Value>,
+    /// Ingress rules, in order (first match decides); at most 25.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "tier_rules_25")]
+    pub ingress: Option<Vec<serde_json::Value>>,
+    /// Egress rules, in order (first match decides); at most 25.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "tier_rules_25")]
+    pub egress: Option<Vec<serde_json::Value>>,
+}
+
+/// The `spec` of a v1alpha1 AdminNetworkPolicy (translated at parse time: `Allow` is
+/// Accept, `ports` are protocols).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "policy.networking.k8s.io",
+    version = "v1alpha1",
+    kind = "AdminNetworkPolicy",
+    plural = "adminnetworkpolicies",
+    shortname = "anp",
+    status = "TierPolicyStatus",
+    doc = "AdminNetworkPolicy: the v1alpha1 Admin tier (policy.networking.k8s.io/v1alpha1, enforced by palisade as a ClusterNetworkPolicy of tier Admin)",
+    printcolumn = r#"{"name":"Priority","type":"string","jsonPath":".spec.priority"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct AdminNetworkPolicySpec {
+    /// 0..=1000; lower is evaluated first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub priority: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object")]
+    pub subject: Option<serde_json::Value>,
+    /// Ingress rules, in order; at most 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "tier_rules_100")]
+    pub ingress: Option<Vec<serde_json::Value>>,
+    /// Egress rules, in order; at most 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "tier_rules_100")]
+    pub egress: Option<Vec<serde_json::Value>>,
+}
+
+/// The `spec` of the v1alpha1 BaselineAdminNetworkPolicy (one per cluster, named
+/// `default`; the Baseline tier after every ClusterNetworkPolicy of that tier).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "policy.networking.k8s.io",
+    version = "v1alpha1",
+    kind = "BaselineAdminNetworkPolicy",
+    plural = "baselineadminnetworkpolicies",
+    shortname = "banp",
+    status = "TierPolicyStatus",
+    doc = "BaselineAdminNetworkPolicy: the v1alpha1 Baseline tier (policy.networking.k8s.io/v1alpha1, enforced by palisade as a ClusterNetworkPolicy of tier Baseline)",
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct BaselineAdminNetworkPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object")]
+    pub subject: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "tier_rules_100")]
+    pub ingress: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "tier_rules_100")]
+    pub egress: Option<Vec<serde_json::Value>>,
+}
+
+fn tier_rules(max: u32) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": max,
+        "items": { "type": "object", "x-kubernetes-preserve-unknown-fields": true }
+    })
+}
+
+fn tier_rules_25(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    tier_rules(25)
+}
+
+fn tier_rules_100(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    tier_rules(100)
+}
+
+/// `status` of the tier kinds, as upstream defines it: a list of `metav1.Condition`, a map
+/// keyed by `type` (so each node's agent owns its own condition through server-side apply).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TierPolicyStatus {
+    #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+}
+
+fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let item = generator.subschema_for::<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>();
+    schemars::json_schema!({
+        "type": "array",
+        "items": item,
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"]
+    })
+}
+
+/// The condition type this node's agent owns on a tier policy's status:
+/// `Ready-On-Node-<node>` (node names fit the condition type's syntax).
+pub fn tier_condition_type(node: &str) -> String {
+    format!("Ready-On-Node-{node}")
+}
+
+/// The CRDs of the tier kinds, for clusters that do not have the network-policy-api CRDs
+/// (the content of `deploy/crds-network-policy-api.yaml`).
+pub fn tier_crds() -> Vec<CustomResourceDefinition> {
+    vec![ClusterNetworkPolicy::crd(), AdminNetworkPolicy::crd(), BaselineAdminNetworkPolicy::crd()]
+}
+
+/// [`tier_crds`] as one multi-document YAML text.
+pub fn tier_crds_yaml() -> String {
+    let mut out = String::from(
+        "# Generated from reconciler/agent/src/k8s/crd.rs (test k8s_deploy::tier_crds_are_up_to_date_cluster_scoped_with_conditions_and_status);\n\
+         # apply only on clusters without the kubernetes-sigs/network-policy-api CRDs (theirs serve the same resources).\n",
+    );
+    for crd in tier_crds() {
+        out.push_str("---\n");
+        out.push_str(&palisade_policy::yaml::to_string(&crd).expect("a CRD serializes"));
+    }
+    out
 }
 
 /// The CRDs palisade needs on a cluster without Cilium. Adjusted after derivation to

@@ -62,6 +62,16 @@ impl<K: ResourceExt + Clone> Mirror<K> {
         }
     }
 
+    /// The API server does not serve the resource (its CRD is absent): the store is empty
+    /// and counts as listed. True when that changed what is visible.
+    pub fn not_served(&mut self) -> bool {
+        let changed = !self.objects.is_empty() || !self.synced;
+        self.objects.clear();
+        self.relist = None;
+        self.synced = true;
+        changed
+    }
+
     /// True once a first complete list was seen.
     pub fn synced(&self) -> bool {
         self.synced
@@ -149,6 +159,10 @@ mod tests {
         assert!(!m.apply(Event::Delete(ns("c", "6"))));
         assert!(m.apply(Event::Apply(ns("d", "7"))));
         assert_eq!(m.objects().count(), 2);
+        // The resource is no longer served (its CRD was removed): empty, still listed.
+        assert!(m.not_served());
+        assert!(m.is_empty() && m.synced());
+        assert!(!m.not_served());
     }
 
     #[test]

@@ -1,9 +1,12 @@
-//! The Kubernetes source: five watchers (CNP, CCNP, NetworkPolicy, Namespace, Pod) feed
-//! mirrors; after every burst of events, and every `resync` interval, one reconcile pass
+//! The Kubernetes source: eight watchers (CNP, CCNP, NetworkPolicy, the three tier kinds
+//! ClusterNetworkPolicy, AdminNetworkPolicy and BaselineAdminNetworkPolicy, Namespace, Pod)
+//! feed mirrors; after every burst of events, and every `resync` interval, one reconcile pass
 //! compares the desired state derived from the mirrors with what was handed to the
 //! actors and sends only the differences. Watchers retry with backoff forever; while the
 //! API server is unreachable the mirrors keep their content, so nothing changes in what
-//! is enforced.
+//! is enforced. A tier kind the API server does not serve (404: its CRD is not installed)
+//! counts as listed and empty, so a cluster without the network-policy-api CRDs still
+//! becomes ready; its watcher keeps retrying and picks the kind up once it is installed.
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -15,12 +18,12 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 
-use super::crd::NodePolicyStatus;
+use super::crd::{NodePolicyStatus, TierPolicyStatus};
 use super::mirror::{Mirror, plan};
 use super::route;
 use super::sync::{
-    CCNP_KIND, CNP_KIND, RemoteSpec, current_node_status, desired_endpoints, desired_namespaces, desired_policies,
-    node_status, status_differs,
+    CCNP_KIND, CNP_KIND, RemoteSpec, TIER_KINDS, TierMirrors, current_node_status, desired_endpoints,
+    desired_namespaces, desired_policies, node_status, status_differs, tier_api_version, tier_condition,
 };
 use crate::actors::Agent;
 use crate::actors::endpoints::{DeleteEndpoint, ListEndpointSpecs, UpsertEndpoint, UpsertNamespace};
@@ -45,8 +48,17 @@ pub fn cilium_resource(kind: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("cilium.io", "v2", kind), plural)
 }
 
+/// The API resource of a tier kind (`policy.networking.k8s.io`).
+pub fn tier_resource(kind: &str) -> ApiResource {
+    let (_, version, plural) = TIER_KINDS.iter().find(|t| t.0 == kind).copied().unwrap_or(TIER_KINDS[0]);
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("policy.networking.k8s.io", version, kind), plural)
+}
+
 enum Input {
     Cnp(Box<Event<DynamicObject>>),
+    Tier(&'static str, Box<Event<DynamicObject>>),
+    /// A tier kind's list answered 404: the API server does not serve it.
+    TierNotServed(&'static str, String),
     Ccnp(Box<Event<DynamicObject>>),
     Knp(Box<Event<NetworkPolicy>>),
     Ns(Box<Event<Namespace>>),
@@ -71,12 +83,26 @@ where
     }))
 }
 
+/// The watch of a tier kind; a 404 (kind not served) is reported as such.
+fn watch_tier(client: &Client, kind: &'static str) -> std::pin::Pin<Box<dyn Stream<Item = Input> + Send>> {
+    let api = Api::<DynamicObject>::all_with(client.clone(), &tier_resource(kind));
+    Box::pin(watcher::watcher(api, watcher::Config::default()).default_backoff().map(move |r| match r {
+        Ok(ev) => Input::Tier(kind, Box::new(ev)),
+        Err(
+            watcher::Error::InitialListFailed(kube::Error::Api(e))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(e)),
+        ) if e.code == 404 => Input::TierNotServed(kind, e.message.clone()),
+        Err(e) => Input::WatchError(kind, e.to_string()),
+    }))
+}
+
 /// Mirrors of the API and what was handed to the actors.
 pub struct KubeSync {
     opts: KubeOptions,
     cnp: Mirror<DynamicObject>,
     ccnp: Mirror<DynamicObject>,
     knp: Mirror<NetworkPolicy>,
+    tiers: TierMirrors,
     namespaces: Mirror<Namespace>,
     pods: Mirror<Pod>,
     applied_policies: BTreeMap<String, String>,
@@ -84,12 +110,19 @@ pub struct KubeSync {
     applied_local: BTreeMap<(String, String), EndpointSpec>,
     applied_remote: BTreeMap<String, RemoteSpec>,
     written_status: BTreeMap<String, NodePolicyStatus>,
+    /// Tier policies: status/reason/message of the condition last written, by source.
+    written_tier_status: BTreeMap<String, String>,
 }
 
 impl KubeSync {
     /// True once every watched kind was listed completely.
     pub fn all_listed(&self) -> bool {
-        self.cnp.synced() && self.ccnp.synced() && self.knp.synced() && self.namespaces.synced() && self.pods.synced()
+        self.cnp.synced()
+            && self.ccnp.synced()
+            && self.knp.synced()
+            && self.tiers.values().all(Mirror::synced)
+            && self.namespaces.synced()
+            && self.pods.synced()
     }
 
     pub fn new(opts: KubeOptions) -> Self {
@@ -98,6 +131,7 @@ impl KubeSync {
             cnp: Mirror::default(),
             ccnp: Mirror::default(),
             knp: Mirror::default(),
+            tiers: TIER_KINDS.iter().map(|t| (t.0, Mirror::default())).collect(),
             namespaces: Mirror::default(),
             pods: Mirror::default(),
             applied_policies: BTreeMap::new(),
@@ -105,6 +139,7 @@ impl KubeSync {
             applied_local: BTreeMap::new(),
             applied_remote: BTreeMap::new(),
             written_status: BTreeMap::new(),
+            written_tier_status: BTreeMap::new(),
         }
     }
 
@@ -125,6 +160,19 @@ impl KubeSync {
             Input::Cnp(e) => self.cnp.apply(*e),
             Input::Ccnp(e) => self.ccnp.apply(*e),
             Input::Knp(e) => self.knp.apply(*e),
+            Input::Tier(kind, e) => self.tiers.get_mut(kind).is_some_and(|m| m.apply(*e)),
+            Input::TierNotServed(kind, e) => {
+                let Some(m) = self.tiers.get_mut(kind) else { return false };
+                if !m.synced() || !m.is_empty() {
+                    tracing::warn!(
+                        resource = kind,
+                        error = %e,
+                        "the API server does not serve this kind (is the network-policy-api CRD installed?); \
+                         treating it as empty and retrying with backoff"
+                    );
+                }
+                m.not_served()
+            }
             Input::Ns(e) => self.namespaces.apply(*e),
             Input::Pod(e) => self.pods.apply(*e),
             Input::WatchError(what, e) => {
@@ -148,7 +196,7 @@ impl KubeSync {
     }
 
     async fn sync_policies(&mut self, agent: &Agent) {
-        let desired = desired_policies(&self.cnp, &self.ccnp, &self.knp);
+        let desired = desired_policies(&self.cnp, &self.ccnp, &self.knp, &self.tiers);
         let p = plan(&self.applied_policies, &desired);
         for (source, text) in p.upserts {
             match agent.policy_watch.send(UpsertSourceText { source: source.clone(), text: text.clone() }).await {
@@ -165,6 +213,7 @@ impl KubeSync {
                     tracing::info!(%source, revision, "policy deleted in the API removed");
                     self.applied_policies.remove(&source);
                     self.written_status.remove(&source);
+                    self.written_tier_status.remove(&source);
                 }
                 Err(e) => tracing::error!(%source, error = %e, "removing a policy failed"),
             }
@@ -196,6 +245,32 @@ impl KubeSync {
             match patch_policy_status(client, kind, ns.as_deref(), &obj.name_any(), &node, &want).await {
                 Ok(()) => {
                     self.written_status.insert(source, want);
+                }
+                Err(e) => tracing::warn!(%source, error = %e, "writing the policy status failed; will retry"),
+            }
+        }
+        self.write_tier_statuses(&by_source, client).await;
+    }
+
+    /// This node's condition on each tier policy (server-side apply of one entry of
+    /// `status.conditions`, owned by this node's field manager).
+    async fn write_tier_statuses(&mut self, by_source: &BTreeMap<String, Vec<PolicyStatus>>, client: &Client) {
+        let node = self.opts.node_name.clone();
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+        let objects: Vec<(&'static str, DynamicObject)> =
+            self.tiers.iter().flat_map(|(kind, m)| m.objects().map(|o| (*kind, o.clone()))).collect();
+        for (kind, obj) in objects {
+            let name = obj.name_any();
+            let source = super::translate::policy_source(kind, None, &name);
+            let Some(statuses) = by_source.get(&source) else { continue };
+            let Some(condition) = tier_condition(&obj, &node, statuses, &now) else { continue };
+            let key = format!("{}/{}/{}", condition.status, condition.reason, condition.message);
+            if self.written_tier_status.get(&source) == Some(&key) {
+                continue;
+            }
+            match apply_tier_condition(client, kind, &name, &node, condition).await {
+                Ok(()) => {
+                    self.written_tier_status.insert(source, key);
                 }
                 Err(e) => tracing::warn!(%source, error = %e, "writing the policy status failed; will retry"),
             }
@@ -300,6 +375,28 @@ pub async fn patch_policy_status(
     Ok(())
 }
 
+/// Sets this node's condition on a tier policy's status by server-side apply with the
+/// field manager `palisade-agent-<node>`: `conditions` is a list map keyed by `type`, so
+/// every node owns its own entry and no node overwrites another's.
+pub async fn apply_tier_condition(
+    client: &Client,
+    kind: &str,
+    name: &str,
+    node: &str,
+    condition: k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+) -> Result<(), kube::Error> {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &tier_resource(kind));
+    let patch = serde_json::json!({
+        "apiVersion": tier_api_version(kind),
+        "kind": kind,
+        "metadata": { "name": name },
+        "status": TierPolicyStatus { conditions: vec![condition] },
+    });
+    let params = PatchParams::apply(&format!("palisade-agent-{node}")).force();
+    api.patch_status(name, &params, &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
 /// Runs the Kubernetes source until the agent stops. Never returns on API errors: the
 /// watchers retry with backoff, and enforcement stays as it was meanwhile.
 pub async fn run(agent: Agent, client: Client, opts: KubeOptions) {
@@ -319,6 +416,9 @@ pub async fn run(agent: Agent, client: Client, opts: KubeOptions) {
         watch(cnp, CNP_KIND, Input::Cnp),
         watch(ccnp, CCNP_KIND, Input::Ccnp),
         watch(Api::<NetworkPolicy>::all(client.clone()), "NetworkPolicy", Input::Knp),
+        watch_tier(&client, TIER_KINDS[0].0),
+        watch_tier(&client, TIER_KINDS[1].0),
+        watch_tier(&client, TIER_KINDS[2].0),
         watch(Api::<Namespace>::all(client.clone()), "Namespace", Input::Ns),
         watch(Api::<Pod>::all(client.clone()), "Pod", Input::Pod),
         Box::pin(ticks),

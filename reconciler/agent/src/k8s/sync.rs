@@ -12,7 +12,9 @@ use kube::ResourceExt;
 use kube::api::DynamicObject;
 use palisade_policy::labels::LabelSet;
 
-use super::crd::NodePolicyStatus;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use super::crd::{NodePolicyStatus, tier_condition_type};
 use super::mirror::Mirror;
 use super::translate::{PodInfo, pod_info, policy_source, policy_text};
 use crate::api::types::{EndpointSpec, PolicyStatus};
@@ -20,14 +22,39 @@ use crate::api::types::{EndpointSpec, PolicyStatus};
 pub const CNP_KIND: &str = "CiliumNetworkPolicy";
 pub const CCNP_KIND: &str = "CiliumClusterwideNetworkPolicy";
 pub const KNP_KIND: &str = "NetworkPolicy";
+pub const CLUSTER_NP_KIND: &str = "ClusterNetworkPolicy";
+pub const ANP_KIND: &str = "AdminNetworkPolicy";
+pub const BANP_KIND: &str = "BaselineAdminNetworkPolicy";
 
-/// Policy texts by source key, from the three policy mirrors.
+/// The cluster-scoped tier kinds of `policy.networking.k8s.io`: kind, version, plural.
+pub const TIER_KINDS: [(&str, &str, &str); 3] = [
+    (CLUSTER_NP_KIND, "v1alpha2", "clusternetworkpolicies"),
+    (ANP_KIND, "v1alpha1", "adminnetworkpolicies"),
+    (BANP_KIND, "v1alpha1", "baselineadminnetworkpolicies"),
+];
+
+/// `policy.networking.k8s.io/<version>` of a tier kind.
+pub fn tier_api_version(kind: &str) -> String {
+    let version = TIER_KINDS.iter().find(|t| t.0 == kind).map_or("v1alpha2", |t| t.1);
+    format!("policy.networking.k8s.io/{version}")
+}
+
+/// Mirrors of the tier kinds, by kind.
+pub type TierMirrors = BTreeMap<&'static str, Mirror<DynamicObject>>;
+
+/// Policy texts by source key, from the policy mirrors.
 pub fn desired_policies(
     cnp: &Mirror<DynamicObject>,
     ccnp: &Mirror<DynamicObject>,
     knp: &Mirror<NetworkPolicy>,
+    tiers: &TierMirrors,
 ) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
+    for (kind, mirror) in tiers {
+        for o in mirror.objects() {
+            out.insert(policy_source(kind, None, &o.name_any()), policy_text(o, &tier_api_version(kind), kind));
+        }
+    }
     for o in cnp.objects() {
         let src = policy_source(CNP_KIND, Some(&o.namespace().unwrap_or_default()), &o.name_any());
         out.insert(src, policy_text(o, "cilium.io/v2", CNP_KIND));
@@ -112,6 +139,49 @@ pub fn node_status(statuses: &[PolicyStatus]) -> NodePolicyStatus {
     }
 }
 
+/// The condition this node's agent should show on a tier policy (`status.conditions`,
+/// type [`tier_condition_type`]), from the statuses of its manifest, or `None` when the
+/// object already shows it (same status, reason and message). `lastTransitionTime` moves
+/// only when the status flips.
+pub fn tier_condition(obj: &DynamicObject, node: &str, statuses: &[PolicyStatus], now: &Time) -> Option<Condition> {
+    let st = node_status(statuses);
+    let (status, reason, message) = match (&st.error, st.ok) {
+        (Some(e), _) if st.enforcing => ("False", "InvalidPreviousVersionEnforced", e.clone()),
+        (Some(e), _) => ("False", "Invalid", e.clone()),
+        (None, true) if !st.annotations.is_empty() => {
+            ("True", "EnforcedWithWarnings", st.annotations.values().cloned().collect::<Vec<_>>().join("; "))
+        }
+        (None, true) => ("True", "Enforced", format!("enforced by palisade on node {node}")),
+        (None, false) => ("Unknown", "Pending", format!("not yet resolved by palisade on node {node}")),
+    };
+    let type_ = tier_condition_type(node);
+    let have = current_tier_condition(obj, &type_);
+    if let Some(h) = &have
+        && h.status == status
+        && h.reason == reason
+        && h.message == message
+    {
+        return None;
+    }
+    let last_transition_time =
+        have.filter(|h| h.status == status).map_or_else(|| now.clone(), |h| h.last_transition_time);
+    Some(Condition {
+        type_,
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time,
+        observed_generation: obj.metadata.generation,
+    })
+}
+
+/// The condition of type `type_` on a tier policy's status, if it has one.
+pub fn current_tier_condition(obj: &DynamicObject, type_: &str) -> Option<Condition> {
+    let list = obj.data.get("status")?.get("conditions")?.as_array()?;
+    let c = list.iter().find(|c| c.get("type").and_then(serde_json::Value::as_str) == Some(type_))?;
+    serde_json::from_value(c.clone()).ok()
+}
+
 /// The status this node last wrote on an object, if any.
 pub fn current_node_status(obj: &DynamicObject, node: &str) -> Option<NodePolicyStatus> {
     let v = obj.data.get("status")?.get("nodes")?.get(node)?;
@@ -177,10 +247,85 @@ mod tests {
     fn policies_are_keyed_by_kind_namespace_and_name() {
         let mut m = Mirror::default();
         m.apply(Event::Apply(cnp("web", serde_json::json!({"endpointSelector": {}}))));
-        let d = desired_policies(&m, &Mirror::default(), &Mirror::default());
+        let d = desired_policies(&m, &Mirror::default(), &Mirror::default(), &TierMirrors::new());
         let text = &d["kube:CiliumNetworkPolicy/shop/web"];
         assert!(text.contains("kind: CiliumNetworkPolicy"), "{text}");
         assert!(!text.contains("resourceVersion"), "{text}");
+    }
+
+    #[test]
+    fn tier_policies_are_cluster_scoped_sources_with_their_api_version() {
+        let mut tiers = TierMirrors::new();
+        for (kind, version, _) in TIER_KINDS {
+            let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+                "apiVersion": format!("policy.networking.k8s.io/{version}"), "kind": kind,
+                "metadata": {"name": "default", "resourceVersion": "9", "generation": 2},
+                "spec": {"priority": 5}
+            }))
+            .unwrap();
+            let mut m = Mirror::default();
+            m.apply(Event::Apply(obj));
+            tiers.insert(kind, m);
+        }
+        let d = desired_policies(&Mirror::default(), &Mirror::default(), &Mirror::default(), &tiers);
+        assert_eq!(d.len(), 3);
+        assert!(d["kube:ClusterNetworkPolicy/default"].contains("apiVersion: policy.networking.k8s.io/v1alpha2"));
+        assert!(d["kube:AdminNetworkPolicy/default"].contains("apiVersion: policy.networking.k8s.io/v1alpha1"));
+        let banp = &d["kube:BaselineAdminNetworkPolicy/default"];
+        assert!(banp.contains("kind: BaselineAdminNetworkPolicy") && !banp.contains("resourceVersion"), "{banp}");
+    }
+
+    #[test]
+    fn tier_condition_follows_the_verdict_and_keeps_its_transition_time() {
+        let st = |enforced: bool, error: Option<&str>, warnings: Vec<String>| PolicyStatus {
+            source: "kube:ClusterNetworkPolicy/a".into(),
+            kind: CLUSTER_NP_KIND.into(),
+            namespace: None,
+            name: "a".into(),
+            enforced,
+            error: error.map(str::to_string),
+            warnings,
+            revision: 3,
+        };
+        let t1 = Time("2026-01-01T00:00:00Z".parse().unwrap());
+        let t2 = Time("2026-01-02T00:00:00Z".parse().unwrap());
+        let mut obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "a", "generation": 4}, "spec": {}
+        }))
+        .unwrap();
+        let good = tier_condition(&obj, "n1", &[st(true, None, vec![])], &t1).unwrap();
+        assert_eq!(
+            (good.type_.as_str(), good.status.as_str(), good.reason.as_str()),
+            ("Ready-On-Node-n1", "True", "Enforced")
+        );
+        assert_eq!(good.observed_generation, Some(4));
+        // Written (with another node's condition beside it): nothing more to write.
+        let other = serde_json::json!({"type": "Ready-On-Node-n2", "status": "False", "reason": "Invalid",
+            "message": "x", "lastTransitionTime": "2026-01-01T00:00:00Z"});
+        obj.data["status"] = serde_json::json!({"conditions": [other, serde_json::to_value(&good).unwrap()]});
+        assert!(tier_condition(&obj, "n1", &[st(true, None, vec![])], &t2).is_none());
+        // Warnings: still True (same transition time), another reason.
+        let warned =
+            tier_condition(&obj, "n1", &[st(true, None, vec!["domainNames: not enforced".into()])], &t2).unwrap();
+        assert_eq!((warned.status.as_str(), warned.reason.as_str()), ("True", "EnforcedWithWarnings"));
+        assert_eq!(warned.last_transition_time, t1);
+        assert!(warned.message.contains("domainNames"));
+        // Rejected: False, the time moves; a kept previous version says so.
+        let bad =
+            tier_condition(&obj, "n1", &[st(false, Some("spec.priority: 1001 is out of range"), vec![])], &t2).unwrap();
+        assert_eq!((bad.status.as_str(), bad.reason.as_str()), ("False", "Invalid"));
+        assert_eq!(bad.last_transition_time, t2);
+        assert!(bad.message.contains("spec.priority"));
+        let kept = tier_condition(
+            &obj,
+            "n1",
+            &[st(false, Some("spec.priority: bad (the previously accepted version stays in force)"), vec![])],
+            &t2,
+        )
+        .unwrap();
+        assert_eq!(kept.reason, "InvalidPreviousVersionEnforced");
+        assert!(current_tier_condition(&obj, "Ready-On-Node-n2").is_some());
     }
 
     #[test]
