@@ -608,7 +608,8 @@ fn flow_enrichment() -> f64 {
     use palisade_agent::flows::{FlowStore, to_flow};
     use palisade_agent::monitor::{DecodeContext, EndpointNames};
     const EVENTS: u32 = 200_000;
-    let mut ctx = DecodeContext { node_name: "bench".into(), ..Default::default() };
+    let mut ctx = DecodeContext::default();
+    ctx.node_name = "bench".into();
     for id in 1..=100u32 {
         let labels = vec![format!("k8s:app=app-{id}"), "k8s:io.kubernetes.pod.namespace=default".into()];
         let deny_by = vec![palisade_api::flow::FlowPolicy {

@@ -334,7 +334,8 @@ mod tests {
     use crate::monitor::EndpointNames;
 
     fn ctx() -> DecodeContext {
-        let mut c = DecodeContext { node_name: "node-1".into(), ..Default::default() };
+        let mut c = DecodeContext::default();
+        c.node_name = "node-1".into();
         let backend = EndpointNames {
             namespace: "default".into(),
             name: "backend".into(),

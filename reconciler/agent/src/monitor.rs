@@ -2,6 +2,7 @@
 //! names for reasons, protocols and endpoints, and the policies behind the deciding entry.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use palisade_common::{VerdictEvent, direction, family, identity, match_kind, proto, reason, verdict};
 
@@ -79,7 +80,15 @@ pub struct DecodeContext {
     pub identity_labels: BTreeMap<u32, Vec<String>>,
     /// This node's name (flow records' `node_name`).
     pub node_name: String,
+    /// Endpoint id -> per direction the policies that select it with default deny there,
+    /// whether or not the direction is enforced; computed for the policies and endpoints
+    /// of `deny_by_of` (held, so compared by pointer: recomputed only when either list
+    /// is a new one).
+    deny_by_all: BTreeMap<u32, [Vec<palisade_api::flow::FlowPolicy>; 2]>,
+    deny_by_of: Option<DenyBySource>,
 }
+
+type DenyBySource = (Arc<Vec<palisade_policy::Policy>>, Arc<Vec<crate::endpoint::LocalEndpoint>>);
 
 /// A local endpoint as flow records name it.
 #[derive(Clone, Debug, Default)]
@@ -129,17 +138,11 @@ pub fn set_endpoint_names(ctx: &mut DecodeContext, msg: &crate::writer::Desired)
     use palisade_policy::Direction;
     ctx.by_ip.clear();
     ctx.endpoint_info.clear();
-    for e in msg.endpoints.iter() {
-        let id = u32::from(e.id);
-        let policy = msg.desired.endpoints.get(&e.id);
-        let deny_by = |dir: Direction| {
-            let enforced = policy.is_some_and(|p| match dir {
-                Direction::Ingress => p.ingress_enforced,
-                Direction::Egress => p.egress_enforced,
-            });
-            if !enforced {
-                return Vec::new();
-            }
+    // Selector matches of every endpoint against every policy: only when either changed.
+    let same =
+        ctx.deny_by_of.as_ref().is_some_and(|(p, e)| Arc::ptr_eq(p, &msg.policies) && Arc::ptr_eq(e, &msg.endpoints));
+    if !same {
+        let by = |e: &crate::endpoint::LocalEndpoint, dir: Direction| {
             palisade_policy::explain::default_deny_by(&msg.policies, &e.labels, dir)
                 .iter()
                 .map(|p| palisade_api::flow::FlowPolicy {
@@ -149,7 +152,27 @@ pub fn set_endpoint_names(ctx: &mut DecodeContext, msg: &crate::writer::Desired)
                     rule: String::new(),
                     action: "default-deny".into(),
                 })
-                .collect()
+                .collect::<Vec<_>>()
+        };
+        ctx.deny_by_all = msg
+            .endpoints
+            .iter()
+            .map(|e| (u32::from(e.id), [by(e, Direction::Ingress), by(e, Direction::Egress)]))
+            .collect();
+        ctx.deny_by_of = Some((msg.policies.clone(), msg.endpoints.clone()));
+    }
+    for e in msg.endpoints.iter() {
+        let id = u32::from(e.id);
+        let policy = msg.desired.endpoints.get(&e.id);
+        let deny_by = |dir: Direction| {
+            let enforced = policy.is_some_and(|p| match dir {
+                Direction::Ingress => p.ingress_enforced,
+                Direction::Egress => p.egress_enforced,
+            });
+            match ctx.deny_by_all.get(&id) {
+                Some(lists) if enforced => lists[usize::from(dir == Direction::Egress)].clone(),
+                _ => Vec::new(),
+            }
         };
         ctx.endpoint_info.insert(
             id,
