@@ -449,4 +449,24 @@ mod tests {
         let (out, _, _) = s.query(&FlowQuery { since_unix_ns: Some(0), ..Default::default() });
         assert!(matches!(out[0], FlowsResponse::LostEvents(_)));
     }
+
+    #[test]
+    fn a_follower_gets_new_flows_and_learns_what_it_missed() {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let s = FlowStore::new(4);
+        let flow = || to_flow(&event(reason::DROP_POLICY_DENIED, 0), &ctx(), 0);
+        s.push(0, flow());
+        let (out, rx, next) = s.query(&FlowQuery { follow: true, ..Default::default() });
+        let mut rx = rx.expect("a follower");
+        assert_eq!((out.len(), next), (1, 1));
+        s.push(1, flow());
+        assert_eq!(rx.try_recv().unwrap().seq, 1);
+        // The live feed holds as many flows as the buffer (rounded up to a power of two): a
+        // follower further behind is told how many it missed.
+        for i in 2..10 {
+            s.push(i, flow());
+        }
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Lagged(4))));
+        assert_eq!(rx.try_recv().unwrap().seq, 6);
+    }
 }
