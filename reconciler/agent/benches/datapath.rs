@@ -627,6 +627,7 @@ fn flow_enrichment() -> f64 {
                 identity: 255 + id,
                 labels,
                 default_deny_by: [deny_by, Vec::new()],
+                fail_closed: [false; 2],
             },
         );
         ctx.by_ip.insert(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 1, id as u8)), id);

@@ -200,6 +200,21 @@ pub fn to_flow(ev: &VerdictEvent, ctx: &DecodeContext, unix_ns: u64) -> Flow {
             let s = format!("denied at the {dir_name} of {here} by the deny rule {}", rules.join(", ").trim());
             (p, s)
         }
+        reason::DROP_POLICY_DENIED
+            if ctx.endpoint_info.get(&ev.endpoint_id).is_some_and(|e| e.fail_closed[usize::from(ev.direction & 1)]) =>
+        {
+            let p = vec![FlowPolicy {
+                kind: "built-in".into(),
+                name: "fail-closed (map overflow)".into(),
+                action: "default-deny".into(),
+                ..Default::default()
+            }];
+            let s = format!(
+                "fail closed at the {dir_name} of {here}: its policy entries do not fit in the maps, so it denies \
+                 everything there (see `palisade status`, mapErrors)"
+            );
+            (p, s)
+        }
         reason::DROP_POLICY_DENIED => {
             let d = usize::from(ev.direction & 1);
             let p = ctx.endpoint_info.get(&ev.endpoint_id).map(|e| e.default_deny_by[d].clone()).unwrap_or_default();
@@ -351,6 +366,7 @@ mod tests {
                 }],
                 Vec::new(),
             ],
+            fail_closed: [false; 2],
         };
         c.endpoint_info.insert(2, backend);
         c.endpoint_info.insert(
@@ -427,6 +443,11 @@ mod tests {
         let f = to_flow(&event(reason::DROP_POLICY_DENY_RULE, 6), &c, 0);
         assert_eq!(f.ingress_denied_by[0].action, "default-deny");
         assert_eq!(f.ingress_denied_by[0].name, "allow-frontend-to-backend");
+        // An endpoint failing closed (map overflow) says so, not which policies select it.
+        c.endpoint_info.get_mut(&2).unwrap().fail_closed = [true, false];
+        let f = to_flow(&event(reason::DROP_POLICY_DENIED, 0), &c, 0);
+        assert_eq!(f.ingress_denied_by[0].policy_name(), "built-in fail-closed (map overflow)");
+        assert!(f.summary.starts_with("fail closed at the ingress of default/backend"), "{}", f.summary);
     }
 
     #[test]

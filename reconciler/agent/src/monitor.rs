@@ -100,6 +100,9 @@ pub struct EndpointNames {
     /// Per direction ([`direction`] index): the policies that put the endpoint into
     /// default deny there (empty when the direction is not enforced).
     pub default_deny_by: [Vec<palisade_api::flow::FlowPolicy>; 2],
+    /// Per direction: denied entirely because the endpoint's entries do not fit in the
+    /// maps (see `mapErrors` in the status).
+    pub fail_closed: [bool; 2],
 }
 
 impl DecodeContext {
@@ -182,6 +185,7 @@ pub fn set_endpoint_names(ctx: &mut DecodeContext, msg: &crate::writer::Desired)
                 identity: e.identity,
                 labels: e.labels.iter().map(ToString::to_string).collect(),
                 default_deny_by: [deny_by(Direction::Ingress), deny_by(Direction::Egress)],
+                fail_closed: [false; 2],
             },
         );
         if let Some(a) = e.ipv4 {
