@@ -92,6 +92,10 @@ struct Args {
     /// Milliseconds between reads of --remote-endpoints.
     #[arg(long, env = "PALISADE_REMOTE_ENDPOINTS_POLL_MS", default_value_t = 200)]
     remote_endpoints_poll_ms: u64,
+    /// Flow records kept for `palisade observe` (the oldest are overwritten; a reader that
+    /// asks for overwritten ones is told how many it missed).
+    #[arg(long, env = "PALISADE_FLOW_BUFFER_SIZE", default_value_t = palisade_agent::flows::DEFAULT_BUFFER_SIZE)]
+    flow_buffer_size: usize,
     /// Tests only: enables `POST /v1/debug/panic/{actor}`, which makes an actor panic.
     #[arg(long, hide = true)]
     fault_injection: bool,
@@ -152,6 +156,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let defaults = AgentConfig::new(PathBuf::new(), PathBuf::new(), PathBuf::new());
     let config = AgentConfig {
         bpffs: args.bpffs,
         policy_dir: args.policy_dir,
@@ -168,6 +173,8 @@ fn main() -> std::process::ExitCode {
             "clsact" => Some(palisade_agent::datapath::AttachMode::Clsact),
             _ => None,
         },
+        flow_buffer_size: args.flow_buffer_size.max(1),
+        node_name: args.node_name.clone().unwrap_or(defaults.node_name),
     };
     let kube_sync_timeout = Duration::from_secs(args.kube_sync_timeout_secs.max(1));
     let socket = args.api_socket;
