@@ -122,6 +122,7 @@ mod tests {
             entry: None,
             rules: rules.iter().map(std::string::ToString::to_string).collect(),
             tiers: Vec::new(),
+            default_deny_by: Vec::new(),
         }
     }
 
@@ -161,8 +162,14 @@ mod tests {
         at_source.ingress = side("default/b", "not-local", &[]);
         at_source.ingress.endpoint = None;
         let mut at_destination = explanation("deny");
-        at_destination.egress =
-            SideDecision { endpoint: None, decision: "not-local".into(), entry: None, rules: vec![], tiers: vec![] };
+        at_destination.egress = SideDecision {
+            endpoint: None,
+            decision: "not-local".into(),
+            entry: None,
+            rules: vec![],
+            tiers: vec![],
+            default_deny_by: vec![],
+        };
         let c = combine(at_source.clone(), at_destination.clone());
         assert_eq!(c.verdict, "deny");
         assert_eq!(c.egress.decision, "not-selected");

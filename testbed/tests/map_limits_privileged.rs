@@ -75,6 +75,23 @@ fn overflowing_a_map_fails_closed_and_recovers_privileged() {
         let v = observe(&session, &probes).await;
         assert_eq!(v[0].0, Observed::Deny, "failed closed: even the allowed port is dropped: {}", v[0].1);
         assert_eq!(v[1].0, Observed::Deny, "{}", v[1].1);
+        // Its flow record says why: not a policy's default deny, the overflow.
+        let query = palisade_api::flow::FlowQuery {
+            whitelist: vec![palisade_api::flow::FlowFilter {
+                verdict: vec!["DROPPED".into()],
+                destination_pod: vec!["default/server".into()],
+                port: vec![80],
+                ..Default::default()
+            }],
+            last: Some(1),
+            ..Default::default()
+        };
+        let mut flows = client.flows(&query).await.unwrap();
+        let Some(palisade_api::flow::FlowsResponse::Flow(f)) = flows.next().await.unwrap() else {
+            panic!("no flow record of the dropped TCP/80 probe")
+        };
+        assert_eq!(f.ingress_denied_by[0].policy_name(), "built-in fail-closed (map overflow)", "{f:?}");
+        assert!(f.summary.starts_with("fail closed at the ingress of default/server"), "{f:?}");
 
         // Room returns: the range policy is deleted.
         std::fs::remove_file(session.policy_dir().join("server-range.yaml")).unwrap();

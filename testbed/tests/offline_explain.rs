@@ -194,3 +194,27 @@ fn offline_explain_shows_the_tier_priority_rule_and_pass_hops() {
     let e = explain_in("seed-allow-frontend-to-backend.yaml", "default/frontend", "default/backend", 8080);
     assert!(e.ingress.tiers.is_empty() && e.egress.tiers.is_empty());
 }
+
+/// A default deny names the policies that select the endpoint in that direction, and only
+/// those: the other namespace's copy of the seed policy does not select `default/backend`,
+/// and an enforced direction without a default deny names none.
+#[test]
+fn offline_explain_names_the_policies_behind_a_default_deny() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/seed-allow-frontend-to-backend.yaml");
+    let plan = scenario::load(&file).unwrap();
+    let state = scenario_state(&plan, None).unwrap();
+    let req = |from: &str, to: &str, port| palisade_api::types::ExplainRequest {
+        from: from.into(),
+        to: to.into(),
+        port: Some(port),
+        protocol: "TCP".into(),
+    };
+    let e = explain(&req("default/frontend", "default/backend", 9090), &state.inputs()).unwrap();
+    assert_eq!(e.ingress.decision, "default-deny");
+    assert_eq!(e.ingress.default_deny_by, vec!["CiliumNetworkPolicy default/allow-frontend-to-backend"]);
+    assert!(e.egress.default_deny_by.is_empty(), "{e:?}");
+    let e = explain(&req("other-team/other", "other-team/backend", 8080), &state.inputs()).unwrap();
+    assert_eq!(e.ingress.default_deny_by, vec!["CiliumNetworkPolicy other-team/allow-frontend-to-backend"]);
+    let allowed = explain(&req("default/frontend", "default/backend", 8080), &state.inputs()).unwrap();
+    assert!(allowed.ingress.default_deny_by.is_empty());
+}

@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod endpoint;
 pub mod endpoint_registry;
 pub mod error;
+pub mod flows;
 pub mod k8s;
 pub mod kvstore;
 pub mod link_watch;

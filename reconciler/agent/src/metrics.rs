@@ -112,6 +112,12 @@ struct Events {
     regenerations_ok: u64,
     regenerations_failed: u64,
     regeneration_time: Histogram,
+    /// (verdict, direction, reason) -> flow records.
+    flows: BTreeMap<(String, String, String), u64>,
+    /// (policy, direction, action) -> flow records it decided.
+    policy_verdicts: BTreeMap<(String, String, String), u64>,
+    /// Source -> flows a reader missed.
+    flows_lost: BTreeMap<String, u64>,
 }
 
 /// What the actors report as it happens (see the hooks in the resolver and map writer).
@@ -165,6 +171,25 @@ impl Recorder {
         for _ in 0..n {
             e.regeneration_time.observe(elapsed.as_secs_f64());
         }
+    }
+
+    /// A flow record was made (see [`crate::flows`]).
+    pub fn flow_recorded(&self, flow: &palisade_api::flow::Flow) {
+        let reason = flow.drop_reason_desc.as_deref().or(flow.forward_reason_desc.as_deref()).unwrap_or("UNKNOWN");
+        let dir = flow.traffic_direction.to_ascii_lowercase();
+        let mut e = self.lock();
+        *e.flows.entry((flow.verdict.clone(), dir.clone(), reason.to_string())).or_default() += 1;
+        let mut seen = BTreeSet::new();
+        for p in flow.decided_by() {
+            if seen.insert((p.policy_name(), p.action.clone())) {
+                *e.policy_verdicts.entry((p.policy_name(), dir.clone(), p.action.clone())).or_default() += 1;
+            }
+        }
+    }
+
+    /// A reader missed `n` flows (`source`: `flow-buffer`, `slow-reader`).
+    pub fn flows_lost(&self, source: &str, n: u64) {
+        *self.lock().flows_lost.entry(source.to_string()).or_default() += n;
     }
 
     /// Implementation-delay observations so far (for tests).
@@ -387,6 +412,38 @@ fn read_kernel(dir: &Path) -> KernelView {
     }
 }
 
+/// The flow metrics.
+fn render_flows(out: &mut String, agent: &Agent) {
+    let (flows, verdicts, lost) = {
+        let e = global().lock();
+        (e.flows.clone(), e.policy_verdicts.clone(), e.flows_lost.clone())
+    };
+    header(out, "palisade_flows_processed_total", "counter", "Flow records made, by verdict, direction and reason");
+    for ((v, d, r), n) in &flows {
+        sample(out, "palisade_flows_processed_total", &[("verdict", v), ("direction", d), ("reason", r)], n);
+    }
+    header(
+        out,
+        "palisade_policy_verdicts_total",
+        "counter",
+        "Flow records each policy decided, by direction and action (allow, deny, default-deny)",
+    );
+    for ((p, d, a), n) in &verdicts {
+        sample(out, "palisade_policy_verdicts_total", &[("policy", p), ("direction", d), ("action", a)], n);
+    }
+    header(out, "palisade_flows_lost_total", "counter", "Flow records readers missed, by source");
+    for source in ["flow-buffer", "slow-reader"] {
+        sample(out, "palisade_flows_lost_total", &[("source", source)], lost.get(source).copied().unwrap_or(0));
+    }
+    let (recorded, overwritten) = agent.flows.counts();
+    header(out, "palisade_flows_overwritten_total", "counter", "Flow records overwritten in the full flow buffer");
+    sample(out, "palisade_flows_overwritten_total", &[], overwritten);
+    header(out, "palisade_flow_buffer_flows", "gauge", "Flow records in the flow buffer");
+    sample(out, "palisade_flow_buffer_flows", &[], recorded - overwritten);
+    header(out, "palisade_flow_buffer_capacity", "gauge", "Flow records the flow buffer holds (--flow-buffer-size)");
+    sample(out, "palisade_flow_buffer_capacity", &[], agent.flows.capacity());
+}
+
 /// The whole exposition.
 pub async fn render(agent: &Agent) -> String {
     let mut out = String::new();
@@ -417,6 +474,7 @@ pub async fn render(agent: &Agent) -> String {
         let e = global().lock();
         (e.implementation_delay.clone(), e.regenerations_ok, e.regenerations_failed, e.regeneration_time.clone())
     };
+    render_flows(&mut out, agent);
     header(
         &mut out,
         "palisade_policy_implementation_delay",

@@ -2,6 +2,7 @@
 //! names for reasons, protocols and endpoints, and the policies behind the deciding entry.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use palisade_common::{VerdictEvent, direction, family, identity, match_kind, proto, reason, verdict};
 
@@ -69,6 +70,39 @@ pub struct DecodeContext {
     pub cookies: BTreeMap<u32, Vec<String>>,
     /// Cookie -> the rules behind it (`Kind namespace/name spec.ingress[0]`).
     pub rules: BTreeMap<u32, Vec<String>>,
+    /// Cookie -> the rules behind it, structured (for flow records).
+    pub origins: BTreeMap<u32, Vec<palisade_policy::RuleOrigin>>,
+    /// Endpoint id -> what a flow record says of it.
+    pub endpoint_info: BTreeMap<u32, EndpointNames>,
+    /// A local endpoint's address -> its id.
+    pub by_ip: BTreeMap<IpAddr, u32>,
+    /// Labels of the identities that are not local pods' (CIDR and address identities).
+    pub identity_labels: BTreeMap<u32, Vec<String>>,
+    /// This node's name (flow records' `node_name`).
+    pub node_name: String,
+    /// Endpoint id -> per direction the policies that select it with default deny there,
+    /// whether or not the direction is enforced; computed for the policies and endpoints
+    /// of `deny_by_of` (held, so compared by pointer: recomputed only when either list
+    /// is a new one).
+    deny_by_all: BTreeMap<u32, [Vec<palisade_api::flow::FlowPolicy>; 2]>,
+    deny_by_of: Option<DenyBySource>,
+}
+
+type DenyBySource = (Arc<Vec<palisade_policy::Policy>>, Arc<Vec<crate::endpoint::LocalEndpoint>>);
+
+/// A local endpoint as flow records name it.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointNames {
+    pub namespace: String,
+    pub name: String,
+    pub identity: u32,
+    pub labels: Vec<String>,
+    /// Per direction ([`direction`] index): the policies that put the endpoint into
+    /// default deny there (empty when the direction is not enforced).
+    pub default_deny_by: [Vec<palisade_api::flow::FlowPolicy>; 2],
+    /// Per direction: denied entirely because the endpoint's entries do not fit in the
+    /// maps (see `mapErrors` in the status).
+    pub fail_closed: [bool; 2],
 }
 
 impl DecodeContext {
@@ -78,6 +112,7 @@ impl DecodeContext {
     pub fn set_cookies(&mut self, jar: &CookieJar, live: &BTreeSet<u32>) {
         self.cookies.retain(|c, _| live.contains(c));
         self.rules.retain(|c, _| live.contains(c));
+        self.origins.retain(|c, _| live.contains(c));
         for c in live {
             if self.cookies.contains_key(c) {
                 continue;
@@ -87,6 +122,7 @@ impl DecodeContext {
             names.dedup();
             self.cookies.insert(*c, names);
             self.rules.insert(*c, origins.iter().map(std::string::ToString::to_string).collect());
+            self.origins.insert(*c, origins.iter().cloned().collect());
         }
     }
 
@@ -96,6 +132,76 @@ impl DecodeContext {
         let names = self.cookies.get(&cookie)?;
         if names.is_empty() { Some(vec![builtin_entry(entry).to_string()]) } else { Some(names.clone()) }
     }
+}
+
+/// Takes what flow records say of the endpoints from the desired state the map writer
+/// applies: names, identities, labels, addresses, and per enforced direction the policies
+/// that put the endpoint into default deny there.
+pub fn set_endpoint_names(ctx: &mut DecodeContext, msg: &crate::writer::Desired) {
+    use palisade_policy::Direction;
+    ctx.by_ip.clear();
+    ctx.endpoint_info.clear();
+    // Selector matches of every endpoint against every policy: only when either changed.
+    let same =
+        ctx.deny_by_of.as_ref().is_some_and(|(p, e)| Arc::ptr_eq(p, &msg.policies) && Arc::ptr_eq(e, &msg.endpoints));
+    if !same {
+        let by = |e: &crate::endpoint::LocalEndpoint, dir: Direction| {
+            palisade_policy::explain::default_deny_by(&msg.policies, &e.labels, dir)
+                .iter()
+                .map(|p| palisade_api::flow::FlowPolicy {
+                    kind: p.kind.to_string(),
+                    namespace: p.namespace.clone().unwrap_or_default(),
+                    name: p.name.clone(),
+                    rule: String::new(),
+                    action: "default-deny".into(),
+                })
+                .collect::<Vec<_>>()
+        };
+        ctx.deny_by_all = msg
+            .endpoints
+            .iter()
+            .map(|e| (u32::from(e.id), [by(e, Direction::Ingress), by(e, Direction::Egress)]))
+            .collect();
+        ctx.deny_by_of = Some((msg.policies.clone(), msg.endpoints.clone()));
+    }
+    for e in msg.endpoints.iter() {
+        let id = u32::from(e.id);
+        let policy = msg.desired.endpoints.get(&e.id);
+        let deny_by = |dir: Direction| {
+            let enforced = policy.is_some_and(|p| match dir {
+                Direction::Ingress => p.ingress_enforced,
+                Direction::Egress => p.egress_enforced,
+            });
+            match ctx.deny_by_all.get(&id) {
+                Some(lists) if enforced => lists[usize::from(dir == Direction::Egress)].clone(),
+                _ => Vec::new(),
+            }
+        };
+        ctx.endpoint_info.insert(
+            id,
+            EndpointNames {
+                namespace: e.namespace.clone(),
+                name: e.name.clone(),
+                identity: e.identity,
+                labels: e.labels.iter().map(ToString::to_string).collect(),
+                default_deny_by: [deny_by(Direction::Ingress), deny_by(Direction::Egress)],
+                fail_closed: [false; 2],
+            },
+        );
+        if let Some(a) = e.ipv4 {
+            ctx.by_ip.insert(IpAddr::V4(a), id);
+        }
+        if let Some(a) = e.ipv6 {
+            ctx.by_ip.insert(IpAddr::V6(a), id);
+        }
+    }
+    ctx.identity_labels = msg
+        .desired
+        .cidr_identities
+        .iter()
+        .chain(&msg.desired.address_identities)
+        .map(|(id, l)| (*id, l.iter().map(ToString::to_string).collect()))
+        .collect();
 }
 
 /// Name of the allow every ingress-enforced endpoint has for the node (the host identity,

@@ -195,39 +195,63 @@ impl Client {
     /// Opens the verdict-event stream. Events arrive as they happen from the moment the
     /// call returns.
     pub async fn monitor(&self) -> Result<MonitorStream, ClientError> {
+        self.stream(Method::GET, "/v1/monitor", Bytes::new()).await
+    }
+
+    /// Queries the agent's flow buffer (`palisade observe`): the matching flows, lost-event
+    /// notes, and with `follow` new flows as they come.
+    pub async fn flows(&self, query: &crate::flow::FlowQuery) -> Result<FlowStream, ClientError> {
+        let body = serde_json::to_vec(query).expect("a query serializes");
+        self.stream(Method::POST, "/v1/flows", Bytes::from(body)).await
+    }
+
+    async fn stream<T>(&self, method: Method, path: &str, body: Bytes) -> Result<LineStream<T>, ClientError> {
         let mut sender = self.connect().await?;
         let req = Request::builder()
-            .method(Method::GET)
-            .uri("/v1/monitor")
+            .method(method.clone())
+            .uri(path)
             .header("host", "palisade")
-            .body(Full::new(Bytes::new()))
+            .header("content-type", "application/json")
+            .body(Full::new(body))
             .expect("valid request");
         let resp = sender
             .send_request(req)
             .await
             .map_err(|source| ClientError::Http { socket: self.socket.clone(), source })?;
         if !resp.status().is_success() {
-            return Err(ClientError::Status {
-                method: "GET".into(),
-                path: "/v1/monitor".into(),
-                status: resp.status().as_u16(),
-                message: "monitor refused".into(),
-            });
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
+            let message = serde_json::from_slice::<crate::types::ApiError>(&bytes)
+                .map_or_else(|_| String::from_utf8_lossy(&bytes).into_owned(), |e| e.error);
+            return Err(ClientError::Status { method: method.to_string(), path: path.into(), status, message });
         }
-        Ok(MonitorStream { body: resp.into_body(), buf: Vec::new(), socket: self.socket.clone() })
+        Ok(LineStream {
+            body: resp.into_body(),
+            buf: Vec::new(),
+            socket: self.socket.clone(),
+            path: path.into(),
+            item: std::marker::PhantomData,
+        })
     }
 }
 
 /// A live stream of verdict events.
-pub struct MonitorStream {
+pub type MonitorStream = LineStream<MonitorEvent>;
+/// The answer of a flow query.
+pub type FlowStream = LineStream<crate::flow::FlowsResponse>;
+
+/// One JSON document per line.
+pub struct LineStream<T> {
     body: hyper::body::Incoming,
     buf: Vec<u8>,
     socket: PathBuf,
+    path: String,
+    item: std::marker::PhantomData<T>,
 }
 
-impl MonitorStream {
-    /// The next event; `None` when the agent closed the stream.
-    pub async fn next(&mut self) -> Result<Option<MonitorEvent>, ClientError> {
+impl<T: serde::de::DeserializeOwned> LineStream<T> {
+    /// The next document; `None` when the agent closed the stream.
+    pub async fn next(&mut self) -> Result<Option<T>, ClientError> {
         loop {
             if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=pos).collect();
@@ -236,7 +260,7 @@ impl MonitorStream {
                 }
                 return serde_json::from_slice(&line)
                     .map(Some)
-                    .map_err(|source| ClientError::Decode { path: "/v1/monitor".into(), source });
+                    .map_err(|source| ClientError::Decode { path: self.path.clone(), source });
             }
             match self.body.frame().await {
                 None => return Ok(None),

@@ -4,6 +4,7 @@
 //! (`palisade_agent::api::server`). Nothing here pulls in the agent's runtime: no actor,
 //! eBPF or Kubernetes crate, so the small binaries stay small.
 pub mod client;
+pub mod flow;
 pub mod types;
 
-pub use client::{Client, ClientError, MonitorStream};
+pub use client::{Client, ClientError, FlowStream, LineStream, MonitorStream};

@@ -19,6 +19,7 @@
 //! | GET | `/v1/wait?revision=N&timeout_ms=M` | | [`Status`] once every endpoint realized N (408 on timeout) |
 //! | GET | `/v1/monitor` | | a stream of [`MonitorEvent`], one JSON document per line |
 //! | POST | `/v1/explain` | [`ExplainRequest`] | [`Explanation`] |
+//! | POST | `/v1/flows` | [`FlowQuery`](crate::flow::FlowQuery) | a stream of [`FlowsResponse`](crate::flow::FlowsResponse), one JSON document per line |
 //!
 //! Errors come back as a non-2xx status with an [`ApiError`] body.
 use std::collections::BTreeMap;
@@ -300,6 +301,10 @@ pub struct SideDecision {
     /// decided, with its priority and rule).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tiers: Vec<String>,
+    /// For `default-deny`: the policies (`Kind namespace/name`) that select the endpoint
+    /// for this direction and so put it into default deny.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub default_deny_by: Vec<String>,
 }
 
 /// Why a flow passes or not: the source's egress and the destination's ingress.

@@ -12,9 +12,9 @@ struct Cli {
     /// The agent's API socket.
     #[arg(long, global = true, default_value = "/run/palisade/agent.sock", env = "PALISADE_SOCKET")]
     socket: PathBuf,
-    /// Output format.
-    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
-    output: Output,
+    /// Output format (default: `table`; for `observe`, `compact`).
+    #[arg(long, short, global = true, value_enum)]
+    output: Option<Output>,
     #[command(subcommand)]
     command: Command,
 }
@@ -23,6 +23,8 @@ struct Cli {
 enum Output {
     Table,
     Json,
+    /// One line per flow (`observe`; other commands print a table).
+    Compact,
 }
 
 #[derive(Subcommand, Debug)]
@@ -63,7 +65,11 @@ enum Command {
         #[command(subcommand)]
         command: BpfCommand,
     },
-    /// Live verdict events.
+    /// Flow records of the agent's flow buffer, with both ends named and the policy that
+    /// decided (the flags of `hubble observe`; `-o json` uses Hubble's field names).
+    Observe(Box<palisade_cli::observe::ObserveArgs>),
+    /// Live raw verdict events of the datapath (identities as numbers; for debugging the
+    /// datapath: `observe --follow` is the everyday view).
     Monitor {
         /// Only events of this endpoint (`namespace/name`).
         #[arg(long)]
@@ -224,6 +230,9 @@ fn print_explanation(e: &Explanation) {
         for t in &s.tiers {
             println!("           tier {t}");
         }
+        for p in &s.default_deny_by {
+            println!("           default deny by {p} (it selects {who} for {what}; no rule allows the flow)");
+        }
     };
     show("egress", &e.egress);
     show("ingress", &e.ingress);
@@ -247,10 +256,43 @@ fn monitor_line(e: &MonitorEvent) -> String {
     )
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn observe(
+    c: &Client,
+    a: &palisade_cli::observe::ObserveArgs,
+    negated: &[String],
+    output: Output,
+) -> Result<(), String> {
+    use palisade_api::flow::FlowsResponse;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let query = a.query(negated, now)?;
+    let mut stream = c.flows(&query).await.map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    while let Some(r) = stream.next().await.map_err(|e| e.to_string())? {
+        match (&r, output) {
+            (_, Output::Json) => println!("{}", serde_json::to_string(&r).expect("serializes")),
+            (FlowsResponse::LostEvents(l), _) => {
+                eprintln!("EVENTS LOST: {} flow(s) ({})", l.num_events_lost, l.source);
+            }
+            (FlowsResponse::Flow(f), Output::Compact) => println!("{}", palisade_cli::observe::compact_line(f)),
+            (FlowsResponse::Flow(f), Output::Table) if a.follow => {
+                println!("{}", palisade_cli::observe::table_row(f).join("  "));
+            }
+            (FlowsResponse::Flow(f), Output::Table) => rows.push(palisade_cli::observe::table_row(f)),
+        }
+    }
+    if !rows.is_empty() {
+        table(&["TIME", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"], rows);
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli, negated: Vec<String>) -> Result<(), String> {
     let c = Client::new(&cli.socket);
-    let json = cli.output == Output::Json;
+    let json = cli.output == Some(Output::Json);
     match cli.command {
+        Command::Observe(a) => observe(&c, &a, &negated, cli.output.unwrap_or(Output::Compact)).await?,
         Command::Status => {
             let s = c.status().await.map_err(|e| e.to_string())?;
             if json {
@@ -581,9 +623,18 @@ impl std::fmt::Display for Invalid {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // `observe --not FLAG VALUE`: the negated flags are parsed apart (clap has no notion of
+    // "the next flag").
+    let (args, negated) = match palisade_cli::observe::split_not(std::env::args().collect()) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("palisade observe: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, negated)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("palisade: {e}");

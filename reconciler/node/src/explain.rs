@@ -145,6 +145,7 @@ fn side(endpoint: Option<String>, d: Decision) -> SideDecision {
                 entry: Some(entry),
                 rules: vec![why],
                 tiers: Vec::new(),
+                default_deny_by: Vec::new(),
             };
         }
         Decision::Allowed { entry, rules } => ("allowed", Some(entry), rules),
@@ -156,6 +157,7 @@ fn side(endpoint: Option<String>, d: Decision) -> SideDecision {
         entry,
         rules: rules.iter().map(std::string::ToString::to_string).collect(),
         tiers: Vec::new(),
+        default_deny_by: Vec::new(),
     }
 }
 
@@ -219,10 +221,19 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
         inp.desired.ok_or("the agent has not resolved any policy yet")?
     };
     let decide_for = |p: &Party, dir: Direction, peer: u32| match p {
-        Party::Local { view, name, .. } | Party::Hypothetical { view, name } => side(
-            Some(name.clone()),
-            decide(desired.endpoints.get(&view.id).map(std::convert::AsRef::as_ref), dir, peer, protocol, port),
-        ),
+        Party::Local { view, name, .. } | Party::Hypothetical { view, name } => {
+            let mut s = side(
+                Some(name.clone()),
+                decide(desired.endpoints.get(&view.id).map(std::convert::AsRef::as_ref), dir, peer, protocol, port),
+            );
+            if s.decision == "default-deny" {
+                s.default_deny_by = palisade_policy::explain::default_deny_by(inp.policies, &view.labels, dir)
+                    .iter()
+                    .map(|p| p.display_name())
+                    .collect();
+            }
+            s
+        }
         Party::Address { .. } => side(None, Decision::NotLocal),
     };
     // A local pod's address may have an identity of its own (an address identity, for a

@@ -9,7 +9,8 @@
 use serde::Serialize;
 
 use crate::identity;
-use crate::model::Direction;
+use crate::labels::LabelSet;
+use crate::model::{Direction, Policy};
 use crate::resolve::{EndpointPolicy, EntryKey, EntryValue, RuleOrigin};
 
 /// The decision of one side (the source's egress or the destination's ingress).
@@ -91,6 +92,26 @@ pub fn decide(policy: Option<&EndpointPolicy>, direction: Direction, peer: u32, 
         return Decision::Allowed { entry, rules };
     }
     Decision::DefaultDeny
+}
+
+/// The policies that put an endpoint with `labels` under default deny in `direction`: those
+/// with a NetworkPolicy-tier rule that selects it and enforces that direction (the same
+/// test the resolver makes for `ingress_enforced`/`egress_enforced`). Each policy once, in
+/// policy order. What a default deny names (`policy explain`, flow records).
+pub fn default_deny_by<'a>(policies: &'a [Policy], labels: &LabelSet, direction: Direction) -> Vec<&'a Policy> {
+    policies
+        .iter()
+        .filter(|p| p.tier.is_none())
+        .filter(|p| {
+            p.rules.iter().any(|r| {
+                let enforces = match direction {
+                    Direction::Ingress => r.enforce_ingress,
+                    Direction::Egress => r.enforce_egress,
+                };
+                enforces && r.subject.matches(labels)
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

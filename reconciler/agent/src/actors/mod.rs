@@ -60,6 +60,10 @@ pub struct AgentConfig {
     pub map_sizes: MapSizes,
     /// How programs are attached; `None`: tcx where the kernel has it.
     pub attach_mode: Option<AttachMode>,
+    /// Flow records kept for `palisade observe` (`--flow-buffer-size`).
+    pub flow_buffer_size: usize,
+    /// This node's name in flow records (default: the host name).
+    pub node_name: String,
 }
 
 impl AgentConfig {
@@ -77,6 +81,10 @@ impl AgentConfig {
             fault_injection: false,
             map_sizes: MapSizes::default(),
             attach_mode: None,
+            flow_buffer_size: crate::flows::DEFAULT_BUFFER_SIZE,
+            node_name: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
         }
     }
 }
@@ -159,6 +167,8 @@ pub struct Agent {
     pub resolver: Addr<resolver::Resolver>,
     pub map_writer: Addr<map_writer::MapWriter>,
     pub events: broadcast::Sender<MonitorEvent>,
+    /// The flow records (`palisade observe`).
+    pub flows: crate::flows::FlowStore,
     pub config: AgentConfig,
     /// Endpoint names and cookie attributions (the map writer keeps them current), for
     /// the API's read-back of the kernel maps.
@@ -269,8 +279,12 @@ impl Agent {
             hook,
         );
         let (events, _) = broadcast::channel(4096);
+        let flows = crate::flows::FlowStore::new(config.flow_buffer_size);
+        if let Ok(mut d) = decode_ctx.write() {
+            d.node_name.clone_from(&config.node_name);
+        }
         if let Some(reader) = events_reader {
-            feed_events(reader, decode_ctx, events.clone());
+            feed_events(reader, decode_ctx, events.clone(), flows.clone());
         }
         let agent = Agent {
             policy_watch,
@@ -279,6 +293,7 @@ impl Agent {
             resolver,
             map_writer,
             events,
+            flows,
             config,
             external: ExternalSource::default(),
             decode: decode_shared,
@@ -336,22 +351,53 @@ fn restore(config: &AgentConfig) -> Result<EndpointRegistry, StartError> {
         .map_err(|source| StartError::State { dir: config.state_dir.clone(), source })
 }
 
-/// Decodes the verdict events of `reader` (naming things with `names`) onto `events`.
-fn feed_events(mut reader: EventReader, names: Arc<RwLock<DecodeContext>>, events: broadcast::Sender<MonitorEvent>) {
-    actix_rt::spawn(async move {
-        let mut batch = Vec::new();
-        loop {
-            batch.clear();
-            if let Err(e) = reader.next_batch(&mut batch).await {
-                tracing::error!(error = %e, "reading verdict events failed; the monitor stops");
+/// Decodes the verdict events of `reader` (naming things with `names`) onto `events` and
+/// into the flow buffer, on a thread of its own (not the actors' thread: a burst of drops
+/// must not delay the actors).
+fn feed_events(
+    mut reader: EventReader,
+    names: Arc<RwLock<DecodeContext>>,
+    events: broadcast::Sender<MonitorEvent>,
+    flows: crate::flows::FlowStore,
+) {
+    let spawned = std::thread::Builder::new().name("verdict-events".into()).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the verdict-event reader; no monitor or flows");
                 return;
             }
-            let Ok(ctx) = names.read() else { return };
-            for ev in &batch {
-                let m = decode(ev, &ctx);
-                tracing::debug!(endpoint = ?m.endpoint, verdict = %m.verdict, reason = %m.reason, src = %m.src, dst = %m.dst, dport = m.dst_port, proto = %m.protocol, "verdict");
-                let _ = events.send(m);
+        };
+        runtime.block_on(async move {
+            let mut batch = Vec::new();
+            // Re-read now and then: the wall clock may be stepped.
+            let mut offset = crate::flows::monotonic_to_unix_offset();
+            let mut batches = 0u32;
+            loop {
+                batch.clear();
+                if let Err(e) = reader.next_batch(&mut batch).await {
+                    tracing::error!(error = %e, "reading verdict events failed; the monitor stops");
+                    return;
+                }
+                batches = batches.wrapping_add(1);
+                if batches.is_multiple_of(1024) {
+                    offset = crate::flows::monotonic_to_unix_offset();
+                }
+                let Ok(ctx) = names.read() else { return };
+                for ev in &batch {
+                    if events.receiver_count() > 0 {
+                        let _ = events.send(decode(ev, &ctx));
+                    }
+                    let unix_ns = u64::try_from(i128::from(ev.ts_ns) + offset).unwrap_or(0);
+                    let flow = crate::flows::to_flow(ev, &ctx, unix_ns);
+                    tracing::debug!(verdict = %flow.verdict, summary = %flow.summary, "flow");
+                    crate::metrics::global().flow_recorded(&flow);
+                    flows.push(unix_ns, flow);
+                }
             }
-        }
+        });
     });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the verdict-event thread; no monitor or flows");
+    }
 }

@@ -83,6 +83,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/policies/rescan", post(rescan))
         .route("/v1/wait", get(wait))
         .route("/v1/monitor", get(monitor))
+        .route("/v1/flows", post(flows))
         .route("/v1/explain", post(explain))
         .route("/v1/debug/panic/{actor}", post(debug_panic))
         .with_state(agent)
@@ -306,6 +307,47 @@ async fn monitor(State(agent): State<Agent>) -> Response {
     // A first empty line tells the client the stream is open.
     let stream = futures_util::stream::once(async { Ok(Bytes::from_static(b"\n")) }).chain(stream);
     ([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response()
+}
+
+/// `POST /v1/flows`: the flow buffer's matching flows, one [`FlowsResponse`] per line,
+/// then with `follow` new ones as they come.
+///
+/// [`FlowsResponse`]: palisade_api::flow::FlowsResponse
+async fn flows(State(agent): State<Agent>, Json(query): Json<palisade_api::flow::FlowQuery>) -> Response {
+    use palisade_api::flow::{FlowsResponse, LostEvents};
+    if let Err(e) = query.validate() {
+        return ApiFailure(StatusCode::BAD_REQUEST, e).into_response();
+    }
+    let line = |r: &FlowsResponse| {
+        let mut l = serde_json::to_vec(r).unwrap_or_default();
+        l.push(b'\n');
+        Ok::<_, Infallible>(Bytes::from(l))
+    };
+    let (now, rx, next_seq) = agent.flows.query(&query);
+    let head = futures_util::stream::iter(now.iter().map(line).collect::<Vec<_>>());
+    let Some(rx) = rx else {
+        return ([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(head)).into_response();
+    };
+    let live = futures_util::stream::unfold((rx, query), move |(mut rx, query)| async move {
+        loop {
+            match rx.recv().await {
+                // Already sent from the buffer.
+                Ok(s) if s.seq < next_seq => {}
+                Ok(s) if query.matches(&s.flow, s.unix_ns) => {
+                    let r = FlowsResponse::Flow(Box::new(s.flow.clone()));
+                    return Some((line(&r), (rx, query)));
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    crate::metrics::global().flows_lost("slow-reader", n);
+                    let r = FlowsResponse::LostEvents(LostEvents { source: "SLOW_READER".into(), num_events_lost: n });
+                    return Some((line(&r), (rx, query)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    ([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(head.chain(live))).into_response()
 }
 
 /// Labels of every identity the agent knows, and of the CIDR identities the kernel's

@@ -108,6 +108,10 @@ struct Args {
     /// and its node entry; the first is the pods' host address).
     #[arg(long, env = "PALISADE_NODE_ADDRESS", value_delimiter = ',')]
     node_address: Vec<std::net::IpAddr>,
+    /// Flow records kept for `palisade observe` (the oldest are overwritten; a reader that
+    /// asks for overwritten ones is told how many it missed).
+    #[arg(long, env = "PALISADE_FLOW_BUFFER_SIZE", default_value_t = palisade_agent::flows::DEFAULT_BUFFER_SIZE)]
+    flow_buffer_size: usize,
     /// Tests only: enables `POST /v1/debug/panic/{actor}`, which makes an actor panic.
     #[arg(long, hide = true)]
     fault_injection: bool,
@@ -175,6 +179,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let defaults = AgentConfig::new(PathBuf::new(), PathBuf::new(), PathBuf::new());
     let config = AgentConfig {
         bpffs: args.bpffs,
         policy_dir: args.policy_dir,
@@ -191,6 +196,8 @@ fn main() -> std::process::ExitCode {
             "clsact" => Some(palisade_agent::datapath::AttachMode::Clsact),
             _ => None,
         },
+        flow_buffer_size: args.flow_buffer_size.max(1),
+        node_name: args.node_name.clone().unwrap_or(defaults.node_name),
     };
     let kube_sync_timeout = Duration::from_secs(args.kube_sync_timeout_secs.max(1));
     let socket = args.api_socket;

@@ -272,6 +272,13 @@ impl Writer {
         if let Ok(mut d) = self.decode.write() {
             d.endpoints = msg.endpoints.iter().map(|e| (u32::from(e.id), e.full_name())).collect();
             d.set_cookies(&self.cookies, &live);
+            crate::monitor::set_endpoint_names(&mut d, msg);
+            for (id, r) in &self.realized {
+                if let Some(e) = d.endpoint_info.get_mut(&u32::from(*id)) {
+                    e.fail_closed =
+                        [r.fail_closed.iter().any(|x| x == "ingress"), r.fail_closed.iter().any(|x| x == "egress")];
+                }
+            }
         }
         let times = StageTimes {
             attach: t_attach,
