@@ -40,6 +40,20 @@ if ! command -v dockerd >/dev/null 2>&1; then
   fi
 fi
 
+# etcd for the kvstore mode (the testbed and the tests start their own, on 127.0.0.1 or inside
+# the testbed; the package starts none here: no systemd), and protoc with the well-known
+# .proto files, which the etcd client crate's build script compiles its gRPC API with.
+kv_pkgs=()
+for p in etcd-server etcd-client protobuf-compiler libprotobuf-dev; do
+  dpkg -s "$p" >/dev/null 2>&1 || kv_pkgs+=("$p")
+done
+if [ ${#kv_pkgs[@]} -gt 0 ]; then
+  say "installing Debian packages for the kvstore mode: ${kv_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${kv_pkgs[@]}" >/dev/null
+fi
+
 if ! rustup component list --installed 2>/dev/null | grep -q '^rust-src'; then
   say "adding the rust-src component (the eBPF crate is built with -Z build-std=core)"
   rustup component add rust-src

@@ -442,7 +442,7 @@ pub async fn wait_remote_endpoints(client: &Client, plan: &Plan, node: usize) ->
         }
         if Instant::now() >= deadline {
             return Err(SetupError::Unsupported(format!(
-                "node {}: after {}s the agent's ipcache still lacks the other nodes' pods {missing:?} (its --remote-endpoints file)",
+                "node {}: after {}s the agent's ipcache still lacks the other nodes' pods {missing:?} (from its --remote-endpoints file or the kvstore)",
                 plan.nodes[node].name,
                 READY_TIMEOUT.as_secs()
             )));

@@ -67,6 +67,11 @@ pub struct UpArgs {
     /// The agent binary (default: palisade-agent next to this executable).
     #[arg(long, env = "PALISADE_AGENT")]
     pub agent: Option<PathBuf>,
+    /// Kvstore mode: start an etcd in the testbed (in the first node's namespace, on its
+    /// address) and run every agent with `--kvstore etcd`: identities, pods and nodes are
+    /// shared through it instead of the remote endpoints files. See docs/cluster.md.
+    #[arg(long)]
+    pub kvstore: bool,
     /// The scenario file.
     pub file: PathBuf,
 }
@@ -112,6 +117,8 @@ pub struct HoldArgs {
     pub agent: PathBuf,
     #[arg(long)]
     pub timeout_ms: u64,
+    #[arg(long)]
+    pub kvstore: bool,
     pub file: PathBuf,
 }
 
@@ -139,6 +146,11 @@ pub struct RunArgs {
     /// binary), called as a container runtime calls it, instead of wiring them directly.
     #[arg(long, requires = "kubernetes")]
     pub cni: bool,
+    /// Kvstore mode: start an etcd in the testbed (in the first node's namespace, on its
+    /// address) and run every agent with `--kvstore etcd`: identities, pods and nodes are
+    /// shared through it instead of the remote endpoints files. See docs/cluster.md.
+    #[arg(long, conflicts_with = "kubernetes")]
+    pub kvstore: bool,
     /// Debug the testbed's own plumbing: no agent, no policies, every probe must connect.
     #[arg(long, hide = true)]
     pub no_agent: bool,
@@ -206,6 +218,7 @@ pub fn up(args: &UpArgs) -> ExitCode {
         file: args.file.clone(),
         agent: absolute(&agent),
         timeout: Duration::from_millis(args.timeout_ms),
+        kvstore: args.kvstore,
     })
 }
 
@@ -230,6 +243,7 @@ pub fn hold(args: &HoldArgs) -> ExitCode {
         file: args.file.clone(),
         agent: args.agent.clone(),
         timeout: Duration::from_millis(args.timeout_ms),
+        kvstore: args.kvstore,
     })
 }
 
@@ -307,6 +321,7 @@ fn run_inner(args: &RunArgs, reports: &mut Vec<ScenarioReport>) -> u8 {
         keep_logs: args.keep_logs,
         kubernetes: args.kubernetes,
         cni: None,
+        kvstore: args.kvstore,
     };
     let mut opts = opts;
     if args.cni {

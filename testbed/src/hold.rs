@@ -33,6 +33,7 @@ pub struct HoldOptions {
     pub file: PathBuf,
     pub agent: PathBuf,
     pub timeout: Duration,
+    pub kvstore: bool,
 }
 
 /// The holder's whole life; its output goes to the instance's log.
@@ -67,6 +68,7 @@ async fn hold_scenario(plan: &Plan, opts: &HoldOptions) -> Result<(), SetupError
         agent_args: Vec::new(),
         keep_logs: false,
         timeout: opts.timeout,
+        kvstore: opts.kvstore,
         ..RunOptions::new(Some(opts.agent.clone()))
     };
     let session = Session::up(plan, &run, &RunNames::for_scenario(0)).await?;

@@ -31,6 +31,8 @@ pub struct UpOptions {
     pub file: PathBuf,
     pub agent: PathBuf,
     pub timeout: Duration,
+    /// Kvstore mode (an etcd in the testbed, every agent with `--kvstore`).
+    pub kvstore: bool,
 }
 
 #[allow(clippy::needless_pass_by_value, reason = "the exit path takes the error it reports")]
@@ -75,6 +77,7 @@ fn up_inner(opts: &UpOptions) -> Result<InstanceState, SetupError> {
         .arg(&opts.agent)
         .arg("--timeout-ms")
         .arg(opts.timeout.as_millis().to_string())
+        .args(opts.kvstore.then_some("--kvstore"))
         .arg(std::path::absolute(&plan.file).unwrap_or_else(|_| plan.file.clone()))
         .stdin(Stdio::null())
         .stdout(log)

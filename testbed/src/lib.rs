@@ -28,6 +28,7 @@ pub mod hold;
 pub mod instance;
 pub mod interactive;
 pub mod kubeapi;
+pub mod kvstore;
 pub mod listen;
 pub mod netns;
 pub mod probe;

@@ -61,6 +61,10 @@ pub struct RunOptions {
     /// it, instead of wiring them directly (Kubernetes mode only: the pods' labels come from
     /// the API server, the plugin gives the addresses and the interfaces).
     pub cni: Option<PathBuf>,
+    /// Kvstore mode: an etcd in the testbed ([`crate::kvstore`]) and every agent with
+    /// `--kvstore etcd` (identities, pods and nodes shared through it) instead of a remote
+    /// endpoints file.
+    pub kvstore: bool,
 }
 
 /// The node name of the testbed's pods in Kubernetes mode.
@@ -75,6 +79,7 @@ impl RunOptions {
             keep_logs: false,
             kubernetes: false,
             cni: None,
+            kvstore: false,
         }
     }
 }
@@ -113,6 +118,8 @@ pub struct Session {
     agents: Vec<AgentSide>,
     /// Kubernetes mode's API server (stopped after the agent).
     kube: Option<KubeApiServer>,
+    /// Kvstore mode's etcd (stopped after the agents, before the namespaces go).
+    etcd: Option<crate::kvstore::TestbedEtcd>,
     listeners: Option<Listeners>,
     topology: Topology,
     /// The first node's directories (with the policy directory every agent reads).
@@ -139,6 +146,12 @@ impl Session {
             // One policy directory for the cluster, as one API server would be.
             d.policies.clone_from(&dirs.policies);
             node_dirs.push(d);
+        }
+        if opts.kvstore && (opts.kubernetes || opts.agent.is_none()) {
+            return Err(SetupError::Unsupported(
+                "--kvstore runs the agents in kvstore mode: it needs the agent, and not --kubernetes (not supported together yet)"
+                    .into(),
+            ));
         }
         if opts.cni.is_some() && !(opts.kubernetes && opts.agent.is_some()) {
             return Err(SetupError::Unsupported(
@@ -171,6 +184,7 @@ impl Session {
             outcome: PolicyOutcome::default(),
             agents: Vec::new(),
             kube: None,
+            etcd: None,
             listeners: Some(listeners),
             topology,
             dirs,
@@ -190,6 +204,21 @@ impl Session {
                 args.extend(["--kubeconfig".to_string(), kubeconfig.display().to_string()]);
                 session.kube = Some(server);
             }
+            if opts.kvstore {
+                let node0 = &plan.nodes[0];
+                let address = node0
+                    .ipv4
+                    .map(IpAddr::V4)
+                    .or(node0.ipv6.map(IpAddr::V6))
+                    .ok_or_else(|| SetupError::Unsupported("--kvstore: the first node has no address".into()))?;
+                let etcd = crate::kvstore::TestbedEtcd::start(
+                    &session.topology.node.netns,
+                    address,
+                    session.dirs.root.join("etcd"),
+                )?;
+                tracing::info!(url = etcd.url(), "etcd up in the first node's namespace");
+                session.etcd = Some(etcd);
+            }
             // Every node's agent starts before any is told anything; the first one's start
             // (file mode) applies the policies, which every agent reads from the one
             // directory.
@@ -197,7 +226,9 @@ impl Session {
             for k in 0..plan.nodes.len() {
                 let dirs = session.node_dirs(k);
                 let mut node_args = args.clone();
-                if plan.is_multi_node() {
+                if let Some(etcd) = &session.etcd {
+                    node_args.extend(kvstore_args(plan, k, etcd.url()));
+                } else if plan.is_multi_node() {
                     agent::write_remote_endpoints(&dirs.remote_endpoints(), plan, k)?;
                     node_args.push("--remote-endpoints".into());
                     node_args.push(dirs.remote_endpoints().display().to_string());
@@ -209,7 +240,7 @@ impl Session {
                 let started = if opts.kubernetes {
                     start_agent_kube(plan, &process).await
                 } else {
-                    start_agent(plan, k, &session, &process).await
+                    start_agent(plan, k, &session, &process, !opts.kvstore).await
                 };
                 match started {
                     Ok((outcome, endpoints, collector)) => {
@@ -229,8 +260,23 @@ impl Session {
                     }
                 }
             }
+            if opts.kvstore && plan.is_multi_node() {
+                // Every node has registered its pods: each learns the others' from etcd.
+                for k in 0..plan.nodes.len() {
+                    let side = &session.agents[k];
+                    if let Err(e) = agent::wait_remote_endpoints(&side.process.client, plan, k).await {
+                        print_log_tail(&side.process);
+                        return Err(e);
+                    }
+                }
+            }
         }
         Ok(session)
+    }
+
+    /// Kvstore mode's etcd, if it runs.
+    pub fn etcd(&self) -> Option<&crate::kvstore::TestbedEtcd> {
+        self.etcd.as_ref()
     }
 
     /// Node `k`'s directories.
@@ -878,12 +924,13 @@ async fn start_agent(
     node: usize,
     session: &Session,
     process: &AgentProcess,
+    wait_remote: bool,
 ) -> Result<(PolicyOutcome, HashMap<String, EndpointStatus>, Collector), SetupError> {
     process.wait_ready(READY_TIMEOUT).await?;
     tracing::info!(node, "agent answers");
     let client = &process.client;
     agent::register_node(client, plan, node).await?;
-    if plan.is_multi_node() {
+    if wait_remote && plan.is_multi_node() {
         agent::wait_remote_endpoints(client, plan, node).await?;
     }
     tracing::info!(node, "namespaces, pods and entities registered and realized");
@@ -901,6 +948,25 @@ async fn start_agent(
     let collector = Collector::start(client).await?;
     tracing::info!("monitor stream open");
     Ok((outcome, endpoints, collector))
+}
+
+/// The arguments of node `k`'s agent in kvstore mode.
+fn kvstore_args(plan: &Plan, k: usize, url: &str) -> Vec<String> {
+    let node = &plan.nodes[k];
+    let addresses: Vec<String> =
+        node.ipv4.map(|a| a.to_string()).into_iter().chain(node.ipv6.map(|a| a.to_string())).collect();
+    vec![
+        "--kvstore".into(),
+        "etcd".into(),
+        "--kvstore-endpoints".into(),
+        url.into(),
+        "--kvstore-lease-ttl".into(),
+        crate::kvstore::LEASE_TTL_SECS.to_string(),
+        "--node-name".into(),
+        node.name.clone(),
+        "--node-address".into(),
+        addresses.join(","),
+    ]
 }
 
 /// Kubernetes mode: the agent learns namespaces, pods and policies from the API server;

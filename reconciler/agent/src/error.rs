@@ -24,6 +24,9 @@ pub enum AgentError {
     Datapath(#[from] crate::datapath::DatapathError),
     #[error("policy directory {path}: {source}")]
     PolicyDir { path: PathBuf, source: std::io::Error },
+    /// Kvstore mode: etcd could not give an identity (unreachable, or a conflict).
+    #[error("{0}; nothing new is allowed until it can")]
+    Kvstore(String),
     #[error("the agent is shutting down ({0})")]
     Mailbox(#[from] actix::MailboxError),
 }
@@ -38,6 +41,7 @@ impl AgentError {
             | AgentError::InvalidEndpoint { .. }
             | AgentError::InvalidCidr(_) => 400,
             AgentError::EndpointIdsExhausted => 507,
+            AgentError::Kvstore(_) => 503,
             _ => 500,
         }
     }

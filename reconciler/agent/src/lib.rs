@@ -8,6 +8,7 @@ pub mod endpoint_registry;
 pub mod error;
 pub mod flows;
 pub mod k8s;
+pub mod kvstore;
 pub mod link_watch;
 pub mod mapstate;
 pub mod metrics;

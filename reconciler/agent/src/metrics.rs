@@ -227,6 +227,8 @@ pub fn regenerated_endpoints(plan: &Plan) -> BTreeSet<u32> {
 pub const SOURCE_POLICY_DIR: &str = "policy-dir";
 /// The Kubernetes API (with `--kubernetes`).
 pub const SOURCE_KUBERNETES: &str = "kubernetes";
+/// The kvstore (with `--kvstore`): its first complete list of the store.
+pub const SOURCE_KVSTORE: &str = "kvstore";
 
 #[derive(Debug)]
 struct Sources {

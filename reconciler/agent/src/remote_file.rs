@@ -138,7 +138,12 @@ async fn apply(
     let base = if all { BTreeMap::new() } else { applied.clone() };
     let p = plan(&base, want);
     for (key, spec) in p.upserts {
-        let msg = UpsertRemoteEndpoint { key: key.clone(), labels: spec.labels.clone(), ips: spec.ips.clone() };
+        let msg = UpsertRemoteEndpoint {
+            key: key.clone(),
+            labels: spec.labels.clone(),
+            ips: spec.ips.clone(),
+            identity: None,
+        };
         match agent.identities.send(msg).await {
             Ok(id) => {
                 tracing::debug!(pod = %key, identity = id, "remote pod mapped");

@@ -87,6 +87,16 @@ impl ExternalIpcache {
         self.reserved.insert(prefix, identity) != Some(identity)
     }
 
+    /// The reserved identity of exactly this prefix, if any.
+    pub fn reserved(&self, prefix: &Prefix) -> Option<u32> {
+        self.reserved.get(prefix).copied()
+    }
+
+    /// Removes a reserved prefix; true when it was there.
+    pub fn remove_reserved(&mut self, prefix: &Prefix) -> bool {
+        self.reserved.remove(prefix).is_some()
+    }
+
     /// Sets a remote endpoint; answers the endpoint it replaced (whose identity reference
     /// is to be released).
     pub fn upsert_remote(&mut self, key: &str, ep: RemoteEndpoint) -> Option<RemoteEndpoint> {

@@ -14,6 +14,8 @@
 //! (`setpriv --reuid=65534 --regid=65534 --clear-groups <test binary> <test name>`), with and
 //! without `CI=true`.
 
+pub mod etcd;
+
 /// Whether skips are failures here: `CI` is `true` or `1` (any case), as CI systems set it.
 pub fn skips_fail() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")

@@ -117,10 +117,19 @@ impl EndpointTracker {
             async move {
                 let mut out = Vec::new();
                 for (key, labels) in relabel {
-                    let id = identities.send(AllocateIdentity { labels: labels.clone() }).await?;
-                    out.push((key, labels, id));
+                    let got = identities.send(AllocateIdentity { labels: labels.clone() }).await;
+                    match got.map_err(AgentError::from).and_then(|r| r) {
+                        Ok(id) => out.push((key, labels, id)),
+                        Err(e) => {
+                            // None of them is relabelled: give back what was taken.
+                            for (_, _, id) in out {
+                                identities.do_send(ReleaseIdentity { id });
+                            }
+                            return Err(e);
+                        }
+                    }
                 }
-                Ok::<_, actix::MailboxError>(out)
+                Ok::<_, AgentError>(out)
             }
             .into_actor(self)
             .then(|res, act, _| {
@@ -234,7 +243,7 @@ impl Handler<UpsertEndpoint> for EndpointTracker {
         let identities = self.identities.clone();
         let labels = ep.labels.clone();
         Box::pin(
-            async move { identities.send(AllocateIdentity { labels }).await }
+            async move { identities.send(AllocateIdentity { labels }).await.map_err(AgentError::from).and_then(|r| r) }
                 .into_actor(self)
                 .then(move |res, act, ctx| {
                     if reserved {
@@ -254,7 +263,7 @@ impl Handler<UpsertEndpoint> for EndpointTracker {
                             // right after the answer still knows the pod) and the resolver
                             // has it.
                             Ok((ep, rev)) => Ok((ep, rev.await.map_err(|_| actix::MailboxError::Closed)?)),
-                            Err(e) => Err(AgentError::from(e)),
+                            Err(e) => Err(e),
                         }
                     }
                     .into_actor(act)

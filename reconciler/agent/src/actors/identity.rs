@@ -26,6 +26,11 @@ pub struct IdentityCache {
     changed: Vec<u32>,
     resolver: Addr<Resolver>,
     state: Option<crate::state::StateDir>,
+    /// Kvstore mode: new label sets get their numbers from etcd.
+    kv: Option<Arc<crate::kvstore::Kv>>,
+    /// Kvstore mode: the other nodes' addresses that the node registry made remote-node
+    /// (not saved: they come back from etcd; an address the API set is the API's).
+    kv_nodes: std::collections::BTreeSet<Prefix>,
 }
 
 impl IdentityCache {
@@ -38,6 +43,8 @@ impl IdentityCache {
             changed: Vec::new(),
             resolver,
             state,
+            kv: None,
+            kv_nodes: std::collections::BTreeSet::new(),
         };
         c.load_state();
         c
@@ -93,6 +100,19 @@ impl IdentityCache {
         id
     }
 
+    /// Takes a reference on the identity of `labels` with number `wanted` (the cluster's);
+    /// answers the number it has here, which differs only when `wanted` is taken here by
+    /// other labels or the labels have another number here already.
+    fn allocate_as(&mut self, labels: &LabelSet, wanted: u32) -> u32 {
+        let known = self.allocator.lookup(labels).is_some();
+        let id = self.allocator.allocate_as(labels, wanted);
+        if !known {
+            tracing::info!(identity = id, labels = %labels, "identity allocated");
+            self.changed.push(id);
+        }
+        id
+    }
+
     /// Drops a reference, noting a freed identity; answers whether it was freed.
     fn release(&mut self, id: u32) -> bool {
         let freed = self.allocator.release(id);
@@ -129,6 +149,7 @@ impl Supervised for IdentityCache {
     fn restarting(&mut self, _: &mut Self::Context) {
         self.allocator = IdentityAllocator::new();
         self.ipcache = ExternalIpcache::default();
+        self.kv_nodes.clear();
         self.load_state();
     }
 }
@@ -145,21 +166,59 @@ impl Handler<Republish> for IdentityCache {
     }
 }
 
-/// Takes a reference on the identity of `labels`, allocating it if new.
+/// Uses the kvstore for new label sets from now on (kvstore mode).
 #[derive(Message)]
-#[rtype(result = "u32")]
+#[rtype(result = "()")]
+pub struct UseKvstore(pub Arc<crate::kvstore::Kv>);
+
+impl Handler<UseKvstore> for IdentityCache {
+    type Result = ();
+    fn handle(&mut self, msg: UseKvstore, _: &mut Self::Context) {
+        self.kv = Some(msg.0);
+    }
+}
+
+/// Takes a reference on the identity of `labels`, allocating it if new. In kvstore mode a
+/// label set this node does not hold yet gets its number from etcd; while etcd cannot be
+/// reached that fails (fail closed: the pod is not registered).
+#[derive(Message)]
+#[rtype(result = "Result<u32, AgentError>")]
 pub struct AllocateIdentity {
     pub labels: LabelSet,
 }
 
 impl Handler<AllocateIdentity> for IdentityCache {
-    type Result = u32;
-    fn handle(&mut self, msg: AllocateIdentity, _: &mut Self::Context) -> u32 {
-        let id = self.allocate(&msg.labels);
-        if !self.changed.is_empty() {
-            self.publish();
-        }
-        id
+    type Result = ResponseActFuture<Self, Result<u32, AgentError>>;
+    fn handle(&mut self, msg: AllocateIdentity, _: &mut Self::Context) -> Self::Result {
+        let kv = match &self.kv {
+            Some(kv) if self.allocator.lookup(&msg.labels).is_none() => kv.clone(),
+            _ => {
+                let id = self.allocate(&msg.labels);
+                if !self.changed.is_empty() {
+                    self.publish();
+                }
+                return Box::pin(fut::ready(Ok(id)));
+            }
+        };
+        let labels = msg.labels;
+        let asked = labels.clone();
+        Box::pin(async move { kv.allocate(&asked, None).await }.into_actor(self).map(move |res, act, _| {
+            let wanted = res.map_err(|e| AgentError::Kvstore(e.to_string()))?;
+            let id = act.allocate_as(&labels, wanted);
+            if id != wanted {
+                act.release(id);
+                if !act.changed.is_empty() {
+                    act.publish();
+                }
+                return Err(AgentError::Kvstore(format!(
+                    "identity {wanted} of {labels} from etcd is held here by other labels (or the labels hold {id} here)"
+                )));
+            }
+            if !act.changed.is_empty() {
+                act.publish();
+            }
+            Ok(id)
+        }))
     }
 }
 
@@ -192,6 +251,8 @@ impl Handler<UpsertReservedPrefix> for IdentityCache {
     fn handle(&mut self, msg: UpsertReservedPrefix, _: &mut Self::Context) -> Self::Result {
         let prefix = parse_prefix(&msg.cidr)?;
         let id = entity_identity(msg.entity);
+        // Set through the API: the API's from now on, whatever the node registry says.
+        self.kv_nodes.remove(&prefix);
         if self.ipcache.upsert_reserved(prefix, id) {
             self.save_reserved(&msg.cidr, msg.entity);
             self.publish();
@@ -200,14 +261,56 @@ impl Handler<UpsertReservedPrefix> for IdentityCache {
     }
 }
 
+/// Kvstore mode: the other nodes' addresses in the node registry, all of them (level-based).
+/// New ones get remote-node unless the address has a reserved identity already; those the
+/// registry made remote-node and no longer lists (a node gone, its lease expired) lose it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetKvstoreNodes {
+    pub addresses: std::collections::BTreeSet<IpAddr>,
+}
+
+impl Handler<SetKvstoreNodes> for IdentityCache {
+    type Result = ();
+    fn handle(&mut self, msg: SetKvstoreNodes, _: &mut Self::Context) {
+        let want: std::collections::BTreeSet<Prefix> =
+            msg.addresses.iter().map(|ip| (*ip, if ip.is_ipv4() { 32 } else { 128 })).collect();
+        let mut changed = false;
+        for p in &want {
+            if !self.kv_nodes.contains(p) && self.ipcache.reserved(p).is_none() {
+                self.ipcache.upsert_reserved(*p, palisade_common::identity::REMOTE_NODE);
+                self.kv_nodes.insert(*p);
+                tracing::info!(address = %p.0, "kvstore: node address is remote-node");
+                changed = true;
+            }
+        }
+        let gone: Vec<Prefix> = self.kv_nodes.iter().filter(|p| !want.contains(*p)).copied().collect();
+        for p in gone {
+            self.kv_nodes.remove(&p);
+            if self.ipcache.reserved(&p) == Some(palisade_common::identity::REMOTE_NODE) {
+                self.ipcache.remove_reserved(&p);
+                tracing::info!(address = %p.0, "kvstore: node gone from the registry; its address is world again");
+                changed = true;
+            }
+        }
+        if changed {
+            self.publish();
+        }
+    }
+}
+
 /// Adds or replaces a pod of another node (key e.g. `namespace/name`): takes a reference
-/// on the identity of `labels` and maps `ips` to it. Answers the identity.
+/// on the identity of `labels` and maps `ips` to it. Answers the identity. With
+/// `identity` (kvstore mode: the cluster's number) the labels get that number; if this
+/// node cannot give it to them (taken here by other labels), nothing is mapped (the
+/// addresses stay world) and the answer is 0.
 #[derive(Message)]
 #[rtype(result = "u32")]
 pub struct UpsertRemoteEndpoint {
     pub key: String,
     pub labels: LabelSet,
     pub ips: Vec<IpAddr>,
+    pub identity: Option<u32>,
 }
 
 impl Handler<UpsertRemoteEndpoint> for IdentityCache {
@@ -216,7 +319,21 @@ impl Handler<UpsertRemoteEndpoint> for IdentityCache {
         let mut ips = msg.ips;
         ips.sort();
         ips.dedup();
-        let id = self.allocate(&msg.labels);
+        let id = match msg.identity {
+            None => self.allocate(&msg.labels),
+            Some(wanted) => {
+                let id = self.allocate_as(&msg.labels, wanted);
+                if id != wanted {
+                    tracing::error!(endpoint = %msg.key, identity = wanted, here = id, labels = %msg.labels, "remote endpoint's identity is held here by other labels; its addresses stay world");
+                    self.release(id);
+                    if !self.changed.is_empty() {
+                        self.publish();
+                    }
+                    return 0;
+                }
+                id
+            }
+        };
         let new = RemoteEndpoint { identity: id, ips };
         let old = self.ipcache.upsert_remote(&msg.key, new.clone());
         let mut changed = old.as_ref() != Some(&new);

@@ -92,6 +92,22 @@ struct Args {
     /// Milliseconds between reads of --remote-endpoints.
     #[arg(long, env = "PALISADE_REMOTE_ENDPOINTS_POLL_MS", default_value_t = 200)]
     remote_endpoints_poll_ms: u64,
+    /// Share identities, pod addresses and nodes with the other agents of the cluster
+    /// through a kvstore: `etcd` (Cilium's layout; see docs/cluster.md). Needs
+    /// --kvstore-endpoints, --node-name and --node-address.
+    #[arg(long, env = "PALISADE_KVSTORE", value_parser = ["etcd"])]
+    kvstore: Option<String>,
+    /// etcd client URLs, comma-separated (`http://10.0.0.5:2379,http://10.0.0.6:2379`).
+    #[arg(long, env = "PALISADE_KVSTORE_ENDPOINTS", value_delimiter = ',')]
+    kvstore_endpoints: Vec<String>,
+    /// Seconds a node's lease lives without keep-alives: its pods, its identity references
+    /// and its node entry vanish from the store this long after the agent is gone.
+    #[arg(long, env = "PALISADE_KVSTORE_LEASE_TTL", default_value_t = 15)]
+    kvstore_lease_ttl: u64,
+    /// This node's addresses, comma-separated (kvstore mode: the host address of its pods
+    /// and its node entry; the first is the pods' host address).
+    #[arg(long, env = "PALISADE_NODE_ADDRESS", value_delimiter = ',')]
+    node_address: Vec<std::net::IpAddr>,
     /// Flow records kept for `palisade observe` (the oldest are overwritten; a reader that
     /// asks for overwritten ones is told how many it missed).
     #[arg(long, env = "PALISADE_FLOW_BUFFER_SIZE", default_value_t = palisade_agent::flows::DEFAULT_BUFFER_SIZE)]
@@ -151,6 +167,13 @@ fn main() -> std::process::ExitCode {
     }
     let map_sizes = match palisade_agent::datapath::MapSizes::with_overrides(&args.map_sizes) {
         Ok(s) => s,
+        Err(e) => {
+            eprintln!("palisade-agent: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let kvstore = match kvstore_options(&args, &args.cluster) {
+        Ok(k) => k,
         Err(e) => {
             eprintln!("palisade-agent: {e}");
             return std::process::ExitCode::FAILURE;
@@ -216,6 +239,21 @@ fn main() -> std::process::ExitCode {
                 Some((addr, tokio::spawn(async move { palisade_agent::metrics::serve(agent, addr).await })))
             }
         };
+        if let Some(opts) = kvstore {
+            // Not ready before the first complete list of the store (the other nodes' pods).
+            palisade_agent::metrics::readiness().expect_source(palisade_agent::metrics::SOURCE_KVSTORE);
+            let kv = palisade_agent::kvstore::Kv::connect(&opts.endpoints, &opts.node, opts.op_timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            let kv = std::sync::Arc::new(kv);
+            // Before the API answers: no registration gets a node-local number.
+            agent
+                .identities
+                .send(palisade_agent::actors::identity::UseKvstore(kv.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
+            actix_rt::spawn(palisade_agent::kvstore::sync::run(agent.clone(), kv, opts));
+        }
         if let Some(opts) = remote_file {
             actix_rt::spawn(palisade_agent::remote_file::run(agent.clone(), opts));
         }
@@ -271,6 +309,47 @@ fn main() -> std::process::ExitCode {
             std::process::exit(1)
         }
     }
+}
+
+/// The kvstore options of the command line, `None` without `--kvstore`.
+fn kvstore_options(args: &Args, cluster: &str) -> Result<Option<palisade_agent::kvstore::KvOptions>, String> {
+    if args.kvstore.is_none() {
+        return Ok(None);
+    }
+    if args.kvstore_endpoints.is_empty() {
+        return Err("--kvstore etcd needs --kvstore-endpoints URL[,URL] (e.g. http://127.0.0.1:2379)".into());
+    }
+    for url in &args.kvstore_endpoints {
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+            return Err(format!(
+                "--kvstore-endpoints: {url:?} is not an http:// or https:// URL (e.g. http://127.0.0.1:2379)"
+            ));
+        }
+    }
+    let node = args
+        .node_name
+        .clone()
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+        .ok_or("--kvstore etcd needs this node's name: --node-name NAME (or NODE_NAME), without '/'")?;
+    if args.node_address.is_empty() {
+        return Err("--kvstore etcd needs this node's address: --node-address IP[,IP]".into());
+    }
+    if args.remote_endpoints.is_some() {
+        return Err("--kvstore and --remote-endpoints both say where other nodes' pods come from: choose one".into());
+    }
+    if !(1..=3600).contains(&args.kvstore_lease_ttl) {
+        return Err(format!("--kvstore-lease-ttl {}: must be 1..=3600 seconds", args.kvstore_lease_ttl));
+    }
+    let ttl = Duration::from_secs(args.kvstore_lease_ttl);
+    Ok(Some(palisade_agent::kvstore::KvOptions {
+        endpoints: args.kvstore_endpoints.clone(),
+        cluster: cluster.to_string(),
+        node,
+        node_addresses: args.node_address.clone(),
+        lease_ttl: ttl,
+        poll: Duration::from_millis(100),
+        op_timeout: Duration::from_secs(2).min(ttl),
+    }))
 }
 
 /// The Kubernetes client: from `path` when given, else as kube-rs finds its configuration.

@@ -342,7 +342,12 @@ impl KubeSync {
         }
         let p = plan(&self.applied_remote, &desired.remote);
         for (key, spec) in p.upserts {
-            let msg = UpsertRemoteEndpoint { key: key.clone(), labels: spec.labels.clone(), ips: spec.ips.clone() };
+            let msg = UpsertRemoteEndpoint {
+                key: key.clone(),
+                labels: spec.labels.clone(),
+                ips: spec.ips.clone(),
+                identity: None,
+            };
             if agent.identities.send(msg).await.is_ok() {
                 self.applied_remote.insert(key, spec);
             }

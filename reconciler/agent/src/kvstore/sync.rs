@@ -1,0 +1,422 @@
+//! The agent's side of the kvstore: the node's lease, publishing its pods and itself, and
+//! watching the other nodes'. See the parent module for the semantics.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, WatchOptions};
+use palisade_policy::labels::LabelSet;
+
+use super::layout::{self, Entry, IpEntry, NodeAddress, NodeEntry, label_key};
+use super::{Kv, KvError, KvOptions};
+use crate::actors::Agent;
+use crate::actors::endpoints::ListEndpoints;
+use crate::actors::identity::{RemoveRemoteEndpoint, SetKvstoreNodes, UpsertRemoteEndpoint};
+
+/// Runs the lease, the publisher and the watcher until the agent stops.
+pub async fn run(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
+    tracing::info!(endpoints = ?opts.endpoints, node = %opts.node, cluster = %opts.cluster, ttl = ?opts.lease_ttl, "kvstore mode: identities, pods and nodes shared through etcd");
+    actix_rt::spawn(watch(agent.clone(), kv.clone(), opts.clone()));
+    publish_loop(agent, kv, opts).await;
+}
+
+/// How long a label set whose number etcd gives other labels waits before it is tried again.
+const CONFLICT_RETRY: Duration = Duration::from_secs(10);
+
+/// What was written under the current lease.
+#[derive(Default)]
+struct Published {
+    /// Label set key form -> identity.
+    values: BTreeMap<String, u32>,
+    ips: BTreeMap<IpAddr, String>,
+    node: Option<String>,
+    /// Identities whose number etcd gives another label set, with when that was seen:
+    /// their pods are not published, and the label set is tried again after
+    /// [`CONFLICT_RETRY`].
+    conflicted: BTreeMap<u32, Instant>,
+}
+
+/// Logs a failure at most every few seconds (an etcd that is away fails every poll).
+struct Quiet {
+    last: Option<Instant>,
+}
+
+impl Quiet {
+    fn warn(&mut self, what: &str, e: &KvError) {
+        if self.last.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+            tracing::warn!(error = %e, "kvstore: {what}; what is known stays as it was, retrying");
+            self.last = Some(Instant::now());
+        }
+    }
+}
+
+async fn publish_loop(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
+    let mut published = Published::default();
+    let mut keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+    let mut last_alive = Instant::now();
+    let mut quiet = Quiet { last: None };
+    let mut gc_candidates = BTreeMap::new();
+    let mut last_gc = Instant::now();
+    let keep_every = opts.lease_ttl / 3;
+    loop {
+        tokio::time::sleep(opts.poll).await;
+        if kv.lease() == 0 {
+            match kv.grant(opts.lease_ttl).await {
+                Ok(id) => {
+                    tracing::info!(lease = id, "kvstore: lease granted; publishing this node's state");
+                    kv.set_lease(id);
+                    published = Published::default();
+                    keeper = None;
+                    last_alive = Instant::now();
+                }
+                Err(e) => {
+                    quiet.warn("cannot get a lease", &e);
+                    continue;
+                }
+            }
+        }
+        if last_alive.elapsed() >= keep_every {
+            match keep_alive(&kv, &mut keeper).await {
+                Ok(ttl) if ttl > 0 => last_alive = Instant::now(),
+                Ok(_) => {
+                    tracing::warn!(
+                        lease = kv.lease(),
+                        "kvstore: the lease is gone (expired or the store was emptied); publishing again under a new one"
+                    );
+                    kv.set_lease(0);
+                    continue;
+                }
+                Err(e) => {
+                    keeper = None;
+                    quiet.warn("keeping the lease alive failed", &e);
+                    if last_alive.elapsed() > opts.lease_ttl {
+                        kv.set_lease(0);
+                    }
+                    continue;
+                }
+            }
+        }
+        if kv.take_dirty() {
+            published = Published::default();
+        }
+        if let Err(e) = publish(&agent, &kv, &opts, &mut published).await {
+            if e.lease_lost() {
+                tracing::warn!("kvstore: the lease is gone; publishing again under a new one");
+                kv.set_lease(0);
+            } else {
+                quiet.warn("publishing failed", &e);
+            }
+            continue;
+        }
+        if last_gc.elapsed() >= opts.lease_ttl * 2 {
+            last_gc = Instant::now();
+            if let Err(e) = kv.collect_unused(&mut gc_candidates).await {
+                quiet.warn("collecting unused identities failed", &e);
+            }
+        }
+    }
+}
+
+/// One keep-alive of the current lease; answers the TTL etcd gives it (0: unknown lease).
+async fn keep_alive(kv: &Kv, keeper: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>) -> Result<i64, KvError> {
+    if keeper.is_none() {
+        let mut c = kv.client();
+        *keeper = Some(kv.bounded(c.lease_keep_alive(kv.lease())).await?);
+    }
+    let Some((k, s)) = keeper.as_mut() else { return Err(KvError::NoLease) };
+    kv.bounded(k.keep_alive()).await?;
+    match kv.bounded(s.message()).await? {
+        Some(resp) => Ok(resp.ttl()),
+        None => Err(KvError::Invalid("the keep-alive stream ended".into())),
+    }
+}
+
+/// Brings what this node published in line with its endpoints.
+async fn publish(agent: &Agent, kv: &Kv, opts: &KvOptions, published: &mut Published) -> Result<(), KvError> {
+    let eps = agent
+        .endpoints
+        .send(ListEndpoints)
+        .await
+        .map_err(|e| KvError::Invalid(format!("endpoint tracker unavailable: {e}")))?;
+    let Some(&host) = opts.node_addresses.first() else {
+        return Err(KvError::Invalid("no node address".into()));
+    };
+    let mut values: BTreeMap<String, (LabelSet, u32)> = BTreeMap::new();
+    let mut ips: BTreeMap<IpAddr, (u32, String)> = BTreeMap::new();
+    for ep in &eps {
+        values.insert(label_key(&ep.labels), (ep.labels.clone(), ep.identity));
+        for ip in ep.ipv4.map(IpAddr::V4).into_iter().chain(ep.ipv6.map(IpAddr::V6)) {
+            let entry =
+                IpEntry { ip, host_ip: host, id: ep.identity, namespace: ep.namespace.clone(), pod: ep.name.clone() };
+            ips.insert(ip, (ep.identity, serde_json::to_string(&entry).expect("plain struct")));
+        }
+    }
+    for (lkey, (labels, id)) in &values {
+        if published.values.get(lkey) == Some(id)
+            || published.conflicted.get(id).is_some_and(|t| t.elapsed() < CONFLICT_RETRY)
+        {
+            continue;
+        }
+        let got = kv.allocate(labels, Some(*id)).await?;
+        if got != *id {
+            tracing::error!(identity = id, cluster_identity = got, labels = %labels, "kvstore: this node's identity has another number in etcd; its pods are not published (other nodes see them as world); tried again in {CONFLICT_RETRY:?}");
+            published.conflicted.insert(*id, Instant::now());
+            kv.release(lkey).await?;
+            continue;
+        }
+        published.conflicted.remove(id);
+        published.values.insert(lkey.clone(), *id);
+    }
+    let gone: Vec<String> = published.values.keys().filter(|k| !values.contains_key(*k)).cloned().collect();
+    for lkey in gone {
+        kv.release(&lkey).await?;
+        published.values.remove(&lkey);
+    }
+    let prefix = layout::ip_prefix(&opts.cluster);
+    for (ip, (id, json)) in &ips {
+        if published.conflicted.contains_key(id) || published.ips.get(ip) == Some(json) {
+            continue;
+        }
+        kv.put_leased(format!("{prefix}{ip}"), json.clone()).await?;
+        published.ips.insert(*ip, json.clone());
+    }
+    let gone: Vec<IpAddr> = published.ips.keys().filter(|ip| !ips.contains_key(*ip)).copied().collect();
+    for ip in gone {
+        kv.delete(format!("{prefix}{ip}")).await?;
+        published.ips.remove(&ip);
+    }
+    let node = NodeEntry {
+        name: opts.node.clone(),
+        cluster: opts.cluster.clone(),
+        addresses: opts.node_addresses.iter().map(|ip| NodeAddress { kind: "InternalIP".into(), ip: *ip }).collect(),
+    };
+    let node = serde_json::to_string(&node).expect("plain struct");
+    if published.node.as_ref() != Some(&node) {
+        kv.put_leased(format!("{}{}", layout::nodes_prefix(&opts.cluster), opts.node), node.clone()).await?;
+        published.node = Some(node);
+    }
+    Ok(())
+}
+
+/// What the store holds for this cluster, as the watcher knows it.
+#[derive(Clone, Default)]
+struct Store {
+    identities: BTreeMap<u32, LabelSet>,
+    ips: BTreeMap<String, IpEntry>,
+    nodes: BTreeMap<String, NodeEntry>,
+}
+
+impl Store {
+    fn put(&mut self, cluster: &str, key: &str, value: &[u8]) {
+        match layout::parse_entry(cluster, key, value) {
+            Ok(Entry::Identity(id, labels)) => {
+                self.identities.insert(id, labels);
+            }
+            Ok(Entry::Ip(e)) => {
+                self.ips.insert(key.to_string(), e);
+            }
+            Ok(Entry::Node(n)) => {
+                self.nodes.insert(key.to_string(), n);
+            }
+            Ok(Entry::Other) => {}
+            Err(e) => tracing::warn!("kvstore: entry ignored: {e}"),
+        }
+    }
+
+    fn delete(&mut self, key: &str) {
+        if let Some(id) = key.strip_prefix(layout::IDS).and_then(|s| s.parse::<u32>().ok()) {
+            self.identities.remove(&id);
+        }
+        self.ips.remove(key);
+        self.nodes.remove(key);
+    }
+
+    /// `self`, and of `older` what `self` lacks.
+    fn merged(&self, older: &Store) -> Store {
+        let mut out = older.clone();
+        out.identities.extend(self.identities.iter().map(|(k, v)| (*k, v.clone())));
+        out.ips.extend(self.ips.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out.nodes.extend(self.nodes.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out
+    }
+}
+
+/// The watcher's hand-ins to the identity cache.
+struct Mirror {
+    /// `kv/<ip>` -> (labels, address, identity) handed in.
+    applied: BTreeMap<String, (LabelSet, IpAddr, u32)>,
+    remote_nodes: BTreeSet<IpAddr>,
+    last_full: Instant,
+}
+
+/// The other nodes' pods of `store` as remote endpoints (an address whose identity has no
+/// master key yet is left out: it stays world).
+fn desired(store: &Store, own: &[IpAddr]) -> BTreeMap<String, (LabelSet, IpAddr, u32)> {
+    let mut out = BTreeMap::new();
+    for e in store.ips.values() {
+        if own.contains(&e.host_ip) {
+            continue;
+        }
+        if let Some(labels) = store.identities.get(&e.id) {
+            out.insert(format!("kv/{}", e.ip), (labels.clone(), e.ip, e.id));
+        }
+    }
+    out
+}
+
+impl Mirror {
+    async fn apply(&mut self, agent: &Agent, store: &Store, opts: &KvOptions) {
+        let want = desired(store, &opts.node_addresses);
+        let all = self.last_full.elapsed() > Duration::from_secs(5);
+        if all {
+            self.last_full = Instant::now();
+        }
+        for (key, (labels, ip, id)) in &want {
+            if !all && self.applied.get(key) == Some(&(labels.clone(), *ip, *id)) {
+                continue;
+            }
+            let msg =
+                UpsertRemoteEndpoint { key: key.clone(), labels: labels.clone(), ips: vec![*ip], identity: Some(*id) };
+            match agent.identities.send(msg).await {
+                Ok(got) if got == *id => {
+                    self.applied.insert(key.clone(), (labels.clone(), *ip, *id));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "identity cache unavailable; will retry"),
+            }
+        }
+        let gone: Vec<String> = self.applied.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
+        for key in gone {
+            if agent.identities.send(RemoveRemoteEndpoint { key: key.clone() }).await.is_ok() {
+                self.applied.remove(&key);
+            }
+        }
+        let nodes: BTreeSet<IpAddr> = store
+            .nodes
+            .values()
+            .filter(|n| n.name != opts.node)
+            .flat_map(|n| n.addresses.iter().map(|a| a.ip))
+            .filter(|ip| !opts.node_addresses.contains(ip))
+            .collect();
+        if all || nodes != self.remote_nodes {
+            let msg = SetKvstoreNodes { addresses: nodes.clone() };
+            if agent.identities.send(msg).await.is_ok() {
+                self.remote_nodes = nodes;
+            }
+        }
+    }
+}
+
+/// Lists and watches `cilium/state/`; after the watch breaks, lists again. What a new
+/// list lacks of the previous one is kept for twice the lease TTL (an etcd emptied and
+/// refilled by the agents would otherwise make every remote pod world for a moment);
+/// deletions the watch reports apply at once.
+async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
+    let mut mirror = Mirror { applied: BTreeMap::new(), remote_nodes: BTreeSet::new(), last_full: Instant::now() };
+    let mut store = Store::default();
+    let mut previous = Store::default();
+    let mut previous_until: Instant;
+    let mut quiet = Quiet { last: None };
+    let grace = opts.lease_ttl * 2;
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        first = false;
+        let mut c = kv.client();
+        let resp = match kv.bounded(c.get(layout::STATE, Some(GetOptions::new().with_prefix()))).await {
+            Ok(r) => r,
+            Err(e) => {
+                quiet.warn("listing the store failed", &e);
+                continue;
+            }
+        };
+        let revision = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
+        let mut fresh = Store::default();
+        for kvp in resp.kvs() {
+            if let Ok(key) = kvp.key_str() {
+                fresh.put(&opts.cluster, key, kvp.value());
+            }
+        }
+        previous = store.merged(&previous);
+        previous_until = Instant::now() + grace;
+        store = fresh;
+        tracing::info!(
+            revision,
+            identities = store.identities.len(),
+            addresses = store.ips.len(),
+            nodes = store.nodes.len(),
+            "kvstore: store listed; watching"
+        );
+        mirror.apply(&agent, &store.merged(&previous), &opts).await;
+        if let Ok(revision) = agent.resolver.send(crate::actors::resolver::CurrentRevision).await {
+            crate::metrics::readiness().source_synced(crate::metrics::SOURCE_KVSTORE, revision);
+        }
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let mut stream = match kv.bounded(c.watch(layout::STATE, Some(options))).await {
+            Ok(s) => s,
+            Err(e) => {
+                quiet.warn("watching the store failed", &e);
+                continue;
+            }
+        };
+        loop {
+            let msg = match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
+                Err(_) => None,
+                Ok(Ok(Some(m))) => Some(m),
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
+                    quiet.warn("the watch broke", &KvError::Etcd(e));
+                    break;
+                }
+            };
+            if let Some(m) = msg {
+                if m.canceled() {
+                    break;
+                }
+                for ev in m.events() {
+                    let Some(kvp) = ev.kv() else { continue };
+                    let Ok(key) = kvp.key_str() else { continue };
+                    match ev.event_type() {
+                        EventType::Put => store.put(&opts.cluster, key, kvp.value()),
+                        EventType::Delete => {
+                            let own_ip = store.ips.get(key).is_some_and(|e| opts.node_addresses.contains(&e.host_ip));
+                            let own_node = key == format!("{}{}", layout::nodes_prefix(&opts.cluster), opts.node);
+                            if own_ip || own_node || kv.is_own_value_key(key) {
+                                kv.note_own_key_deleted(key);
+                            }
+                            store.delete(key);
+                            previous.delete(key);
+                        }
+                    }
+                }
+            }
+            if Instant::now() > previous_until {
+                previous = Store::default();
+            }
+            mirror.apply(&agent, &store.merged(&previous), &opts).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_policy::labels::Label;
+
+    #[test]
+    fn remote_pods_need_their_identity_and_own_pods_are_skipped() {
+        let mut s = Store::default();
+        s.identities.insert(300, [Label::k8s("app", "web")].into_iter().collect());
+        let own: IpAddr = "10.200.0.1".parse().unwrap();
+        let other: IpAddr = "10.201.0.1".parse().unwrap();
+        for (ip, host, id) in [("10.201.1.10", other, 300), ("10.201.1.11", other, 301), ("10.200.1.10", own, 300)] {
+            let ip: IpAddr = ip.parse().unwrap();
+            s.ips.insert(format!("k/{ip}"), IpEntry { ip, host_ip: host, id, namespace: "d".into(), pod: "p".into() });
+        }
+        let want = desired(&s, &[own]);
+        assert_eq!(want.keys().collect::<Vec<_>>(), ["kv/10.201.1.10"], "301 has no master key; 10.200.1.10 is ours");
+    }
+}
