@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 ./ci/setup.sh
 # Binaries first: the testbed's tests run the real agent binary built beside them.
 cargo build --bins
-cargo test -- --test-threads=2 "$@"
+# Arguments go to cargo: ci/test.sh --no-fail-fast, ci/test.sh -p palisade-policy, ...
+cargo test "$@" -- --test-threads=2
