@@ -215,31 +215,13 @@ impl AgentProcess {
         cmd.args(&self.extra_args);
         // The log is a file people read: no colour escapes.
         cmd.env("NO_COLOR", "1").stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
-        let ns_fd = node_ns.as_raw_fd();
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe calls (sigemptyset, sigprocmask, setns, prctl, getppid); `node_ns` stays open
-        // until `spawn` returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                // The testbed blocks its stop signals (see `cleanup`); the agent must get
-                // its SIGTERM.
-                let mut none: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&raw mut none);
-                if libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut()) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // If the testbed is killed outright (no cleanup possible), the agent goes too.
-                // Spawned from the thread that runs the whole scenario, which outlives it.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 || libc::getppid() != parent {
-                    return Err(std::io::Error::other("the testbed exited while starting the agent"));
-                }
-                Ok(())
-            });
-        }
+        // Spawned from the thread that runs the whole scenario, which outlives it.
+        crate::netns::enter_on_spawn(
+            &mut cmd,
+            node_ns.as_raw_fd(),
+            libc::SIGTERM,
+            "the testbed exited while starting the agent",
+        );
         let mut slot = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.is_some() {
             return Err(SetupError::Unsupported("the agent still runs; stop it before starting it again".into()));

@@ -44,30 +44,16 @@ impl TestbedEtcd {
         let client = SocketAddr::new(address, CLIENT_PORT);
         let peer = SocketAddr::new(address, CLIENT_PORT + 1);
         let ns = Arc::new(node.open()?);
-        let parent = std::process::id() as libc::pid_t;
         let prepare = {
             let ns = ns.clone();
             move |cmd: &mut std::process::Command| {
-                let fd = ns.as_raw_fd();
                 cmd.process_group(0);
-                // SAFETY: runs in the forked child before exec with async-signal-safe calls
-                // only (sigemptyset, sigprocmask, setns, prctl, getppid); `ns` outlives the spawn.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        let mut none: libc::sigset_t = std::mem::zeroed();
-                        libc::sigemptyset(&raw mut none);
-                        if libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut()) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent {
-                            return Err(std::io::Error::other("the testbed exited while starting etcd"));
-                        }
-                        Ok(())
-                    });
-                }
+                crate::netns::enter_on_spawn(
+                    cmd,
+                    ns.as_raw_fd(),
+                    libc::SIGKILL,
+                    "the testbed exited while starting etcd",
+                );
             }
         };
         let slot: Arc<Mutex<Option<Etcd>>> = Arc::default();

@@ -110,6 +110,41 @@ impl Netns {
     }
 }
 
+/// Prepares `cmd` so that its child, between fork and exec, unblocks every signal (the
+/// testbed blocks its stop signals, see `cleanup`; the child must get them), joins the
+/// network namespace behind `ns_fd`, and gets `death_signal` when the testbed dies; the
+/// spawn fails if the testbed already exited (`what` names the child in that error).
+/// `ns_fd` must stay open until `spawn` returns.
+pub(crate) fn enter_on_spawn(
+    cmd: &mut std::process::Command,
+    ns_fd: std::os::fd::RawFd,
+    death_signal: libc::c_int,
+    what: &'static str,
+) {
+    use std::os::unix::process::CommandExt as _;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe calls (sigemptyset, sigprocmask, setns, prctl, getppid); the caller
+    // keeps `ns_fd` open until `spawn` returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&raw mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // If the testbed is killed outright (no cleanup possible), the child goes too.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal) != 0 || libc::getppid() != parent {
+                return Err(std::io::Error::other(what));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Runs `f` on a new thread that first joins the network namespace behind `ns`.
 pub fn run_in<T: Send + 'static>(ns: File, f: impl FnOnce() -> T + Send + 'static) -> Result<T, SetupError> {
     let handle = std::thread::Builder::new()
