@@ -6,7 +6,7 @@
 //! Needs root and the binaries built (`cargo build --bins`).
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -14,22 +14,6 @@ use common::*;
 use palisade_testbed::instance::{InstanceState, ProcRef};
 use palisade_testbed::report::Observed;
 use palisade_testbed::session::Session;
-
-fn cluster_fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/cluster").join(name)
-}
-
-fn cluster_fixtures() -> Vec<String> {
-    let mut files: Vec<String> = std::fs::read_dir(cluster_fixture(""))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .map(|p| p.to_str().unwrap().to_string())
-        .collect();
-    files.sort();
-    files
-}
 
 #[test]
 fn every_cluster_fixture_passes_with_each_side_judged_on_its_node_privileged() {

@@ -11,7 +11,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -20,10 +19,6 @@ use common::*;
 use palisade_testbed::report::Observed;
 use palisade_testbed::scenario::Expect::{Allow, Deny};
 use palisade_testbed::session::Session;
-
-fn cluster_fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/cluster").join(name)
-}
 
 /// etcd processes whose data directory belongs to run `pid`.
 fn etcd_leftovers(pid: u32) -> Vec<String> {
@@ -54,14 +49,7 @@ fn every_cluster_fixture_passes_in_kvstore_mode_privileged() {
         return;
     }
     built_agent();
-    let mut files: Vec<String> = std::fs::read_dir(cluster_fixture(""))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .map(|p| p.to_str().unwrap().to_string())
-        .collect();
-    files.sort();
+    let files = cluster_fixtures();
     assert!(files.len() >= 2, "{files:?}");
     let mut args = vec!["run", "--json", "--kvstore"];
     args.extend(files.iter().map(String::as_str));

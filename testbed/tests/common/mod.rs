@@ -17,6 +17,24 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// The agent binary the tests run: $`PALISADE_AGENT`, else the one built beside the testbed.
+/// A file of `fixtures/cluster` (the multi-node scenarios); `""` is the folder.
+pub fn cluster_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/cluster").join(name)
+}
+
+/// Every scenario in `fixtures/cluster`, sorted.
+pub fn cluster_fixtures() -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(cluster_fixture(""))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .map(|p| p.to_str().unwrap().to_string())
+        .collect();
+    files.sort();
+    files
+}
+
 pub fn agent_binary() -> PathBuf {
     std::env::var_os("PALISADE_AGENT").map_or_else(|| Path::new(BIN).with_file_name("palisade-agent"), PathBuf::from)
 }
