@@ -15,7 +15,7 @@ use palisade_api::flow::{
     Flow, FlowEndpoint, FlowIp, FlowPolicy, FlowQuery, FlowsResponse, Icmp, Layer4, LostEvents, Ports, TcpFlags,
     rfc3339,
 };
-use palisade_common::{VerdictEvent, direction, family, identity, proto, reason, verdict};
+use palisade_common::{VerdictEvent, direction, family, proto, reason, verdict};
 use tokio::sync::broadcast;
 
 use crate::monitor::{BuiltinKey, DecodeContext, builtin_entry, match_kind_name};
@@ -48,21 +48,9 @@ fn forward_reason_desc(r: u8) -> &'static str {
     }
 }
 
-/// Labels of a reserved identity.
-fn reserved_labels(id: u32) -> Option<&'static str> {
-    Some(match id {
-        identity::HOST => "reserved:host",
-        identity::WORLD => "reserved:world",
-        identity::UNMANAGED => "reserved:unmanaged",
-        identity::HEALTH => "reserved:health",
-        identity::INIT => "reserved:init",
-        identity::REMOTE_NODE => "reserved:remote-node",
-        identity::KUBE_APISERVER => "reserved:kube-apiserver",
-        identity::INGRESS => "reserved:ingress",
-        identity::WORLD_IPV4 => "reserved:world-ipv4",
-        identity::WORLD_IPV6 => "reserved:world-ipv6",
-        _ => return None,
-    })
+/// The `reserved:` label of a reserved identity (the policy crate's table of them).
+fn reserved_label(id: u32) -> Option<String> {
+    palisade_policy::identity::RESERVED.iter().find(|(n, _)| *n == id).map(|(_, name)| format!("reserved:{name}"))
 }
 
 fn addr(fam: u8, bytes: &[u8; 16]) -> IpAddr {
@@ -90,10 +78,9 @@ fn peer(ctx: &DecodeContext, ip: IpAddr, peer_identity: u32) -> FlowEndpoint {
     if let Some(id) = ctx.by_ip.get(&ip) {
         return local(ctx, *id);
     }
-    let labels = match (ctx.identity_labels.get(&peer_identity), reserved_labels(peer_identity)) {
-        (Some(l), _) => l.clone(),
-        (None, Some(l)) => vec![l.to_string()],
-        (None, None) => Vec::new(),
+    let labels = match ctx.identity_labels.get(&peer_identity) {
+        Some(l) => l.clone(),
+        None => reserved_label(peer_identity).into_iter().collect(),
     };
     FlowEndpoint { identity: peer_identity, labels, ..Default::default() }
 }
@@ -147,12 +134,10 @@ pub fn to_flow(ev: &VerdictEvent, ctx: &DecodeContext, unix_ns: u64) -> Flow {
     let dropped = ev.verdict == verdict::DROP;
     // The hook's endpoint is the destination at ingress, the source at egress; the other
     // end is the peer the datapath identified.
-    let (source, destination) = if ingress {
-        (peer(ctx, src_ip, ev.peer_identity), local(ctx, ev.endpoint_id))
-    } else {
-        (local(ctx, ev.endpoint_id), peer(ctx, dst_ip, ev.peer_identity))
-    };
-    let here = local(ctx, ev.endpoint_id).pod();
+    let me = local(ctx, ev.endpoint_id);
+    let here = me.pod();
+    let (source, destination) =
+        if ingress { (peer(ctx, src_ip, ev.peer_identity), me) } else { (me, peer(ctx, dst_ip, ev.peer_identity)) };
     let dir_name = if ingress { "ingress" } else { "egress" };
     let mut f = Flow {
         time: rfc3339(unix_ns),
@@ -433,7 +418,7 @@ mod tests {
         assert!(f.summary.contains("CiliumNetworkPolicy default/allow-frontend-to-backend spec.ingress[0]"));
         let mut ev = event(reason::DROP_SPOOFED_SOURCE, 0);
         ev.saddr[..4].copy_from_slice(&[192, 0, 2, 1]);
-        ev.peer_identity = identity::WORLD_IPV4;
+        ev.peer_identity = palisade_common::identity::WORLD_IPV4;
         let f = to_flow(&ev, &c, 0);
         assert_eq!(f.source.labels, vec!["reserved:world-ipv4".to_string()]);
         assert_eq!(f.drop_reason_desc.as_deref(), Some("SPOOFED_SOURCE"));
