@@ -349,7 +349,7 @@ pub mod offline {
     use palisade_policy::CidrIdentities;
     use palisade_policy::identity::IdentityAllocator;
     use palisade_policy::model::Policy;
-    use palisade_policy::resolve::{DesiredState, EndpointView, NamedPort, resolve_full};
+    use palisade_policy::resolve::{DesiredState, EndpointView, NamedPort, resolve_on_node};
 
     use palisade_api::types::{EndpointSpec, IpcacheEntrySpec, PolicyStatus};
 
@@ -491,8 +491,20 @@ pub mod offline {
                 let identity = allocator.allocate(&labels);
                 let ips =
                     pod.spec.ipv4.map(std::net::IpAddr::V4).into_iter().chain(pod.spec.ipv6.map(std::net::IpAddr::V6));
+                let named_ports = pod
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| NamedPort::new(&p.name, p.port, &p.protocol))
+                    .collect::<Result<Vec<_>, String>>()
+                    .map_err(|reason| OfflineError::Endpoint {
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                        reason,
+                    })?;
                 let key = format!("{}/{}", pod.namespace, pod.name);
-                external.upsert_remote(&key, crate::ipcache::RemoteEndpoint { identity, ips: ips.collect() });
+                let remote = crate::ipcache::RemoteEndpoint { identity, ips: ips.collect(), named_ports };
+                external.upsert_remote(&key, remote);
             }
             for e in reserved_entries {
                 let prefix = parse_prefix(&e.cidr)
@@ -504,7 +516,8 @@ pub mod offline {
             cidrs.sync(&policies);
             let views: Vec<EndpointView> = endpoints.iter().map(LocalEndpoint::view).collect();
             let addresses = pod_addresses(&endpoints, &external.pod_addresses());
-            let mut desired = resolve_full(&policies, &views, &allocator, &cidrs, &addresses);
+            let remote_ports = external.remote_named_ports();
+            let mut desired = resolve_on_node(&policies, &views, &allocator, &cidrs, &addresses, &remote_ports);
             allow_localhost(&mut desired);
             let ipcache = assemble_ipcache(&desired, &external.entries(), &endpoints);
             Ok(OfflineState {
