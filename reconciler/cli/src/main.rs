@@ -68,6 +68,19 @@ enum Command {
     /// Flow records of the agent's flow buffer, with both ends named and the policy that
     /// decided (the flags of `hubble observe`; `-o json` uses Hubble's field names).
     Observe(Box<palisade_cli::observe::ObserveArgs>),
+    /// A web page on a loopback address: the service map of the observed flows (edges
+    /// coloured by verdict, with counts, live), the flow table with the `observe` filters,
+    /// a pod's identity, labels, policies and kernel entries, and the explanation of a drop.
+    Ui {
+        /// Where to serve it: a loopback address only (port 0: any free port; the address
+        /// is printed).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// More agents' API sockets (other nodes), whose flows are merged with --socket's
+        /// by time; repeat for each.
+        #[arg(long = "agent", value_name = "SOCKET")]
+        agents: Vec<PathBuf>,
+    },
     /// Live raw verdict events of the datapath (identities as numbers; for debugging the
     /// datapath: `observe --follow` is the everyday view).
     Monitor {
@@ -293,6 +306,20 @@ async fn run(cli: Cli, negated: Vec<String>) -> Result<(), String> {
     let json = cli.output == Some(Output::Json);
     match cli.command {
         Command::Observe(a) => observe(&c, &a, &negated, cli.output.unwrap_or(Output::Compact)).await?,
+        Command::Ui { listen, agents } => {
+            let agents = palisade_cli::ui::Agents {
+                agents: std::iter::once(&cli.socket)
+                    .chain(&agents)
+                    .map(|s| (s.display().to_string(), Client::new(s)))
+                    .collect(),
+            };
+            palisade_cli::ui::serve(listen, agents, |addr| {
+                use std::io::Write as _;
+                println!("palisade ui: serving on http://{addr}/ (Ctrl-C stops it)");
+                let _ = std::io::stdout().flush();
+            })
+            .await?;
+        }
         Command::Status => {
             let s = c.status().await.map_err(|e| e.to_string())?;
             if json {
