@@ -6,8 +6,8 @@
 //! applies the observe filters. Needs root, the binaries (`cargo build --bins`), and what
 //! ci/setup.sh installs (chromium, node, playwright-core under tests/browser).
 //!
-//! `PALISADE_UI_SCREENSHOT=docs/ui.png` keeps the page's screenshot there (the one in
-//! docs/ is made so).
+//! `PALISADE_UI_SCREENSHOT=docs/ui.png` (relative to the workspace root) keeps the page's
+//! screenshot there (the one in docs/ is made so).
 mod common;
 
 use std::io::BufRead;
@@ -133,7 +133,7 @@ fn ui_shows_the_map_and_explains_the_drop_in_chromium_privileged() {
         .to_string();
 
     let shot = std::env::var_os("PALISADE_UI_SCREENSHOT")
-        .map_or_else(|| root.path().join("ui.png"), |p| std::env::current_dir().unwrap().join(p));
+        .map_or_else(|| root.path().join("ui.png"), |p| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p));
     let mut node = Command::new("node")
         .arg(browser_dir().join("ui_check.mjs"))
         .arg(&url)
