@@ -232,6 +232,8 @@ impl Session {
                     agent::write_remote_endpoints(&dirs.remote_endpoints(), plan, k)?;
                     node_args.push("--remote-endpoints".into());
                     node_args.push(dirs.remote_endpoints().display().to_string());
+                    // Its flow records name the node (`node_name`, `observe --all-nodes`).
+                    node_args.extend(["--node-name".to_string(), plan.nodes[k].name.clone()]);
                 }
                 let ns = session.topology.node_at(k).netns.open()?;
                 processes.push(AgentProcess::spawn(binary, ns, dirs, plan.cluster.as_deref(), &node_args)?);
