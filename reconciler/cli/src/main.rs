@@ -410,8 +410,8 @@ async fn run(cli: Cli, negated: Vec<String>) -> Result<(), String> {
         Command::Observe(a) if a.all_nodes => {
             if cli.agents.is_empty() {
                 return Err("observe --all-nodes: name the other nodes' agents with --agent SOCKET (repeat it) or \
-                            PALISADE_AGENTS=a.sock,b.sock; --socket is one of them (`palisade-testbed status` \
-                            lists a testbed's node sockets)"
+                            PALISADE_AGENTS=a.sock,b.sock; --socket is one of them (`palisade-testbed up` \
+                            prints the node sockets of a testbed)"
                     .into());
             }
             observe_all(&agents, &a, &negated, cli.output.unwrap_or(Output::Compact)).await?;

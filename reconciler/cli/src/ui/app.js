@@ -14,6 +14,7 @@ const state = {
   edge: null, // "src|dst|verdict"
   flowKey: null, // time|node|direction of the selected flow
   connVerdict: new Map(), // connKey -> the connection's verdict
+  byIp: new Map(), // a pod's address -> "ns/name", from every agent's endpoints
   pod: null, // "ns/name"
   timer: null,
 };
@@ -38,14 +39,19 @@ function svg(tag, attrs, ...children) {
 
 // The map's node of one end of a flow: the pod, else what the labels say (an entity or a
 // CIDR), else the address.
+// A pod of another node is named by its address in the records of this node's agent:
+// the page asks every agent for its pods and names it from their lists.
 function endKey(ep, ip) {
   if (ep.pod_name) return `${ep.namespace}/${ep.pod_name}`;
+  if (ip && state.byIp.has(ip)) return state.byIp.get(ip);
   const label = (ep.labels || []).find((l) => l.startsWith('reserved:') || l.startsWith('cidr:'));
   return label || ip;
 }
 
-function endNamespace(ep) {
-  return ep.pod_name ? ep.namespace : null;
+function endNamespace(ep, ip) {
+  if (ep.pod_name) return ep.namespace;
+  const pod = ip && state.byIp.get(ip);
+  return pod ? pod.split('/')[0] : null;
 }
 
 function flowKey(f) {
@@ -123,6 +129,10 @@ async function poll() {
     state.flows = flows.flows;
     classify(state.flows);
     state.endpoints = eps.endpoints;
+    state.byIp = new Map();
+    for (const e of state.endpoints) {
+      for (const ip of [e.ipv4, e.ipv6]) if (ip) state.byIp.set(ip, `${e.namespace}/${e.name}`);
+    }
     const notes = [].concat(flows.errors, eps.errors, flows.lost.map((l) => `EVENTS LOST: ${l.num_events_lost} flow(s) (${l.source})`));
     showError(notes.join('\n'));
     document.getElementById('status').textContent =
@@ -155,7 +165,8 @@ function renderMap() {
   for (const f of state.flows) {
     for (const [ep, ip] of [[f.source, f.IP.source], [f.destination, f.IP.destination]]) {
       const key = endKey(ep, ip);
-      if (!nodes.has(key)) nodes.set(key, { key, ns: endNamespace(ep), label: ep.pod_name || key });
+      const ns = endNamespace(ep, ip);
+      if (!nodes.has(key)) nodes.set(key, { key, ns, label: ns ? key.slice(ns.length + 1) : key });
     }
     if (f.is_reply) continue;
     const k = edgeKey(f);
@@ -266,8 +277,12 @@ function renderTable() {
   }
   tbody.replaceChildren(...flows.map((f) => {
     const x = l4(f);
-    const src = f.source.pod_name ? endKey(f.source, f.IP.source) : `${f.IP.source} ${endKey(f.source, f.IP.source)}`;
-    const dst = f.destination.pod_name ? endKey(f.destination, f.IP.destination) : `${f.IP.destination} ${endKey(f.destination, f.IP.destination)}`;
+    const name = (ep, ip) => {
+      const key = endKey(ep, ip);
+      return key === ip ? ip : (ep.pod_name || state.byIp.has(ip) ? key : `${ip} ${key}`);
+    };
+    const src = name(f.source, f.IP.source);
+    const dst = name(f.destination, f.IP.destination);
     const why = f.drop_reason_desc || (f.forward_reason_desc !== 'POLICY' && f.forward_reason_desc);
     const reason = why ? ` ${why}` : '';
     const tr = el('tr', { class: flowKey(f) === state.flowKey ? 'selected' : '', 'data-verdict': f.verdict },
@@ -348,8 +363,9 @@ async function selectFlow(f) {
   state.pod = null;
   renderTable();
   const x = l4(f);
-  const from = f.source.pod_name ? endKey(f.source) : f.IP.source;
-  const to = f.destination.pod_name ? endKey(f.destination) : f.IP.destination;
+  const pod = (ep, ip) => (ep.pod_name || state.byIp.has(ip) ? endKey(ep, ip) : ip);
+  const from = pod(f.source, f.IP.source);
+  const to = pod(f.destination, f.IP.destination);
   const facts = dl([
     ['time', f.time], ['node', f.node_name], ['observed at', `${f.observed_at || '?'} (${f.traffic_direction})`],
     ['L4', x.text], ['verdict', f.verdict + (f.drop_reason_desc ? ` (${f.drop_reason_desc})` : '') + (f.forward_reason_desc ? ` (${f.forward_reason_desc})` : '')],
