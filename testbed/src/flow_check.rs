@@ -50,7 +50,16 @@ pub fn belongs(r: &FlowRecord, flow: &Flow, since_unix_ns: u64) -> bool {
 fn names(list: &[palisade_api::flow::FlowPolicy], with_rule: bool) -> Vec<String> {
     let mut out: Vec<String> = list
         .iter()
-        .map(|p| if with_rule && !p.rule.is_empty() { format!("{} {}", p.policy_name(), p.rule) } else { p.policy_name() })
+        .map(|p| {
+            // A built-in entry: its name, as the verdict events say it (`built-in` alone
+            // when it has no other).
+            let name = if p.kind == "built-in" && (p.name.is_empty() || p.name == "built-in") {
+                "built-in".to_string()
+            } else {
+                p.policy_name()
+            };
+            if with_rule && !p.rule.is_empty() { format!("{name} {}", p.rule) } else { name }
+        })
         .collect();
     out.dedup();
     out
@@ -61,10 +70,15 @@ fn names(list: &[palisade_api::flow::FlowPolicy], with_rule: bool) -> Vec<String
 /// the rules that allowed it (`not enforced` when no side is enforced).
 pub fn decided_by(records: &[FlowRecord]) -> Option<String> {
     if let Some(d) = records.iter().find(|r| r.verdict == "DROPPED") {
-        let by = names(if d.traffic_direction == "EGRESS" { &d.egress_denied_by } else { &d.ingress_denied_by }, false);
+        let list = if d.traffic_direction == "EGRESS" { &d.egress_denied_by } else { &d.ingress_denied_by };
+        let by = names(list, false);
+        // A tier's default deny (a selected endpoint after Pass) is a deny entry in the
+        // datapath (POLICY_DENY) that the record attributes as a default deny.
+        let default_deny = !list.is_empty() && list.iter().all(|p| p.action == "default-deny");
         let reason = match d.drop_reason_desc.as_deref() {
             Some("POLICY_DENIED") if by.is_empty() => "default deny".to_string(),
             Some("POLICY_DENIED") => format!("default deny by {}", by.join(", ")),
+            Some("POLICY_DENY") if default_deny => format!("default deny by {}", by.join(", ")),
             Some("POLICY_DENY") => format!("deny rule {}", by.join(", ")),
             other => other.unwrap_or("dropped").to_string(),
         };
@@ -114,7 +128,9 @@ pub fn disagreement(observed: Observed, from_events: &str, records: &[FlowRecord
                 && if rec_head.starts_with("deny rule") {
                     rec_head == ev_head
                 } else {
+                    // The events name a tier's default deny by its built-in deny entry.
                     rec_head.split(" by ").next() == Some(ev_head)
+                        || rec_head.starts_with("default deny by ") && ev_head == "deny rule built-in"
                 }
         }
         Observed::Allow => {
@@ -171,6 +187,12 @@ mod tests {
         assert!(disagreement(Observed::Deny, "default deny (egress default/frontend)", &recs).is_some());
         assert!(disagreement(Observed::Deny, "deny rule CiliumNetworkPolicy default/x (ingress default/backend)", &recs).is_some());
         assert!(disagreement(Observed::Allow, "ingress: policy", &recs).unwrap().contains("dropped"));
+        // A tier's default deny: a deny entry in the datapath, a built-in one in the events.
+        let mut t = recs[1].clone();
+        t.drop_reason_desc = Some("POLICY_DENY".into());
+        t.ingress_denied_by = vec![FlowPolicy { kind: "NetworkPolicy".into(), ..cnp("own-team", "", "default-deny") }];
+        assert_eq!(decided_by(&[t.clone()]).unwrap(), "default deny by NetworkPolicy default/own-team (ingress default/backend)");
+        assert_eq!(disagreement(Observed::Deny, "deny rule built-in (ingress default/backend)", &[t]), None);
         assert!(disagreement(Observed::Deny, "default deny (ingress default/backend)", &recs[..1]).unwrap().contains("no flow record"));
     }
 
@@ -193,5 +215,9 @@ mod tests {
         assert_eq!(decided_by(&[e.clone()]).unwrap(), "not enforced");
         assert_eq!(disagreement(Observed::Allow, "not enforced", &[e]), None);
         assert!(disagreement(Observed::Allow, "not enforced", &[]).unwrap().contains("no flow record"));
+        let mut b = recs[1].clone();
+        b.ingress_allowed_by = vec![FlowPolicy { kind: "built-in".into(), name: "built-in".into(), ..FlowPolicy::default() }];
+        assert_eq!(decided_by(&[b.clone()]).unwrap(), "ingress: built-in");
+        assert_eq!(disagreement(Observed::Allow, "ingress: built-in", &[b]), None);
     }
 }
