@@ -117,7 +117,7 @@ pub fn disagreement(observed: Observed, from_events: &str, records: &[FlowRecord
         (Observed::Allow, None) if records.is_empty() => return Some("the allowed flow has no flow record".into()),
         _ => {}
     }
-    let Some(from_records) = decided_by(records) else { return None };
+    let from_records = decided_by(records)?;
     // The same reason, place and policies (the events do not name the policies behind a
     // default deny: only the records do).
     let agree = match observed {
@@ -139,7 +139,8 @@ pub fn disagreement(observed: Observed, from_events: &str, records: &[FlowRecord
                     let (place, by) = part.split_once(": ").unwrap_or((part, ""));
                     from_events.split("; ").any(|e| {
                         e.strip_prefix(place).and_then(|r| r.strip_prefix(": ")).is_some_and(|e| {
-                            e == "policy" || by.split(", ").all(|rule| e.contains(rule.split(" spec.").next().unwrap_or(rule)))
+                            e == "policy"
+                                || by.split(", ").all(|rule| e.contains(rule.split(" spec.").next().unwrap_or(rule)))
                         })
                     })
                 })
@@ -185,15 +186,25 @@ mod tests {
         );
         assert_eq!(disagreement(Observed::Deny, "default deny (ingress default/backend)", &recs), None);
         assert!(disagreement(Observed::Deny, "default deny (egress default/frontend)", &recs).is_some());
-        assert!(disagreement(Observed::Deny, "deny rule CiliumNetworkPolicy default/x (ingress default/backend)", &recs).is_some());
+        assert!(
+            disagreement(Observed::Deny, "deny rule CiliumNetworkPolicy default/x (ingress default/backend)", &recs)
+                .is_some()
+        );
         assert!(disagreement(Observed::Allow, "ingress: policy", &recs).unwrap().contains("dropped"));
         // A tier's default deny: a deny entry in the datapath, a built-in one in the events.
         let mut t = recs[1].clone();
         t.drop_reason_desc = Some("POLICY_DENY".into());
         t.ingress_denied_by = vec![FlowPolicy { kind: "NetworkPolicy".into(), ..cnp("own-team", "", "default-deny") }];
-        assert_eq!(decided_by(&[t.clone()]).unwrap(), "default deny by NetworkPolicy default/own-team (ingress default/backend)");
+        assert_eq!(
+            decided_by(&[t.clone()]).unwrap(),
+            "default deny by NetworkPolicy default/own-team (ingress default/backend)"
+        );
         assert_eq!(disagreement(Observed::Deny, "deny rule built-in (ingress default/backend)", &[t]), None);
-        assert!(disagreement(Observed::Deny, "default deny (ingress default/backend)", &recs[..1]).unwrap().contains("no flow record"));
+        assert!(
+            disagreement(Observed::Deny, "default deny (ingress default/backend)", &recs[..1])
+                .unwrap()
+                .contains("no flow record")
+        );
     }
 
     #[test]
@@ -204,10 +215,20 @@ mod tests {
         i.forward_reason_desc = Some("POLICY".into());
         i.ingress_allowed_by = vec![cnp("allow-frontend-to-backend", "spec.ingress[0]", "allow")];
         let recs = vec![e.clone(), i];
-        assert_eq!(decided_by(&recs).unwrap(), "ingress: CiliumNetworkPolicy default/allow-frontend-to-backend spec.ingress[0]");
-        assert_eq!(disagreement(Observed::Allow, "ingress: CiliumNetworkPolicy default/allow-frontend-to-backend", &recs), None);
         assert_eq!(
-            disagreement(Observed::Allow, "ingress: CiliumNetworkPolicy default/allow-frontend-to-backend spec.ingress[0]", &recs),
+            decided_by(&recs).unwrap(),
+            "ingress: CiliumNetworkPolicy default/allow-frontend-to-backend spec.ingress[0]"
+        );
+        assert_eq!(
+            disagreement(Observed::Allow, "ingress: CiliumNetworkPolicy default/allow-frontend-to-backend", &recs),
+            None
+        );
+        assert_eq!(
+            disagreement(
+                Observed::Allow,
+                "ingress: CiliumNetworkPolicy default/allow-frontend-to-backend spec.ingress[0]",
+                &recs
+            ),
             None
         );
         assert!(disagreement(Observed::Allow, "ingress: CiliumNetworkPolicy default/other", &recs).is_some());
@@ -216,7 +237,8 @@ mod tests {
         assert_eq!(disagreement(Observed::Allow, "not enforced", &[e]), None);
         assert!(disagreement(Observed::Allow, "not enforced", &[]).unwrap().contains("no flow record"));
         let mut b = recs[1].clone();
-        b.ingress_allowed_by = vec![FlowPolicy { kind: "built-in".into(), name: "built-in".into(), ..FlowPolicy::default() }];
+        b.ingress_allowed_by =
+            vec![FlowPolicy { kind: "built-in".into(), name: "built-in".into(), ..FlowPolicy::default() }];
         assert_eq!(decided_by(&[b.clone()]).unwrap(), "ingress: built-in");
         assert_eq!(disagreement(Observed::Allow, "ingress: built-in", &[b]), None);
     }

@@ -192,12 +192,15 @@ fn describe(s: &InstanceState) -> String {
     let _ = writeln!(out, "  {palisade} --socket {socket} status");
     let _ = writeln!(out, "  {palisade} --socket {socket} endpoint list");
     let _ = writeln!(out, "  {palisade} --socket {socket} observe --verdict DROPPED");
-    if !s.nodes.is_empty() {
-        let others: String = s.nodes.iter().map(|n| format!(" --agent {}", n.api_socket.display())).collect();
+    if s.nodes.is_empty() {
+        let _ = writeln!(out, "  {palisade} --socket {socket} ui");
+    } else {
+        let others = s.nodes.iter().fold(String::new(), |mut o, n| {
+            let _ = write!(o, " --agent {}", n.api_socket.display());
+            o
+        });
         let _ = writeln!(out, "  {palisade} --socket {socket}{others} observe --all-nodes");
         let _ = writeln!(out, "  {palisade} --socket {socket}{others} ui");
-    } else {
-        let _ = writeln!(out, "  {palisade} --socket {socket} ui");
     }
     let _ =
         writeln!(out, "  {palisade} --socket {socket} policy explain --from {from} --to {to}{port} --protocol {proto}");

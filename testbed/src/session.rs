@@ -42,6 +42,7 @@ pub const MAX_CONCURRENT_EXPLAINS: usize = 8;
 
 /// How a session is made.
 #[derive(Clone, Debug)]
+#[allow(clippy::struct_excessive_bools, reason = "independent switches of `run`, one per flag")]
 pub struct RunOptions {
     /// How long a probe waits for its answer.
     pub timeout: Duration,

@@ -42,7 +42,11 @@ fn run_flows_prints_each_probes_records_privileged() {
         if p["observed"] == "deny" {
             assert!(!dropped.is_empty(), "{p}");
             let ns = p["to"].as_str().unwrap().split('/').next().unwrap();
-            assert_eq!(denied_by(dropped[0]), vec![format!("CiliumNetworkPolicy {ns}/allow-frontend-to-backend")], "{p}");
+            assert_eq!(
+                denied_by(dropped[0]),
+                vec![format!("CiliumNetworkPolicy {ns}/allow-frontend-to-backend")],
+                "{p}"
+            );
         } else {
             assert!(dropped.is_empty(), "{p}");
         }
@@ -55,10 +59,15 @@ fn run_flows_prints_each_probes_records_privileged() {
     assert!(
         table.lines().any(|l| l.contains("default/frontend")
             && l.contains("9090/TCP")
-            && l.contains("default deny by CiliumNetworkPolicy default/allow-frontend-to-backend (ingress default/backend)")),
+            && l.contains(
+                "default deny by CiliumNetworkPolicy default/allow-frontend-to-backend (ingress default/backend)"
+            )),
         "{table}"
     );
-    assert!(table.lines().any(|l| l.trim_start().starts_with("flow ") && l.contains("INGRESS DROPPED POLICY_DENIED")), "{table}");
+    assert!(
+        table.lines().any(|l| l.trim_start().starts_with("flow ") && l.contains("INGRESS DROPPED POLICY_DENIED")),
+        "{table}"
+    );
 
     // Several nodes: the egress record from the source's node, the ingress record from the
     // destination's.

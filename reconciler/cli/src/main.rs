@@ -13,7 +13,7 @@ struct Cli {
     #[arg(long, global = true, default_value = "/run/palisade/agent.sock", env = "PALISADE_SOCKET")]
     socket: PathBuf,
     /// The other nodes' agents (API sockets), for `observe --all-nodes` and `ui`; repeat it,
-    /// or list them comma-separated in $PALISADE_AGENTS.
+    /// or list them comma-separated in `PALISADE_AGENTS`.
     #[arg(long = "agent", global = true, value_name = "SOCKET", env = "PALISADE_AGENTS", value_delimiter = ',')]
     agents: Vec<PathBuf>,
     /// Output format (default: `table`; for `observe`, `compact`).
