@@ -54,6 +54,27 @@ if [ ${#kv_pkgs[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${kv_pkgs[@]}" >/dev/null
 fi
 
+# The browser test of `palisade ui` (testbed/tests/ui_privileged.rs): Debian's Chromium,
+# driven headless by playwright-core (npm, pinned by testbed/tests/browser/package-lock.json,
+# installed into that folder; it downloads no browser: it is given /usr/bin/chromium).
+web_pkgs=()
+for p in chromium nodejs npm; do
+  dpkg -s "$p" >/dev/null 2>&1 || command -v "${p/nodejs/node}" >/dev/null 2>&1 || web_pkgs+=("$p")
+done
+if [ ${#web_pkgs[@]} -gt 0 ]; then
+  say "installing Debian packages for the browser test: ${web_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${web_pkgs[@]}" >/dev/null
+fi
+BROWSER_DIR="$(cd "$(dirname "$0")/.." && pwd)/testbed/tests/browser"
+PW_WANT=$(sed -n 's/.*"playwright-core": *"\([^"]*\)".*/\1/p' "$BROWSER_DIR/package.json")
+PW_HAVE=$(sed -n 's/^  "version": *"\([^"]*\)".*/\1/p' "$BROWSER_DIR/node_modules/playwright-core/package.json" 2>/dev/null || true)
+if [ "$PW_HAVE" != "$PW_WANT" ]; then
+  say "installing playwright-core $PW_WANT into $BROWSER_DIR (npm ci)"
+  (cd "$BROWSER_DIR" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+
 if ! rustup component list --installed 2>/dev/null | grep -q '^rust-src'; then
   say "adding the rust-src component (the eBPF crate is built with -Z build-std=core)"
   rustup component add rust-src

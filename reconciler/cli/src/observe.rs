@@ -90,6 +90,10 @@ pub struct ObserveArgs {
     /// Keep printing new flows as they come.
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// The flows of every node's agent, merged by time: the agent of --socket and each
+    /// `--agent SOCKET` (or `PALISADE_AGENTS=a.sock,b.sock`).
+    #[arg(long)]
+    pub all_nodes: bool,
 }
 
 /// The flags that take a value (all filter flags do); for [`split_not`].
