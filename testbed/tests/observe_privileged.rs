@@ -198,10 +198,11 @@ fn observe_all_nodes_merges_the_agents_by_time_privileged() {
     for n in &state.nodes {
         all.arg("--agent").arg(&n.api_socket);
     }
-    // By backend's address: node-a's record of the egress half names the remote backend by
-    // address and identity only (remote pods are not named in flow records yet).
+    // By pod: node-a's record of the egress half names the backend of node-b too (its agent
+    // knows the other nodes' pods from the remote endpoints file).
     let backend = state.ends.iter().find(|e| e.name == "default/backend").unwrap().ipv4.unwrap().to_string();
-    let out = all.args(["observe", "--all-nodes", "-o", "json", "--last", "1000", "--ip", &backend]).output().unwrap();
+    let out = all.args(["observe", "--all-nodes", "-o", "json", "--last", "1000", "--to-pod", "default/backend"]);
+    let out = out.output().unwrap();
     let merged = flows(&ok(&out));
     let times: Vec<&str> = merged.iter().map(|f| f["time"].as_str().unwrap()).collect();
     let mut sorted = times.clone();
@@ -225,6 +226,8 @@ fn observe_all_nodes_merges_the_agents_by_time_privileged() {
     assert_eq!(drop["destination"]["pod_name"], "backend", "{drop}");
     assert_eq!(egress["IP"]["destination"], backend.as_str(), "{egress}");
     assert_eq!(egress["source"]["pod_name"], "frontend", "{egress}");
+    assert_eq!((&egress["destination"]["namespace"], &egress["destination"]["pod_name"]), (&"default".into(), &"backend".into()), "{egress}");
+    assert!(egress["destination"]["labels"].as_array().unwrap().iter().any(|l| l == "k8s:app=backend"), "{egress}");
     assert!(find("node-b", "INGRESS", "FORWARDED", 8080).is_some(), "the allowed one at node-b: {merged:#?}");
 
     // One agent alone has its own node's half only.

@@ -78,6 +78,15 @@ fn peer(ctx: &DecodeContext, ip: IpAddr, peer_identity: u32) -> FlowEndpoint {
     if let Some(id) = ctx.by_ip.get(&ip) {
         return local(ctx, *id);
     }
+    if let Some(n) = ctx.remote_names.get(&ip) {
+        return FlowEndpoint {
+            identity: peer_identity,
+            namespace: n.namespace.clone(),
+            pod_name: n.name.clone(),
+            labels: n.labels.clone(),
+            ..Default::default()
+        };
+    }
     let labels = match ctx.identity_labels.get(&peer_identity) {
         Some(l) => l.clone(),
         None => reserved_label(peer_identity).into_iter().collect(),
@@ -433,6 +442,30 @@ mod tests {
         let f = to_flow(&event(reason::DROP_POLICY_DENIED, 0), &c, 0);
         assert_eq!(f.ingress_denied_by[0].policy_name(), "built-in fail-closed (map overflow)");
         assert!(f.summary.starts_with("fail closed at the ingress of default/backend"), "{}", f.summary);
+    }
+
+    #[test]
+    fn a_pod_of_another_node_is_named_from_the_identity_cache() {
+        let mut c = ctx();
+        let remote = Arc::new(palisade_node::ipcache::RemotePodName {
+            namespace: "shop".into(),
+            name: "db".into(),
+            labels: vec!["k8s:app=db".into()],
+        });
+        c.remote_names = Arc::new([("10.200.2.20".parse().unwrap(), remote)].into_iter().collect());
+        // frontend (local, egress) to the remote db.
+        let mut ev = event(reason::DROP_POLICY_DENIED, 0);
+        ev.endpoint_id = 1;
+        ev.direction = direction::EGRESS;
+        ev.daddr[..4].copy_from_slice(&[10, 200, 2, 20]);
+        ev.peer_identity = 410;
+        let f = to_flow(&ev, &c, 0);
+        assert_eq!((f.source.pod(), f.destination.pod()), ("default/frontend".into(), "shop/db".into()));
+        assert_eq!((f.destination.identity, f.destination.labels.clone()), (410, vec!["k8s:app=db".to_string()]));
+        // An address the cache does not name stays an address with its identity.
+        ev.daddr[..4].copy_from_slice(&[10, 200, 2, 21]);
+        let f = to_flow(&ev, &c, 0);
+        assert_eq!((f.destination.pod_name.as_str(), f.destination.identity), ("", 410));
     }
 
     #[test]

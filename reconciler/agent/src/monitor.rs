@@ -80,6 +80,8 @@ pub struct DecodeContext {
     pub identity_labels: BTreeMap<u32, Vec<String>>,
     /// This node's name (flow records' `node_name`).
     pub node_name: String,
+    /// Other nodes' pods' names by address (the identity cache's table, shared).
+    pub remote_names: Arc<BTreeMap<IpAddr, Arc<palisade_node::ipcache::RemotePodName>>>,
     /// Endpoint id -> per direction the policies that select it with default deny there,
     /// whether or not the direction is enforced; computed for the policies and endpoints
     /// of `deny_by_of` (held, so compared by pointer: recomputed only when either list
@@ -195,6 +197,7 @@ pub fn set_endpoint_names(ctx: &mut DecodeContext, msg: &crate::writer::Desired)
             ctx.by_ip.insert(IpAddr::V6(a), id);
         }
     }
+    ctx.remote_names = msg.remote_names.clone();
     ctx.identity_labels = msg
         .desired
         .cidr_identities

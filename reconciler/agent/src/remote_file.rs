@@ -72,7 +72,7 @@ pub fn desired(file: &RemoteEndpoints, cluster: &str) -> (BTreeMap<String, Remot
             ports: pod.ports.clone(),
         };
         let labels = endpoint_labels(&pod.namespace, ns_labels, &spec, cluster);
-        if out.insert(key.clone(), RemoteSpec::new(labels, ips, &pod.ports)).is_some() {
+        if out.insert(key.clone(), RemoteSpec::new(labels, ips, &pod.ports).named(key.clone())).is_some() {
             problems.push(format!("pods[{i}] {key}: listed twice (the last one counts)"));
         }
     }

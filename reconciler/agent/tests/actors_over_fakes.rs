@@ -176,6 +176,7 @@ fn hosts_only(revision: u64, hosts: &[u8]) -> ApplyDesired {
         endpoints: Arc::default(),
         ipcache: Arc::new(ipcache),
         policies: Arc::default(),
+        remote_names: Arc::default(),
     }
 }
 

@@ -503,7 +503,7 @@ pub mod offline {
                         reason,
                     })?;
                 let key = format!("{}/{}", pod.namespace, pod.name);
-                let remote = crate::ipcache::RemoteEndpoint { identity, ips: ips.collect(), named_ports };
+                let remote = crate::ipcache::RemoteEndpoint { identity, ips: ips.collect(), named_ports, name: None };
                 external.upsert_remote(&key, remote);
             }
             for e in reserved_entries {

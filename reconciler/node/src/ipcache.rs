@@ -4,6 +4,7 @@
 //! one and the identity references behind it.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use palisade_api::types::ReservedEntity;
 use palisade_common::identity as reserved;
@@ -67,13 +68,26 @@ pub fn entity_identity(e: ReservedEntity) -> u32 {
     }
 }
 
-/// A pod of another node: its identity (one reference held), its addresses and its named
-/// ports (egress rules that name a port resolve it on the destination pod).
+/// A pod of another node: its identity (one reference held), its addresses, its named
+/// ports (egress rules that name a port resolve it on the destination pod) and, when the
+/// source tells them, its name and labels (what flow records say of it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteEndpoint {
     pub identity: u32,
     pub ips: Vec<IpAddr>,
     pub named_ports: Vec<NamedPort>,
+    /// Namespace, name and labels; `None` when the source does not name the pod.
+    pub name: Option<Arc<RemotePodName>>,
+}
+
+/// What flow records name a pod of another node by (shared, so that the table of them is
+/// rebuilt without copying strings).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RemotePodName {
+    pub namespace: String,
+    pub name: String,
+    /// The security labels, as `source:key=value`.
+    pub labels: Vec<String>,
 }
 
 /// The ipcache entries for addresses that are not this node's pods: reserved prefixes and
@@ -143,6 +157,19 @@ impl ExternalIpcache {
         out
     }
 
+    /// The remote pods' addresses with their names (pods the source named only).
+    pub fn remote_names(&self) -> BTreeMap<IpAddr, Arc<RemotePodName>> {
+        let mut out = BTreeMap::new();
+        for ep in self.remote.values() {
+            if let Some(n) = &ep.name {
+                for ip in &ep.ips {
+                    out.insert(*ip, n.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Host routes of remote pods, then reserved prefixes (which win on the same prefix:
     /// a host-network pod shares its node's address).
     pub fn entries(&self) -> BTreeMap<Prefix, u32> {
@@ -179,7 +206,7 @@ mod tests {
         let a: IpAddr = "10.1.0.5".parse().unwrap();
         let v6: IpAddr = "fd00::5".parse().unwrap();
         assert!(
-            c.upsert_remote("shop/web", RemoteEndpoint { identity: 300, ips: vec![a, v6], named_ports: Vec::new() })
+            c.upsert_remote("shop/web", RemoteEndpoint { identity: 300, ips: vec![a, v6], named_ports: Vec::new(), name: None })
                 .is_none()
         );
         let e = c.entries();
@@ -189,7 +216,7 @@ mod tests {
         assert!(c.upsert_reserved((a, 32), reserved::REMOTE_NODE));
         assert_eq!(c.entries().get(&(a, 32)), Some(&reserved::REMOTE_NODE));
         let old = c
-            .upsert_remote("shop/web", RemoteEndpoint { identity: 301, ips: vec![v6], named_ports: Vec::new() })
+            .upsert_remote("shop/web", RemoteEndpoint { identity: 301, ips: vec![v6], named_ports: Vec::new(), name: None })
             .unwrap();
         assert_eq!(old.identity, 300);
         assert_eq!(c.entries().get(&(v6, 128)), Some(&301));

@@ -16,7 +16,7 @@ use crate::api::types::{IdentityInfo, ReservedEntity};
 use crate::error::AgentError;
 
 pub use palisade_node::ipcache::{
-    ExternalIpcache, InvalidPrefix, Prefix, RemoteEndpoint, entity_identity, mask, parse_prefix,
+    ExternalIpcache, InvalidPrefix, Prefix, RemoteEndpoint, RemotePodName, entity_identity, mask, parse_prefix,
 };
 
 pub struct IdentityCache {
@@ -132,6 +132,7 @@ impl IdentityCache {
             ipcache: Arc::new(self.ipcache.entries()),
             pod_addresses: Arc::new(self.ipcache.pod_addresses()),
             remote_named_ports: Arc::new(self.ipcache.remote_named_ports()),
+            remote_names: Arc::new(self.ipcache.remote_names()),
             changed: std::mem::take(&mut self.changed),
         });
     }
@@ -313,6 +314,8 @@ pub struct UpsertRemoteEndpoint {
     pub labels: LabelSet,
     pub ips: Vec<IpAddr>,
     pub named_ports: Vec<NamedPort>,
+    /// `namespace/name` (flow records name the pod by it); empty: unnamed.
+    pub pod: String,
     pub identity: Option<u32>,
 }
 
@@ -340,7 +343,14 @@ impl Handler<UpsertRemoteEndpoint> for IdentityCache {
         let mut named_ports = msg.named_ports;
         named_ports.sort();
         named_ports.dedup();
-        let new = RemoteEndpoint { identity: id, ips, named_ports };
+        let name = msg.pod.split_once('/').map(|(namespace, name)| {
+            Arc::new(RemotePodName {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                labels: msg.labels.iter().map(ToString::to_string).collect(),
+            })
+        });
+        let new = RemoteEndpoint { identity: id, ips, named_ports, name };
         let old = self.ipcache.upsert_remote(&msg.key, new.clone());
         let mut changed = old.as_ref() != Some(&new);
         if let Some(old) = old {

@@ -24,7 +24,7 @@ use palisade_policy::identity::IdentityAllocator;
 use palisade_policy::model::Policy;
 use palisade_policy::resolve::{Changes, DesiredState, NamedPort, Options, PolicyResolver};
 
-use super::identity::Prefix;
+use super::identity::{Prefix, RemotePodName};
 use super::map_writer::{ApplyDesired, MapWriter};
 use crate::endpoint::LocalEndpoint;
 
@@ -44,6 +44,8 @@ pub struct ResolverState {
     external_ipcache: Arc<BTreeMap<Prefix, u32>>,
     /// Other nodes' pods' addresses and their identities.
     remote_addresses: Arc<BTreeMap<IpAddr, u32>>,
+    /// Other nodes' pods' names by address (for flow records; not resolved on).
+    pub remote_names: Arc<BTreeMap<IpAddr, Arc<RemotePodName>>>,
     /// Identities allocated or freed since the last recompute.
     changed_identities: Vec<u32>,
     /// Endpoints set since the last recompute.
@@ -59,6 +61,7 @@ impl Default for ResolverState {
             allocator: Arc::new(IdentityAllocator::new()),
             external_ipcache: Arc::default(),
             remote_addresses: Arc::default(),
+            remote_names: Arc::default(),
             changed_identities: Vec::new(),
             endpoints_changed: false,
             engine: PolicyResolver::new(Options { allow_localhost: true }),
@@ -197,6 +200,7 @@ impl Resolver {
             endpoints: self.state.endpoints.clone(),
             ipcache,
             policies: self.state.policies.clone(),
+            remote_names: self.state.remote_names.clone(),
         });
     }
 }
@@ -259,6 +263,8 @@ pub struct IdentitiesChanged {
     pub pod_addresses: Arc<BTreeMap<IpAddr, u32>>,
     /// Other nodes' pods' named ports, by identity.
     pub remote_named_ports: Arc<BTreeMap<u32, Vec<NamedPort>>>,
+    /// Other nodes' pods' names, by address (handed on to flow records).
+    pub remote_names: Arc<BTreeMap<IpAddr, Arc<RemotePodName>>>,
     /// The identities allocated or freed since the previous message.
     pub changed: Vec<u32>,
 }
@@ -268,6 +274,7 @@ impl Handler<IdentitiesChanged> for Resolver {
     fn handle(&mut self, msg: IdentitiesChanged, ctx: &mut Context<Self>) -> u64 {
         self.state.set_identities(msg.allocator, msg.ipcache, msg.pod_addresses, &msg.changed);
         self.state.set_remote_named_ports(&msg.remote_named_ports);
+        self.state.remote_names = msg.remote_names;
         self.changed(ctx)
     }
 }

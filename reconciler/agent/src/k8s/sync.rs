@@ -82,6 +82,9 @@ pub struct RemoteSpec {
     pub labels: LabelSet,
     pub ips: Vec<IpAddr>,
     pub named_ports: Vec<NamedPort>,
+    /// `namespace/name` (what flow records name it by); empty when the source does not
+    /// tell it.
+    pub pod: String,
 }
 
 impl RemoteSpec {
@@ -89,7 +92,14 @@ impl RemoteSpec {
     /// can name them).
     pub fn new(labels: LabelSet, ips: Vec<IpAddr>, ports: &[PortSpec]) -> RemoteSpec {
         let named_ports = ports.iter().filter_map(|p| NamedPort::new(&p.name, p.port, &p.protocol).ok()).collect();
-        RemoteSpec { labels, ips, named_ports }
+        RemoteSpec { labels, ips, named_ports, pod: String::new() }
+    }
+
+    /// The same pod named `namespace/name`.
+    #[must_use]
+    pub fn named(mut self, pod: impl Into<String>) -> RemoteSpec {
+        self.pod = pod.into();
+        self
     }
 
     /// The identity cache's message for this pod under `key`; `identity`: the cluster's
@@ -100,6 +110,7 @@ impl RemoteSpec {
             labels: self.labels.clone(),
             ips: self.ips.clone(),
             named_ports: self.named_ports.clone(),
+            pod: self.pod.clone(),
             identity,
         }
     }
@@ -137,7 +148,7 @@ pub fn desired_endpoints(
             }
         } else {
             let labels = info.security_labels(namespaces.get(&info.namespace), cluster);
-            out.remote.insert(info.key(), RemoteSpec::new(labels, info.ips(), &info.ports));
+            out.remote.insert(info.key(), RemoteSpec::new(labels, info.ips(), &info.ports).named(info.key()));
         }
     }
     out

@@ -282,7 +282,11 @@ fn desired(store: &Store, own: &[IpAddr]) -> BTreeMap<String, (RemoteSpec, u32)>
                 .iter()
                 .map(|p| PortSpec { name: p.name.clone(), port: p.port, protocol: p.protocol.clone() })
                 .collect();
-            out.insert(format!("kv/{}", e.ip), (RemoteSpec::new(labels.clone(), vec![e.ip], &ports), e.id));
+            let mut spec = RemoteSpec::new(labels.clone(), vec![e.ip], &ports);
+            if !e.namespace.is_empty() && !e.pod.is_empty() {
+                spec = spec.named(format!("{}/{}", e.namespace, e.pod));
+            }
+            out.insert(format!("kv/{}", e.ip), (spec, e.id));
         }
     }
     out

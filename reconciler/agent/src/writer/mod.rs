@@ -13,6 +13,7 @@ pub mod overflow;
 pub mod realized;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,8 @@ pub struct Desired {
     pub endpoints: Arc<Vec<LocalEndpoint>>,
     pub ipcache: Arc<BTreeMap<Prefix, u32>>,
     pub policies: Arc<Vec<Policy>>,
+    /// Other nodes' pods' names by address (flow records name them).
+    pub remote_names: Arc<BTreeMap<IpAddr, Arc<palisade_node::ipcache::RemotePodName>>>,
 }
 
 /// How long each stage of one apply took.
@@ -356,7 +359,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::net::{IpAddr, Ipv4Addr};
+    use std::net::Ipv4Addr;
     use std::sync::Arc;
 
     use palisade_common::{endpoint_flags, proto};
@@ -415,6 +418,7 @@ mod tests {
             endpoints: Arc::new(endpoints),
             ipcache: Arc::new(ipcache),
             policies: Arc::default(),
+            remote_names: Arc::default(),
         }
     }
 

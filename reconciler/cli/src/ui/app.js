@@ -14,7 +14,6 @@ const state = {
   edge: null, // "src|dst|verdict"
   flowKey: null, // time|node|direction of the selected flow
   connVerdict: new Map(), // connKey -> the connection's verdict
-  byIp: new Map(), // a pod's address -> "ns/name", from every agent's endpoints
   pod: null, // "ns/name"
   timer: null,
 };
@@ -39,19 +38,15 @@ function svg(tag, attrs, ...children) {
 
 // The map's node of one end of a flow: the pod, else what the labels say (an entity or a
 // CIDR), else the address.
-// A pod of another node is named by its address in the records of this node's agent:
-// the page asks every agent for its pods and names it from their lists.
+// Flow records name the pods of other nodes too (the agent knows them from its source).
 function endKey(ep, ip) {
   if (ep.pod_name) return `${ep.namespace}/${ep.pod_name}`;
-  if (ip && state.byIp.has(ip)) return state.byIp.get(ip);
   const label = (ep.labels || []).find((l) => l.startsWith('reserved:') || l.startsWith('cidr:'));
   return label || ip;
 }
 
-function endNamespace(ep, ip) {
-  if (ep.pod_name) return ep.namespace;
-  const pod = ip && state.byIp.get(ip);
-  return pod ? pod.split('/')[0] : null;
+function endNamespace(ep) {
+  return ep.pod_name ? ep.namespace : null;
 }
 
 function flowKey(f) {
@@ -129,10 +124,6 @@ async function poll() {
     state.flows = flows.flows;
     classify(state.flows);
     state.endpoints = eps.endpoints;
-    state.byIp = new Map();
-    for (const e of state.endpoints) {
-      for (const ip of [e.ipv4, e.ipv6]) if (ip) state.byIp.set(ip, `${e.namespace}/${e.name}`);
-    }
     const notes = [].concat(flows.errors, eps.errors, flows.lost.map((l) => `EVENTS LOST: ${l.num_events_lost} flow(s) (${l.source})`));
     showError(notes.join('\n'));
     document.getElementById('status').textContent =
@@ -165,7 +156,7 @@ function renderMap() {
   for (const f of state.flows) {
     for (const [ep, ip] of [[f.source, f.IP.source], [f.destination, f.IP.destination]]) {
       const key = endKey(ep, ip);
-      const ns = endNamespace(ep, ip);
+      const ns = endNamespace(ep);
       if (!nodes.has(key)) nodes.set(key, { key, ns, label: ns ? key.slice(ns.length + 1) : key });
     }
     if (f.is_reply) continue;
@@ -279,7 +270,7 @@ function renderTable() {
     const x = l4(f);
     const name = (ep, ip) => {
       const key = endKey(ep, ip);
-      return key === ip ? ip : (ep.pod_name || state.byIp.has(ip) ? key : `${ip} ${key}`);
+      return key === ip || ep.pod_name ? key : `${ip} ${key}`;
     };
     const src = name(f.source, f.IP.source);
     const dst = name(f.destination, f.IP.destination);
@@ -363,7 +354,7 @@ async function selectFlow(f) {
   state.pod = null;
   renderTable();
   const x = l4(f);
-  const pod = (ep, ip) => (ep.pod_name || state.byIp.has(ip) ? endKey(ep, ip) : ip);
+  const pod = (ep, ip) => (ep.pod_name ? endKey(ep, ip) : ip);
   const from = pod(f.source, f.IP.source);
   const to = pod(f.destination, f.IP.destination);
   const facts = dl([
