@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use crate::identity;
 use crate::labels::LabelSet;
-use crate::model::{Direction, Policy};
+use crate::model::{Direction, Entity, NamedPort, Peer, Peers, Policy, Port, PortRule, Protocol, Verdict};
+use crate::selector::Operator;
 use crate::resolve::{EndpointPolicy, EntryKey, EntryValue, RuleOrigin};
 
 /// The decision of one side (the source's egress or the destination's ingress).
@@ -114,6 +115,167 @@ pub fn default_deny_by<'a>(policies: &'a [Policy], labels: &LabelSet, direction:
         .collect()
 }
 
+/// The rule that came nearest to allowing a default-denied flow, and what the flow lacks
+/// for it (`policy explain`'s `nearestRule`, flow records' `nearest_rule`).
+///
+/// "Nearest": among the allow items (`ingress` / `egress`) of the rules of the policies
+/// that put the endpoint into default deny in that direction ([`default_deny_by`]) whose
+/// subject selects the endpoint, the one whose peer part the flow misses least (the
+/// fewest unmatched label requirements, counting a missed entity or CIDR as one), then
+/// whose port part it misses least (0 or 1); ties go to the first in policy and rule
+/// order. So a rule whose peer matches but whose port differs is nearer than one whose
+/// port matches but whose peer differs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Nearest {
+    /// `Kind namespace/name`.
+    pub policy: String,
+    /// Where the item is in the manifest (`spec.ingress[0]`).
+    pub rule: String,
+    /// What the flow lacks, each one thing: `label k8s:app=frontend`, `namespace prod`,
+    /// `entity host`, `an address in 192.0.2.0/24`, `port 8080/TCP`, `protocol UDP`.
+    /// Empty: the flow matches the item's peers and ports (a `fromRequires` / `toRequires`
+    /// of another rule then keeps it out).
+    pub lacks: Vec<String>,
+}
+
+impl std::fmt::Display for Nearest {
+    /// `CiliumNetworkPolicy default/p spec.ingress[0], which the flow misses by: port 8080/TCP`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.policy, self.rule)?;
+        if self.lacks.is_empty() {
+            f.write_str(", which matches the flow's peer and port (a fromRequires/toRequires keeps it out)")
+        } else {
+            write!(f, ", which the flow misses by: {}", self.lacks.join(", "))
+        }
+    }
+}
+
+/// The peer of a flow as [`nearest_allow`] compares it: its identity's labels and its
+/// address (for CIDR peers; `None` when not known).
+#[derive(Clone, Copy, Debug)]
+pub struct FlowPeer<'a> {
+    pub labels: &'a LabelSet,
+    pub ip: Option<std::net::IpAddr>,
+}
+
+fn entity_matches(e: Entity, labels: &LabelSet) -> bool {
+    use crate::labels::source;
+    let reserved = |name: &str| labels.get(name).is_some_and(|l| l.source == source::RESERVED);
+    let world = reserved("world") || reserved("world-ipv4") || reserved("world-ipv6") || labels.has_source("cidr");
+    match e {
+        Entity::All => true,
+        Entity::None => false,
+        Entity::World | Entity::WorldIpv4 | Entity::WorldIpv6 => world,
+        Entity::Cluster => !world,
+        other => reserved(other.as_str()),
+    }
+}
+
+/// What the flow lacks for one peer (empty: it matches).
+fn peer_lacks(peer: &Peer, flow: FlowPeer<'_>) -> Vec<String> {
+    match peer {
+        Peer::Endpoints(sel) => sel
+            .requirements()
+            .filter(|r| !r.matches(flow.labels))
+            .map(|r| match (r.key.key.as_str(), r.operator, r.values.len()) {
+                (crate::labels::keys::POD_NAMESPACE, Operator::In, 1) => {
+                    format!("namespace {}", r.values.iter().next().map_or("", String::as_str))
+                }
+                _ => format!("label {r}"),
+            })
+            .collect(),
+        Peer::Entity(e) if entity_matches(*e, flow.labels) => Vec::new(),
+        Peer::Entity(e) => vec![format!("entity {e}")],
+        Peer::Cidr(b) | Peer::IpBlock(b) if flow.ip.is_some_and(|ip| b.contains_ip(ip)) => Vec::new(),
+        Peer::Cidr(b) | Peer::IpBlock(b) => vec![format!("an address in {b}")],
+    }
+}
+
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Any => "ANY",
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+        Protocol::Sctp => "SCTP",
+        Protocol::Icmp => "ICMP",
+        Protocol::IcmpV6 => "ICMPv6",
+    }
+}
+
+/// What the flow lacks for the ports of an item (`None`: it matches). `named`: the
+/// destination's named ports (resolves `Port::Named`).
+fn ports_lack(ports: &[PortRule], protocol: u8, port: u16, named: &[NamedPort]) -> Option<String> {
+    let proto_ok = |p: Protocol| match p {
+        Protocol::Any => true,
+        p => p.number() == protocol,
+    };
+    let port_ok = |r: &PortRule| match &r.port {
+        Port::Any => true,
+        Port::Range { first, last } => (*first..=*last).contains(&port),
+        Port::Named(n) => named.iter().any(|np| &np.name == n && np.port == port && np.protocol.number() == protocol),
+    };
+    if ports.is_empty() || ports.iter().any(|r| proto_ok(r.protocol) && port_ok(r)) {
+        return None;
+    }
+    let text = |r: &PortRule| {
+        let proto = protocol_name(r.protocol);
+        match &r.port {
+            Port::Any => format!("protocol {proto}"),
+            Port::Range { first, last } if first == last => format!("port {first}/{proto}"),
+            Port::Range { first, last } => format!("a port in {first}-{last}/{proto}"),
+            Port::Named(n) => format!("port {n:?}/{proto} (named)"),
+        }
+    };
+    // The item's first port of the flow's protocol (the flow lacks its port), else its
+    // first port (the flow lacks protocol and port).
+    let r = ports.iter().find(|r| proto_ok(r.protocol)).unwrap_or(&ports[0]);
+    let mut all: Vec<String> = vec![text(r)];
+    all.extend(ports.iter().filter(|o| *o != r).map(text));
+    Some(if all.len() == 1 { all.remove(0) } else { all.join(" or ") })
+}
+
+/// The nearest allow rule for a default-denied flow at an endpoint with `labels` in
+/// `direction` from/to `peer` on `protocol`/`port` (see [`Nearest`] for what "nearest"
+/// means); `named`: the destination's named ports. `None` when no isolating policy has an
+/// allow item in that direction for the endpoint.
+pub fn nearest_allow(
+    policies: &[Policy],
+    labels: &LabelSet,
+    direction: Direction,
+    peer: FlowPeer<'_>,
+    protocol: u8,
+    port: u16,
+    named: &[NamedPort],
+) -> Option<Nearest> {
+    let mut best: Option<((usize, usize), Nearest)> = None;
+    for p in default_deny_by(policies, labels, direction) {
+        for r in p.rules.iter().filter(|r| r.subject.matches(labels)) {
+            let items = match direction {
+                Direction::Ingress => &r.ingress,
+                Direction::Egress => &r.egress,
+            };
+            for item in items.iter().filter(|i| i.verdict == Verdict::Allow) {
+                let peers = match &item.peers {
+                    Peers::Any => Vec::new(),
+                    Peers::Only(list) => list
+                        .iter()
+                        .map(|x| peer_lacks(x, peer))
+                        .min_by_key(Vec::len)
+                        .unwrap_or_else(|| vec!["a peer (the item lists none)".into()]),
+                };
+                let port_lack = ports_lack(&item.ports, protocol, port, named);
+                let score = (peers.len(), usize::from(port_lack.is_some()));
+                if best.as_ref().is_none_or(|(b, _)| score < *b) {
+                    let mut lacks = peers;
+                    lacks.extend(port_lack);
+                    best = Some((score, Nearest { policy: p.display_name(), rule: item.path.clone(), lacks }));
+                }
+            }
+        }
+    }
+    best.map(|(_, n)| n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +326,79 @@ mod tests {
         assert!(matches!(d, Decision::Allowed { ref entry, .. } if entry == "ingress from 300 *"));
         assert!(d.passes());
         assert!(!Decision::DefaultDeny.passes());
+    }
+
+    fn pod(ns: &str, app: &str) -> LabelSet {
+        let ns_labels = std::collections::BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns.to_string())]);
+        let labels = std::collections::BTreeMap::from([("app".to_string(), app.to_string())]);
+        LabelSet::for_pod(ns, &ns_labels, &labels, "default", "default")
+    }
+
+    const TWO_RULES: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: frontend}}]
+      toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+    - fromEntities: [host]
+      toPorts: [{ports: [{port: "9090", protocol: TCP}]}]
+    - fromCIDR: [192.0.2.0/24]
+      toPorts: [{ports: [{port: "53", protocol: UDP}]}]
+"#;
+
+    #[test]
+    fn the_nearest_rule_prefers_a_matching_peer_over_a_matching_port() {
+        let ps = crate::synth::accepted_policies(TWO_RULES, "t.yaml");
+        let backend = pod("default", "backend");
+        let near = |peer: &LabelSet, ip: Option<&str>, proto: u8, port: u16| {
+            let peer = FlowPeer { labels: peer, ip: ip.map(|i| i.parse().unwrap()) };
+            nearest_allow(&ps, &backend, Direction::Ingress, peer, proto, port, &[]).unwrap()
+        };
+        // frontend on 9090: its peer matches item 0, whose port it lacks (item 1's port
+        // matches but its peer does not: farther).
+        let n = near(&pod("default", "frontend"), None, 6, 9090);
+        assert_eq!((n.rule.as_str(), n.lacks.clone()), ("spec.ingress[0]", vec!["port 8080/TCP".to_string()]));
+        assert_eq!(
+            n.to_string(),
+            "CiliumNetworkPolicy default/p spec.ingress[0], which the flow misses by: port 8080/TCP"
+        );
+        // other on 8080: the label.
+        let n = near(&pod("default", "other"), None, 6, 8080);
+        assert_eq!((n.rule.as_str(), n.lacks.clone()), ("spec.ingress[0]", vec!["label any:app=frontend".to_string()]));
+        // frontend of another namespace: the namespace.
+        let n = near(&pod("prod", "frontend"), None, 6, 8080);
+        assert_eq!(n.lacks, vec!["namespace default".to_string()]);
+        // The host on 8080: the host item's port (its peer matches).
+        let host = LabelSet::reserved("host");
+        let n = near(&host, None, 6, 8080);
+        assert_eq!((n.rule.as_str(), n.lacks.clone()), ("spec.ingress[1]", vec!["port 9090/TCP".to_string()]));
+        // A world address inside the CIDR over TCP: the protocol and port of the CIDR item.
+        let world = LabelSet::reserved("world-ipv4");
+        let n = near(&world, Some("192.0.2.7"), 6, 53);
+        assert_eq!((n.rule.as_str(), n.lacks.clone()), ("spec.ingress[2]", vec!["port 53/UDP".to_string()]));
+        // Outside it: one thing missing from the peer, one from the port, at best.
+        let n = near(&world, Some("198.51.100.1"), 6, 80);
+        assert_eq!(n.lacks.len(), 2, "{n:?}");
+        // Nothing isolates the frontend for ingress: no nearest rule.
+        let fe = pod("default", "frontend");
+        let peer = FlowPeer { labels: &backend, ip: None };
+        assert_eq!(nearest_allow(&ps, &fe, Direction::Ingress, peer, 6, 8080, &[]), None);
+    }
+
+    #[test]
+    fn a_named_port_resolves_on_the_destination() {
+        let yaml = TWO_RULES.replace(r#"port: "8080", protocol: TCP"#, "port: http, protocol: TCP");
+        let ps = crate::synth::accepted_policies(&yaml, "t.yaml");
+        let backend = pod("default", "backend");
+        let fe = pod("default", "frontend");
+        let named = [NamedPort { name: "http".into(), port: 8080, protocol: Protocol::Tcp }];
+        let peer = FlowPeer { labels: &fe, ip: None };
+        let n = nearest_allow(&ps, &backend, Direction::Ingress, peer, 6, 8080, &named).unwrap();
+        assert!(n.lacks.is_empty(), "{n:?}");
+        assert!(n.to_string().contains("matches the flow's peer and port"));
+        let n = nearest_allow(&ps, &backend, Direction::Ingress, peer, 6, 9090, &named).unwrap();
+        assert_eq!(n.lacks, vec!["port \"http\"/TCP (named)".to_string()]);
     }
 }
