@@ -156,6 +156,11 @@ fn observe_names_the_pods_and_the_deciding_policy_privileged() {
     let e: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     assert_eq!(e["ingress"]["decision"], "default-deny");
     assert_eq!(e["ingress"]["defaultDenyBy"][0], "CiliumNetworkPolicy default/allow-frontend-to-backend");
+    // ... and the nearest rule, the same text as the flow record's.
+    let nearest = "CiliumNetworkPolicy default/allow-frontend-to-backend spec.ingress[0], which the flow misses by: \
+                   port 8080/TCP";
+    assert_eq!(e["ingress"]["nearestRule"], nearest, "{e}");
+    assert_eq!(first["nearest_rule"], nearest, "{first}");
     // ... and the same rule for the allowed flow as its flow record.
     let out = Command::new(Path::new(BIN).with_file_name("palisade"))
         .arg("--socket")

@@ -214,4 +214,31 @@ fn offline_explain_names_the_policies_behind_a_default_deny() {
     assert_eq!(e.ingress.default_deny_by, vec!["CiliumNetworkPolicy other-team/allow-frontend-to-backend"]);
     let allowed = explain(&req("default/frontend", "default/backend", 8080), &state.inputs()).unwrap();
     assert!(allowed.ingress.default_deny_by.is_empty());
+    assert_eq!(allowed.ingress.nearest_rule, None);
+}
+
+/// A default deny names the nearest allow rule and what the flow lacks for it: frontend on
+/// 9090 lacks the port, `other` on 8080 the label, the other namespace's frontend the
+/// namespace.
+#[test]
+fn offline_explain_names_the_nearest_rule_of_a_default_deny() {
+    let file = fixture("seed-allow-frontend-to-backend.yaml");
+    let plan = scenario::load(&file).unwrap();
+    let state = scenario_state(&plan, None).unwrap();
+    let near = |from: &str, port| {
+        let req = palisade_api::types::ExplainRequest {
+            from: from.into(),
+            to: "default/backend".into(),
+            port: Some(port),
+            protocol: "TCP".into(),
+        };
+        let e = explain(&req, &state.inputs()).unwrap();
+        assert_eq!(e.ingress.decision, "default-deny", "{e:?}");
+        e.ingress.nearest_rule.unwrap()
+    };
+    let rule = "CiliumNetworkPolicy default/allow-frontend-to-backend spec.ingress[0], which the flow misses by:";
+    assert_eq!(near("default/frontend", 9090), format!("{rule} port 8080/TCP"));
+    assert_eq!(near("default/other", 8080), format!("{rule} label app=frontend"));
+    assert_eq!(near("other-team/frontend", 8080), format!("{rule} namespace default"));
+    assert_eq!(near("default/other", 9090), format!("{rule} label app=frontend, port 8080/TCP"));
 }

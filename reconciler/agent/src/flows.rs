@@ -94,6 +94,38 @@ fn peer(ctx: &DecodeContext, ip: IpAddr, peer_identity: u32) -> FlowEndpoint {
     FlowEndpoint { identity: peer_identity, labels, ..Default::default() }
 }
 
+/// For a default deny: the nearest allow rule and what the flow lacks for it, the text
+/// `policy explain` gives ([`palisade_policy::explain::nearest_allow`]). Runs per
+/// default-deny drop only (a walk over the policies); the peer's labels come from the
+/// local endpoint, the other node's pod or the identity's labels the flow record names.
+fn nearest_rule(ctx: &DecodeContext, ev: &VerdictEvent, peer_ip: IpAddr, peer: &FlowEndpoint) -> Option<String> {
+    use palisade_policy::labels::{Label, LabelSet};
+    let (policies, endpoints) = ctx.policy_inputs()?;
+    let me = endpoints.iter().find(|e| u32::from(e.id) == ev.endpoint_id)?;
+    let local_peer = ctx.by_ip.get(&peer_ip).and_then(|id| endpoints.iter().find(|e| u32::from(e.id) == *id));
+    let labels = match local_peer {
+        Some(p) => p.labels.clone(),
+        None => {
+            let mut set = LabelSet::new();
+            for l in &peer.labels {
+                set.insert(Label::parse(l));
+            }
+            set
+        }
+    };
+    let ingress = ev.direction == direction::INGRESS;
+    let dir = if ingress { palisade_policy::Direction::Ingress } else { palisade_policy::Direction::Egress };
+    let named = match (ingress, local_peer) {
+        (true, _) => me.named_ports.as_slice(),
+        (false, Some(p)) => p.named_ports.as_slice(),
+        (false, None) => &[],
+    };
+    let flow_peer = palisade_policy::explain::FlowPeer { labels: &labels, ip: Some(peer_ip) };
+    // ICMP: the type is in `dport`, as `policy explain` takes it.
+    palisade_policy::explain::nearest_allow(policies, &me.labels, dir, flow_peer, ev.protocol, ev.dport, named)
+        .map(|n| n.to_string())
+}
+
 fn rule_policies(ctx: &DecodeContext, ev: &VerdictEvent, action: &str) -> Vec<FlowPolicy> {
     match ctx.origins.get(&ev.cookie) {
         Some(origins) if !origins.is_empty() => origins
@@ -215,8 +247,12 @@ pub fn to_flow(ev: &VerdictEvent, ctx: &DecodeContext, unix_ns: u64) -> Flow {
             let s = if p.is_empty() {
                 format!("default deny at the {dir_name} of {here}")
             } else {
+                let (peer_ip, peer) = if ingress { (src_ip, &f.source) } else { (dst_ip, &f.destination) };
+                f.nearest_rule = nearest_rule(ctx, ev, peer_ip, peer);
+                let near = f.nearest_rule.as_ref().map(|n| format!("; nearest rule {n}")).unwrap_or_default();
                 format!(
-                    "default deny at the {dir_name} of {here}: {} selects it for {dir_name} and no rule allows the flow",
+                    "default deny at the {dir_name} of {here}: {} selects it for {dir_name} and no rule allows the \
+                     flow{near}",
                     names(&p)
                 )
             };

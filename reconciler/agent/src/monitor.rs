@@ -128,6 +128,12 @@ impl DecodeContext {
         }
     }
 
+    /// The policies and local endpoints of the desired state last applied (what the
+    /// default-deny attribution and the nearest rule of a flow record look at).
+    pub fn policy_inputs(&self) -> Option<(&[palisade_policy::Policy], &[crate::endpoint::LocalEndpoint])> {
+        self.deny_by_of.as_ref().map(|(p, e)| (p.as_slice(), e.as_slice()))
+    }
+
     /// The policies behind a policy entry's cookie, or the name of the built-in entry it
     /// is; `None` when the cookie is not one the agent wrote (yet).
     pub fn attribution(&self, cookie: u32, entry: BuiltinKey) -> Option<Vec<String>> {

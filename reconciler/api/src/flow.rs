@@ -224,6 +224,10 @@ pub struct Flow {
     pub ingress_denied_by: Vec<FlowPolicy>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_denied_by: Vec<FlowPolicy>,
+    /// palisade's addition, for a default deny: the nearest allow rule and what the flow
+    /// lacks for it (the text `policy explain` gives as `nearestRule`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nearest_rule: Option<String>,
     /// Packet length in bytes.
     #[serde(default)]
     pub pkt_len: u32,

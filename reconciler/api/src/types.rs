@@ -308,6 +308,12 @@ pub struct SideDecision {
     /// for this direction and so put it into default deny.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub default_deny_by: Vec<String>,
+    /// For `default-deny`: the allow rule of those policies that came nearest to allowing
+    /// the flow and what the flow lacks for it (see `palisade_policy::explain::Nearest`),
+    /// e.g. `CiliumNetworkPolicy default/p spec.ingress[0], which the flow misses by: port
+    /// 8080/TCP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nearest_rule: Option<String>,
 }
 
 /// Why a flow passes or not: the source's egress and the destination's ingress.

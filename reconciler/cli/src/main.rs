@@ -246,6 +246,9 @@ fn print_explanation(e: &Explanation) {
         for p in &s.default_deny_by {
             println!("           default deny by {p} (it selects {who} for {what}; no rule allows the flow)");
         }
+        if let Some(n) = &s.nearest_rule {
+            println!("           nearest rule {n}");
+        }
     };
     show("egress", &e.egress);
     show("ingress", &e.ingress);

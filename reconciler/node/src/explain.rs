@@ -146,6 +146,7 @@ fn side(endpoint: Option<String>, d: Decision) -> SideDecision {
                 rules: vec![why],
                 tiers: Vec::new(),
                 default_deny_by: Vec::new(),
+                nearest_rule: None,
             };
         }
         Decision::Allowed { entry, rules } => ("allowed", Some(entry), rules),
@@ -158,6 +159,7 @@ fn side(endpoint: Option<String>, d: Decision) -> SideDecision {
         rules: rules.iter().map(std::string::ToString::to_string).collect(),
         tiers: Vec::new(),
         default_deny_by: Vec::new(),
+        nearest_rule: None,
     }
 }
 
@@ -190,6 +192,32 @@ fn tier_lines(trace: &Trace, endpoint: &str, direction: Direction) -> Vec<String
     out
 }
 
+/// The nearest allow rule for a default deny at `me` (see
+/// [`palisade_policy::explain::nearest_allow`]), as text. The peer's labels: its own for a
+/// pod of this node or one described by labels, else its identity's; the destination's
+/// named ports: `me`'s at ingress, the peer's at egress (none for an address).
+#[allow(clippy::too_many_arguments, reason = "one call site; the flow's parts, named")]
+fn nearest(
+    policies: &[Policy],
+    me: &EndpointView,
+    dir: Direction,
+    peer_id: u32,
+    peer: &Party,
+    protocol: u8,
+    port: u16,
+    labels_of: &dyn Fn(u32) -> LabelSet,
+) -> Option<String> {
+    let (labels, ip, peer_ports) = match peer {
+        Party::Local { view, ip, .. } => (view.labels.clone(), *ip, view.named_ports.as_slice()),
+        Party::Hypothetical { view, .. } => (view.labels.clone(), None, view.named_ports.as_slice()),
+        Party::Address { ip, .. } => (labels_of(peer_id), Some(*ip), &[][..]),
+    };
+    let named = if dir == Direction::Ingress { me.named_ports.as_slice() } else { peer_ports };
+    let flow_peer = palisade_policy::explain::FlowPeer { labels: &labels, ip };
+    palisade_policy::explain::nearest_allow(policies, &me.labels, dir, flow_peer, protocol, port, named)
+        .map(|n| n.to_string())
+}
+
 /// Explains one flow.
 pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanation, String> {
     let protocol = protocol_number(&req.protocol)?;
@@ -220,7 +248,15 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
     } else {
         inp.desired.ok_or("the agent has not resolved any policy yet")?
     };
-    let decide_for = |p: &Party, dir: Direction, peer: u32| match p {
+    let labels_of = |id: u32| {
+        inp.allocator
+            .get(id)
+            .or_else(|| desired.cidr_identities.get(&id))
+            .or_else(|| desired.address_identities.get(&id))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let decide_for = |p: &Party, dir: Direction, peer: u32, other: &Party| match p {
         Party::Local { view, name, .. } | Party::Hypothetical { view, name } => {
             let mut s = side(
                 Some(name.clone()),
@@ -231,6 +267,7 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
                     .iter()
                     .map(|p| p.display_name())
                     .collect();
+                s.nearest_rule = nearest(inp.policies, view, dir, peer, other, protocol, port, &labels_of);
             }
             s
         }
@@ -250,18 +287,10 @@ pub fn explain(req: &ExplainRequest, inp: &ExplainInputs<'_>) -> Result<Explanat
         other => other.identity(),
     };
     let (from_identity, to_identity) = (peer_identity(&from), peer_identity(&to));
-    let mut egress = decide_for(&from, Direction::Egress, to_identity);
-    let mut ingress = decide_for(&to, Direction::Ingress, from_identity);
+    let mut egress = decide_for(&from, Direction::Egress, to_identity, &to);
+    let mut ingress = decide_for(&to, Direction::Ingress, from_identity, &from);
     if tiers::any_tiered(inp.policies) {
         let views: Vec<EndpointView> = inp.endpoints.iter().map(LocalEndpoint::view).collect();
-        let labels_of = |id: u32| {
-            inp.allocator
-                .get(id)
-                .or_else(|| desired.cidr_identities.get(&id))
-                .or_else(|| desired.address_identities.get(&id))
-                .cloned()
-                .unwrap_or_default()
-        };
         for (me, peer, peer_id, dir, out) in [
             (&from, &to, to_identity, Direction::Egress, &mut egress),
             (&to, &from, from_identity, Direction::Ingress, &mut ingress),

@@ -131,7 +131,7 @@ pub struct Nearest {
     pub policy: String,
     /// Where the item is in the manifest (`spec.ingress[0]`).
     pub rule: String,
-    /// What the flow lacks, each one thing: `label k8s:app=frontend`, `namespace prod`,
+    /// What the flow lacks, each one thing: `label app=frontend` (a key of any source), `namespace prod`,
     /// `entity host`, `an address in 192.0.2.0/24`, `port 8080/TCP`, `protocol UDP`.
     /// Empty: the flow matches the item's peers and ports (a `fromRequires` / `toRequires`
     /// of another rule then keeps it out).
@@ -181,7 +181,10 @@ fn peer_lacks(peer: &Peer, flow: FlowPeer<'_>) -> Vec<String> {
                 (crate::labels::keys::POD_NAMESPACE, Operator::In, 1) => {
                     format!("namespace {}", r.values.iter().next().map_or("", String::as_str))
                 }
-                _ => format!("label {r}"),
+                _ => {
+                    let r = r.to_string();
+                    format!("label {}", r.strip_prefix("any:").unwrap_or(&r))
+                }
             })
             .collect(),
         Peer::Entity(e) if entity_matches(*e, flow.labels) => Vec::new(),
@@ -366,7 +369,7 @@ spec:
         );
         // other on 8080: the label.
         let n = near(&pod("default", "other"), None, 6, 8080);
-        assert_eq!((n.rule.as_str(), n.lacks.clone()), ("spec.ingress[0]", vec!["label any:app=frontend".to_string()]));
+        assert_eq!((n.rule.as_str(), n.lacks.clone()), ("spec.ingress[0]", vec!["label app=frontend".to_string()]));
         // frontend of another namespace: the namespace.
         let n = near(&pod("prod", "frontend"), None, 6, 8080);
         assert_eq!(n.lacks, vec!["namespace default".to_string()]);
