@@ -382,7 +382,8 @@ async function selectFlow(f) {
       (s.defaultDenyBy || []).length
         ? el('div', {}, el('p', {}, `default deny: these policies select ${s.endpoint} for ${name} and no rule of theirs allows the flow:`),
           list(s.defaultDenyBy, 'default-deny-by'))
-        : '');
+        : '',
+      s.nearestRule ? el('p', { class: 'nearest-rule' }, `nearest rule: ${s.nearestRule}`) : '');
     explainBox.replaceChildren(
       el('p', {}, `${e.from} (identity ${e.fromIdentity}) → ${e.to} (identity ${e.toIdentity}) ${e.port}/${e.protocol}: `,
         el('strong', { class: `decision ${e.verdict}` }, e.verdict.toUpperCase())),
