@@ -201,6 +201,7 @@ fn ui_shows_the_map_and_explains_the_drop_in_chromium_privileged() {
     );
     assert_eq!(r["explain_ingress_decision"], "default-deny", "{r:#}");
     assert_eq!(r["default_deny_by"], serde_json::json!(["CiliumNetworkPolicy default/allow-frontend-to-backend"]));
+    assert!(r["nearest_rule"].as_str().unwrap().starts_with("nearest rule: CiliumNetworkPolicy default/allow-frontend-to-backend spec.ingress[0], which the flow misses by: "), "{r:#}");
     // The pod panel.
     assert_eq!(r["pod_title"], "pod default/backend", "{r:#}");
     assert_eq!(r["pod_policies"], serde_json::json!(["CiliumNetworkPolicy default/allow-frontend-to-backend"]));

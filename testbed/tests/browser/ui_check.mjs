@@ -82,6 +82,7 @@ try {
   result.drop_decided_by = await page.locator('#panel-body dl').textContent();
   result.explain_ingress_decision = await page.locator('#explain .side.ingress .decision').textContent();
   result.default_deny_by = await page.locator('#explain .default-deny-by li').allTextContents();
+  result.nearest_rule = await page.locator('#explain .side.ingress .nearest-rule').textContent();
   if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
 
   // The pod panel of default/backend.
