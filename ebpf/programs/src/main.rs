@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
-    EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, identity, ipcache_flags,
+    CtKey, EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, identity, ipcache_flags,
     match_kind, proto, reason, verdict,
 };
 
@@ -87,8 +87,10 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     };
     // SAFETY: this CPU's slot of a per-CPU array, used by nothing else while the program
     // runs (programs do not migrate, and tc programs do not nest on one CPU).
-    let pkt = unsafe { &mut *slot };
-    *pkt = Packet::empty();
+    let scratch = unsafe { &mut *slot };
+    scratch.pkt = Packet::empty();
+    let pkt = &mut scratch.pkt;
+    let ct = &mut scratch.ct;
     let mut v = Verdict {
         reason: reason::ALLOWED_ALWAYS,
         match_kind: match_kind::NONE,
@@ -113,7 +115,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
 
     match parse::parse(ctx, pkt) {
         Ok(Parsed::Arp) => {}
-        Ok(Parsed::Ip) => decide(ctx, &ep, dir, enforced, pkt, &mut v),
+        Ok(Parsed::Ip) => decide(ctx, &ep, dir, enforced, pkt, ct, &mut v),
         // Outside the grammar: dropped whether or not policy is enforced, since what the
         // kernel would make of it is not what the program saw.
         Err(Reject(r)) => {
@@ -148,7 +150,16 @@ fn remember_fragment(pkt: &Packet, r: u8) {
 
 /// The verdict for a parsed IP packet.
 #[inline(always)]
-fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut Packet, v: &mut Verdict) {
+#[allow(clippy::too_many_lines, reason = "one decision, step by step; split, it would take the same arguments everywhere")]
+fn decide(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    dir: u8,
+    enforced: bool,
+    pkt: &mut Packet,
+    ct: &'static mut CtKey,
+    v: &mut Verdict,
+) {
     // The peer's identity is looked up only where it is needed: for policy and for events.
     // Replies (the conntrack path) need neither.
     if dir == direction::EGRESS && spoofed(ep, pkt) {
@@ -199,16 +210,16 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
     // resolution) costs a fraction of bpf_ktime_get_ns.
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if pkt.icmp_class == icmp_class::ERROR && pkt.frag == fragment::NONE && related_error(ctx, ep, dir, pkt, now) {
+    if pkt.icmp_class == icmp_class::ERROR && pkt.frag == fragment::NONE && related_error(ctx, ep, dir, pkt, ct, now) {
         v.reason = reason::ALLOWED_REPLY;
         return;
     }
-    let key = pkt.ct_key();
+    let flow = conntrack::lookup(pkt, ct);
     // ICMP: only echo replies are replies; other types with equal (zero) ports are not. A
     // TCP SYN without ACK is a reply only in a simultaneous open (`conntrack::reply`).
     let syn_only = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let may_be_reply = pkt.icmp_class == icmp_class::NONE || pkt.icmp_class == icmp_class::ECHO_REPLY;
-    if may_be_reply && conntrack::reply(&key.reversed(), pkt, dir, now, syn_only) {
+    if may_be_reply && conntrack::reply(&flow, pkt, dir, now, syn_only) {
         v.reason = reason::ALLOWED_REPLY;
         return;
     }
@@ -218,7 +229,7 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
     // generation is allowed again without the identity and policy lookups; any change of
     // policy, identities or endpoints moves the generation on, and the next packet is
     // checked in full.
-    let fwd = conntrack::forward(&key, pkt, now);
+    let fwd = conntrack::forward(&flow, pkt, now);
     // SAFETY: pointer from the map lookup in `forward`.
     let new_flow = fwd.is_none_or(|p| unsafe { (*p).flags } & conntrack::own_flag(dir) == 0);
     // Read before the lookups it vouches for: a change during them leaves an older stamp.
@@ -249,7 +260,7 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
         // ICMP opens a flow only with an echo request: an allowed error or other message
         // must not become an entry that lets unsolicited messages back in as "replies".
         if pkt.icmp_class == icmp_class::NONE || pkt.icmp_class == icmp_class::ECHO_REQUEST {
-            conntrack::allowed(&key, fwd, pkt, dir, now, v.cookie, generation);
+            conntrack::allowed(&flow, fwd, pkt, dir, now, v.cookie, generation);
         }
         v.report = new_flow && allow_events_enabled();
         if v.report && !enforced {
@@ -264,8 +275,8 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
 /// and the error comes from the quoted packet's other end, or (ingress only) from the node,
 /// the one router on the path the datapath can name.
 #[inline(always)]
-fn related_error(ctx: &TcContext, ep: &EndpointInfo, dir: u8, pkt: &Packet, now: u64) -> bool {
-    let Some(quoted) = parse::quoted_ct_key(ctx, pkt) else {
+fn related_error(ctx: &TcContext, ep: &EndpointInfo, dir: u8, pkt: &Packet, ct: &mut CtKey, now: u64) -> bool {
+    let Some(quoted) = parse::quoted_tuple(ctx, pkt) else {
         return false;
     };
     if dir == direction::INGRESS {
@@ -278,7 +289,8 @@ fn related_error(ctx: &TcContext, ep: &EndpointInfo, dir: u8, pkt: &Packet, now:
     } else if quoted.daddr != pkt.saddr || quoted.saddr != pkt.daddr {
         return false;
     }
-    conntrack::related(&quoted, dir, now)
+    let orientation = quoted.ct_key(pkt.family, ct);
+    conntrack::related(ct, orientation, dir, now)
 }
 
 /// Whether `addr` is the endpoint's address of that family (true when the endpoint has
