@@ -97,12 +97,30 @@ pub struct Flow {
 
 /// Looks the packet's flow up: the one CONNTRACK lookup of a packet.
 #[inline(always)]
-pub fn lookup(pkt: &Packet, slot: &'static mut CtKey) -> Flow {
-    let fwd = pkt.ct_key(slot) & 1;
+pub fn lookup(pkt: &Packet, slot: &'static mut CtKey, orient: &mut [u32; 2]) -> Flow {
+    let o = pkt.ct_key(slot);
     let key: &'static CtKey = slot;
-    let rev = if key.symmetric() { fwd } else { fwd ^ 1 };
+    let (fwd, rev) = orientations(key, o, orient);
     let entry = CONNTRACK.get_ptr_mut(key);
     Flow { key, fwd, rev, entry }
+}
+
+/// The indices in [`CtValue::orig`] of a packet of orientation `o` in `key`: its own, and
+/// the opposite one (the same when the tuple is its own reverse). Passed through map
+/// memory (`slots`, in the scratch slot): the verifier then knows them only as 0 or 1, not
+/// as constants, and the paths that computed different ones merge instead of doubling the
+/// states it walks for the rest of the program (which went over its 1M instruction limit).
+#[inline(always)]
+pub fn orientations(key: &CtKey, o: usize, slots: &mut [u32; 2]) -> (usize, usize) {
+    let fwd = (o & 1) as u32;
+    let rev = if key.symmetric() { fwd } else { fwd ^ 1 };
+    let p = slots.as_mut_ptr();
+    // SAFETY: both within `slots`.
+    unsafe {
+        p.write_volatile(fwd);
+        p.add(1).write_volatile(rev);
+        ((p.read_volatile() & 1) as usize, (p.add(1).read_volatile() & 1) as usize)
+    }
 }
 
 /// If `pkt` is a reply of a live flow the opposite hook allowed (the flow of the opposite
@@ -136,14 +154,13 @@ pub fn reply(flow: &Flow, pkt: &Packet, dir: u8, now: u64, syn_only: bool) -> bo
 /// from [`CtKey::normalised`]) belongs to a live flow: the quote is a forward packet of a
 /// flow the opposite hook allowed, or a reply of a flow this hook allowed.
 #[inline(always)]
-pub fn related(key: &CtKey, orientation: usize, dir: u8, now: u64) -> bool {
+pub fn related(key: &CtKey, orientation: usize, dir: u8, now: u64, slots: &mut [u32; 2]) -> bool {
     // SAFETY: the entry is read once and copied; a concurrent update can only make the
     // answer stale by one packet.
     let Some(e) = (unsafe { CONNTRACK.get(key) }) else {
         return false;
     };
-    let fwd = orientation & 1;
-    let rev = if key.symmetric() { fwd } else { fwd ^ 1 };
+    let (fwd, rev) = orientations(key, orientation, slots);
     let q = &e.orig[fwd];
     if live(q, key.protocol, now) && q.flags & reply_flag(dir) != 0 {
         return true;
@@ -182,7 +199,17 @@ pub fn allowed_at(fwd: *mut CtOrig, dir: u8) -> u32 {
 /// by policy): refreshes the live flow `fwd`, or opens a new one in the packet's orientation
 /// (in the entry that is there, or a new entry).
 #[inline(always)]
-pub fn allowed(flow: &Flow, fwd: Option<*mut CtOrig>, pkt: &Packet, dir: u8, now: u64, cookie: u32, generation: u32) {
+#[allow(clippy::too_many_arguments, reason = "the packet's flow and verdict, and the scratch space for a new entry")]
+pub fn allowed(
+    flow: &Flow,
+    fwd: Option<*mut CtOrig>,
+    pkt: &Packet,
+    dir: u8,
+    now: u64,
+    cookie: u32,
+    generation: u32,
+    new_entry: &mut CtValue,
+) {
     let bits = own_flag(dir) | tcp_bits(pkt, ct_flags::TCP_FIN_FWD);
     let slot = (dir & 1) as usize;
     if let Some(p) = fwd {
@@ -210,11 +237,14 @@ pub fn allowed(flow: &Flow, fwd: Option<*mut CtOrig>, pkt: &Packet, dir: u8, now
         unsafe { (*p).orig[o] = new };
         return;
     }
-    let mut v = CtValue::default();
-    v.orig[o] = new;
+    // The new entry is built in the scratch slot: on the stack, its zeroing would call the
+    // byte-loop `memset` (see `Packet::clear`).
+    crate::zero_words(core::ptr::from_mut(new_entry));
+    new_entry.orig[o] = new;
+    let v: &CtValue = new_entry;
     // A full LRU evicts the oldest entry; failure only means no conntrack entry. An entry
     // another CPU created meanwhile (for the other orientation) is kept: the flow goes into it.
-    if CONNTRACK.insert(flow.key, &v, u64::from(BPF_NOEXIST)).is_err()
+    if CONNTRACK.insert(flow.key, v, u64::from(BPF_NOEXIST)).is_err()
         && let Some(p) = CONNTRACK.get_ptr_mut(flow.key)
     {
         // SAFETY: see `reply`.

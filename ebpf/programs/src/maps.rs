@@ -57,6 +57,10 @@ pub struct Scratch {
     pub pkt: Packet,
     /// The CONNTRACK key being looked up (the packet's, or the one an ICMP error quotes).
     pub ct: CtKey,
+    /// A new CONNTRACK entry being built.
+    pub new_entry: CtValue,
+    /// The packet's orientations in its CONNTRACK entry (see `conntrack::orientations`).
+    pub orient: [u32; 2],
 }
 
 /// Scratch space of one packet (not pinned: nothing outside the program reads it).

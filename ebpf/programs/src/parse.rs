@@ -51,8 +51,10 @@ pub mod fragment {
 }
 
 /// What the parser learned about one packet. Filled in as parsing goes, so that a packet
-/// rejected as malformed still carries whatever was read before the failure.
+/// rejected as malformed still carries whatever was read before the failure. 8-aligned and
+/// a multiple of 8 bytes long, so that [`Packet::clear`] zeroes it in whole words.
 #[derive(Clone, Copy)]
+#[repr(C, align(8))]
 pub struct Packet {
     pub family: u8,
     pub protocol: u8,
@@ -84,6 +86,14 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// Zeroes the packet in place (what [`Packet::empty`] holds), one 8-byte store per word
+    /// ([`crate::zero_words`]).
+    #[inline(always)]
+    pub fn clear(&mut self) {
+        crate::zero_words(core::ptr::from_mut(self));
+    }
+
+    #[cfg_attr(not(test), allow(dead_code, reason = "the zero value `clear` writes; kept as its definition"))]
     pub const fn empty() -> Packet {
         Packet {
             family: 0,
