@@ -86,33 +86,12 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// Zeroes the packet in place (what [`Packet::empty`] holds), one 8-byte store per word
-    /// ([`crate::zero_words`]).
+    /// Zeroes the packet in place, one 8-byte store per word ([`crate::zero_words`]): no
+    /// family, protocol 0, not ICMP ([`icmp_class::NONE`]), not fragmented
+    /// ([`fragment::NONE`]), all addresses, ports and offsets 0.
     #[inline(always)]
     pub fn clear(&mut self) {
         crate::zero_words(core::ptr::from_mut(self));
-    }
-
-    #[cfg_attr(not(test), allow(dead_code, reason = "the zero value `clear` writes; kept as its definition"))]
-    pub const fn empty() -> Packet {
-        Packet {
-            family: 0,
-            protocol: 0,
-            tcp_flags: 0,
-            icmp_class: icmp_class::NONE,
-            frag: fragment::NONE,
-            frag_id_be: [0; 4],
-            saddr: [0; 16],
-            daddr: [0; 16],
-            sport: 0,
-            dport: 0,
-            ct_sport: 0,
-            ct_dport: 0,
-            policy_port: 0,
-            l4_off: 0,
-            l3_end: 0,
-            hop_limit: 0,
-        }
     }
 
     /// Writes the conntrack key of this packet's tuple into `key`; returns the packet's
