@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
-    CtKey, CtValue, EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, identity, ipcache_flags,
-    match_kind, proto, reason, verdict,
+    CtKey, CtValue, EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, identity,
+    ipcache_flags, match_kind, proto, reason, verdict,
 };
 
 use crate::{
@@ -170,8 +170,14 @@ fn remember_fragment(pkt: &Packet, r: u8) {
 
 /// The verdict for a parsed IP packet.
 #[inline(always)]
-#[allow(clippy::too_many_lines, reason = "one decision, step by step; split, it would take the same arguments everywhere")]
-#[allow(clippy::too_many_arguments, reason = "the packet, its endpoint, and the scratch space the decision writes into")]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one decision, step by step; split, it would take the same arguments everywhere"
+)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the packet, its endpoint, and the scratch space the decision writes into"
+)]
 fn decide(
     ctx: &TcContext,
     ep: &EndpointInfo,
@@ -233,7 +239,10 @@ fn decide(
     // resolution) costs a fraction of bpf_ktime_get_ns.
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if pkt.icmp_class == icmp_class::ERROR && pkt.frag == fragment::NONE && related_error(ctx, ep, dir, pkt, ct, orient, now) {
+    if pkt.icmp_class == icmp_class::ERROR
+        && pkt.frag == fragment::NONE
+        && related_error(ctx, ep, dir, pkt, ct, orient, now)
+    {
         v.reason = reason::ALLOWED_REPLY;
         return;
     }

@@ -3,8 +3,8 @@
 //! the exact peer identity and for any peer, where a deny from either beats any allow.
 use aya_ebpf::maps::lpm_trie::Key;
 use palisade_common::{
-    Ipv4Prefix, Ipv6Prefix, POLICY_LENGTHS_COUNT, POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO, PolicyKey, PolicyLengthsKey,
-    PolicyValue, family, identity, match_kind, policy_flags, reason,
+    Ipv4Prefix, Ipv6Prefix, POLICY_LENGTHS_COUNT, POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO, PolicyKey,
+    PolicyLengthsKey, PolicyValue, family, identity, match_kind, policy_flags, reason,
 };
 
 use crate::maps::{IPCACHE_HOST_V4, IPCACHE_HOST_V6, IPCACHE_V4, IPCACHE_V6, POLICY, POLICY_LENGTHS};

@@ -723,8 +723,7 @@ fn main() {
     let mut results = Vec::new();
     for (vi, (label, _)) in variants.iter().enumerate() {
         let samples = &samples[vi];
-        let med: Vec<Vec<f64>> =
-            samples.iter().map(|s| s.iter().map(|c| median(&mut c.clone())).collect()).collect();
+        let med: Vec<Vec<f64>> = samples.iter().map(|s| s.iter().map(|c| median(&mut c.clone())).collect()).collect();
         let empty_of = |si: usize, m: Method| {
             let name = if m == Method::SingleShots { "empty_single" } else { "empty" };
             med[si][CASES.iter().position(|c| c.name == name).expect("baseline case")]

@@ -138,9 +138,8 @@ impl Datapath {
         for (name, entries) in sizes.iter() {
             loader.map_max_entries(name, entries);
         }
-        let mut ebpf = loader
-            .load(object)
-            .map_err(|e| DatapathError::Load { pin_dir: pin_dir.clone(), source: Box::new(e) })?;
+        let mut ebpf =
+            loader.load(object).map_err(|e| DatapathError::Load { pin_dir: pin_dir.clone(), source: Box::new(e) })?;
         for hook in Hook::BOTH {
             let name = hook.program_name();
             let prog = program_mut(&mut ebpf, name)?;
