@@ -185,7 +185,7 @@ pub mod config {
     pub const FLAGS: u32 = 0;
     /// Policy generation: the map writer increments it after every change of ENDPOINTS,
     /// POLICY, `POLICY_LENGTHS` or the ipcache maps. A conntrack entry remembers, per hook, the
-    /// generation at which policy last allowed the flow ([`CtValue::policy_gen`](super::CtValue));
+    /// generation at which policy last allowed the flow ([`CtOrig::policy_gen`](super::CtOrig));
     /// while it is current, forward packets of the flow skip the identity and policy lookups.
     /// 0 means "no generation yet": nothing is remembered.
     pub const POLICY_GEN: u32 = 1;
