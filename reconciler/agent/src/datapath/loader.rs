@@ -130,6 +130,8 @@ impl Datapath {
     pub fn load_object(cfg: &DatapathConfig, sizes: &MapSizes, object: &[u8]) -> Result<Datapath, DatapathError> {
         let pin_dir = &cfg.pin_dir;
         ensure_pin_dir(pin_dir)?;
+        // An upgrade over the conntrack layout before issue 17: its flows are carried over.
+        let carried = super::upgrade::take_old_conntrack(pin_dir)?;
         check_pinned_maps(pin_dir, sizes)?;
         sys::raise_memlock_limit();
 
@@ -154,6 +156,7 @@ impl Datapath {
                 );
             }
         }
+        super::upgrade::put_conntrack(pin_dir, &carried)?;
         let mode = AttachMode::detect();
         tracing::info!(pin_dir = %pin_dir.display(), attach_mode = %mode, "datapath loaded");
         Ok(Datapath { ebpf, pin_dir: pin_dir.clone(), mode, attached: HashMap::new() })
