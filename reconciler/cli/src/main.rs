@@ -279,10 +279,7 @@ async fn observe(
     output: Output,
 ) -> Result<(), String> {
     use palisade_api::flow::FlowsResponse;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    let query = a.query(negated, now)?;
+    let query = a.query(negated, palisade_cli::observe::now_ns())?;
     let mut stream = c.flows(&query).await.map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     while let Some(r) = stream.next().await.map_err(|e| e.to_string())? {
@@ -338,10 +335,7 @@ async fn observe_all(
     output: Output,
 ) -> Result<(), String> {
     use palisade_api::flow::FlowsResponse;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    let query = a.query(negated, now)?;
+    let query = a.query(negated, palisade_cli::observe::now_ns())?;
     if !a.follow {
         let answer = palisade_cli::ui::merged_flows(agents, &query).await;
         let mut rows = Vec::new();

@@ -162,6 +162,14 @@ pub fn negated_filters(negated: &[String]) -> Result<Vec<FlowFilter>, String> {
     Ok(out)
 }
 
+/// The time now, in nanoseconds since the Unix epoch (what the flags' relative times
+/// count back from).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 impl ObserveArgs {
     /// The query these flags ask, at `now_unix_ns`.
     pub fn query(&self, negated: &[String], now_unix_ns: u64) -> Result<FlowQuery, String> {

@@ -143,12 +143,6 @@ pub fn parse_filters(q: &str, now_unix_ns: u64) -> Result<palisade_api::flow::Fl
     args.query(&negated, now_unix_ns)
 }
 
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
 /// Asks every agent and merges the answers by time (RFC 3339 UTC with nanoseconds sorts as
 /// text). With `last`, the last N of the merge.
 pub async fn merged_flows(agents: &Agents, query: &palisade_api::flow::FlowQuery) -> FlowsAnswer {
@@ -177,7 +171,7 @@ pub async fn merged_flows(agents: &Agents, query: &palisade_api::flow::FlowQuery
 }
 
 async fn flows(State(ui): State<Arc<Ui>>, Query(p): Query<FlowsParams>) -> Response {
-    let query = match parse_filters(&p.q, now_ns()) {
+    let query = match parse_filters(&p.q, crate::observe::now_ns()) {
         Ok(q) => q,
         Err(e) => return fail(StatusCode::BAD_REQUEST, format!("filter {:?}: {e}", p.q)),
     };

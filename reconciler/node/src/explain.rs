@@ -427,6 +427,11 @@ pub mod offline {
         pub spec: EndpointSpec,
     }
 
+    /// The named container ports of `pod`, or why one is not valid.
+    fn named_ports_of(pod: &PodInput) -> Result<Vec<NamedPort>, String> {
+        pod.spec.ports.iter().map(|p| NamedPort::new(&p.name, p.port, &p.protocol)).collect()
+    }
+
     /// The agent's state for some namespaces, pods, reserved addresses and policy files.
     pub struct OfflineState {
         statuses: Vec<PolicyStatus>,
@@ -487,13 +492,7 @@ pub mod offline {
                 if pod.spec.ipv4.is_none() && pod.spec.ipv6.is_none() {
                     return Err(err("it has neither an IPv4 nor an IPv6 address".into()));
                 }
-                let named_ports = pod
-                    .spec
-                    .ports
-                    .iter()
-                    .map(|p| NamedPort::new(&p.name, p.port, &p.protocol))
-                    .collect::<Result<Vec<_>, String>>()
-                    .map_err(err)?;
+                let named_ports = named_ports_of(pod).map_err(err)?;
                 let labels = endpoint_labels(&pod.namespace, ns_labels, &pod.spec, cluster);
                 let identity = allocator.allocate(&labels);
                 endpoints.push(LocalEndpoint {
@@ -520,17 +519,11 @@ pub mod offline {
                 let identity = allocator.allocate(&labels);
                 let ips =
                     pod.spec.ipv4.map(std::net::IpAddr::V4).into_iter().chain(pod.spec.ipv6.map(std::net::IpAddr::V6));
-                let named_ports = pod
-                    .spec
-                    .ports
-                    .iter()
-                    .map(|p| NamedPort::new(&p.name, p.port, &p.protocol))
-                    .collect::<Result<Vec<_>, String>>()
-                    .map_err(|reason| OfflineError::Endpoint {
-                        namespace: pod.namespace.clone(),
-                        name: pod.name.clone(),
-                        reason,
-                    })?;
+                let named_ports = named_ports_of(pod).map_err(|reason| OfflineError::Endpoint {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    reason,
+                })?;
                 let key = format!("{}/{}", pod.namespace, pod.name);
                 let remote = crate::ipcache::RemoteEndpoint { identity, ips: ips.collect(), named_ports, name: None };
                 external.upsert_remote(&key, remote);

@@ -15,6 +15,7 @@ pub mod fake;
 mod loader;
 mod maps;
 mod sys;
+mod upgrade;
 
 pub use applier::{apply_plan, map_limits, read_maps, read_state};
 pub use attach::{AttachMode, CLSACT_HANDLE, CLSACT_PRIORITY};
