@@ -123,6 +123,7 @@ mod tests {
             rules: rules.iter().map(std::string::ToString::to_string).collect(),
             tiers: Vec::new(),
             default_deny_by: Vec::new(),
+            nearest_rule: None,
         }
     }
 
@@ -169,6 +170,7 @@ mod tests {
             rules: vec![],
             tiers: vec![],
             default_deny_by: vec![],
+            nearest_rule: None,
         };
         let c = combine(at_source.clone(), at_destination.clone());
         assert_eq!(c.verdict, "deny");

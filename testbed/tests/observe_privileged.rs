@@ -231,7 +231,11 @@ fn observe_all_nodes_merges_the_agents_by_time_privileged() {
     assert_eq!(drop["destination"]["pod_name"], "backend", "{drop}");
     assert_eq!(egress["IP"]["destination"], backend.as_str(), "{egress}");
     assert_eq!(egress["source"]["pod_name"], "frontend", "{egress}");
-    assert_eq!((&egress["destination"]["namespace"], &egress["destination"]["pod_name"]), (&"default".into(), &"backend".into()), "{egress}");
+    assert_eq!(
+        (&egress["destination"]["namespace"], &egress["destination"]["pod_name"]),
+        (&"default".into(), &"backend".into()),
+        "{egress}"
+    );
     assert!(egress["destination"]["labels"].as_array().unwrap().iter().any(|l| l == "k8s:app=backend"), "{egress}");
     assert!(find("node-b", "INGRESS", "FORWARDED", 8080).is_some(), "the allowed one at node-b: {merged:#?}");
 

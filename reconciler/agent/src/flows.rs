@@ -103,15 +103,14 @@ fn nearest_rule(ctx: &DecodeContext, ev: &VerdictEvent, peer_ip: IpAddr, peer: &
     let (policies, endpoints) = ctx.policy_inputs()?;
     let me = endpoints.iter().find(|e| u32::from(e.id) == ev.endpoint_id)?;
     let local_peer = ctx.by_ip.get(&peer_ip).and_then(|id| endpoints.iter().find(|e| u32::from(e.id) == *id));
-    let labels = match local_peer {
-        Some(p) => p.labels.clone(),
-        None => {
-            let mut set = LabelSet::new();
-            for l in &peer.labels {
-                set.insert(Label::parse(l));
-            }
-            set
+    let labels = if let Some(p) = local_peer {
+        p.labels.clone()
+    } else {
+        let mut set = LabelSet::new();
+        for l in &peer.labels {
+            set.insert(Label::parse(l));
         }
+        set
     };
     let ingress = ev.direction == direction::INGRESS;
     let dir = if ingress { palisade_policy::Direction::Ingress } else { palisade_policy::Direction::Egress };

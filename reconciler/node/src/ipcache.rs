@@ -206,8 +206,11 @@ mod tests {
         let a: IpAddr = "10.1.0.5".parse().unwrap();
         let v6: IpAddr = "fd00::5".parse().unwrap();
         assert!(
-            c.upsert_remote("shop/web", RemoteEndpoint { identity: 300, ips: vec![a, v6], named_ports: Vec::new(), name: None })
-                .is_none()
+            c.upsert_remote(
+                "shop/web",
+                RemoteEndpoint { identity: 300, ips: vec![a, v6], named_ports: Vec::new(), name: None }
+            )
+            .is_none()
         );
         let e = c.entries();
         assert_eq!(e.get(&(a, 32)), Some(&300));
@@ -216,7 +219,10 @@ mod tests {
         assert!(c.upsert_reserved((a, 32), reserved::REMOTE_NODE));
         assert_eq!(c.entries().get(&(a, 32)), Some(&reserved::REMOTE_NODE));
         let old = c
-            .upsert_remote("shop/web", RemoteEndpoint { identity: 301, ips: vec![v6], named_ports: Vec::new(), name: None })
+            .upsert_remote(
+                "shop/web",
+                RemoteEndpoint { identity: 301, ips: vec![v6], named_ports: Vec::new(), name: None },
+            )
             .unwrap();
         assert_eq!(old.identity, 300);
         assert_eq!(c.entries().get(&(v6, 128)), Some(&301));

@@ -11,8 +11,8 @@ use serde::Serialize;
 use crate::identity;
 use crate::labels::LabelSet;
 use crate::model::{Direction, Entity, NamedPort, Peer, Peers, Policy, Port, PortRule, Protocol, Verdict};
-use crate::selector::Operator;
 use crate::resolve::{EndpointPolicy, EntryKey, EntryValue, RuleOrigin};
+use crate::selector::Operator;
 
 /// The decision of one side (the source's egress or the destination's ingress).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -177,11 +177,11 @@ fn peer_lacks(peer: &Peer, flow: FlowPeer<'_>) -> Vec<String> {
         Peer::Endpoints(sel) => sel
             .requirements()
             .filter(|r| !r.matches(flow.labels))
-            .map(|r| match (r.key.key.as_str(), r.operator, r.values.len()) {
-                (crate::labels::keys::POD_NAMESPACE, Operator::In, 1) => {
+            .map(|r| {
+                if r.key.key == crate::labels::keys::POD_NAMESPACE && r.operator == Operator::In && r.values.len() == 1
+                {
                     format!("namespace {}", r.values.iter().next().map_or("", String::as_str))
-                }
-                _ => {
+                } else {
                     let r = r.to_string();
                     format!("label {}", r.strip_prefix("any:").unwrap_or(&r))
                 }
