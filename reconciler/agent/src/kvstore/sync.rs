@@ -446,5 +446,9 @@ mod tests {
         }
         let want = desired(&s, &[own]);
         assert_eq!(want.keys().collect::<Vec<_>>(), ["kv/10.201.1.10"], "301 has no master key; 10.200.1.10 is ours");
+        // The entry's pod name goes along (flow records name the pod by it); without one, none.
+        assert_eq!(want["kv/10.201.1.10"].0.pod, "d/p");
+        s.ips.values_mut().for_each(|e| e.pod.clear());
+        assert_eq!(desired(&s, &[own])["kv/10.201.1.10"].0.pod, "");
     }
 }
