@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use palisade_common::{
     EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, identity, ipcache_flags,
-    match_kind, proto, reason, verdict,
+    match_kind, policy_view, proto, reason, verdict,
 };
 
 use crate::{
@@ -71,6 +71,11 @@ struct Verdict {
     peer_identity: u32,
     /// Send a verdict event.
     report: bool,
+    /// The drop the audit view gives a packet that passes (0: none): reported as an
+    /// `AUDIT` event with `audit_cookie` and `audit_match_kind`.
+    audit_reason: u8,
+    audit_match_kind: u8,
+    audit_cookie: u32,
 }
 
 /// Classifies one packet: `Ok(TC_ACT_UNSPEC)` to pass, `Err(TC_ACT_SHOT)` to drop.
@@ -95,6 +100,9 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
         cookie: 0,
         peer_identity: 0,
         report: false,
+        audit_reason: 0,
+        audit_match_kind: match_kind::NONE,
+        audit_cookie: 0,
     };
     // SAFETY: the value is copied out at once.
     let Some(ep) = unsafe { ENDPOINTS.get(ifindex) }.copied() else {
@@ -233,14 +241,47 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
         v.reason = reason::ALLOWED_BY_POLICY;
         // SAFETY: as above.
         v.cookie = unsafe { (*p).cookie };
-    } else if enforced {
-        v.peer_identity = peer_identity(dir, pkt);
-        let p = policy::check(ep.endpoint_id as u16, dir, v.peer_identity, pkt.protocol, pkt.policy_port);
-        v.reason = p.reason;
-        v.match_kind = p.match_kind;
-        v.cookie = p.cookie;
     } else {
-        v.reason = reason::ALLOWED_NOT_ENFORCED;
+        if enforced {
+            v.peer_identity = peer_identity(dir, pkt);
+            let p = policy::check(
+                policy_view::ENFORCED,
+                ep.endpoint_id as u16,
+                dir,
+                v.peer_identity,
+                pkt.protocol,
+                pkt.policy_port,
+            );
+            v.reason = p.reason;
+            v.match_kind = p.match_kind;
+            v.cookie = p.cookie;
+        } else {
+            v.reason = reason::ALLOWED_NOT_ENFORCED;
+        }
+        // Audit mode: what the enforced entries let through is looked up again in the audit
+        // view, which never changes the verdict. Only on directions that have one, and on
+        // an unenforced direction only for a flow's first packet (established flows there
+        // pay nothing; enforced ones are re-checked only when the generation moves on).
+        let audit_bit =
+            if dir == direction::EGRESS { endpoint_flags::EGRESS_AUDIT } else { endpoint_flags::INGRESS_AUDIT };
+        if ep.flags & audit_bit != 0 && !reason::is_drop(v.reason) && (enforced || new_flow) {
+            if !enforced {
+                v.peer_identity = peer_identity(dir, pkt);
+            }
+            let a = policy::check(
+                policy_view::AUDIT,
+                ep.endpoint_id as u16,
+                dir,
+                v.peer_identity,
+                pkt.protocol,
+                pkt.policy_port,
+            );
+            if reason::is_drop(a.reason) {
+                v.audit_reason = a.reason;
+                v.audit_match_kind = a.match_kind;
+                v.audit_cookie = a.cookie;
+            }
+        }
     }
     if reason::is_drop(v.reason) {
         conntrack::dropped(fwd, dir);
@@ -251,8 +292,8 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
         if pkt.icmp_class == icmp_class::NONE || pkt.icmp_class == icmp_class::ECHO_REQUEST {
             conntrack::allowed(&key, fwd, pkt, dir, now, v.cookie, generation);
         }
-        v.report = new_flow && allow_events_enabled();
-        if v.report && !enforced {
+        v.report = v.audit_reason != 0 || new_flow && allow_events_enabled();
+        if v.report && !enforced && v.audit_reason == 0 {
             v.peer_identity = peer_identity(dir, pkt);
         }
     }
@@ -407,13 +448,14 @@ fn report(ifindex: u32, ep: &EndpointInfo, dir: u8, pkt: &Packet, v: &Verdict, l
     let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else {
         return;
     };
+    let audit = v.audit_reason != 0;
     entry.write(VerdictEvent {
         // SAFETY: a helper without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         endpoint_id: ep.endpoint_id,
         ifindex,
         peer_identity: v.peer_identity,
-        cookie: v.cookie,
+        cookie: if audit { v.audit_cookie } else { v.cookie },
         saddr: pkt.saddr,
         daddr: pkt.daddr,
         sport: pkt.sport,
@@ -421,9 +463,15 @@ fn report(ifindex: u32, ep: &EndpointInfo, dir: u8, pkt: &Packet, v: &Verdict, l
         family: pkt.family,
         protocol: pkt.protocol,
         direction: dir,
-        verdict: if reason::is_drop(v.reason) { verdict::DROP } else { verdict::ALLOW },
-        reason: v.reason,
-        match_kind: v.match_kind,
+        verdict: if audit {
+            verdict::AUDIT
+        } else if reason::is_drop(v.reason) {
+            verdict::DROP
+        } else {
+            verdict::ALLOW
+        },
+        reason: if audit { v.audit_reason } else { v.reason },
+        match_kind: if audit { v.audit_match_kind } else { v.match_kind },
         tcp_flags: pkt.tcp_flags,
         pad: 0,
         pkt_len: len,

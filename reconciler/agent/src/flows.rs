@@ -132,6 +132,9 @@ pub fn to_flow(ev: &VerdictEvent, ctx: &DecodeContext, unix_ns: u64) -> Flow {
     let (src_ip, dst_ip) = (addr(ev.family, &ev.saddr), addr(ev.family, &ev.daddr));
     let ingress = ev.direction == direction::INGRESS;
     let dropped = ev.verdict == verdict::DROP;
+    // Audit mode: the packet passed, and `reason`, `cookie` and `match_kind` are the audit
+    // view's drop.
+    let audit = ev.verdict == verdict::AUDIT;
     // The hook's endpoint is the destination at ingress, the source at egress; the other
     // end is the peer the datapath identified.
     let me = local(ctx, ev.endpoint_id);
@@ -141,9 +144,16 @@ pub fn to_flow(ev: &VerdictEvent, ctx: &DecodeContext, unix_ns: u64) -> Flow {
     let dir_name = if ingress { "ingress" } else { "egress" };
     let mut f = Flow {
         time: rfc3339(unix_ns),
-        verdict: if dropped { "DROPPED" } else { "FORWARDED" }.into(),
-        drop_reason_desc: dropped.then(|| drop_reason_desc(ev.reason).to_string()),
-        forward_reason_desc: (!dropped).then(|| forward_reason_desc(ev.reason).to_string()),
+        verdict: if audit {
+            "AUDIT"
+        } else if dropped {
+            "DROPPED"
+        } else {
+            "FORWARDED"
+        }
+        .into(),
+        drop_reason_desc: (dropped || audit).then(|| drop_reason_desc(ev.reason).to_string()),
+        forward_reason_desc: (!dropped && !audit).then(|| forward_reason_desc(ev.reason).to_string()),
         ip: FlowIp {
             source: src_ip.to_string(),
             destination: dst_ip.to_string(),
@@ -177,6 +187,26 @@ pub fn to_flow(ev: &VerdictEvent, ctx: &DecodeContext, unix_ns: u64) -> Flow {
             let p = rule_policies(ctx, ev, "allow");
             let rules: Vec<String> = p.iter().map(|p| format!("{} {}", p.policy_name(), p.rule)).collect();
             let s = format!("allowed at the {dir_name} of {here} by {}", rules.join(", ").trim());
+            (p, s)
+        }
+        reason::DROP_POLICY_DENY_RULE if audit => {
+            let p = rule_policies(ctx, ev, "audit");
+            let rules: Vec<String> = p.iter().map(|p| format!("{} {}", p.policy_name(), p.rule)).collect();
+            let s = format!(
+                "audit: passed, but would be denied at the {dir_name} of {here} by the deny rule {}",
+                rules.join(", ").trim()
+            );
+            (p, s)
+        }
+        reason::DROP_POLICY_DENIED if audit => {
+            let d = usize::from(ev.direction & 1);
+            let p =
+                ctx.endpoint_info.get(&ev.endpoint_id).map(|e| e.audit_default_deny_by[d].clone()).unwrap_or_default();
+            let s = format!(
+                "audit: passed, but would be denied at the {dir_name} of {here} by default deny: {} selects it for \
+                 {dir_name} and no rule allows the flow",
+                names(&p)
+            );
             (p, s)
         }
         reason::DROP_POLICY_DENY_RULE => {
@@ -219,7 +249,7 @@ pub fn to_flow(ev: &VerdictEvent, ctx: &DecodeContext, unix_ns: u64) -> Flow {
         r => (Vec::new(), format!("dropped: {}", crate::monitor::reason_name(r))),
     };
     f.summary = summary;
-    match (ingress, dropped) {
+    match (ingress, dropped || audit) {
         (true, false) => f.ingress_allowed_by = policies,
         (false, false) => f.egress_allowed_by = policies,
         (true, true) => f.ingress_denied_by = policies,
@@ -351,6 +381,7 @@ mod tests {
                 }],
                 Vec::new(),
             ],
+            audit_default_deny_by: [Vec::new(), Vec::new()],
             fail_closed: [false; 2],
         };
         c.endpoint_info.insert(2, backend);

@@ -14,7 +14,7 @@
 //! messages already queued, at once when the last one is [`BURST_INTERVAL`] past, else
 //! when it will be (a change on its own is resolved at once; during a burst, such as a
 //! node starting a thousand pods, the changes of each interval are resolved together).
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use palisade_policy::identity::IdentityAllocator;
 use palisade_policy::model::Policy;
-use palisade_policy::resolve::{Changes, DesiredState, Options, PolicyResolver};
+use palisade_policy::resolve::{Changes, DesiredState, EndpointPolicy, Options, PolicyResolver};
 
 use super::identity::Prefix;
 use super::map_writer::{ApplyDesired, MapWriter};
@@ -33,6 +33,40 @@ pub const BURST_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A resolution's output: the desired state and the ipcache.
 type Resolved = (Arc<DesiredState>, Arc<BTreeMap<Prefix, u32>>);
+
+/// Cilium's `--policy-enforcement`: when endpoints are under default deny.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Enforcement {
+    /// A direction is default-deny once a policy selects the endpoint for it.
+    #[default]
+    Default,
+    /// Every endpoint is default-deny in both directions, selected or not (the node may
+    /// still reach its pods, as with `default`).
+    Always,
+    /// Nothing is enforced (and nothing audited): every packet passes policy.
+    Never,
+}
+
+impl std::str::FromStr for Enforcement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "default" => Ok(Enforcement::Default),
+            "always" => Ok(Enforcement::Always),
+            "never" => Ok(Enforcement::Never),
+            other => Err(format!("--policy-enforcement must be default, always or never, not {other:?}")),
+        }
+    }
+}
+
+/// How the agent enforces policy: the enforcement switch and agent-wide audit mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyMode {
+    pub enforcement: Enforcement,
+    /// `--policy-audit-mode`: every endpoint is in audit mode (its policy drops become
+    /// AUDIT passes).
+    pub audit_all: bool,
+}
 
 /// The resolver's state without the actor: inputs, the incremental resolver, and what a
 /// recompute hands on.
@@ -48,8 +82,18 @@ pub struct ResolverState {
     changed_identities: Vec<u32>,
     /// Endpoints set since the last recompute.
     endpoints_changed: bool,
+    /// The enforced policies (those not in audit mode).
     engine: PolicyResolver,
+    /// All policies, audited ones included: the audit view. Only while some policy is
+    /// in audit mode (else the audit view is the enforced resolution).
+    audit_engine: Option<PolicyResolver>,
+    mode: PolicyMode,
+    /// Per endpoint: the enforced and audit resolutions, whether the endpoint was in audit
+    /// mode, and the policy made of them (so an unchanged endpoint keeps the same value).
+    combined: HashMap<u16, CombinedEntry>,
 }
+
+type CombinedEntry = (Arc<EndpointPolicy>, Option<Arc<EndpointPolicy>>, bool, Arc<EndpointPolicy>);
 
 impl Default for ResolverState {
     fn default() -> Self {
@@ -62,13 +106,37 @@ impl Default for ResolverState {
             changed_identities: Vec::new(),
             endpoints_changed: false,
             engine: PolicyResolver::new(Options { allow_localhost: true }),
+            audit_engine: None,
+            mode: PolicyMode::default(),
+            combined: HashMap::new(),
         }
     }
 }
 
 impl ResolverState {
+    pub fn new(mode: PolicyMode) -> Self {
+        ResolverState { mode, ..ResolverState::default() }
+    }
+
+    /// All policies, audited ones included.
     pub fn set_policies(&mut self, policies: Arc<Vec<Policy>>) {
-        self.engine.set_policies(policies.clone());
+        if policies.iter().any(|p| p.audit) {
+            let enforced: Vec<Policy> = policies.iter().filter(|p| !p.audit).cloned().collect();
+            self.engine.set_policies_numbering(Arc::new(enforced), &policies);
+            let audit = self.audit_engine.get_or_insert_with(|| {
+                let mut r = PolicyResolver::new(Options { allow_localhost: true });
+                r.set_endpoints(self.endpoints.iter().map(LocalEndpoint::view).collect());
+                r
+            });
+            audit.set_policies(policies.clone());
+            // Both resolutions name a prefix by the same identity (the ipcache has one).
+            if audit.cidr_identities() != self.engine.cidr_identities() {
+                audit.set_cidr_identities(self.engine.cidr_identities().clone());
+            }
+        } else {
+            self.engine.set_policies(policies.clone());
+            self.audit_engine = None;
+        }
         self.policies = policies;
     }
 
@@ -98,25 +166,101 @@ impl ResolverState {
     /// incrementally otherwise); answers it with the ipcache and what changed.
     pub fn recompute(&mut self) -> (Arc<DesiredState>, Arc<BTreeMap<Prefix, u32>>, Changes) {
         if std::mem::take(&mut self.endpoints_changed) {
-            self.engine.set_endpoints(self.endpoints.iter().map(LocalEndpoint::view).collect());
+            let views: Vec<_> = self.endpoints.iter().map(LocalEndpoint::view).collect();
+            if let Some(a) = &mut self.audit_engine {
+                a.set_endpoints(views.clone());
+            }
+            self.engine.set_endpoints(views);
         }
         let addresses = crate::endpoint::pod_addresses(&self.endpoints, &self.remote_addresses);
         let changed = std::mem::take(&mut self.changed_identities);
-        let changes = if self.engine.is_stale() {
-            self.engine.set_identities(self.allocator.clone(), addresses);
-            self.engine.resolve();
-            Changes { full: true, ..Changes::default() }
-        } else {
-            self.engine.update(self.allocator.clone(), &changed, addresses)
+        let bring_up_to_date = |engine: &mut PolicyResolver, addresses| {
+            if engine.is_stale() {
+                engine.set_identities(self.allocator.clone(), addresses);
+                engine.resolve();
+                Changes { full: true, ..Changes::default() }
+            } else {
+                engine.update(self.allocator.clone(), &changed, addresses)
+            }
         };
+        if let Some(a) = &mut self.audit_engine {
+            bring_up_to_date(a, addresses.clone());
+        }
+        let changes = bring_up_to_date(&mut self.engine, addresses);
         // Cheap: one shared reference per endpoint.
-        let desired = self.engine.state().clone();
+        let mut desired = self.engine.state().clone();
+        self.combine(&mut desired);
         // Later entries win on the same prefix: CIDR identities, then other nodes' pods and
         // reserved addresses (node, API server), then the local endpoints' own addresses,
         // then the address identities of pod addresses inside ipBlocks.
         let ipcache = crate::endpoint::assemble_ipcache(&desired, &self.external_ipcache, &self.endpoints);
         (Arc::new(desired), Arc::new(ipcache), changes)
     }
+}
+
+impl ResolverState {
+    /// Puts the audit views and the enforcement switch into `desired` (the enforced
+    /// resolution): an endpoint in audit mode (agent-wide, or by the audit label on its
+    /// pod or namespace) enforces nothing and has the full resolution as its audit view;
+    /// any other endpoint enforces the enforced policies and has the resolution of all
+    /// policies as its audit view where that differs. Nothing here changes what an
+    /// endpoint not in audit mode enforces, whatever the audited policies say.
+    fn combine(&mut self, desired: &mut DesiredState) {
+        let mode = self.mode;
+        let plain = mode.enforcement == Enforcement::Default && !mode.audit_all && self.audit_engine.is_none();
+        if plain && !self.endpoints.iter().any(|e| palisade_policy::resolve::endpoint_audited(&e.labels)) {
+            self.combined.clear();
+            return;
+        }
+        let empty = Arc::new(EndpointPolicy::default());
+        let mut kept = HashMap::with_capacity(self.endpoints.len());
+        for e in self.endpoints.iter() {
+            let enforced = desired.endpoints.get(&e.id).cloned().unwrap_or_else(|| empty.clone());
+            let audited = self.audit_engine.as_ref().and_then(|a| a.state().endpoints.get(&e.id).cloned());
+            let endpoint_audit = mode.audit_all || palisade_policy::resolve::endpoint_audited(&e.labels);
+            let combined = match self.combined.remove(&e.id) {
+                Some((p, a, ea, c))
+                    if Arc::ptr_eq(&p, &enforced)
+                        && a.as_ref().map(Arc::as_ptr) == audited.as_ref().map(Arc::as_ptr)
+                        && ea == endpoint_audit =>
+                {
+                    c
+                }
+                _ => Arc::new(combine_endpoint(mode, &enforced, audited.as_deref(), endpoint_audit)),
+            };
+            desired.endpoints.insert(e.id, combined.clone());
+            kept.insert(e.id, (enforced, audited, endpoint_audit, combined));
+        }
+        self.combined = kept;
+    }
+}
+
+/// One endpoint's policy: `enforced` (the enforced policies' resolution), `audited` (all
+/// policies', when some are in audit mode), in audit mode itself or not, under `mode`.
+pub fn combine_endpoint(
+    mode: PolicyMode,
+    enforced: &EndpointPolicy,
+    audited: Option<&EndpointPolicy>,
+    endpoint_audit: bool,
+) -> EndpointPolicy {
+    if mode.enforcement == Enforcement::Never {
+        return EndpointPolicy::default();
+    }
+    let mut base = if endpoint_audit { EndpointPolicy::default() } else { enforced.clone() };
+    let mut view = audited.unwrap_or(enforced).clone();
+    view.audit = None;
+    base.audit = None;
+    if mode.enforcement == Enforcement::Always {
+        for p in [&mut base, &mut view] {
+            p.ingress_enforced = true;
+            p.egress_enforced = true;
+            palisade_policy::resolve::allow_localhost(p);
+        }
+    }
+    if palisade_policy::Direction::BOTH.iter().any(|d| !view.same_in(&base, *d)) {
+        base.audit = Some(Arc::new(view));
+    }
+    base
 }
 
 pub struct Resolver {
@@ -135,9 +279,9 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(map_writer: Addr<MapWriter>) -> Self {
+    pub fn new(map_writer: Addr<MapWriter>, mode: PolicyMode) -> Self {
         Resolver {
-            state: ResolverState::default(),
+            state: ResolverState::new(mode),
             revision: 0,
             dirty: false,
             synced: false,
@@ -313,7 +457,7 @@ impl Handler<IsSynced> for Resolver {
 /// hold the map writer back until then. The revision only grows.
 impl Supervised for Resolver {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        *self = Resolver { revision: self.revision, ..Resolver::new(self.map_writer.clone()) };
+        *self = Resolver { revision: self.revision, ..Resolver::new(self.map_writer.clone(), self.state.mode) };
     }
 }
 
