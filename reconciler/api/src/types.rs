@@ -175,6 +175,10 @@ pub struct PolicyStatus {
     pub warnings: Vec<String>,
     /// The revision at which this manifest last changed.
     pub revision: u64,
+    /// In audit mode (annotation `palisade.io/audit: "true"`): accepted and resolved, but
+    /// only reported on (AUDIT flows), never enforced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
 }
 
 /// The agent as a whole.

@@ -425,12 +425,17 @@ async fn run(cli: Cli, negated: Vec<String>) -> Result<(), String> {
                             p.namespace.clone().unwrap_or_else(|| "-".into()),
                             p.name.clone(),
                             if p.enforced { "enforced".into() } else { "REJECTED".into() },
+                            match (p.enforced, p.audit) {
+                                (false, _) => "-".into(),
+                                (true, false) => "enforce".into(),
+                                (true, true) => "audit".into(),
+                            },
                             p.revision.to_string(),
                             p.error.clone().unwrap_or_else(|| p.warnings.join("; ")),
                         ]
                     })
                     .collect();
-                table(&["KIND", "NAMESPACE", "NAME", "STATE", "REVISION", "DETAIL"], rows);
+                table(&["KIND", "NAMESPACE", "NAME", "STATE", "MODE", "REVISION", "DETAIL"], rows);
             }
         }
         Command::Ipcache { command: IpcacheCommand::List } => {

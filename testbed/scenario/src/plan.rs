@@ -82,6 +82,9 @@ pub struct Plan {
     pub hosts: Vec<PlanHost>,
     pub policies: Vec<PlanPolicy>,
     pub probes: Vec<PlanProbe>,
+    /// The agent's extra flags from the scenario's `agent` key (`--policy-audit-mode`,
+    /// `--policy-enforcement always`).
+    pub agent_args: Vec<String>,
 }
 
 impl Plan {

@@ -488,8 +488,11 @@ impl Handler<Explain> for Resolver {
             self.recompute();
         }
         let empty = BTreeMap::new();
+        // What is enforced: audited policies only report (the desired state explained
+        // holds their audit views apart).
+        let enforced: Vec<Policy> = self.state.policies.iter().filter(|p| !p.audit).cloned().collect();
         let inputs = crate::explain::ExplainInputs {
-            policies: &self.state.policies,
+            policies: &enforced,
             endpoints: &self.state.endpoints,
             allocator: &self.state.allocator,
             cidrs: self.state.engine.cidr_identities(),
