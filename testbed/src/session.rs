@@ -751,7 +751,8 @@ impl Session {
     /// A probe got no answer: a deny only if the datapath reported a policy drop of this flow.
     /// Makes an allowed probe `audit` when the source's egress or the destination's ingress
     /// reported an AUDIT verdict for its flow. Waits for such a report only when the probe
-    /// expects one (others look at what came in, so scenarios without audit run as before).
+    /// expects one or the scenario has something in audit mode (others look at what came
+    /// in, so scenarios without audit run as before).
     async fn classify_audit(&self, p: &PlanProbe, flow: &Flow, result: &mut ProbeResult) {
         let (src_node, dst_node) = (self.plan.node_of(&p.from), self.plan.node_of(&p.to));
         let mut judges: Vec<&Collector> = vec![&self.agents[src_node].collector];
@@ -759,8 +760,14 @@ impl Session {
             judges.push(&self.agents[dst_node].collector);
         }
         let mut found = judges.iter().find_map(|c| c.snapshot().into_iter().find(|ev| flow.is_audit(ev)));
-        if found.is_none() && p.expect == Expect::Audit {
-            let grace = (self.timeout / 2).max(Duration::from_millis(250));
+        if found.is_none() && (p.expect == Expect::Audit || self.plan.may_audit()) {
+            // The event is sent with the probe's first packet; a short wait covers its way
+            // through the ring buffer and the monitor stream.
+            let grace = if p.expect == Expect::Audit {
+                (self.timeout / 2).max(Duration::from_millis(250))
+            } else {
+                Duration::from_millis(200)
+            };
             let waits = judges.iter().map(|c| Box::pin(c.wait_for(grace, |ev| flow.is_audit(ev))));
             found = futures_util::future::select_ok(waits.map(|w| Box::pin(async move { w.await.ok_or(()) })))
                 .await

@@ -187,7 +187,9 @@ pub fn set_endpoint_names(ctx: &mut DecodeContext, msg: &crate::writer::Desired)
             let view = if audit { policy.and_then(|p| p.audit.as_deref()) } else { policy.map(AsRef::as_ref) };
             let enforced = view.is_some_and(|p| p.enforced(dir));
             match ctx.deny_by_all.get(&id) {
-                Some(lists) if enforced => lists[usize::from(dir == Direction::Egress) + 2 * usize::from(audit)].clone(),
+                Some(lists) if enforced => {
+                    lists[usize::from(dir == Direction::Egress) + 2 * usize::from(audit)].clone()
+                }
                 _ => Vec::new(),
             }
         };

@@ -258,7 +258,8 @@ impl Agent {
             }
         };
         let map_writer = start_supervised("map_writer", map_writer, hook.clone());
-        let resolver = start_supervised("resolver", resolver::Resolver::new(map_writer.clone(), config.policy_mode), hook.clone());
+        let resolver =
+            start_supervised("resolver", resolver::Resolver::new(map_writer.clone(), config.policy_mode), hook.clone());
         let identities = start_supervised(
             "identity_cache",
             identity::IdentityCache::new(resolver.clone(), Some(state.clone())),

@@ -418,7 +418,9 @@ fn audit_annotation(value: &Value) -> Result<bool, Invalid> {
         _ => Err(Invalid::new(
             format!("metadata.annotations[\"{key}\"]"),
             format!("{key} must be \"true\" or \"false\", not {v}"),
-            format!("write `{key}: \"true\"` (quoted: annotation values are strings) to audit the policy, or remove the annotation to enforce it"),
+            format!(
+                "write `{key}: \"true\"` (quoted: annotation values are strings) to audit the policy, or remove the annotation to enforce it"
+            ),
         )),
     }
 }
