@@ -466,6 +466,51 @@ mod tests {
         assert!(f.summary.starts_with("fail closed at the ingress of default/backend"), "{}", f.summary);
     }
 
+    /// Audit mode: an AUDIT event is a forwarded packet that the audit view would drop; its
+    /// record says AUDIT, the would-be drop reason, and the audited policy (rule, or the
+    /// policy that would make the endpoint default-deny) with action `audit`, which is what
+    /// `palisade_policy_verdicts_total{action="audit"}` counts.
+    #[test]
+    fn an_audit_verdict_names_the_audited_policy() {
+        let mut c = ctx();
+        c.origins.insert(
+            9,
+            vec![palisade_policy::RuleOrigin {
+                kind: palisade_policy::PolicyKind::CiliumNetworkPolicy,
+                namespace: Some("default".into()),
+                name: "deny-metrics".into(),
+                direction: palisade_policy::Direction::Ingress,
+                rule_index: 0,
+                peer_rule_index: 0,
+                path: "spec.ingressDeny[0]".into(),
+                tier: None,
+            }],
+        );
+        let audit = |r, cookie| VerdictEvent { verdict: verdict::AUDIT, ..event(r, cookie) };
+        let f = to_flow(&audit(reason::DROP_POLICY_DENY_RULE, 9), &c, 0);
+        assert_eq!((f.verdict.as_str(), f.drop_reason_desc.as_deref()), ("AUDIT", Some("POLICY_DENY")));
+        assert_eq!(f.forward_reason_desc, None);
+        assert_eq!(f.event_type, "policy-verdict");
+        let by: Vec<_> = f.decided_by().map(|p| (p.policy_name(), p.rule.clone(), p.action.clone())).collect();
+        assert_eq!(
+            by,
+            vec![("CiliumNetworkPolicy default/deny-metrics".into(), "spec.ingressDeny[0]".into(), "audit".into())]
+        );
+        assert!(f.summary.starts_with("audit: passed, but would be denied at the ingress of default/backend"));
+
+        c.endpoint_info.get_mut(&2).unwrap().audit_default_deny_by[0] = vec![FlowPolicy {
+            kind: "NetworkPolicy".into(),
+            namespace: "default".into(),
+            name: "isolate".into(),
+            rule: String::new(),
+            action: "audit".into(),
+        }];
+        let f = to_flow(&audit(reason::DROP_POLICY_DENIED, 0), &c, 0);
+        assert_eq!((f.verdict.as_str(), f.drop_reason_desc.as_deref()), ("AUDIT", Some("POLICY_DENIED")));
+        assert_eq!(f.ingress_denied_by[0].policy_name(), "NetworkPolicy default/isolate");
+        assert!(f.summary.contains("by default deny: NetworkPolicy default/isolate selects it"), "{}", f.summary);
+    }
+
     #[test]
     fn the_buffer_is_bounded_and_tells_what_was_overwritten() {
         let s = FlowStore::new(3);

@@ -623,4 +623,123 @@ spec:
         assert_eq!((p.policy.deletes.len(), p.len()), (2, 4), "{:?}", p.describe());
         assert_eq!(*gone.endpoints[&2], *before.endpoints[&2]);
     }
+
+    fn parse(yaml: &str) -> Vec<palisade_policy::Policy> {
+        parse_manifests(yaml, "t.yaml")
+            .unwrap()
+            .into_iter()
+            .map(|o| match o {
+                ManifestOutcome::Accepted(p) => p,
+                ManifestOutcome::Rejected(e) => panic!("{e}"),
+            })
+            .collect()
+    }
+
+    const ENFORCED: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: backend, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: frontend}}]
+"#;
+
+    const AUDITED: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: trial, namespace: shop, annotations: {palisade.io/audit: "true"}}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingressDeny:
+    - fromEndpoints: [{matchLabels: {app: frontend}}]
+      toPorts: [{ports: [{port: "9090", protocol: TCP}]}]
+  egress:
+    - toEndpoints: [{matchLabels: {app: frontend}}]
+"#;
+
+    fn resolved(
+        policies: &str,
+        mode: super::PolicyMode,
+        labels: &[LabelSet],
+    ) -> std::collections::BTreeMap<u16, Arc<palisade_policy::resolve::EndpointPolicy>> {
+        let mut allocator = IdentityAllocator::new();
+        let endpoints: Vec<LocalEndpoint> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let identity = allocator.allocate(l);
+                endpoint(u16::try_from(i + 1).unwrap(), l.clone(), identity)
+            })
+            .collect();
+        let mut state = ResolverState::new(mode);
+        state.set_policies(Arc::new(parse(policies)));
+        state.set_endpoints(Arc::new(endpoints));
+        state.set_identities(Arc::new(allocator), Arc::default(), Arc::default(), &[]);
+        state.recompute().0.endpoints.clone()
+    }
+
+    /// What is enforced with an audited policy is what is enforced without it; the audit
+    /// view is all policies' resolution, kept only where it differs (the directions the
+    /// datapath looks up twice).
+    #[test]
+    fn an_audited_policy_changes_nothing_enforced_and_is_the_audit_view() {
+        use palisade_policy::Direction;
+        let pods = [pod("frontend", "v1"), pod("backend", "v1")];
+        let mode = super::PolicyMode::default();
+        let without = resolved(ENFORCED, mode, &pods);
+        let with = resolved(&format!("{ENFORCED}---{AUDITED}"), mode, &pods);
+        for id in [1, 2] {
+            assert!(with[&id].same_in(&without[&id], Direction::Ingress), "endpoint {id} ingress");
+            assert!(with[&id].same_in(&without[&id], Direction::Egress), "endpoint {id} egress");
+        }
+        assert!(with[&1].audit.is_none(), "frontend: nothing audited selects it");
+        let view = with[&2].audit.as_ref().expect("backend has an audit view");
+        assert!(view.egress_enforced && !with[&2].egress_enforced, "the audited egress rule would isolate");
+        assert!(view.entries.values().any(|v| v.deny), "the audited deny rule");
+        assert_eq!(with[&2].audited_directions().collect::<Vec<_>>(), vec![Direction::Ingress, Direction::Egress]);
+        // The same policy enforced: what the audit view said.
+        let enforced = resolved(&format!("{ENFORCED}---{}", AUDITED.replace("\"true\"", "\"false\"")), mode, &pods);
+        assert!(enforced[&2].same_in(view, Direction::Ingress) && enforced[&2].same_in(view, Direction::Egress));
+    }
+
+    /// Endpoint audit (agent-wide or by label) enforces nothing and audits everything;
+    /// `always` isolates every endpoint; `never` enforces and audits nothing.
+    #[test]
+    fn endpoint_audit_and_the_enforcement_switch() {
+        use super::{Enforcement, PolicyMode};
+        let labelled = {
+            let labels = BTreeMap::from([
+                ("app".to_owned(), "backend".to_owned()),
+                ("palisade.io/audit".to_owned(), "true".to_owned()),
+            ]);
+            let ns = BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "shop".to_owned())]);
+            LabelSet::for_pod("shop", &ns, &labels, "default", "default")
+        };
+        let pods = [pod("frontend", "v1"), labelled];
+        let by_label = resolved(ENFORCED, PolicyMode::default(), &pods);
+        assert!(!by_label[&2].ingress_enforced && by_label[&2].entries.is_empty(), "the labelled pod enforces nothing");
+        assert!(by_label[&2].audit.as_ref().is_some_and(|v| v.ingress_enforced), "... and audits its policy");
+
+        let plain = [pod("frontend", "v1"), pod("backend", "v1")];
+        let all = resolved(ENFORCED, PolicyMode { audit_all: true, ..PolicyMode::default() }, &plain);
+        assert!(all.values().all(|p| !p.ingress_enforced && !p.egress_enforced));
+        assert!(all[&2].audit.is_some() && all[&1].audit.is_none(), "only what a policy selects has a view");
+
+        let always =
+            resolved(ENFORCED, PolicyMode { enforcement: Enforcement::Always, ..PolicyMode::default() }, &plain);
+        assert!(always.values().all(|p| p.ingress_enforced && p.egress_enforced && p.audit.is_none()));
+        assert!(always[&1].entries.keys().any(|k| k.identity == palisade_common::identity::HOST), "allow-localhost");
+
+        let never = resolved(
+            &format!("{ENFORCED}---{AUDITED}"),
+            PolicyMode { enforcement: Enforcement::Never, audit_all: true },
+            &plain,
+        );
+        assert!(never.values().all(|p| **p == palisade_policy::resolve::EndpointPolicy::default()));
+        assert_eq!(
+            "sometimes".parse::<Enforcement>().unwrap_err(),
+            "--policy-enforcement must be default, always or never, not \"sometimes\""
+        );
+    }
 }
