@@ -484,7 +484,11 @@ async fn run(cli: Cli, negated: Vec<String>) -> Result<(), String> {
                     .iter()
                     .map(|e| {
                         let from = if e.rules.is_empty() { e.policies.join("; ") } else { e.rules.join("; ") };
-                        let action = if e.probed { e.action.clone() } else { format!("{} (NOT PROBED)", e.action) };
+                        let mut action =
+                            if e.probed { e.action.clone() } else { format!("{} (NOT PROBED)", e.action) };
+                        if e.audit_view {
+                            action.push_str(" (audit view)");
+                        }
                         let peer = match e.identity {
                             0 => "any".to_string(),
                             n => format!("{n} {}", short_labels(&e.labels)),
