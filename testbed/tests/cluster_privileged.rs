@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
@@ -21,33 +20,22 @@ fn every_cluster_fixture_passes_with_each_side_judged_on_its_node_privileged() {
     built_agent();
     let files = cluster_fixtures();
     assert!(files.len() >= 2, "{files:?}");
-    let mut args = vec!["run", "--json"];
-    args.extend(files.iter().map(String::as_str));
-    let (pid, out) = run(&args);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
-    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let scenarios = doc["scenarios"].as_array().unwrap();
-    assert_eq!(scenarios.len(), files.len());
+    let (_, probes) = run_expecting_all_pass(&[], &files);
     let mut cross_node = 0;
-    for s in scenarios {
-        for p in s["probes"].as_array().unwrap() {
-            assert_eq!(p["observed"], p["expect"], "{}: {p}", s["name"]);
-            let nodes = &p["nodes"];
-            assert!(nodes.is_object(), "{p}");
-            if p["from"] == "default/frontend" && p["to"] == "default/backend" {
-                assert_eq!(nodes["egress"], "node-a", "{p}");
-                assert_eq!(nodes["ingress"], "node-b", "{p}");
-                cross_node += 1;
-            }
-            if p["from"] == "node:node-a" {
-                // A node is no endpoint: only the destination's node judges.
-                assert_eq!(nodes["egress"], serde_json::Value::Null, "{p}");
-            }
+    for p in &probes {
+        let nodes = &p["nodes"];
+        assert!(nodes.is_object(), "{p}");
+        if p["from"] == "default/frontend" && p["to"] == "default/backend" {
+            assert_eq!(nodes["egress"], "node-a", "{p}");
+            assert_eq!(nodes["ingress"], "node-b", "{p}");
+            cross_node += 1;
+        }
+        if p["from"] == "node:node-a" {
+            // A node is no endpoint: only the destination's node judges.
+            assert_eq!(nodes["egress"], serde_json::Value::Null, "{p}");
         }
     }
     assert!(cross_node >= 6, "{cross_node} frontend -> backend probes");
-    assert_eq!(leftovers(pid), Vec::<String>::new());
 }
 
 #[test]
@@ -85,16 +73,7 @@ fn remote_endpoints_file_and_policy_edits_are_enforced_on_each_node_privileged()
     rt.block_on(async {
         let session = Session::up(&plan, &opts, &names).await.expect("the cluster comes up");
         let probe = |from: &str, to: &str, port: u16| {
-            let raw = palisade_testbed::scenario::RawProbe {
-                from: from.into(),
-                to: to.into(),
-                port: Some(port),
-                protocol: palisade_testbed::scenario::ProbeProtocol::TCP,
-                icmp_type: None,
-                family: None,
-                expect: palisade_testbed::scenario::Expect::Allow,
-            };
-            plan.extra_probe(&raw, 1000).unwrap()
+            tcp_probe(&plan, from, to, port, palisade_testbed::scenario::Expect::Allow)
         };
         let front = probe("default/frontend", "default/backend", 8080);
         assert_eq!(observe(&session, std::slice::from_ref(&front)).await[0].0, Observed::Allow);
@@ -162,15 +141,6 @@ fn remote_endpoints_file_and_policy_edits_are_enforced_on_each_node_privileged()
         session.down().await;
     });
     assert_eq!(leftovers(std::process::id()), Vec::<String>::new());
-}
-
-fn testbed(state_root: &Path, args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env("PALISADE_TESTBED_STATE_DIR", state_root).output().expect("palisade-testbed runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert_eq!(out.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr));
-    text(&out.stdout)
 }
 
 #[test]

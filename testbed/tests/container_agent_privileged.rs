@@ -117,7 +117,7 @@ fn the_containerized_agent_restarts_with_zero_wrong_verdicts_privileged() {
         let stop = Arc::new(AtomicBool::new(false));
         let prober = {
             let stop = stop.clone();
-            std::thread::spawn(move || probe_continuously(client_ns, server, stop, 20_000, Duration::from_mins(5)))
+            std::thread::spawn(move || probe_continuously(client_ns, server, [80, 81], stop, 20_000, Duration::from_mins(5)))
         };
         let mut current_v2 = false;
         for i in 0..RESTARTS {

@@ -30,16 +30,7 @@ const QUIET: Duration = Duration::from_millis(1500);
 /// How long an expected event or answer may take.
 const WAIT: Duration = Duration::from_secs(10);
 
-const POLICY: &str = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: server-ingress, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: server}}
-  ingress:
-    - fromEndpoints: [{matchLabels: {app: client}}]
-      toPorts: [{ports: [{port: "PORT", protocol: TCP}, {port: "5000", protocol: UDP}]}]
-"#;
+const POLICY: &str = include_str!("scenarios/datapath-live-policy.yaml");
 
 fn scenario() -> String {
     let policy: palisade_policy::yaml::Value =

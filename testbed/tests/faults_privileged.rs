@@ -21,32 +21,7 @@ use palisade_testbed::report::Observed;
 use palisade_testbed::scenario::{HostRef, IpFamily, Plan};
 use palisade_testbed::session::{RunNames, RunOptions, Session};
 
-const SCENARIO: &str = r#"
-name: faults
-namespaces: {default: {}}
-pods:
-  - {name: client, namespace: default, labels: {app: client}}
-  - {name: twin, namespace: default, labels: {app: client}}
-  - {name: victim, namespace: default, labels: {app: victim}}
-  - name: server
-    namespace: default
-    labels: {app: server}
-    ports: [{port: 80, protocol: TCP}, {port: 81, protocol: TCP}]
-policies:
-  - apiVersion: cilium.io/v2
-    kind: CiliumNetworkPolicy
-    metadata: {name: server-ingress, namespace: default}
-    spec:
-      endpointSelector: {matchLabels: {app: server}}
-      ingress:
-        - fromEndpoints: [{matchLabels: {app: client}}]
-          toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-probes:
-  - {from: default/client, to: default/server, port: 80, protocol: TCP, expect: allow}
-  - {from: default/client, to: default/server, port: 81, protocol: TCP, expect: deny}
-  - {from: default/twin, to: default/server, port: 80, protocol: TCP, expect: allow}
-  - {from: default/victim, to: default/server, port: 80, protocol: TCP, expect: deny}
-"#;
+const SCENARIO: &str = include_str!("scenarios/faults.yaml");
 
 const ACTORS: [&str; 5] = ["policy_watch", "endpoint_tracker", "identity_cache", "resolver", "map_writer"];
 

@@ -5,21 +5,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
 use palisade_testbed::instance::{InstanceState, ProcRef};
-
-/// Runs `palisade-testbed ARGS...` with the test's own instance directory.
-fn testbed(state_root: &Path, args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env("PALISADE_TESTBED_STATE_DIR", state_root).output().expect("palisade-testbed runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert_eq!(out.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr));
-    text(&out.stdout)
-}
 
 /// Everything of the instance that must be gone after `down`.
 fn left_behind(state: &InstanceState, instance_dir: &Path) -> Vec<String> {

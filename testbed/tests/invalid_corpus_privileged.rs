@@ -31,16 +31,7 @@ const SAMPLE: [&str; 10] = [
 /// must stay in force.
 const SAME_NAME: &str = "port-70000.yaml";
 
-const VALID: &str = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: allow-http, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: server}}
-  ingress:
-    - fromEndpoints: [{matchLabels: {app: client}}]
-      toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-"#;
+const VALID: &str = include_str!("scenarios/invalid-corpus-valid-policy.yaml");
 
 /// The scenario for one bad manifest: client -> server, where only port 80 is allowed.
 fn scenario(file: &str, mut bad: Value) -> Value {

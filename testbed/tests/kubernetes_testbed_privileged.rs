@@ -6,80 +6,14 @@
 //! and the binaries built (`cargo build --bins`).
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-use palisade_testbed::kubeapi::{self, FakeApi};
+use palisade_testbed::kubeapi;
 use palisade_testbed::netns;
 use palisade_testbed::report::Observed;
-use palisade_testbed::scenario::Plan;
 use palisade_testbed::session::{KUBE_NODE, Session};
-use serde_json::{Value, json};
+use serde_json::json;
 
-const SCENARIO: &str = r#"
-name: kubernetes-live
-namespaces:
-  shop: {team: a}
-pods:
-  - {name: client, namespace: shop, labels: {app: client}}
-  - name: server
-    namespace: shop
-    labels: {app: server}
-    ports: [{port: 80, protocol: TCP}, {port: 81, protocol: TCP}]
-  - name: other
-    namespace: shop
-    labels: {app: other}
-    ports: [{port: 80, protocol: TCP}]
-policies:
-  - apiVersion: cilium.io/v2
-    kind: CiliumNetworkPolicy
-    metadata: {name: server-ingress, namespace: shop}
-    spec:
-      endpointSelector: {matchLabels: {app: server}}
-      ingress:
-        - fromEndpoints: [{matchLabels: {app: client}}]
-          toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-probes:
-  - {from: shop/client, to: shop/server, port: 80, protocol: TCP, expect: allow}
-  - {from: shop/client, to: shop/server, port: 81, protocol: TCP, expect: deny}
-  - {from: shop/other, to: shop/server, port: 80, protocol: TCP, expect: deny}
-  - {from: shop/client, to: shop/other, port: 80, protocol: TCP, expect: allow}
-"#;
-
-/// The probes' verdicts, in the scenario's order.
-async fn verdicts(session: &Session, plan: &Plan) -> Vec<Observed> {
-    session.probe_many(&plan.probes).await.into_iter().map(|r| r.observed).collect()
-}
-
-/// Applies `obj` (a policy) through the API and waits until the agent has taken in this
-/// version and realized it.
-async fn apply_policy(session: &Session, api: &FakeApi, obj: Value) {
-    let source = format!(
-        "kube:{}/{}/{}",
-        obj["kind"].as_str().unwrap(),
-        obj["metadata"]["namespace"].as_str().unwrap(),
-        obj["metadata"]["name"].as_str().unwrap()
-    );
-    let before = session.policies().await.unwrap().into_iter().find(|p| p.source == source).map(|p| p.revision);
-    api.upsert(obj);
-    eventually(&format!("{source} taken in"), async || {
-        let now = session.policies().await.ok()?.into_iter().find(|p| p.source == source)?;
-        (Some(now.revision) != before && now.revision != u64::MAX && now.enforced).then_some(())
-    })
-    .await;
-    session.wait_realized().await.unwrap();
-}
-
-/// Deletes a policy through the API and waits until the agent has dropped and realized it.
-async fn delete_policy(session: &Session, api: &FakeApi, kind: &str, key: &str) {
-    let source = format!("kube:{kind}/{key}");
-    api.delete(kind, key);
-    eventually(&format!("{source} gone"), async || {
-        (!session.policies().await.ok()?.iter().any(|p| p.source == source)).then_some(())
-    })
-    .await;
-    session.wait_realized().await.unwrap();
-}
+const SCENARIO: &str = include_str!("scenarios/kubernetes-live.yaml");
 
 /// Waits until the agent has (or has not) an endpoint for `shop/name`, realized.
 async fn endpoint_present(session: &Session, name: &str, present: bool) {
@@ -95,9 +29,7 @@ async fn endpoint_present(session: &Session, name: &str, present: bool) {
 fn policies_and_pods_through_the_api_server_privileged() {
     use Observed::{Allow, Deny};
     palisade_privileged::require_root!();
-    let (plan, names, mut opts) = agent_run(SCENARIO, "kl", &[]);
-    opts.timeout = Duration::from_millis(700);
-    opts.kubernetes = true;
+    let (plan, names, opts) = kube_run(SCENARIO, "kl");
 
     let rt = runtime();
     rt.block_on(async {
@@ -111,24 +43,24 @@ fn policies_and_pods_through_the_api_server_privileged() {
         api.disconnect();
         let mut moved = policy.clone();
         moved["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"] = json!("81");
-        apply_policy(&session, &api, moved).await;
+        kube_apply(&session, &api, moved, true).await;
         assert_eq!(verdicts(&session, &plan).await, [Deny, Allow, Deny, Allow]);
 
         // 3. A Kubernetes NetworkPolicy isolates `other` for ingress (no rules: deny all).
         let knp = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": "other-isolated", "namespace": "shop"},
             "spec": {"podSelector": {"matchLabels": {"app": "other"}}, "policyTypes": ["Ingress"]}});
-        apply_policy(&session, &api, knp).await;
+        kube_apply(&session, &api, knp, true).await;
         assert_eq!(verdicts(&session, &plan).await, [Deny, Allow, Deny, Deny]);
 
         // 4. The CNP deleted: the server is no longer selected, everything reaches it.
-        delete_policy(&session, &api, "CiliumNetworkPolicy", "shop/server-ingress").await;
+        kube_delete(&session, &api, "CiliumNetworkPolicy", "shop/server-ingress").await;
         assert_eq!(verdicts(&session, &plan).await, [Allow, Allow, Allow, Deny]);
 
         // 5. The original CNP back, then the client pod deleted (after a compaction: the
         //    agent's watches resume with 410 Gone and relist). Its address no longer carries
         //    the client's identity, so the server's ingress denies it.
-        apply_policy(&session, &api, policy).await;
+        kube_apply(&session, &api, policy, true).await;
         assert_eq!(verdicts(&session, &plan).await, [Allow, Deny, Deny, Deny]);
         api.compact();
         api.disconnect();

@@ -10,10 +10,10 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use palisade_testbed::report::Observed;
@@ -51,53 +51,15 @@ fn every_cluster_fixture_passes_in_kvstore_mode_privileged() {
     built_agent();
     let files = cluster_fixtures();
     assert!(files.len() >= 2, "{files:?}");
-    let mut args = vec!["run", "--json", "--kvstore"];
-    args.extend(files.iter().map(String::as_str));
-    let (pid, out) = run(&args);
-    let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
-    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let scenarios = doc["scenarios"].as_array().unwrap();
-    assert_eq!(scenarios.len(), files.len());
-    let mut cross_node = 0;
-    for s in scenarios {
-        for p in s["probes"].as_array().unwrap() {
-            assert_eq!(p["observed"], p["expect"], "{}: {p}", s["name"]);
-            if p["nodes"]["egress"].is_string()
-                && p["nodes"]["ingress"].is_string()
-                && p["nodes"]["egress"] != p["nodes"]["ingress"]
-            {
-                cross_node += 1;
-            }
-        }
-    }
+    let (pid, probes) = run_expecting_all_pass(&["--kvstore"], &files);
+    let judged_on_two = |p: &&serde_json::Value| {
+        p["nodes"]["egress"].is_string()
+            && p["nodes"]["ingress"].is_string()
+            && p["nodes"]["egress"] != p["nodes"]["ingress"]
+    };
+    let cross_node = probes.iter().filter(judged_on_two).count();
     assert!(cross_node >= 8, "{cross_node} probes judged on two nodes");
-    assert_eq!(leftovers(pid), Vec::<String>::new());
     assert_eq!(etcd_leftovers(pid), Vec::<String>::new());
-}
-
-/// From the namespace `ns` (frontend's), backend:8080 must connect and backend:9090 must
-/// get no answer, round after round until `stop` (at most 2 minutes); answers the rounds
-/// and what was wrong.
-fn probe_backend_continuously(ns: std::fs::File, backend: IpAddr, stop: Arc<AtomicBool>) -> (usize, Vec<String>) {
-    use palisade_testbed::probe::{self, Attempt};
-    palisade_testbed::netns::run_in(ns, move || {
-        let (mut rounds, mut wrong) = (0, Vec::new());
-        let start = Instant::now();
-        while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_mins(2) {
-            rounds += 1;
-            let allowed = probe::tcp(SocketAddr::new(backend, 8080), Duration::from_secs(1));
-            if !matches!(allowed.attempt, Attempt::Answered) {
-                wrong.push(format!("round {rounds}: 8080 (allowed): {:?}", allowed.attempt));
-            }
-            let denied = probe::tcp(SocketAddr::new(backend, 9090), Duration::from_millis(150));
-            if !matches!(denied.attempt, Attempt::NoAnswer) {
-                wrong.push(format!("round {rounds}: 9090 (denied): {:?}", denied.attempt));
-            }
-        }
-        (rounds, wrong)
-    })
-    .expect("probing runs in frontend's namespace")
 }
 
 /// Every node's cluster identities: labels (sorted, joined) -> number.
@@ -126,18 +88,7 @@ fn identities_agree_across_nodes_and_survive_a_wiped_etcd_a_killed_agent_and_a_n
     rt.block_on(async {
         let mut session = Session::up(&plan, &opts, &names).await.expect("the cluster comes up in kvstore mode");
         assert!(session.etcd().and_then(palisade_testbed::kvstore::TestbedEtcd::pid).is_some());
-        let probe = |from: &str, to: &str, port: u16, expect| {
-            let raw = palisade_testbed::scenario::RawProbe {
-                from: from.into(),
-                to: to.into(),
-                port: Some(port),
-                protocol: palisade_testbed::scenario::ProbeProtocol::TCP,
-                icmp_type: None,
-                family: None,
-                expect,
-            };
-            plan.extra_probe(&raw, 1000).unwrap()
-        };
+        let probe = |from: &str, to: &str, port: u16, expect| tcp_probe(&plan, from, to, port, expect);
         let flows = [
             probe("default/frontend", "default/backend", 8080, Allow),
             probe("default/client-c", "default/backend", 8080, Allow),
@@ -184,7 +135,9 @@ fn identities_agree_across_nodes_and_survive_a_wiped_etcd_a_killed_agent_and_a_n
             let ns = session.topology().pods[0].netns.open().unwrap();
             let backend = IpAddr::V4(plan.pods[2].ipv4.unwrap());
             let stop = stop.clone();
-            std::thread::spawn(move || probe_backend_continuously(ns, backend, stop))
+            std::thread::spawn(move || {
+                probe_continuously(ns, backend, [8080, 9090], stop, 2_000, Duration::from_mins(2))
+            })
         };
         let etcd = session.etcd().unwrap();
         etcd.stop();
@@ -197,9 +150,9 @@ fn identities_agree_across_nodes_and_survive_a_wiped_etcd_a_killed_agent_and_a_n
                 .unwrap_or_else(|e| panic!("after etcd came back: {e}"));
         }
         stop.store(true, Ordering::Relaxed);
-        let (rounds, wrong) = probing.join().unwrap();
-        assert!(rounds >= 10, "{rounds} rounds");
-        assert!(wrong.is_empty(), "{} wrong verdicts in {rounds} rounds: {wrong:?}", wrong.len());
+        let tally = probing.join().unwrap();
+        assert!(tally.rounds >= 10, "{tally}");
+        assert!(tally.wrong.is_empty(), "{tally}: {:?}", tally.wrong);
         check(&session, "after etcd was away").await;
 
         // etcd wiped and restarted empty: every agent publishes again.

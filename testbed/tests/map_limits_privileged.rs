@@ -18,16 +18,7 @@ use palisade_testbed::report::Observed;
 use palisade_testbed::session::Session;
 
 /// A port range 1000-1999: a dozen POLICY entries, more than the map holds.
-const BIG_POLICY: &str = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: server-range, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: server}}
-  ingress:
-    - fromEndpoints: [{matchLabels: {app: client}}]
-      toPorts: [{ports: [{port: "1000", endPort: 1999, protocol: TCP}]}]
-"#;
+const BIG_POLICY: &str = include_str!("scenarios/map-limits-big-policy.yaml");
 
 const WAIT: Duration = Duration::from_secs(20);
 

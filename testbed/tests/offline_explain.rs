@@ -2,8 +2,9 @@
 //! the state an agent would hold for the scenario (the same pods, addresses, entities and
 //! manifests the testbed gives the real agent), must get the verdict the scenario expects.
 //! The privileged runs then check the kernel against the live agent's explain, probe by probe.
-use std::path::Path;
+mod common;
 
+use common::{cluster_fixture, fixture, scenario_files};
 use palisade_cli::offline::scenario_state;
 use palisade_node::explain::explain;
 use palisade_testbed::explain_check;
@@ -11,12 +12,10 @@ use palisade_testbed::scenario::{self, Expect};
 
 #[test]
 fn offline_explain_agrees_with_every_fixture_expectation() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
-    files.sort();
     let mut checked = 0;
     let mut wrong = Vec::new();
-    for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "yaml")) {
+    for file in scenario_files(&fixture("")) {
+        let file = std::path::Path::new(&file);
         let plan = scenario::load(file).unwrap();
         if !plan.agent_args.is_empty() {
             // Agent flags (agent-wide audit, the enforcement switch) are not modelled offline.
@@ -47,7 +46,7 @@ fn offline_explain_agrees_with_every_fixture_expectation() {
 
 #[test]
 fn offline_explain_names_the_rules_and_world_addresses_get_cidr_identities() {
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/seed-allow-frontend-to-backend.yaml");
+    let file = fixture("seed-allow-frontend-to-backend.yaml");
     let plan = scenario::load(&file).unwrap();
     let state = scenario_state(&plan, None).unwrap();
     // The testbed's addresses: the first pod gets 10.200.1.10.
@@ -72,7 +71,7 @@ fn offline_explain_names_the_rules_and_world_addresses_get_cidr_identities() {
     let e = explain(&req("10.200.0.1", "default/backend", 9090), &state.inputs()).unwrap();
     assert_eq!((e.verdict.as_str(), e.from_identity), ("allow", 1));
 
-    let world = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/world-cidr-except.yaml");
+    let world = fixture("world-cidr-except.yaml");
     let plan = scenario::load(&world).unwrap();
     let state = scenario_state(&plan, None).unwrap();
     for p in plan.probes.iter().filter(|p| matches!(p.to, scenario::HostRef::World(_))) {
@@ -84,7 +83,7 @@ fn offline_explain_names_the_rules_and_world_addresses_get_cidr_identities() {
 
 #[test]
 fn a_policy_directory_replaces_the_scenarios_policies() {
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/seed-allow-frontend-to-backend.yaml");
+    let file = fixture("seed-allow-frontend-to-backend.yaml");
     let plan = scenario::load(&file).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -119,12 +118,10 @@ fn a_policy_directory_replaces_the_scenarios_policies() {
 #[test]
 fn offline_explain_of_each_node_agrees_with_the_cluster_fixtures() {
     use palisade_cli::offline::scenario_state_for_node;
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/cluster");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
-    files.sort();
     let mut checked = 0;
     let mut wrong = Vec::new();
-    for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "yaml")) {
+    for file in scenario_files(&cluster_fixture("")) {
+        let file = std::path::Path::new(&file);
         let plan = scenario::load(file).unwrap();
         assert!(plan.is_multi_node(), "{}", file.display());
         let states: Vec<_> = (0..plan.nodes.len()).map(|k| scenario_state_for_node(&plan, k, None).unwrap()).collect();
@@ -149,7 +146,7 @@ fn offline_explain_of_each_node_agrees_with_the_cluster_fixtures() {
 #[test]
 fn offline_explain_shows_the_tier_priority_rule_and_pass_hops() {
     let explain_in = |file: &str, from: &str, to: &str, port: u16| {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios").join(file);
+        let path = fixture(file);
         let plan = scenario::load(&path).unwrap();
         let state = scenario_state(&plan, None).unwrap();
         let req = palisade_api::types::ExplainRequest {
@@ -205,7 +202,7 @@ fn offline_explain_shows_the_tier_priority_rule_and_pass_hops() {
 /// and an enforced direction without a default deny names none.
 #[test]
 fn offline_explain_names_the_policies_behind_a_default_deny() {
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/scenarios/seed-allow-frontend-to-backend.yaml");
+    let file = fixture("seed-allow-frontend-to-backend.yaml");
     let plan = scenario::load(&file).unwrap();
     let state = scenario_state(&plan, None).unwrap();
     let req = |from: &str, to: &str, port| palisade_api::types::ExplainRequest {

@@ -20,42 +20,7 @@ use palisade_testbed::netns;
 use palisade_testbed::report::Observed;
 use palisade_testbed::session::Session;
 
-const SCENARIO: &str = r#"
-name: operator-surface
-namespaces: {default: {}}
-pods:
-  - {name: client, namespace: default, labels: {app: client}}
-  - {name: other, namespace: default, labels: {app: other}}
-  - name: server
-    namespace: default
-    labels: {app: server}
-    ports: [{port: 80, protocol: TCP}, {port: 81, protocol: TCP}]
-  - {name: egress-user, namespace: default, labels: {app: egress-user}}
-policies:
-  - apiVersion: cilium.io/v2
-    kind: CiliumNetworkPolicy
-    metadata: {name: server-ingress, namespace: default}
-    spec:
-      endpointSelector: {matchLabels: {app: server}}
-      ingress:
-        - fromEndpoints: [{matchLabels: {app: client}}]
-          toPorts: [{ports: [{port: "80", protocol: TCP}]}]
-      ingressDeny:
-        - fromEndpoints: [{matchLabels: {app: client}}]
-          toPorts: [{ports: [{port: "81", protocol: TCP}]}]
-  - apiVersion: cilium.io/v2
-    kind: CiliumNetworkPolicy
-    metadata: {name: egress-to-docs, namespace: default}
-    spec:
-      endpointSelector: {matchLabels: {app: egress-user}}
-      egress:
-        - toCIDR: [192.0.2.0/24]
-probes:
-  - {from: default/client, to: default/server, port: 80, protocol: TCP, expect: allow}
-  - {from: default/client, to: default/server, port: 81, protocol: TCP, expect: deny}
-  - {from: default/other, to: default/server, port: 80, protocol: TCP, expect: deny}
-  - {from: entity:host, to: default/server, port: 81, protocol: TCP, expect: allow}
-"#;
+const SCENARIO: &str = include_str!("scenarios/operator-surface.yaml");
 
 fn bin(name: &str) -> PathBuf {
     Path::new(BIN).with_file_name(name)

@@ -12,15 +12,7 @@ use palisade_testbed::probe::{self, Attempt};
 use palisade_testbed::scenario;
 use palisade_testbed::topology::Topology;
 
-const TWO_PODS: &str = r"
-name: two pods
-namespaces: {default: {}}
-pods:
-  - {name: a, namespace: default}
-  - name: b
-    namespace: default
-    ports: [{port: 8080, protocol: TCP}, {port: 5353, protocol: UDP}]
-";
+const TWO_PODS: &str = include_str!("scenarios/two-pods.yaml");
 
 #[test]
 fn probes_answer_get_refused_and_see_loss_privileged() {

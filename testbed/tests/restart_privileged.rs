@@ -69,7 +69,7 @@ fn restarts_keep_enforcing_with_zero_wrong_verdicts_privileged() {
         let stop = Arc::new(AtomicBool::new(false));
         let prober = {
             let stop = stop.clone();
-            std::thread::spawn(move || probe_continuously(client_ns, server, stop, MAX_ROUNDS, MAX_PROBING))
+            std::thread::spawn(move || probe_continuously(client_ns, server, [80, 81], stop, MAX_ROUNDS, MAX_PROBING))
         };
 
         let mut current_v2 = false;

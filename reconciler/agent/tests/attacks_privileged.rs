@@ -23,19 +23,6 @@ use palisade_common::{
 
 const MLDV2_ROUTERS: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x16];
 
-fn pod() -> EndpointInfo {
-    EndpointInfo {
-        endpoint_id: EP_ID.into(),
-        identity: 1000,
-        flags: endpoint_flags::INGRESS_ENFORCED
-            | endpoint_flags::EGRESS_ENFORCED
-            | endpoint_flags::HAS_IPV4
-            | endpoint_flags::HAS_IPV6,
-        ipv4: POD,
-        ipv6: POD6,
-    }
-}
-
 fn setup_with(ep: EndpointInfo) -> Fixture {
     let mut fx = Fixture::new("attack");
     fx.endpoint(LO, ep);
@@ -62,7 +49,7 @@ fn setup_with(ep: EndpointInfo) -> Fixture {
 }
 
 fn setup() -> Fixture {
-    setup_with(pod())
+    setup_with(enforced_pod())
 }
 
 /// Runs `frame` and checks verdict, counter and event: `want` is the one reason counted; a
@@ -125,7 +112,7 @@ fn attack_double_vlan_8021ad_8021q_is_dropped() {
 fn attack_vlan_tags_bypass_even_unenforced_pods_antispoofing() {
     // No policy selects the pod: it may send anything from its own address, but a tagged
     // frame is outside the grammar whatever the policy.
-    let mut ep = pod();
+    let mut ep = enforced_pod();
     ep.flags &= !(endpoint_flags::INGRESS_ENFORCED | endpoint_flags::EGRESS_ENFORCED);
     let mut fx = setup_with(ep);
     let inner = ipv4_packet(OTHER, PEER, proto::TCP, &[], 0, 1, &tcp(1, 8080, SYN));
@@ -233,7 +220,7 @@ fn attack_ipv4_protocol_58_is_not_icmpv6() {
 fn attack_icmpv6_error_the_pod_emits_opens_no_flow() {
     // Egress unenforced: the pod may send its error. Then an echo reply with identifier 0
     // (the ports of the error's tuple) must not pass as its "reply".
-    let mut ep = pod();
+    let mut ep = enforced_pod();
     ep.flags &= !endpoint_flags::EGRESS_ENFORCED;
     let mut fx = setup_with(ep);
     let provoking = ipv6(PEER6, POD6, proto::UDP, &udp(7, 9, b"x"));

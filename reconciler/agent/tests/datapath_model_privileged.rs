@@ -22,7 +22,7 @@ use std::fmt::Write as _;
 
 use frames::*;
 use palisade_agent::datapath::Hook;
-use palisade_common::{EndpointInfo, direction, endpoint_flags, identity, ipcache_flags, proto, reason};
+use palisade_common::{EndpointInfo, direction, identity, ipcache_flags, proto, reason};
 
 const CIDR_HOST: [u8; 4] = [192, 0, 2, 9];
 const CIDR_ID: u32 = identity::LOCAL_SCOPE | 1;
@@ -68,19 +68,6 @@ fn rules() -> Vec<Rule> {
     ]
 }
 
-fn pod_endpoint() -> EndpointInfo {
-    EndpointInfo {
-        endpoint_id: EP_ID.into(),
-        identity: 1000,
-        flags: endpoint_flags::INGRESS_ENFORCED
-            | endpoint_flags::EGRESS_ENFORCED
-            | endpoint_flags::HAS_IPV4
-            | endpoint_flags::HAS_IPV6,
-        ipv4: POD,
-        ipv6: POD6,
-    }
-}
-
 fn hosts4() -> Vec<([u8; 4], u32, u32)> {
     let l = ipcache_flags::LOCAL_ENDPOINT;
     vec![(POD, 1000, l), (PEER, PEER_ID, 0), (OTHER, OTHER_ID, l), (NODE, identity::HOST, 0)]
@@ -93,7 +80,7 @@ fn hosts6() -> Vec<([u8; 16], u32, u32)> {
 
 fn load_fixture() -> Fixture {
     let mut fx = Fixture::new("model");
-    fx.endpoint(LO, pod_endpoint());
+    fx.endpoint(LO, enforced_pod());
     fx.endpoint(OTHER_IF, EndpointInfo { endpoint_id: 11, identity: OTHER_ID, flags: 0, ipv4: OTHER, ipv6: OTHER6 });
     for (a, id, f) in hosts4() {
         fx.host4(a, id, f);

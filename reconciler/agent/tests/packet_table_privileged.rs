@@ -18,207 +18,50 @@
 //! | egress    | PEER (300)     | allow TCP/8080               |
 //! | egress    | CIDR 192.0.2.0/24 | allow UDP/123             |
 mod common;
-use common::PinDir;
+#[path = "common/frames.rs"]
+mod frames;
 
 use std::fmt::Write as _;
 
-use aya::maps::lpm_trie::Key;
-use palisade_agent::datapath::{Datapath, EventReader, Hook, MapSet, TestRunOutcome};
-use palisade_common::{
-    EndpointInfo, IpcacheValue, Ipv4Prefix, Ipv6Prefix, POLICY_PREFIX_FULL, PolicyKey, PolicyValue, VerdictEvent,
-    direction, endpoint_flags, identity, policy_flags, proto, reason,
-};
+use frames::*;
+use palisade_agent::datapath::Hook;
+use palisade_common::{direction, identity, proto, reason};
 
-const LO: u32 = 1;
-const EP_ID: u16 = 10;
-const POD: [u8; 4] = [10, 0, 0, 2];
-const PEER: [u8; 4] = [10, 0, 0, 1];
-const PEER_ID: u32 = 300;
+/// Not in the ipcache: the world.
 const WORLD: [u8; 4] = [8, 8, 8, 8];
 const CIDR_HOST: [u8; 4] = [192, 0, 2, 9];
 const CIDR_ID: u32 = identity::LOCAL_SCOPE | 1;
-const POD6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-const PEER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const OTHER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
-const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
-const FIN: u8 = 0x01;
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
 const PSH: u8 = 0x08;
-const ACK: u8 = 0x10;
-
-const NEXTHDR_HOP: u8 = 0;
-const NEXTHDR_ROUTING: u8 = 43;
-const NEXTHDR_FRAGMENT: u8 = 44;
-const NEXTHDR_DEST: u8 = 60;
 
 // ---------------------------------------------------------------------------------------
 // Fixture
 
-/// What one packet did.
-struct Observed {
-    /// The program's action.
-    out: TestRunOutcome,
-    /// The (reason, direction) counter slots that moved.
-    moved: Vec<(u8, u8)>,
-    /// The reasons of the verdict events it sent.
-    events: Vec<u8>,
-}
+/// The endpoint and the rules of the module's table, on a freshly loaded datapath.
+fn fixture() -> Fixture {
+    let mut fx = Fixture::new("table");
+    fx.endpoint(LO, enforced_pod());
+    // Host entries where the agent puts them; the CIDR in the trie.
+    fx.host4(PEER, PEER_ID, 0);
+    fx.host4(POD, 1000, 0);
+    fx.host6(PEER6, PEER_ID, 0);
+    fx.prefix4([192, 0, 2, 0], 24, CIDR_ID);
 
-struct Fixture {
-    dp: Datapath,
-    maps: MapSet,
-    events: EventReader,
-    _pins: PinDir,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let pins = PinDir::new("table");
-        let mut dp = Datapath::load(&pins.config()).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
-        let maps = dp.take_maps().expect("maps");
-        let events = dp.take_events().expect("events");
-        let mut fx = Fixture { dp, maps, events, _pins: pins };
-        fx.setup();
-        fx
+    let (ingress, egress) = (direction::INGRESS, direction::EGRESS);
+    for (p, port) in [(proto::TCP, 80), (proto::TCP, 443), (proto::UDP, 53), (proto::SCTP, 3868)] {
+        fx.rule(EP_ID, ingress, PEER_ID, p, Some(port), false);
     }
-
-    fn setup(&mut self) {
-        let ep = EndpointInfo {
-            endpoint_id: EP_ID.into(),
-            identity: 1000,
-            flags: endpoint_flags::INGRESS_ENFORCED
-                | endpoint_flags::EGRESS_ENFORCED
-                | endpoint_flags::HAS_IPV4
-                | endpoint_flags::HAS_IPV6,
-            ipv4: POD,
-            ipv6: POD6,
-        };
-        self.maps.endpoints.insert(LO, ep, 0).expect("endpoint");
-        let v = |identity| IpcacheValue { identity, flags: 0 };
-        // Host entries where the agent puts them; the CIDR in the trie.
-        self.maps.ipcache_host_v4.insert(Ipv4Prefix { addr: PEER }, v(PEER_ID), 0).expect("ipcache");
-        self.maps.ipcache_host_v4.insert(Ipv4Prefix { addr: POD }, v(1000), 0).expect("ipcache");
-        self.maps.ipcache_host_v6.insert(Ipv6Prefix { addr: PEER6 }, v(PEER_ID), 0).expect("ipcache");
-        let cidr = Key::new(24, Ipv4Prefix { addr: [192, 0, 2, 0] });
-        self.maps.ipcache_v4.insert(&cidr, v(CIDR_ID), 0).expect("ipcache");
-
-        let ingress = direction::INGRESS;
-        for (p, port) in [(proto::TCP, 80), (proto::TCP, 443), (proto::UDP, 53), (proto::SCTP, 3868)] {
-            self.rule(ingress, PEER_ID, p, port, false);
-        }
-        self.rule(ingress, PEER_ID, proto::ICMP, 8, false);
-        self.rule(ingress, PEER_ID, proto::ICMPV6, 128, false);
-        self.rule(ingress, PEER_ID, proto::TCP, 22, true);
-        self.rule(ingress, identity::ANY, proto::TCP, 8443, false);
-        self.rule(direction::EGRESS, PEER_ID, proto::TCP, 8080, false);
-        self.rule(direction::EGRESS, CIDR_ID, proto::UDP, 123, false);
-    }
-
-    fn rule(&mut self, dir: u8, peer: u32, protocol: u8, port: u16, deny: bool) {
-        let key = PolicyKey::new(EP_ID, dir, peer, protocol, port);
-        let value =
-            PolicyValue { flags: if deny { policy_flags::DENY } else { 0 }, cookie: 1, prefix_len: POLICY_PREFIX_FULL };
-        self.maps.insert_policy(POLICY_PREFIX_FULL, key, value).expect("policy");
-    }
-
-    /// Runs `frame` once.
-    fn observe(&mut self, hook: Hook, frame: &[u8]) -> Result<Observed, String> {
-        let before = self.maps.sum_counters().expect("counters");
-        let out = self.dp.test_run(hook, frame, None).map_err(|e| format!("BPF_PROG_TEST_RUN refused it: {e}"))?;
-        let after = self.maps.sum_counters().expect("counters");
-        let moved = after
-            .nonzero()
-            .filter(|(r, d, c)| c.packets != before.get(*r, *d).packets)
-            .map(|(r, d, _)| (r, d))
-            .collect();
-        let mut evs: Vec<VerdictEvent> = Vec::new();
-        self.events.drain(&mut evs);
-        Ok(Observed { out, moved, events: evs.iter().map(|e| e.reason).collect() })
-    }
+    fx.rule(EP_ID, ingress, PEER_ID, proto::ICMP, Some(8), false);
+    fx.rule(EP_ID, ingress, PEER_ID, proto::ICMPV6, Some(128), false);
+    fx.rule(EP_ID, ingress, PEER_ID, proto::TCP, Some(22), true);
+    fx.rule(EP_ID, ingress, identity::ANY, proto::TCP, Some(8443), false);
+    fx.rule(EP_ID, egress, PEER_ID, proto::TCP, Some(8080), false);
+    fx.rule(EP_ID, egress, CIDR_ID, proto::UDP, Some(123), false);
+    fx
 }
 
 // ---------------------------------------------------------------------------------------
 // Frames
-
-fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// An IPv4 packet with `options` (a multiple of 4 bytes) and fragment field `frag`
-/// (0x2000 = more fragments, low 13 bits = offset in 8-byte units).
-fn ipv4_full(src: [u8; 4], dst: [u8; 4], protocol: u8, options: &[u8], frag: u16, id: u16, l4: &[u8]) -> Vec<u8> {
-    let ihl = 5 + options.len() / 4;
-    let total = (ihl * 4 + l4.len()) as u16;
-    let mut h = vec![0x40 | ihl as u8, 0];
-    h.extend_from_slice(&total.to_be_bytes());
-    h.extend_from_slice(&id.to_be_bytes());
-    h.extend_from_slice(&frag.to_be_bytes());
-    h.extend_from_slice(&[64, protocol, 0, 0]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    h.extend_from_slice(options);
-    h.extend_from_slice(l4);
-    ethernet(0x0800, &h)
-}
-
-fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, l4: &[u8]) -> Vec<u8> {
-    ipv4_full(src, dst, protocol, &[], 0, 0x1234, l4)
-}
-
-fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
-    ipv6_hl(64, src, dst, next, payload)
-}
-
-/// [`ipv6`] with hop limit `hl` (neighbour discovery needs 255, listener discovery 1).
-fn ipv6_hl(hl: u8, src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
-    let mut p = vec![0x60, 0, 0, 0];
-    p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    p.extend_from_slice(&[next, hl]);
-    p.extend_from_slice(&src);
-    p.extend_from_slice(&dst);
-    p.extend_from_slice(payload);
-    ethernet(0x86dd, &p)
-}
-
-/// An IPv6 extension header (hop-by-hop, routing, destination options) of 8 bytes.
-fn ext(next: u8, rest: &[u8]) -> Vec<u8> {
-    let mut e = vec![next, 0, 1, 4, 0, 0, 0, 0];
-    e.extend_from_slice(rest);
-    e
-}
-
-/// An IPv6 fragment header: `offset` in 8-byte units, `more` fragments flag.
-fn frag6(next: u8, offset: u16, more: bool, id: u32, rest: &[u8]) -> Vec<u8> {
-    let mut f = vec![next, 0];
-    f.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
-    f.extend_from_slice(&id.to_be_bytes());
-    f.extend_from_slice(rest);
-    f
-}
-
-fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut t = Vec::new();
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    t
-}
-
-fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = Vec::new();
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(payload);
-    u
-}
 
 fn sctp(sport: u16, dport: u16) -> Vec<u8> {
     let mut s = Vec::new();
@@ -226,20 +69,6 @@ fn sctp(sport: u16, dport: u16) -> Vec<u8> {
     s.extend_from_slice(&dport.to_be_bytes());
     s.extend_from_slice(&[0u8; 8]);
     s
-}
-
-fn icmp(ty: u8, code: u8, id: u16) -> Vec<u8> {
-    let mut i = vec![ty, code, 0, 0];
-    i.extend_from_slice(&id.to_be_bytes());
-    i.extend_from_slice(&[0, 1]);
-    i
-}
-
-/// An ICMP error (type 3 code 3) quoting an IPv4 UDP or TCP packet's first 28 bytes.
-fn icmp_error_quoting(quoted_frame: &[u8]) -> Vec<u8> {
-    let mut e = icmp(3, 3, 0);
-    e.extend_from_slice(&quoted_frame[14..14 + 28]);
-    e
 }
 
 fn truncated(mut frame: Vec<u8>, len: usize) -> Vec<u8> {
@@ -491,7 +320,7 @@ fn rows() -> Vec<Row> {
         row(
             "v4 icmp port unreachable quoting it",
             IN,
-            ipv4(PEER, POD, proto::ICMP, &icmp_error_quoting(&egress_tcp)),
+            ipv4(PEER, POD, proto::ICMP, &icmp_error_quoting(3, 3, &egress_tcp)),
             Pass,
             ALLOWED_REPLY,
         ),
@@ -499,7 +328,7 @@ fn rows() -> Vec<Row> {
         row(
             "v4 icmp unreachable quoting an unknown flow",
             IN,
-            ipv4(PEER, POD, proto::ICMP, &icmp_error_quoting(&unknown_quote)),
+            ipv4(PEER, POD, proto::ICMP, &icmp_error_quoting(3, 3, &unknown_quote)),
             Drop,
             DROP_POLICY_DENIED,
         ),
@@ -861,7 +690,7 @@ fn rows() -> Vec<Row> {
 
 #[test]
 fn crafted_packets_get_their_verdict_and_reason() {
-    let mut fx = Fixture::new();
+    let mut fx = fixture();
     let rows = rows();
     assert!(rows.len() >= 40, "the table has {} rows", rows.len());
     let mut report = String::new();
@@ -869,9 +698,10 @@ fn crafted_packets_get_their_verdict_and_reason() {
     for (i, r) in rows.iter().enumerate() {
         let dir = if r.hook == Hook::FromPod { direction::EGRESS } else { direction::INGRESS };
         let mut problems = Vec::new();
-        match fx.observe(r.hook, &r.frame) {
+        match fx.try_observe_from(r.hook, &r.frame, 0) {
             Err(e) => problems.push(e),
             Ok(Observed { out, moved, events }) => {
+                let events: Vec<u8> = events.iter().map(|e| e.reason).collect();
                 let got_verdict = if out.dropped() { Verdict::Drop } else { Verdict::Pass };
                 if got_verdict != r.verdict {
                     problems.push(format!("verdict {got_verdict:?} (action {})", out.action));

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use palisade_testbed::kubeapi::FakeApi;
 use palisade_testbed::report::Observed;
 use palisade_testbed::scenario::{self, Plan, PlanProbe};
 use palisade_testbed::session::{RunNames, RunOptions, Session};
@@ -24,15 +25,45 @@ pub fn cluster_fixture(name: &str) -> PathBuf {
 
 /// Every scenario in `fixtures/cluster`, sorted.
 pub fn cluster_fixtures() -> Vec<String> {
-    let mut files: Vec<String> = std::fs::read_dir(cluster_fixture(""))
+    scenario_files(&cluster_fixture(""))
+}
+
+/// Every scenario file (`.yaml`, `.yml`) in `dir`, sorted; fails the test when there is none.
+pub fn scenario_files(dir: &Path) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .map(|p| p.to_str().unwrap().to_string())
         .collect();
     files.sort();
+    assert!(!files.is_empty(), "no scenarios in {}", dir.display());
     files
+}
+
+/// Runs `palisade-testbed run --json ARGS... FILES...` and checks what every run of the
+/// suite must give: exit 0, one report per file, every probe observed as expected, nothing
+/// of the run left behind. Returns the run's PID and every probe's report.
+pub fn run_expecting_all_pass(args: &[&str], files: &[String]) -> (u32, Vec<serde_json::Value>) {
+    let mut all = vec!["run", "--json"];
+    all.extend_from_slice(args);
+    all.extend(files.iter().map(String::as_str));
+    let (pid, out) = run(&all);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let scenarios = doc["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), files.len());
+    let mut probes = Vec::new();
+    for s in scenarios {
+        for p in s["probes"].as_array().unwrap() {
+            assert_eq!(p["observed"], p["expect"], "{}: {p}", s["name"]);
+            probes.push(p.clone());
+        }
+    }
+    assert_eq!(leftovers(pid), Vec::<String>::new());
+    (pid, probes)
 }
 
 pub fn agent_binary() -> PathBuf {
@@ -106,6 +137,30 @@ pub fn agent_run(scenario: &str, tag: &str, agent_args: &[&str]) -> (Plan, RunNa
     (plan, names, opts)
 }
 
+/// [`agent_run`] in Kubernetes mode: the testbed's API server feeds the agent; a probe
+/// timeout of 700 ms.
+pub fn kube_run(scenario: &str, tag: &str) -> (Plan, RunNames, RunOptions) {
+    let (plan, names, mut opts) = agent_run(scenario, tag, &[]);
+    opts.timeout = Duration::from_millis(700);
+    opts.kubernetes = true;
+    (plan, names, opts)
+}
+
+/// A TCP probe `from` -> `to`:`port` that is not in the scenario (named as in a scenario's
+/// `probes:`), expecting `expect`.
+pub fn tcp_probe(plan: &Plan, from: &str, to: &str, port: u16, expect: scenario::Expect) -> PlanProbe {
+    let raw = scenario::RawProbe {
+        from: from.into(),
+        to: to.into(),
+        port: Some(port),
+        protocol: scenario::ProbeProtocol::TCP,
+        icmp_type: None,
+        family: None,
+        expect,
+    };
+    plan.extra_probe(&raw, 1000).unwrap()
+}
+
 /// The runtime the tests drive a session on.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a tokio runtime")
@@ -120,6 +175,57 @@ pub async fn observe(session: &Session, probes: &[PlanProbe]) -> Vec<(Observed, 
         .into_iter()
         .map(|r| (r.observed, format!("{} -> {} {:?}/{}: {:?}", r.from, r.to, r.port, r.protocol, r.detail)))
         .collect()
+}
+
+/// The probes' verdicts, in the plan's order.
+pub async fn verdicts(session: &Session, plan: &Plan) -> Vec<Observed> {
+    session.probe_many(&plan.probes).await.into_iter().map(|r| r.observed).collect()
+}
+
+/// The agent's source name of a Kubernetes object: `kube:KIND/NAMESPACE/NAME`, or
+/// `kube:KIND/NAME` for a cluster-scoped one.
+pub fn kube_source(obj: &serde_json::Value) -> String {
+    let kind = obj["kind"].as_str().unwrap();
+    let name = obj["metadata"]["name"].as_str().unwrap();
+    match obj["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("kube:{kind}/{ns}/{name}"),
+        None => format!("kube:{kind}/{name}"),
+    }
+}
+
+/// Applies a policy through the test API server; waits until the agent took in this
+/// version (`accepted`: enforced at a new revision; else: an error recorded) and realized it.
+pub async fn kube_apply(session: &Session, api: &FakeApi, obj: serde_json::Value, accepted: bool) {
+    let source = kube_source(&obj);
+    let before = session.policies().await.unwrap().into_iter().find(|p| p.source == source);
+    let (rev_before, err_before) = (before.as_ref().map(|p| p.revision), before.is_some_and(|p| p.error.is_some()));
+    api.upsert(obj);
+    eventually(&format!("{source} taken in"), async || {
+        let now = session.policies().await.ok()?.into_iter().find(|p| p.source == source)?;
+        let done = if accepted {
+            (Some(now.revision) != rev_before || err_before)
+                && now.revision != u64::MAX
+                && now.enforced
+                && now.error.is_none()
+        } else {
+            now.error.is_some()
+        };
+        done.then_some(())
+    })
+    .await;
+    session.wait_realized().await.unwrap();
+}
+
+/// Deletes a policy (`key`: `NAMESPACE/NAME`, or `NAME` when cluster-scoped) through the
+/// test API server; waits until the agent has dropped it and realized that.
+pub async fn kube_delete(session: &Session, api: &FakeApi, kind: &str, key: &str) {
+    let source = format!("kube:{kind}/{key}");
+    api.delete(kind, key);
+    eventually(&format!("{source} gone"), async || {
+        (!session.policies().await.ok()?.iter().any(|p| p.source == source)).then_some(())
+    })
+    .await;
+    session.wait_realized().await.unwrap();
 }
 
 /// Polls `f` (every 50 ms, at most 30 s) until it answers; fails the test naming `what`
@@ -170,6 +276,27 @@ pub fn leftovers(pid: u32) -> Vec<String> {
     left
 }
 
+/// Runs `palisade-testbed ARGS...` with its own instance directory under `state_root`
+/// (as a developer's separate shell commands would: `up`, `probe`, `down`).
+pub fn testbed(state_root: &Path, args: &[&str]) -> Output {
+    Command::new(BIN).args(args).env("PALISADE_TESTBED_STATE_DIR", state_root).output().expect("palisade-testbed runs")
+}
+
+/// `out`'s standard output, after checking that it exited 0.
+pub fn ok(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// Takes the instance under the state root down when dropped (also when the test fails).
+pub struct Down<'a>(pub &'a Path);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = testbed(self.0, &["down"]);
+    }
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -196,11 +323,12 @@ impl std::fmt::Display for Tally {
     }
 }
 
-/// Probes server:80 (must connect) and server:81 (must get no answer) from the namespace
-/// `ns` until `stop`, at most `max_rounds` rounds and `max_time`.
+/// Probes `server:allowed` (must connect) and `server:denied` (must get no answer) from
+/// the namespace `ns` until `stop`, at most `max_rounds` rounds and `max_time`.
 pub fn probe_continuously(
     ns: std::fs::File,
     server: std::net::IpAddr,
+    [allowed_port, denied_port]: [u16; 2],
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     max_rounds: usize,
     max_time: std::time::Duration,
@@ -214,15 +342,15 @@ pub fn probe_continuously(
         let start = Instant::now();
         while !stop.load(Ordering::Relaxed) && t.rounds < max_rounds && start.elapsed() < max_time {
             t.rounds += 1;
-            let allowed = probe::tcp(SocketAddr::new(server, 80), Duration::from_secs(1));
+            let allowed = probe::tcp(SocketAddr::new(server, allowed_port), Duration::from_secs(1));
             match allowed.attempt {
                 Attempt::Answered => t.allowed_ok += 1,
-                other => t.wrong.push(format!("round {}: port 80 (allowed): {other:?}", t.rounds)),
+                other => t.wrong.push(format!("round {}: port {allowed_port} (allowed): {other:?}", t.rounds)),
             }
-            let denied = probe::tcp(SocketAddr::new(server, 81), Duration::from_millis(150));
+            let denied = probe::tcp(SocketAddr::new(server, denied_port), Duration::from_millis(150));
             match denied.attempt {
                 Attempt::NoAnswer => t.denied_ok += 1,
-                other => t.wrong.push(format!("round {}: port 81 (denied): {other:?}", t.rounds)),
+                other => t.wrong.push(format!("round {}: port {denied_port} (denied): {other:?}", t.rounds)),
             }
         }
         t

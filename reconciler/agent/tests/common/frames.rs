@@ -6,7 +6,7 @@ use aya::maps::lpm_trie::Key;
 use palisade_agent::datapath::{Datapath, EventReader, Hook, MapSet, TestRunOutcome};
 use palisade_common::{
     EndpointInfo, IpcacheValue, Ipv4Prefix, Ipv6Prefix, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PolicyKey,
-    PolicyValue, VerdictEvent, direction, policy_flags,
+    PolicyValue, VerdictEvent, direction, endpoint_flags, policy_flags,
 };
 
 use crate::common::PinDir;
@@ -175,6 +175,21 @@ pub fn v4(a: [u8; 4]) -> [u8; 16] {
 // ---------------------------------------------------------------------------------------
 // Fixture
 
+/// The endpoint most cases run on: enforced both ways (default deny), dual-stack, at
+/// `POD`/`POD6` with identity 1000.
+pub fn enforced_pod() -> EndpointInfo {
+    EndpointInfo {
+        endpoint_id: EP_ID.into(),
+        identity: 1000,
+        flags: endpoint_flags::INGRESS_ENFORCED
+            | endpoint_flags::EGRESS_ENFORCED
+            | endpoint_flags::HAS_IPV4
+            | endpoint_flags::HAS_IPV6,
+        ipv4: POD,
+        ipv6: POD6,
+    }
+}
+
 /// What one packet did.
 #[derive(Debug)]
 pub struct Observed {
@@ -250,18 +265,25 @@ impl Fixture {
     /// Runs `frame` as if it had entered the node on `ingress_ifindex` (0: from the node) and
     /// reports what it did.
     pub fn observe_from(&mut self, hook: Hook, frame: &[u8], ingress_ifindex: u32) -> Observed {
+        self.try_observe_from(hook, frame, ingress_ifindex).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Fixture::observe_from`], with `BPF_PROG_TEST_RUN` refusing the frame as an error.
+    pub fn try_observe_from(&mut self, hook: Hook, frame: &[u8], ingress_ifindex: u32) -> Result<Observed, String> {
         let _ = self.drain_events();
         let before = self.maps.sum_counters().expect("counters");
-        let out = self.dp.test_run_from(hook, frame, ingress_ifindex).expect("test run");
+        let out = self
+            .dp
+            .test_run_from(hook, frame, ingress_ifindex)
+            .map_err(|e| format!("BPF_PROG_TEST_RUN refused it: {e}"))?;
         let after = self.maps.sum_counters().expect("counters");
-        let mut moved = Vec::new();
-        for (r, d, c) in after.nonzero() {
-            if c.packets != before.get(r, d).packets {
-                moved.push((r, d));
-            }
-        }
+        let moved = after
+            .nonzero()
+            .filter(|(r, d, c)| c.packets != before.get(*r, *d).packets)
+            .map(|(r, d, _)| (r, d))
+            .collect();
         let events = self.drain_events();
-        Observed { out, moved, events }
+        Ok(Observed { out, moved, events })
     }
 
     pub fn observe(&mut self, hook: Hook, frame: &[u8]) -> Observed {
