@@ -18,10 +18,6 @@ use palisade_testbed::instance::InstanceState;
 
 const SCENARIO: &str = "audit-policy-annotation.yaml";
 
-fn testbed(state_root: &Path, args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env("PALISADE_TESTBED_STATE_DIR", state_root).output().expect("palisade-testbed runs")
-}
-
 fn palisade(socket: &Path, args: &[&str]) -> Output {
     Command::new(Path::new(BIN).with_file_name("palisade"))
         .arg("--socket")
@@ -29,20 +25,6 @@ fn palisade(socket: &Path, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("palisade runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert_eq!(out.status.code(), Some(0), "stdout:\n{}\nstderr:\n{}", text(&out.stdout), text(&out.stderr));
-    text(&out.stdout)
-}
-
-/// Takes the instance down when the test ends, also on failure.
-struct Down<'a>(&'a Path);
-
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = testbed(self.0, &["down"]);
-    }
 }
 
 fn scenario() -> Value {

@@ -484,8 +484,7 @@ async fn run(cli: Cli, negated: Vec<String>) -> Result<(), String> {
                     .iter()
                     .map(|e| {
                         let from = if e.rules.is_empty() { e.policies.join("; ") } else { e.rules.join("; ") };
-                        let mut action =
-                            if e.probed { e.action.clone() } else { format!("{} (NOT PROBED)", e.action) };
+                        let mut action = if e.probed { e.action.clone() } else { format!("{} (NOT PROBED)", e.action) };
                         if e.audit_view {
                             action.push_str(" (audit view)");
                         }

@@ -635,7 +635,7 @@ spec:
             .collect()
     }
 
-    const ENFORCED: &str = r#"
+    const ENFORCED: &str = r"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: backend, namespace: shop}
@@ -643,7 +643,7 @@ spec:
   endpointSelector: {matchLabels: {app: backend}}
   ingress:
     - fromEndpoints: [{matchLabels: {app: frontend}}]
-"#;
+";
 
     const AUDITED: &str = r#"
 apiVersion: cilium.io/v2

@@ -67,6 +67,7 @@ pub struct EndpointPolicy {
     pub audit: Option<Arc<EndpointPolicy>>,
 }
 
+#[expect(clippy::ref_option, reason = "the signature serde's `serialize_with` calls")]
 fn audit_view<S: Serializer>(view: &Option<Arc<EndpointPolicy>>, s: S) -> Result<S::Ok, S::Error> {
     match view {
         Some(v) => s.serialize_some(v.as_ref()),
