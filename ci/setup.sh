@@ -18,16 +18,23 @@ fi
 # Debian packages: iproute2 (`ip`, which the CNI test reads the plugin's work back with, and
 # for people poking at a testbed), iptables/nftables (benchmark baselines),
 # tcpdump is not needed: captures are done by the testbed itself.
-need_pkgs=()
-for p in iproute2 iptables nftables procps; do
-  dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
-done
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  say "installing Debian packages: ${need_pkgs[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-fi
+# install_missing WHAT PACKAGE...: installs those of the Debian packages that are neither
+# installed (dpkg) nor on PATH by their command's name (nodejs: node), saying what for.
+install_missing() {
+  local what=$1 p
+  shift
+  local missing=()
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || command -v "${p/nodejs/node}" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages$what: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+install_missing "" iproute2 iptables nftables procps
 
 # A Docker engine for the containerized-agent test (the test starts its own dockerd, with
 # its own state folders and without touching the machine's firewall, and stops it).
@@ -43,15 +50,18 @@ fi
 # etcd for the kvstore mode (the testbed and the tests start their own, on 127.0.0.1 or inside
 # the testbed; the package starts none here: no systemd), and protoc with the well-known
 # .proto files, which the etcd client crate's build script compiles its gRPC API with.
-kv_pkgs=()
-for p in etcd-server etcd-client protobuf-compiler libprotobuf-dev; do
-  dpkg -s "$p" >/dev/null 2>&1 || kv_pkgs+=("$p")
-done
-if [ ${#kv_pkgs[@]} -gt 0 ]; then
-  say "installing Debian packages for the kvstore mode: ${kv_pkgs[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${kv_pkgs[@]}" >/dev/null
+install_missing " for the kvstore mode" etcd-server etcd-client protobuf-compiler libprotobuf-dev
+
+# The browser test of `palisade ui` (testbed/tests/ui_privileged.rs): Debian's Chromium,
+# driven headless by playwright-core (npm, pinned by testbed/tests/browser/package-lock.json,
+# installed into that folder; it downloads no browser: it is given /usr/bin/chromium).
+install_missing " for the browser test" chromium nodejs npm
+BROWSER_DIR="$(cd "$(dirname "$0")/.." && pwd)/testbed/tests/browser"
+PW_WANT=$(sed -n 's/.*"playwright-core": *"\([^"]*\)".*/\1/p' "$BROWSER_DIR/package.json")
+PW_HAVE=$(sed -n 's/^  "version": *"\([^"]*\)".*/\1/p' "$BROWSER_DIR/node_modules/playwright-core/package.json" 2>/dev/null || true)
+if [ "$PW_HAVE" != "$PW_WANT" ]; then
+  say "installing playwright-core $PW_WANT into $BROWSER_DIR (npm ci)"
+  (cd "$BROWSER_DIR" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
 if ! rustup component list --installed 2>/dev/null | grep -q '^rust-src'; then

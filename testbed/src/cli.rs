@@ -151,6 +151,11 @@ pub struct RunArgs {
     /// shared through it instead of the remote endpoints files. See docs/cluster.md.
     #[arg(long, conflicts_with = "kubernetes")]
     pub kvstore: bool,
+    /// Print, per probe, the flow records the agents emitted for it; the "decided by"
+    /// column comes from them, and a record that disagrees with the verdict events fails
+    /// the probe.
+    #[arg(long, conflicts_with = "no_agent")]
+    pub flows: bool,
     /// Debug the testbed's own plumbing: no agent, no policies, every probe must connect.
     #[arg(long, hide = true)]
     pub no_agent: bool,
@@ -326,6 +331,7 @@ fn run_inner(args: &RunArgs, reports: &mut Vec<ScenarioReport>) -> u8 {
         kubernetes: args.kubernetes,
         cni: None,
         kvstore: args.kvstore,
+        flows: args.flows,
     };
     let mut opts = opts;
     if args.cni {

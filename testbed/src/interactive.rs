@@ -191,7 +191,17 @@ fn describe(s: &InstanceState) -> String {
     let _ = writeln!(out, "use it:");
     let _ = writeln!(out, "  {palisade} --socket {socket} status");
     let _ = writeln!(out, "  {palisade} --socket {socket} endpoint list");
-    let _ = writeln!(out, "  {palisade} --socket {socket} monitor --verdict drop");
+    let _ = writeln!(out, "  {palisade} --socket {socket} observe --verdict DROPPED");
+    if s.nodes.is_empty() {
+        let _ = writeln!(out, "  {palisade} --socket {socket} ui");
+    } else {
+        let others = s.nodes.iter().fold(String::new(), |mut o, n| {
+            let _ = write!(o, " --agent {}", n.api_socket.display());
+            o
+        });
+        let _ = writeln!(out, "  {palisade} --socket {socket}{others} observe --all-nodes");
+        let _ = writeln!(out, "  {palisade} --socket {socket}{others} ui");
+    }
     let _ =
         writeln!(out, "  {palisade} --socket {socket} policy explain --from {from} --to {to}{port} --protocol {proto}");
     let _ = writeln!(out, "  {testbed} probe{name} {from} {to} {spec}");

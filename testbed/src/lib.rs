@@ -24,6 +24,7 @@ pub mod cli;
 pub mod error;
 pub mod events;
 pub mod explain_check;
+pub mod flow_check;
 pub mod hold;
 pub mod instance;
 pub mod interactive;

@@ -49,6 +49,9 @@ pub struct ProbeResult {
     /// Scenarios with several nodes: which node judged each side.
     #[serde(rename = "nodes", skip_serializing_if = "Option::is_none")]
     pub judged: Option<JudgedOn>,
+    /// `run --flows`: the flow records the agents emitted for the probe (Hubble's JSON).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flows: Vec<palisade_api::flow::Flow>,
 }
 
 /// Which node judged a probe's sides: the source's node its egress, the destination's its
@@ -175,6 +178,9 @@ pub fn table(r: &ScenarioReport) -> String {
     let _ = writeln!(out, "{}", line(&header));
     for (row, p) in rows.iter().zip(&r.probes) {
         let _ = writeln!(out, "{}", line(row));
+        for f in &p.flows {
+            let _ = writeln!(out, "      flow {}", palisade_cli::observe::compact_line(f));
+        }
         if !p.passed()
             && let Some(d) = &p.detail
         {
@@ -218,6 +224,7 @@ mod tests {
                     ms: 1,
                     decided_by: "not enforced".into(),
                     judged: None,
+                    flows: Vec::new(),
                 },
                 ProbeResult {
                     from: "default/a".into(),
@@ -231,6 +238,7 @@ mod tests {
                     ms: 1000,
                     decided_by: "-".into(),
                     judged: None,
+                    flows: Vec::new(),
                 },
             ],
             failures: vec![],

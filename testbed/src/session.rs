@@ -42,6 +42,7 @@ pub const MAX_CONCURRENT_EXPLAINS: usize = 8;
 
 /// How a session is made.
 #[derive(Clone, Debug)]
+#[allow(clippy::struct_excessive_bools, reason = "independent switches of `run`, one per flag")]
 pub struct RunOptions {
     /// How long a probe waits for its answer.
     pub timeout: Duration,
@@ -65,6 +66,9 @@ pub struct RunOptions {
     /// `--kvstore etcd` (identities, pods and nodes shared through it) instead of a remote
     /// endpoints file.
     pub kvstore: bool,
+    /// Per probe, the flow records the agents emitted for it; "decided by" from them, and
+    /// a disagreement with the verdict events makes the probe an error.
+    pub flows: bool,
 }
 
 /// The node name of the testbed's pods in Kubernetes mode.
@@ -80,6 +84,7 @@ impl RunOptions {
             kubernetes: false,
             cni: None,
             kvstore: false,
+            flows: false,
         }
     }
 }
@@ -112,6 +117,8 @@ struct AgentSide {
 pub struct Session {
     plan: Plan,
     timeout: Duration,
+    /// `run --flows`.
+    flows: bool,
     outcome: PolicyOutcome,
     // Field order is drop order: agents, listeners, topology, directories.
     /// One per node, in [`Plan::nodes`] order; empty without an agent.
@@ -181,6 +188,7 @@ impl Session {
         let mut session = Session {
             plan: plan.clone(),
             timeout: opts.timeout,
+            flows: opts.flows,
             outcome: PolicyOutcome::default(),
             agents: Vec::new(),
             kube: None,
@@ -233,6 +241,8 @@ impl Session {
                     agent::write_remote_endpoints(&dirs.remote_endpoints(), plan, k)?;
                     node_args.push("--remote-endpoints".into());
                     node_args.push(dirs.remote_endpoints().display().to_string());
+                    // Its flow records name the node (`node_name`, `observe --all-nodes`).
+                    node_args.extend(["--node-name".to_string(), plan.nodes[k].name.clone()]);
                 }
                 let ns = session.topology.node_at(k).netns.open()?;
                 processes.push(AgentProcess::spawn(binary, ns, dirs, plan.cluster.as_deref(), &node_args)?);
@@ -518,9 +528,89 @@ impl Session {
                 result.0.judged = Some(self.judged_on(p));
             }
         }
-        let mut results: Vec<ProbeResult> = results.into_iter().map(|(r, _)| r).collect();
+        let (mut results, flows): (Vec<ProbeResult>, Vec<Option<Flow>>) = results.into_iter().unzip();
         self.check_explain(probes, &mut results).await;
+        if self.flows {
+            self.check_flows(probes, &flows, &mut results).await;
+        }
         results
+    }
+
+    /// `run --flows`: each probe's flow records from the agents that judged it (the
+    /// source's and the destination's node); "decided by" from them, and a probe whose
+    /// records disagree with its verdict events becomes an error.
+    async fn check_flows(&self, probes: &[PlanProbe], flows: &[Option<Flow>], results: &mut [ProbeResult]) {
+        if self.agents.is_empty() {
+            return;
+        }
+        // Probe starts are CLOCK_MONOTONIC; flow records carry the wall clock.
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let offset = unix_now.saturating_sub(monotonic_ns());
+        for ((p, flow), r) in probes.iter().zip(flows).zip(results.iter_mut()) {
+            let Some(flow) = flow else { continue };
+            if r.observed == Observed::Error {
+                continue;
+            }
+            let (src, dst) = (self.plan.node_of(&p.from), self.plan.node_of(&p.to));
+            let nodes: Vec<usize> = if src == dst { vec![src] } else { vec![src, dst] };
+            let query = crate::flow_check::query(flow);
+            // A drop's record may still be on its way: a few tries, briefly.
+            let mut records = Vec::new();
+            for attempt in 0..5 {
+                records.clear();
+                let mut problem = None;
+                for &k in &nodes {
+                    let answer = agent::call("flows", CALL_TIMEOUT, async {
+                        let mut stream = self.agents[k].process.client.flows(&query).await?;
+                        let mut out = Vec::new();
+                        while let Some(x) = stream.next().await? {
+                            if let palisade_api::flow::FlowsResponse::Flow(f) = x {
+                                out.push(*f);
+                            }
+                        }
+                        Ok::<_, palisade_api::ClientError>(out)
+                    })
+                    .await;
+                    match answer {
+                        Ok(fs) => records.extend(
+                            fs.into_iter()
+                                .filter(|f| crate::flow_check::belongs(f, flow, flow.since_ns.saturating_add(offset))),
+                        ),
+                        Err(e) => problem = Some(e.to_string()),
+                    }
+                }
+                if let Some(e) = problem {
+                    r.detail = Some(format!("could not read the flow records: {e}"));
+                    r.decided_by = "flow records unreadable".into();
+                    r.observed = Observed::Error;
+                    break;
+                }
+                let wanted = if r.observed == Observed::Deny { "DROPPED" } else { "FORWARDED" };
+                if records.iter().any(|f| f.verdict == wanted) || attempt == 4 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if r.observed == Observed::Error {
+                continue;
+            }
+            records.sort_by(|a, b| a.time.cmp(&b.time));
+            match crate::flow_check::disagreement(r.observed, &r.decided_by, &records) {
+                Some(problem) => {
+                    r.detail = Some(problem.clone());
+                    r.decided_by = problem;
+                    r.observed = Observed::Error;
+                }
+                None => {
+                    if let Some(by) = crate::flow_check::decided_by(&records) {
+                        r.decided_by = by;
+                    }
+                }
+            }
+            r.flows = records;
+        }
     }
 
     /// Asks the agent's `policy explain` about every probe that observed a verdict, after
@@ -619,6 +709,7 @@ impl Session {
             ms: 0,
             decided_by: "-".into(),
             judged: None,
+            flows: Vec::new(),
         };
         let (Some(src), Some(dst)) = (self.topology.host(&self.plan, &p.from), self.topology.host(&self.plan, &p.to))
         else {

@@ -174,3 +174,75 @@ fn observe_names_the_pods_and_the_deciding_policy_privileged() {
     );
     assert_eq!(e["ingress"]["rules"], serde_json::json!([rule]));
 }
+
+/// `observe --all-nodes` on a three-node testbed: a connection from node-a to node-b is
+/// recorded at frontend's egress by node-a's agent and at backend's ingress by node-b's;
+/// the merge has both, ordered by time, each with its node's name, while one agent alone
+/// has only its half.
+#[test]
+fn observe_all_nodes_merges_the_agents_by_time_privileged() {
+    palisade_privileged::require_root!();
+    built_agent();
+    let root = tempfile::tempdir().unwrap();
+    let file = cluster_fixture("three-nodes-frontend-backend.yaml");
+    ok(&testbed(root.path(), &["up", file.to_str().unwrap()]));
+    let _down = Down(root.path());
+    let state = InstanceState::load(&root.path().join("default")).unwrap().expect("up wrote the state");
+    assert_eq!(state.first_node.as_deref(), Some("node-a"), "{state:?}");
+    ok(&testbed(root.path(), &["probe", "--expect", "deny", "default/frontend", "default/backend", "9090/TCP"]));
+    ok(&testbed(root.path(), &["probe", "--expect", "allow", "default/frontend", "default/backend", "8080/TCP"]));
+
+    let palisade = Path::new(BIN).with_file_name("palisade");
+    let mut all = Command::new(&palisade);
+    all.arg("--socket").arg(&state.api_socket);
+    for n in &state.nodes {
+        all.arg("--agent").arg(&n.api_socket);
+    }
+    // By backend's address: node-a's record of the egress half names the remote backend by
+    // address and identity only (remote pods are not named in flow records yet).
+    let backend = state.ends.iter().find(|e| e.name == "default/backend").unwrap().ipv4.unwrap().to_string();
+    let out = all.args(["observe", "--all-nodes", "-o", "json", "--last", "1000", "--ip", &backend]).output().unwrap();
+    let merged = flows(&ok(&out));
+    let times: Vec<&str> = merged.iter().map(|f| f["time"].as_str().unwrap()).collect();
+    let mut sorted = times.clone();
+    sorted.sort_unstable();
+    assert_eq!(times, sorted, "merged by time");
+    let frontend = state.ends.iter().find(|e| e.name == "default/frontend").unwrap().ipv4.unwrap().to_string();
+    let find = |node: &str, dir: &str, verdict: &str, port: u64| {
+        merged.iter().find(|f| {
+            f["node_name"] == node
+                && f["traffic_direction"] == dir
+                && f["verdict"] == verdict
+                && f["IP"]["source"] == frontend.as_str()
+                && f["l4"]["TCP"]["destination_port"] == port
+        })
+    };
+    let egress =
+        find("node-a", "EGRESS", "FORWARDED", 9090).unwrap_or_else(|| panic!("node-a's egress record in {merged:#?}"));
+    let drop = find("node-b", "INGRESS", "DROPPED", 9090).unwrap_or_else(|| panic!("node-b's drop in {merged:#?}"));
+    assert!(egress["time"].as_str() <= drop["time"].as_str(), "the egress before the ingress: {egress} {drop}");
+    assert_eq!(drop["ingress_denied_by"][0]["action"], "default-deny", "{drop}");
+    assert_eq!(drop["destination"]["pod_name"], "backend", "{drop}");
+    assert_eq!(egress["IP"]["destination"], backend.as_str(), "{egress}");
+    assert_eq!(egress["source"]["pod_name"], "frontend", "{egress}");
+    assert!(find("node-b", "INGRESS", "FORWARDED", 8080).is_some(), "the allowed one at node-b: {merged:#?}");
+
+    // One agent alone has its own node's half only.
+    let alone = flows(&ok(&observe(&state.api_socket, &["-o", "json", "--last", "1000", "--ip", &backend])));
+    assert!(!alone.is_empty());
+    assert!(alone.iter().all(|f| f["node_name"] == "node-a"), "{alone:#?}");
+
+    // Without the other agents named, --all-nodes says how to name them.
+    let bad = observe(&state.api_socket, &["--all-nodes"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(text(&bad.stderr).contains("--agent SOCKET"), "{}", text(&bad.stderr));
+    // An agent that is not there fails the command, naming it.
+    let out = Command::new(&palisade)
+        .arg("--socket")
+        .arg(&state.api_socket)
+        .args(["--agent", "/nonexistent/agent.sock", "observe", "--all-nodes"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("/nonexistent/agent.sock"), "{}", text(&out.stderr));
+}

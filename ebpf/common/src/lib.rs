@@ -188,7 +188,7 @@ pub mod config {
     pub const FLAGS: u32 = 0;
     /// Policy generation: the map writer increments it after every change of ENDPOINTS,
     /// POLICY, `POLICY_LENGTHS` or the ipcache maps. A conntrack entry remembers, per hook, the
-    /// generation at which policy last allowed the flow ([`CtValue::policy_gen`](super::CtValue));
+    /// generation at which policy last allowed the flow ([`CtOrig::policy_gen`](super::CtOrig));
     /// while it is current, forward packets of the flow skip the identity and policy lookups.
     /// 0 means "no generation yet": nothing is remembered.
     pub const POLICY_GEN: u32 = 1;
@@ -438,38 +438,108 @@ pub struct PolicyValue {
     pub prefix_len: u32,
 }
 
-/// Key of the CONNTRACK map: a flow as its first packet saw it.
+/// Key of the CONNTRACK map: a flow's two ends in a fixed order, so that both directions
+/// of the flow find the same entry with one lookup. `saddr`/`sport_be` is the lower end:
+/// the end whose address is lower as bytes, or, at equal addresses, whose port is lower
+/// (see [`CtKey::normalised`]). Which end sent the flow's first packet is in the value
+/// ([`CtValue::orig`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
+    /// The lower end's address (IPv4 in the first 4 bytes).
     pub saddr: [u8; 16],
+    /// The higher end's address.
     pub daddr: [u8; 16],
-    /// Source port (ICMP echo: the identifier), network order.
+    /// The lower end's port (ICMP echo: the identifier), network order.
     pub sport_be: [u8; 2],
-    /// Destination port (ICMP echo: the identifier), network order.
+    /// The higher end's port (ICMP echo: the identifier), network order.
     pub dport_be: [u8; 2],
     pub protocol: u8,
     pub family: u8,
     pub pad: [u8; 2],
 }
 
+/// The orientations of a packet's tuple relative to its [`CtKey`]: index into
+/// [`CtValue::orig`].
+pub mod ct_dir {
+    /// The packet goes from the key's lower end (`saddr`) to its higher end.
+    pub const LOW_TO_HIGH: usize = 0;
+    /// The packet goes from the higher end to the lower end.
+    pub const HIGH_TO_LOW: usize = 1;
+}
+
 impl CtKey {
-    /// The same flow seen from the other end.
+    /// The key of a packet's tuple (source, destination, ports in host order), and the
+    /// packet's orientation in it ([`ct_dir`]). A tuple whose two ends are equal (same
+    /// address and port) is [`ct_dir::LOW_TO_HIGH`] both ways.
+    #[allow(clippy::inline_always, reason = "called by the eBPF programs per packet: inlined, not a BPF-to-BPF call")]
+    #[inline(always)]
     #[must_use]
-    pub const fn reversed(&self) -> CtKey {
-        CtKey {
-            saddr: self.daddr,
-            daddr: self.saddr,
-            sport_be: self.dport_be,
-            dport_be: self.sport_be,
-            protocol: self.protocol,
-            family: self.family,
-            pad: [0; 2],
-        }
+    pub fn normalised(
+        saddr: &[u8; 16],
+        daddr: &[u8; 16],
+        sport: u16,
+        dport: u16,
+        protocol: u8,
+        family: u8,
+    ) -> (CtKey, usize) {
+        let mut key = CtKey::default();
+        let o = key.set_normalised(saddr, daddr, sport, dport, protocol, family);
+        (key, o)
+    }
+
+    /// [`CtKey::normalised`] written into `self` (the eBPF programs keep the key in map
+    /// memory, off their 512-byte stack); returns the orientation.
+    #[allow(clippy::inline_always, reason = "called by the eBPF programs per packet: inlined, not a BPF-to-BPF call")]
+    #[inline(always)]
+    pub fn set_normalised(
+        &mut self,
+        saddr: &[u8; 16],
+        daddr: &[u8; 16],
+        sport: u16,
+        dport: u16,
+        protocol: u8,
+        family: u8,
+    ) -> usize {
+        let swap = match addr_order(saddr, daddr) {
+            core::cmp::Ordering::Less => false,
+            core::cmp::Ordering::Greater => true,
+            core::cmp::Ordering::Equal => sport > dport,
+        };
+        let (lo, hi, lo_port, hi_port) = if swap { (daddr, saddr, dport, sport) } else { (saddr, daddr, sport, dport) };
+        self.saddr = *lo;
+        self.daddr = *hi;
+        self.sport_be = lo_port.to_be_bytes();
+        self.dport_be = hi_port.to_be_bytes();
+        self.protocol = protocol;
+        self.family = family;
+        self.pad = [0; 2];
+        if swap { ct_dir::HIGH_TO_LOW } else { ct_dir::LOW_TO_HIGH }
+    }
+
+    /// Whether both ends are the same (address and port): the tuple is its own reverse.
+    #[allow(clippy::inline_always, reason = "called by the eBPF programs per packet: inlined, not a BPF-to-BPF call")]
+    #[inline(always)]
+    #[must_use]
+    pub fn symmetric(&self) -> bool {
+        self.saddr == self.daddr && self.sport_be == self.dport_be
     }
 }
 
-/// Bits of [`CtValue::flags`].
+/// The order of two addresses in a [`CtKey`]: lexicographic on the bytes, compared as two
+/// big-endian 64-bit words (the same order, in two comparisons instead of sixteen).
+#[allow(clippy::inline_always, reason = "called by the eBPF programs per packet: inlined, not a BPF-to-BPF call")]
+#[inline(always)]
+fn addr_order(a: &[u8; 16], b: &[u8; 16]) -> core::cmp::Ordering {
+    let hi = |x: &[u8; 16]| u64::from_be_bytes([x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]]);
+    let lo = |x: &[u8; 16]| u64::from_be_bytes([x[8], x[9], x[10], x[11], x[12], x[13], x[14], x[15]]);
+    match hi(a).cmp(&hi(b)) {
+        core::cmp::Ordering::Equal => lo(a).cmp(&lo(b)),
+        o => o,
+    }
+}
+
+/// Bits of [`CtOrig::flags`].
 pub mod ct_flags {
     /// The source pod's egress allowed the flow (or was not enforced).
     pub const EGRESS_OK: u32 = 1;
@@ -485,15 +555,15 @@ pub mod ct_flags {
     pub const TCP_RST: u32 = 32;
 }
 
-/// Value of the CONNTRACK map.
+/// The state of a flow opened in one orientation of its [`CtKey`] (its first packet went
+/// that way). Absent while `last_seen_ns` is 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CtValue {
+pub struct CtOrig {
     /// `CLOCK_MONOTONIC` nanoseconds of the last packet (`bpf_ktime_get_coarse_ns()`: tick
-    /// resolution, which is plenty for timeouts in seconds and much cheaper).
+    /// resolution, which is plenty for timeouts in seconds and much cheaper); 0: no flow
+    /// was opened in this orientation.
     pub last_seen_ns: u64,
-    /// `CLOCK_MONOTONIC` nanoseconds (coarse, as above) of the first packet.
-    pub created_ns: u64,
     /// [`ct_flags`] bits.
     pub flags: u32,
     /// Cookie of the policy entry that allowed the flow.
@@ -501,6 +571,16 @@ pub struct CtValue {
     /// Per hook ([`direction`] index): the [`config::POLICY_GEN`] at which policy last allowed
     /// a forward packet of the flow there; 0 when it did not.
     pub policy_gen: [u32; 2],
+}
+
+/// Value of the CONNTRACK map: the flows of one key, by the orientation their first packet
+/// had ([`ct_dir`]). Nearly always only one is present; both are when each end opened a
+/// flow (TCP simultaneous open, UDP where both ends send first). One lookup finds the
+/// forward state and the reply state of a packet alike.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub orig: [CtOrig; 2],
 }
 
 /// One packet verdict, sent to user space through the EVENTS ring buffer.
@@ -601,6 +681,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CtValue {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::CtOrig {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::VerdictEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counter {}
@@ -619,7 +701,8 @@ const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyLengthsKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 12);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
+const _: () = assert!(core::mem::size_of::<CtOrig>() == 24);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 48);
 const _: () = assert!(core::mem::size_of::<VerdictEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
@@ -657,20 +740,27 @@ mod tests {
     }
 
     #[test]
-    fn ct_key_reverses() {
-        let k = CtKey {
-            saddr: [1; 16],
-            daddr: [2; 16],
-            sport_be: [0, 1],
-            dport_be: [0, 2],
-            protocol: 6,
-            family: 4,
-            pad: [0; 2],
-        };
-        let r = k.reversed();
-        assert_eq!(r.saddr, [2; 16]);
-        assert_eq!(r.sport_be, [0, 2]);
-        assert_eq!(r.reversed(), k);
+    fn ct_key_is_the_same_both_ways() {
+        let a = [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let b = [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let (k, o) = CtKey::normalised(&b, &a, 80, 40000, proto::TCP, family::IPV4);
+        let (r, ro) = CtKey::normalised(&a, &b, 40000, 80, proto::TCP, family::IPV4);
+        assert_eq!(k, r);
+        assert_eq!((o, ro), (ct_dir::HIGH_TO_LOW, ct_dir::LOW_TO_HIGH));
+        assert_eq!((k.saddr, k.sport_be), (a, 40000u16.to_be_bytes()));
+        // Equal addresses: the port decides.
+        let (k, o) = CtKey::normalised(&a, &a, 9, 7, proto::UDP, family::IPV4);
+        assert_eq!((k.sport_be, k.dport_be, o), (7u16.to_be_bytes(), 9u16.to_be_bytes(), ct_dir::HIGH_TO_LOW));
+        assert!(!k.symmetric());
+        let (k, o) = CtKey::normalised(&a, &a, 7, 7, proto::UDP, family::IPV4);
+        assert!(k.symmetric());
+        assert_eq!(o, ct_dir::LOW_TO_HIGH);
+        // The order is the bytes' order, across the 64-bit halves.
+        let mut c = a;
+        c[15] = 1;
+        let mut d = a;
+        d[7] = 1;
+        assert_eq!(CtKey::normalised(&d, &c, 1, 1, 6, 6).1, ct_dir::HIGH_TO_LOW);
     }
 
     #[test]

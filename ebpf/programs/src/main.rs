@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use palisade_common::{
-    EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, identity, ipcache_flags,
-    match_kind, policy_view, proto, reason, verdict,
+    CtKey, CtValue, EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, identity,
+    ipcache_flags, match_kind, policy_view, proto, reason, verdict,
 };
 
 use crate::{
@@ -63,6 +63,24 @@ pub fn palisade_empty(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Zeroes `*p` with one volatile 8-byte store per word. A plain zeroing (an assignment of a
+/// zero value, `Default`) of anything above a few words compiles to a call of the BPF build
+/// of `memset`, a loop over single bytes: for the 64-byte parsed packet that loop cost more
+/// than the rest of a reply's path. Volatile stores cannot be merged back into that call.
+/// `T` must be 8-aligned, a multiple of 8 bytes long, and valid when all zero.
+#[inline(always)]
+pub(crate) fn zero_words<T>(p: *mut T) {
+    const { assert!(align_of::<T>() >= 8 && size_of::<T>().is_multiple_of(8)) };
+    let words = p.cast::<u64>();
+    let mut i = 0;
+    while i < size_of::<T>() / 8 {
+        // SAFETY: within `*p` (checked above: whole words); the callers' types are valid
+        // all zero.
+        unsafe { words.add(i).write_volatile(0) };
+        i += 1;
+    }
+}
+
 /// The outcome for one packet.
 struct Verdict {
     reason: u8,
@@ -92,8 +110,12 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     };
     // SAFETY: this CPU's slot of a per-CPU array, used by nothing else while the program
     // runs (programs do not migrate, and tc programs do not nest on one CPU).
-    let pkt = unsafe { &mut *slot };
-    *pkt = Packet::empty();
+    let scratch = unsafe { &mut *slot };
+    scratch.pkt.clear();
+    let pkt = &mut scratch.pkt;
+    let ct = &mut scratch.ct;
+    let new_entry = &mut scratch.new_entry;
+    let orient = &mut scratch.orient;
     let mut v = Verdict {
         reason: reason::ALLOWED_ALWAYS,
         match_kind: match_kind::NONE,
@@ -121,7 +143,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
 
     match parse::parse(ctx, pkt) {
         Ok(Parsed::Arp) => {}
-        Ok(Parsed::Ip) => decide(ctx, &ep, dir, enforced, pkt, &mut v),
+        Ok(Parsed::Ip) => decide(ctx, &ep, dir, enforced, pkt, ct, new_entry, orient, &mut v),
         // Outside the grammar: dropped whether or not policy is enforced, since what the
         // kernel would make of it is not what the program saw.
         Err(Reject(r)) => {
@@ -156,7 +178,25 @@ fn remember_fragment(pkt: &Packet, r: u8) {
 
 /// The verdict for a parsed IP packet.
 #[inline(always)]
-fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut Packet, v: &mut Verdict) {
+#[allow(
+    clippy::too_many_lines,
+    reason = "one decision, step by step; split, it would take the same arguments everywhere"
+)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the packet, its endpoint, and the scratch space the decision writes into"
+)]
+fn decide(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    dir: u8,
+    enforced: bool,
+    pkt: &mut Packet,
+    ct: &'static mut CtKey,
+    new_entry: &mut CtValue,
+    orient: &mut [u32; 2],
+    v: &mut Verdict,
+) {
     // The peer's identity is looked up only where it is needed: for policy and for events.
     // Replies (the conntrack path) need neither.
     if dir == direction::EGRESS && spoofed(ep, pkt) {
@@ -207,16 +247,19 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
     // resolution) costs a fraction of bpf_ktime_get_ns.
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if pkt.icmp_class == icmp_class::ERROR && pkt.frag == fragment::NONE && related_error(ctx, ep, dir, pkt, now) {
+    if pkt.icmp_class == icmp_class::ERROR
+        && pkt.frag == fragment::NONE
+        && related_error(ctx, ep, dir, pkt, ct, orient, now)
+    {
         v.reason = reason::ALLOWED_REPLY;
         return;
     }
-    let key = pkt.ct_key();
+    let flow = conntrack::lookup(pkt, ct, orient);
     // ICMP: only echo replies are replies; other types with equal (zero) ports are not. A
     // TCP SYN without ACK is a reply only in a simultaneous open (`conntrack::reply`).
     let syn_only = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let may_be_reply = pkt.icmp_class == icmp_class::NONE || pkt.icmp_class == icmp_class::ECHO_REPLY;
-    if may_be_reply && conntrack::reply(&key.reversed(), pkt, dir, now, syn_only) {
+    if may_be_reply && conntrack::reply(&flow, pkt, dir, now, syn_only) {
         v.reason = reason::ALLOWED_REPLY;
         return;
     }
@@ -226,7 +269,7 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
     // generation is allowed again without the identity and policy lookups; any change of
     // policy, identities or endpoints moves the generation on, and the next packet is
     // checked in full.
-    let fwd = conntrack::forward(&key, pkt, now);
+    let fwd = conntrack::forward(&flow, pkt, now);
     // SAFETY: pointer from the map lookup in `forward`.
     let new_flow = fwd.is_none_or(|p| unsafe { (*p).flags } & conntrack::own_flag(dir) == 0);
     // Read before the lookups it vouches for: a change during them leaves an older stamp.
@@ -290,7 +333,7 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
         // ICMP opens a flow only with an echo request: an allowed error or other message
         // must not become an entry that lets unsolicited messages back in as "replies".
         if pkt.icmp_class == icmp_class::NONE || pkt.icmp_class == icmp_class::ECHO_REQUEST {
-            conntrack::allowed(&key, fwd, pkt, dir, now, v.cookie, generation);
+            conntrack::allowed(&flow, fwd, pkt, dir, now, v.cookie, generation, new_entry);
         }
         v.report = v.audit_reason != 0 || new_flow && allow_events_enabled();
         if v.report && !enforced && v.audit_reason == 0 {
@@ -305,8 +348,16 @@ fn decide(ctx: &TcContext, ep: &EndpointInfo, dir: u8, enforced: bool, pkt: &mut
 /// and the error comes from the quoted packet's other end, or (ingress only) from the node,
 /// the one router on the path the datapath can name.
 #[inline(always)]
-fn related_error(ctx: &TcContext, ep: &EndpointInfo, dir: u8, pkt: &Packet, now: u64) -> bool {
-    let Some(quoted) = parse::quoted_ct_key(ctx, pkt) else {
+fn related_error(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    dir: u8,
+    pkt: &Packet,
+    ct: &mut CtKey,
+    orient: &mut [u32; 2],
+    now: u64,
+) -> bool {
+    let Some(quoted) = parse::quoted_tuple(ctx, pkt) else {
         return false;
     };
     if dir == direction::INGRESS {
@@ -319,7 +370,8 @@ fn related_error(ctx: &TcContext, ep: &EndpointInfo, dir: u8, pkt: &Packet, now:
     } else if quoted.daddr != pkt.saddr || quoted.saddr != pkt.daddr {
         return false;
     }
-    conntrack::related(&quoted, dir, now)
+    let orientation = quoted.ct_key(pkt.family, ct);
+    conntrack::related(ct, orientation, dir, now, orient)
 }
 
 /// Whether `addr` is the endpoint's address of that family (true when the endpoint has

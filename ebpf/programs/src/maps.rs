@@ -51,6 +51,18 @@ pub static CONFIG: Array<u32> = Array::pinned(config::SLOTS, 0);
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(map_sizes::FRAGMENTS, 0);
 
+/// What the program keeps off its 512-byte stack while it handles one packet.
+pub struct Scratch {
+    /// The parsed packet.
+    pub pkt: Packet,
+    /// The CONNTRACK key being looked up (the packet's, or the one an ICMP error quotes).
+    pub ct: CtKey,
+    /// A new CONNTRACK entry being built.
+    pub new_entry: CtValue,
+    /// The packet's orientations in its CONNTRACK entry (see `conntrack::orientations`).
+    pub orient: [u32; 2],
+}
+
 /// Scratch space of one packet (not pinned: nothing outside the program reads it).
 #[map]
-pub static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

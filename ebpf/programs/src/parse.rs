@@ -51,8 +51,10 @@ pub mod fragment {
 }
 
 /// What the parser learned about one packet. Filled in as parsing goes, so that a packet
-/// rejected as malformed still carries whatever was read before the failure.
+/// rejected as malformed still carries whatever was read before the failure. 8-aligned and
+/// a multiple of 8 bytes long, so that [`Packet::clear`] zeroes it in whole words.
 #[derive(Clone, Copy)]
+#[repr(C, align(8))]
 pub struct Packet {
     pub family: u8,
     pub protocol: u8,
@@ -84,39 +86,19 @@ pub struct Packet {
 }
 
 impl Packet {
-    pub const fn empty() -> Packet {
-        Packet {
-            family: 0,
-            protocol: 0,
-            tcp_flags: 0,
-            icmp_class: icmp_class::NONE,
-            frag: fragment::NONE,
-            frag_id_be: [0; 4],
-            saddr: [0; 16],
-            daddr: [0; 16],
-            sport: 0,
-            dport: 0,
-            ct_sport: 0,
-            ct_dport: 0,
-            policy_port: 0,
-            l4_off: 0,
-            l3_end: 0,
-            hop_limit: 0,
-        }
+    /// Zeroes the packet in place, one 8-byte store per word ([`crate::zero_words`]): no
+    /// family, protocol 0, not ICMP ([`icmp_class::NONE`]), not fragmented
+    /// ([`fragment::NONE`]), all addresses, ports and offsets 0.
+    #[inline(always)]
+    pub fn clear(&mut self) {
+        crate::zero_words(core::ptr::from_mut(self));
     }
 
-    /// The conntrack key of this packet's tuple.
+    /// Writes the conntrack key of this packet's tuple into `key`; returns the packet's
+    /// orientation in it.
     #[inline(always)]
-    pub fn ct_key(&self) -> CtKey {
-        CtKey {
-            saddr: self.saddr,
-            daddr: self.daddr,
-            sport_be: self.ct_sport.to_be_bytes(),
-            dport_be: self.ct_dport.to_be_bytes(),
-            protocol: self.protocol,
-            family: self.family,
-            pad: [0; 2],
-        }
+    pub fn ct_key(&self, key: &mut CtKey) -> usize {
+        key.set_normalised(&self.saddr, &self.daddr, self.ct_sport, self.ct_dport, self.protocol, self.family)
     }
 
     /// The FRAGMENTS key of this packet's datagram: the kernel's reassembly key. IPv4
@@ -462,21 +444,31 @@ fn classify_icmp(protocol: u8, ty: u8) -> u8 {
     }
 }
 
-/// The conntrack key of the packet quoted in an ICMP error (the offending packet, as its
-/// sender sent it), or `None` when the quote is too short or not understood.
+/// The tuple of the packet quoted in an ICMP error (the offending packet, as its sender
+/// sent it), with its ports as conntrack keys them.
+pub struct Quoted {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+}
+
+impl Quoted {
+    /// Writes the conntrack key of the quoted packet into `key`; returns its orientation.
+    #[inline(always)]
+    pub fn ct_key(&self, fam: u8, key: &mut CtKey) -> usize {
+        key.set_normalised(&self.saddr, &self.daddr, self.sport, self.dport, self.protocol, fam)
+    }
+}
+
+/// The packet quoted in an ICMP error, or `None` when the quote is too short or not
+/// understood.
 #[inline(always)]
-pub fn quoted_ct_key(ctx: &TcContext, pkt: &Packet) -> Option<CtKey> {
+pub fn quoted_tuple(ctx: &TcContext, pkt: &Packet) -> Option<Quoted> {
     // ICMP header (8 bytes), then the quoted IP header and at least 8 bytes of its payload.
     let off = pkt.l4_off + 8;
-    let mut key = CtKey {
-        saddr: [0; 16],
-        daddr: [0; 16],
-        sport_be: [0; 2],
-        dport_be: [0; 2],
-        protocol: 0,
-        family: pkt.family,
-        pad: [0; 2],
-    };
+    let mut q = Quoted { saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, protocol: 0 };
     let l4_off;
     let end = pkt.l3_end;
     if pkt.family == family::IPV4 {
@@ -485,9 +477,9 @@ pub fn quoted_ct_key(ctx: &TcContext, pkt: &Packet) -> Option<CtKey> {
         if h[0] >> 4 != 4 || ihl < 5 {
             return None;
         }
-        key.protocol = h[9];
-        key.saddr[..4].copy_from_slice(&h[12..16]);
-        key.daddr[..4].copy_from_slice(&h[16..20]);
+        q.protocol = h[9];
+        q.saddr[..4].copy_from_slice(&h[12..16]);
+        q.daddr[..4].copy_from_slice(&h[16..20]);
         l4_off = off + ihl * 4;
     } else {
         let h = load_in::<[u8; 40]>(ctx, end, off).ok()?;
@@ -495,26 +487,27 @@ pub fn quoted_ct_key(ctx: &TcContext, pkt: &Packet) -> Option<CtKey> {
             return None;
         }
         // Quoted packets with extension headers are not followed.
-        key.protocol = h[6];
-        key.saddr.copy_from_slice(&h[8..24]);
-        key.daddr.copy_from_slice(&h[24..40]);
+        q.protocol = h[6];
+        q.saddr.copy_from_slice(&h[8..24]);
+        q.daddr.copy_from_slice(&h[24..40]);
         l4_off = off + IPV6_HLEN;
     }
-    match key.protocol {
+    match q.protocol {
         proto::TCP | proto::UDP | proto::SCTP | PROTO_UDPLITE => {
             let p = load_in::<[u8; 4]>(ctx, end, l4_off).ok()?;
-            key.sport_be = [p[0], p[1]];
-            key.dport_be = [p[2], p[3]];
+            q.sport = u16::from_be_bytes([p[0], p[1]]);
+            q.dport = u16::from_be_bytes([p[2], p[3]]);
         }
-        p if is_icmp(key.family, p) => {
+        p if is_icmp(pkt.family, p) => {
             let i = load_in::<[u8; 6]>(ctx, end, l4_off).ok()?;
-            let class = classify_icmp(key.protocol, i[0]);
+            let class = classify_icmp(q.protocol, i[0]);
             if class == icmp_class::ECHO_REQUEST || class == icmp_class::ECHO_REPLY {
-                key.sport_be = [i[4], i[5]];
-                key.dport_be = [i[4], i[5]];
+                let id = u16::from_be_bytes([i[4], i[5]]);
+                q.sport = id;
+                q.dport = id;
             }
         }
         _ => {}
     }
-    Some(key)
+    Some(q)
 }

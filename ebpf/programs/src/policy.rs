@@ -3,8 +3,8 @@
 //! the exact peer identity and for any peer, where a deny from either beats any allow.
 use aya_ebpf::maps::lpm_trie::Key;
 use palisade_common::{
-    Ipv4Prefix, Ipv6Prefix, POLICY_LENGTHS_COUNT, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO, PolicyKey, PolicyLengthsKey,
-    PolicyValue, family, identity, match_kind, policy_flags, policy_length_bit, reason,
+    Ipv4Prefix, Ipv6Prefix, POLICY_LENGTHS_COUNT, POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO, PolicyKey,
+    PolicyLengthsKey, PolicyValue, family, identity, match_kind, policy_flags, reason,
 };
 
 use crate::maps::{IPCACHE_HOST_V4, IPCACHE_HOST_V6, IPCACHE_V4, IPCACHE_V6, POLICY, POLICY_LENGTHS};
@@ -77,22 +77,39 @@ fn longest(view: u8, endpoint_id: u16, dir: u8, peer: u32, protocol: u8, port: u
         None => return None,
     };
     let key = PolicyKey::new(endpoint_id, dir, peer, protocol, port).in_view(view);
-    let mut len = POLICY_PREFIX_FULL;
+    // Straight from one length in use to the next shorter one: a lookup per set bit, not a
+    // test per possible length.
     for _ in 0..POLICY_LENGTHS_COUNT {
-        let bit = policy_length_bit(len);
-        if bits & bit != 0 {
-            // SAFETY: the reference is only read, while the program runs (RCU).
-            if let Some(v) = unsafe { POLICY.get(key.at_prefix(len)) } {
-                return Some(v);
-            }
-            bits &= !bit;
-            if bits == 0 {
-                return None;
-            }
+        if bits == 0 {
+            return None;
         }
-        len -= 1;
+        let top = highest_bit(bits);
+        // SAFETY: the reference is only read, while the program runs (RCU).
+        if let Some(v) = unsafe { POLICY.get(key.at_prefix(POLICY_PREFIX_FIXED + top)) } {
+            return Some(v);
+        }
+        bits &= !(1 << top);
     }
     None
+}
+
+/// The index of the highest set bit of `x` (non-zero), without a branch: BPF has no
+/// count-leading-zeros instruction, and a branch per halving step would split the
+/// verifier's states (32 paths per probe) until the program no longer verifies. Every bit
+/// below the highest is set, then the bits are counted (SWAR popcount).
+#[inline(always)]
+fn highest_bit(x: u32) -> u32 {
+    let mut x = x;
+    x |= x >> 1;
+    x |= x >> 2;
+    x |= x >> 4;
+    x |= x >> 8;
+    x |= x >> 16;
+    x -= (x >> 1) & 0x5555_5555;
+    x = (x & 0x3333_3333) + ((x >> 2) & 0x3333_3333);
+    x = (x + (x >> 4)) & 0x0f0f_0f0f;
+    let ones = x.wrapping_mul(0x0101_0101) >> 24;
+    ones.wrapping_sub(1) & 31
 }
 
 /// Looks the packet up in POLICY for endpoint `endpoint_id` in direction `dir`, in view

@@ -5,7 +5,14 @@
 //! ```text
 //! sudo cargo bench -p palisade-agent --bench datapath
 //! ... --bench datapath -- --repeat 1000000 --runs 5 --json /tmp/datapath.json
+//! ... --bench datapath -- --object before=/tmp/old.o --object after=/tmp/new.o
 //! ```
+//!
+//! `--object LABEL=PATH` (repeatable) measures that build of the eBPF programs instead of
+//! the one the agent carries; with several, their samples are interleaved run by run (paired
+//! rounds under the same load) and each gets its table. The objects' maps must have this
+//! build's layouts (`palisade_common`); an object of another layout needs a bench built
+//! with it embedded (`PALISADE_EBPF_OBJECT`, see docs/benchmarks.md).
 //!
 //! Needs root and bpffs at /sys/fs/bpf. Every map set lives in a private pin directory
 //! (`/sys/fs/bpf/palisade-bench-<pid>-<n>`) removed on exit, also on panic.
@@ -27,7 +34,7 @@ use std::{
 };
 
 use aya::maps::lpm_trie::Key;
-use palisade_agent::datapath::{Datapath, DatapathConfig, EventReader, Hook, MapSet, TestRunOutcome};
+use palisade_agent::datapath::{Datapath, DatapathConfig, EventReader, Hook, MapSet, MapSizes, TestRunOutcome};
 use palisade_common::{
     EndpointInfo, IpcacheValue, Ipv4Prefix, Ipv6Prefix, POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO,
     PolicyKey, PolicyValue, VerdictEvent, direction, endpoint_flags, identity, policy_flags, proto, reason,
@@ -156,10 +163,14 @@ const SIZES: [Size; 2] =
     [Size { name: "small", ipcache: 10, policy: 10 }, Size { name: "large", ipcache: 100_000, policy: 10_000 }];
 
 impl Bench {
-    fn new(size: Size) -> Bench {
+    fn new(size: Size, object: Option<&[u8]>) -> Bench {
         let pins = PinDir::new();
-        let mut dp = Datapath::load(&DatapathConfig { pin_dir: pins.0.clone() })
-            .unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+        let cfg = DatapathConfig { pin_dir: pins.0.clone() };
+        let mut dp = match object {
+            Some(o) => Datapath::load_object(&cfg, &MapSizes::default(), o),
+            None => Datapath::load(&cfg),
+        }
+        .unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         let maps = dp.take_maps().expect("maps");
         let events = dp.take_events().expect("events");
         let mut b = Bench { dp, maps, events, _pins: pins };
@@ -566,19 +577,28 @@ struct Args {
     repeat: u32,
     runs: u32,
     json: PathBuf,
+    /// `--object LABEL=PATH`: (label, ELF bytes); empty: the embedded build.
+    objects: Vec<(String, Vec<u8>)>,
 }
 
 fn args() -> Args {
     // Benches run in the package's folder: the default is the workspace's target folder.
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"), PathBuf::from);
-    let mut a = Args { repeat: 1_000_000, runs: 3, json: target.join("palisade-bench/datapath.json") };
+    let mut a =
+        Args { repeat: 1_000_000, runs: 3, json: target.join("palisade-bench/datapath.json"), objects: Vec::new() };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--repeat" => a.repeat = it.next().and_then(|v| v.parse().ok()).expect("--repeat N"),
             "--runs" => a.runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--json" => a.json = PathBuf::from(it.next().expect("--json PATH")),
+            "--object" => {
+                let v = it.next().expect("--object LABEL=PATH");
+                let (label, path) = v.split_once('=').expect("--object LABEL=PATH (a label, '=', the object file)");
+                let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("--object {v}: reading {path}: {e}"));
+                a.objects.push((label.to_string(), bytes));
+            }
             // cargo bench passes --bench; libtest-style filters are not supported.
             _ => {}
         }
@@ -666,69 +686,92 @@ fn main() {
     eprintln!("machine: {machine}");
     eprintln!("repeat {} per sample, {} samples per case (median reported)", a.repeat, a.runs);
 
-    // samples[size][case]
-    let mut samples = vec![vec![Vec::new(); CASES.len()]; SIZES.len()];
-    let mut benches: Vec<Bench> = SIZES
+    // The builds measured: the embedded one, or the `--object`s.
+    let variants: Vec<(String, Option<&[u8]>)> = if a.objects.is_empty() {
+        vec![(String::new(), None)]
+    } else {
+        a.objects.iter().map(|(l, b)| (l.clone(), Some(b.as_slice()))).collect()
+    };
+    // samples[variant][size][case]
+    let mut samples = vec![vec![vec![Vec::new(); CASES.len()]; SIZES.len()]; variants.len()];
+    let mut benches: Vec<Vec<Bench>> = variants
         .iter()
-        .map(|s| {
-            let started = std::time::Instant::now();
-            let b = Bench::new(*s);
-            eprintln!("{}: maps filled in {:.1?}", s.name, started.elapsed());
-            b
+        .map(|(label, object)| {
+            SIZES
+                .iter()
+                .map(|s| {
+                    let started = std::time::Instant::now();
+                    let b = Bench::new(*s, *object);
+                    eprintln!("{label} {}: maps filled in {:.1?}", s.name, started.elapsed());
+                    b
+                })
+                .collect()
         })
         .collect();
     for run in 0..a.runs {
-        for (si, b) in benches.iter_mut().enumerate() {
-            for (ci, case) in CASES.iter().enumerate() {
-                let ns = measure(b, case, a.repeat);
-                samples[si][ci].push(ns);
+        for (vi, bs) in benches.iter_mut().enumerate() {
+            for (si, b) in bs.iter_mut().enumerate() {
+                for (ci, case) in CASES.iter().enumerate() {
+                    let ns = measure(b, case, a.repeat);
+                    samples[vi][si][ci].push(ns);
+                }
             }
         }
         eprintln!("run {} of {} done", run + 1, a.runs);
     }
     drop(benches);
 
-    let med: Vec<Vec<f64>> = samples.iter().map(|s| s.iter().map(|c| median(&mut c.clone())).collect()).collect();
-    let empty_of = |si: usize, m: Method| {
-        let name = if m == Method::SingleShots { "empty_single" } else { "empty" };
-        med[si][CASES.iter().position(|c| c.name == name).expect("baseline case")]
-    };
-
-    let mut table = String::new();
-    let _ = writeln!(
-        table,
-        "{:<22} {:>9} {:>9} {:>11} {:>11} {:>8}",
-        "case", "small ns", "large ns", "small-empty", "large-empty", "large/small"
-    );
     let mut results = Vec::new();
-    for (ci, case) in CASES.iter().enumerate() {
-        let (s, l) = (med[0][ci], med[1][ci]);
-        let (se, le) = (s - empty_of(0, case.method), l - empty_of(1, case.method));
+    for (vi, (label, _)) in variants.iter().enumerate() {
+        let samples = &samples[vi];
+        let med: Vec<Vec<f64>> = samples.iter().map(|s| s.iter().map(|c| median(&mut c.clone())).collect()).collect();
+        let empty_of = |si: usize, m: Method| {
+            let name = if m == Method::SingleShots { "empty_single" } else { "empty" };
+            med[si][CASES.iter().position(|c| c.name == name).expect("baseline case")]
+        };
+
+        let mut table = String::new();
+        if !label.is_empty() {
+            let _ = writeln!(table, "object {label}:");
+        }
         let _ = writeln!(
             table,
-            "{:<22} {:>9.1} {:>9.1} {:>11.1} {:>11.1} {:>8.2}",
-            case.name,
-            s,
-            l,
-            se,
-            le,
-            if s > 0.0 { l / s } else { 0.0 }
+            "{:<22} {:>9} {:>9} {:>11} {:>11} {:>8}",
+            "case", "small ns", "large ns", "small-empty", "large-empty", "large/small"
         );
-        for (si, size) in SIZES.iter().enumerate() {
-            results.push(serde_json::json!({
-                "case": case.name,
-                "size": size.name,
-                "ipcache_entries_per_family": size.ipcache,
-                "policy_entries": size.policy,
-                "method": format!("{:?}", case.method),
-                "ns_per_packet": med[si][ci],
-                "ns_over_empty": med[si][ci] - empty_of(si, case.method),
-                "samples_ns": samples[si][ci],
-                "what": case.what,
-            }));
+        for (ci, case) in CASES.iter().enumerate() {
+            let (s, l) = (med[0][ci], med[1][ci]);
+            let (se, le) = (s - empty_of(0, case.method), l - empty_of(1, case.method));
+            let _ = writeln!(
+                table,
+                "{:<22} {:>9.1} {:>9.1} {:>11.1} {:>11.1} {:>8.2}",
+                case.name,
+                s,
+                l,
+                se,
+                le,
+                if s > 0.0 { l / s } else { 0.0 }
+            );
+            for (si, size) in SIZES.iter().enumerate() {
+                let mut r = serde_json::json!({
+                    "case": case.name,
+                    "size": size.name,
+                    "ipcache_entries_per_family": size.ipcache,
+                    "policy_entries": size.policy,
+                    "method": format!("{:?}", case.method),
+                    "ns_per_packet": med[si][ci],
+                    "ns_over_empty": med[si][ci] - empty_of(si, case.method),
+                    "samples_ns": samples[si][ci],
+                    "what": case.what,
+                });
+                if !label.is_empty() {
+                    r["object"] = serde_json::Value::String(label.clone());
+                }
+                results.push(r);
+            }
         }
+        println!("{table}");
     }
-    println!("{table}");
     let flows_per_s = flow_enrichment();
     println!("flow records: {flows_per_s:.0} events/s decoded, enriched and buffered (one thread)");
     let doc = serde_json::json!({

@@ -22,7 +22,7 @@ use palisade_api::types::{EndpointSpec, RemoteEndpoints};
 use palisade_node::endpoint::endpoint_labels;
 
 use crate::actors::Agent;
-use crate::actors::identity::{RemoveRemoteEndpoint, UpsertRemoteEndpoint};
+use crate::actors::identity::RemoveRemoteEndpoint;
 use crate::k8s::mirror::plan;
 use crate::k8s::sync::RemoteSpec;
 
@@ -69,10 +69,10 @@ pub fn desired(file: &RemoteEndpoints, cluster: &str) -> (BTreeMap<String, Remot
             ipv4: pod.ipv4,
             ipv6: pod.ipv6,
             interface: String::new(),
-            ports: Vec::new(),
+            ports: pod.ports.clone(),
         };
         let labels = endpoint_labels(&pod.namespace, ns_labels, &spec, cluster);
-        if out.insert(key.clone(), RemoteSpec { labels, ips }).is_some() {
+        if out.insert(key.clone(), RemoteSpec::new(labels, ips, &pod.ports)).is_some() {
             problems.push(format!("pods[{i}] {key}: listed twice (the last one counts)"));
         }
     }
@@ -138,13 +138,7 @@ async fn apply(
     let base = if all { BTreeMap::new() } else { applied.clone() };
     let p = plan(&base, want);
     for (key, spec) in p.upserts {
-        let msg = UpsertRemoteEndpoint {
-            key: key.clone(),
-            labels: spec.labels.clone(),
-            ips: spec.ips.clone(),
-            identity: None,
-        };
-        match agent.identities.send(msg).await {
+        match agent.identities.send(spec.upsert(&key, None)).await {
             Ok(id) => {
                 tracing::debug!(pod = %key, identity = id, "remote pod mapped");
                 applied.insert(key, spec);

@@ -18,7 +18,7 @@ mod frames;
 use frames::*;
 use palisade_agent::datapath::Hook::{self, FromPod as OUT, ToPod as IN};
 use palisade_common::{
-    CtKey, CtValue, EndpointInfo, ct_flags, direction, endpoint_flags, identity, ipcache_flags, proto, reason,
+    CtKey, CtOrig, CtValue, EndpointInfo, ct_flags, direction, endpoint_flags, identity, ipcache_flags, proto, reason,
 };
 
 const MLDV2_ROUTERS: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x16];
@@ -286,23 +286,11 @@ fn attack_icmp_error_quoting_the_flow_in_the_wrong_orientation_is_not_related() 
 fn attack_icmp_error_quoting_another_endpoints_flow_is_not_related() {
     let mut fx = setup();
     // A live flow OTHER -> PEER (both hooks allowed it), not the pod's.
-    let key = CtKey {
-        saddr: v4(OTHER),
-        daddr: v4(PEER),
-        sport_be: 5555u16.to_be_bytes(),
-        dport_be: 9999u16.to_be_bytes(),
-        protocol: proto::UDP,
-        family: 4,
-        pad: [0; 2],
-    };
+    let (key, orientation) = CtKey::normalised(&v4(OTHER), &v4(PEER), 5555, 9999, proto::UDP, 4);
     let now = coarse_now_ns();
-    let value = CtValue {
-        last_seen_ns: now,
-        created_ns: now,
-        flags: ct_flags::EGRESS_OK | ct_flags::INGRESS_OK,
-        cookie: 0,
-        policy_gen: [0; 2],
-    };
+    let mut value = CtValue::default();
+    value.orig[orientation] =
+        CtOrig { last_seen_ns: now, flags: ct_flags::EGRESS_OK | ct_flags::INGRESS_OK, cookie: 0, policy_gen: [0; 2] };
     fx.maps.conntrack.insert(key, value, 0).expect("conntrack entry");
     let quoted = udp4(OTHER, PEER, 5555, 9999);
     let err = ipv4(PEER, POD, proto::ICMP, &icmp_error_quoting(3, 3, &quoted));

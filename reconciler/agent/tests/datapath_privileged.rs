@@ -412,29 +412,23 @@ fn reply_of_allowed_flow_passes_via_conntrack() {
     assert_dropped(fx.run(Hook::FromPod, &tcp4(POD, PEER, 80, 40000, TCP_SYN | TCP_ACK)), "reply before request");
 
     assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_SYN)), "request");
-    let key = CtKey {
-        saddr: v4(PEER),
-        daddr: v4(POD),
-        sport_be: 40000u16.to_be_bytes(),
-        dport_be: 80u16.to_be_bytes(),
-        protocol: proto::TCP,
-        family: family::IPV4,
-        pad: [0; 2],
-    };
-    let ct = fx.maps.conntrack.get(&key, 0).expect("conntrack entry for the request");
+    // One entry for both directions, keyed by the ends in address order; the request's flow
+    // is in the request's orientation.
+    let (key, orientation) = CtKey::normalised(&v4(PEER), &v4(POD), 40000, 80, proto::TCP, family::IPV4);
+    let ct = fx.maps.conntrack.get(&key, 0).expect("conntrack entry for the request").orig[orientation];
     assert_eq!(ct.flags & ct_flags::INGRESS_OK, ct_flags::INGRESS_OK);
     assert_eq!(ct.cookie, 7);
 
     assert_passed(fx.run(Hook::FromPod, &tcp4(POD, PEER, 80, 40000, TCP_SYN | TCP_ACK)), "reply");
     assert_eq!(fx.packets(reason::ALLOWED_REPLY, direction::EGRESS), 1);
-    let ct = fx.maps.conntrack.get(&key, 0).unwrap();
+    let ct = fx.maps.conntrack.get(&key, 0).unwrap().orig[orientation];
     assert_ne!(ct.flags & ct_flags::SEEN_REPLY, 0);
 
     // The reply direction is not a free pass: other ports from the pod are still denied.
     assert_dropped(fx.run(Hook::FromPod, &tcp4(POD, PEER, 80, 40001, TCP_ACK)), "not a reply");
     // FIN from the pod is recorded on the flow.
     assert_passed(fx.run(Hook::FromPod, &tcp4(POD, PEER, 80, 40000, TCP_FIN | TCP_ACK)), "fin reply");
-    let ct = fx.maps.conntrack.get(&key, 0).unwrap();
+    let ct = fx.maps.conntrack.get(&key, 0).unwrap().orig[orientation];
     assert_ne!(ct.flags & ct_flags::TCP_FIN_REV, 0);
 
     // Without conntrack, the reply is a forward packet again: denied.
@@ -466,16 +460,10 @@ fn established_flow_is_rechecked_when_the_policy_generation_moves() {
     assert_ne!(generation, 0, "writing policy moves the generation on");
 
     assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_SYN)), "request");
-    let key = CtKey {
-        saddr: v4(PEER),
-        daddr: v4(POD),
-        sport_be: 40000u16.to_be_bytes(),
-        dport_be: 80u16.to_be_bytes(),
-        protocol: proto::TCP,
-        family: family::IPV4,
-        pad: [0; 2],
-    };
-    let ct = fx.maps.conntrack.get(&key, 0).unwrap();
+    // One entry for both directions, keyed by the ends in address order; the request's flow
+    // is in the request's orientation.
+    let (key, orientation) = CtKey::normalised(&v4(PEER), &v4(POD), 40000, 80, proto::TCP, family::IPV4);
+    let ct = fx.maps.conntrack.get(&key, 0).unwrap().orig[orientation];
     assert_eq!(ct.policy_gen[direction::INGRESS as usize], generation, "the verdict is remembered with its generation");
     assert_eq!(ct.policy_gen[direction::EGRESS as usize], 0, "egress is not enforced: nothing remembered there");
     assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_ACK)), "established");
@@ -490,7 +478,7 @@ fn established_flow_is_rechecked_when_the_policy_generation_moves() {
     assert_eq!(next, generation + 1);
     assert_dropped(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_ACK)), "re-checked at the new generation");
     assert_eq!(fx.packets(reason::DROP_POLICY_DENIED, direction::INGRESS), 1);
-    let ct = fx.maps.conntrack.get(&key, 0).unwrap();
+    let ct = fx.maps.conntrack.get(&key, 0).unwrap().orig[orientation];
     assert_eq!(ct.flags & ct_flags::INGRESS_OK, 0, "the drop revokes the flow at this hook");
     assert_eq!(ct.policy_gen[direction::INGRESS as usize], 0, "and forgets the remembered verdict");
 

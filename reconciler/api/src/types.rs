@@ -146,6 +146,9 @@ pub struct RemotePod {
     pub ipv4: Option<Ipv4Addr>,
     #[serde(default)]
     pub ipv6: Option<Ipv6Addr>,
+    /// Its named container ports (egress rules naming a port resolve it on the destination).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
 }
 
 /// One identity and what it stands for.

@@ -12,6 +12,10 @@ struct Cli {
     /// The agent's API socket.
     #[arg(long, global = true, default_value = "/run/palisade/agent.sock", env = "PALISADE_SOCKET")]
     socket: PathBuf,
+    /// The other nodes' agents (API sockets), for `observe --all-nodes` and `ui`; repeat it,
+    /// or list them comma-separated in `PALISADE_AGENTS`.
+    #[arg(long = "agent", global = true, value_name = "SOCKET", env = "PALISADE_AGENTS", value_delimiter = ',')]
+    agents: Vec<PathBuf>,
     /// Output format (default: `table`; for `observe`, `compact`).
     #[arg(long, short, global = true, value_enum)]
     output: Option<Output>,
@@ -68,6 +72,15 @@ enum Command {
     /// Flow records of the agent's flow buffer, with both ends named and the policy that
     /// decided (the flags of `hubble observe`; `-o json` uses Hubble's field names).
     Observe(Box<palisade_cli::observe::ObserveArgs>),
+    /// A web page on a loopback address: the service map of the observed flows (edges
+    /// coloured by verdict, with counts, live), the flow table with the `observe` filters,
+    /// a pod's identity, labels, policies and kernel entries, and the explanation of a drop.
+    Ui {
+        /// Where to serve it: a loopback address only (port 0: any free port; the address
+        /// is printed).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+    },
     /// Live raw verdict events of the datapath (identities as numbers; for debugging the
     /// datapath: `observe --follow` is the everyday view).
     Monitor {
@@ -263,10 +276,7 @@ async fn observe(
     output: Output,
 ) -> Result<(), String> {
     use palisade_api::flow::FlowsResponse;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    let query = a.query(negated, now)?;
+    let query = a.query(negated, palisade_cli::observe::now_ns())?;
     let mut stream = c.flows(&query).await.map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     while let Some(r) = stream.next().await.map_err(|e| e.to_string())? {
@@ -288,11 +298,127 @@ async fn observe(
     Ok(())
 }
 
+/// --socket and every --agent, each named by its socket.
+fn agents_of(cli: &Cli) -> palisade_cli::ui::Agents {
+    palisade_cli::ui::Agents {
+        agents: std::iter::once(&cli.socket)
+            .chain(&cli.agents)
+            .map(|s| (s.display().to_string(), Client::new(s)))
+            .collect(),
+    }
+}
+
+/// Prints flows (with `rows`: table lines, printed at the end).
+fn print_response(r: &palisade_api::flow::FlowsResponse, output: Output, rows: Option<&mut Vec<Vec<String>>>) {
+    use palisade_api::flow::FlowsResponse;
+    match (r, output) {
+        (_, Output::Json) => println!("{}", serde_json::to_string(r).expect("serializes")),
+        (FlowsResponse::LostEvents(l), _) => eprintln!("EVENTS LOST: {} flow(s) ({})", l.num_events_lost, l.source),
+        (FlowsResponse::Flow(f), Output::Compact) => println!("{}", palisade_cli::observe::compact_line(f)),
+        (FlowsResponse::Flow(f), Output::Table) => match rows {
+            Some(rows) => rows.push(palisade_cli::observe::table_row(f)),
+            None => println!("{}", palisade_cli::observe::table_row(f).join("  ")),
+        },
+    }
+}
+
+/// `observe --all-nodes`: every agent asked the same query; the answers merged by time.
+/// With --follow, what the agents send in the first half second (their buffered flows)
+/// is sorted before it is printed, then new flows print as they arrive.
+async fn observe_all(
+    agents: &palisade_cli::ui::Agents,
+    a: &palisade_cli::observe::ObserveArgs,
+    negated: &[String],
+    output: Output,
+) -> Result<(), String> {
+    use palisade_api::flow::FlowsResponse;
+    let query = a.query(negated, palisade_cli::observe::now_ns())?;
+    if !a.follow {
+        let answer = palisade_cli::ui::merged_flows(agents, &query).await;
+        let mut rows = Vec::new();
+        for l in answer.lost {
+            print_response(&FlowsResponse::LostEvents(l), output, None);
+        }
+        for f in answer.flows {
+            print_response(&FlowsResponse::Flow(Box::new(f)), output, Some(&mut rows));
+        }
+        if !rows.is_empty() {
+            table(&["TIME", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"], rows);
+        }
+        if !answer.errors.is_empty() {
+            return Err(format!("observe --all-nodes: {}", answer.errors.join("; ")));
+        }
+        return Ok(());
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<FlowsResponse, String>>(1024);
+    for (node, c) in agents.agents.clone() {
+        let tx = tx.clone();
+        let query = query.clone();
+        tokio::spawn(async move {
+            let mut stream = match c.flows(&query).await {
+                Ok(s) => s,
+                Err(e) => return drop(tx.send(Err(format!("{node}: {e}"))).await),
+            };
+            loop {
+                match stream.next().await {
+                    Ok(Some(r)) => {
+                        if tx.send(Ok(r)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return drop(tx.send(Err(format!("{node}: the agent closed the stream"))).await),
+                    Err(e) => return drop(tx.send(Err(format!("{node}: {e}"))).await),
+                }
+            }
+        });
+    }
+    drop(tx);
+    let settle = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+    let mut first = Vec::new();
+    loop {
+        match tokio::time::timeout_at(settle, rx.recv()).await {
+            Ok(Some(Ok(r))) => first.push(r),
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let time = |r: &FlowsResponse| match r {
+        FlowsResponse::Flow(f) => f.time.clone(),
+        FlowsResponse::LostEvents(_) => String::new(),
+    };
+    first.sort_by_key(time);
+    for r in &first {
+        print_response(r, output, None);
+    }
+    while let Some(r) = rx.recv().await {
+        print_response(&r?, output, None);
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli, negated: Vec<String>) -> Result<(), String> {
     let c = Client::new(&cli.socket);
+    let agents = agents_of(&cli);
     let json = cli.output == Some(Output::Json);
     match cli.command {
+        Command::Observe(a) if a.all_nodes => {
+            if cli.agents.is_empty() {
+                return Err("observe --all-nodes: name the other nodes' agents with --agent SOCKET (repeat it) or \
+                            PALISADE_AGENTS=a.sock,b.sock; --socket is one of them (`palisade-testbed up` \
+                            prints the node sockets of a testbed)"
+                    .into());
+            }
+            observe_all(&agents, &a, &negated, cli.output.unwrap_or(Output::Compact)).await?;
+        }
         Command::Observe(a) => observe(&c, &a, &negated, cli.output.unwrap_or(Output::Compact)).await?,
+        Command::Ui { listen } => {
+            palisade_cli::ui::serve(listen, agents, |addr| {
+                use std::io::Write as _;
+                println!("palisade ui: serving on http://{addr}/ (Ctrl-C stops it)");
+                let _ = std::io::stdout().flush();
+            })
+            .await?;
+        }
         Command::Status => {
             let s = c.status().await.map_err(|e| e.to_string())?;
             if json {

@@ -90,6 +90,10 @@ pub struct ObserveArgs {
     /// Keep printing new flows as they come.
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// The flows of every node's agent, merged by time: the agent of --socket and each
+    /// `--agent SOCKET` (or `PALISADE_AGENTS=a.sock,b.sock`).
+    #[arg(long)]
+    pub all_nodes: bool,
 }
 
 /// The flags that take a value (all filter flags do); for [`split_not`].
@@ -156,6 +160,14 @@ pub fn negated_filters(negated: &[String]) -> Result<Vec<FlowFilter>, String> {
         i += n;
     }
     Ok(out)
+}
+
+/// The time now, in nanoseconds since the Unix epoch (what the flags' relative times
+/// count back from).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 impl ObserveArgs {

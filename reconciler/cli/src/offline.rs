@@ -89,6 +89,7 @@ pub fn scenario_remote_endpoints(plan: &Plan, node: usize) -> RemoteEndpoints {
                 service_account: p.service_account.clone(),
                 ipv4: p.ipv4,
                 ipv6: p.ipv6,
+                ports: scenario_endpoint_spec(p).ports,
             })
             .collect(),
     }

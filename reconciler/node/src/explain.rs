@@ -349,7 +349,7 @@ pub mod offline {
     use palisade_policy::CidrIdentities;
     use palisade_policy::identity::IdentityAllocator;
     use palisade_policy::model::Policy;
-    use palisade_policy::resolve::{DesiredState, EndpointView, NamedPort, resolve_full};
+    use palisade_policy::resolve::{DesiredState, EndpointView, NamedPort, resolve_on_node};
 
     use palisade_api::types::{EndpointSpec, IpcacheEntrySpec, PolicyStatus};
 
@@ -396,6 +396,11 @@ pub mod offline {
         pub namespace: String,
         pub name: String,
         pub spec: EndpointSpec,
+    }
+
+    /// The named container ports of `pod`, or why one is not valid.
+    fn named_ports_of(pod: &PodInput) -> Result<Vec<NamedPort>, String> {
+        pod.spec.ports.iter().map(|p| NamedPort::new(&p.name, p.port, &p.protocol)).collect()
     }
 
     /// The agent's state for some namespaces, pods, reserved addresses and policy files.
@@ -459,13 +464,7 @@ pub mod offline {
                 if pod.spec.ipv4.is_none() && pod.spec.ipv6.is_none() {
                     return Err(err("it has neither an IPv4 nor an IPv6 address".into()));
                 }
-                let named_ports = pod
-                    .spec
-                    .ports
-                    .iter()
-                    .map(|p| NamedPort::new(&p.name, p.port, &p.protocol))
-                    .collect::<Result<Vec<_>, String>>()
-                    .map_err(err)?;
+                let named_ports = named_ports_of(pod).map_err(err)?;
                 let labels = endpoint_labels(&pod.namespace, ns_labels, &pod.spec, cluster);
                 let identity = allocator.allocate(&labels);
                 endpoints.push(LocalEndpoint {
@@ -492,8 +491,14 @@ pub mod offline {
                 let identity = allocator.allocate(&labels);
                 let ips =
                     pod.spec.ipv4.map(std::net::IpAddr::V4).into_iter().chain(pod.spec.ipv6.map(std::net::IpAddr::V6));
+                let named_ports = named_ports_of(pod).map_err(|reason| OfflineError::Endpoint {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    reason,
+                })?;
                 let key = format!("{}/{}", pod.namespace, pod.name);
-                external.upsert_remote(&key, crate::ipcache::RemoteEndpoint { identity, ips: ips.collect() });
+                let remote = crate::ipcache::RemoteEndpoint { identity, ips: ips.collect(), named_ports };
+                external.upsert_remote(&key, remote);
             }
             for e in reserved_entries {
                 let prefix = parse_prefix(&e.cidr)
@@ -509,7 +514,8 @@ pub mod offline {
             // prefixes keep identities, as in the agent), and pods in audit mode (by their
             // pod's or namespace's label) enforce nothing.
             let policies: Vec<Policy> = policies.into_iter().filter(|p| !p.audit).collect();
-            let mut desired = resolve_full(&policies, &views, &allocator, &cidrs, &addresses);
+            let remote_ports = external.remote_named_ports();
+            let mut desired = resolve_on_node(&policies, &views, &allocator, &cidrs, &addresses, &remote_ports);
             allow_localhost(&mut desired);
             for e in &endpoints {
                 if palisade_policy::resolve::endpoint_audited(&e.labels) {

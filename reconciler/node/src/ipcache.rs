@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use palisade_api::types::ReservedEntity;
 use palisade_common::identity as reserved;
+use palisade_policy::resolve::NamedPort;
 
 /// A prefix that does not parse, or has host bits set.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -66,11 +67,13 @@ pub fn entity_identity(e: ReservedEntity) -> u32 {
     }
 }
 
-/// A pod of another node: its identity (one reference held) and its addresses.
+/// A pod of another node: its identity (one reference held), its addresses and its named
+/// ports (egress rules that name a port resolve it on the destination pod).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteEndpoint {
     pub identity: u32,
     pub ips: Vec<IpAddr>,
+    pub named_ports: Vec<NamedPort>,
 }
 
 /// The ipcache entries for addresses that are not this node's pods: reserved prefixes and
@@ -110,6 +113,19 @@ impl ExternalIpcache {
 
     pub fn remote(&self) -> &BTreeMap<String, RemoteEndpoint> {
         &self.remote
+    }
+
+    /// The remote pods' named ports, by identity (sorted, without duplicates).
+    pub fn remote_named_ports(&self) -> BTreeMap<u32, Vec<NamedPort>> {
+        let mut out: BTreeMap<u32, Vec<NamedPort>> = BTreeMap::new();
+        for ep in self.remote.values().filter(|ep| !ep.named_ports.is_empty()) {
+            out.entry(ep.identity).or_default().extend(ep.named_ports.iter().cloned());
+        }
+        for ports in out.values_mut() {
+            ports.sort();
+            ports.dedup();
+        }
+        out
     }
 
     /// The remote pods' addresses with their identities, but those a reserved host entry
@@ -162,14 +178,19 @@ mod tests {
         let mut c = ExternalIpcache::default();
         let a: IpAddr = "10.1.0.5".parse().unwrap();
         let v6: IpAddr = "fd00::5".parse().unwrap();
-        assert!(c.upsert_remote("shop/web", RemoteEndpoint { identity: 300, ips: vec![a, v6] }).is_none());
+        assert!(
+            c.upsert_remote("shop/web", RemoteEndpoint { identity: 300, ips: vec![a, v6], named_ports: Vec::new() })
+                .is_none()
+        );
         let e = c.entries();
         assert_eq!(e.get(&(a, 32)), Some(&300));
         assert_eq!(e.get(&(v6, 128)), Some(&300));
         // A host-network pod shares the node address, which is reserved.
         assert!(c.upsert_reserved((a, 32), reserved::REMOTE_NODE));
         assert_eq!(c.entries().get(&(a, 32)), Some(&reserved::REMOTE_NODE));
-        let old = c.upsert_remote("shop/web", RemoteEndpoint { identity: 301, ips: vec![v6] }).unwrap();
+        let old = c
+            .upsert_remote("shop/web", RemoteEndpoint { identity: 301, ips: vec![v6], named_ports: Vec::new() })
+            .unwrap();
         assert_eq!(old.identity, 300);
         assert_eq!(c.entries().get(&(v6, 128)), Some(&301));
         assert_eq!(c.remove_remote("shop/web").unwrap().identity, 301);

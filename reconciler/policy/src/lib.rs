@@ -29,6 +29,7 @@ pub use labels::{Label, LabelSet};
 pub use model::{Direction, Entity, NamedPort, Policy, PolicyKind, Protocol};
 pub use parse::{ManifestOutcome, ParseError, PolicyError, parse_manifest_bytes, parse_manifests};
 pub use resolve::{
-    DesiredState, EndpointPolicy, EndpointView, EntryKey, EntryValue, PolicyResolver, RuleOrigin, resolve, resolve_full,
+    DesiredState, EndpointPolicy, EndpointView, EntryKey, EntryValue, PolicyResolver, RuleOrigin, resolve,
+    resolve_full, resolve_on_node,
 };
 pub use selector::EndpointSelector;

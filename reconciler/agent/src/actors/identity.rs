@@ -9,6 +9,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use palisade_policy::identity::IdentityAllocator;
 use palisade_policy::labels::LabelSet;
+use palisade_policy::resolve::NamedPort;
 
 use super::resolver::{IdentitiesChanged, Resolver};
 use crate::api::types::{IdentityInfo, ReservedEntity};
@@ -130,6 +131,7 @@ impl IdentityCache {
             allocator: Arc::new(self.allocator.clone()),
             ipcache: Arc::new(self.ipcache.entries()),
             pod_addresses: Arc::new(self.ipcache.pod_addresses()),
+            remote_named_ports: Arc::new(self.ipcache.remote_named_ports()),
             changed: std::mem::take(&mut self.changed),
         });
     }
@@ -310,6 +312,7 @@ pub struct UpsertRemoteEndpoint {
     pub key: String,
     pub labels: LabelSet,
     pub ips: Vec<IpAddr>,
+    pub named_ports: Vec<NamedPort>,
     pub identity: Option<u32>,
 }
 
@@ -334,7 +337,10 @@ impl Handler<UpsertRemoteEndpoint> for IdentityCache {
                 id
             }
         };
-        let new = RemoteEndpoint { identity: id, ips };
+        let mut named_ports = msg.named_ports;
+        named_ports.sort();
+        named_ports.dedup();
+        let new = RemoteEndpoint { identity: id, ips, named_ports };
         let old = self.ipcache.upsert_remote(&msg.key, new.clone());
         let mut changed = old.as_ref() != Some(&new);
         if let Some(old) = old {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use palisade_policy::identity::IdentityAllocator;
 use palisade_policy::model::Policy;
-use palisade_policy::resolve::{Changes, DesiredState, EndpointPolicy, Options, PolicyResolver};
+use palisade_policy::resolve::{Changes, DesiredState, EndpointPolicy, NamedPort, Options, PolicyResolver};
 
 use super::identity::Prefix;
 use super::map_writer::{ApplyDesired, MapWriter};
@@ -160,6 +160,11 @@ impl ResolverState {
         self.external_ipcache = external_ipcache;
         self.remote_addresses = remote_addresses;
         self.changed_identities.extend_from_slice(changed);
+    }
+
+    /// The other nodes' pods' named ports (by identity), for egress rules that name ports.
+    pub fn set_remote_named_ports(&mut self, ports: &BTreeMap<u32, Vec<NamedPort>>) {
+        self.engine.set_remote_named_ports(ports.clone());
     }
 
     /// Brings the desired state up to date (in full after policy or endpoint changes,
@@ -396,6 +401,8 @@ pub struct IdentitiesChanged {
     pub ipcache: Arc<BTreeMap<Prefix, u32>>,
     /// Other nodes' pods' addresses, with their identities.
     pub pod_addresses: Arc<BTreeMap<IpAddr, u32>>,
+    /// Other nodes' pods' named ports, by identity.
+    pub remote_named_ports: Arc<BTreeMap<u32, Vec<NamedPort>>>,
     /// The identities allocated or freed since the previous message.
     pub changed: Vec<u32>,
 }
@@ -404,6 +411,7 @@ impl Handler<IdentitiesChanged> for Resolver {
     type Result = u64;
     fn handle(&mut self, msg: IdentitiesChanged, ctx: &mut Context<Self>) -> u64 {
         self.state.set_identities(msg.allocator, msg.ipcache, msg.pod_addresses, &msg.changed);
+        self.state.set_remote_named_ports(&msg.remote_named_ports);
         self.changed(ctx)
     }
 }

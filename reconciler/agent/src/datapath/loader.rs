@@ -120,6 +120,14 @@ impl Datapath {
     /// [`Datapath::load`] with the maps created at `sizes`. Maps already pinned must have
     /// these sizes (a pinned map cannot be resized in place).
     pub fn load_with_sizes(cfg: &DatapathConfig, sizes: &MapSizes) -> Result<Datapath, DatapathError> {
+        Self::load_object(cfg, sizes, EBPF_OBJECT)
+    }
+
+    /// [`Datapath::load_with_sizes`] with another build of the eBPF programs than the one
+    /// the agent carries (`object`: the ELF file's bytes), for benchmarks that compare two
+    /// builds in one process. Its maps must have the layouts of this build's
+    /// `palisade_common` ([`Datapath::take_maps`] checks the sizes).
+    pub fn load_object(cfg: &DatapathConfig, sizes: &MapSizes, object: &[u8]) -> Result<Datapath, DatapathError> {
         let pin_dir = &cfg.pin_dir;
         ensure_pin_dir(pin_dir)?;
         check_pinned_maps(pin_dir, sizes)?;
@@ -130,9 +138,8 @@ impl Datapath {
         for (name, entries) in sizes.iter() {
             loader.map_max_entries(name, entries);
         }
-        let mut ebpf = loader
-            .load(EBPF_OBJECT)
-            .map_err(|e| DatapathError::Load { pin_dir: pin_dir.clone(), source: Box::new(e) })?;
+        let mut ebpf =
+            loader.load(object).map_err(|e| DatapathError::Load { pin_dir: pin_dir.clone(), source: Box::new(e) })?;
         for hook in Hook::BOTH {
             let name = hook.program_name();
             let prog = program_mut(&mut ebpf, name)?;

@@ -27,7 +27,7 @@ use super::sync::{
 };
 use crate::actors::Agent;
 use crate::actors::endpoints::{DeleteEndpoint, ListEndpointSpecs, UpsertEndpoint, UpsertNamespace};
-use crate::actors::identity::{RemoveRemoteEndpoint, UpsertRemoteEndpoint};
+use crate::actors::identity::RemoveRemoteEndpoint;
 use crate::actors::policy_watch::{ListPolicies, RemoveSource, UpsertSourceText};
 use crate::api::types::{EndpointSpec, NamespaceSpec, PolicyStatus};
 
@@ -342,13 +342,7 @@ impl KubeSync {
         }
         let p = plan(&self.applied_remote, &desired.remote);
         for (key, spec) in p.upserts {
-            let msg = UpsertRemoteEndpoint {
-                key: key.clone(),
-                labels: spec.labels.clone(),
-                ips: spec.ips.clone(),
-                identity: None,
-            };
-            if agent.identities.send(msg).await.is_ok() {
+            if agent.identities.send(spec.upsert(&key, None)).await.is_ok() {
                 self.applied_remote.insert(key, spec);
             }
         }

@@ -11,13 +11,15 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
 use kube::api::DynamicObject;
 use palisade_policy::labels::LabelSet;
+use palisade_policy::resolve::NamedPort;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::crd::{NodePolicyStatus, tier_condition_type};
 use super::mirror::Mirror;
 use super::translate::{PodInfo, pod_info, policy_source, policy_text};
-use crate::api::types::{EndpointSpec, PolicyStatus};
+use crate::actors::identity::UpsertRemoteEndpoint;
+use crate::api::types::{EndpointSpec, PolicyStatus, PortSpec};
 
 pub const CNP_KIND: &str = "CiliumNetworkPolicy";
 pub const CCNP_KIND: &str = "CiliumClusterwideNetworkPolicy";
@@ -79,6 +81,28 @@ pub fn desired_namespaces(namespaces: &Mirror<Namespace>) -> BTreeMap<String, BT
 pub struct RemoteSpec {
     pub labels: LabelSet,
     pub ips: Vec<IpAddr>,
+    pub named_ports: Vec<NamedPort>,
+}
+
+impl RemoteSpec {
+    /// The pod's named ports (`ports` that are not valid named ports are left out: no rule
+    /// can name them).
+    pub fn new(labels: LabelSet, ips: Vec<IpAddr>, ports: &[PortSpec]) -> RemoteSpec {
+        let named_ports = ports.iter().filter_map(|p| NamedPort::new(&p.name, p.port, &p.protocol).ok()).collect();
+        RemoteSpec { labels, ips, named_ports }
+    }
+
+    /// The identity cache's message for this pod under `key`; `identity`: the cluster's
+    /// number for its labels (kvstore mode), else the node allocates one.
+    pub fn upsert(&self, key: &str, identity: Option<u32>) -> UpsertRemoteEndpoint {
+        UpsertRemoteEndpoint {
+            key: key.to_owned(),
+            labels: self.labels.clone(),
+            ips: self.ips.clone(),
+            named_ports: self.named_ports.clone(),
+            identity,
+        }
+    }
 }
 
 /// The endpoints the pods derive.
@@ -113,7 +137,7 @@ pub fn desired_endpoints(
             }
         } else {
             let labels = info.security_labels(namespaces.get(&info.namespace), cluster);
-            out.remote.insert(info.key(), RemoteSpec { labels, ips: info.ips() });
+            out.remote.insert(info.key(), RemoteSpec::new(labels, info.ips(), &info.ports));
         }
     }
     out

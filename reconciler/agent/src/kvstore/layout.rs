@@ -71,6 +71,22 @@ pub struct IpEntry {
     pub namespace: String,
     #[serde(rename = "K8sPodName", default)]
     pub pod: String,
+    /// The pod's named container ports: other nodes resolve egress rules that name a port
+    /// on them.
+    #[serde(rename = "NamedPorts", default, skip_serializing_if = "Vec::is_empty")]
+    pub named_ports: Vec<KvNamedPort>,
+}
+
+/// A named port of a pod, as published with its address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvNamedPort {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Port")]
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    #[serde(rename = "Protocol")]
+    pub protocol: String,
 }
 
 /// One address of a node.

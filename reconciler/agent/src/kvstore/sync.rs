@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use etcd_client::{EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, WatchOptions};
 use palisade_policy::labels::LabelSet;
 
-use super::layout::{self, Entry, IpEntry, NodeAddress, NodeEntry, label_key};
+use super::layout::{self, Entry, IpEntry, KvNamedPort, NodeAddress, NodeEntry, label_key};
 use super::{Kv, KvError, KvOptions};
 use crate::actors::Agent;
 use crate::actors::endpoints::ListEndpoints;
-use crate::actors::identity::{RemoveRemoteEndpoint, SetKvstoreNodes, UpsertRemoteEndpoint};
+use crate::actors::identity::{RemoveRemoteEndpoint, SetKvstoreNodes};
+use crate::api::types::PortSpec;
+use crate::k8s::sync::RemoteSpec;
 
 /// Runs the lease, the publisher and the watcher until the agent stops.
 pub async fn run(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
@@ -147,8 +149,24 @@ async fn publish(agent: &Agent, kv: &Kv, opts: &KvOptions, published: &mut Publi
     for ep in &eps {
         values.insert(label_key(&ep.labels), (ep.labels.clone(), ep.identity));
         for ip in ep.ipv4.map(IpAddr::V4).into_iter().chain(ep.ipv6.map(IpAddr::V6)) {
-            let entry =
-                IpEntry { ip, host_ip: host, id: ep.identity, namespace: ep.namespace.clone(), pod: ep.name.clone() };
+            let named_ports = ep
+                .named_ports
+                .iter()
+                .filter(|p| !p.name.is_empty())
+                .map(|p| KvNamedPort {
+                    name: p.name.clone(),
+                    port: p.port,
+                    protocol: crate::monitor::protocol_name(p.protocol.number()),
+                })
+                .collect();
+            let entry = IpEntry {
+                ip,
+                host_ip: host,
+                id: ep.identity,
+                namespace: ep.namespace.clone(),
+                pod: ep.name.clone(),
+                named_ports,
+            };
             ips.insert(ip, (ep.identity, serde_json::to_string(&entry).expect("plain struct")));
         }
     }
@@ -245,21 +263,26 @@ impl Store {
 /// The watcher's hand-ins to the identity cache.
 struct Mirror {
     /// `kv/<ip>` -> (labels, address, identity) handed in.
-    applied: BTreeMap<String, (LabelSet, IpAddr, u32)>,
+    applied: BTreeMap<String, (RemoteSpec, u32)>,
     remote_nodes: BTreeSet<IpAddr>,
     last_full: Instant,
 }
 
 /// The other nodes' pods of `store` as remote endpoints (an address whose identity has no
 /// master key yet is left out: it stays world).
-fn desired(store: &Store, own: &[IpAddr]) -> BTreeMap<String, (LabelSet, IpAddr, u32)> {
+fn desired(store: &Store, own: &[IpAddr]) -> BTreeMap<String, (RemoteSpec, u32)> {
     let mut out = BTreeMap::new();
     for e in store.ips.values() {
         if own.contains(&e.host_ip) {
             continue;
         }
         if let Some(labels) = store.identities.get(&e.id) {
-            out.insert(format!("kv/{}", e.ip), (labels.clone(), e.ip, e.id));
+            let ports: Vec<PortSpec> = e
+                .named_ports
+                .iter()
+                .map(|p| PortSpec { name: p.name.clone(), port: p.port, protocol: p.protocol.clone() })
+                .collect();
+            out.insert(format!("kv/{}", e.ip), (RemoteSpec::new(labels.clone(), vec![e.ip], &ports), e.id));
         }
     }
     out
@@ -272,15 +295,13 @@ impl Mirror {
         if all {
             self.last_full = Instant::now();
         }
-        for (key, (labels, ip, id)) in &want {
-            if !all && self.applied.get(key) == Some(&(labels.clone(), *ip, *id)) {
+        for (key, (spec, id)) in &want {
+            if !all && self.applied.get(key) == Some(&(spec.clone(), *id)) {
                 continue;
             }
-            let msg =
-                UpsertRemoteEndpoint { key: key.clone(), labels: labels.clone(), ips: vec![*ip], identity: Some(*id) };
-            match agent.identities.send(msg).await {
+            match agent.identities.send(spec.upsert(key, Some(*id))).await {
                 Ok(got) if got == *id => {
-                    self.applied.insert(key.clone(), (labels.clone(), *ip, *id));
+                    self.applied.insert(key.clone(), (spec.clone(), *id));
                 }
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "identity cache unavailable; will retry"),
@@ -414,7 +435,10 @@ mod tests {
         let other: IpAddr = "10.201.0.1".parse().unwrap();
         for (ip, host, id) in [("10.201.1.10", other, 300), ("10.201.1.11", other, 301), ("10.200.1.10", own, 300)] {
             let ip: IpAddr = ip.parse().unwrap();
-            s.ips.insert(format!("k/{ip}"), IpEntry { ip, host_ip: host, id, namespace: "d".into(), pod: "p".into() });
+            s.ips.insert(
+                format!("k/{ip}"),
+                IpEntry { ip, host_ip: host, id, namespace: "d".into(), pod: "p".into(), named_ports: Vec::new() },
+            );
         }
         let want = desired(&s, &[own]);
         assert_eq!(want.keys().collect::<Vec<_>>(), ["kv/10.201.1.10"], "301 has no master key; 10.200.1.10 is ours");

@@ -75,11 +75,25 @@ pub fn resolve_full(
     cidrs: &CidrIdentities,
     addresses: &BTreeMap<IpAddr, u32>,
 ) -> DesiredState {
+    resolve_on_node(policies, endpoints, identities, cidrs, addresses, &BTreeMap::new())
+}
+
+/// [`resolve_full`] on a node of a cluster: `remote_named_ports` are the other nodes'
+/// pods' named ports by identity, on which egress named ports resolve too.
+pub fn resolve_on_node(
+    policies: &[Policy],
+    endpoints: &[EndpointView],
+    identities: &IdentityAllocator,
+    cidrs: &CidrIdentities,
+    addresses: &BTreeMap<IpAddr, u32>,
+    remote_named_ports: &BTreeMap<u32, Vec<NamedPort>>,
+) -> DesiredState {
     let mut r = PolicyResolver::new(Options::default());
     r.set_policies(Arc::new(policies.to_vec()));
     r.set_cidr_identities(cidrs.clone());
     r.set_endpoints(endpoints.to_vec());
     r.set_identities(Arc::new(identities.clone()), addresses.clone());
+    r.set_remote_named_ports(remote_named_ports.clone());
     r.resolve().clone()
 }
 
@@ -141,7 +155,7 @@ fn l4_blocks(
     direction: Direction,
     peer: u32,
     endpoint: Option<&EndpointView>,
-    endpoints: &[EndpointView],
+    names: PortNames,
 ) -> Vec<(u8, u16, u8)> {
     // The LPM key puts the protocol before the port, so "any protocol" with a port is
     // one entry per protocol that has ports.
@@ -159,7 +173,7 @@ fn l4_blocks(
                 out.extend(range_to_prefixes(*first, *last).into_iter().map(|(p, l)| (number, p, l)));
             }
             Port::Named(name) => {
-                for np in named_ports(name, direction, peer, endpoint, endpoints) {
+                for np in named_ports(name, direction, peer, endpoint, names) {
                     if np.protocol == protocol {
                         out.push((number, np.port, 16));
                     }
@@ -173,20 +187,46 @@ fn l4_blocks(
 }
 
 /// Named ports resolve on the destination: the endpoint itself for ingress; for egress
-/// the local endpoints with the peer's identity (any local endpoint for any peer).
-/// Remote endpoints' named ports are not known here yet.
+/// the endpoints with the peer's identity (any endpoint for any peer): the local ones and
+/// the other nodes' pods (`remote`: their named ports by identity).
 fn named_ports<'a>(
     name: &'a str,
     direction: Direction,
     peer: u32,
     endpoint: Option<&'a EndpointView>,
-    endpoints: &'a [EndpointView],
+    ports: PortNames<'a>,
 ) -> Vec<&'a NamedPort> {
-    let destinations: Vec<&EndpointView> = match direction {
-        Direction::Ingress => endpoint.into_iter().collect(),
-        Direction::Egress => endpoints.iter().filter(|e| peer == identity::ANY || e.identity == peer).collect(),
-    };
-    destinations.into_iter().flat_map(|e| e.named_ports.iter()).filter(|np| np.name == name).collect()
+    match direction {
+        Direction::Ingress => {
+            endpoint.into_iter().flat_map(|e| e.named_ports.iter()).filter(|np| np.name == name).collect()
+        }
+        Direction::Egress => {
+            let local = ports
+                .local
+                .iter()
+                .filter(|e| peer == identity::ANY || e.identity == peer)
+                .flat_map(|e| e.named_ports.iter());
+            let remote =
+                ports.remote.iter().filter(|(id, _)| peer == identity::ANY || **id == peer).flat_map(|(_, p)| p.iter());
+            local.chain(remote).filter(|np| np.name == name).collect()
+        }
+    }
+}
+
+/// Where named ports of egress destinations are looked up: the local endpoints and the
+/// other nodes' pods (named ports by identity).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PortNames<'a> {
+    pub local: &'a [EndpointView],
+    pub remote: &'a BTreeMap<u32, Vec<NamedPort>>,
+}
+
+impl PortNames<'_> {
+    /// No endpoints: rules without named ports need none.
+    pub fn none() -> PortNames<'static> {
+        static EMPTY: BTreeMap<u32, Vec<NamedPort>> = BTreeMap::new();
+        PortNames { local: &[], remote: &EMPTY }
+    }
 }
 
 #[cfg(test)]

@@ -246,6 +246,56 @@ fn named_ports_resolve_on_the_destination() {
     assert_eq!(shown(&s, 1), [format!("egress to {web} TCP/8080 => allow")]);
 }
 
+/// A pod of another node is no local endpoint: its named ports come separately, by
+/// identity, and egress named ports resolve on them too; when they change later, the
+/// incremental update recomputes the endpoints whose rules name ports.
+#[test]
+fn egress_named_ports_resolve_on_other_nodes_pods() {
+    let mut w = World::new();
+    w.pod(1, "default", &[("app", "client")], &[]);
+    let labels = LabelSet::for_pod(
+        "default",
+        &BTreeMap::new(),
+        &BTreeMap::from([("app".to_owned(), "web".to_owned())]),
+        "default",
+        "default",
+    );
+    let web = w.identities.allocate(&labels);
+    let policies = accepted_policies(
+        &cnp(
+            "default",
+            "  endpointSelector: {matchLabels: {app: client}}\n  egress: [{toEndpoints: [{matchLabels: {app: web}}], toPorts: [{ports: [{port: http}]}]}]\n",
+        ),
+        "t.yaml",
+    );
+    let http = |port| BTreeMap::from([(web, vec![NamedPort { name: "http".into(), port, protocol: Protocol::Tcp }])]);
+
+    let mut r = PolicyResolver::new(Options::default());
+    r.set_policies(Arc::new(policies.clone()));
+    r.set_endpoints(w.endpoints.clone());
+    r.set_identities(Arc::new(w.identities.clone()), BTreeMap::new());
+    assert!(shown(r.resolve(), 1).is_empty(), "no pod names the port yet: nothing is allowed");
+
+    r.set_remote_named_ports(http(8080));
+    let changes = r.update(Arc::new(w.identities.clone()), &[], BTreeMap::new());
+    assert!(!changes.full, "{changes:?}");
+    assert_eq!(shown(r.state(), 1), [format!("egress to {web} TCP/8080 => allow")]);
+
+    r.set_remote_named_ports(http(9090));
+    r.update(Arc::new(w.identities.clone()), &[], BTreeMap::new());
+    assert_eq!(shown(r.state(), 1), [format!("egress to {web} TCP/9090 => allow")]);
+
+    let full = resolve_on_node(
+        &policies,
+        &w.endpoints,
+        &w.identities,
+        &CidrIdentities::for_policies(&policies),
+        &BTreeMap::new(),
+        &http(9090),
+    );
+    assert_eq!(full.endpoints, r.state().endpoints, "the incremental result is the full one");
+}
+
 #[test]
 fn enable_default_deny_false_keeps_allows_without_enforcing() {
     let mut w = World::new();

@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use super::super::{RuleOrigin, l4_blocks};
+use super::super::{PortNames, RuleOrigin, l4_blocks};
 use crate::cidr::CidrBlock;
 use crate::identity;
 use crate::model::{
@@ -230,8 +230,10 @@ impl CompiledRules {
                     pr.ports.clone()
                 };
                 let fixed_blocks = fixed.then(|| {
-                    let mut out: Vec<(u8, u16, u8)> =
-                        ports.iter().flat_map(|r| l4_blocks(r, direction, identity::ANY, None, &[])).collect();
+                    let mut out: Vec<(u8, u16, u8)> = ports
+                        .iter()
+                        .flat_map(|r| l4_blocks(r, direction, identity::ANY, None, PortNames::none()))
+                        .collect();
                     out.sort_unstable();
                     out.dedup();
                     out

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::super::{EndpointView, EntryKey, l4_blocks};
+use super::super::{EndpointView, EntryKey, NamedPort, PortNames, l4_blocks};
 use super::compile::{CompiledPeerRule, CompiledRules, PeerRef, TierOrder};
 use super::selections::{SelKey, Selections};
 use super::universe::Universe;
@@ -175,12 +175,21 @@ impl Contributions {
 }
 
 /// What raw entries are made of: the compiled rules, the selections' members, the
-/// universe (the pod behind an address identity) and the local endpoints (named ports).
+/// universe (the pod behind an address identity), the local endpoints and the other
+/// nodes' pods' named ports (by identity).
 pub(super) struct Sources<'a> {
     pub rules: &'a CompiledRules,
     pub selections: &'a Selections,
     pub universe: &'a Universe,
     pub endpoints: &'a [EndpointView],
+    pub remote_named_ports: &'a BTreeMap<u32, Vec<NamedPort>>,
+}
+
+impl Sources<'_> {
+    /// Where egress named ports are looked up.
+    pub fn port_names(&self) -> PortNames<'_> {
+        PortNames { local: self.endpoints, remote: self.remote_named_ports }
+    }
 }
 
 /// The raw entries of endpoint `ep` from its contributions `st`, for every identity
@@ -205,7 +214,7 @@ pub(super) fn raw_entries(
             // of the peer's pod identity.
             let base = src.universe.get(peer).and_then(|m| m.base).unwrap_or(peer);
             for r in &c.ports {
-                l4_blocks(r, c.direction, base, Some(ep), src.endpoints).into_iter().for_each(&mut emit);
+                l4_blocks(r, c.direction, base, Some(ep), src.port_names()).into_iter().for_each(&mut emit);
             }
         }
     };

@@ -66,7 +66,7 @@ use std::sync::Arc;
 use super::{DesiredState, EndpointPolicy, EndpointView};
 use crate::cidr::{CidrIdentities, Prefix};
 use crate::identity::IdentityAllocator;
-use crate::model::Policy;
+use crate::model::{NamedPort, Policy};
 use addresses::{AddressIdentities, Pods};
 use compile::{CompiledRules, PolicyId, policy_id};
 use contributions::{Contributions, Sources};
@@ -105,6 +105,8 @@ struct Inputs {
     /// Pod address -> pod identity (local and remote pods).
     addresses: BTreeMap<IpAddr, u32>,
     cidrs: CidrIdentities,
+    /// Other nodes' pods' named ports, by identity (egress named ports resolve on them).
+    remote_named_ports: BTreeMap<u32, Vec<NamedPort>>,
 }
 
 /// The policies and endpoints the state reflects: the next update compares the inputs
@@ -113,6 +115,7 @@ struct Inputs {
 struct Applied {
     policies: Arc<Vec<Policy>>,
     endpoints: HashMap<u16, EndpointView>,
+    remote_named_ports: BTreeMap<u32, Vec<NamedPort>>,
 }
 
 /// What one update found to do.
@@ -161,6 +164,7 @@ impl PolicyResolver {
                 identities: Arc::new(IdentityAllocator::new()),
                 addresses: BTreeMap::new(),
                 cidrs: CidrIdentities::new(),
+                remote_named_ports: BTreeMap::new(),
             },
             applied: Applied::default(),
             rules: CompiledRules::default(),
@@ -202,6 +206,12 @@ impl PolicyResolver {
     /// new or changed (and, when named ports changed, those whose rules name ports).
     pub fn set_endpoints(&mut self, endpoints: Vec<EndpointView>) {
         self.inputs.endpoints = endpoints;
+    }
+
+    /// The other nodes' pods' named ports, by identity; the next [`PolicyResolver::update`]
+    /// recomputes the endpoints with rules that name ports when they changed.
+    pub fn set_remote_named_ports(&mut self, ports: BTreeMap<u32, Vec<NamedPort>>) {
+        self.inputs.remote_named_ports = ports;
     }
 
     /// Sets identities and pod addresses without resolving (the next
@@ -416,7 +426,10 @@ impl PolicyResolver {
     /// new and changed ones to `recompute` (and, when named ports changed, every endpoint
     /// with a rule that names ports); answers the entries of the endpoints dropped.
     fn apply_endpoint_changes(&mut self, recompute: &mut BTreeSet<u16>) -> usize {
-        let mut named = false;
+        let mut named = self.applied.remote_named_ports != self.inputs.remote_named_ports;
+        if named {
+            self.applied.remote_named_ports.clone_from(&self.inputs.remote_named_ports);
+        }
         let current: BTreeSet<u16> = self.inputs.endpoints.iter().map(|e| e.id).collect();
         let mut gone: Vec<u16> = Vec::new();
         self.applied.endpoints.retain(|id, ep| {
@@ -499,6 +512,7 @@ impl PolicyResolver {
             selections: &self.selections,
             universe: &self.universe,
             endpoints: &self.inputs.endpoints,
+            remote_named_ports: &self.inputs.remote_named_ports,
         };
         let raw = contributions::raw_entries(&sources, ep, st, None);
         let entries = verdicts::decide(&raw, &[], &mut self.rules.origins);
@@ -518,6 +532,7 @@ impl PolicyResolver {
                 selections: &self.selections,
                 universe: &self.universe,
                 endpoints: &self.inputs.endpoints,
+                remote_named_ports: &self.inputs.remote_named_ports,
             };
             let flat = tiered::flatten(&policy, st, &sources, ep);
             flat.apply(&mut policy, &mut self.rules.origins);
@@ -541,6 +556,7 @@ impl PolicyResolver {
             selections: &self.selections,
             universe: &self.universe,
             endpoints: &self.inputs.endpoints,
+            remote_named_ports: &self.inputs.remote_named_ports,
         };
         let raw = contributions::raw_entries(&sources, &self.inputs.endpoints[i], st, Some(ids));
         let old_policy = self.state.endpoints.get(&ep).cloned().unwrap_or_default();
@@ -594,6 +610,7 @@ impl PolicyResolver {
             self.contributions.compute(ep.id, rules, &self.rules, &mut self.selections, &self.universe);
         }
         self.applied.endpoints = endpoints.iter().map(|e| (e.id, e.clone())).collect();
+        self.applied.remote_named_ports.clone_from(&self.inputs.remote_named_ports);
         // Entries.
         let mut all = BTreeMap::new();
         for i in 0..self.inputs.endpoints.len() {

@@ -102,7 +102,7 @@ impl<'a> Chain<'a> {
         let mut out: Vec<(u8, u16, u8)> = c
             .ports
             .iter()
-            .flat_map(|r| l4_blocks(r, c.direction, base, Some(self.endpoint), self.src.endpoints))
+            .flat_map(|r| l4_blocks(r, c.direction, base, Some(self.endpoint), self.src.port_names()))
             .collect();
         out.sort_unstable();
         out.dedup();
