@@ -116,6 +116,9 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     let ct = &mut scratch.ct;
     let new_entry = &mut scratch.new_entry;
     let orient = &mut scratch.orient;
+    // SAFETY: a plain write to this CPU's scratch slot.
+    unsafe { core::ptr::write_volatile(&raw mut scratch.audit, 0) };
+    let audit_out = &mut scratch.audit;
     let mut v = Verdict {
         reason: reason::ALLOWED_ALWAYS,
         match_kind: match_kind::NONE,
@@ -143,7 +146,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
 
     match parse::parse(ctx, pkt) {
         Ok(Parsed::Arp) => {}
-        Ok(Parsed::Ip) => decide(ctx, &ep, dir, enforced, pkt, ct, new_entry, orient, &mut v),
+        Ok(Parsed::Ip) => decide(ctx, &ep, dir, enforced, pkt, ct, new_entry, orient, audit_out, &mut v),
         // Outside the grammar: dropped whether or not policy is enforced, since what the
         // kernel would make of it is not what the program saw.
         Err(Reject(r)) => {
@@ -160,7 +163,34 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     if v.report {
         report(ifindex, &ep, dir, pkt, &v, len);
     }
-    if reason::is_drop(v.reason) { Err(TC_ACT_SHOT) } else { Ok(TC_ACT_UNSPEC) }
+    let action = if reason::is_drop(v.reason) { Err(TC_ACT_SHOT) } else { Ok(TC_ACT_UNSPEC) };
+    // SAFETY: a plain read of this CPU's scratch slot.
+    let want = unsafe { core::ptr::read_volatile(&raw const scratch.audit) };
+    if want & 1 != 0 {
+        audit(ifindex, &ep, dir, &scratch.pkt, (want >> 32) as u32, len);
+    }
+    action
+}
+
+/// Audit mode: looks a packet that passed up in the audit view, and reports an `AUDIT`
+/// event when that view would drop it. Runs after the verdict, with its inputs from the
+/// scratch slot, so the verifier checks it once rather than once per path to it.
+#[inline(always)]
+fn audit(ifindex: u32, ep: &EndpointInfo, dir: u8, pkt: &Packet, peer: u32, len: u32) {
+    let a = policy::check(policy_view::AUDIT, ep.endpoint_id as u16, dir, peer, pkt.protocol, pkt.policy_port);
+    if reason::is_drop(a.reason) {
+        let v = Verdict {
+            reason: reason::ALLOWED_BY_POLICY,
+            match_kind: match_kind::NONE,
+            cookie: 0,
+            peer_identity: peer,
+            report: true,
+            audit_reason: a.reason,
+            audit_match_kind: a.match_kind,
+            audit_cookie: a.cookie,
+        };
+        report(ifindex, ep, dir, pkt, &v, len);
+    }
 }
 
 /// Records a first fragment's ports and verdict for its later fragments. Only a fragment
@@ -195,6 +225,7 @@ fn decide(
     ct: &'static mut CtKey,
     new_entry: &mut CtValue,
     orient: &mut [u32; 2],
+    audit_out: &mut u64,
     v: &mut Verdict,
 ) {
     // The peer's identity is looked up only where it is needed: for policy and for events.
@@ -302,28 +333,18 @@ fn decide(
             v.reason = reason::ALLOWED_NOT_ENFORCED;
         }
         // Audit mode: what the enforced entries let through is looked up again in the audit
-        // view, which never changes the verdict. Only on directions that have one, and on
-        // an unenforced direction only for a flow's first packet (established flows there
-        // pay nothing; enforced ones are re-checked only when the generation moves on).
+        // view (after the verdict, see `audit`), which never changes it. Only on directions
+        // that have one, and on an unenforced direction only for a flow's first packet
+        // (established flows there pay nothing; enforced ones are re-checked only when the
+        // generation moves on).
         let audit_bit =
             if dir == direction::EGRESS { endpoint_flags::EGRESS_AUDIT } else { endpoint_flags::INGRESS_AUDIT };
         if ep.flags & audit_bit != 0 && !reason::is_drop(v.reason) && (enforced || new_flow) {
             if !enforced {
                 v.peer_identity = peer_identity(dir, pkt);
             }
-            let a = policy::check(
-                policy_view::AUDIT,
-                ep.endpoint_id as u16,
-                dir,
-                v.peer_identity,
-                pkt.protocol,
-                pkt.policy_port,
-            );
-            if reason::is_drop(a.reason) {
-                v.audit_reason = a.reason;
-                v.audit_match_kind = a.match_kind;
-                v.audit_cookie = a.cookie;
-            }
+            // SAFETY: a plain write to this CPU's scratch slot.
+            unsafe { core::ptr::write_volatile(audit_out, 1 | u64::from(v.peer_identity) << 32) };
         }
     }
     if reason::is_drop(v.reason) {
@@ -335,8 +356,8 @@ fn decide(
         if pkt.icmp_class == icmp_class::NONE || pkt.icmp_class == icmp_class::ECHO_REQUEST {
             conntrack::allowed(&flow, fwd, pkt, dir, now, v.cookie, generation, new_entry);
         }
-        v.report = v.audit_reason != 0 || new_flow && allow_events_enabled();
-        if v.report && !enforced && v.audit_reason == 0 {
+        v.report = new_flow && allow_events_enabled();
+        if v.report && !enforced {
             v.peer_identity = peer_identity(dir, pkt);
         }
     }
