@@ -83,8 +83,8 @@ pub struct ProbeArgs {
     /// IPv4 or IPv6 addresses of the pods (default: IPv4, or the world host's family).
     #[arg(long, value_parser = ["IPv4", "IPv6"])]
     pub family: Option<String>,
-    /// Exit 1 unless the probe observes this (`allow` or `deny`).
-    #[arg(long, value_parser = ["allow", "deny"])]
+    /// Exit 1 unless the probe observes this (`allow`, `deny`, or `audit`: passed with an AUDIT verdict).
+    #[arg(long, value_parser = ["allow", "deny", "audit"])]
     pub expect: Option<String>,
     /// The result as JSON.
     #[arg(long)]
@@ -229,7 +229,11 @@ pub fn up(args: &UpArgs) -> ExitCode {
 
 pub fn probe(args: &ProbeArgs) -> ExitCode {
     let family = args.family.as_deref().map(|f| if f == "IPv6" { IpFamily::IPv6 } else { IpFamily::IPv4 });
-    let expect = args.expect.as_deref().map(|e| if e == "deny" { Expect::Deny } else { Expect::Allow });
+    let expect = args.expect.as_deref().map(|e| match e {
+        "deny" => Expect::Deny,
+        "audit" => Expect::Audit,
+        _ => Expect::Allow,
+    });
     crate::interactive::probe(&crate::interactive::ProbeOptions {
         name: args.instance.name.clone(),
         from: args.from.clone(),

@@ -175,6 +175,12 @@ impl Flow {
         ev.verdict == "drop" && addrs && same_protocol(&ev.protocol, self.protocol) && ev.ts_ns >= self.since_ns
     }
 
+    /// An AUDIT verdict (audit mode: passed, would have been dropped) of this flow at its
+    /// source's egress or its destination's ingress.
+    pub fn is_audit(&self, ev: &MonitorEvent) -> bool {
+        ev.verdict == "audit" && self.is_forward(ev) && self.place(ev).is_some()
+    }
+
     /// An allow of this flow at one of its ends.
     pub fn is_allow(&self, ev: &MonitorEvent) -> bool {
         ev.verdict == "allow" && self.is_forward(ev) && self.place(ev).is_some()

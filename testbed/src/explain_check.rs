@@ -75,7 +75,8 @@ pub fn combine(at_source: Explanation, at_destination: Explanation) -> Explanati
 /// probe observed nothing to compare: an error).
 pub fn disagreement(observed: Observed, e: &Explanation) -> Option<String> {
     let kernel = match observed {
-        Observed::Allow => "allow",
+        // An audit hit passed: what is enforced allowed it.
+        Observed::Allow | Observed::Audit => "allow",
         Observed::Deny => "deny",
         Observed::Error => return None,
     };

@@ -12,6 +12,8 @@ use crate::scenario::{Expect, IpFamily};
 pub enum Observed {
     Allow,
     Deny,
+    /// Passed, with an AUDIT verdict reported for it (audit mode).
+    Audit,
     Error,
 }
 
@@ -20,6 +22,7 @@ impl Observed {
         match self {
             Observed::Allow => "allow",
             Observed::Deny => "deny",
+            Observed::Audit => "audit",
             Observed::Error => "error",
         }
     }
@@ -72,7 +75,10 @@ impl JudgedOn {
 
 impl ProbeResult {
     pub fn passed(&self) -> bool {
-        matches!((self.expect, self.observed), (Expect::Allow, Observed::Allow) | (Expect::Deny, Observed::Deny))
+        matches!(
+            (self.expect, self.observed),
+            (Expect::Allow, Observed::Allow) | (Expect::Deny, Observed::Deny) | (Expect::Audit, Observed::Audit)
+        )
     }
 }
 

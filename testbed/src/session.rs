@@ -200,6 +200,7 @@ impl Session {
         };
         if let Some(binary) = &opts.agent {
             let mut args = opts.agent_args.clone();
+            args.extend(plan.agent_args.iter().cloned());
             if opts.kubernetes {
                 let server = KubeApiServer::start(session.topology.node.netns.open()?)?;
                 for obj in kubeapi::plan_objects(plan, KUBE_NODE) {
@@ -501,6 +502,13 @@ impl Session {
         // Allowed flows: what decided, from the events that came in meanwhile (each side
         // on the node that judged it).
         if !self.agents.is_empty() {
+            // Audit mode: an allowed probe for which a judging datapath reported an AUDIT
+            // verdict is `audit` (one expected so waits for that report a little).
+            for ((result, flow), p) in results.iter_mut().zip(probes) {
+                if let (Observed::Allow, Some(flow)) = (result.observed, flow.as_ref()) {
+                    self.classify_audit(p, flow, result).await;
+                }
+            }
             let events: Vec<Vec<MonitorEvent>> = self.agents.iter().map(|a| a.collector.snapshot()).collect();
             for ((result, flow), p) in results.iter_mut().zip(probes) {
                 if let (Observed::Allow, Some(flow)) = (result.observed, flow) {
@@ -832,6 +840,40 @@ impl Session {
     }
 
     /// A probe got no answer: a deny only if the datapath reported a policy drop of this flow.
+    /// Makes an allowed probe `audit` when the source's egress or the destination's ingress
+    /// reported an AUDIT verdict for its flow. Waits for such a report only when the probe
+    /// expects one or the scenario has something in audit mode (others look at what came
+    /// in, so scenarios without audit run as before).
+    async fn classify_audit(&self, p: &PlanProbe, flow: &Flow, result: &mut ProbeResult) {
+        let (src_node, dst_node) = (self.plan.node_of(&p.from), self.plan.node_of(&p.to));
+        let mut judges: Vec<&Collector> = vec![&self.agents[src_node].collector];
+        if dst_node != src_node {
+            judges.push(&self.agents[dst_node].collector);
+        }
+        let mut found = judges.iter().find_map(|c| c.snapshot().into_iter().find(|ev| flow.is_audit(ev)));
+        if found.is_none() && (p.expect == Expect::Audit || self.plan.may_audit()) {
+            // The event is sent with the probe's first packet; a short wait covers its way
+            // through the ring buffer and the monitor stream.
+            let grace = if p.expect == Expect::Audit {
+                (self.timeout / 2).max(Duration::from_millis(250))
+            } else {
+                Duration::from_millis(200)
+            };
+            let waits = judges.iter().map(|c| Box::pin(c.wait_for(grace, |ev| flow.is_audit(ev))));
+            found = futures_util::future::select_ok(waits.map(|w| Box::pin(async move { w.await.ok_or(()) })))
+                .await
+                .ok()
+                .map(|(ev, _)| ev);
+        }
+        if let Some(ev) = found {
+            let place = flow.place(&ev).unwrap_or("?");
+            let at = ev.endpoint.clone().unwrap_or_else(|| format!("endpoint {}", ev.endpoint_id));
+            result.observed = Observed::Audit;
+            result.decided_by = format!("audit: {} ({place} {at})", events::describe(&ev));
+            result.detail = Some(format!("passed; audit at {place} of {at}: {}", events::describe(&ev)));
+        }
+    }
+
     async fn no_answer(&self, p: &PlanProbe, dst: usize, flow: &Flow, tag: Option<u32>, result: &mut ProbeResult) {
         let reached = match (p.protocol.port_protocol(), p.port, flow.src_port, &self.listeners) {
             (Some(protocol), Some(port), Some(src_port), Some(listeners)) => listeners.arrived(&Wanted {

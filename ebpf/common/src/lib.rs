@@ -121,6 +121,9 @@ pub mod family {
 pub mod verdict {
     pub const ALLOW: u8 = 1;
     pub const DROP: u8 = 2;
+    /// Passed, but the audit view would have dropped it (audit mode): the event's `reason`
+    /// is the drop the audit view gives, its `cookie` and `match_kind` those of that view.
+    pub const AUDIT: u8 = 3;
 }
 
 /// Why a packet was allowed or dropped. Values below [`DROP_FIRST`](reason::DROP_FIRST)
@@ -205,6 +208,12 @@ pub mod endpoint_flags {
     pub const HAS_IPV4: u32 = 4;
     /// `ipv6` holds the endpoint's IPv6 address.
     pub const HAS_IPV6: u32 = 8;
+    /// Ingress has an audit view ([`policy_view::AUDIT`] entries): a packet the enforced
+    /// entries let through is looked up there too, and reported as an audit hit when that
+    /// view drops it. Set only where the audit view differs from the enforced one.
+    pub const INGRESS_AUDIT: u32 = 16;
+    /// As [`INGRESS_AUDIT`], for egress.
+    pub const EGRESS_AUDIT: u32 = 32;
 }
 
 /// Value of the ENDPOINTS map, keyed by the host-side interface index (u32).
@@ -254,8 +263,19 @@ pub mod ipcache_flags {
     pub const LOCAL_ENDPOINT: u32 = 1;
 }
 
+/// Which resolution a POLICY entry belongs to (the `view` byte of [`PolicyKey`] and
+/// [`PolicyLengthsKey`]).
+pub mod policy_view {
+    /// What is enforced.
+    pub const ENFORCED: u8 = 0;
+    /// What the enforced and the audited policies together would enforce (audit mode):
+    /// looked up only on directions with [`super::endpoint_flags::INGRESS_AUDIT`] or
+    /// [`super::endpoint_flags::EGRESS_AUDIT`], never deciding a packet's fate.
+    pub const AUDIT: u8 = 1;
+}
+
 /// Key of the POLICY map. An entry matches a packet on a bit prefix of these fields, in this
-/// order: endpoint, direction, reserved byte, peer identity ([`POLICY_PREFIX_FIXED`] bits,
+/// order: endpoint, direction, view ([`policy_view`]), peer identity ([`POLICY_PREFIX_FIXED`] bits,
 /// always matched), then protocol (8 bits) and destination port (16 bits). An entry for any
 /// protocol stops after the identity; one for any port stops after the protocol; a port
 /// range is a few entries whose prefix ends inside the port. In the map the key is cut to
@@ -266,7 +286,8 @@ pub mod ipcache_flags {
 pub struct PolicyKey {
     pub endpoint_id_be: [u8; 2],
     pub direction: u8,
-    pub reserved: u8,
+    /// [`policy_view`]: the enforced entries or the audit view's.
+    pub view: u8,
     /// Peer identity; [`identity::ANY`] for "any peer".
     pub identity_be: [u8; 4],
     /// IP protocol ([`proto`]); zero when the prefix ends before it.
@@ -278,7 +299,7 @@ pub struct PolicyKey {
     pub prefix_len: u8,
 }
 
-/// Prefix bits of endpoint + direction + reserved + identity.
+/// Prefix bits of endpoint + direction + view + identity.
 pub const POLICY_PREFIX_FIXED: u32 = 64;
 /// Prefix bits up to and including the protocol.
 pub const POLICY_PREFIX_PROTO: u32 = 72;
@@ -291,7 +312,7 @@ impl PolicyKey {
         PolicyKey {
             endpoint_id_be: endpoint_id.to_be_bytes(),
             direction,
-            reserved: 0,
+            view: policy_view::ENFORCED,
             identity_be: identity.to_be_bytes(),
             protocol,
             dport_be: dport.to_be_bytes(),
@@ -321,14 +342,24 @@ impl PolicyKey {
         k
     }
 
-    /// The `POLICY_LENGTHS` key of this key's (endpoint, direction, identity).
+    /// The same key in view `view` ([`policy_view`]).
+    #[allow(clippy::inline_always, reason = "called by the eBPF programs per packet: inlined, not a BPF-to-BPF call")]
+    #[inline(always)]
+    #[must_use]
+    pub const fn in_view(&self, view: u8) -> PolicyKey {
+        let mut k = *self;
+        k.view = view;
+        k
+    }
+
+    /// The `POLICY_LENGTHS` key of this key's (endpoint, direction, view, identity).
     #[allow(clippy::inline_always, reason = "called by the eBPF programs per packet: inlined, not a BPF-to-BPF call")]
     #[inline(always)]
     pub const fn lengths_key(&self) -> PolicyLengthsKey {
         PolicyLengthsKey {
             endpoint_id_be: self.endpoint_id_be,
             direction: self.direction,
-            reserved: 0,
+            view: self.view,
             identity_be: self.identity_be,
         }
     }
@@ -349,7 +380,8 @@ impl PolicyKey {
 pub struct PolicyLengthsKey {
     pub endpoint_id_be: [u8; 2],
     pub direction: u8,
-    pub reserved: u8,
+    /// [`policy_view`], as in [`PolicyKey`].
+    pub view: u8,
     pub identity_be: [u8; 4],
 }
 
@@ -358,9 +390,19 @@ impl PolicyLengthsKey {
         PolicyLengthsKey {
             endpoint_id_be: endpoint_id.to_be_bytes(),
             direction,
-            reserved: 0,
+            view: policy_view::ENFORCED,
             identity_be: identity.to_be_bytes(),
         }
+    }
+
+    /// The same key in view `view` ([`policy_view`]).
+    #[allow(clippy::inline_always, reason = "called by the eBPF programs per packet: inlined, not a BPF-to-BPF call")]
+    #[inline(always)]
+    #[must_use]
+    pub const fn in_view(&self, view: u8) -> PolicyLengthsKey {
+        let mut k = *self;
+        k.view = view;
+        k
     }
     pub const fn endpoint_id(&self) -> u16 {
         u16::from_be_bytes(self.endpoint_id_be)

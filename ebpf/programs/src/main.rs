@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use palisade_common::{
     CtKey, CtValue, EndpointInfo, VerdictEvent, config, counter_index, direction, endpoint_flags, family, identity,
-    ipcache_flags, match_kind, proto, reason, verdict,
+    ipcache_flags, match_kind, policy_view, proto, reason, verdict,
 };
 
 use crate::{
@@ -89,6 +89,11 @@ struct Verdict {
     peer_identity: u32,
     /// Send a verdict event.
     report: bool,
+    /// The drop the audit view gives a packet that passes (0: none): reported as an
+    /// `AUDIT` event with `audit_cookie` and `audit_match_kind`.
+    audit_reason: u8,
+    audit_match_kind: u8,
+    audit_cookie: u32,
 }
 
 /// Classifies one packet: `Ok(TC_ACT_UNSPEC)` to pass, `Err(TC_ACT_SHOT)` to drop.
@@ -111,12 +116,18 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     let ct = &mut scratch.ct;
     let new_entry = &mut scratch.new_entry;
     let orient = &mut scratch.orient;
+    // SAFETY: a plain write to this CPU's scratch slot.
+    unsafe { core::ptr::write_volatile(&raw mut scratch.audit, 0) };
+    let audit_out = &mut scratch.audit;
     let mut v = Verdict {
         reason: reason::ALLOWED_ALWAYS,
         match_kind: match_kind::NONE,
         cookie: 0,
         peer_identity: 0,
         report: false,
+        audit_reason: 0,
+        audit_match_kind: match_kind::NONE,
+        audit_cookie: 0,
     };
     // SAFETY: the value is copied out at once.
     let Some(ep) = unsafe { ENDPOINTS.get(ifindex) }.copied() else {
@@ -135,7 +146,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
 
     match parse::parse(ctx, pkt) {
         Ok(Parsed::Arp) => {}
-        Ok(Parsed::Ip) => decide(ctx, &ep, dir, enforced, pkt, ct, new_entry, orient, &mut v),
+        Ok(Parsed::Ip) => decide(ctx, &ep, dir, enforced, pkt, ct, new_entry, orient, audit_out, &mut v),
         // Outside the grammar: dropped whether or not policy is enforced, since what the
         // kernel would make of it is not what the program saw.
         Err(Reject(r)) => {
@@ -152,7 +163,34 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     if v.report {
         report(ifindex, &ep, dir, pkt, &v, len);
     }
-    if reason::is_drop(v.reason) { Err(TC_ACT_SHOT) } else { Ok(TC_ACT_UNSPEC) }
+    let action = if reason::is_drop(v.reason) { Err(TC_ACT_SHOT) } else { Ok(TC_ACT_UNSPEC) };
+    // SAFETY: a plain read of this CPU's scratch slot.
+    let want = unsafe { core::ptr::read_volatile(&raw const scratch.audit) };
+    if want & 1 != 0 {
+        audit(ifindex, &ep, dir, &scratch.pkt, (want >> 32) as u32, len);
+    }
+    action
+}
+
+/// Audit mode: looks a packet that passed up in the audit view, and reports an `AUDIT`
+/// event when that view would drop it. Runs after the verdict, with its inputs from the
+/// scratch slot, so the verifier checks it once rather than once per path to it.
+#[inline(always)]
+fn audit(ifindex: u32, ep: &EndpointInfo, dir: u8, pkt: &Packet, peer: u32, len: u32) {
+    let a = policy::check(policy_view::AUDIT, ep.endpoint_id as u16, dir, peer, pkt.protocol, pkt.policy_port);
+    if reason::is_drop(a.reason) {
+        let v = Verdict {
+            reason: reason::ALLOWED_BY_POLICY,
+            match_kind: match_kind::NONE,
+            cookie: 0,
+            peer_identity: peer,
+            report: true,
+            audit_reason: a.reason,
+            audit_match_kind: a.match_kind,
+            audit_cookie: a.cookie,
+        };
+        report(ifindex, ep, dir, pkt, &v, len);
+    }
 }
 
 /// Records a first fragment's ports and verdict for its later fragments. Only a fragment
@@ -187,6 +225,7 @@ fn decide(
     ct: &'static mut CtKey,
     new_entry: &mut CtValue,
     orient: &mut [u32; 2],
+    audit_out: &mut u64,
     v: &mut Verdict,
 ) {
     // The peer's identity is looked up only where it is needed: for policy and for events.
@@ -276,14 +315,37 @@ fn decide(
         v.reason = reason::ALLOWED_BY_POLICY;
         // SAFETY: as above.
         v.cookie = unsafe { (*p).cookie };
-    } else if enforced {
-        v.peer_identity = peer_identity(dir, pkt);
-        let p = policy::check(ep.endpoint_id as u16, dir, v.peer_identity, pkt.protocol, pkt.policy_port);
-        v.reason = p.reason;
-        v.match_kind = p.match_kind;
-        v.cookie = p.cookie;
     } else {
-        v.reason = reason::ALLOWED_NOT_ENFORCED;
+        if enforced {
+            v.peer_identity = peer_identity(dir, pkt);
+            let p = policy::check(
+                policy_view::ENFORCED,
+                ep.endpoint_id as u16,
+                dir,
+                v.peer_identity,
+                pkt.protocol,
+                pkt.policy_port,
+            );
+            v.reason = p.reason;
+            v.match_kind = p.match_kind;
+            v.cookie = p.cookie;
+        } else {
+            v.reason = reason::ALLOWED_NOT_ENFORCED;
+        }
+        // Audit mode: what the enforced entries let through is looked up again in the audit
+        // view (after the verdict, see `audit`), which never changes it. Only on directions
+        // that have one, and on an unenforced direction only for a flow's first packet
+        // (established flows there pay nothing; enforced ones are re-checked only when the
+        // generation moves on).
+        let audit_bit =
+            if dir == direction::EGRESS { endpoint_flags::EGRESS_AUDIT } else { endpoint_flags::INGRESS_AUDIT };
+        if ep.flags & audit_bit != 0 && !reason::is_drop(v.reason) && (enforced || new_flow) {
+            if !enforced {
+                v.peer_identity = peer_identity(dir, pkt);
+            }
+            // SAFETY: a plain write to this CPU's scratch slot.
+            unsafe { core::ptr::write_volatile(audit_out, 1 | u64::from(v.peer_identity) << 32) };
+        }
     }
     if reason::is_drop(v.reason) {
         conntrack::dropped(fwd, dir);
@@ -459,13 +521,14 @@ fn report(ifindex: u32, ep: &EndpointInfo, dir: u8, pkt: &Packet, v: &Verdict, l
     let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else {
         return;
     };
+    let audit = v.audit_reason != 0;
     entry.write(VerdictEvent {
         // SAFETY: a helper without arguments.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         endpoint_id: ep.endpoint_id,
         ifindex,
         peer_identity: v.peer_identity,
-        cookie: v.cookie,
+        cookie: if audit { v.audit_cookie } else { v.cookie },
         saddr: pkt.saddr,
         daddr: pkt.daddr,
         sport: pkt.sport,
@@ -473,9 +536,15 @@ fn report(ifindex: u32, ep: &EndpointInfo, dir: u8, pkt: &Packet, v: &Verdict, l
         family: pkt.family,
         protocol: pkt.protocol,
         direction: dir,
-        verdict: if reason::is_drop(v.reason) { verdict::DROP } else { verdict::ALLOW },
-        reason: v.reason,
-        match_kind: v.match_kind,
+        verdict: if audit {
+            verdict::AUDIT
+        } else if reason::is_drop(v.reason) {
+            verdict::DROP
+        } else {
+            verdict::ALLOW
+        },
+        reason: if audit { v.audit_reason } else { v.reason },
+        match_kind: if audit { v.audit_match_kind } else { v.match_kind },
         tcp_flags: pkt.tcp_flags,
         pad: 0,
         pkt_len: len,

@@ -61,6 +61,11 @@ pub struct Scratch {
     pub new_entry: CtValue,
     /// The packet's orientations in its CONNTRACK entry (see `conntrack::orientations`).
     pub orient: [u32; 2],
+    /// Audit mode: non-zero when the packet is to be looked up in the audit view (bit 0;
+    /// the peer identity in the high 32 bits). Kept here, where the verifier does not track
+    /// values, and read after the verdict: the audit lookup is then checked once, not once
+    /// per path that leads to it.
+    pub audit: u64,
 }
 
 /// Scratch space of one packet (not pinned: nothing outside the program reads it).

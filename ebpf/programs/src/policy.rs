@@ -70,13 +70,13 @@ pub struct PolicyVerdict {
 /// longest first. One hash lookup when there is no entry for the peer at all, two when its
 /// longest entry matches; never more than one per prefix length in use.
 #[inline(always)]
-fn longest(endpoint_id: u16, dir: u8, peer: u32, protocol: u8, port: u16) -> Option<&'static PolicyValue> {
+fn longest(view: u8, endpoint_id: u16, dir: u8, peer: u32, protocol: u8, port: u16) -> Option<&'static PolicyValue> {
     // SAFETY: the bitmap is copied out at once.
-    let mut bits = match unsafe { POLICY_LENGTHS.get(PolicyLengthsKey::new(endpoint_id, dir, peer)) } {
+    let mut bits = match unsafe { POLICY_LENGTHS.get(PolicyLengthsKey::new(endpoint_id, dir, peer).in_view(view)) } {
         Some(b) => *b,
         None => return None,
     };
-    let key = PolicyKey::new(endpoint_id, dir, peer, protocol, port);
+    let key = PolicyKey::new(endpoint_id, dir, peer, protocol, port).in_view(view);
     // Straight from one length in use to the next shorter one: a lookup per set bit, not a
     // test per possible length.
     for _ in 0..POLICY_LENGTHS_COUNT {
@@ -112,18 +112,20 @@ fn highest_bit(x: u32) -> u32 {
     ones.wrapping_sub(1) & 31
 }
 
-/// Looks the packet up in POLICY for endpoint `endpoint_id` in direction `dir`.
+/// Looks the packet up in POLICY for endpoint `endpoint_id` in direction `dir`, in view
+/// `view` ([`policy_view`](palisade_common::policy_view): the enforced entries or the audit
+/// view's).
 #[inline(always)]
-pub fn check(endpoint_id: u16, dir: u8, peer: u32, protocol: u8, port: u16) -> PolicyVerdict {
+pub fn check(view: u8, endpoint_id: u16, dir: u8, peer: u32, protocol: u8, port: u16) -> PolicyVerdict {
     // Results stay references (null when absent): copying them into an `Option` of values
     // lets LLVM read the fields of a `None`, which the verifier rejects as uninitialised.
-    let exact = longest(endpoint_id, dir, peer, protocol, port);
+    let exact = longest(view, endpoint_id, dir, peer, protocol, port);
     // A deny for the exact identity decides: nothing the any-peer lookup finds can beat it.
     let exact_denies = exact.is_some_and(|e| e.flags & policy_flags::DENY != 0);
     let any = if peer == identity::ANY || exact_denies {
         None
     } else {
-        longest(endpoint_id, dir, identity::ANY, protocol, port)
+        longest(view, endpoint_id, dir, identity::ANY, protocol, port)
     };
     // Deny first (exact identity preferred), then allow (exact identity preferred).
     let (f, exact_identity) = match (exact, any) {

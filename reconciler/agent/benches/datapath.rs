@@ -647,6 +647,7 @@ fn flow_enrichment() -> f64 {
                 identity: 255 + id,
                 labels,
                 default_deny_by: [deny_by, Vec::new()],
+                audit_default_deny_by: [Vec::new(), Vec::new()],
                 fail_closed: [false; 2],
             },
         );

@@ -172,6 +172,9 @@ pub fn to_flow(ev: &VerdictEvent, ctx: &DecodeContext, unix_ns: u64) -> Flow {
     let (src_ip, dst_ip) = (addr(ev.family, &ev.saddr), addr(ev.family, &ev.daddr));
     let ingress = ev.direction == direction::INGRESS;
     let dropped = ev.verdict == verdict::DROP;
+    // Audit mode: the packet passed, and `reason`, `cookie` and `match_kind` are the audit
+    // view's drop.
+    let audit = ev.verdict == verdict::AUDIT;
     // The hook's endpoint is the destination at ingress, the source at egress; the other
     // end is the peer the datapath identified.
     let me = local(ctx, ev.endpoint_id);
@@ -181,9 +184,16 @@ pub fn to_flow(ev: &VerdictEvent, ctx: &DecodeContext, unix_ns: u64) -> Flow {
     let dir_name = if ingress { "ingress" } else { "egress" };
     let mut f = Flow {
         time: rfc3339(unix_ns),
-        verdict: if dropped { "DROPPED" } else { "FORWARDED" }.into(),
-        drop_reason_desc: dropped.then(|| drop_reason_desc(ev.reason).to_string()),
-        forward_reason_desc: (!dropped).then(|| forward_reason_desc(ev.reason).to_string()),
+        verdict: if audit {
+            "AUDIT"
+        } else if dropped {
+            "DROPPED"
+        } else {
+            "FORWARDED"
+        }
+        .into(),
+        drop_reason_desc: (dropped || audit).then(|| drop_reason_desc(ev.reason).to_string()),
+        forward_reason_desc: (!dropped && !audit).then(|| forward_reason_desc(ev.reason).to_string()),
         ip: FlowIp {
             source: src_ip.to_string(),
             destination: dst_ip.to_string(),
@@ -217,6 +227,26 @@ pub fn to_flow(ev: &VerdictEvent, ctx: &DecodeContext, unix_ns: u64) -> Flow {
             let p = rule_policies(ctx, ev, "allow");
             let rules: Vec<String> = p.iter().map(|p| format!("{} {}", p.policy_name(), p.rule)).collect();
             let s = format!("allowed at the {dir_name} of {here} by {}", rules.join(", ").trim());
+            (p, s)
+        }
+        reason::DROP_POLICY_DENY_RULE if audit => {
+            let p = rule_policies(ctx, ev, "audit");
+            let rules: Vec<String> = p.iter().map(|p| format!("{} {}", p.policy_name(), p.rule)).collect();
+            let s = format!(
+                "audit: passed, but would be denied at the {dir_name} of {here} by the deny rule {}",
+                rules.join(", ").trim()
+            );
+            (p, s)
+        }
+        reason::DROP_POLICY_DENIED if audit => {
+            let d = usize::from(ev.direction & 1);
+            let p =
+                ctx.endpoint_info.get(&ev.endpoint_id).map(|e| e.audit_default_deny_by[d].clone()).unwrap_or_default();
+            let s = format!(
+                "audit: passed, but would be denied at the {dir_name} of {here} by default deny: {} selects it for \
+                 {dir_name} and no rule allows the flow",
+                names(&p)
+            );
             (p, s)
         }
         reason::DROP_POLICY_DENY_RULE => {
@@ -263,7 +293,7 @@ pub fn to_flow(ev: &VerdictEvent, ctx: &DecodeContext, unix_ns: u64) -> Flow {
         r => (Vec::new(), format!("dropped: {}", crate::monitor::reason_name(r))),
     };
     f.summary = summary;
-    match (ingress, dropped) {
+    match (ingress, dropped || audit) {
         (true, false) => f.ingress_allowed_by = policies,
         (false, false) => f.egress_allowed_by = policies,
         (true, true) => f.ingress_denied_by = policies,
@@ -395,6 +425,7 @@ mod tests {
                 }],
                 Vec::new(),
             ],
+            audit_default_deny_by: [Vec::new(), Vec::new()],
             fail_closed: [false; 2],
         };
         c.endpoint_info.insert(2, backend);
@@ -477,6 +508,51 @@ mod tests {
         let f = to_flow(&event(reason::DROP_POLICY_DENIED, 0), &c, 0);
         assert_eq!(f.ingress_denied_by[0].policy_name(), "built-in fail-closed (map overflow)");
         assert!(f.summary.starts_with("fail closed at the ingress of default/backend"), "{}", f.summary);
+    }
+
+    /// Audit mode: an AUDIT event is a forwarded packet that the audit view would drop; its
+    /// record says AUDIT, the would-be drop reason, and the audited policy (rule, or the
+    /// policy that would make the endpoint default-deny) with action `audit`, which is what
+    /// `palisade_policy_verdicts_total{action="audit"}` counts.
+    #[test]
+    fn an_audit_verdict_names_the_audited_policy() {
+        let mut c = ctx();
+        c.origins.insert(
+            9,
+            vec![palisade_policy::RuleOrigin {
+                kind: palisade_policy::PolicyKind::CiliumNetworkPolicy,
+                namespace: Some("default".into()),
+                name: "deny-metrics".into(),
+                direction: palisade_policy::Direction::Ingress,
+                rule_index: 0,
+                peer_rule_index: 0,
+                path: "spec.ingressDeny[0]".into(),
+                tier: None,
+            }],
+        );
+        let audit = |r, cookie| VerdictEvent { verdict: verdict::AUDIT, ..event(r, cookie) };
+        let f = to_flow(&audit(reason::DROP_POLICY_DENY_RULE, 9), &c, 0);
+        assert_eq!((f.verdict.as_str(), f.drop_reason_desc.as_deref()), ("AUDIT", Some("POLICY_DENY")));
+        assert_eq!(f.forward_reason_desc, None);
+        assert_eq!(f.event_type, "policy-verdict");
+        let by: Vec<_> = f.decided_by().map(|p| (p.policy_name(), p.rule.clone(), p.action.clone())).collect();
+        assert_eq!(
+            by,
+            vec![("CiliumNetworkPolicy default/deny-metrics".into(), "spec.ingressDeny[0]".into(), "audit".into())]
+        );
+        assert!(f.summary.starts_with("audit: passed, but would be denied at the ingress of default/backend"));
+
+        c.endpoint_info.get_mut(&2).unwrap().audit_default_deny_by[0] = vec![FlowPolicy {
+            kind: "NetworkPolicy".into(),
+            namespace: "default".into(),
+            name: "isolate".into(),
+            rule: String::new(),
+            action: "audit".into(),
+        }];
+        let f = to_flow(&audit(reason::DROP_POLICY_DENIED, 0), &c, 0);
+        assert_eq!((f.verdict.as_str(), f.drop_reason_desc.as_deref()), ("AUDIT", Some("POLICY_DENIED")));
+        assert_eq!(f.ingress_denied_by[0].policy_name(), "NetworkPolicy default/isolate");
+        assert!(f.summary.contains("by default deny: NetworkPolicy default/isolate selects it"), "{}", f.summary);
     }
 
     #[test]

@@ -86,7 +86,8 @@ pub struct DecodeContext {
     /// whether or not the direction is enforced; computed for the policies and endpoints
     /// of `deny_by_of` (held, so compared by pointer: recomputed only when either list
     /// is a new one).
-    deny_by_all: BTreeMap<u32, [Vec<palisade_api::flow::FlowPolicy>; 2]>,
+    /// Index: direction, then +2 for the audit view's.
+    deny_by_all: BTreeMap<u32, [Vec<palisade_api::flow::FlowPolicy>; 4]>,
     deny_by_of: Option<DenyBySource>,
 }
 
@@ -102,6 +103,9 @@ pub struct EndpointNames {
     /// Per direction ([`direction`] index): the policies that put the endpoint into
     /// default deny there (empty when the direction is not enforced).
     pub default_deny_by: [Vec<palisade_api::flow::FlowPolicy>; 2],
+    /// Per direction: the policies that put the endpoint's audit view into default deny
+    /// there (action `audit`; the audited ones when some are, else all), for AUDIT flows.
+    pub audit_default_deny_by: [Vec<palisade_api::flow::FlowPolicy>; 2],
     /// Per direction: denied entirely because the endpoint's entries do not fit in the
     /// maps (see `mapErrors` in the status).
     pub fail_closed: [bool; 2],
@@ -153,35 +157,47 @@ pub fn set_endpoint_names(ctx: &mut DecodeContext, msg: &crate::writer::Desired)
     let same =
         ctx.deny_by_of.as_ref().is_some_and(|(p, e)| Arc::ptr_eq(p, &msg.policies) && Arc::ptr_eq(e, &msg.endpoints));
     if !same {
+        let flow_policy = |p: &palisade_policy::Policy, action: &str| palisade_api::flow::FlowPolicy {
+            kind: p.kind.to_string(),
+            namespace: p.namespace.clone().unwrap_or_default(),
+            name: p.name.clone(),
+            rule: String::new(),
+            action: action.into(),
+        };
+        // What is enforced names the enforced policies only; the audit view the audited
+        // ones when some select the endpoint (the would-be default deny is theirs), else
+        // every one (the endpoint itself is in audit mode).
         let by = |e: &crate::endpoint::LocalEndpoint, dir: Direction| {
-            palisade_policy::explain::default_deny_by(&msg.policies, &e.labels, dir)
-                .iter()
-                .map(|p| palisade_api::flow::FlowPolicy {
-                    kind: p.kind.to_string(),
-                    namespace: p.namespace.clone().unwrap_or_default(),
-                    name: p.name.clone(),
-                    rule: String::new(),
-                    action: "default-deny".into(),
-                })
-                .collect::<Vec<_>>()
+            let all = palisade_policy::explain::default_deny_by(&msg.policies, &e.labels, dir);
+            let enforced: Vec<_> = all.iter().filter(|p| !p.audit).map(|p| flow_policy(p, "default-deny")).collect();
+            let audited = if all.iter().any(|p| p.audit) {
+                all.iter().filter(|p| p.audit).map(|p| flow_policy(p, "audit")).collect()
+            } else {
+                all.iter().map(|p| flow_policy(p, "audit")).collect()
+            };
+            [enforced, audited]
         };
         ctx.deny_by_all = msg
             .endpoints
             .iter()
-            .map(|e| (u32::from(e.id), [by(e, Direction::Ingress), by(e, Direction::Egress)]))
+            .map(|e| {
+                let [ie, ia] = by(e, Direction::Ingress);
+                let [ee, ea] = by(e, Direction::Egress);
+                (u32::from(e.id), [ie, ee, ia, ea])
+            })
             .collect();
         ctx.deny_by_of = Some((msg.policies.clone(), msg.endpoints.clone()));
     }
     for e in msg.endpoints.iter() {
         let id = u32::from(e.id);
         let policy = msg.desired.endpoints.get(&e.id);
-        let deny_by = |dir: Direction| {
-            let enforced = policy.is_some_and(|p| match dir {
-                Direction::Ingress => p.ingress_enforced,
-                Direction::Egress => p.egress_enforced,
-            });
+        let deny_by = |dir: Direction, audit: bool| {
+            let view = if audit { policy.and_then(|p| p.audit.as_deref()) } else { policy.map(AsRef::as_ref) };
+            let enforced = view.is_some_and(|p| p.enforced(dir));
             match ctx.deny_by_all.get(&id) {
-                Some(lists) if enforced => lists[usize::from(dir == Direction::Egress)].clone(),
+                Some(lists) if enforced => {
+                    lists[usize::from(dir == Direction::Egress) + 2 * usize::from(audit)].clone()
+                }
                 _ => Vec::new(),
             }
         };
@@ -192,7 +208,8 @@ pub fn set_endpoint_names(ctx: &mut DecodeContext, msg: &crate::writer::Desired)
                 name: e.name.clone(),
                 identity: e.identity,
                 labels: e.labels.iter().map(ToString::to_string).collect(),
-                default_deny_by: [deny_by(Direction::Ingress), deny_by(Direction::Egress)],
+                default_deny_by: [deny_by(Direction::Ingress, false), deny_by(Direction::Egress, false)],
+                audit_default_deny_by: [deny_by(Direction::Ingress, true), deny_by(Direction::Egress, true)],
                 fail_closed: [false; 2],
             },
         );
@@ -258,7 +275,12 @@ pub fn decode(ev: &VerdictEvent, ctx: &DecodeContext) -> MonitorEvent {
         endpoint_id: ev.endpoint_id,
         endpoint: ctx.endpoints.get(&ev.endpoint_id).cloned(),
         direction: if ev.direction == direction::INGRESS { "ingress" } else { "egress" }.into(),
-        verdict: if ev.verdict == verdict::DROP { "drop" } else { "allow" }.into(),
+        verdict: match ev.verdict {
+            verdict::DROP => "drop",
+            verdict::AUDIT => "audit",
+            _ => "allow",
+        }
+        .into(),
         reason: reason_name(ev.reason).into(),
         match_kind: match_kind_name(ev.match_kind).into(),
         src: addr(ev.family, &ev.saddr).to_string(),

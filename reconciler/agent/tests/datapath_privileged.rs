@@ -17,7 +17,7 @@ use palisade_agent::datapath::{
 use palisade_common::{
     CtKey, EndpointInfo, IpcacheValue, Ipv4Prefix, Ipv6Prefix, POLICY_PREFIX_FIXED, POLICY_PREFIX_FULL,
     POLICY_PREFIX_PROTO, PolicyKey, PolicyValue, VerdictEvent, ct_flags, direction, endpoint_flags, family, identity,
-    map_names, match_kind, policy_flags, proto, reason, verdict,
+    map_names, match_kind, policy_flags, policy_view, proto, reason, verdict,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -76,6 +76,14 @@ impl Fixture {
     #[allow(clippy::too_many_arguments, reason = "one argument per key field, as in the ABI")]
     fn rule(&mut self, dir: u8, peer: u32, protocol: u8, port: u16, prefix_len: u32, deny: bool, cookie: u32) {
         let key = PolicyKey::new(EP_ID, dir, peer, protocol, port);
+        let value = PolicyValue { flags: if deny { policy_flags::DENY } else { 0 }, cookie, prefix_len };
+        self.maps.insert_policy(prefix_len, key, value).expect("insert policy");
+    }
+
+    /// An entry of the audit view ([`policy_view::AUDIT`]).
+    #[allow(clippy::too_many_arguments, reason = "one argument per key field, as in the ABI")]
+    fn audit_rule(&mut self, dir: u8, peer: u32, protocol: u8, port: u16, prefix_len: u32, deny: bool, cookie: u32) {
+        let key = PolicyKey::new(EP_ID, dir, peer, protocol, port).in_view(policy_view::AUDIT);
         let value = PolicyValue { flags: if deny { policy_flags::DENY } else { 0 }, cookie, prefix_len };
         self.maps.insert_policy(prefix_len, key, value).expect("insert policy");
     }
@@ -944,4 +952,77 @@ fn uninstall_removes_pins_and_links() {
         assert!(!tc_filters("pal-h3", "egress").contains("palisade"));
         Datapath::uninstall(&pins.0).unwrap();
     });
+}
+
+// ---------------------------------------------------------------------------------------
+// Audit mode
+
+/// An enforced endpoint with an audit view: what the enforced entries allow and the audit
+/// view denies (a deny rule or its default deny) passes with an AUDIT event carrying the
+/// audit view's reason and cookie; what both allow passes without one; what the enforced
+/// entries deny is dropped whatever the audit view says. Counters count the enforced
+/// verdicts; a flow's later packets add nothing.
+#[test]
+fn audit_view_reports_would_be_drops_and_never_changes_the_verdict() {
+    let mut fx = Fixture::new();
+    fx.endpoint(LO, endpoint_flags::INGRESS_ENFORCED | endpoint_flags::INGRESS_AUDIT);
+    fx.ipcache(PEER, 32, PEER_ID);
+    fx.ipcache(OTHER, 32, OTHER_ID);
+    // Enforced: PEER on 80 and 81.
+    fx.rule(direction::INGRESS, PEER_ID, proto::TCP, 80, POLICY_PREFIX_FULL, false, 7);
+    fx.rule(direction::INGRESS, PEER_ID, proto::TCP, 81, POLICY_PREFIX_FULL, false, 7);
+    // Audit view: PEER on 80 allowed, 81 denied by a rule; default deny for the rest.
+    fx.audit_rule(direction::INGRESS, PEER_ID, proto::TCP, 80, POLICY_PREFIX_FULL, false, 7);
+    fx.audit_rule(direction::INGRESS, PEER_ID, proto::TCP, 81, POLICY_PREFIX_FULL, true, 9);
+
+    assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_SYN)), "both allow");
+    assert!(fx.events().is_empty(), "no audit hit, allow events off: {:?}", fx.events());
+
+    assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40001, 81, TCP_SYN)), "the audited deny rule only reports");
+    let evs = fx.events();
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    let ev = evs[0];
+    assert_eq!(
+        (ev.verdict, ev.reason, ev.match_kind, ev.cookie, ev.peer_identity),
+        (verdict::AUDIT, reason::DROP_POLICY_DENY_RULE, match_kind::L3_L4, 9, PEER_ID)
+    );
+    assert_eq!(fx.packets(reason::ALLOWED_BY_POLICY, direction::INGRESS), 2, "counted as enforced: allowed");
+    assert_eq!(fx.packets(reason::DROP_POLICY_DENY_RULE, direction::INGRESS), 0);
+    // The flow's next packet: the established path, no second lookup, no event.
+    assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40001, 81, TCP_ACK)), "established");
+    assert!(fx.events().is_empty(), "one audit report per flow");
+
+    // Enforced default deny: dropped, reported as a drop, the audit view is not consulted.
+    assert_dropped(fx.run(Hook::ToPod, &tcp4(OTHER, POD, 40002, 80, TCP_SYN)), "enforced deny stays");
+    let ev = fx.events()[0];
+    assert_eq!((ev.verdict, ev.reason), (verdict::DROP, reason::DROP_POLICY_DENIED));
+}
+
+/// An endpoint in audit mode (nothing enforced, the audit view holds its policy): its
+/// would-be default deny passes with an AUDIT event; a spoofed source is still dropped.
+#[test]
+fn endpoint_audit_mode_passes_policy_drops_but_not_spoofing() {
+    let mut fx = Fixture::new();
+    fx.endpoint(LO, endpoint_flags::HAS_IPV4 | endpoint_flags::INGRESS_AUDIT | endpoint_flags::EGRESS_AUDIT);
+    fx.ipcache(PEER, 32, PEER_ID);
+    fx.audit_rule(direction::INGRESS, PEER_ID, proto::TCP, 80, POLICY_PREFIX_FULL, false, 7);
+    // Egress audit view: enforced with no entry at all (default deny).
+    fx.audit_rule(direction::EGRESS, OTHER_ID, proto::UDP, 53, POLICY_PREFIX_FULL, false, 8);
+
+    assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 80, TCP_SYN)), "allowed in the audit view");
+    assert!(fx.events().is_empty());
+    assert_passed(fx.run(Hook::ToPod, &tcp4(PEER, POD, 40000, 22, TCP_SYN)), "would-be default deny");
+    let ev = fx.events()[0];
+    assert_eq!((ev.verdict, ev.reason, ev.cookie), (verdict::AUDIT, reason::DROP_POLICY_DENIED, 0));
+    assert_eq!(fx.packets(reason::ALLOWED_NOT_ENFORCED, direction::INGRESS), 2);
+    assert_passed(fx.run(Hook::FromPod, &tcp4(POD, INTERNET, 5000, 443, TCP_SYN)), "egress would-be deny");
+    let ev = fx.events()[0];
+    assert_eq!(
+        (ev.verdict, ev.reason, ev.direction, ev.peer_identity),
+        (verdict::AUDIT, reason::DROP_POLICY_DENIED, direction::EGRESS, identity::WORLD_IPV4)
+    );
+    // Not policy's to pass: a source that is not the pod's own.
+    assert_dropped(fx.run(Hook::FromPod, &tcp4(OTHER, INTERNET, 5000, 443, TCP_SYN)), "spoofed");
+    let ev = fx.events()[0];
+    assert_eq!((ev.verdict, ev.reason), (verdict::DROP, reason::DROP_SPOOFED_SOURCE));
 }

@@ -178,6 +178,10 @@ pub struct PolicyStatus {
     pub warnings: Vec<String>,
     /// The revision at which this manifest last changed.
     pub revision: u64,
+    /// In audit mode (annotation `palisade.io/audit: "true"`): accepted and resolved, but
+    /// only reported on (AUDIT flows), never enforced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
 }
 
 /// The agent as a whole.
@@ -387,6 +391,10 @@ pub struct BpfPolicyEntry {
     pub policies: Vec<String>,
     /// The rules behind the entry (`Kind namespace/name spec.ingress[0]`).
     pub rules: Vec<String>,
+    /// An entry of the audit view (audit mode): looked up only to report AUDIT verdicts,
+    /// never enforced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit_view: bool,
     /// False if `POLICY_LENGTHS` does not list the entry's length: the datapath would never
     /// look it up (a bug or a half-written update).
     pub probed: bool,

@@ -554,12 +554,17 @@ async fn run(cli: Cli, negated: Vec<String>) -> Result<(), String> {
                             p.namespace.clone().unwrap_or_else(|| "-".into()),
                             p.name.clone(),
                             if p.enforced { "enforced".into() } else { "REJECTED".into() },
+                            match (p.enforced, p.audit) {
+                                (false, _) => "-".into(),
+                                (true, false) => "enforce".into(),
+                                (true, true) => "audit".into(),
+                            },
                             p.revision.to_string(),
                             p.error.clone().unwrap_or_else(|| p.warnings.join("; ")),
                         ]
                     })
                     .collect();
-                table(&["KIND", "NAMESPACE", "NAME", "STATE", "REVISION", "DETAIL"], rows);
+                table(&["KIND", "NAMESPACE", "NAME", "STATE", "MODE", "REVISION", "DETAIL"], rows);
             }
         }
         Command::Ipcache { command: IpcacheCommand::List } => {
@@ -608,7 +613,10 @@ async fn run(cli: Cli, negated: Vec<String>) -> Result<(), String> {
                     .iter()
                     .map(|e| {
                         let from = if e.rules.is_empty() { e.policies.join("; ") } else { e.rules.join("; ") };
-                        let action = if e.probed { e.action.clone() } else { format!("{} (NOT PROBED)", e.action) };
+                        let mut action = if e.probed { e.action.clone() } else { format!("{} (NOT PROBED)", e.action) };
+                        if e.audit_view {
+                            action.push_str(" (audit view)");
+                        }
                         let peer = match e.identity {
                             0 => "any".to_string(),
                             n => format!("{n} {}", short_labels(&e.labels)),

@@ -435,6 +435,7 @@ pub mod offline {
     /// The agent's state for some namespaces, pods, reserved addresses and policy files.
     pub struct OfflineState {
         statuses: Vec<PolicyStatus>,
+        /// The enforced ones (audit mode: policies with the audit annotation are not).
         policies: Vec<Policy>,
         endpoints: Vec<LocalEndpoint>,
         allocator: IdentityAllocator,
@@ -538,9 +539,18 @@ pub mod offline {
             cidrs.sync(&policies);
             let views: Vec<EndpointView> = endpoints.iter().map(LocalEndpoint::view).collect();
             let addresses = pod_addresses(&endpoints, &external.pod_addresses());
+            // Audit mode, as the agent enforces it: audited policies are not enforced (their
+            // prefixes keep identities, as in the agent), and pods in audit mode (by their
+            // pod's or namespace's label) enforce nothing.
+            let policies: Vec<Policy> = policies.into_iter().filter(|p| !p.audit).collect();
             let remote_ports = external.remote_named_ports();
             let mut desired = resolve_on_node(&policies, &views, &allocator, &cidrs, &addresses, &remote_ports);
             allow_localhost(&mut desired);
+            for e in &endpoints {
+                if palisade_policy::resolve::endpoint_audited(&e.labels) {
+                    desired.endpoints.insert(e.id, std::sync::Arc::default());
+                }
+            }
             let ipcache = assemble_ipcache(&desired, &external.entries(), &endpoints);
             Ok(OfflineState {
                 statuses: sources.statuses(),

@@ -98,6 +98,7 @@ impl PolicySources {
             error: Some(error),
             warnings: Vec::new(),
             revision: next_revision,
+            audit: false,
         };
         let text = match std::str::from_utf8(bytes) {
             Ok(t) => t,
@@ -146,6 +147,7 @@ impl PolicySources {
                             error: Some(msg),
                             warnings: Vec::new(),
                             revision: next_revision,
+                            audit: false,
                         });
                         continue;
                     }
@@ -161,6 +163,7 @@ impl PolicySources {
                         error: None,
                         warnings: policy.warnings.clone(),
                         revision: next_revision,
+                        audit: policy.audit,
                     });
                     now.insert(id, policy);
                 }
@@ -186,6 +189,7 @@ impl PolicySources {
                         }),
                         warnings: Vec::new(),
                         revision: next_revision,
+                        audit: false,
                     });
                 }
             }

@@ -152,7 +152,16 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Accepted-but-noteworthy things (unenforced L7 parts, ignored fields...).
     pub warnings: Vec<String>,
+    /// In audit mode (annotation [`AUDIT_ANNOTATION`]`: "true"`): resolved as if enforced,
+    /// but only reported on (AUDIT flows), never enforced.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
 }
+
+/// The annotation that puts a policy (of any kind) into audit mode: `"true"` or `"false"`.
+/// As a label (`palisade.io/audit=true`) on a pod or a namespace it puts every pod of that
+/// scope into audit mode (see the agent's endpoint audit).
+pub const AUDIT_ANNOTATION: &str = "palisade.io/audit";
 
 impl Policy {
     /// `kind namespace/name` or `kind name`, for messages.

@@ -31,6 +31,21 @@ pub struct RawScenario {
     pub policies: Vec<serde_json::Value>,
     #[serde(default)]
     pub probes: Vec<RawProbe>,
+    /// How the agent enforces policy (audit mode, enforcement switch); absent: defaults.
+    #[serde(default)]
+    pub agent: Option<RawAgent>,
+}
+
+/// The agent's policy switches for a scenario (its command line flags).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawAgent {
+    /// `--policy-audit-mode`.
+    #[serde(default)]
+    pub policy_audit_mode: bool,
+    /// `--policy-enforcement`: `default`, `always` or `never`.
+    #[serde(default)]
+    pub policy_enforcement: Option<String>,
 }
 
 /// A pod of the scenario.
@@ -199,6 +214,9 @@ impl fmt::Display for ProbeProtocol {
 pub enum Expect {
     Allow,
     Deny,
+    /// Passes (as `allow`), and the datapath reports an AUDIT verdict for it: policy in
+    /// audit mode would have dropped it.
+    Audit,
 }
 
 impl Expect {
@@ -206,6 +224,7 @@ impl Expect {
         match self {
             Expect::Allow => "allow",
             Expect::Deny => "deny",
+            Expect::Audit => "audit",
         }
     }
 }

@@ -82,9 +82,23 @@ pub struct Plan {
     pub hosts: Vec<PlanHost>,
     pub policies: Vec<PlanPolicy>,
     pub probes: Vec<PlanProbe>,
+    /// The agent's extra flags from the scenario's `agent` key (`--policy-audit-mode`,
+    /// `--policy-enforcement always`).
+    pub agent_args: Vec<String>,
 }
 
 impl Plan {
+    /// Whether anything of the scenario is in audit mode (agent-wide, a policy's
+    /// annotation, a namespace's or pod's label `palisade.io/audit: "true"`): only then
+    /// does the testbed wait for AUDIT verdicts of allowed probes.
+    pub fn may_audit(&self) -> bool {
+        const KEY: &str = "palisade.io/audit";
+        self.agent_args.iter().any(|a| a == "--policy-audit-mode")
+            || self.policies.iter().any(|p| p.manifest["metadata"]["annotations"][KEY] == "true")
+            || self.namespaces.values().any(|l| l.get(KEY).is_some_and(|v| v == "true"))
+            || self.pods.iter().any(|p| p.labels.get(KEY).is_some_and(|v| v == "true"))
+    }
+
     pub fn pod(&self, index: usize) -> &PlanPod {
         &self.pods[index]
     }

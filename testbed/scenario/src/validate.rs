@@ -89,6 +89,22 @@ pub(super) fn resolve(raw: RawScenario, file: &Path) -> Result<Plan, Vec<Issue>>
         issues.push(Issue::invalid("name", "must not be empty"));
     }
     let ip_families = check_families(raw.ip_families.as_deref(), &mut issues);
+    let mut agent_args = Vec::new();
+    if let Some(agent) = &raw.agent {
+        if agent.policy_audit_mode {
+            agent_args.push("--policy-audit-mode".to_owned());
+        }
+        match agent.policy_enforcement.as_deref() {
+            None => {}
+            Some(e @ ("default" | "always" | "never")) => {
+                agent_args.extend(["--policy-enforcement".to_owned(), e.to_owned()]);
+            }
+            Some(other) => issues.push(Issue::invalid(
+                "agent.policyEnforcement",
+                format!("must be default, always or never, not {other:?}"),
+            )),
+        }
+    }
     if let Some(c) = &raw.cluster
         && !is_dns_label(c)
     {
@@ -129,6 +145,7 @@ pub(super) fn resolve(raw: RawScenario, file: &Path) -> Result<Plan, Vec<Issue>>
             hosts,
             policies,
             probes,
+            agent_args,
         })
     } else {
         Err(issues)

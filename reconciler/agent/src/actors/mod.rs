@@ -64,6 +64,8 @@ pub struct AgentConfig {
     pub flow_buffer_size: usize,
     /// This node's name in flow records (default: the host name).
     pub node_name: String,
+    /// `--policy-enforcement` and `--policy-audit-mode`.
+    pub policy_mode: resolver::PolicyMode,
 }
 
 impl AgentConfig {
@@ -85,6 +87,7 @@ impl AgentConfig {
             node_name: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
                 .unwrap_or_default(),
+            policy_mode: resolver::PolicyMode::default(),
         }
     }
 }
@@ -255,7 +258,8 @@ impl Agent {
             }
         };
         let map_writer = start_supervised("map_writer", map_writer, hook.clone());
-        let resolver = start_supervised("resolver", resolver::Resolver::new(map_writer.clone()), hook.clone());
+        let resolver =
+            start_supervised("resolver", resolver::Resolver::new(map_writer.clone(), config.policy_mode), hook.clone());
         let identities = start_supervised(
             "identity_cache",
             identity::IdentityCache::new(resolver.clone(), Some(state.clone())),

@@ -14,7 +14,7 @@
 //! messages already queued, at once when the last one is [`BURST_INTERVAL`] past, else
 //! when it will be (a change on its own is resolved at once; during a burst, such as a
 //! node starting a thousand pods, the changes of each interval are resolved together).
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use palisade_policy::identity::IdentityAllocator;
 use palisade_policy::model::Policy;
-use palisade_policy::resolve::{Changes, DesiredState, NamedPort, Options, PolicyResolver};
+use palisade_policy::resolve::{Changes, DesiredState, EndpointPolicy, NamedPort, Options, PolicyResolver};
 
 use super::identity::{Prefix, RemotePodName};
 use super::map_writer::{ApplyDesired, MapWriter};
@@ -33,6 +33,40 @@ pub const BURST_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A resolution's output: the desired state and the ipcache.
 type Resolved = (Arc<DesiredState>, Arc<BTreeMap<Prefix, u32>>);
+
+/// Cilium's `--policy-enforcement`: when endpoints are under default deny.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Enforcement {
+    /// A direction is default-deny once a policy selects the endpoint for it.
+    #[default]
+    Default,
+    /// Every endpoint is default-deny in both directions, selected or not (the node may
+    /// still reach its pods, as with `default`).
+    Always,
+    /// Nothing is enforced (and nothing audited): every packet passes policy.
+    Never,
+}
+
+impl std::str::FromStr for Enforcement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "default" => Ok(Enforcement::Default),
+            "always" => Ok(Enforcement::Always),
+            "never" => Ok(Enforcement::Never),
+            other => Err(format!("--policy-enforcement must be default, always or never, not {other:?}")),
+        }
+    }
+}
+
+/// How the agent enforces policy: the enforcement switch and agent-wide audit mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyMode {
+    pub enforcement: Enforcement,
+    /// `--policy-audit-mode`: every endpoint is in audit mode (its policy drops become
+    /// AUDIT passes).
+    pub audit_all: bool,
+}
 
 /// The resolver's state without the actor: inputs, the incremental resolver, and what a
 /// recompute hands on.
@@ -50,8 +84,18 @@ pub struct ResolverState {
     changed_identities: Vec<u32>,
     /// Endpoints set since the last recompute.
     endpoints_changed: bool,
+    /// The enforced policies (those not in audit mode).
     engine: PolicyResolver,
+    /// All policies, audited ones included: the audit view. Only while some policy is
+    /// in audit mode (else the audit view is the enforced resolution).
+    audit_engine: Option<PolicyResolver>,
+    mode: PolicyMode,
+    /// Per endpoint: the enforced and audit resolutions, whether the endpoint was in audit
+    /// mode, and the policy made of them (so an unchanged endpoint keeps the same value).
+    combined: HashMap<u16, CombinedEntry>,
 }
+
+type CombinedEntry = (Arc<EndpointPolicy>, Option<Arc<EndpointPolicy>>, bool, Arc<EndpointPolicy>);
 
 impl Default for ResolverState {
     fn default() -> Self {
@@ -65,13 +109,37 @@ impl Default for ResolverState {
             changed_identities: Vec::new(),
             endpoints_changed: false,
             engine: PolicyResolver::new(Options { allow_localhost: true }),
+            audit_engine: None,
+            mode: PolicyMode::default(),
+            combined: HashMap::new(),
         }
     }
 }
 
 impl ResolverState {
+    pub fn new(mode: PolicyMode) -> Self {
+        ResolverState { mode, ..ResolverState::default() }
+    }
+
+    /// All policies, audited ones included.
     pub fn set_policies(&mut self, policies: Arc<Vec<Policy>>) {
-        self.engine.set_policies(policies.clone());
+        if policies.iter().any(|p| p.audit) {
+            let enforced: Vec<Policy> = policies.iter().filter(|p| !p.audit).cloned().collect();
+            self.engine.set_policies_numbering(Arc::new(enforced), &policies);
+            let audit = self.audit_engine.get_or_insert_with(|| {
+                let mut r = PolicyResolver::new(Options { allow_localhost: true });
+                r.set_endpoints(self.endpoints.iter().map(LocalEndpoint::view).collect());
+                r
+            });
+            audit.set_policies(policies.clone());
+            // Both resolutions name a prefix by the same identity (the ipcache has one).
+            if audit.cidr_identities() != self.engine.cidr_identities() {
+                audit.set_cidr_identities(self.engine.cidr_identities().clone());
+            }
+        } else {
+            self.engine.set_policies(policies.clone());
+            self.audit_engine = None;
+        }
         self.policies = policies;
     }
 
@@ -106,25 +174,101 @@ impl ResolverState {
     /// incrementally otherwise); answers it with the ipcache and what changed.
     pub fn recompute(&mut self) -> (Arc<DesiredState>, Arc<BTreeMap<Prefix, u32>>, Changes) {
         if std::mem::take(&mut self.endpoints_changed) {
-            self.engine.set_endpoints(self.endpoints.iter().map(LocalEndpoint::view).collect());
+            let views: Vec<_> = self.endpoints.iter().map(LocalEndpoint::view).collect();
+            if let Some(a) = &mut self.audit_engine {
+                a.set_endpoints(views.clone());
+            }
+            self.engine.set_endpoints(views);
         }
         let addresses = crate::endpoint::pod_addresses(&self.endpoints, &self.remote_addresses);
         let changed = std::mem::take(&mut self.changed_identities);
-        let changes = if self.engine.is_stale() {
-            self.engine.set_identities(self.allocator.clone(), addresses);
-            self.engine.resolve();
-            Changes { full: true, ..Changes::default() }
-        } else {
-            self.engine.update(self.allocator.clone(), &changed, addresses)
+        let bring_up_to_date = |engine: &mut PolicyResolver, addresses| {
+            if engine.is_stale() {
+                engine.set_identities(self.allocator.clone(), addresses);
+                engine.resolve();
+                Changes { full: true, ..Changes::default() }
+            } else {
+                engine.update(self.allocator.clone(), &changed, addresses)
+            }
         };
+        if let Some(a) = &mut self.audit_engine {
+            bring_up_to_date(a, addresses.clone());
+        }
+        let changes = bring_up_to_date(&mut self.engine, addresses);
         // Cheap: one shared reference per endpoint.
-        let desired = self.engine.state().clone();
+        let mut desired = self.engine.state().clone();
+        self.combine(&mut desired);
         // Later entries win on the same prefix: CIDR identities, then other nodes' pods and
         // reserved addresses (node, API server), then the local endpoints' own addresses,
         // then the address identities of pod addresses inside ipBlocks.
         let ipcache = crate::endpoint::assemble_ipcache(&desired, &self.external_ipcache, &self.endpoints);
         (Arc::new(desired), Arc::new(ipcache), changes)
     }
+}
+
+impl ResolverState {
+    /// Puts the audit views and the enforcement switch into `desired` (the enforced
+    /// resolution): an endpoint in audit mode (agent-wide, or by the audit label on its
+    /// pod or namespace) enforces nothing and has the full resolution as its audit view;
+    /// any other endpoint enforces the enforced policies and has the resolution of all
+    /// policies as its audit view where that differs. Nothing here changes what an
+    /// endpoint not in audit mode enforces, whatever the audited policies say.
+    fn combine(&mut self, desired: &mut DesiredState) {
+        let mode = self.mode;
+        let plain = mode.enforcement == Enforcement::Default && !mode.audit_all && self.audit_engine.is_none();
+        if plain && !self.endpoints.iter().any(|e| palisade_policy::resolve::endpoint_audited(&e.labels)) {
+            self.combined.clear();
+            return;
+        }
+        let empty = Arc::new(EndpointPolicy::default());
+        let mut kept = HashMap::with_capacity(self.endpoints.len());
+        for e in self.endpoints.iter() {
+            let enforced = desired.endpoints.get(&e.id).cloned().unwrap_or_else(|| empty.clone());
+            let audited = self.audit_engine.as_ref().and_then(|a| a.state().endpoints.get(&e.id).cloned());
+            let endpoint_audit = mode.audit_all || palisade_policy::resolve::endpoint_audited(&e.labels);
+            let combined = match self.combined.remove(&e.id) {
+                Some((p, a, ea, c))
+                    if Arc::ptr_eq(&p, &enforced)
+                        && a.as_ref().map(Arc::as_ptr) == audited.as_ref().map(Arc::as_ptr)
+                        && ea == endpoint_audit =>
+                {
+                    c
+                }
+                _ => Arc::new(combine_endpoint(mode, &enforced, audited.as_deref(), endpoint_audit)),
+            };
+            desired.endpoints.insert(e.id, combined.clone());
+            kept.insert(e.id, (enforced, audited, endpoint_audit, combined));
+        }
+        self.combined = kept;
+    }
+}
+
+/// One endpoint's policy: `enforced` (the enforced policies' resolution), `audited` (all
+/// policies', when some are in audit mode), in audit mode itself or not, under `mode`.
+pub fn combine_endpoint(
+    mode: PolicyMode,
+    enforced: &EndpointPolicy,
+    audited: Option<&EndpointPolicy>,
+    endpoint_audit: bool,
+) -> EndpointPolicy {
+    if mode.enforcement == Enforcement::Never {
+        return EndpointPolicy::default();
+    }
+    let mut base = if endpoint_audit { EndpointPolicy::default() } else { enforced.clone() };
+    let mut view = audited.unwrap_or(enforced).clone();
+    view.audit = None;
+    base.audit = None;
+    if mode.enforcement == Enforcement::Always {
+        for p in [&mut base, &mut view] {
+            p.ingress_enforced = true;
+            p.egress_enforced = true;
+            palisade_policy::resolve::allow_localhost(p);
+        }
+    }
+    if palisade_policy::Direction::BOTH.iter().any(|d| !view.same_in(&base, *d)) {
+        base.audit = Some(Arc::new(view));
+    }
+    base
 }
 
 pub struct Resolver {
@@ -143,9 +287,9 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(map_writer: Addr<MapWriter>) -> Self {
+    pub fn new(map_writer: Addr<MapWriter>, mode: PolicyMode) -> Self {
         Resolver {
-            state: ResolverState::default(),
+            state: ResolverState::new(mode),
             revision: 0,
             dirty: false,
             synced: false,
@@ -328,7 +472,7 @@ impl Handler<IsSynced> for Resolver {
 /// hold the map writer back until then. The revision only grows.
 impl Supervised for Resolver {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        *self = Resolver { revision: self.revision, ..Resolver::new(self.map_writer.clone()) };
+        *self = Resolver { revision: self.revision, ..Resolver::new(self.map_writer.clone(), self.state.mode) };
     }
 }
 
@@ -359,8 +503,11 @@ impl Handler<Explain> for Resolver {
             self.recompute();
         }
         let empty = BTreeMap::new();
+        // What is enforced: audited policies only report (the desired state explained
+        // holds their audit views apart).
+        let enforced: Vec<Policy> = self.state.policies.iter().filter(|p| !p.audit).cloned().collect();
         let inputs = crate::explain::ExplainInputs {
-            policies: &self.state.policies,
+            policies: &enforced,
             endpoints: &self.state.endpoints,
             allocator: &self.state.allocator,
             cidrs: self.state.engine.cidr_identities(),
@@ -490,5 +637,124 @@ spec:
         let p = plan(&encode(&gone, &mappings, &ipcache_gone, &mut cookies), &desired);
         assert_eq!((p.policy.deletes.len(), p.len()), (2, 4), "{:?}", p.describe());
         assert_eq!(*gone.endpoints[&2], *before.endpoints[&2]);
+    }
+
+    fn parse(yaml: &str) -> Vec<palisade_policy::Policy> {
+        parse_manifests(yaml, "t.yaml")
+            .unwrap()
+            .into_iter()
+            .map(|o| match o {
+                ManifestOutcome::Accepted(p) => p,
+                ManifestOutcome::Rejected(e) => panic!("{e}"),
+            })
+            .collect()
+    }
+
+    const ENFORCED: &str = r"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: backend, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: frontend}}]
+";
+
+    const AUDITED: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: trial, namespace: shop, annotations: {palisade.io/audit: "true"}}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingressDeny:
+    - fromEndpoints: [{matchLabels: {app: frontend}}]
+      toPorts: [{ports: [{port: "9090", protocol: TCP}]}]
+  egress:
+    - toEndpoints: [{matchLabels: {app: frontend}}]
+"#;
+
+    fn resolved(
+        policies: &str,
+        mode: super::PolicyMode,
+        labels: &[LabelSet],
+    ) -> std::collections::BTreeMap<u16, Arc<palisade_policy::resolve::EndpointPolicy>> {
+        let mut allocator = IdentityAllocator::new();
+        let endpoints: Vec<LocalEndpoint> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let identity = allocator.allocate(l);
+                endpoint(u16::try_from(i + 1).unwrap(), l.clone(), identity)
+            })
+            .collect();
+        let mut state = ResolverState::new(mode);
+        state.set_policies(Arc::new(parse(policies)));
+        state.set_endpoints(Arc::new(endpoints));
+        state.set_identities(Arc::new(allocator), Arc::default(), Arc::default(), &[]);
+        state.recompute().0.endpoints.clone()
+    }
+
+    /// What is enforced with an audited policy is what is enforced without it; the audit
+    /// view is all policies' resolution, kept only where it differs (the directions the
+    /// datapath looks up twice).
+    #[test]
+    fn an_audited_policy_changes_nothing_enforced_and_is_the_audit_view() {
+        use palisade_policy::Direction;
+        let pods = [pod("frontend", "v1"), pod("backend", "v1")];
+        let mode = super::PolicyMode::default();
+        let without = resolved(ENFORCED, mode, &pods);
+        let with = resolved(&format!("{ENFORCED}---{AUDITED}"), mode, &pods);
+        for id in [1, 2] {
+            assert!(with[&id].same_in(&without[&id], Direction::Ingress), "endpoint {id} ingress");
+            assert!(with[&id].same_in(&without[&id], Direction::Egress), "endpoint {id} egress");
+        }
+        assert!(with[&1].audit.is_none(), "frontend: nothing audited selects it");
+        let view = with[&2].audit.as_ref().expect("backend has an audit view");
+        assert!(view.egress_enforced && !with[&2].egress_enforced, "the audited egress rule would isolate");
+        assert!(view.entries.values().any(|v| v.deny), "the audited deny rule");
+        assert_eq!(with[&2].audited_directions().collect::<Vec<_>>(), vec![Direction::Ingress, Direction::Egress]);
+        // The same policy enforced: what the audit view said.
+        let enforced = resolved(&format!("{ENFORCED}---{}", AUDITED.replace("\"true\"", "\"false\"")), mode, &pods);
+        assert!(enforced[&2].same_in(view, Direction::Ingress) && enforced[&2].same_in(view, Direction::Egress));
+    }
+
+    /// Endpoint audit (agent-wide or by label) enforces nothing and audits everything;
+    /// `always` isolates every endpoint; `never` enforces and audits nothing.
+    #[test]
+    fn endpoint_audit_and_the_enforcement_switch() {
+        use super::{Enforcement, PolicyMode};
+        let labelled = {
+            let labels = BTreeMap::from([
+                ("app".to_owned(), "backend".to_owned()),
+                ("palisade.io/audit".to_owned(), "true".to_owned()),
+            ]);
+            let ns = BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "shop".to_owned())]);
+            LabelSet::for_pod("shop", &ns, &labels, "default", "default")
+        };
+        let pods = [pod("frontend", "v1"), labelled];
+        let by_label = resolved(ENFORCED, PolicyMode::default(), &pods);
+        assert!(!by_label[&2].ingress_enforced && by_label[&2].entries.is_empty(), "the labelled pod enforces nothing");
+        assert!(by_label[&2].audit.as_ref().is_some_and(|v| v.ingress_enforced), "... and audits its policy");
+
+        let plain = [pod("frontend", "v1"), pod("backend", "v1")];
+        let all = resolved(ENFORCED, PolicyMode { audit_all: true, ..PolicyMode::default() }, &plain);
+        assert!(all.values().all(|p| !p.ingress_enforced && !p.egress_enforced));
+        assert!(all[&2].audit.is_some() && all[&1].audit.is_none(), "only what a policy selects has a view");
+
+        let always =
+            resolved(ENFORCED, PolicyMode { enforcement: Enforcement::Always, ..PolicyMode::default() }, &plain);
+        assert!(always.values().all(|p| p.ingress_enforced && p.egress_enforced && p.audit.is_none()));
+        assert!(always[&1].entries.keys().any(|k| k.identity == palisade_common::identity::HOST), "allow-localhost");
+
+        let never = resolved(
+            &format!("{ENFORCED}---{AUDITED}"),
+            PolicyMode { enforcement: Enforcement::Never, audit_all: true },
+            &plain,
+        );
+        assert!(never.values().all(|p| **p == palisade_policy::resolve::EndpointPolicy::default()));
+        assert_eq!(
+            "sometimes".parse::<Enforcement>().unwrap_err(),
+            "--policy-enforcement must be default, always or never, not \"sometimes\""
+        );
     }
 }

@@ -475,6 +475,7 @@ async fn bpf_policy(State(agent): State<Agent>, Query(q): Query<BpfPolicyQuery>)
                 policies,
                 rules: ctx.rules.get(&r.value.cookie).cloned().unwrap_or_default(),
                 probed: r.probed,
+                audit_view: r.key.view == palisade_common::policy_view::AUDIT,
             }
         })
         .collect();

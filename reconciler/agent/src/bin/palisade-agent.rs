@@ -112,6 +112,15 @@ struct Args {
     /// asks for overwritten ones is told how many it missed).
     #[arg(long, env = "PALISADE_FLOW_BUFFER_SIZE", default_value_t = palisade_agent::flows::DEFAULT_BUFFER_SIZE)]
     flow_buffer_size: usize,
+    /// When endpoints are default-deny: `default` (once a policy selects them, per
+    /// direction), `always` (every endpoint, in both directions, selected or not; the node
+    /// may still reach its pods), `never` (nothing is enforced or audited).
+    #[arg(long, env = "PALISADE_POLICY_ENFORCEMENT", default_value = "default")]
+    policy_enforcement: palisade_agent::actors::resolver::Enforcement,
+    /// Audit mode for every endpoint: what policy would drop passes and is reported as an
+    /// AUDIT flow (drops that are not policy's, such as spoofed sources, stay).
+    #[arg(long, env = "PALISADE_POLICY_AUDIT_MODE")]
+    policy_audit_mode: bool,
     /// Tests only: enables `POST /v1/debug/panic/{actor}`, which makes an actor panic.
     #[arg(long, hide = true)]
     fault_injection: bool,
@@ -198,6 +207,10 @@ fn main() -> std::process::ExitCode {
         },
         flow_buffer_size: args.flow_buffer_size.max(1),
         node_name: args.node_name.clone().unwrap_or(defaults.node_name),
+        policy_mode: palisade_agent::actors::resolver::PolicyMode {
+            enforcement: args.policy_enforcement,
+            audit_all: args.policy_audit_mode,
+        },
     };
     let kube_sync_timeout = Duration::from_secs(args.kube_sync_timeout_secs.max(1));
     let socket = args.api_socket;

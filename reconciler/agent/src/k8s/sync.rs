@@ -321,6 +321,7 @@ mod tests {
             error: error.map(str::to_string),
             warnings,
             revision: 3,
+            audit: false,
         };
         let t1 = Time("2026-01-01T00:00:00Z".parse().unwrap());
         let t2 = Time("2026-01-02T00:00:00Z".parse().unwrap());
@@ -374,6 +375,7 @@ mod tests {
             error: error.map(str::to_string),
             warnings: vec![],
             revision: 4,
+            audit: false,
         };
         let good = node_status(&[st(true, None)]);
         assert!(good.ok && good.enforcing && good.error.is_none());

@@ -30,7 +30,13 @@ pub fn policy_text<K: Serialize>(obj: &K, api_version: &str, kind: &str) -> Stri
         map.insert("kind".into(), Value::String(kind.into()));
         map.remove("status");
         if let Some(Value::Object(meta)) = map.get_mut("metadata") {
+            // Of the annotations only palisade's audit switch, which the parser checks.
+            let key = palisade_policy::model::AUDIT_ANNOTATION;
+            let audit = meta.get("annotations").and_then(|a| a.get(key)).cloned();
             meta.retain(|k, _| k == "name" || k == "namespace");
+            if let Some(a) = audit {
+                meta.insert("annotations".into(), serde_json::json!({ key: a }));
+            }
         }
     }
     palisade_policy::yaml::to_string(&v).unwrap_or_default()
@@ -178,14 +184,16 @@ mod tests {
     #[test]
     fn policy_text_drops_status_and_server_metadata() {
         let obj = serde_json::json!({
-            "metadata": {"name": "web", "namespace": "shop", "resourceVersion": "7", "uid": "u", "managedFields": []},
+            "metadata": {"name": "web", "namespace": "shop", "resourceVersion": "7", "uid": "u", "managedFields": [],
+                         "annotations": {"palisade.io/audit": "true", "kubectl.kubernetes.io/last-applied-configuration": "{}"}},
             "spec": {"endpointSelector": {}},
             "status": {"nodes": {}}
         });
         let text = policy_text(&obj, "cilium.io/v2", "CiliumNetworkPolicy");
         assert!(!text.contains("resourceVersion") && !text.contains("status") && !text.contains("uid"), "{text}");
         let out = palisade_policy::parse::parse_manifests(&text, "kube:CiliumNetworkPolicy/shop/web").unwrap();
-        assert!(matches!(out[0], palisade_policy::parse::ManifestOutcome::Accepted(_)), "{out:?}");
+        assert!(matches!(&out[0], palisade_policy::parse::ManifestOutcome::Accepted(p) if p.audit), "{out:?}");
+        assert!(!text.contains("last-applied"), "{text}");
         assert_eq!(policy_source("CiliumNetworkPolicy", Some("shop"), "web"), "kube:CiliumNetworkPolicy/shop/web");
         assert_eq!(
             policy_source("CiliumClusterwideNetworkPolicy", None, "all"),

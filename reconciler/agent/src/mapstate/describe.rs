@@ -175,7 +175,8 @@ pub fn describe_policy_key((prefix, k): &PolicyMapKey) -> String {
             }
         }
     };
-    format!("ep {} {dir} identity {id} {l4}", k.endpoint_id())
+    let view = if k.view == palisade_common::policy_view::AUDIT { " (audit view)" } else { "" };
+    format!("ep {} {dir} identity {id} {l4}{view}", k.endpoint_id())
 }
 
 /// A `POLICY_LENGTHS` key in words: `ep 3 ingress identity 257`.
@@ -185,7 +186,8 @@ pub fn describe_lengths_key(k: &PolicyLengthsKey) -> String {
         0 => "any".to_string(),
         n => n.to_string(),
     };
-    format!("ep {} {dir} identity {id}", k.endpoint_id())
+    let view = if k.view == palisade_common::policy_view::AUDIT { " (audit view)" } else { "" };
+    format!("ep {} {dir} identity {id}{view}", k.endpoint_id())
 }
 
 /// A `POLICY_LENGTHS` bitmap in words: `/64 /72 /88`.

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use palisade_common::{
     EndpointInfo, IpcacheValue, Ipv4Prefix, Ipv6Prefix, POLICY_PREFIX_FIXED, POLICY_PREFIX_PROTO, PolicyKey,
     PolicyLengthsKey, PolicyValue, direction, endpoint_flags, ipcache_flags, policy_flags, policy_length_bit,
+    policy_view,
 };
 use palisade_policy::model::Direction;
 use palisade_policy::resolve::{DesiredState, EndpointPolicy, EntryKey, RuleOrigin};
@@ -124,6 +125,12 @@ pub fn encode_cached(
         if pol.is_some_and(|p| p.egress_enforced) {
             flags |= endpoint_flags::EGRESS_ENFORCED;
         }
+        for d in pol.map(|p| p.audited_directions().collect::<Vec<_>>()).unwrap_or_default() {
+            flags |= match d {
+                Direction::Ingress => endpoint_flags::INGRESS_AUDIT,
+                Direction::Egress => endpoint_flags::EGRESS_AUDIT,
+            };
+        }
         let mut info =
             EndpointInfo { endpoint_id: u32::from(ep.id), identity: ep.identity, flags, ..Default::default() };
         if let Some(v4) = ep.ipv4 {
@@ -139,7 +146,7 @@ pub fn encode_cached(
             let entry = match cache.endpoints.remove(&ep.id) {
                 Some((p, v)) if Arc::ptr_eq(&p, pol) => (p, v),
                 _ => {
-                    let v = pol
+                    let mut v: Vec<_> = pol
                         .entries
                         .iter()
                         .map(|(k, v)| {
@@ -152,6 +159,19 @@ pub fn encode_cached(
                             ((prefix, key), value)
                         })
                         .collect();
+                    // The audit view's entries, of the directions where it differs.
+                    let audited: Vec<Direction> = pol.audited_directions().collect();
+                    if let Some(view) = pol.audit.as_ref().filter(|_| !audited.is_empty()) {
+                        v.extend(view.entries.iter().filter(|(k, _)| audited.contains(&k.direction)).map(|(k, v)| {
+                            let (prefix, key) = policy_key(ep.id, k);
+                            let value = PolicyValue {
+                                flags: if v.deny { policy_flags::DENY } else { 0 },
+                                cookie: cookies.cookie(&v.origins),
+                                prefix_len: prefix,
+                            };
+                            ((prefix, key.in_view(policy_view::AUDIT)), value)
+                        }));
+                    }
                     (pol.clone(), v)
                 }
             };

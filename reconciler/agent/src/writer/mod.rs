@@ -402,7 +402,7 @@ mod tests {
                 (key, EntryValue::default())
             })
             .collect();
-        let policy = EndpointPolicy { ingress_enforced: true, egress_enforced: false, entries };
+        let policy = EndpointPolicy { ingress_enforced: true, egress_enforced: false, entries, audit: None };
         let endpoints = vec![endpoint(1, 11), endpoint(2, 12)];
         let ipcache = endpoints
             .iter()

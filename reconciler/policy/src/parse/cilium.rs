@@ -69,7 +69,7 @@ pub(super) fn translate(value: Value, kind: PolicyKind, origin: &str) -> Result<
     for (path, spec) in &specs {
         rules.push(ctx.rule(path, spec, &mut warnings)?);
     }
-    Ok(Policy { kind, tier: None, namespace, name, source: origin.to_owned(), rules, warnings })
+    Ok(Policy { kind, tier: None, namespace, name, source: origin.to_owned(), rules, warnings, audit: false })
 }
 
 /// Translation context of one policy.

@@ -328,6 +328,7 @@ fn parse_document(value: Value, source: &str, document: usize) -> ManifestOutcom
         Value::Bool(_) => Some("a boolean"),
         Value::Null => Some("empty"),
     };
+    let audit = audit_annotation(&value);
     let result = match (kind.as_deref(), api_version.as_deref()) {
         _ if not_a_manifest.is_some() => Err(Invalid::new(
             "",
@@ -385,7 +386,10 @@ fn parse_document(value: Value, source: &str, document: usize) -> ManifestOutcom
              kind: CiliumNetworkPolicy",
         )),
     };
-    match result {
+    match result.and_then(|mut policy| {
+        policy.audit = audit?;
+        Ok(policy)
+    }) {
         Ok(policy) => ManifestOutcome::Accepted(policy),
         Err(invalid) => ManifestOutcome::Rejected(PolicyError {
             origin: source.to_owned(),
@@ -397,6 +401,27 @@ fn parse_document(value: Value, source: &str, document: usize) -> ManifestOutcom
             reason: invalid.reason,
             hint: invalid.hint,
         }),
+    }
+}
+
+/// The policy's audit annotation ([`crate::model::AUDIT_ANNOTATION`]): `"true"` puts it
+/// into audit mode, `"false"` or none enforces it; anything else is rejected (a typo must
+/// not silently enforce a policy meant to be tried first).
+fn audit_annotation(value: &Value) -> Result<bool, Invalid> {
+    let key = crate::model::AUDIT_ANNOTATION;
+    let Some(v) = value.get("metadata").and_then(|m| m.get("annotations")).and_then(|a| a.get(key)) else {
+        return Ok(false);
+    };
+    match v.as_str() {
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        _ => Err(Invalid::new(
+            format!("metadata.annotations[\"{key}\"]"),
+            format!("{key} must be \"true\" or \"false\", not {v}"),
+            format!(
+                "write `{key}: \"true\"` (quoted: annotation values are strings) to audit the policy, or remove the annotation to enforce it"
+            ),
+        )),
     }
 }
 

@@ -100,6 +100,7 @@ pub(super) fn translate(value: Value, origin: &str) -> Result<Policy, Invalid> {
         source: origin.to_owned(),
         rules: vec![rule],
         warnings,
+        audit: false,
     })
 }
 

@@ -310,3 +310,24 @@ fn empty_text_has_no_documents() {
     assert_eq!(parse_manifests("", "e.yaml").unwrap(), vec![]);
     assert_eq!(parse_manifests("---\n---\n", "e.yaml").unwrap(), vec![]);
 }
+
+#[test]
+fn the_audit_annotation_puts_any_kind_into_audit_mode() {
+    let with = |value: &str| {
+        SEED.replace("metadata:\n", &format!("metadata:\n  annotations: {{palisade.io/audit: {value}}}\n"))
+    };
+    assert!(!accepted(SEED).audit);
+    assert!(accepted(&with("\"true\"")).audit);
+    assert!(!accepted(&with("\"false\"")).audit);
+    let np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: n, annotations: {palisade.io/audit: \"true\"}}\nspec: {podSelector: {}}\n";
+    assert!(accepted(np).audit);
+    let cnp = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: c, annotations: {palisade.io/audit: \"true\"}}\n\
+               spec: {tier: Admin, priority: 10, subject: {namespaces: {}}, ingress: [{action: Deny, from: [{namespaces: {}}]}]}\n";
+    assert!(accepted(cnp).audit);
+    // Anything but "true" or "false" is a mistake, not "enforce".
+    for bad in ["yes", "true", "\"TRUE\""] {
+        let e = rejected(&with(bad));
+        assert_eq!(e.path, "metadata.annotations[\"palisade.io/audit\"]", "{bad}");
+        assert!(e.reason.contains("must be \"true\" or \"false\""), "{e}");
+    }
+}

@@ -304,6 +304,7 @@ fn policy(
         source: origin.to_owned(),
         rules: vec![rule],
         warnings,
+        audit: false,
     }
 }
 

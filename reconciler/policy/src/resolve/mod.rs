@@ -133,6 +133,15 @@ pub fn allow_localhost(policy: &mut EndpointPolicy) {
     }
 }
 
+/// Whether an endpoint is in audit mode by its labels: the label
+/// [`AUDIT_ANNOTATION`](crate::model::AUDIT_ANNOTATION)`=true` on its pod, or on its
+/// namespace (`k8s:io.cilium.k8s.namespace.labels.palisade.io/audit=true`).
+pub fn endpoint_audited(labels: &LabelSet) -> bool {
+    let key = crate::model::AUDIT_ANNOTATION;
+    let on = |k: &str| labels.get(k).is_some_and(|l| l.source == source::K8S && l.value == "true");
+    on(key) || on(&format!("{}{key}", crate::labels::keys::NAMESPACE_LABELS_PREFIX))
+}
+
 /// Endpoint selectors select identities of pods (those with `k8s:` labels); reserved
 /// and CIDR identities only when the selector names a label of their source
 /// (`reserved:host`), so `{}` never means "the world".

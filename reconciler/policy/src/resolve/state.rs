@@ -59,6 +59,47 @@ pub struct EndpointPolicy {
     pub egress_enforced: bool,
     #[serde(serialize_with = "entries_by_text")]
     pub entries: BTreeMap<EntryKey, EntryValue>,
+    /// Audit mode: what the enforced and the audited policies together would enforce (the
+    /// endpoint's audit view), when that differs from what is enforced. Never enforced:
+    /// the datapath looks a packet the enforced entries let through up here too, and
+    /// reports an audit hit when this view would drop it.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "audit_view")]
+    pub audit: Option<Arc<EndpointPolicy>>,
+}
+
+#[expect(clippy::ref_option, reason = "the signature serde's `serialize_with` calls")]
+fn audit_view<S: Serializer>(view: &Option<Arc<EndpointPolicy>>, s: S) -> Result<S::Ok, S::Error> {
+    match view {
+        Some(v) => s.serialize_some(v.as_ref()),
+        None => s.serialize_none(),
+    }
+}
+
+impl EndpointPolicy {
+    /// Whether `direction` is enforced.
+    pub fn enforced(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::Ingress => self.ingress_enforced,
+            Direction::Egress => self.egress_enforced,
+        }
+    }
+
+    /// Whether `self` and `other` enforce `direction` alike (enforcement and entries;
+    /// audit views are not compared).
+    pub fn same_in(&self, other: &EndpointPolicy, direction: Direction) -> bool {
+        self.enforced(direction) == other.enforced(direction)
+            && self
+                .entries
+                .iter()
+                .filter(|(k, _)| k.direction == direction)
+                .eq(other.entries.iter().filter(|(k, _)| k.direction == direction))
+    }
+
+    /// The directions in which the audit view differs from what is enforced (the ones
+    /// the datapath must look up in the audit view).
+    pub fn audited_directions(&self) -> impl Iterator<Item = Direction> + '_ {
+        Direction::BOTH.into_iter().filter(|d| self.audit.as_ref().is_some_and(|a| !a.same_in(self, *d)))
+    }
 }
 
 /// One policy entry. Wildcards: identity 0 = any peer; protocol 0 = any protocol (then

@@ -186,6 +186,16 @@ impl PolicyResolver {
         self.inputs.policies = policies;
     }
 
+    /// As [`PolicyResolver::set_policies`], with CIDR identities for the prefixes that
+    /// `numbered` names (a superset of `policies`): audit mode resolves the enforced
+    /// policies alone and all of them together, and both must give a prefix the same
+    /// identity (the audit resolver takes these with
+    /// [`PolicyResolver::set_cidr_identities`]).
+    pub fn set_policies_numbering(&mut self, policies: Arc<Vec<Policy>>, numbered: &[Policy]) {
+        self.inputs.cidrs.sync(numbered);
+        self.inputs.policies = policies;
+    }
+
     /// Uses these CIDR identities (instead of numbering the policies' prefixes itself).
     pub fn set_cidr_identities(&mut self, cidrs: CidrIdentities) {
         self.inputs.cidrs = cidrs;
@@ -510,6 +520,7 @@ impl PolicyResolver {
             ingress_enforced: st.enforce[0],
             egress_enforced: st.enforce[1],
             entries: entries.into_iter().collect(),
+            audit: None,
         };
         super::open_directions_without_default_deny(&mut policy);
         if self.options.allow_localhost {
