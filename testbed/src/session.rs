@@ -839,17 +839,24 @@ impl Session {
         })
     }
 
+    /// The collectors whose agents judge probe `p`: the source's egress is judged on its
+    /// node, the destination's ingress on its node.
+    fn judges(&self, p: &PlanProbe) -> Vec<&Collector> {
+        let (src_node, dst_node) = (self.plan.node_of(&p.from), self.plan.node_of(&p.to));
+        let mut judges: Vec<&Collector> = vec![&self.agents[src_node].collector];
+        if dst_node != src_node {
+            judges.push(&self.agents[dst_node].collector);
+        }
+        judges
+    }
+
     /// A probe got no answer: a deny only if the datapath reported a policy drop of this flow.
     /// Makes an allowed probe `audit` when the source's egress or the destination's ingress
     /// reported an AUDIT verdict for its flow. Waits for such a report only when the probe
     /// expects one or the scenario has something in audit mode (others look at what came
     /// in, so scenarios without audit run as before).
     async fn classify_audit(&self, p: &PlanProbe, flow: &Flow, result: &mut ProbeResult) {
-        let (src_node, dst_node) = (self.plan.node_of(&p.from), self.plan.node_of(&p.to));
-        let mut judges: Vec<&Collector> = vec![&self.agents[src_node].collector];
-        if dst_node != src_node {
-            judges.push(&self.agents[dst_node].collector);
-        }
+        let judges = self.judges(p);
         let mut found = judges.iter().find_map(|c| c.snapshot().into_iter().find(|ev| flow.is_audit(ev)));
         if found.is_none() && (p.expect == Expect::Audit || self.plan.may_audit()) {
             // The event is sent with the probe's first packet; a short wait covers its way
@@ -859,11 +866,7 @@ impl Session {
             } else {
                 Duration::from_millis(200)
             };
-            let waits = judges.iter().map(|c| Box::pin(c.wait_for(grace, |ev| flow.is_audit(ev))));
-            found = futures_util::future::select_ok(waits.map(|w| Box::pin(async move { w.await.ok_or(()) })))
-                .await
-                .ok()
-                .map(|(ev, _)| ev);
+            found = first_event(&judges, grace, |ev| flow.is_audit(ev)).await;
         }
         if let Some(ev) = found {
             let place = flow.place(&ev).unwrap_or("?");
@@ -890,12 +893,7 @@ impl Session {
             result.detail = Some("unexplained loss (no agent runs, so nothing should drop)".into());
             return;
         }
-        // The source's egress is judged on its node, the destination's ingress on its node.
-        let (src_node, dst_node) = (self.plan.node_of(&p.from), self.plan.node_of(&p.to));
-        let mut judges: Vec<&Collector> = vec![&self.agents[src_node].collector];
-        if dst_node != src_node {
-            judges.push(&self.agents[dst_node].collector);
-        }
+        let judges = self.judges(p);
         let drops = || judges.iter().map(|c| related_drops(c, flow)).collect::<String>();
         if reached {
             result.detail = Some(format!("the probe reached {} but no answer came back{}", p.to_text, drops()));
@@ -903,11 +901,7 @@ impl Session {
         }
         // The drop happened when the probe was sent; the event may still be on its way.
         let grace = (self.timeout / 2).max(Duration::from_millis(250));
-        let waits = judges.iter().map(|c| Box::pin(c.wait_for(grace, |ev| flow.is_policy_drop(ev))));
-        let found = futures_util::future::select_ok(waits.map(|w| Box::pin(async move { w.await.ok_or(()) })))
-            .await
-            .ok()
-            .map(|(ev, _)| ev);
+        let found = first_event(&judges, grace, |ev| flow.is_policy_drop(ev)).await;
         if let Some(ev) = found {
             let place = flow.place(&ev).unwrap_or("?");
             let at = ev.endpoint.clone().unwrap_or_else(|| format!("endpoint {}", ev.endpoint_id));
@@ -1198,4 +1192,14 @@ fn allow_decided_by(flow: &Flow, sides: &[(&str, &Vec<MonitorEvent>, &HashMap<St
         }
     }
     if parts.is_empty() { "not enforced".into() } else { parts.join("; ") }
+}
+
+/// The first event `pred` accepts that any of `judges` receives within `grace`.
+async fn first_event(
+    judges: &[&Collector],
+    grace: Duration,
+    pred: impl Fn(&MonitorEvent) -> bool + Copy,
+) -> Option<MonitorEvent> {
+    let waits = judges.iter().map(|c| Box::pin(async move { c.wait_for(grace, pred).await.ok_or(()) }));
+    futures_util::future::select_ok(waits).await.ok().map(|(ev, _)| ev)
 }
