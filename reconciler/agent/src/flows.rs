@@ -471,22 +471,24 @@ mod tests {
         assert_eq!(f.node_name, "node-1");
     }
 
+    /// The origin of the first ingress rule of CiliumNetworkPolicy `default/name`.
+    fn cnp_ingress_rule(name: &str, path: &str) -> palisade_policy::RuleOrigin {
+        palisade_policy::RuleOrigin {
+            kind: palisade_policy::PolicyKind::CiliumNetworkPolicy,
+            namespace: Some("default".into()),
+            name: name.into(),
+            direction: palisade_policy::Direction::Ingress,
+            rule_index: 0,
+            peer_rule_index: 0,
+            path: path.into(),
+            tier: None,
+        }
+    }
+
     #[test]
     fn an_allow_names_its_rule_and_a_world_peer_its_entity() {
         let mut c = ctx();
-        c.origins.insert(
-            5,
-            vec![palisade_policy::RuleOrigin {
-                kind: palisade_policy::PolicyKind::CiliumNetworkPolicy,
-                namespace: Some("default".into()),
-                name: "allow-frontend-to-backend".into(),
-                direction: palisade_policy::Direction::Ingress,
-                rule_index: 0,
-                peer_rule_index: 0,
-                path: "spec.ingress[0]".into(),
-                tier: None,
-            }],
-        );
+        c.origins.insert(5, vec![cnp_ingress_rule("allow-frontend-to-backend", "spec.ingress[0]")]);
         let f = to_flow(&event(reason::ALLOWED_BY_POLICY, 5), &c, 0);
         assert_eq!(f.verdict, "FORWARDED");
         assert_eq!(f.ingress_allowed_by[0].rule, "spec.ingress[0]");
@@ -517,19 +519,7 @@ mod tests {
     #[test]
     fn an_audit_verdict_names_the_audited_policy() {
         let mut c = ctx();
-        c.origins.insert(
-            9,
-            vec![palisade_policy::RuleOrigin {
-                kind: palisade_policy::PolicyKind::CiliumNetworkPolicy,
-                namespace: Some("default".into()),
-                name: "deny-metrics".into(),
-                direction: palisade_policy::Direction::Ingress,
-                rule_index: 0,
-                peer_rule_index: 0,
-                path: "spec.ingressDeny[0]".into(),
-                tier: None,
-            }],
-        );
+        c.origins.insert(9, vec![cnp_ingress_rule("deny-metrics", "spec.ingressDeny[0]")]);
         let audit = |r, cookie| VerdictEvent { verdict: verdict::AUDIT, ..event(r, cookie) };
         let f = to_flow(&audit(reason::DROP_POLICY_DENY_RULE, 9), &c, 0);
         assert_eq!((f.verdict.as_str(), f.drop_reason_desc.as_deref()), ("AUDIT", Some("POLICY_DENY")));

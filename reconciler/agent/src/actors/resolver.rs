@@ -527,7 +527,7 @@ mod tests {
 
     use palisade_policy::identity::IdentityAllocator;
     use palisade_policy::labels::LabelSet;
-    use palisade_policy::{ManifestOutcome, parse_manifests};
+    use palisade_policy::synth::accepted_policies;
 
     use super::ResolverState;
     use crate::endpoint::LocalEndpoint;
@@ -579,14 +579,7 @@ spec:
   ingress:
     - fromEndpoints: [{matchLabels: {app: other}}]
 "#;
-        let policies: Vec<_> = parse_manifests(yaml, "t.yaml")
-            .unwrap()
-            .into_iter()
-            .map(|o| match o {
-                ManifestOutcome::Accepted(p) => p,
-                ManifestOutcome::Rejected(e) => panic!("{e}"),
-            })
-            .collect();
+        let policies = accepted_policies(yaml, "t.yaml");
         let mut allocator = IdentityAllocator::new();
         let endpoints: Vec<LocalEndpoint> = [("frontend", 1), ("backend", 2), ("other", 3)]
             .into_iter()
@@ -639,17 +632,6 @@ spec:
         assert_eq!(*gone.endpoints[&2], *before.endpoints[&2]);
     }
 
-    fn parse(yaml: &str) -> Vec<palisade_policy::Policy> {
-        parse_manifests(yaml, "t.yaml")
-            .unwrap()
-            .into_iter()
-            .map(|o| match o {
-                ManifestOutcome::Accepted(p) => p,
-                ManifestOutcome::Rejected(e) => panic!("{e}"),
-            })
-            .collect()
-    }
-
     const ENFORCED: &str = r"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -688,7 +670,7 @@ spec:
             })
             .collect();
         let mut state = ResolverState::new(mode);
-        state.set_policies(Arc::new(parse(policies)));
+        state.set_policies(Arc::new(accepted_policies(policies, "t.yaml")));
         state.set_endpoints(Arc::new(endpoints));
         state.set_identities(Arc::new(allocator), Arc::default(), Arc::default(), &[]);
         state.recompute().0.endpoints.clone()
