@@ -269,22 +269,26 @@ async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// [`register`] for a node's first pod: the registration may come before the publisher has
+/// its lease, so it is retried (every 100 ms, at most 10 s).
+async fn register_first(node: &FakeNode, name: &str, app: &str, ip: Ipv4Addr) -> u32 {
+    let start = Instant::now();
+    loop {
+        match register(node, name, app, ip).await {
+            Ok(id) => return id,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(10), "registering {name}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[actix::test]
 async fn two_agents_share_identities_and_pod_addresses_through_etcd() {
     let Some(mut etcd) = etcd_or_skip() else { return };
     let a = fake_node(&etcd, "node-a", Ipv4Addr::new(10, 200, 0, 1)).await;
     let b = fake_node(&etcd, "node-b", Ipv4Addr::new(10, 201, 0, 1)).await;
     let web_ip = Ipv4Addr::new(10, 200, 1, 10);
-    // The first registration may come before the publisher has its lease: bounded retry.
-    let mut web = Err(String::new());
-    let start = Instant::now();
-    while web.is_err() && start.elapsed() < Duration::from_secs(10) {
-        web = register(&a, "web", "web", web_ip).await;
-        if web.is_err() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    let web = web.unwrap();
+    let web = register_first(&a, "web", "web", web_ip).await;
     let db = register(&b, "db", "db", Ipv4Addr::new(10, 201, 1, 10)).await.unwrap();
     assert_ne!(web, db);
     // The same label set on the other node gets the same number.
@@ -421,15 +425,7 @@ async fn a_number_taken_by_other_labels_is_not_published_until_it_is_free() {
     let Some(mut etcd) = etcd_or_skip() else { return };
     let a = fake_node(&etcd, "node-a", Ipv4Addr::new(10, 200, 0, 1)).await;
     let web_ip = Ipv4Addr::new(10, 200, 1, 10);
-    let mut web = Err(String::new());
-    let start = Instant::now();
-    while web.is_err() && start.elapsed() < Duration::from_secs(10) {
-        web = register(&a, "web", "web", web_ip).await;
-        if web.is_err() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    let web = web.unwrap();
+    let web = register_first(&a, "web", "web", web_ip).await;
     etcd.wipe(true).unwrap();
     // At once, before node-a notices its lease is gone (it keeps it alive every second).
     let probe = Kv::connect(&[etcd.url()], "probe", OP_TIMEOUT).await.unwrap();
