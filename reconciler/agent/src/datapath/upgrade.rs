@@ -67,7 +67,7 @@ pub fn take_old_conntrack(pin_dir: &Path) -> Result<Vec<(CtKey, CtValue)>, Datap
 /// entry of its ends (two old entries of one pair of ends, one per orientation, share a
 /// new entry).
 fn convert(old: &[([u8; OLD_KEY], [u8; OLD_VALUE])]) -> Vec<(CtKey, CtValue)> {
-    let mut out: std::collections::BTreeMap<[u8; OLD_KEY], (CtKey, CtValue)> = std::collections::BTreeMap::new();
+    let mut out: std::collections::HashMap<CtKey, CtValue> = std::collections::HashMap::new();
     for (k, v) in old {
         let addr = |at: usize| -> [u8; 16] { k[at..at + 16].try_into().expect("16 bytes") };
         let port = |at: usize| u16::from_be_bytes([k[at], k[at + 1]]);
@@ -81,21 +81,9 @@ fn convert(old: &[([u8; OLD_KEY], [u8; OLD_VALUE])]) -> Vec<(CtKey, CtValue)> {
             policy_gen: [u32_at(24), u32_at(28)],
         };
         let (key, orientation) = CtKey::normalised(&saddr, &daddr, sport, dport, protocol, family);
-        let slot = out.entry(key_bytes(&key)).or_insert((key, CtValue::default()));
-        slot.1.orig[orientation] = orig;
+        out.entry(key).or_default().orig[orientation] = orig;
     }
-    out.into_values().collect()
-}
-
-fn key_bytes(k: &CtKey) -> [u8; OLD_KEY] {
-    let mut b = [0u8; OLD_KEY];
-    b[..16].copy_from_slice(&k.saddr);
-    b[16..32].copy_from_slice(&k.daddr);
-    b[32..34].copy_from_slice(&k.sport_be);
-    b[34..36].copy_from_slice(&k.dport_be);
-    b[36] = k.protocol;
-    b[37] = k.family;
-    b
+    out.into_iter().collect()
 }
 
 /// Writes the carried flows into the CONNTRACK map now pinned in `pin_dir`.
