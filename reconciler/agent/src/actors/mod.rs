@@ -374,19 +374,16 @@ fn feed_events(
         };
         runtime.block_on(async move {
             let mut batch = Vec::new();
-            // Re-read now and then: the wall clock may be stepped.
-            let mut offset = crate::flows::monotonic_to_unix_offset();
-            let mut batches = 0u32;
             loop {
                 batch.clear();
                 if let Err(e) = reader.next_batch(&mut batch).await {
                     tracing::error!(error = %e, "reading verdict events failed; the monitor stops");
                     return;
                 }
-                batches = batches.wrapping_add(1);
-                if batches.is_multiple_of(1024) {
-                    offset = crate::flows::monotonic_to_unix_offset();
-                }
+                // Read for every batch (two vDSO clock reads): the wall clock may be stepped
+                // (time sync, a resumed VM), and a stale offset would put this agent's records
+                // out of order with another agent's records of the same packets.
+                let offset = crate::flows::monotonic_to_unix_offset();
                 let Ok(ctx) = names.read() else { return };
                 for ev in &batch {
                     if events.receiver_count() > 0 {
