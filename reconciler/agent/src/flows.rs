@@ -323,7 +323,7 @@ pub fn monotonic_to_unix_offset() -> i128 {
         let after = read(libc::CLOCK_MONOTONIC);
         let window = after - before;
         if best.is_none_or(|(w, _)| window < w) {
-            best = Some((window, real - (before + after) / 2));
+            best = Some((window, real - i128::midpoint(before, after)));
         }
     }
     best.map_or(0, |(_, offset)| offset)
