@@ -72,6 +72,11 @@ pub struct UpArgs {
     /// shared through it instead of the remote endpoints files. See docs/cluster.md.
     #[arg(long)]
     pub kvstore: bool,
+    /// Kubernetes mode: the agents read the scenario from the testbed's API server, which
+    /// also listens on 127.0.0.1 of this machine for `kubectl` (`up` prints the
+    /// kubeconfig). See docs/kubernetes.md.
+    #[arg(long)]
+    pub kubernetes: bool,
     /// The scenario file.
     pub file: PathBuf,
 }
@@ -119,6 +124,8 @@ pub struct HoldArgs {
     pub timeout_ms: u64,
     #[arg(long)]
     pub kvstore: bool,
+    #[arg(long)]
+    pub kubernetes: bool,
     pub file: PathBuf,
 }
 
@@ -137,9 +144,11 @@ pub struct RunArgs {
     /// Keep each scenario's temporary directory (agent log, policy files) and say where.
     #[arg(long)]
     pub keep_logs: bool,
-    /// Run the agent in Kubernetes mode: the testbed serves the scenario's namespaces, pods
-    /// and policies from its own API server (list/watch) in the node's namespace, and the
-    /// agent finds the pods' interfaces by their routes.
+    /// Run the agents in Kubernetes mode: the testbed serves the scenario's nodes,
+    /// namespaces, pods and policies from its own API server (list/watch; reached on
+    /// 127.0.0.1 in every node's namespace), each node's agent enforces the pods of its
+    /// node and finds their interfaces by their routes. With --kvstore too, identities are
+    /// shared through etcd; without, they are node-local. See docs/kubernetes.md.
     #[arg(long)]
     pub kubernetes: bool,
     /// With --kubernetes: plumb the pods with the palisade-cni plugin (next to the agent
@@ -149,7 +158,7 @@ pub struct RunArgs {
     /// Kvstore mode: start an etcd in the testbed (in the first node's namespace, on its
     /// address) and run every agent with `--kvstore etcd`: identities, pods and nodes are
     /// shared through it instead of the remote endpoints files. See docs/cluster.md.
-    #[arg(long, conflicts_with = "kubernetes")]
+    #[arg(long)]
     pub kvstore: bool,
     /// Print, per probe, the flow records the agents emitted for it; the "decided by"
     /// column comes from them, and a record that disagrees with the verdict events fails
@@ -224,6 +233,7 @@ pub fn up(args: &UpArgs) -> ExitCode {
         agent: absolute(&agent),
         timeout: Duration::from_millis(args.timeout_ms),
         kvstore: args.kvstore,
+        kubernetes: args.kubernetes,
     })
 }
 
@@ -253,6 +263,7 @@ pub fn hold(args: &HoldArgs) -> ExitCode {
         agent: args.agent.clone(),
         timeout: Duration::from_millis(args.timeout_ms),
         kvstore: args.kvstore,
+        kubernetes: args.kubernetes,
     })
 }
 

@@ -34,6 +34,7 @@ pub struct HoldOptions {
     pub agent: PathBuf,
     pub timeout: Duration,
     pub kvstore: bool,
+    pub kubernetes: bool,
 }
 
 /// The holder's whole life; its output goes to the instance's log.
@@ -69,6 +70,7 @@ async fn hold_scenario(plan: &Plan, opts: &HoldOptions) -> Result<(), SetupError
         keep_logs: false,
         timeout: opts.timeout,
         kvstore: opts.kvstore,
+        kubernetes: opts.kubernetes,
         ..RunOptions::new(Some(opts.agent.clone()))
     };
     let session = Session::up(plan, &run, &RunNames::for_scenario(0)).await?;
@@ -86,13 +88,26 @@ async fn hold_scenario(plan: &Plan, opts: &HoldOptions) -> Result<(), SetupError
             let _ = std::fs::remove_dir_all(&dir);
         })?
     };
-    let state = state_of(plan, &session, opts)?;
+    // Kubernetes mode: the API server on this machine's loopback too, for kubectl.
+    let kube = match session.kube_api() {
+        Some(api) => {
+            let server = crate::kubeapi::KubeApiServer::serve_here(api.clone())?;
+            let path = opts.dir.join("kubeconfig");
+            std::fs::write(&path, server.kubeconfig())
+                .map_err(SetupError::io(format!("writing {}", path.display())))?;
+            Some((server, path))
+        }
+        None => None,
+    };
+    let mut state = state_of(plan, &session, opts)?;
+    state.kubeconfig = kube.as_ref().map(|(_, path)| path.clone());
     state.save(&opts.dir)?;
     eprintln!("palisade-testbed: scenario {} is up as instance {:?}", plan.name, opts.name);
 
     let requester = serve(&session, &listener).await;
     eprintln!("palisade-testbed: taking instance {:?} down", opts.name);
     drop(listener);
+    drop(kube);
     session.down().await;
     dir_guard.release();
     if let Some(mut stream) = requester {
@@ -181,6 +196,7 @@ fn state_of(plan: &Plan, session: &Session, opts: &HoldOptions) -> Result<Instan
         example_probe,
         nodes,
         first_node: plan.is_multi_node().then(|| plan.nodes[0].name.clone()),
+        kubeconfig: None,
     })
 }
 

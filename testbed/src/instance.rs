@@ -146,6 +146,9 @@ pub struct InstanceState {
     /// With several nodes: the first node's name (whose agent the fields above describe).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_node: Option<String>,
+    /// Kubernetes mode: a kubeconfig for the testbed's API server on 127.0.0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// A node after the first of an instance with several nodes.
@@ -398,6 +401,7 @@ mod tests {
             example_probe: None,
             nodes: Vec::new(),
             first_node: None,
+            kubeconfig: None,
         };
         s.save(dir.path()).unwrap();
         assert_eq!(InstanceState::load(dir.path()).unwrap().unwrap(), s);

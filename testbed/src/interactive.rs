@@ -33,6 +33,8 @@ pub struct UpOptions {
     pub timeout: Duration,
     /// Kvstore mode (an etcd in the testbed, every agent with `--kvstore`).
     pub kvstore: bool,
+    /// Kubernetes mode (the testbed's API server, also on this machine's loopback).
+    pub kubernetes: bool,
 }
 
 #[allow(clippy::needless_pass_by_value, reason = "the exit path takes the error it reports")]
@@ -78,6 +80,7 @@ fn up_inner(opts: &UpOptions) -> Result<InstanceState, SetupError> {
         .arg("--timeout-ms")
         .arg(opts.timeout.as_millis().to_string())
         .args(opts.kvstore.then_some("--kvstore"))
+        .args(opts.kubernetes.then_some("--kubernetes"))
         .arg(std::path::absolute(&plan.file).unwrap_or_else(|_| plan.file.clone()))
         .stdin(Stdio::null())
         .stdout(log)
@@ -168,11 +171,19 @@ fn describe(s: &InstanceState) -> String {
             n.netns
         );
     }
-    let _ = writeln!(out, "  policy directory {}", s.policy_dir.display());
-    let _ = writeln!(
-        out,
-        "                   (edit, add or remove manifests there: the agent applies changes within a second)"
-    );
+    if let Some(kubeconfig) = &s.kubeconfig {
+        let _ = writeln!(out, "  kubeconfig       {} (the testbed's API server on 127.0.0.1)", kubeconfig.display());
+        let _ = writeln!(
+            out,
+            "                   (kubectl get/apply/edit/delete policies there: the agents apply changes within a second)"
+        );
+    } else {
+        let _ = writeln!(out, "  policy directory {}", s.policy_dir.display());
+        let _ = writeln!(
+            out,
+            "                   (edit, add or remove manifests there: the agent applies changes within a second)"
+        );
+    }
     let _ = writeln!(out, "  pods and hosts:");
     let width = s.ends.iter().map(|e| e.name.len()).max().unwrap_or(0);
     for e in &s.ends {
@@ -189,6 +200,9 @@ fn describe(s: &InstanceState) -> String {
         None => (String::new(), spec.clone()),
     };
     let _ = writeln!(out, "use it:");
+    if let Some(kubeconfig) = &s.kubeconfig {
+        let _ = writeln!(out, "  kubectl --kubeconfig {} get nodes,pods -A -o wide", kubeconfig.display());
+    }
     let _ = writeln!(out, "  {palisade} --socket {socket} status");
     let _ = writeln!(out, "  {palisade} --socket {socket} endpoint list");
     let _ = writeln!(out, "  {palisade} --socket {socket} observe --verdict DROPPED");

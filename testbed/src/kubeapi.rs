@@ -59,6 +59,7 @@ pub struct FakeApi {
 const RESOURCES: &[(&str, &str, &str)] = &[
     ("/api/v1/pods", "v1", "Pod"),
     ("/api/v1/namespaces", "v1", "Namespace"),
+    ("/api/v1/nodes", "v1", "Node"),
     ("/apis/networking.k8s.io/v1/networkpolicies", "networking.k8s.io/v1", "NetworkPolicy"),
     ("/apis/cilium.io/v2/ciliumnetworkpolicies", "cilium.io/v2", "CiliumNetworkPolicy"),
     ("/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies", "cilium.io/v2", "CiliumClusterwideNetworkPolicy"),
@@ -346,6 +347,12 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
+fn loopback_listener() -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
 /// The fake API server serving on 127.0.0.1 inside a network namespace; stops on drop.
 pub struct KubeApiServer {
     pub api: FakeApi,
@@ -354,19 +361,31 @@ pub struct KubeApiServer {
 }
 
 impl KubeApiServer {
-    /// Starts serving inside the namespace `netns` (its loopback must be up), on the
-    /// current tokio runtime.
+    /// Starts serving a new [`FakeApi`] inside the namespace `netns` (its loopback must be
+    /// up), on the current tokio runtime.
     pub fn start(netns: File) -> Result<KubeApiServer, SetupError> {
-        let listener = crate::netns::run_in(netns, || -> std::io::Result<std::net::TcpListener> {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })?
-        .map_err(SetupError::io("listening for the fake API server"))?;
+        KubeApiServer::serve(netns, FakeApi::new())
+    }
+
+    /// Serves `api` inside the namespace `netns`: one cluster's API server, reached from
+    /// each node's namespace on its own loopback (several listeners, one state).
+    pub fn serve(netns: File, api: FakeApi) -> Result<KubeApiServer, SetupError> {
+        let listener = crate::netns::run_in(netns, loopback_listener)?
+            .map_err(SetupError::io("listening for the fake API server"))?;
+        KubeApiServer::serve_on(listener, api)
+    }
+
+    /// Serves `api` on 127.0.0.1 of the calling thread's namespace (`up --kubernetes`:
+    /// for kubectl on this machine; loopback only, never an outside address).
+    pub fn serve_here(api: FakeApi) -> Result<KubeApiServer, SetupError> {
+        let listener = loopback_listener().map_err(SetupError::io("listening for the fake API server on 127.0.0.1"))?;
+        KubeApiServer::serve_on(listener, api)
+    }
+
+    fn serve_on(listener: std::net::TcpListener, api: FakeApi) -> Result<KubeApiServer, SetupError> {
         let port = listener.local_addr().map_err(SetupError::io("reading the API server's address"))?.port();
         let listener =
             tokio::net::TcpListener::from_std(listener).map_err(SetupError::io("registering the API server socket"))?;
-        let api = FakeApi::new();
         let router = axum::Router::new().fallback({
             let api = api.clone();
             move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
@@ -422,11 +441,33 @@ pub fn pod_object(plan: &Plan, index: usize, node: &str) -> Value {
                    "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()}})
 }
 
-/// Everything a cluster would hold for `plan`, its pods on node `node`: namespaces, pods,
-/// and the policies the scenario expects to be enforced (as the manifests are, in JSON).
-pub fn plan_objects(plan: &Plan, node: &str) -> Vec<Value> {
-    let mut out: Vec<Value> = plan.namespaces.iter().map(|(n, labels)| namespace_object(n, labels)).collect();
-    out.extend((0..plan.pods.len()).map(|i| pod_object(plan, i, node)));
+/// A Node object named `name` with its labels and internal addresses.
+pub fn node_object(name: &str, labels: &BTreeMap<String, String>, addresses: &[std::net::IpAddr]) -> Value {
+    let addresses: Vec<Value> =
+        addresses.iter().map(|a| json!({"type": "InternalIP", "address": a.to_string()})).collect();
+    let mut labels = labels.clone();
+    labels.entry("kubernetes.io/hostname".into()).or_insert_with(|| name.to_string());
+    labels.entry("kubernetes.io/os".into()).or_insert_with(|| "linux".to_string());
+    json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+        "status": {"addresses": addresses, "conditions": [{"type": "Ready", "status": "True"}]}})
+}
+
+/// Everything a cluster would hold for `plan`: its nodes (named by `node_name` from their
+/// index), namespaces, pods (each on its own node) and the policies the scenario expects to
+/// be enforced (as the manifests are, in JSON).
+pub fn plan_objects(plan: &Plan, node_name: impl Fn(usize) -> String) -> Vec<Value> {
+    let mut out: Vec<Value> = plan
+        .nodes
+        .iter()
+        .map(|n| {
+            let addresses: Vec<std::net::IpAddr> =
+                n.ipv4.map(std::net::IpAddr::V4).into_iter().chain(n.ipv6.map(std::net::IpAddr::V6)).collect();
+            node_object(&node_name(n.index), &n.labels, &addresses)
+        })
+        .collect();
+    out.extend(plan.namespaces.iter().map(|(n, labels)| namespace_object(n, labels)));
+    out.extend((0..plan.pods.len()).map(|i| pod_object(plan, i, &node_name(plan.pods[i].node))));
     for p in plan.policies.iter().filter(|p| !p.expect_rejected) {
         out.push(serde_json::to_value(&p.manifest).unwrap_or(Value::Null));
     }

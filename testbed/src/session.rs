@@ -54,9 +54,12 @@ pub struct RunOptions {
     /// Keep the temporary directory (agent log, policy files).
     pub keep_logs: bool,
     /// Kubernetes mode: the agent runs with `--kubernetes` against the testbed's own API
-    /// server ([`crate::kubeapi`], in the node's namespace), which holds the scenario's
-    /// namespaces, pods (on node [`KUBE_NODE`]) and policies; the agent finds the pods'
-    /// interfaces by their routes, as on a cluster that keeps its own CNI.
+    /// server ([`crate::kubeapi`]: one state, a listener in every node's namespace), which
+    /// holds the scenario's nodes, namespaces, pods (each with its node's name, see
+    /// [`kube_node_name`]) and policies; each node's agent enforces the pods of its node and
+    /// finds their interfaces by their routes, as on a cluster that keeps its own CNI.
+    /// With [`RunOptions::kvstore`] too, identities and the other nodes' pods come from
+    /// etcd; without, each agent numbers the other nodes' pods it sees in the API itself.
     pub kubernetes: bool,
     /// Plumb the pods with this CNI plugin (`palisade-cni`), as a container runtime calls
     /// it, instead of wiring them directly (Kubernetes mode only: the pods' labels come from
@@ -71,8 +74,14 @@ pub struct RunOptions {
     pub flows: bool,
 }
 
-/// The node name of the testbed's pods in Kubernetes mode.
+/// The node name of the testbed's pods in Kubernetes mode, on a scenario of one node.
 pub const KUBE_NODE: &str = "testbed-node";
+
+/// The Kubernetes node name of node `k` of `plan`: [`KUBE_NODE`] on a scenario of one node,
+/// else the node's name in the scenario.
+pub fn kube_node_name(plan: &Plan, k: usize) -> String {
+    if plan.is_multi_node() { plan.nodes[k].name.clone() } else { KUBE_NODE.to_string() }
+}
 
 impl RunOptions {
     pub fn new(agent: Option<PathBuf>) -> RunOptions {
@@ -123,8 +132,8 @@ pub struct Session {
     // Field order is drop order: agents, listeners, topology, directories.
     /// One per node, in [`Plan::nodes`] order; empty without an agent.
     agents: Vec<AgentSide>,
-    /// Kubernetes mode's API server (stopped after the agent).
-    kube: Option<KubeApiServer>,
+    /// Kubernetes mode's API server, one listener per node (stopped after the agents).
+    kube: Vec<KubeApiServer>,
     /// Kvstore mode's etcd (stopped after the agents, before the namespaces go).
     etcd: Option<crate::kvstore::TestbedEtcd>,
     listeners: Option<Listeners>,
@@ -141,12 +150,6 @@ impl Session {
     /// so far is removed (and the agent's log tail printed when it helps).
     pub async fn up(plan: &Plan, opts: &RunOptions, names: &RunNames) -> Result<Session, SetupError> {
         let dirs = RunDirs::create(&names.tag, opts.keep_logs)?;
-        if plan.is_multi_node() && opts.kubernetes {
-            return Err(SetupError::Unsupported(
-                "a scenario with several nodes runs in file mode only: Kubernetes mode on several nodes is not supported yet by this testbed version"
-                    .into(),
-            ));
-        }
         let mut node_dirs = Vec::new();
         for k in 1..plan.nodes.len() {
             let mut d = RunDirs::create(&format!("{}-n{k}", names.tag), opts.keep_logs)?;
@@ -154,10 +157,9 @@ impl Session {
             d.policies.clone_from(&dirs.policies);
             node_dirs.push(d);
         }
-        if opts.kvstore && (opts.kubernetes || opts.agent.is_none()) {
+        if opts.kvstore && opts.agent.is_none() {
             return Err(SetupError::Unsupported(
-                "--kvstore runs the agents in kvstore mode: it needs the agent, and not --kubernetes (not supported together yet)"
-                    .into(),
+                "--kvstore runs the agents in kvstore mode: it needs the agent (not --no-agent)".into(),
             ));
         }
         if opts.cni.is_some() && !(opts.kubernetes && opts.agent.is_some()) {
@@ -191,7 +193,7 @@ impl Session {
             flows: opts.flows,
             outcome: PolicyOutcome::default(),
             agents: Vec::new(),
-            kube: None,
+            kube: Vec::new(),
             etcd: None,
             listeners: Some(listeners),
             topology,
@@ -202,16 +204,18 @@ impl Session {
             let mut args = opts.agent_args.clone();
             args.extend(plan.agent_args.iter().cloned());
             if opts.kubernetes {
-                let server = KubeApiServer::start(session.topology.node.netns.open()?)?;
-                for obj in kubeapi::plan_objects(plan, KUBE_NODE) {
-                    server.api.upsert(obj);
+                let api = FakeApi::new();
+                for obj in kubeapi::plan_objects(plan, |k| kube_node_name(plan, k)) {
+                    api.upsert(obj);
                 }
-                let kubeconfig = session.dirs.root.join("kubeconfig");
-                std::fs::write(&kubeconfig, server.kubeconfig())
-                    .map_err(SetupError::io(format!("writing {}", kubeconfig.display())))?;
-                args.extend(["--kubernetes", "--node-name", KUBE_NODE, "--kube-resync-secs", "1"].map(String::from));
-                args.extend(["--kubeconfig".to_string(), kubeconfig.display().to_string()]);
-                session.kube = Some(server);
+                for k in 0..plan.nodes.len() {
+                    let server = KubeApiServer::serve(session.topology.node_at(k).netns.open()?, api.clone())?;
+                    let kubeconfig = session.node_dirs(k).root.join("kubeconfig");
+                    std::fs::write(&kubeconfig, server.kubeconfig())
+                        .map_err(SetupError::io(format!("writing {}", kubeconfig.display())))?;
+                    session.kube.push(server);
+                }
+                args.extend(["--kubernetes", "--kube-resync-secs", "1"].map(String::from));
             }
             if opts.kvstore {
                 let node0 = &plan.nodes[0];
@@ -235,8 +239,16 @@ impl Session {
             for k in 0..plan.nodes.len() {
                 let dirs = session.node_dirs(k);
                 let mut node_args = args.clone();
+                if opts.kubernetes {
+                    let kubeconfig = dirs.root.join("kubeconfig");
+                    node_args.extend(["--kubeconfig".to_string(), kubeconfig.display().to_string()]);
+                }
                 if let Some(etcd) = &session.etcd {
-                    node_args.extend(kvstore_args(plan, k, etcd.url()));
+                    // Names the node too (its keys; its pods' spec.nodeName in Kubernetes mode).
+                    let name = if opts.kubernetes { kube_node_name(plan, k) } else { plan.nodes[k].name.clone() };
+                    node_args.extend(kvstore_args(plan, k, &name, etcd.url()));
+                } else if opts.kubernetes {
+                    node_args.extend(["--node-name".to_string(), kube_node_name(plan, k)]);
                 } else if plan.is_multi_node() {
                     agent::write_remote_endpoints(&dirs.remote_endpoints(), plan, k)?;
                     node_args.push("--remote-endpoints".into());
@@ -249,7 +261,7 @@ impl Session {
             }
             for (k, process) in processes.into_iter().enumerate() {
                 let started = if opts.kubernetes {
-                    start_agent_kube(plan, &process).await
+                    start_agent_kube(plan, k, &process).await
                 } else {
                     start_agent(plan, k, &session, &process, !opts.kvstore).await
                 };
@@ -271,8 +283,9 @@ impl Session {
                     }
                 }
             }
-            if opts.kvstore && plan.is_multi_node() {
-                // Every node has registered its pods: each learns the others' from etcd.
+            if (opts.kvstore || opts.kubernetes) && plan.is_multi_node() {
+                // Every node has registered its pods: each learns the others' from etcd (or
+                // from the API server).
                 for k in 0..plan.nodes.len() {
                     let side = &session.agents[k];
                     if let Err(e) = agent::wait_remote_endpoints(&side.process.client, plan, k).await {
@@ -923,7 +936,7 @@ impl Session {
     /// The last lines of the agent's log, printed to stderr.
     /// Kubernetes mode: the API server the agent watches (change pods and policies here).
     pub fn kube_api(&self) -> Option<&FakeApi> {
-        self.kube.as_ref().map(|k| &k.api)
+        self.kube.first().map(|k| &k.api)
     }
 
     /// Waits until everything the agents have accepted so far is realized in the kernel;
@@ -1078,7 +1091,7 @@ async fn start_agent(
 }
 
 /// The arguments of node `k`'s agent in kvstore mode.
-fn kvstore_args(plan: &Plan, k: usize, url: &str) -> Vec<String> {
+fn kvstore_args(plan: &Plan, k: usize, name: &str, url: &str) -> Vec<String> {
     let node = &plan.nodes[k];
     let addresses: Vec<String> =
         node.ipv4.map(|a| a.to_string()).into_iter().chain(node.ipv6.map(|a| a.to_string())).collect();
@@ -1090,28 +1103,29 @@ fn kvstore_args(plan: &Plan, k: usize, url: &str) -> Vec<String> {
         "--kvstore-lease-ttl".into(),
         crate::kvstore::LEASE_TTL_SECS.to_string(),
         "--node-name".into(),
-        node.name.clone(),
+        name.into(),
         "--node-address".into(),
         addresses.join(","),
     ]
 }
 
-/// Kubernetes mode: the agent learns namespaces, pods and policies from the API server;
-/// only the reserved addresses (node, remote node, API server) come through its local API,
-/// as the node's own configuration would. Waits until every pod is an endpoint and every
-/// policy is enforced and realized.
+/// Kubernetes mode: node `node`'s agent learns namespaces, pods and policies from the API
+/// server; only the reserved addresses (its node, the other nodes, the API server) come
+/// through its local API, as the node's own configuration would. Waits until every pod of
+/// its node is an endpoint and every policy is enforced and realized.
 async fn start_agent_kube(
     plan: &Plan,
+    node: usize,
     process: &AgentProcess,
 ) -> Result<(PolicyOutcome, HashMap<String, EndpointStatus>, Collector), SetupError> {
     process.wait_ready(READY_TIMEOUT).await?;
     let client = &process.client;
-    for spec in palisade_cli::offline::scenario_reserved_entries(plan) {
+    for spec in palisade_cli::offline::scenario_reserved_entries_for_node(plan, node) {
         let what = format!("registering {} as entity {:?}", spec.cidr, spec.entity);
         agent::call(what, CALL_TIMEOUT, client.put_ipcache(&spec)).await?;
     }
     let wanted: Vec<String> =
-        plan.pods.iter().filter(|p| !p.host_network).map(palisade_scenario::PlanPod::key).collect();
+        plan.pods.iter().filter(|p| !p.host_network && p.node == node).map(palisade_scenario::PlanPod::key).collect();
     let policies = plan.policies.iter().filter(|p| !p.expect_rejected).count();
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut outcome = PolicyOutcome::default();

@@ -227,6 +227,7 @@ fn main() -> std::process::ExitCode {
             node_name: node,
             cluster: config.cluster.clone(),
             resync: Duration::from_secs(args.kube_resync_secs.max(1)),
+            remote_pods: kvstore.is_none(),
         }),
         (true, _) => {
             eprintln!(

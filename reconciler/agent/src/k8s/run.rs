@@ -40,6 +40,10 @@ pub struct KubeOptions {
     pub cluster: String,
     /// Interval of the full reconcile pass (retries, interfaces that appeared).
     pub resync: Duration,
+    /// Other nodes' pods from the API become remote endpoints with node-local numbers;
+    /// off in kvstore mode, where they come from etcd with the cluster's numbers (one
+    /// source per address, as Cilium's ipcache takes them from the kvstore there).
+    pub remote_pods: bool,
 }
 
 /// The API resource of a Cilium policy kind.
@@ -340,7 +344,8 @@ impl KubeSync {
                 Err(e) => tracing::error!(error = %e, "endpoint tracker unavailable"),
             }
         }
-        let p = plan(&self.applied_remote, &desired.remote);
+        let remote = if self.opts.remote_pods { desired.remote } else { BTreeMap::new() };
+        let p = plan(&self.applied_remote, &remote);
         for (key, spec) in p.upserts {
             if agent.identities.send(spec.upsert(&key, None)).await.is_ok() {
                 self.applied_remote.insert(key, spec);
