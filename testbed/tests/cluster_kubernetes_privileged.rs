@@ -181,3 +181,86 @@ fn with_the_kvstore_identities_agree_across_nodes_in_kubernetes_mode_privileged(
         session.down().await;
     });
 }
+
+/// Issue 18's long etcd outage, in Kubernetes mode with the kvstore: etcd stopped for 30 s
+/// while client-c comes back on node-c and `other` goes from node-a (through the API), with
+/// frontend (node-a) probing backend (node-b) on an allowed and a denied port all along:
+/// not one wrong verdict; while etcd is away node-b does not know the new pod (world:
+/// denied, fail closed) and keeps the removed one; once etcd answers again node-b learns
+/// client-c with frontend's number (client-c is allowed) and forgets `other`.
+#[test]
+fn etcd_away_30s_while_a_pod_comes_on_one_node_and_one_goes_on_another_privileged() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    palisade_privileged::require_root!();
+    if !palisade_privileged::etcd::installed() {
+        palisade_privileged::skip("needs etcd (Debian's etcd-server; ci/setup.sh installs it)");
+        return;
+    }
+    built_agent();
+    let text = std::fs::read_to_string(cluster_fixture("three-nodes-frontend-backend.yaml")).unwrap();
+    let (plan, names, mut opts) = kube_run(&text, "co");
+    opts.kvstore = true;
+    let rt = runtime();
+    rt.block_on(async {
+        let session = Session::up(&plan, &opts, &names).await.expect("the cluster comes up, Kubernetes and kvstore");
+        let api = session.kube_api().unwrap().clone();
+        let pod = |name: &str| plan.pods.iter().position(|p| p.name == name).unwrap();
+        let v4 = |i: usize| format!("{}/32", plan.pods[i].ipv4.unwrap());
+        let (client_c, other, backend) = (pod("client-c"), pod("other"), pod("backend"));
+        let frontend_id = identities(&session, 0)
+            .await
+            .into_iter()
+            .find(|(l, _)| l.split(',').any(|x| x == "k8s:app=frontend"))
+            .map(|(_, id)| id)
+            .unwrap();
+        let c_to_backend = [tcp_probe(&plan, "default/client-c", "default/backend", 8080, Allow)];
+        let seen = async || observe(&session, &c_to_backend).await.remove(0).0;
+
+        // client-c leaves first (node-b forgets it through etcd), to come back later.
+        api.delete("Pod", "default/client-c");
+        eventually("node-b forgets client-c", async || {
+            (!ipcache(&session, 1).await.contains_key(&v4(client_c))).then_some(())
+        })
+        .await;
+        session.wait_realized().await.unwrap();
+        assert_eq!(seen().await, Observed::Deny, "client-c unknown to node-b: world");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let probing = {
+            let ns = session.topology().pods[pod("frontend")].netns.open().unwrap();
+            let server = std::net::IpAddr::V4(plan.pods[backend].ipv4.unwrap());
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                probe_continuously(ns, server, [8080, 9090], stop, 5_000, Duration::from_mins(3))
+            })
+        };
+        let etcd = session.etcd().unwrap();
+        etcd.stop();
+        let stopped = Instant::now();
+        api.upsert(kubeapi::pod_object(&plan, client_c, "node-c"));
+        api.delete("Pod", "default/other");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let b = ipcache(&session, 1).await;
+        assert!(!b.contains_key(&v4(client_c)), "node-b cannot learn client-c while etcd is away");
+        assert!(b.contains_key(&v4(other)), "node-b keeps what it learnt while etcd is away");
+        assert_eq!(seen().await, Observed::Deny, "the new pod fails closed while etcd is away");
+        tokio::time::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed())).await;
+        etcd.restart().expect("etcd comes back");
+        let back = Instant::now();
+        let converged = eventually("node-b learns client-c and forgets other once etcd is back", async || {
+            let b = ipcache(&session, 1).await;
+            (b.get(&v4(client_c)) == Some(&frontend_id) && !b.contains_key(&v4(other))).then(|| back.elapsed())
+        })
+        .await;
+        session.wait_realized().await.unwrap();
+        eprintln!("converged {converged:?} after etcd answered again (outage {:?})", back - stopped);
+        assert_eq!(seen().await, Observed::Allow, "client-c has frontend's rights again");
+        stop.store(true, Ordering::Relaxed);
+        let tally = probing.join().unwrap();
+        assert!(tally.rounds >= 10, "{tally}");
+        assert!(tally.wrong.is_empty(), "{tally}: {:?}", tally.wrong);
+        session.down().await;
+    });
+}
