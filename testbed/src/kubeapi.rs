@@ -512,12 +512,12 @@ struct Selector {
 impl Selector {
     fn from_query(query: &BTreeMap<String, String>, namespace: Option<&str>) -> Selector {
         let mut sel = Selector { namespace: namespace.map(str::to_string), ..Selector::default() };
-        for term in query.get("fieldSelector").map(String::as_str).unwrap_or("").split(',').filter(|t| !t.is_empty()) {
+        for term in query.get("fieldSelector").map_or("", String::as_str).split(',').filter(|t| !t.is_empty()) {
             if let Some((k, v)) = term.split_once('=') {
                 sel.fields.push((k.trim_end_matches('=').to_string(), v.to_string()));
             }
         }
-        for term in query.get("labelSelector").map(String::as_str).unwrap_or("").split(',').filter(|t| !t.is_empty()) {
+        for term in query.get("labelSelector").map_or("", String::as_str).split(',').filter(|t| !t.is_empty()) {
             if let Some((k, v)) = term.split_once("!=") {
                 sel.labels.push((k.to_string(), Some(v.to_string()), false));
             } else if let Some((k, v)) = term.split_once('=') {
@@ -643,7 +643,7 @@ fn discovery(path: &str) -> Option<Value> {
     }
 }
 
-/// The OpenAPI v3 document of group version `at` (`api/v1`, `apis/GROUP/VERSION`): each
+/// The `OpenAPI` v3 document of group version `at` (`api/v1`, `apis/GROUP/VERSION`): each
 /// kind's object path with a PATCH that takes `fieldValidation`, which is what kubectl
 /// looks for before it leaves validation to the server (this server keeps what it is
 /// given; the agent validates policies and reports in their status). No schemas: kubectl
@@ -1062,7 +1062,7 @@ mod tests {
             "metadata": {"name": "web", "namespace": "other"}, "spec": {}}));
         let names = async |uri: &str| -> Vec<String> {
             let (_, list) = call(&api, Method::GET, uri, "", "").await;
-            list["items"].as_array().unwrap().iter().map(|o| key_of(o)).collect()
+            list["items"].as_array().unwrap().iter().map(key_of).collect()
         };
         assert_eq!(names("/apis/cilium.io/v2/ciliumnetworkpolicies").await, ["other/web", "shop/web"]);
         assert_eq!(names(coll).await, ["shop/web"]);

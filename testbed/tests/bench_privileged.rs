@@ -49,6 +49,11 @@ fn bench_quick_writes_every_figure_and_leaves_nothing_privileged() {
     assert!(get("memory.agent_idle_rss_mib") > 1.0);
     assert!(get("memory.maps_idle_total_mib") > 1.0);
     assert!(get("control.agent.policy_entries") > 0.0);
+    // The cluster part: pods seen on the other node, real agents' memory, real etcd work.
+    assert!(get("cluster.n2.pod_everywhere_p50_ms") > 0.0);
+    assert!(get("cluster.n3.agent_rss_max_mib") > 1.0);
+    assert!(get("cluster.n2.etcd_ops_per_pod") >= 1.0);
+    assert!(get("cluster.n2.identity_allocations_per_s") > 0.0);
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.contains("polyline"), "{plot}");
     assert_eq!(leftovers(pid), Vec::<String>::new());

@@ -79,6 +79,7 @@ fn policy_and_pod_changes_through_the_api_reach_every_node_privileged() {
     let (plan, names, opts) = kube_run(&text, "ck");
     let rt = runtime();
     rt.block_on(async {
+        use Observed::{Allow as A, Deny as D};
         let session = Session::up(&plan, &opts, &names).await.expect("the cluster comes up in Kubernetes mode");
         let api = session.kube_api().expect("an API server").clone();
         let probe = |from: &str, to: &str, port: u16, expect| tcp_probe(&plan, from, to, port, expect);
@@ -89,7 +90,6 @@ fn policy_and_pod_changes_through_the_api_reach_every_node_privileged() {
             probe("default/other", "default/backend", 8080, Deny),
         ];
         let seen = |v: Vec<(Observed, String)>| v.into_iter().map(|(o, _)| o).collect::<Vec<_>>();
-        use Observed::{Allow as A, Deny as D};
         assert_eq!(seen(observe(&session, &flows).await), [A, A, D, D]);
 
         // Node-local identities: each agent knows the other nodes' pods from the API, in

@@ -6,11 +6,14 @@
 //!   (a set), at 10, 1,000 and 10,000 rules ([`net`], [`traffic`], [`filters`]);
 //! - [`memory`] — the real agent's resident memory at idle and the kernel memory of its maps;
 //! - [`control`] — the control plane at scale and the resolution scaling curve;
+//! - [`cluster`] — several nodes with their agents sharing etcd: a pod's way to every
+//!   node, identity allocations, etcd operations, agent memory, cross-node traffic;
 //! - [`svg`] — the plot for docs/benchmarks.md.
 //!
 //! Every figure is a [`Figure`] (name, value, unit, context); the run prints them as a table
 //! and writes them as JSON ([`Report`]). [`expected_figures`] names every figure a run of a
 //! given [`Size`] must produce (the CI test checks the JSON against it).
+pub mod cluster;
 pub mod control;
 pub mod datapath;
 pub mod filters;
@@ -155,6 +158,7 @@ pub fn expected_figures(size: Size) -> Vec<String> {
     let mut v = datapath::figure_names(size);
     v.extend(memory::figure_names());
     v.extend(control::figure_names(size));
+    v.extend(cluster::figure_names(size));
     v
 }
 

@@ -25,7 +25,7 @@ struct Args {
     /// The agent binary [default: palisade-agent beside this binary].
     #[arg(long)]
     agent: Option<PathBuf>,
-    /// Parts to run (comma-separated): datapath, memory, control [default: all].
+    /// Parts to run (comma-separated): datapath, memory, control, cluster [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Size of the agent-at-scale part only (quick: 100 endpoints, 1,000 identities, 100
@@ -92,7 +92,7 @@ fn run(args: &Args) -> ExitCode {
     }
     let size = if args.quick { Size::Quick } else { Size::Full };
     let parts: Vec<&str> = if args.only.is_empty() {
-        vec!["datapath", "memory", "control"]
+        vec!["datapath", "memory", "control", "cluster"]
     } else {
         args.only.iter().map(String::as_str).collect()
     };
@@ -113,6 +113,7 @@ fn run(args: &Args) -> ExitCode {
         match *part {
             "datapath" => bench::datapath::run(&mut report, size),
             "memory" => bench::memory::run(&mut report, &agent),
+            "cluster" => bench::cluster::run(&mut report, size, &agent),
             "control" => {
                 bench::control::scaling(&mut report, size);
                 bench::control::map_writes(&mut report, size);
@@ -123,7 +124,7 @@ fn run(args: &Args) -> ExitCode {
                 };
                 bench::control::agent_scale(&mut report, agent_size, &agent);
             }
-            other => report.failures.push(format!("unknown part {other:?} (datapath, memory, control)")),
+            other => report.failures.push(format!("unknown part {other:?} (datapath, memory, control, cluster)")),
         }
         println!("   ({part}: {:.1} s)", t.elapsed().as_secs_f64());
         if cleanup::terminating() {
