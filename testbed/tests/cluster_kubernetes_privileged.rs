@@ -16,19 +16,6 @@ use palisade_testbed::report::Observed;
 use palisade_testbed::scenario::Expect::{Allow, Deny};
 use palisade_testbed::session::Session;
 
-/// Node `node`'s cluster identities: labels (sorted, joined) -> number.
-async fn identities(session: &Session, node: usize) -> BTreeMap<String, u32> {
-    let ids = session.client_of(node).unwrap().identities().await.unwrap();
-    ids.into_iter()
-        .filter(|i| i.id >= 256)
-        .map(|i| {
-            let mut l = i.labels;
-            l.sort();
-            (l.join(","), i.id)
-        })
-        .collect()
-}
-
 /// Node `node`'s kernel ipcache: prefix -> identity.
 async fn ipcache(session: &Session, node: usize) -> BTreeMap<String, u32> {
     let entries = session.client_of(node).unwrap().ipcache().await.unwrap();

@@ -62,19 +62,6 @@ fn every_cluster_fixture_passes_in_kvstore_mode_privileged() {
     assert_eq!(etcd_leftovers(pid), Vec::<String>::new());
 }
 
-/// Every node's cluster identities: labels (sorted, joined) -> number.
-async fn identities(session: &Session, node: usize) -> BTreeMap<String, u32> {
-    let ids = session.client_of(node).unwrap().identities().await.unwrap();
-    ids.into_iter()
-        .filter(|i| i.id >= 256)
-        .map(|i| {
-            let mut l = i.labels;
-            l.sort();
-            (l.join(","), i.id)
-        })
-        .collect()
-}
-
 #[test]
 fn identities_agree_across_nodes_and_survive_a_wiped_etcd_a_killed_agent_and_a_node_gone_privileged() {
     palisade_privileged::require_root!();

@@ -148,7 +148,7 @@ async fn one(size: Size, nodes: usize, agent: &Path, index: usize) -> Result<Fig
         for j in (k..p.pods).step_by(nodes) {
             let _ = writeln!(lines, "link add bp{j} type veth peer name bq{j}\nlink set bp{j} up\nlink set bq{j} up");
         }
-        ip_batch(session.topology().node_at(k).netns.name(), &lines)?;
+        super::control::ip_batch(&session.topology().node_at(k).netns, &lines)?;
     }
     for j in 0..p.pods {
         let k = j % nodes;
@@ -252,24 +252,6 @@ async fn one(size: Size, nodes: usize, agent: &Path, index: usize) -> Result<Fig
 /// Node `k`'s `j`-th benchmark pod address (10.(200+k).2.x: the node's pod range).
 fn pod_addr(k: usize, j: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 200 + k as u8, 2 + (j / 250) as u8, 1 + (j % 250) as u8)
-}
-
-fn ip_batch(netns: &str, lines: &str) -> Result<(), String> {
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("ip")
-        .args(["-n", netns, "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("ip -batch: {e}"))?;
-    child.stdin.take().expect("piped").write_all(lines.as_bytes()).map_err(|e| format!("ip -batch: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("ip -batch: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("ip -batch: {}", String::from_utf8_lossy(&out.stderr).trim()))
-    }
 }
 
 /// etcd's count of puts, deletes, transactions and ranges so far (its `/metrics`, read from

@@ -257,7 +257,7 @@ fn register_deadline(size: Size) -> Duration {
 }
 
 /// `ip -n <ns> -batch -` with `lines`.
-fn ip_batch(ns: &Netns, lines: &str) -> Result<(), String> {
+pub(super) fn ip_batch(ns: &Netns, lines: &str) -> Result<(), String> {
     let mut child = Command::new("ip")
         .args(["-n", ns.name(), "-batch", "-"])
         .stdin(Stdio::piped())

@@ -357,3 +357,16 @@ pub fn probe_continuously(
     })
     .expect("probing runs in the client's namespace")
 }
+
+/// Node `node`'s cluster identities: labels (sorted, joined) -> number.
+pub async fn identities(session: &Session, node: usize) -> std::collections::BTreeMap<String, u32> {
+    let ids = session.client_of(node).unwrap().identities().await.unwrap();
+    ids.into_iter()
+        .filter(|i| i.id >= 256)
+        .map(|i| {
+            let mut l = i.labels;
+            l.sort();
+            (l.join(","), i.id)
+        })
+        .collect()
+}
