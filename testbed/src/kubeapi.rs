@@ -678,26 +678,28 @@ fn openapi_group_version(at: &str) -> Option<Value> {
 /// A list as the `Table` kubectl asks for (`kubectl get`): the columns a real API server
 /// gives these kinds (`-o wide` adds those of priority 1).
 fn table(kind: &str, items: &[Value], rv: u64) -> Value {
-    let col = |name: &str, ty: &str, priority: u8| json!({"name": name, "type": ty, "format": "", "description": "", "priority": priority});
-    let mut columns = vec![col("Name", "string", 0)];
+    let col = |name: &str, priority: u8| json!({"name": name, "type": "string", "format": "", "description": "", "priority": priority});
+    let mut columns = vec![col("Name", 0)];
     match kind {
         "Pod" => columns.extend([
-            col("Ready", "string", 0),
-            col("Status", "string", 0),
-            col("Restarts", "string", 0),
-            col("Age", "string", 0),
-            col("IP", "string", 1),
-            col("Node", "string", 1),
+            col("Ready", 0),
+            col("Status", 0),
+            col("Restarts", 0),
+            col("Age", 0),
+            col("IP", 1),
+            col("Node", 1),
         ]),
-        "Node" => columns.extend([
-            col("Status", "string", 0),
-            col("Roles", "string", 0),
-            col("Age", "string", 0),
-            col("Version", "string", 0),
-            col("Internal-IP", "string", 1),
-        ]),
-        "Namespace" => columns.extend([col("Status", "string", 0), col("Age", "string", 0)]),
-        _ => columns.push(col("Age", "string", 0)),
+        "Node" => {
+            columns.extend([
+                col("Status", 0),
+                col("Roles", 0),
+                col("Age", 0),
+                col("Version", 0),
+                col("Internal-IP", 1),
+            ]);
+        }
+        "Namespace" => columns.extend([col("Status", 0), col("Age", 0)]),
+        _ => columns.push(col("Age", 0)),
     }
     let rows: Vec<Value> = items
         .iter()

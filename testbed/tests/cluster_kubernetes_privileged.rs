@@ -14,7 +14,8 @@ use common::*;
 use palisade_testbed::kubeapi;
 use palisade_testbed::report::Observed;
 use palisade_testbed::scenario::Expect::{Allow, Deny};
-use palisade_testbed::session::Session;
+use palisade_testbed::scenario::Plan;
+use palisade_testbed::session::{RunNames, RunOptions, Session};
 
 /// Node `node`'s kernel ipcache: prefix -> identity.
 async fn ipcache(session: &Session, node: usize) -> BTreeMap<String, u32> {
@@ -35,6 +36,15 @@ async fn on_every_node(session: &Session, source: &str, present: bool) {
         .await;
     }
     session.wait_realized().await.unwrap();
+}
+
+/// The three-node fixture in Kubernetes mode with the kvstore, as `tag`.
+fn kube_kvstore_run(tag: &str) -> (Plan, RunNames, RunOptions) {
+    built_agent();
+    let text = std::fs::read_to_string(cluster_fixture("three-nodes-frontend-backend.yaml")).unwrap();
+    let (plan, names, mut opts) = kube_run(&text, tag);
+    opts.kvstore = true;
+    (plan, names, opts)
 }
 
 #[test]
@@ -131,14 +141,10 @@ fn policy_and_pod_changes_through_the_api_reach_every_node_privileged() {
 #[test]
 fn with_the_kvstore_identities_agree_across_nodes_in_kubernetes_mode_privileged() {
     palisade_privileged::require_root!();
-    if !palisade_privileged::etcd::installed() {
-        palisade_privileged::skip("needs etcd (Debian's etcd-server; ci/setup.sh installs it)");
+    if !etcd_or_skip() {
         return;
     }
-    built_agent();
-    let text = std::fs::read_to_string(cluster_fixture("three-nodes-frontend-backend.yaml")).unwrap();
-    let (plan, names, mut opts) = kube_run(&text, "cq");
-    opts.kvstore = true;
+    let (plan, names, opts) = kube_kvstore_run("cq");
     let rt = runtime();
     rt.block_on(async {
         let session = Session::up(&plan, &opts, &names).await.expect("the cluster comes up, Kubernetes and kvstore");
@@ -181,14 +187,10 @@ fn etcd_away_30s_while_a_pod_comes_on_one_node_and_one_goes_on_another_privilege
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
     palisade_privileged::require_root!();
-    if !palisade_privileged::etcd::installed() {
-        palisade_privileged::skip("needs etcd (Debian's etcd-server; ci/setup.sh installs it)");
+    if !etcd_or_skip() {
         return;
     }
-    built_agent();
-    let text = std::fs::read_to_string(cluster_fixture("three-nodes-frontend-backend.yaml")).unwrap();
-    let (plan, names, mut opts) = kube_run(&text, "co");
-    opts.kvstore = true;
+    let (plan, names, opts) = kube_kvstore_run("co");
     let rt = runtime();
     rt.block_on(async {
         let session = Session::up(&plan, &opts, &names).await.expect("the cluster comes up, Kubernetes and kvstore");

@@ -34,14 +34,6 @@ fn etcd_leftovers(pid: u32) -> Vec<String> {
     out
 }
 
-fn etcd_or_skip() -> bool {
-    if palisade_privileged::etcd::installed() {
-        return true;
-    }
-    palisade_privileged::skip("needs etcd (Debian's etcd-server; ci/setup.sh installs it)");
-    false
-}
-
 #[test]
 fn every_cluster_fixture_passes_in_kvstore_mode_privileged() {
     palisade_privileged::require_root!();

@@ -163,14 +163,11 @@ async fn one(size: Size, nodes: usize, agent: &Path, index: usize) -> Result<Fig
         };
         let client = session.client_of(k).ok_or("no agent")?;
         let t = Instant::now();
-        let ack = tokio::time::timeout(Duration::from_secs(30), client.put_endpoint("bench", &format!("bp{j}"), &spec))
+        tokio::time::timeout(Duration::from_secs(30), client.put_endpoint("bench", &format!("bp{j}"), &spec))
             .await
             .map_err(|_| format!("registering bp{j} on node-{k}: no answer in 30 s"))?
             .map_err(|e| format!("registering bp{j} on node-{k}: {e}"))?;
-        let _ = ack;
-        let identity = session
-            .client_of(k)
-            .ok_or("no agent")?
+        let identity = client
             .endpoints()
             .await
             .map_err(|e| e.to_string())?

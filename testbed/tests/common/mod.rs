@@ -370,3 +370,12 @@ pub async fn identities(session: &Session, node: usize) -> std::collections::BTr
         })
         .collect()
 }
+
+/// Whether etcd is installed; else reports the skip (a failure under `CI=true`).
+pub fn etcd_or_skip() -> bool {
+    if palisade_privileged::etcd::installed() {
+        return true;
+    }
+    palisade_privileged::skip("needs etcd (Debian's etcd-server; ci/setup.sh installs it)");
+    false
+}
