@@ -99,7 +99,9 @@ async fn the_same_label_set_asked_by_every_node_at_once_gets_one_identity() {
     }
     let ids: BTreeSet<u32> = by_app.values().flatten().copied().collect();
     assert_eq!(ids.len(), apps.len(), "distinct label sets share a number: {by_app:?}");
-    assert!(ids.iter().all(|id| (256..260).contains(id)), "the lowest free numbers: {ids:?}");
+    // Nodes that lost a race pick among the lowest few free numbers (at most 1024), not
+    // all the lowest one again.
+    assert!(ids.iter().all(|id| (256..256 + 1024 + 4).contains(id)), "among the lowest free numbers: {ids:?}");
     let m = masters(&nodes[0]).await;
     assert_eq!(m.len(), apps.len(), "one master key per label set: {m:?}");
     for app in apps {

@@ -102,7 +102,12 @@ fn scenario(nodes: usize) -> String {
     )
 }
 
-pub fn run(report: &mut Report, size: Size, agent: &Path) {
+/// Runs the part at `counts` nodes (empty: [`node_counts`] of `size`).
+pub fn run(report: &mut Report, size: Size, agent: &Path, counts: &[usize]) {
+    if let Some(n) = counts.iter().find(|n| **n < 2) {
+        return report.failures.push(format!("cluster: --cluster-nodes {n}: a cluster has at least 2 nodes"));
+    }
+    let counts = if counts.is_empty() { node_counts(size) } else { counts };
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return report.failures.push(format!("cluster: async runtime: {e}")),
@@ -111,7 +116,7 @@ pub fn run(report: &mut Report, size: Size, agent: &Path) {
         report.failures.push("cluster: needs etcd (Debian's etcd-server; ci/setup.sh installs it)".into());
         return;
     }
-    for (i, &nodes) in node_counts(size).iter().enumerate() {
+    for (i, &nodes) in counts.iter().enumerate() {
         if crate::cleanup::terminating() {
             return;
         }
@@ -195,7 +200,7 @@ async fn one(size: Size, nodes: usize, agent: &Path, index: usize) -> Result<Fig
     let ops = etcd_ops(&session, &etcd_url)? - ops_before;
     lat.sort_by(f64::total_cmp);
     let ctx = format!(
-        "{nodes} nodes (one real agent each, kvstore mode, agents publish every 100 ms), {} pods registered one after the other on the nodes in turn through the node's local API (10 label sets); from the registration request until every other node's kernel ipcache maps the pod's address to its identity (polled every 2 ms)",
+        "{nodes} nodes (one real agent each, kvstore mode, agents publish on every endpoint change), {} pods registered one after the other on the nodes in turn through the node's local API (10 label sets); from the registration request until every other node's kernel ipcache maps the pod's address to its identity (polled every 2 ms)",
         p.pods
     );
     out.push(("pod_everywhere_p50_ms", percentile(&lat, 50.0), ctx.clone()));
@@ -222,7 +227,7 @@ async fn one(size: Size, nodes: usize, agent: &Path, index: usize) -> Result<Fig
         "identity_allocations_per_s",
         rate,
         format!(
-            "{nodes} allocators (palisade_agent::kvstore::Kv, the agent's code, one lease each) at once against the testbed's etcd: {} label sets each alone and {} asked by every node; new identities over the wall time",
+            "{nodes} allocators (palisade_agent::kvstore::Kv, the agent's code, one lease each, {IN_FLIGHT} allocations in flight per node) at once against the testbed's etcd: {} label sets each alone and {} asked by every node; new identities over the wall time",
             p.allocations, p.allocations
         ),
     ));
@@ -282,6 +287,10 @@ fn etcd_ops(session: &Session, url: &str) -> Result<u64, String> {
     Ok(total as u64)
 }
 
+/// Allocations one node has in flight at once (as the agent does when pods of new label
+/// sets register together: each registration waits for its identity on its own).
+const IN_FLIGHT: usize = 8;
+
 /// New identities per second with one allocator per node asking at once.
 fn allocations(session: &Session, url: &str, nodes: usize, each: usize) -> Result<f64, String> {
     // The allocators talk to etcd from the first node's namespace (where it listens): a
@@ -324,11 +333,14 @@ async fn allocate_all(url: String, nodes: usize, each: usize) -> Result<f64, Str
         let sets: Vec<_> =
             (0..each).flat_map(|i| [labels(format!("n{k}-{i}")), labels(format!("shared-{i}"))]).collect();
         async move {
-            let mut ids = Vec::new();
-            for set in &sets {
-                ids.push(kv.allocate(set, None).await.map_err(|e| e.to_string())?);
-            }
-            Ok::<_, String>(ids)
+            use futures_util::StreamExt;
+            let kv = &kv;
+            let ids: Vec<Result<u32, String>> = futures_util::stream::iter(sets.iter())
+                .map(|set| async move { kv.allocate(set, None).await.map_err(|e| e.to_string()) })
+                .buffer_unordered(IN_FLIGHT)
+                .collect()
+                .await;
+            ids.into_iter().collect::<Result<Vec<u32>, String>>()
         }
     });
     let results = futures_util::future::join_all(tasks).await;

@@ -28,6 +28,9 @@ struct Args {
     /// Parts to run (comma-separated): datapath, memory, control, cluster [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Node counts of the cluster part (comma-separated) [default: quick 2,3; full 2,5,10].
+    #[arg(long, value_delimiter = ',')]
+    cluster_nodes: Vec<usize>,
     /// Size of the agent-at-scale part only (quick: 100 endpoints, 1,000 identities, 100
     /// policies; full: 1,000, 10,000, 1,000) [default: the run's size].
     #[arg(long, value_parser = ["quick", "full"])]
@@ -113,7 +116,7 @@ fn run(args: &Args) -> ExitCode {
         match *part {
             "datapath" => bench::datapath::run(&mut report, size),
             "memory" => bench::memory::run(&mut report, &agent),
-            "cluster" => bench::cluster::run(&mut report, size, &agent),
+            "cluster" => bench::cluster::run(&mut report, size, &agent, &args.cluster_nodes),
             "control" => {
                 bench::control::scaling(&mut report, size);
                 bench::control::map_writes(&mut report, size);

@@ -37,6 +37,8 @@ pub struct EndpointTracker {
     /// Registrations waiting for the next save and publish of the registry ([`Flush`]):
     /// each gets the revision that includes it.
     flush_waiters: Vec<tokio::sync::oneshot::Sender<u64>>,
+    /// Told after every change handed to the resolver (the kvstore publisher waits on it).
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl EndpointTracker {
@@ -49,6 +51,7 @@ impl EndpointTracker {
         state: Option<StateDir>,
         registry: &EndpointRegistry,
         interface_check: Duration,
+        changed: Arc<tokio::sync::Notify>,
     ) -> Self {
         let mut r = Registry::new(cluster);
         r.load(registry);
@@ -60,6 +63,7 @@ impl EndpointTracker {
             interface_check,
             netlink: false,
             flush_waiters: Vec::new(),
+            changed,
         }
     }
 
@@ -149,6 +153,7 @@ impl EndpointTracker {
     }
 
     fn publish(&self) -> Request<Resolver, EndpointsChanged> {
+        self.changed.notify_one();
         self.resolver.send(EndpointsChanged { endpoints: Arc::new(self.registry.endpoints()) })
     }
 }

@@ -178,6 +178,8 @@ pub struct Agent {
     pub decode: Arc<RwLock<DecodeContext>>,
     /// The Kubernetes source, when it runs.
     pub external: ExternalSource,
+    /// Notified whenever the endpoint tracker hands a change to the resolver.
+    pub endpoints_changed: Arc<tokio::sync::Notify>,
 }
 
 impl Agent {
@@ -265,6 +267,7 @@ impl Agent {
             identity::IdentityCache::new(resolver.clone(), Some(state.clone())),
             hook.clone(),
         );
+        let endpoints_changed = Arc::new(tokio::sync::Notify::new());
         let endpoints = start_supervised(
             "endpoint_tracker",
             endpoints::EndpointTracker::new(
@@ -274,6 +277,7 @@ impl Agent {
                 Some(state),
                 registry,
                 config.interface_check_interval,
+                endpoints_changed.clone(),
             ),
             hook.clone(),
         );
@@ -301,6 +305,7 @@ impl Agent {
             config,
             external: ExternalSource::default(),
             decode: decode_shared,
+            endpoints_changed,
         };
         *cell.borrow_mut() = Some(agent.clone());
         if !agent.config.external_sources {

@@ -361,7 +361,7 @@ fn kvstore_options(args: &Args, cluster: &str) -> Result<Option<palisade_agent::
         node,
         node_addresses: args.node_address.clone(),
         lease_ttl: ttl,
-        poll: Duration::from_millis(100),
+        poll: Duration::from_secs(1),
         op_timeout: Duration::from_secs(2).min(ttl),
     }))
 }

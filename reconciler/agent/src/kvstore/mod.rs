@@ -9,7 +9,8 @@
 //!   key per label set its pods use, under its lease; master keys no node uses any more
 //!   are collected ([`Kv::collect_unused`]) after two passes.
 //! - **Publishing** ([`sync::run`]): this node's pods' addresses (with identity and host
-//!   address) and its node entry, under its lease, level-based: every poll compares what
+//!   address) and its node entry, under its lease, level-based: on every change the
+//!   endpoint tracker reports (and at least every [`KvOptions::poll`]) it compares what
 //!   the endpoint tracker holds with what was written under the current lease; a lost
 //!   lease (expired while etcd was away, or etcd wiped) means a new lease and everything
 //!   written again.
@@ -29,11 +30,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use palisade_policy::identity::{FIRST_CLUSTER, LOCAL_SCOPE};
 use palisade_policy::labels::LabelSet;
 
-use layout::{IDS, id_key, label_key, parse_label_key, value_prefix};
+use layout::{IDS, VALUES, id_key, label_key, parse_label_key, value_prefix};
 
 /// Attempts of one allocation before it gives up (each lost race re-reads the store).
 pub const MAX_ATTEMPTS: u32 = 64;
@@ -79,7 +80,8 @@ pub struct KvOptions {
     pub node_addresses: Vec<std::net::IpAddr>,
     /// Time-to-live of the node's lease; kept alive every third of it.
     pub lease_ttl: Duration,
-    /// Time between two comparisons of this node's endpoints with what is published.
+    /// Longest time between two comparisons of this node's endpoints with what is
+    /// published (each change of the endpoints starts one at once).
     pub poll: Duration,
     /// Bound on every single etcd request.
     pub op_timeout: Duration,
@@ -97,6 +99,25 @@ pub struct Kv {
     own_deletes: std::sync::Mutex<BTreeSet<String>>,
     /// Someone removed a key this node published: publish everything again.
     dirty: std::sync::atomic::AtomicBool,
+    masters_seen: std::sync::Mutex<MasterCache>,
+    /// Counts the random picks of [`MasterCache::pick`].
+    picks: std::sync::atomic::AtomicU64,
+    /// Allocation attempts waiting to go to etcd together ([`Kv::combined`]).
+    queue: std::sync::Mutex<Vec<Queued>>,
+    /// Held by the one task sending queued attempts.
+    sender: tokio::sync::Mutex<()>,
+}
+
+/// Most attempts in one transaction (etcd's `--max-txn-ops` is 128 by default).
+const MAX_BATCH: usize = 64;
+
+/// An allocation attempt in the queue: its label set key, number, transaction, and
+/// where its answer goes (an error of its own, or `None`: the batch failed, send alone).
+struct Queued {
+    lkey: String,
+    id: u32,
+    txn: Txn,
+    tx: tokio::sync::oneshot::Sender<Result<etcd_client::TxnResponse, Option<KvError>>>,
 }
 
 /// A master key: its identity, label set key form and revision.
@@ -105,6 +126,179 @@ struct Master {
     id: u32,
     labels: String,
     mod_revision: i64,
+}
+
+/// The widest choice of free numbers a node picks a new identity from after lost races.
+const MAX_SPREAD: u32 = 1024;
+
+/// What this node knows of the master keys, from its own transactions and their answers
+/// and from the watcher. A hint for what to try: every allocation is checked by etcd.
+struct MasterCache {
+    /// Filled once from the store (the first allocation, or the watcher's list).
+    loaded: bool,
+    by_id: BTreeMap<u32, String>,
+    by_labels: BTreeMap<String, u32>,
+    /// Numbers this node's allocations in flight are trying.
+    pending: BTreeSet<u32>,
+    /// How many of the lowest free numbers a new label set picks from: 1 (the lowest)
+    /// while this node wins its races, four times more on each lost one, a sixteenth
+    /// less on each won one.
+    /// Nodes allocating at once then spread over different numbers instead of all trying
+    /// the lowest free one and all but one trying again.
+    spread: u32,
+}
+
+impl Default for MasterCache {
+    fn default() -> Self {
+        MasterCache {
+            loaded: false,
+            by_id: BTreeMap::new(),
+            by_labels: BTreeMap::new(),
+            pending: BTreeSet::new(),
+            spread: 1,
+        }
+    }
+}
+
+impl MasterCache {
+    fn set(&mut self, id: u32, labels: Option<String>) {
+        if let Some(old) = self.by_id.remove(&id)
+            && self.by_labels.get(&old) == Some(&id)
+        {
+            self.by_labels.remove(&old);
+        }
+        if let Some(labels) = labels {
+            self.by_labels.insert(labels.clone(), id);
+            self.by_id.insert(id, labels);
+        }
+    }
+
+    fn is_free(&self, id: u32) -> bool {
+        (FIRST_CLUSTER..LOCAL_SCOPE).contains(&id) && !self.by_id.contains_key(&id) && !self.pending.contains(&id)
+    }
+
+    /// A free number for a new label set: the lowest, or one of the lowest [`Self::spread`].
+    fn pick(&self, random: u64) -> Result<u32, KvError> {
+        let k = u32::try_from(random % u64::from(self.spread.max(1))).unwrap_or(0);
+        self.nth_free(k).or_else(|| self.nth_free(0)).ok_or(KvError::Exhausted)
+    }
+
+    /// The `k`-th free number (0: the lowest), walking the gaps between used ones.
+    fn nth_free(&self, mut k: u32) -> Option<u32> {
+        let mut used: Vec<u32> = self.by_id.keys().chain(self.pending.iter()).copied().collect();
+        used.sort_unstable();
+        let mut n = FIRST_CLUSTER;
+        for u in used.into_iter().filter(|u| (FIRST_CLUSTER..LOCAL_SCOPE).contains(u)) {
+            if u < n {
+                continue;
+            }
+            let gap = u - n;
+            if k < gap {
+                return Some(n + k);
+            }
+            k -= gap;
+            n = u + 1;
+        }
+        n.checked_add(k).filter(|id| *id < LOCAL_SCOPE)
+    }
+
+    /// Narrows slowly: a node that lost races keeps spreading while the others still
+    /// allocate.
+    fn won(&mut self) {
+        self.spread = (self.spread - self.spread / 16).max(1);
+        if self.spread < 16 {
+            self.spread -= u32::from(self.spread > 1);
+        }
+    }
+
+    fn lost(&mut self) {
+        self.spread = (self.spread * 4).min(MAX_SPREAD);
+    }
+}
+
+/// One allocation attempt: a single transaction.
+#[derive(Clone, Copy, Debug)]
+enum Try {
+    /// Take the existing number `id` of the label set: its master key names the labels
+    /// and every node holding the labels uses `id` (or none does); or the master key is
+    /// gone (collected, or the store emptied and being refilled) and the holders use
+    /// `id`: then it is put back.
+    Take(u32),
+    /// A new number: the master key is free and no node holds the labels.
+    Fresh(u32),
+}
+
+impl Try {
+    fn id(self) -> u32 {
+        match self {
+            Try::Take(id) | Try::Fresh(id) => id,
+        }
+    }
+
+    fn txn(self, mine: &str, lkey: &str, lease: i64) -> Txn {
+        let id = self.id();
+        let prefix = value_prefix(lkey);
+        let put_mine = || TxnOp::put(mine, id.to_string(), Some(PutOptions::new().with_lease(lease)));
+        let put_master = || TxnOp::put(id_key(id), lkey, None);
+        let names_labels = || Compare::value(id_key(id), CompareOp::Equal, lkey);
+        let master_free = || Compare::create_revision(id_key(id), CompareOp::Equal, 0);
+        // Over a range: holds for every key in it. A value compare fails on an empty range,
+        // a create-revision compare of 0 holds only on an empty one.
+        let holders_use = || Compare::value(prefix.as_str(), CompareOp::Equal, id.to_string()).with_prefix();
+        let nobody = || Compare::create_revision(prefix.as_str(), CompareOp::Equal, 0).with_prefix();
+        let look = [
+            TxnOp::get(id_key(id), None),
+            TxnOp::get(prefix.as_str(), Some(GetOptions::new().with_prefix().with_limit(1))),
+        ];
+        match self {
+            Try::Fresh(_) => {
+                Txn::new().when([master_free(), nobody()]).and_then([put_master(), put_mine()]).or_else(look)
+            }
+            Try::Take(_) => {
+                let restore =
+                    Txn::new().when([master_free(), holders_use()]).and_then([put_master(), put_mine()]).or_else(look);
+                let unheld =
+                    Txn::new().when([names_labels(), nobody()]).and_then([put_mine()]).or_else([TxnOp::txn(restore)]);
+                Txn::new().when([names_labels(), holders_use()]).and_then([put_mine()]).or_else([TxnOp::txn(unheld)])
+            }
+        }
+    }
+}
+
+/// What a failed attempt found: the master key of the number tried, and the number of
+/// one node holding the labels.
+#[derive(Debug)]
+struct Seen {
+    master: Option<String>,
+    holder: Option<u32>,
+}
+
+impl Seen {
+    /// `None`: the attempt (or one of its nested alternatives) succeeded.
+    fn of(resp: &etcd_client::TxnResponse) -> Result<Option<Seen>, KvError> {
+        if resp.succeeded() {
+            return Ok(None);
+        }
+        let ops = resp.op_responses();
+        match ops.as_slice() {
+            [TxnOpResponse::Txn(inner)] => Seen::of(inner),
+            [TxnOpResponse::Get(master), TxnOpResponse::Get(holders)] => {
+                let master = master.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+                let holder = match holders.kvs().first() {
+                    None => None,
+                    Some(kv) => Some(String::from_utf8_lossy(kv.value()).trim().parse().map_err(|_| {
+                        KvError::Invalid(format!(
+                            "{}: {:?} is not an identity",
+                            kv.key_str().unwrap_or("?"),
+                            kv.value()
+                        ))
+                    })?),
+                };
+                Ok(Some(Seen { master, holder }))
+            }
+            other => Err(KvError::Invalid(format!("unexpected transaction answer: {} operations", other.len()))),
+        }
+    }
 }
 
 impl Kv {
@@ -123,6 +317,10 @@ impl Kv {
             op_timeout,
             own_deletes: std::sync::Mutex::default(),
             dirty: std::sync::atomic::AtomicBool::new(false),
+            masters_seen: std::sync::Mutex::default(),
+            picks: std::sync::atomic::AtomicU64::new(0),
+            queue: std::sync::Mutex::default(),
+            sender: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -226,74 +424,175 @@ impl Kv {
     /// The cluster-wide identity of `labels`, taking this node's reference on it (its
     /// per-node key under the current lease). A label set some node already holds keeps
     /// its number; a new one gets `wanted` if that number is free (a restarted agent, or
-    /// one republishing into an emptied store, keeps its numbers), else the lowest free one.
+    /// one republishing into an emptied store, keeps its numbers), else an unused master
+    /// key of the same labels, else the lowest free number (one of the lowest few after a
+    /// lost race, see [`MasterCache::pick`]).
+    ///
+    /// Each attempt is one transaction; what this node knows of the master keys
+    /// ([`MasterCache`]) only chooses what to try, and a failed attempt answers what the
+    /// store holds, so a stale cache costs an attempt, never a wrong number.
     pub async fn allocate(&self, labels: &LabelSet, wanted: Option<u32>) -> Result<u32, KvError> {
         let lkey = label_key(labels);
         if parse_label_key(&lkey).is_none() {
             return Err(KvError::Invalid(format!("an empty label set has no cluster identity ({labels})")));
         }
-        let prefix = value_prefix(&lkey);
-        let mine = self.own_value_key(&lkey);
+        self.load_masters().await?;
+        let mut next: Option<Try> = None;
         for _ in 0..MAX_ATTEMPTS {
             let lease = self.wait_lease().await?;
-            let put_mine =
-                |id: u32| TxnOp::put(mine.clone(), id.to_string(), Some(PutOptions::new().with_lease(lease)));
-            let mut c = self.client();
-            let holders = self.bounded(c.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
-            if let Some(kv) = holders.kvs().first() {
-                // Held already: take that number, with its master key as it should be.
-                let id: u32 = String::from_utf8_lossy(kv.value()).trim().parse().map_err(|_| {
-                    KvError::Invalid(format!("{}: {:?} is not an identity", kv.key_str().unwrap_or("?"), kv.value()))
-                })?;
-                let txn = Txn::new()
-                    .when([Compare::value(id_key(id), CompareOp::Equal, lkey.clone())])
-                    .and_then([put_mine(id)]);
-                if self.bounded(c.txn(txn)).await?.succeeded() {
-                    return Ok(id);
+            let mut reserved = None;
+            let attempt = if let Some(t) = next.take() {
+                t
+            } else {
+                let mut cache = self.cache();
+                let known = cache.by_labels.get(&lkey).copied();
+                let attempt = match wanted {
+                    Some(w) if known != Some(w) && cache.is_free(w) => Try::Fresh(w),
+                    _ => match known {
+                        Some(id) => Try::Take(id),
+                        None => Try::Fresh(cache.pick(self.random())?),
+                    },
+                };
+                if let Try::Fresh(id) = attempt {
+                    // Not picked by this node's other allocations while in flight.
+                    cache.pending.insert(id);
+                    reserved = Some(id);
                 }
-                // The master key is gone (collected, or the store was emptied and is being
-                // refilled): put it back with the number the holders use.
-                let txn = Txn::new()
-                    .when([Compare::create_revision(id_key(id), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(id_key(id), lkey.clone(), None), put_mine(id)]);
-                if self.bounded(c.txn(txn)).await?.succeeded() {
-                    return Ok(id);
+                attempt
+            };
+            let id = attempt.id();
+            let resp = self.combined(&lkey, id, attempt.txn(&self.own_value_key(&lkey), &lkey, lease)).await;
+            if let Some(id) = reserved {
+                self.cache().pending.remove(&id);
+            }
+            let resp = resp?;
+            let Some(seen) = Seen::of(&resp)? else {
+                self.cache().set(id, Some(lkey));
+                if matches!(attempt, Try::Fresh(_)) {
+                    self.cache().won();
                 }
-                let c2 = self.masters().await?;
-                if c2.iter().any(|m| m.id == id && m.labels != lkey) {
+                return Ok(id);
+            };
+            if matches!(attempt, Try::Fresh(_)) && seen.holder.is_none() {
+                self.cache().lost();
+            }
+            self.cache().set(id, seen.master.clone());
+            match seen.holder {
+                // Held by others under the number tried, yet its master key names other
+                // labels: the store contradicts itself (restored from an old copy?).
+                Some(h) if h == id && seen.master.as_ref().is_some_and(|m| *m != lkey) => {
                     return Err(KvError::Conflict { id, labels: labels.to_string() });
                 }
-                continue;
-            }
-            // Nobody holds it: the number asked for if it is free (the node keeps its
-            // numbers), else an unused master key of the same labels (not yet collected),
-            // else a new one.
-            let masters = self.masters().await?;
-            let stale = masters.iter().find(|m| m.labels == lkey).map(|m| m.id);
-            let used: BTreeSet<u32> = masters.iter().map(|m| m.id).collect();
-            let (id, fresh) = match (wanted, stale) {
-                (Some(w), _) if (FIRST_CLUSTER..LOCAL_SCOPE).contains(&w) && !used.contains(&w) => (w, true),
-                (_, Some(id)) => (id, false),
-                _ => ((FIRST_CLUSTER..LOCAL_SCOPE).find(|n| !used.contains(n)).ok_or(KvError::Exhausted)?, true),
-            };
-            let master_cmp = if fresh {
-                Compare::create_revision(id_key(id), CompareOp::Equal, 0)
-            } else {
-                Compare::value(id_key(id), CompareOp::Equal, lkey.clone())
-            };
-            // No key under the prefix: compared over the range, the condition holds for
-            // every key in it, and for none.
-            let nobody = Compare::create_revision(prefix.clone(), CompareOp::Equal, 0).with_prefix();
-            let mut ops = vec![put_mine(id)];
-            if fresh {
-                ops.insert(0, TxnOp::put(id_key(id), lkey.clone(), None));
-            }
-            let txn = Txn::new().when([master_cmp, nobody]).and_then(ops);
-            if self.bounded(c.txn(txn)).await?.succeeded() {
-                return Ok(id);
+                Some(h) => next = Some(Try::Take(h)),
+                None => {}
             }
         }
         Err(KvError::Contention(labels.to_string()))
+    }
+
+    /// Sends `txn` (an attempt on `lkey` with number `id`), together with the attempts of
+    /// this node's other allocations waiting at the same moment: one etcd transaction
+    /// whose operations are their transactions, each decided on its own. Whoever holds the
+    /// sender lock sends everything queued; the others' attempts wait in the queue for it,
+    /// so a burst of new label sets costs a few round trips instead of one each. Attempts
+    /// that would write the same key (same labels or number) go in different batches.
+    async fn combined(&self, lkey: &str, id: u32, txn: Txn) -> Result<etcd_client::TxnResponse, KvError> {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        self.queued().push(Queued { lkey: lkey.to_string(), id, txn: txn.clone(), tx });
+        let answer = loop {
+            tokio::select! {
+                biased;
+                answer = &mut rx => break answer,
+                _sending = self.sender.lock() => while self.send_batch().await {},
+            }
+        };
+        match answer {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(Some(e))) => Err(e),
+            Ok(Err(None)) | Err(_) => self.bounded(self.client().txn(txn)).await,
+        }
+    }
+
+    fn queued(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sends one batch of the queue; answers whether there was one.
+    async fn send_batch(&self) -> bool {
+        let batch: Vec<Queued> = {
+            let mut queue = self.queued();
+            let (mut batch, mut keep) = (Vec::new(), Vec::new());
+            for q in queue.drain(..) {
+                let clash = batch.iter().any(|b: &Queued| b.lkey == q.lkey || b.id == q.id);
+                if clash || batch.len() >= MAX_BATCH { keep.push(q) } else { batch.push(q) }
+            }
+            *queue = keep;
+            batch
+        };
+        if batch.is_empty() {
+            return false;
+        }
+        if let [one] = batch.as_slice() {
+            let resp = self.bounded(self.client().txn(one.txn.clone())).await.map_err(Some);
+            if let Some(q) = batch.into_iter().next() {
+                let _ = q.tx.send(resp);
+            }
+            return true;
+        }
+        let all = Txn::new().and_then(batch.iter().map(|q| TxnOp::txn(q.txn.clone())).collect::<Vec<_>>());
+        match self.bounded(self.client().txn(all)).await {
+            Ok(resp) => {
+                let mut answers = resp.op_responses().into_iter();
+                for q in batch {
+                    let answer = match answers.next() {
+                        Some(TxnOpResponse::Txn(r)) => Ok(r),
+                        _ => Err(None),
+                    };
+                    let _ = q.tx.send(answer);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, attempts = batch.len(), "kvstore: a batch of allocations failed; each is sent alone");
+                for q in batch {
+                    let _ = q.tx.send(Err(None));
+                }
+            }
+        }
+        true
+    }
+
+    /// Reads every master key into the cache, once.
+    async fn load_masters(&self) -> Result<(), KvError> {
+        if self.cache().loaded {
+            return Ok(());
+        }
+        let all = self.masters().await?;
+        self.replace_masters(all.into_iter().map(|m| (m.id, m.labels)));
+        Ok(())
+    }
+
+    /// The watcher listed the store: these are all its master keys.
+    pub fn replace_masters(&self, all: impl IntoIterator<Item = (u32, String)>) {
+        let mut cache = self.cache();
+        let (spread, pending) = (cache.spread, std::mem::take(&mut cache.pending));
+        *cache = MasterCache { loaded: true, spread, pending, ..MasterCache::default() };
+        for (id, labels) in all {
+            cache.set(id, Some(labels));
+        }
+    }
+
+    /// The watcher saw master key `id` put (`Some(labels key)`) or deleted.
+    pub fn note_master(&self, id: u32, labels: Option<String>) {
+        self.cache().set(id, labels);
+    }
+
+    fn random(&self) -> u64 {
+        use std::hash::BuildHasher;
+        std::collections::hash_map::RandomState::new().hash_one(self.picks.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, MasterCache> {
+        self.masters_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Drops this node's reference on `labels` (its per-node key).
@@ -308,24 +607,29 @@ impl Kv {
     pub async fn collect_unused(&self, candidates: &mut BTreeMap<u32, i64>) -> Result<usize, KvError> {
         let masters = self.masters().await?;
         let mut c = self.client();
+        // Every per-node key, names only: the label sets some node holds.
+        let values = self.bounded(c.get(VALUES, Some(GetOptions::new().with_prefix().with_keys_only()))).await?;
+        let held: BTreeSet<&str> = values
+            .kvs()
+            .iter()
+            .filter_map(|kv| kv.key_str().ok()?.strip_prefix(VALUES)?.rsplit_once('/').map(|(labels, _)| labels))
+            .collect();
         let mut now = BTreeMap::new();
         let mut deleted = 0;
         for m in masters {
-            let prefix = value_prefix(&m.labels);
-            let held =
-                self.bounded(c.get(prefix.clone(), Some(GetOptions::new().with_prefix().with_count_only()))).await?;
-            if held.count() > 0 {
+            if held.contains(m.labels.as_str()) {
                 continue;
             }
             if candidates.get(&m.id) == Some(&m.mod_revision) {
                 let txn = Txn::new()
                     .when([
                         Compare::mod_revision(id_key(m.id), CompareOp::Equal, m.mod_revision),
-                        Compare::create_revision(prefix, CompareOp::Equal, 0).with_prefix(),
+                        Compare::create_revision(value_prefix(&m.labels), CompareOp::Equal, 0).with_prefix(),
                     ])
                     .and_then([TxnOp::delete(id_key(m.id), None)]);
                 if self.bounded(c.txn(txn)).await?.succeeded() {
                     tracing::info!(identity = m.id, labels = %m.labels, "kvstore: unused identity collected");
+                    self.cache().set(m.id, None);
                     deleted += 1;
                     continue;
                 }
@@ -358,5 +662,61 @@ impl Kv {
         }
         resp?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(used: &[u32]) -> MasterCache {
+        let mut c = MasterCache::default();
+        for id in used {
+            c.set(*id, Some(format!("labels-{id};")));
+        }
+        c
+    }
+
+    #[test]
+    fn free_numbers_are_counted_over_the_gaps() {
+        let mut c = cache(&[256, 257, 259, 300]);
+        assert_eq!(c.nth_free(0), Some(258));
+        assert_eq!(c.nth_free(1), Some(260));
+        assert_eq!(c.nth_free(40), Some(299));
+        assert_eq!(c.nth_free(41), Some(301));
+        c.pending.insert(258);
+        assert_eq!(c.nth_free(0), Some(260), "a number in flight is not free");
+        assert!(!c.is_free(258) && !c.is_free(256) && c.is_free(260) && !c.is_free(FIRST_CLUSTER - 1));
+        assert_eq!(c.nth_free(LOCAL_SCOPE), None);
+        // The spread decides among how many of the lowest free numbers a pick falls.
+        assert_eq!(c.pick(12345).unwrap(), 260);
+        c.spread = 4;
+        let picks: BTreeSet<u32> = (0..64).map(|r| c.pick(r).unwrap()).collect();
+        assert_eq!(picks, BTreeSet::from([260, 261, 262, 263]));
+    }
+
+    #[test]
+    fn the_spread_widens_on_lost_races_and_narrows_back() {
+        let mut c = MasterCache::default();
+        for _ in 0..10 {
+            c.lost();
+        }
+        assert_eq!(c.spread, MAX_SPREAD);
+        let mut wins = 0;
+        while c.spread > 1 {
+            c.won();
+            wins += 1;
+        }
+        assert!((30..200).contains(&wins), "{wins} wins to narrow back");
+    }
+
+    #[test]
+    fn a_number_given_other_labels_forgets_the_old_ones() {
+        let mut c = cache(&[256]);
+        c.set(256, Some("other;".into()));
+        assert_eq!(c.by_labels.get("labels-256;"), None);
+        assert_eq!(c.by_labels.get("other;"), Some(&256));
+        c.set(256, None);
+        assert!(c.by_id.is_empty() && c.by_labels.is_empty());
     }
 }

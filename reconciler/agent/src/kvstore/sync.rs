@@ -53,70 +53,102 @@ impl Quiet {
     }
 }
 
+/// Wait before trying again after a failure (etcd away, lease lost).
+const RETRY: Duration = Duration::from_millis(200);
+
+/// Publishes when the endpoint tracker reports a change, and at least every
+/// [`KvOptions::poll`] (lease keep-alive, garbage collection, a republish asked by the
+/// watcher); after a failure, again in [`RETRY`].
 async fn publish_loop(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
-    let mut published = Published::default();
-    let mut keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
-    let mut last_alive = Instant::now();
-    let mut quiet = Quiet { last: None };
-    let mut gc_candidates = BTreeMap::new();
-    let mut last_gc = Instant::now();
-    let keep_every = opts.lease_ttl / 3;
+    let mut p = Publisher {
+        published: Published::default(),
+        keeper: None,
+        last_alive: Instant::now(),
+        quiet: Quiet { last: None },
+        gc_candidates: BTreeMap::new(),
+        last_gc: Instant::now(),
+    };
+    let changed = agent.endpoints_changed.clone();
+    let mut wait = Duration::ZERO;
     loop {
-        tokio::time::sleep(opts.poll).await;
+        let until_alive = (opts.lease_ttl / 3).saturating_sub(p.last_alive.elapsed());
+        tokio::select! {
+            () = changed.notified() => {}
+            () = tokio::time::sleep(wait.min(until_alive)) => {}
+        }
+        wait = if p.step(&agent, &kv, &opts).await { opts.poll } else { RETRY };
+    }
+}
+
+/// The publisher's state between two rounds.
+struct Publisher {
+    published: Published,
+    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    last_alive: Instant,
+    quiet: Quiet,
+    gc_candidates: BTreeMap<u32, i64>,
+    last_gc: Instant,
+}
+
+impl Publisher {
+    /// One round: the lease, its keep-alive, publishing, collecting. Answers whether it
+    /// went through.
+    async fn step(&mut self, agent: &Agent, kv: &Kv, opts: &KvOptions) -> bool {
         if kv.lease() == 0 {
             match kv.grant(opts.lease_ttl).await {
                 Ok(id) => {
                     tracing::info!(lease = id, "kvstore: lease granted; publishing this node's state");
                     kv.set_lease(id);
-                    published = Published::default();
-                    keeper = None;
-                    last_alive = Instant::now();
+                    self.published = Published::default();
+                    self.keeper = None;
+                    self.last_alive = Instant::now();
                 }
                 Err(e) => {
-                    quiet.warn("cannot get a lease", &e);
-                    continue;
+                    self.quiet.warn("cannot get a lease", &e);
+                    return false;
                 }
             }
         }
-        if last_alive.elapsed() >= keep_every {
-            match keep_alive(&kv, &mut keeper).await {
-                Ok(ttl) if ttl > 0 => last_alive = Instant::now(),
+        if self.last_alive.elapsed() >= opts.lease_ttl / 3 {
+            match keep_alive(kv, &mut self.keeper).await {
+                Ok(ttl) if ttl > 0 => self.last_alive = Instant::now(),
                 Ok(_) => {
                     tracing::warn!(
                         lease = kv.lease(),
                         "kvstore: the lease is gone (expired or the store was emptied); publishing again under a new one"
                     );
                     kv.set_lease(0);
-                    continue;
+                    return false;
                 }
                 Err(e) => {
-                    keeper = None;
-                    quiet.warn("keeping the lease alive failed", &e);
-                    if last_alive.elapsed() > opts.lease_ttl {
+                    self.keeper = None;
+                    self.quiet.warn("keeping the lease alive failed", &e);
+                    if self.last_alive.elapsed() > opts.lease_ttl {
                         kv.set_lease(0);
                     }
-                    continue;
+                    return false;
                 }
             }
         }
         if kv.take_dirty() {
-            published = Published::default();
+            self.published = Published::default();
         }
-        if let Err(e) = publish(&agent, &kv, &opts, &mut published).await {
+        if let Err(e) = publish(agent, kv, opts, &mut self.published).await {
             if e.lease_lost() {
                 tracing::warn!("kvstore: the lease is gone; publishing again under a new one");
                 kv.set_lease(0);
             } else {
-                quiet.warn("publishing failed", &e);
+                self.quiet.warn("publishing failed", &e);
             }
-            continue;
+            return false;
         }
-        if last_gc.elapsed() >= opts.lease_ttl * 2 {
-            last_gc = Instant::now();
-            if let Err(e) = kv.collect_unused(&mut gc_candidates).await {
-                quiet.warn("collecting unused identities failed", &e);
+        if self.last_gc.elapsed() >= opts.lease_ttl * 2 {
+            self.last_gc = Instant::now();
+            if let Err(e) = kv.collect_unused(&mut self.gc_candidates).await {
+                self.quiet.warn("collecting unused identities failed", &e);
             }
         }
+        true
     }
 }
 
@@ -365,6 +397,10 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
                 fresh.put(&opts.cluster, key, kvp.value());
             }
         }
+        kv.replace_masters(resp.kvs().iter().filter_map(|kvp| {
+            let id = kvp.key_str().ok()?.strip_prefix(layout::IDS)?.parse().ok()?;
+            Some((id, String::from_utf8_lossy(kvp.value()).into_owned()))
+        }));
         previous = store.merged(&previous);
         previous_until = Instant::now() + grace;
         store = fresh;
@@ -404,6 +440,11 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
                 for ev in m.events() {
                     let Some(kvp) = ev.kv() else { continue };
                     let Ok(key) = kvp.key_str() else { continue };
+                    if let Some(id) = key.strip_prefix(layout::IDS).and_then(|s| s.parse().ok()) {
+                        let labels = (ev.event_type() == EventType::Put)
+                            .then(|| String::from_utf8_lossy(kvp.value()).into_owned());
+                        kv.note_master(id, labels);
+                    }
                     match ev.event_type() {
                         EventType::Put => store.put(&opts.cluster, key, kvp.value()),
                         EventType::Delete => {
