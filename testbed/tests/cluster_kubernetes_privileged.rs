@@ -238,13 +238,25 @@ fn etcd_away_30s_while_a_pod_comes_on_one_node_and_one_goes_on_another_privilege
         tokio::time::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed())).await;
         etcd.restart().expect("etcd comes back");
         let back = Instant::now();
+        let (learnt, forgot) = (std::cell::Cell::new(None), std::cell::Cell::new(None));
         let converged = eventually("node-b learns client-c and forgets other once etcd is back", async || {
             let b = ipcache(&session, 1).await;
-            (b.get(&v4(client_c)) == Some(&frontend_id) && !b.contains_key(&v4(other))).then(|| back.elapsed())
+            if b.get(&v4(client_c)) == Some(&frontend_id) && learnt.get().is_none() {
+                learnt.set(Some(back.elapsed()));
+            }
+            if !b.contains_key(&v4(other)) && forgot.get().is_none() {
+                forgot.set(Some(back.elapsed()));
+            }
+            (learnt.get().is_some() && forgot.get().is_some()).then(|| back.elapsed())
         })
         .await;
         session.wait_realized().await.unwrap();
-        eprintln!("converged {converged:?} after etcd answered again (outage {:?})", back - stopped);
+        eprintln!(
+            "converged {converged:?} after etcd answered again (outage {:?}): client-c learnt after {:?}, other forgotten after {:?}",
+            back - stopped,
+            learnt.get().unwrap(),
+            forgot.get().unwrap()
+        );
         assert_eq!(seen().await, Observed::Allow, "client-c has frontend's rights again");
         stop.store(true, Ordering::Relaxed);
         let tally = probing.join().unwrap();

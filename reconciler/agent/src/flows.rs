@@ -349,12 +349,64 @@ pub struct FlowStore {
     buf: Arc<Mutex<Buffer>>,
     capacity: usize,
     live: broadcast::Sender<Arc<Stored>>,
+    pacer: Arc<Pacer>,
+}
+
+/// The verdict-event reader's batching window (it reads the events of a burst together,
+/// one wake-up per window), and a way for a query to have what the kernel reported before
+/// it recorded first: a query during a window cuts the window short and waits for it.
+#[derive(Debug)]
+struct Pacer {
+    reader: std::sync::OnceLock<std::thread::Thread>,
+    in_window: std::sync::atomic::AtomicBool,
+    /// Windows completed.
+    done: tokio::sync::watch::Sender<u64>,
 }
 
 impl FlowStore {
     pub fn new(capacity: usize) -> FlowStore {
         let capacity = capacity.max(1);
-        FlowStore { buf: Arc::default(), capacity, live: broadcast::channel(capacity.min(65_536)).0 }
+        let pacer = Pacer {
+            reader: std::sync::OnceLock::new(),
+            in_window: std::sync::atomic::AtomicBool::new(false),
+            done: tokio::sync::watch::Sender::new(0),
+        };
+        FlowStore {
+            buf: Arc::default(),
+            capacity,
+            live: broadcast::channel(capacity.min(65_536)).0,
+            pacer: Arc::new(pacer),
+        }
+    }
+
+    /// Called by the event reader's thread after a wake-up: waits `window` (less if a query
+    /// asks for the flows meanwhile) for more events to read with the first.
+    pub fn wait_window(&self, window: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        self.pacer.reader.get_or_init(std::thread::current);
+        self.pacer.in_window.store(true, Ordering::SeqCst);
+        std::thread::park_timeout(window);
+    }
+
+    /// Called by the event reader's thread once the events read after a window are recorded.
+    pub fn window_done(&self) {
+        self.pacer.in_window.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.pacer.done.send_modify(|n| *n += 1);
+    }
+
+    /// Before a query: if the reader is in a window, has it end now and waits (at most
+    /// 200 ms) until its events are recorded, so a flow the kernel reported before the
+    /// query is in the answer.
+    pub async fn flush(&self) {
+        if !self.pacer.in_window.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let mut rx = self.pacer.done.subscribe();
+        let seen = *rx.borrow_and_update();
+        if let Some(t) = self.pacer.reader.get() {
+            t.unpark();
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), rx.wait_for(|n| *n > seen)).await;
     }
 
     pub fn capacity(&self) -> usize {

@@ -381,12 +381,12 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+pub(crate) fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+pub(crate) fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
     if labels.is_empty() {
         let _ = writeln!(out, "{name} {value}");
     } else {
@@ -620,6 +620,9 @@ pub async fn render(agent: &Agent) -> String {
     let is_ready = realized.as_ref().is_some_and(|r| ready_with(r).is_ok());
     header(&mut out, "palisade_ready", "gauge", "1 when /readyz answers 200");
     sample(&mut out, "palisade_ready", &[], u8::from(is_ready));
+    if let Some((kv, _)) = agent.kvstore.get() {
+        kv.render_metrics(&mut out);
+    }
     out
 }
 

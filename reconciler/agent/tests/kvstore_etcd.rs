@@ -262,6 +262,19 @@ async fn identity_of(n: &FakeNode, app: &str) -> Option<u32> {
     ids.into_iter().find(|i| i.labels.iter().any(|l| l == &format!("k8s:app={app}"))).map(|i| i.id)
 }
 
+/// The node's kvstore status as `GET /v1/status` reports it.
+fn kv_status(n: &FakeNode) -> palisade_agent::api::types::KvstoreStatus {
+    let (kv, opts) = n.agent.kvstore.get().expect("kvstore mode runs");
+    kv.status(opts)
+}
+
+/// The node's `palisade_kvstore_*` metrics.
+fn metrics_of(n: &FakeNode) -> String {
+    let mut out = String::new();
+    n.agent.kvstore.get().expect("kvstore mode runs").0.render_metrics(&mut out);
+    out
+}
+
 /// Waits (bounded) until `cond` holds.
 async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
     let start = Instant::now();
@@ -303,6 +316,16 @@ async fn two_agents_share_identities_and_pod_addresses_through_etcd() {
         maps.state().ipcache_host_v4.contains_key(&palisade_common::Ipv4Prefix { addr: ip })
     };
     eventually("node-a's maps hold node-b's db", async || has(&a.maps, [10, 201, 1, 10])).await;
+    // What `palisade status` says of the connection: up, with what each node published
+    // and learnt.
+    eventually("node-a's kvstore status counts what it published and learnt", async || {
+        let k = kv_status(&a);
+        k.state == "ok" && k.published_addresses == 1 && k.remote_addresses == 2 && k.remote_nodes == 1
+    })
+    .await;
+    let k = kv_status(&a);
+    assert!(k.lease_id != 0 && k.lease_grants == 1 && k.allocations >= 1 && k.last_ok_unix_ms > 0, "{k:?}");
+    assert_eq!((k.published_identities, k.failing_since_unix_ms, k.conflicted_identities), (1, 0, 0), "{k:?}");
 
     // A key of node-a removed behind its back (an operator, a bad script): node-a puts it
     // back.
@@ -336,6 +359,11 @@ async fn two_agents_share_identities_and_pod_addresses_through_etcd() {
     etcd.stop();
     let e = register(&a, "new", "new", Ipv4Addr::new(10, 200, 1, 12)).await.unwrap_err();
     assert!(e.contains("kvstore") && e.contains("nothing new is allowed"), "{e}");
+    let k = kv_status(&a);
+    assert_eq!(k.state, "failing", "{k:?}");
+    assert!(k.failing_since_unix_ms > 0 && k.failed_operations > 0, "{k:?}");
+    assert!(k.last_error.as_deref().is_some_and(|e| e.contains("kvstore")), "{k:?}");
+    assert!(metrics_of(&a).contains("palisade_kvstore_up{backend=\"etcd\"} 0\n"));
     // A label set held already still registers (its number is known here), but cannot be
     // published: node-b does not know web3 (world there) until etcd is back.
     assert_eq!(register(&a, "web3", "web", Ipv4Addr::new(10, 200, 1, 13)).await.unwrap(), web);
@@ -357,6 +385,9 @@ async fn two_agents_share_identities_and_pod_addresses_through_etcd() {
     })
     .await;
     eprintln!("converged {:?} after etcd came back", back.elapsed());
+    eventually("node-b's kvstore status is ok again", async || kv_status(&b).state == "ok").await;
+    assert!(metrics_of(&b).contains("palisade_kvstore_up{backend=\"etcd\"} 1\n"));
+    assert!(metrics_of(&b).contains("palisade_kvstore_store_lists_total"));
     assert!(has(&a.maps, [10, 201, 1, 10]));
 
     // node-b gone for good (nothing keeps its lease alive): once the lease expires node-a

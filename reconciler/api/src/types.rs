@@ -218,6 +218,54 @@ pub struct Status {
     /// Map writer counters since the agent started.
     #[serde(default)]
     pub datapath_counters: DatapathCounters,
+    /// The kvstore connection (`--kvstore`); absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvstore: Option<KvstoreStatus>,
+}
+
+/// The kvstore connection of an agent in kvstore mode: how it stands, what it published
+/// and learnt, and its counters since the agent started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KvstoreStatus {
+    /// "etcd".
+    pub backend: String,
+    pub endpoints: Vec<String>,
+    pub cluster: String,
+    pub node: String,
+    /// "ok" (etcd answers, a lease is held), "failing" (the last request got no answer:
+    /// see `lastError`, `failingSinceUnixMs`), "no-lease" (answers, no lease yet) or
+    /// "connecting" (no request answered yet).
+    pub state: String,
+    /// The lease this node's keys live under (0: none).
+    pub lease_id: i64,
+    pub lease_ttl_seconds: u64,
+    /// When etcd last answered, and since when it has not (0: never / it does).
+    pub last_ok_unix_ms: u64,
+    pub failing_since_unix_ms: u64,
+    /// The latest failure, also when past (`state` says whether it still holds).
+    pub last_error: Option<String>,
+    /// etcd requests answered and failed.
+    pub operations: u64,
+    pub failed_operations: u64,
+    pub lease_grants: u64,
+    pub leases_lost: u64,
+    /// Complete lists of the store (at start and after each broken watch).
+    pub store_lists: u64,
+    /// The store revision the watcher has seen up to.
+    pub watch_revision: i64,
+    pub watch_events: u64,
+    /// Cluster-wide identity allocations answered, and attempts another node won first.
+    pub allocations: u64,
+    pub lost_races: u64,
+    /// Label sets this node holds a per-node key for, and its pod addresses published.
+    pub published_identities: usize,
+    pub published_addresses: usize,
+    /// Label sets whose number etcd gives other labels: their pods are not published.
+    pub conflicted_identities: usize,
+    /// Other nodes' pod addresses and node addresses this agent knows.
+    pub remote_addresses: usize,
+    pub remote_nodes: usize,
 }
 
 /// Counters of the map writer, monotonic since the agent started.

@@ -433,6 +433,9 @@ async fn run(cli: Cli, negated: Vec<String>) -> Result<(), String> {
                 println!("identities:        {}", s.identities);
                 println!("policies:          {} enforced, {} rejected", s.policies, s.rejected_policies);
                 println!("datapath:          {} (pinned under {})", s.attach_mode, s.bpffs);
+                if let Some(k) = &s.kvstore {
+                    print_kvstore(k);
+                }
                 for w in &s.warnings {
                     println!("warning:           {w}");
                 }
@@ -777,5 +780,41 @@ fn main() -> std::process::ExitCode {
             eprintln!("palisade: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The kvstore lines of `palisade status`.
+fn print_kvstore(k: &palisade_api::types::KvstoreStatus) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let ago = |ms: u64| format!("{:.1}s ago", now_ms.saturating_sub(ms) as f64 / 1000.0);
+    let state = match k.state.as_str() {
+        "failing" => {
+            format!("failing since {} ({})", ago(k.failing_since_unix_ms), k.last_error.as_deref().unwrap_or("?"))
+        }
+        "ok" => format!("ok, lease {:x} (TTL {}s)", k.lease_id, k.lease_ttl_seconds),
+        other => other.to_string(),
+    };
+    println!(
+        "kvstore:           {} {} (node {}, cluster {}): {state}",
+        k.backend,
+        k.endpoints.join(","),
+        k.node,
+        k.cluster
+    );
+    println!(
+        "                   published {} identities, {} addresses; knows {} remote addresses, {} remote nodes; watch at revision {}",
+        k.published_identities, k.published_addresses, k.remote_addresses, k.remote_nodes, k.watch_revision
+    );
+    println!(
+        "                   {} requests ({} failed), {} allocations ({} lost races), {} leases granted ({} lost), {} store lists",
+        k.operations, k.failed_operations, k.allocations, k.lost_races, k.lease_grants, k.leases_lost, k.store_lists
+    );
+    if k.conflicted_identities > 0 {
+        println!(
+            "warning:           {} label sets have another number in etcd: their pods are not published (see the agent's log)",
+            k.conflicted_identities
+        );
     }
 }

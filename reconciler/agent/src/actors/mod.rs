@@ -180,6 +180,9 @@ pub struct Agent {
     pub external: ExternalSource,
     /// Notified whenever the endpoint tracker hands a change to the resolver.
     pub endpoints_changed: Arc<tokio::sync::Notify>,
+    /// The kvstore connection and its options, once kvstore mode runs (its status and
+    /// metrics).
+    pub kvstore: Arc<std::sync::OnceLock<(Arc<crate::kvstore::Kv>, crate::kvstore::KvOptions)>>,
 }
 
 impl Agent {
@@ -306,6 +309,7 @@ impl Agent {
             external: ExternalSource::default(),
             decode: decode_shared,
             endpoints_changed,
+            kvstore: Arc::default(),
         };
         *cell.borrow_mut() = Some(agent.clone());
         if !agent.config.external_sources {
@@ -363,6 +367,10 @@ fn restore(config: &AgentConfig) -> Result<EndpointRegistry, StartError> {
 /// Decodes the verdict events of `reader` (naming things with `names`) onto `events` and
 /// into the flow buffer, on a thread of its own (not the actors' thread: a burst of drops
 /// must not delay the actors).
+/// How long the verdict-event reader waits after a wake-up for more events to read at
+/// once: the most a flow record or monitor event is delayed by the batching.
+const EVENT_BATCH_WINDOW: Duration = Duration::from_millis(10);
+
 fn feed_events(
     mut reader: EventReader,
     names: Arc<RwLock<DecodeContext>>,
@@ -385,6 +393,14 @@ fn feed_events(
                     tracing::error!(error = %e, "reading verdict events failed; the monitor stops");
                     return;
                 }
+                // The first event after a quiet spell woke this thread; the ones that follow
+                // within the window are read with it, so a burst of new flows costs one
+                // wake-up per window instead of one per event (the kernel wakes the reader
+                // only once it has caught up).
+                if batch.len() < crate::datapath::MAX_BATCH {
+                    flows.wait_window(EVENT_BATCH_WINDOW);
+                    reader.drain(&mut batch);
+                }
                 // Read for every batch (two vDSO clock reads): the wall clock may be stepped
                 // (time sync, a resumed VM), and a stale offset would put this agent's records
                 // out of order with another agent's records of the same packets.
@@ -400,6 +416,7 @@ fn feed_events(
                     crate::metrics::global().flow_recorded(&flow);
                     flows.push(unix_ns, flow);
                 }
+                flows.window_done();
             }
         });
     });

@@ -122,6 +122,7 @@ async fn current_status(agent: &Agent) -> Result<Status, ApiFailure> {
             map_overflows: realized.counters.map_overflows,
             apply_failures: realized.counters.apply_failures,
         },
+        kvstore: agent.kvstore.get().map(|(kv, opts)| kv.status(opts)),
     })
 }
 
@@ -323,6 +324,7 @@ async fn flows(State(agent): State<Agent>, Json(query): Json<palisade_api::flow:
         l.push(b'\n');
         Ok::<_, Infallible>(Bytes::from(l))
     };
+    agent.flows.flush().await;
     let (now, rx, next_seq) = agent.flows.query(&query);
     let head = futures_util::stream::iter(now.iter().map(line).collect::<Vec<_>>());
     let Some(rx) = rx else {

@@ -23,6 +23,7 @@
 //! number (its pod's registration fails with an error saying so, and nothing new is
 //! enforced as allowed); what was learnt before stays as it was, and an address nobody
 //! published is world.
+pub mod health;
 pub mod layout;
 pub mod sync;
 
@@ -106,6 +107,7 @@ pub struct Kv {
     queue: std::sync::Mutex<Vec<Queued>>,
     /// Held by the one task sending queued attempts.
     sender: tokio::sync::Mutex<()>,
+    health: std::sync::Mutex<health::Health>,
 }
 
 /// Most attempts in one transaction (etcd's `--max-txn-ops` is 128 by default).
@@ -321,6 +323,7 @@ impl Kv {
             picks: std::sync::atomic::AtomicU64::new(0),
             queue: std::sync::Mutex::default(),
             sender: tokio::sync::Mutex::new(()),
+            health: std::sync::Mutex::default(),
         })
     }
 
@@ -364,22 +367,55 @@ impl Kv {
         key.starts_with(layout::VALUES) && key.rsplit_once('/').is_some_and(|(_, node)| node == self.node)
     }
 
-    /// `fut`, bounded by the request timeout.
+    /// `fut`, a request of `kind` ("get", "txn", "watch", ...), bounded by the request
+    /// timeout; counted in [`Kv::health`].
     pub async fn bounded<T>(
         &self,
+        kind: &'static str,
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, KvError> {
-        match tokio::time::timeout(self.op_timeout, fut).await {
-            Ok(r) => Ok(r?),
+        let r = match tokio::time::timeout(self.op_timeout, fut).await {
+            Ok(r) => r.map_err(KvError::from),
             Err(_) => Err(KvError::Timeout(self.op_timeout)),
+        };
+        match &r {
+            Ok(_) => self.health().answered(kind),
+            Err(e) => self.health().failed(kind, &e.to_string()),
         }
+        r
+    }
+
+    /// The connection's counters and latest outcome.
+    pub fn health(&self) -> std::sync::MutexGuard<'_, health::Health> {
+        self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How the connection stands, for `GET /v1/status`.
+    pub fn status(&self, opts: &KvOptions) -> crate::api::types::KvstoreStatus {
+        self.health().status(opts, self.lease())
+    }
+
+    /// The `palisade_kvstore_*` metrics.
+    pub fn render_metrics(&self, out: &mut String) {
+        self.health().render(out, self.lease());
     }
 
     /// Grants a new lease for this node (not yet the current one).
     pub async fn grant(&self, ttl: Duration) -> Result<i64, KvError> {
         let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let mut c = self.client();
-        Ok(self.bounded(c.lease_grant(ttl, None)).await?.id())
+        Ok(self.bounded("lease-grant", c.lease_grant(ttl, None)).await?.id())
+    }
+
+    /// Revokes `lease`, one this node held before its current one: the keys still under it
+    /// (what was published then and is not any more) go at once instead of when it
+    /// expires. A lease etcd no longer knows is no error.
+    pub async fn revoke(&self, lease: i64) -> Result<(), KvError> {
+        let mut c = self.client();
+        match self.bounded("lease-revoke", c.lease_revoke(lease)).await {
+            Err(e) if e.lease_lost() => Ok(()),
+            r => r.map(|_| ()),
+        }
     }
 
     /// The current lease; a node starting (or whose lease was just lost) may wait up to the
@@ -406,7 +442,7 @@ impl Kv {
     /// Every master key.
     async fn masters(&self) -> Result<Vec<Master>, KvError> {
         let mut c = self.client();
-        let resp = self.bounded(c.get(IDS, Some(GetOptions::new().with_prefix()))).await?;
+        let resp = self.bounded("get", c.get(IDS, Some(GetOptions::new().with_prefix()))).await?;
         let mut out = Vec::new();
         for kv in resp.kvs() {
             let Some(id) = kv.key_str().ok().and_then(|k| k.strip_prefix(IDS)).and_then(|s| s.parse().ok()) else {
@@ -467,6 +503,7 @@ impl Kv {
             }
             let resp = resp?;
             let Some(seen) = Seen::of(&resp)? else {
+                self.health().allocations += 1;
                 self.cache().set(id, Some(lkey));
                 if matches!(attempt, Try::Fresh(_)) {
                     self.cache().won();
@@ -476,6 +513,7 @@ impl Kv {
             if matches!(attempt, Try::Fresh(_)) && seen.holder.is_none() {
                 self.cache().lost();
             }
+            self.health().lost_races += 1;
             self.cache().set(id, seen.master.clone());
             match seen.holder {
                 // Held by others under the number tried, yet its master key names other
@@ -509,7 +547,7 @@ impl Kv {
         match answer {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(Some(e))) => Err(e),
-            Ok(Err(None)) | Err(_) => self.bounded(self.client().txn(txn)).await,
+            Ok(Err(None)) | Err(_) => self.bounded("txn", self.client().txn(txn)).await,
         }
     }
 
@@ -533,14 +571,14 @@ impl Kv {
             return false;
         }
         if let [one] = batch.as_slice() {
-            let resp = self.bounded(self.client().txn(one.txn.clone())).await.map_err(Some);
+            let resp = self.bounded("txn", self.client().txn(one.txn.clone())).await.map_err(Some);
             if let Some(q) = batch.into_iter().next() {
                 let _ = q.tx.send(resp);
             }
             return true;
         }
         let all = Txn::new().and_then(batch.iter().map(|q| TxnOp::txn(q.txn.clone())).collect::<Vec<_>>());
-        match self.bounded(self.client().txn(all)).await {
+        match self.bounded("txn", self.client().txn(all)).await {
             Ok(resp) => {
                 let mut answers = resp.op_responses().into_iter();
                 for q in batch {
@@ -608,7 +646,7 @@ impl Kv {
         let masters = self.masters().await?;
         let mut c = self.client();
         // Every per-node key, names only: the label sets some node holds.
-        let values = self.bounded(c.get(VALUES, Some(GetOptions::new().with_prefix().with_keys_only()))).await?;
+        let values = self.bounded("get", c.get(VALUES, Some(GetOptions::new().with_prefix().with_keys_only()))).await?;
         let held: BTreeSet<&str> = values
             .kvs()
             .iter()
@@ -627,7 +665,7 @@ impl Kv {
                         Compare::create_revision(value_prefix(&m.labels), CompareOp::Equal, 0).with_prefix(),
                     ])
                     .and_then([TxnOp::delete(id_key(m.id), None)]);
-                if self.bounded(c.txn(txn)).await?.succeeded() {
+                if self.bounded("txn", c.txn(txn)).await?.succeeded() {
                     tracing::info!(identity = m.id, labels = %m.labels, "kvstore: unused identity collected");
                     self.cache().set(m.id, None);
                     deleted += 1;
@@ -647,7 +685,7 @@ impl Kv {
             return Err(KvError::NoLease);
         }
         let mut c = self.client();
-        self.bounded(c.put(key, value, Some(PutOptions::new().with_lease(lease)))).await?;
+        self.bounded("put", c.put(key, value, Some(PutOptions::new().with_lease(lease)))).await?;
         Ok(())
     }
 
@@ -655,7 +693,7 @@ impl Kv {
     pub async fn delete(&self, key: String) -> Result<(), KvError> {
         self.own_deletes().insert(key.clone());
         let mut c = self.client();
-        let resp = self.bounded(c.delete(key.clone(), None)).await;
+        let resp = self.bounded("delete", c.delete(key.clone(), None)).await;
         if !matches!(&resp, Ok(r) if r.deleted() > 0) {
             // No delete event will come for it.
             self.own_deletes().remove(&key);

@@ -18,6 +18,7 @@ use crate::k8s::sync::RemoteSpec;
 
 /// Runs the lease, the publisher and the watcher until the agent stops.
 pub async fn run(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
+    let _ = agent.kvstore.set((kv.clone(), opts.clone()));
     tracing::info!(endpoints = ?opts.endpoints, node = %opts.node, cluster = %opts.cluster, ttl = ?opts.lease_ttl, "kvstore mode: identities, pods and nodes shared through etcd");
     actix_rt::spawn(watch(agent.clone(), kv.clone(), opts.clone()));
     publish_loop(agent, kv, opts).await;
@@ -67,6 +68,8 @@ async fn publish_loop(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
         quiet: Quiet { last: None },
         gc_candidates: BTreeMap::new(),
         last_gc: Instant::now(),
+        lease_used: 0,
+        superseded: None,
     };
     let changed = agent.endpoints_changed.clone();
     let mut wait = Duration::ZERO;
@@ -88,6 +91,11 @@ struct Publisher {
     quiet: Quiet,
     gc_candidates: BTreeMap<u32, i64>,
     last_gc: Instant,
+    /// The lease published under last, and one it replaced whose keys have not been
+    /// revoked yet (after a lost lease: etcd may still hold the old one, restored when it
+    /// came back, with keys of pods gone meanwhile under it).
+    lease_used: i64,
+    superseded: Option<i64>,
 }
 
 impl Publisher {
@@ -99,6 +107,11 @@ impl Publisher {
                 Ok(id) => {
                     tracing::info!(lease = id, "kvstore: lease granted; publishing this node's state");
                     kv.set_lease(id);
+                    kv.health().lease_grants += 1;
+                    if self.lease_used != 0 {
+                        self.superseded = Some(self.lease_used);
+                    }
+                    self.lease_used = id;
                     self.published = Published::default();
                     self.keeper = None;
                     self.last_alive = Instant::now();
@@ -118,6 +131,7 @@ impl Publisher {
                         "kvstore: the lease is gone (expired or the store was emptied); publishing again under a new one"
                     );
                     kv.set_lease(0);
+                    kv.health().leases_lost += 1;
                     return false;
                 }
                 Err(e) => {
@@ -133,10 +147,32 @@ impl Publisher {
         if kv.take_dirty() {
             self.published = Published::default();
         }
-        if let Err(e) = publish(agent, kv, opts, &mut self.published).await {
+        let result = publish(agent, kv, opts, &mut self.published).await;
+        {
+            let mut h = kv.health();
+            h.published_identities = self.published.values.len();
+            h.published_addresses = self.published.ips.len();
+            h.conflicted_identities = self.published.conflicted.len();
+        }
+        if let (Ok(()), Some(old)) = (&result, self.superseded) {
+            // Everything is written under the new lease: what is left under the old one is
+            // what this node no longer has (a pod deleted while etcd was away).
+            match kv.revoke(old).await {
+                Ok(()) => {
+                    tracing::info!(
+                        lease = old,
+                        "kvstore: the previous lease revoked (its keys not published again are gone)"
+                    );
+                    self.superseded = None;
+                }
+                Err(e) => self.quiet.warn("revoking the previous lease failed", &e),
+            }
+        }
+        if let Err(e) = result {
             if e.lease_lost() {
                 tracing::warn!("kvstore: the lease is gone; publishing again under a new one");
                 kv.set_lease(0);
+                kv.health().leases_lost += 1;
             } else {
                 self.quiet.warn("publishing failed", &e);
             }
@@ -156,11 +192,11 @@ impl Publisher {
 async fn keep_alive(kv: &Kv, keeper: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>) -> Result<i64, KvError> {
     if keeper.is_none() {
         let mut c = kv.client();
-        *keeper = Some(kv.bounded(c.lease_keep_alive(kv.lease())).await?);
+        *keeper = Some(kv.bounded("keep-alive", c.lease_keep_alive(kv.lease())).await?);
     }
     let Some((k, s)) = keeper.as_mut() else { return Err(KvError::NoLease) };
-    kv.bounded(k.keep_alive()).await?;
-    match kv.bounded(s.message()).await? {
+    kv.bounded("keep-alive", k.keep_alive()).await?;
+    match kv.bounded("keep-alive", s.message()).await? {
         Some(resp) => Ok(resp.ttl()),
         None => Err(KvError::Invalid("the keep-alive stream ended".into())),
     }
@@ -255,10 +291,15 @@ struct Store {
     identities: BTreeMap<u32, LabelSet>,
     ips: BTreeMap<String, IpEntry>,
     nodes: BTreeMap<String, NodeEntry>,
+    /// Every key held, with the revision it was last written at.
+    revisions: BTreeMap<String, i64>,
+    /// The store revision this is the state at.
+    revision: i64,
 }
 
 impl Store {
-    fn put(&mut self, cluster: &str, key: &str, value: &[u8]) {
+    fn put(&mut self, cluster: &str, key: &str, value: &[u8], mod_revision: i64) {
+        self.revisions.insert(key.to_string(), mod_revision);
         match layout::parse_entry(cluster, key, value) {
             Ok(Entry::Identity(id, labels)) => {
                 self.identities.insert(id, labels);
@@ -275,6 +316,7 @@ impl Store {
     }
 
     fn delete(&mut self, key: &str) {
+        self.revisions.remove(key);
         if let Some(id) = key.strip_prefix(layout::IDS).and_then(|s| s.parse::<u32>().ok()) {
             self.identities.remove(&id);
         }
@@ -282,13 +324,49 @@ impl Store {
         self.nodes.remove(key);
     }
 
+    /// Whether `fresh`, a new list of the store, continues the history `self` was
+    /// watched up to: it is not older, every key in it written at or before `self`'s
+    /// revision is one `self` holds from that same write, and there is at least one such
+    /// key. Then what `fresh` lacks was deleted for real (during a broken watch); without
+    /// that evidence (etcd wiped, or restored from another copy) it may be a store being
+    /// refilled by its agents.
+    fn continued_by(&self, fresh: &Store) -> bool {
+        if fresh.revision < self.revision {
+            return false;
+        }
+        let mut evidence = false;
+        for (key, rev) in fresh.revisions.iter().filter(|(_, rev)| **rev <= self.revision) {
+            if self.revisions.get(key) != Some(rev) {
+                return false;
+            }
+            evidence = true;
+        }
+        evidence
+    }
+
     /// `self`, and of `older` what `self` lacks.
+    /// (The entries only: not the revisions, which only the watched store needs.)
     fn merged(&self, older: &Store) -> Store {
-        let mut out = older.clone();
+        let mut out = Store {
+            identities: older.identities.clone(),
+            ips: older.ips.clone(),
+            nodes: older.nodes.clone(),
+            ..Store::default()
+        };
         out.identities.extend(self.identities.iter().map(|(k, v)| (*k, v.clone())));
         out.ips.extend(self.ips.iter().map(|(k, v)| (k.clone(), v.clone())));
         out.nodes.extend(self.nodes.iter().map(|(k, v)| (k.clone(), v.clone())));
         out
+    }
+
+    /// What the mirror is given: `self`, with `older`'s entries it lacks, copied only when
+    /// there are any (each watch message costs a look at the store, not a copy of it).
+    fn with_older<'a>(&'a self, older: &Store) -> std::borrow::Cow<'a, Store> {
+        if older.identities.is_empty() && older.ips.is_empty() && older.nodes.is_empty() {
+            std::borrow::Cow::Borrowed(self)
+        } else {
+            std::borrow::Cow::Owned(self.merged(older))
+        }
     }
 }
 
@@ -366,14 +444,16 @@ impl Mirror {
 }
 
 /// Lists and watches `cilium/state/`; after the watch breaks, lists again. What a new
-/// list lacks of the previous one is kept for twice the lease TTL (an etcd emptied and
-/// refilled by the agents would otherwise make every remote pod world for a moment);
-/// deletions the watch reports apply at once.
+/// list lacks of the previous one was deleted while the watch was broken if the list
+/// continues the store's history ([`Store::continued_by`]), and goes at once; otherwise
+/// (etcd wiped or restored: an emptied store refilled by the agents would make every
+/// remote pod world for a moment) it is kept for twice the lease TTL. Deletions the watch
+/// reports apply at once.
 async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
     let mut mirror = Mirror { applied: BTreeMap::new(), remote_nodes: BTreeSet::new(), last_full: Instant::now() };
     let mut store = Store::default();
     let mut previous = Store::default();
-    let mut previous_until: Instant;
+    let mut previous_until = Instant::now();
     let mut quiet = Quiet { last: None };
     let grace = opts.lease_ttl * 2;
     let mut first = true;
@@ -383,7 +463,7 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
         }
         first = false;
         let mut c = kv.client();
-        let resp = match kv.bounded(c.get(layout::STATE, Some(GetOptions::new().with_prefix()))).await {
+        let resp = match kv.bounded("list", c.get(layout::STATE, Some(GetOptions::new().with_prefix()))).await {
             Ok(r) => r,
             Err(e) => {
                 quiet.warn("listing the store failed", &e);
@@ -391,18 +471,28 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
             }
         };
         let revision = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
+        {
+            let mut h = kv.health();
+            h.store_lists += 1;
+            h.watch_revision = revision;
+        }
         let mut fresh = Store::default();
         for kvp in resp.kvs() {
             if let Ok(key) = kvp.key_str() {
-                fresh.put(&opts.cluster, key, kvp.value());
+                fresh.put(&opts.cluster, key, kvp.value(), kvp.mod_revision());
             }
         }
         kv.replace_masters(resp.kvs().iter().filter_map(|kvp| {
             let id = kvp.key_str().ok()?.strip_prefix(layout::IDS)?.parse().ok()?;
             Some((id, String::from_utf8_lossy(kvp.value()).into_owned()))
         }));
-        previous = store.merged(&previous);
-        previous_until = Instant::now() + grace;
+        fresh.revision = revision;
+        if store.continued_by(&fresh) {
+            // What the list lacks was deleted while the watch was broken: gone at once.
+        } else {
+            previous = store.merged(&previous);
+            previous_until = Instant::now() + grace;
+        }
         store = fresh;
         tracing::info!(
             revision,
@@ -411,12 +501,12 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
             nodes = store.nodes.len(),
             "kvstore: store listed; watching"
         );
-        mirror.apply(&agent, &store.merged(&previous), &opts).await;
+        mirror.apply(&agent, &store.with_older(&previous), &opts).await;
         if let Ok(revision) = agent.resolver.send(crate::actors::resolver::CurrentRevision).await {
             crate::metrics::readiness().source_synced(crate::metrics::SOURCE_KVSTORE, revision);
         }
         let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-        let mut stream = match kv.bounded(c.watch(layout::STATE, Some(options))).await {
+        let mut stream = match kv.bounded("watch", c.watch(layout::STATE, Some(options))).await {
             Ok(s) => s,
             Err(e) => {
                 quiet.warn("watching the store failed", &e);
@@ -429,24 +519,39 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
                 Ok(Ok(Some(m))) => Some(m),
                 Ok(Ok(None)) => break,
                 Ok(Err(e)) => {
-                    quiet.warn("the watch broke", &KvError::Etcd(e));
+                    let e = KvError::Etcd(e);
+                    kv.health().failed("watch", &e.to_string());
+                    quiet.warn("the watch broke", &e);
                     break;
                 }
             };
+            // A quiet second (the 5 s refresh, the grace of `previous`) or an event of
+            // something the mirror reads: per-node keys are not (a burst of allocations
+            // elsewhere costs no mirror pass per message).
+            let mut touched = msg.is_none();
             if let Some(m) = msg {
                 if m.canceled() {
                     break;
                 }
+                {
+                    let mut h = kv.health();
+                    h.watch_events += m.events().len() as u64;
+                    if let Some(header) = m.header() {
+                        store.revision = store.revision.max(header.revision());
+                        h.watch_revision = store.revision;
+                    }
+                }
                 for ev in m.events() {
                     let Some(kvp) = ev.kv() else { continue };
                     let Ok(key) = kvp.key_str() else { continue };
+                    touched |= !key.starts_with(layout::VALUES);
                     if let Some(id) = key.strip_prefix(layout::IDS).and_then(|s| s.parse().ok()) {
                         let labels = (ev.event_type() == EventType::Put)
                             .then(|| String::from_utf8_lossy(kvp.value()).into_owned());
                         kv.note_master(id, labels);
                     }
                     match ev.event_type() {
-                        EventType::Put => store.put(&opts.cluster, key, kvp.value()),
+                        EventType::Put => store.put(&opts.cluster, key, kvp.value(), kvp.mod_revision()),
                         EventType::Delete => {
                             let own_ip = store.ips.get(key).is_some_and(|e| opts.node_addresses.contains(&e.host_ip));
                             let own_node = key == format!("{}{}", layout::nodes_prefix(&opts.cluster), opts.node);
@@ -459,10 +564,19 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
                     }
                 }
             }
+            if Instant::now() > previous_until && !previous.ips.is_empty() {
+                touched = true;
+            }
             if Instant::now() > previous_until {
                 previous = Store::default();
             }
-            mirror.apply(&agent, &store.merged(&previous), &opts).await;
+            if !touched {
+                continue;
+            }
+            mirror.apply(&agent, &store.with_older(&previous), &opts).await;
+            let mut h = kv.health();
+            h.remote_addresses = mirror.applied.len();
+            h.remote_nodes = mirror.remote_nodes.len();
         }
     }
 }
@@ -491,5 +605,28 @@ mod tests {
         assert_eq!(want["kv/10.201.1.10"].0.pod, "d/p");
         s.ips.values_mut().for_each(|e| e.pod.clear());
         assert_eq!(desired(&s, &[own])["kv/10.201.1.10"].0.pod, "");
+    }
+
+    #[test]
+    fn a_list_continues_the_history_only_with_evidence_and_no_contradiction() {
+        let store = |revision: i64, keys: &[(&str, i64)]| Store {
+            revisions: keys.iter().map(|(k, r)| ((*k).to_string(), *r)).collect(),
+            revision,
+            ..Store::default()
+        };
+        let watched =
+            store(40, &[("cilium/state/identities/v1/id/256", 3), ("cilium/state/ip/v1/default/10.1.1.1", 30)]);
+        // The same etcd after an outage: the master key unchanged, the pod key rewritten
+        // under a new lease, another pod key deleted meanwhile.
+        let after = store(55, &[("cilium/state/identities/v1/id/256", 3), ("cilium/state/ip/v1/default/10.1.1.1", 51)]);
+        assert!(watched.continued_by(&after));
+        // Wiped and refilled: older revision, or keys of the past written at other revisions.
+        assert!(!watched.continued_by(&store(12, &[("cilium/state/identities/v1/id/256", 3)])));
+        assert!(!watched.continued_by(&store(60, &[("cilium/state/identities/v1/id/256", 7)])));
+        // Refilled past the old revision with nothing left from before: no evidence.
+        assert!(!watched.continued_by(&store(60, &[("cilium/state/identities/v1/id/256", 45)])));
+        // A key from before that the watch never showed: not the history it watched.
+        let unknown = store(60, &[("cilium/state/identities/v1/id/256", 3), ("cilium/state/identities/v1/id/257", 20)]);
+        assert!(!watched.continued_by(&unknown));
     }
 }
