@@ -128,6 +128,42 @@ async fn the_same_label_set_asked_by_every_node_at_once_gets_one_identity() {
     assert_eq!(m.values().filter(|l| **l == label_key(&set("contended"))).count(), 1, "{m:?}");
 }
 
+/// A node whose cache misses many numbers others took (no watcher here, as in the bench's
+/// allocators; in an agent, a lagging one) reads the master keys again after a few lost
+/// races instead of learning them one lost race each (which ran past the attempts limit
+/// with ten nodes allocating at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_keeps_losing_races_reads_the_numbers_taken_again() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let a = node(&etcd, "node-a", Duration::from_mins(1)).await;
+    let b = node(&etcd, "node-b", Duration::from_mins(1)).await;
+    // node-b's cache is loaded now, with one number taken.
+    let first = b.allocate(&set("b-first"), None).await.unwrap();
+    for i in 0..300 {
+        a.allocate(&set(&format!("a-{i}")), None).await.unwrap();
+    }
+    let before = b.status(&options("node-b")).lost_races;
+    let id = b.allocate(&set("b-second"), None).await.unwrap();
+    let lost = b.status(&options("node-b")).lost_races - before;
+    assert_eq!(masters(&b).await.get(&id).map(|l| l.contains("app=b-second")), Some(true));
+    assert!(id > first + 300, "a number the 300 others left free: {id}");
+    // Four lost races (the lowest numbers in its stale view, then the lowest 4, 16, 64),
+    // then the read; learning one number per race it would lose again with the lowest 256.
+    assert_eq!(lost, 4, "lost races before it found a free number");
+}
+
+fn options(node: &str) -> KvOptions {
+    KvOptions {
+        endpoints: vec![],
+        cluster: "default".into(),
+        node: node.into(),
+        node_addresses: vec![],
+        lease_ttl: Duration::from_mins(1),
+        poll: Duration::from_secs(1),
+        op_timeout: OP_TIMEOUT,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbers_survive_an_emptied_store_and_unused_ones_are_collected() {
     let Some(mut etcd) = etcd_or_skip() else { return };

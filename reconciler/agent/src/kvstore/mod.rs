@@ -37,8 +37,14 @@ use palisade_policy::labels::LabelSet;
 
 use layout::{IDS, VALUES, id_key, label_key, parse_label_key, value_prefix};
 
-/// Attempts of one allocation before it gives up (each lost race re-reads the store).
+/// Attempts of one allocation before it gives up.
 pub const MAX_ATTEMPTS: u32 = 64;
+
+/// Lost races of one allocation after which the node reads every master key again.
+const REFRESH_AFTER: u32 = 4;
+
+/// Least time between two such reads by one node.
+const REFRESH_EVERY: Duration = Duration::from_millis(100);
 
 /// Why a kvstore operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +114,8 @@ pub struct Kv {
     /// Held by the one task sending queued attempts.
     sender: tokio::sync::Mutex<()>,
     health: std::sync::Mutex<health::Health>,
+    /// When the master keys were last read again after lost races.
+    refreshed: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Most attempts in one transaction (etcd's `--max-txn-ops` is 128 by default).
@@ -324,6 +332,7 @@ impl Kv {
             queue: std::sync::Mutex::default(),
             sender: tokio::sync::Mutex::new(()),
             health: std::sync::Mutex::default(),
+            refreshed: std::sync::Mutex::default(),
         })
     }
 
@@ -474,6 +483,7 @@ impl Kv {
         }
         self.load_masters().await?;
         let mut next: Option<Try> = None;
+        let mut lost_here = 0;
         for _ in 0..MAX_ATTEMPTS {
             let lease = self.wait_lease().await?;
             let mut reserved = None;
@@ -510,10 +520,16 @@ impl Kv {
                 }
                 return Ok(id);
             };
+            self.health().lost_races += 1;
             if matches!(attempt, Try::Fresh(_)) && seen.holder.is_none() {
                 self.cache().lost();
+                lost_here += 1;
+                if lost_here % REFRESH_AFTER == 0 {
+                    // The cache misses many numbers others took (its watcher lags, or there
+                    // is none): read them all rather than learn them one lost race each.
+                    self.refresh_masters().await?;
+                }
             }
-            self.health().lost_races += 1;
             self.cache().set(id, seen.master.clone());
             match seen.holder {
                 // Held by others under the number tried, yet its master key names other
@@ -603,6 +619,21 @@ impl Kv {
     async fn load_masters(&self) -> Result<(), KvError> {
         if self.cache().loaded {
             return Ok(());
+        }
+        let all = self.masters().await?;
+        self.replace_masters(all.into_iter().map(|m| (m.id, m.labels)));
+        Ok(())
+    }
+
+    /// Reads every master key into the cache again, at most every [`REFRESH_EVERY`] (the
+    /// node's concurrent allocations share one read).
+    async fn refresh_masters(&self) -> Result<(), KvError> {
+        {
+            let mut last = self.refreshed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+                return Ok(());
+            }
+            *last = Some(std::time::Instant::now());
         }
         let all = self.masters().await?;
         self.replace_masters(all.into_iter().map(|m| (m.id, m.labels)));
