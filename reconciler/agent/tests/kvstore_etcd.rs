@@ -298,6 +298,13 @@ async fn identity_of(n: &FakeNode, app: &str) -> Option<u32> {
     ids.into_iter().find(|i| i.labels.iter().any(|l| l == &format!("k8s:app={app}"))).map(|i| i.id)
 }
 
+/// The label set whose `app` is `app` on this agent.
+async fn set_of(n: &FakeNode, app: &str) -> LabelSet {
+    let ids = n.agent.identities.send(ListIdentities).await.unwrap();
+    let info = ids.into_iter().find(|i| i.labels.iter().any(|l| l == &format!("k8s:app={app}"))).unwrap();
+    info.labels.iter().map(|l| Label::parse(l)).collect()
+}
+
 /// The node's kvstore status as `GET /v1/status` reports it.
 fn kv_status(n: &FakeNode) -> palisade_agent::api::types::KvstoreStatus {
     let (kv, opts) = n.agent.kvstore.get().expect("kvstore mode runs");
@@ -372,6 +379,18 @@ async fn two_agents_share_identities_and_pod_addresses_through_etcd() {
     eventually("node-a publishes its removed key again", async || {
         let mut c = probe.client();
         c.get(web_key.clone(), None).await.is_ok_and(|r| r.count() == 1)
+    })
+    .await;
+    // Its per-node key of web too (no watcher reads per-node keys: the collection pass,
+    // every 2 x TTL, finds it missing).
+    let value_key = format!(
+        "cilium/state/identities/v1/value/{}/node-a",
+        palisade_agent::kvstore::layout::label_key(&set_of(&a, "web").await)
+    );
+    assert_eq!(c.delete(value_key.clone(), None).await.unwrap().deleted(), 1);
+    eventually("node-a writes its removed per-node key again", async || {
+        let mut c = probe.client();
+        c.get(value_key.clone(), None).await.is_ok_and(|r| r.count() == 1)
     })
     .await;
 

@@ -52,7 +52,7 @@ impl Params {
     fn of(size: Size) -> Params {
         match size {
             Size::Quick => Params { pods: 20, allocations: 25, rounds: 2, crr: 50, rr: 200 },
-            Size::Full => Params { pods: 120, allocations: 200, rounds: 10, crr: 300, rr: 2_000 },
+            Size::Full => Params { pods: 120, allocations: 200, rounds: 40, crr: 300, rr: 2_000 },
         }
     }
 }

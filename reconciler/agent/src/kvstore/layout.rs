@@ -21,6 +21,12 @@ pub const STATE: &str = "cilium/state/";
 pub const IDS: &str = "cilium/state/identities/v1/id/";
 /// Per-node keys: one per label set and node using it.
 pub const VALUES: &str = "cilium/state/identities/v1/value/";
+/// The first key after every per-node key (`/` + 1 is `0`), and the first after everything
+/// under [`STATE`]: the watcher reads `[AFTER_VALUES, STATE_END)` (the `ip` and `nodes`
+/// keys) and [`IDS`], not the per-node keys, which only their own node and the collection
+/// pass read.
+pub const AFTER_VALUES: &str = "cilium/state/identities/v1/value0";
+pub const STATE_END: &str = "cilium/state0";
 
 /// The label set as a key segment: `k8s:app=web;k8s:io.kubernetes.pod.namespace=default;`.
 pub fn label_key(labels: &LabelSet) -> String {

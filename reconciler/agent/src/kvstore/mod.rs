@@ -14,7 +14,9 @@
 //!   the endpoint tracker holds with what was written under the current lease; a lost
 //!   lease (expired while etcd was away, or etcd wiped) means a new lease and everything
 //!   written again.
-//! - **Watching**: every key under `cilium/state/`; other nodes' pod addresses map to the
+//! - **Watching**: the master keys and the `ip` and `nodes` keys (not the per-node keys: an
+//!   allocation elsewhere is no event here; the collection pass checks this node's own);
+//!   other nodes' pod addresses map to the
 //!   identity of their number in the ipcache (through the identity cache's remote
 //!   endpoints, as file mode and the Kubernetes source do), other nodes' addresses to
 //!   remote-node.
@@ -371,11 +373,6 @@ impl Kv {
         self.dirty.swap(false, Ordering::SeqCst)
     }
 
-    /// Whether `key` under `cilium/state/identities/v1/value/` is this node's.
-    pub fn is_own_value_key(&self, key: &str) -> bool {
-        key.starts_with(layout::VALUES) && key.rsplit_once('/').is_some_and(|(_, node)| node == self.node)
-    }
-
     /// `fut`, a request of `kind` ("get", "txn", "watch", ...), bounded by the request
     /// timeout; counted in [`Kv::health`].
     pub async fn bounded<T>(
@@ -674,10 +671,32 @@ impl Kv {
     /// unheld ones. Answers how many were deleted. Each deletion is one transaction that
     /// checks both, so an allocation racing with it either keeps the key or starts anew.
     pub async fn collect_unused(&self, candidates: &mut BTreeMap<u32, i64>) -> Result<usize, KvError> {
+        self.collect_unused_checking(candidates, std::iter::empty()).await
+    }
+
+    /// [`Kv::collect_unused`], and a check that this node's per-node keys of `own` (label
+    /// set key forms it published) are all there: one someone else removed means
+    /// everything is published again (the watcher does not read per-node keys).
+    pub async fn collect_unused_checking(
+        &self,
+        candidates: &mut BTreeMap<u32, i64>,
+        own: impl Iterator<Item = &str>,
+    ) -> Result<usize, KvError> {
         let masters = self.masters().await?;
         let mut c = self.client();
         // Every per-node key, names only: the label sets some node holds.
         let values = self.bounded("get", c.get(VALUES, Some(GetOptions::new().with_prefix().with_keys_only()))).await?;
+        let listed: BTreeSet<&str> = values.kvs().iter().filter_map(|kv| kv.key_str().ok()).collect();
+        for lkey in own {
+            let key = self.own_value_key(lkey);
+            if !listed.contains(key.as_str()) {
+                tracing::warn!(
+                    key,
+                    "kvstore: a per-node key of this node was removed by someone else; publishing again"
+                );
+                self.dirty.store(true, Ordering::SeqCst);
+            }
+        }
         let held: BTreeSet<&str> = values
             .kvs()
             .iter()

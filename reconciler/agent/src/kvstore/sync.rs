@@ -180,7 +180,8 @@ impl Publisher {
         }
         if self.last_gc.elapsed() >= opts.lease_ttl * 2 {
             self.last_gc = Instant::now();
-            if let Err(e) = kv.collect_unused(&mut self.gc_candidates).await {
+            let own = self.published.values.keys().map(String::as_str);
+            if let Err(e) = kv.collect_unused_checking(&mut self.gc_candidates, own).await {
                 self.quiet.warn("collecting unused identities failed", &e);
             }
         }
@@ -443,7 +444,8 @@ impl Mirror {
     }
 }
 
-/// Lists and watches `cilium/state/`; after the watch breaks, lists again. What a new
+/// Lists and watches the master keys and the `ip` and `nodes` keys of `cilium/state/`;
+/// after the watch breaks, lists again. What a new
 /// list lacks of the previous one was deleted while the watch was broken if the list
 /// continues the store's history ([`Store::continued_by`]), and goes at once; otherwise
 /// (etcd wiped or restored: an emptied store refilled by the agents would make every
@@ -463,26 +465,35 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
         }
         first = false;
         let mut c = kv.client();
-        let resp = match kv.bounded("list", c.get(layout::STATE, Some(GetOptions::new().with_prefix()))).await {
+        // The master keys, then the `ip` and `nodes` keys of the same revision.
+        let ids = match kv.bounded("list", c.get(layout::IDS, Some(GetOptions::new().with_prefix()))).await {
             Ok(r) => r,
             Err(e) => {
                 quiet.warn("listing the store failed", &e);
                 continue;
             }
         };
-        let revision = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
+        let revision = ids.header().map_or(0, etcd_client::ResponseHeader::revision);
+        let rest = GetOptions::new().with_range(layout::STATE_END).with_revision(revision);
+        let rest = match kv.bounded("list", c.get(layout::AFTER_VALUES, Some(rest))).await {
+            Ok(r) => r,
+            Err(e) => {
+                quiet.warn("listing the store failed", &e);
+                continue;
+            }
+        };
         {
             let mut h = kv.health();
             h.store_lists += 1;
             h.watch_revision = revision;
         }
         let mut fresh = Store::default();
-        for kvp in resp.kvs() {
+        for kvp in ids.kvs().iter().chain(rest.kvs()) {
             if let Ok(key) = kvp.key_str() {
                 fresh.put(&opts.cluster, key, kvp.value(), kvp.mod_revision());
             }
         }
-        kv.replace_masters(resp.kvs().iter().filter_map(|kvp| {
+        kv.replace_masters(ids.kvs().iter().filter_map(|kvp| {
             let id = kvp.key_str().ok()?.strip_prefix(layout::IDS)?.parse().ok()?;
             Some((id, String::from_utf8_lossy(kvp.value()).into_owned()))
         }));
@@ -505,14 +516,20 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
         if let Ok(revision) = agent.resolver.send(crate::actors::resolver::CurrentRevision).await {
             crate::metrics::readiness().source_synced(crate::metrics::SOURCE_KVSTORE, revision);
         }
+        // One stream, two watches: the master keys, and the `ip` and `nodes` keys.
         let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-        let mut stream = match kv.bounded("watch", c.watch(layout::STATE, Some(options))).await {
+        let mut stream = match kv.bounded("watch", c.watch(layout::IDS, Some(options))).await {
             Ok(s) => s,
             Err(e) => {
                 quiet.warn("watching the store failed", &e);
                 continue;
             }
         };
+        let options = WatchOptions::new().with_range(layout::STATE_END).with_start_revision(revision + 1);
+        if let Err(e) = kv.bounded("watch", stream.watch(layout::AFTER_VALUES, Some(options))).await {
+            quiet.warn("watching the store failed", &e);
+            continue;
+        }
         loop {
             let msg = match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
                 Err(_) => None,
@@ -525,9 +542,7 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
                     break;
                 }
             };
-            // A quiet second (the 5 s refresh, the grace of `previous`) or an event of
-            // something the mirror reads: per-node keys are not (a burst of allocations
-            // elsewhere costs no mirror pass per message).
+            // A quiet second (the 5 s refresh, the grace of `previous`) or events.
             let mut touched = msg.is_none();
             if let Some(m) = msg {
                 if m.canceled() {
@@ -544,7 +559,7 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
                 for ev in m.events() {
                     let Some(kvp) = ev.kv() else { continue };
                     let Ok(key) = kvp.key_str() else { continue };
-                    touched |= !key.starts_with(layout::VALUES);
+                    touched = true;
                     if let Some(id) = key.strip_prefix(layout::IDS).and_then(|s| s.parse().ok()) {
                         let labels = (ev.event_type() == EventType::Put)
                             .then(|| String::from_utf8_lossy(kvp.value()).into_owned());
@@ -555,7 +570,7 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
                         EventType::Delete => {
                             let own_ip = store.ips.get(key).is_some_and(|e| opts.node_addresses.contains(&e.host_ip));
                             let own_node = key == format!("{}{}", layout::nodes_prefix(&opts.cluster), opts.node);
-                            if own_ip || own_node || kv.is_own_value_key(key) {
+                            if own_ip || own_node {
                                 kv.note_own_key_deleted(key);
                             }
                             store.delete(key);
