@@ -17,20 +17,8 @@ pub struct Health {
     /// First failure of the current run of failures (`None` once a request is answered).
     pub failing_since: Option<SystemTime>,
     pub last_error: Option<String>,
-    pub lease_grants: u64,
-    pub leases_lost: u64,
-    pub store_lists: u64,
-    pub watch_revision: i64,
-    pub watch_events: u64,
-    /// Allocations answered, and attempts of them that lost a race to another node.
-    pub allocations: u64,
-    pub lost_races: u64,
-    pub published_identities: usize,
-    pub published_addresses: usize,
-    /// Label sets whose number etcd gives other labels (their pods are not published).
-    pub conflicted_identities: usize,
-    pub remote_addresses: usize,
-    pub remote_nodes: usize,
+    /// The counters and what was published and learnt (the other fields unused here).
+    pub counters: KvstoreStatus,
 }
 
 impl Health {
@@ -73,18 +61,7 @@ impl Health {
             last_error: self.last_error.clone(),
             operations: ok,
             failed_operations: failed,
-            lease_grants: self.lease_grants,
-            leases_lost: self.leases_lost,
-            store_lists: self.store_lists,
-            watch_revision: self.watch_revision,
-            watch_events: self.watch_events,
-            allocations: self.allocations,
-            lost_races: self.lost_races,
-            published_identities: self.published_identities,
-            published_addresses: self.published_addresses,
-            conflicted_identities: self.conflicted_identities,
-            remote_addresses: self.remote_addresses,
-            remote_nodes: self.remote_nodes,
+            ..self.counters.clone()
         }
     }
 
@@ -104,27 +81,27 @@ impl Health {
                 "lease_grants_total",
                 "counter",
                 "Leases granted to this node (at start and after each lost lease)",
-                &self.lease_grants,
+                &self.counters.lease_grants,
             ),
             (
                 "leases_lost_total",
                 "counter",
                 "Leases etcd no longer knew (expired while it was away, or the store wiped)",
-                &self.leases_lost,
+                &self.counters.leases_lost,
             ),
             (
                 "store_lists_total",
                 "counter",
                 "Complete lists of cilium/state/ (at start and after each broken watch)",
-                &self.store_lists,
+                &self.counters.store_lists,
             ),
-            ("watch_events_total", "counter", "Watch events received", &self.watch_events),
-            ("allocations_total", "counter", "Cluster-wide identity allocations answered", &self.allocations),
+            ("watch_events_total", "counter", "Watch events received", &self.counters.watch_events),
+            ("allocations_total", "counter", "Cluster-wide identity allocations answered", &self.counters.allocations),
             (
                 "allocation_lost_races_total",
                 "counter",
                 "Allocation attempts that found the store changed by another node",
-                &self.lost_races,
+                &self.counters.lost_races,
             ),
             (
                 "failing_seconds",
@@ -136,17 +113,22 @@ impl Health {
                 "published_identities",
                 "gauge",
                 "Label sets this node holds a per-node key for",
-                &self.published_identities,
+                &self.counters.published_identities,
             ),
-            ("published_addresses", "gauge", "Pod addresses this node published", &self.published_addresses),
+            ("published_addresses", "gauge", "Pod addresses this node published", &self.counters.published_addresses),
             (
                 "conflicted_identities",
                 "gauge",
                 "Label sets whose number etcd gives other labels (their pods not published)",
-                &self.conflicted_identities,
+                &self.counters.conflicted_identities,
             ),
-            ("remote_addresses", "gauge", "Other nodes' pod addresses handed to the ipcache", &self.remote_addresses),
-            ("remote_nodes", "gauge", "Other nodes' addresses known as remote-node", &self.remote_nodes),
+            (
+                "remote_addresses",
+                "gauge",
+                "Other nodes' pod addresses handed to the ipcache",
+                &self.counters.remote_addresses,
+            ),
+            ("remote_nodes", "gauge", "Other nodes' addresses known as remote-node", &self.counters.remote_nodes),
             ("lease_id", "gauge", "The lease this node's keys live under (0: none)", &lease),
         ];
         for (name, kind, help, v) in values {

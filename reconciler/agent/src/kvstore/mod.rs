@@ -510,14 +510,14 @@ impl Kv {
             }
             let resp = resp?;
             let Some(seen) = Seen::of(&resp)? else {
-                self.health().allocations += 1;
+                self.health().counters.allocations += 1;
                 self.cache().set(id, Some(lkey));
                 if matches!(attempt, Try::Fresh(_)) {
                     self.cache().won();
                 }
                 return Ok(id);
             };
-            self.health().lost_races += 1;
+            self.health().counters.lost_races += 1;
             if matches!(attempt, Try::Fresh(_)) && seen.holder.is_none() {
                 self.cache().lost();
                 lost_here += 1;

@@ -107,7 +107,7 @@ impl Publisher {
                 Ok(id) => {
                     tracing::info!(lease = id, "kvstore: lease granted; publishing this node's state");
                     kv.set_lease(id);
-                    kv.health().lease_grants += 1;
+                    kv.health().counters.lease_grants += 1;
                     if self.lease_used != 0 {
                         self.superseded = Some(self.lease_used);
                     }
@@ -131,7 +131,7 @@ impl Publisher {
                         "kvstore: the lease is gone (expired or the store was emptied); publishing again under a new one"
                     );
                     kv.set_lease(0);
-                    kv.health().leases_lost += 1;
+                    kv.health().counters.leases_lost += 1;
                     return false;
                 }
                 Err(e) => {
@@ -150,9 +150,9 @@ impl Publisher {
         let result = publish(agent, kv, opts, &mut self.published).await;
         {
             let mut h = kv.health();
-            h.published_identities = self.published.values.len();
-            h.published_addresses = self.published.ips.len();
-            h.conflicted_identities = self.published.conflicted.len();
+            h.counters.published_identities = self.published.values.len();
+            h.counters.published_addresses = self.published.ips.len();
+            h.counters.conflicted_identities = self.published.conflicted.len();
         }
         if let (Ok(()), Some(old)) = (&result, self.superseded) {
             // Everything is written under the new lease: what is left under the old one is
@@ -172,7 +172,7 @@ impl Publisher {
             if e.lease_lost() {
                 tracing::warn!("kvstore: the lease is gone; publishing again under a new one");
                 kv.set_lease(0);
-                kv.health().leases_lost += 1;
+                kv.health().counters.leases_lost += 1;
             } else {
                 self.quiet.warn("publishing failed", &e);
             }
@@ -484,8 +484,8 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
         };
         {
             let mut h = kv.health();
-            h.store_lists += 1;
-            h.watch_revision = revision;
+            h.counters.store_lists += 1;
+            h.counters.watch_revision = revision;
         }
         let mut fresh = Store::default();
         for kvp in ids.kvs().iter().chain(rest.kvs()) {
@@ -550,10 +550,10 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
                 }
                 {
                     let mut h = kv.health();
-                    h.watch_events += m.events().len() as u64;
+                    h.counters.watch_events += m.events().len() as u64;
                     if let Some(header) = m.header() {
                         store.revision = store.revision.max(header.revision());
-                        h.watch_revision = store.revision;
+                        h.counters.watch_revision = store.revision;
                     }
                 }
                 for ev in m.events() {
@@ -590,8 +590,8 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
             }
             mirror.apply(&agent, &store.with_older(&previous), &opts).await;
             let mut h = kv.health();
-            h.remote_addresses = mirror.applied.len();
-            h.remote_nodes = mirror.remote_nodes.len();
+            h.counters.remote_addresses = mirror.applied.len();
+            h.counters.remote_nodes = mirror.remote_nodes.len();
         }
     }
 }
