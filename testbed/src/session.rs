@@ -304,7 +304,7 @@ impl Session {
     }
 
     /// Node `k`'s directories.
-    fn node_dirs(&self, k: usize) -> &RunDirs {
+    pub fn node_dirs(&self, k: usize) -> &RunDirs {
         if k == 0 { &self.dirs } else { &self.node_dirs[k - 1] }
     }
 
@@ -987,6 +987,15 @@ impl Session {
         Ok(exit)
     }
 
+    /// Stops the agent of node `node` and starts it again, waiting only until it answers on
+    /// its API (not until it has applied: with the kvstore away it cannot finish its first
+    /// list, so it holds what the kernel has, as it found it, until the store answers).
+    pub async fn restart_agent_of_unsynced(&mut self, node: usize, how: agent::StopHow) -> Result<String, SetupError> {
+        let exit = self.stop_agent_of(node, how)?;
+        self.start_agent_again_inner(node, false).await?;
+        Ok(exit)
+    }
+
     /// Starts the agent again after [`Session::stop_agent`], with the same arguments.
     /// Nothing is registered again: the agent restores its endpoints from its state
     /// directory. Waits until it answers and has realized its first revision (which
@@ -998,6 +1007,10 @@ impl Session {
     /// [`Session::start_agent_again`] for the agent of node `node` (it reads its remote
     /// endpoints file again by itself).
     pub async fn start_agent_again_of(&mut self, node: usize) -> Result<(), SetupError> {
+        self.start_agent_again_inner(node, true).await
+    }
+
+    async fn start_agent_again_inner(&mut self, node: usize, applied: bool) -> Result<(), SetupError> {
         if node >= self.plan.nodes.len() {
             return Err(SetupError::Unsupported(format!("the scenario has no node #{node}")));
         }
@@ -1010,12 +1023,14 @@ impl Session {
         side.process.start_again(node_ns, dirs)?;
         side.process.wait_ready(READY_TIMEOUT).await?;
         let client = &side.process.client;
-        agent::call(
-            "waiting until the restarted agent applied",
-            READY_TIMEOUT + Duration::from_secs(5),
-            client.wait_current(READY_TIMEOUT),
-        )
-        .await?;
+        if applied {
+            agent::call(
+                "waiting until the restarted agent applied",
+                READY_TIMEOUT + Duration::from_secs(5),
+                client.wait_current(READY_TIMEOUT),
+            )
+            .await?;
+        }
         side.collector = Collector::start(client).await?;
         side.endpoints = agent::call("listing endpoints", CALL_TIMEOUT, client.endpoints())
             .await?

@@ -193,7 +193,7 @@ fn etcd_away_30s_while_a_pod_comes_on_one_node_and_one_goes_on_another_privilege
     let (plan, names, opts) = kube_kvstore_run("co");
     let rt = runtime();
     rt.block_on(async {
-        let session = Session::up(&plan, &opts, &names).await.expect("the cluster comes up, Kubernetes and kvstore");
+        let mut session = Session::up(&plan, &opts, &names).await.expect("the cluster comes up, Kubernetes and kvstore");
         let api = session.kube_api().unwrap().clone();
         let pod = |name: &str| plan.pods.iter().position(|p| p.name == name).unwrap();
         let v4 = |i: usize| format!("{}/32", plan.pods[i].ipv4.unwrap());
@@ -205,7 +205,11 @@ fn etcd_away_30s_while_a_pod_comes_on_one_node_and_one_goes_on_another_privilege
             .map(|(_, id)| id)
             .unwrap();
         let c_to_backend = [tcp_probe(&plan, "default/client-c", "default/backend", 8080, Allow)];
-        let seen = async || observe(&session, &c_to_backend).await.remove(0).0;
+        macro_rules! seen {
+            () => {
+                observe(&session, &c_to_backend).await.remove(0).0
+            };
+        }
 
         // client-c leaves first (node-b forgets it through etcd), to come back later.
         api.delete("Pod", "default/client-c");
@@ -214,7 +218,7 @@ fn etcd_away_30s_while_a_pod_comes_on_one_node_and_one_goes_on_another_privilege
         })
         .await;
         session.wait_realized().await.unwrap();
-        assert_eq!(seen().await, Observed::Deny, "client-c unknown to node-b: world");
+        assert_eq!(seen!(), Observed::Deny, "client-c unknown to node-b: world");
 
         let stop = Arc::new(AtomicBool::new(false));
         let probing = {
@@ -225,8 +229,7 @@ fn etcd_away_30s_while_a_pod_comes_on_one_node_and_one_goes_on_another_privilege
                 probe_continuously(ns, server, [8080, 9090], stop, 5_000, Duration::from_mins(3))
             })
         };
-        let etcd = session.etcd().unwrap();
-        etcd.stop();
+        session.etcd().unwrap().stop();
         let stopped = Instant::now();
         api.upsert(kubeapi::pod_object(&plan, client_c, "node-c"));
         api.delete("Pod", "default/other");
@@ -234,9 +237,27 @@ fn etcd_away_30s_while_a_pod_comes_on_one_node_and_one_goes_on_another_privilege
         let b = ipcache(&session, 1).await;
         assert!(!b.contains_key(&v4(client_c)), "node-b cannot learn client-c while etcd is away");
         assert!(b.contains_key(&v4(other)), "node-b keeps what it learnt while etcd is away");
-        assert_eq!(seen().await, Observed::Deny, "the new pod fails closed while etcd is away");
+        assert_eq!(seen!(), Observed::Deny, "the new pod fails closed while etcd is away");
+        // node-b's agent SIGKILLed and started again while etcd is away: it cannot list the
+        // store, so it holds the kernel's state as it found it (the probes keep their
+        // verdicts), and it keeps its pods' numbers.
+        let numbers = |ids: BTreeMap<String, u32>| {
+            // node-b's own pod and the remote one that stays (`other` goes, and its number
+            // with it).
+            ids.into_iter()
+                .filter(|(l, _)| l.contains("k8s:app=backend") || l.contains("k8s:app=frontend"))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let before = numbers(identities(&session, 1).await);
+        session
+            .restart_agent_of_unsynced(1, palisade_testbed::agent::StopHow::Kill)
+            .await
+            .expect("node-b's agent starts again while etcd is away");
+        let b = ipcache(&session, 1).await;
+        let log = palisade_testbed::agent::log_tail(&session.node_dirs(1).log, 30);
+        assert!(b.contains_key(&v4(other)) && !b.contains_key(&v4(client_c)), "the restarted node-b holds what it had: {b:?}\n{log}");
         tokio::time::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed())).await;
-        etcd.restart().expect("etcd comes back");
+        session.etcd().unwrap().restart().expect("etcd comes back");
         let back = Instant::now();
         let (learnt, forgot) = (std::cell::Cell::new(None), std::cell::Cell::new(None));
         let converged = eventually("node-b learns client-c and forgets other once etcd is back", async || {
@@ -257,7 +278,12 @@ fn etcd_away_30s_while_a_pod_comes_on_one_node_and_one_goes_on_another_privilege
             learnt.get().unwrap(),
             forgot.get().unwrap()
         );
-        assert_eq!(seen().await, Observed::Allow, "client-c has frontend's rights again");
+        assert_eq!(seen!(), Observed::Allow, "client-c has frontend's rights again");
+        let after = numbers(identities(&session, 1).await);
+        assert_eq!(before.len(), 2, "{before:?}");
+        for (labels, id) in &before {
+            assert_eq!(after.get(labels), Some(id), "node-b's restarted agent keeps the number of {labels}");
+        }
         stop.store(true, Ordering::Relaxed);
         let tally = probing.join().unwrap();
         assert!(tally.rounds >= 10, "{tally}");

@@ -19,6 +19,9 @@ use crate::api::types::{EndpointSpec, ReservedEntity};
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
 /// File of the reserved ipcache entries.
 pub const IPCACHE_FILE: &str = "ipcache.json";
+/// What the kvstore taught (the other nodes' pods, identities and nodes), restored before the
+/// store answers after a restart.
+pub const KVSTORE_FILE: &str = "kvstore-remote.json";
 /// Format version written into every file.
 pub const VERSION: u32 = 1;
 
@@ -94,9 +97,19 @@ impl StateDir {
         save(&self.path, IPCACHE_FILE, &ReservedEntries { version: VERSION, ..entries.clone() })
     }
 
+    /// What the kvstore taught this node of the others (`kvstore/sync.rs`); empty when
+    /// there is none.
+    pub fn load_kvstore<T: Default + for<'de> Deserialize<'de>>(&self) -> std::io::Result<T> {
+        load(&self.path.join(KVSTORE_FILE))
+    }
+
+    pub fn save_kvstore<T: Serialize>(&self, value: &T) -> std::io::Result<()> {
+        save(&self.path, KVSTORE_FILE, value)
+    }
+
     /// Removes the state files and the directory (if empty then). Missing is fine.
     pub fn remove(&self) -> std::io::Result<()> {
-        for f in [ENDPOINTS_FILE, IPCACHE_FILE] {
+        for f in [ENDPOINTS_FILE, IPCACHE_FILE, KVSTORE_FILE] {
             match std::fs::remove_file(self.path.join(f)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                 _ => {}

@@ -266,7 +266,10 @@ fn main() -> std::process::ExitCode {
                 .send(palisade_agent::actors::identity::UseKvstore(kv.clone()))
                 .await
                 .map_err(|e| e.to_string())?;
-            actix_rt::spawn(palisade_agent::kvstore::sync::run(agent.clone(), kv, opts));
+            // What the store taught before a restart, before the other sources start: an
+            // agent restarted while etcd is away keeps the other nodes' pods.
+            let restored = palisade_agent::kvstore::sync::restore(&agent, &opts).await;
+            actix_rt::spawn(palisade_agent::kvstore::sync::run_restored(agent.clone(), kv, opts, restored));
         }
         if let Some(opts) = remote_file {
             actix_rt::spawn(palisade_agent::remote_file::run(agent.clone(), opts));

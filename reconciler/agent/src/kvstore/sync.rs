@@ -16,12 +16,59 @@ use crate::actors::identity::{RemoveRemoteEndpoint, SetKvstoreNodes};
 use crate::api::types::PortSpec;
 use crate::k8s::sync::RemoteSpec;
 
-/// Runs the lease, the publisher and the watcher until the agent stops.
+/// Runs the lease, the publisher and the watcher until the agent stops ([`restore`] first).
 pub async fn run(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
+    let restored = restore(&agent, &opts).await;
+    Box::pin(run_restored(agent, kv, opts, restored)).await;
+}
+
+/// [`run`] after [`restore`] (which the agent awaits before its API answers and its other
+/// sources start).
+pub async fn run_restored(agent: Agent, kv: Arc<Kv>, opts: KvOptions, restored: Restored) {
     let _ = agent.kvstore.set((kv.clone(), opts.clone()));
     tracing::info!(endpoints = ?opts.endpoints, node = %opts.node, cluster = %opts.cluster, ttl = ?opts.lease_ttl, "kvstore mode: identities, pods and nodes shared through etcd");
-    actix_rt::spawn(watch(agent.clone(), kv.clone(), opts.clone()));
+    actix_rt::spawn(watch(agent.clone(), kv.clone(), opts.clone(), restored));
     publish_loop(agent, kv, opts).await;
+}
+
+/// What the watcher knew when the agent last saved it, handed to the identity cache again.
+pub struct Restored {
+    store: Store,
+    mirror: Mirror,
+}
+
+/// The other nodes' pods and nodes as the kvstore taught them before a restart (the state
+/// directory keeps them), handed to the identity cache before the store answers: an agent
+/// restarted while etcd is away keeps judging their flows as before instead of as world.
+/// The first list replaces them (what it lacks goes at once if it continues the saved
+/// history, after the grace otherwise).
+pub async fn restore(agent: &Agent, opts: &KvOptions) -> Restored {
+    let dir = crate::state::StateDir::new(&agent.config.state_dir);
+    let snapshot: Snapshot = dir.load_kvstore().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "kvstore: what the store taught before the restart is unreadable; starting without it");
+        Snapshot::default()
+    });
+    let store = Store::from_snapshot(&snapshot, &opts.cluster);
+    let mut mirror = Mirror::new();
+    if !store.ips.is_empty() || !store.nodes.is_empty() {
+        mirror.apply(agent, &store, opts).await;
+        tracing::info!(
+            revision = store.revision,
+            addresses = mirror.applied.len(),
+            nodes = mirror.remote_nodes.len(),
+            "kvstore: what the store taught before the restart restored until it answers"
+        );
+    }
+    Restored { store, mirror }
+}
+
+/// The watched store as the state directory keeps it.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Snapshot {
+    revision: i64,
+    /// Every key with its value and the revision it was written at.
+    keys: BTreeMap<String, (String, i64)>,
 }
 
 /// How long a label set whose number etcd gives other labels waits before it is tried again.
@@ -345,6 +392,14 @@ impl Store {
         evidence
     }
 
+    fn from_snapshot(snapshot: &Snapshot, cluster: &str) -> Store {
+        let mut store = Store { revision: snapshot.revision, ..Store::default() };
+        for (key, (value, rev)) in &snapshot.keys {
+            store.put(cluster, key, value.as_bytes(), *rev);
+        }
+        store
+    }
+
     /// `self`, and of `older` what `self` lacks.
     /// (The entries only: not the revisions, which only the watched store needs.)
     fn merged(&self, older: &Store) -> Store {
@@ -368,6 +423,31 @@ impl Store {
         } else {
             std::borrow::Cow::Owned(self.merged(older))
         }
+    }
+}
+
+/// What the watcher last wrote to the state directory.
+struct Saved {
+    revision: i64,
+    at: Instant,
+    /// Every key with its value and revision (kept as it goes, for the snapshot).
+    keys: BTreeMap<String, (String, i64)>,
+}
+
+impl Saved {
+    /// Writes the snapshot when the store moved on: at most every second while watching
+    /// (`now`: at once, after a list and when the watch broke).
+    fn maybe_save(&mut self, state: &crate::state::StateDir, revision: i64, now: bool) {
+        if revision == self.revision || (!now && self.at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        let snapshot = Snapshot { revision, keys: std::mem::take(&mut self.keys) };
+        if let Err(e) = state.save_kvstore(&snapshot) {
+            tracing::warn!(error = %e, "kvstore: saving what the store taught to the state directory failed");
+        }
+        self.keys = snapshot.keys;
+        self.revision = revision;
+        self.at = Instant::now();
     }
 }
 
@@ -404,6 +484,10 @@ fn desired(store: &Store, own: &[IpAddr]) -> BTreeMap<String, (RemoteSpec, u32)>
 }
 
 impl Mirror {
+    fn new() -> Mirror {
+        Mirror { applied: BTreeMap::new(), remote_nodes: BTreeSet::new(), last_full: Instant::now() }
+    }
+
     async fn apply(&mut self, agent: &Agent, store: &Store, opts: &KvOptions) {
         let want = desired(store, &opts.node_addresses);
         let all = self.last_full.elapsed() > Duration::from_secs(5);
@@ -451,10 +535,11 @@ impl Mirror {
 /// (etcd wiped or restored: an emptied store refilled by the agents would make every
 /// remote pod world for a moment) it is kept for twice the lease TTL. Deletions the watch
 /// reports apply at once.
-async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
-    let mut mirror = Mirror { applied: BTreeMap::new(), remote_nodes: BTreeSet::new(), last_full: Instant::now() };
-    let mut store = Store::default();
+async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions, restored: Restored) {
+    let Restored { mut store, mut mirror } = restored;
     let mut previous = Store::default();
+    let state = crate::state::StateDir::new(&agent.config.state_dir);
+    let mut saved = Saved { revision: store.revision, at: Instant::now(), keys: BTreeMap::new() };
     let mut previous_until = Instant::now();
     let mut quiet = Quiet { last: None };
     let grace = opts.lease_ttl * 2;
@@ -488,9 +573,12 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
             h.counters.watch_revision = revision;
         }
         let mut fresh = Store::default();
+        saved.keys.clear();
         for kvp in ids.kvs().iter().chain(rest.kvs()) {
             if let Ok(key) = kvp.key_str() {
                 fresh.put(&opts.cluster, key, kvp.value(), kvp.mod_revision());
+                let value = String::from_utf8_lossy(kvp.value()).into_owned();
+                saved.keys.insert(key.to_string(), (value, kvp.mod_revision()));
             }
         }
         kv.replace_masters(ids.kvs().iter().filter_map(|kvp| {
@@ -513,6 +601,7 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
             "kvstore: store listed; watching"
         );
         mirror.apply(&agent, &store.with_older(&previous), &opts).await;
+        saved.maybe_save(&state, store.revision, true);
         if let Ok(revision) = agent.resolver.send(crate::actors::resolver::CurrentRevision).await {
             crate::metrics::readiness().source_synced(crate::metrics::SOURCE_KVSTORE, revision);
         }
@@ -566,7 +655,11 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
                         kv.note_master(id, labels);
                     }
                     match ev.event_type() {
-                        EventType::Put => store.put(&opts.cluster, key, kvp.value(), kvp.mod_revision()),
+                        EventType::Put => {
+                            store.put(&opts.cluster, key, kvp.value(), kvp.mod_revision());
+                            let value = String::from_utf8_lossy(kvp.value()).into_owned();
+                            saved.keys.insert(key.to_string(), (value, kvp.mod_revision()));
+                        }
                         EventType::Delete => {
                             let own_ip = store.ips.get(key).is_some_and(|e| opts.node_addresses.contains(&e.host_ip));
                             let own_node = key == format!("{}{}", layout::nodes_prefix(&opts.cluster), opts.node);
@@ -575,6 +668,7 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
                             }
                             store.delete(key);
                             previous.delete(key);
+                            saved.keys.remove(key);
                         }
                     }
                 }
@@ -585,6 +679,7 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
             if Instant::now() > previous_until {
                 previous = Store::default();
             }
+            saved.maybe_save(&state, store.revision, false);
             if !touched {
                 continue;
             }
@@ -593,6 +688,8 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions) {
             h.counters.remote_addresses = mirror.applied.len();
             h.counters.remote_nodes = mirror.remote_nodes.len();
         }
+        // The watch broke: what it brought is kept for a restart before etcd is back.
+        saved.maybe_save(&state, store.revision, true);
     }
 }
 
