@@ -117,6 +117,8 @@ fn kubectl_lists_applies_edits_and_deletes_every_policy_kind_privileged() {
     built_agent();
     let root = tempfile::tempdir().unwrap();
     let up = testbed(root.path(), &["up", "--kubernetes", SCENARIO]);
+    // Down also when an assertion below fails (the instance outlives this process).
+    let _down = Down(root.path());
     let up_text = ok(&up);
     let state = palisade_testbed::instance::InstanceState::load(&root.path().join("default")).unwrap().unwrap();
     let kubeconfig = state.kubeconfig.clone().expect("up --kubernetes writes a kubeconfig");
