@@ -364,13 +364,13 @@ fn restore(config: &AgentConfig) -> Result<EndpointRegistry, StartError> {
         .map_err(|source| StartError::State { dir: config.state_dir.clone(), source })
 }
 
-/// Decodes the verdict events of `reader` (naming things with `names`) onto `events` and
-/// into the flow buffer, on a thread of its own (not the actors' thread: a burst of drops
-/// must not delay the actors).
 /// How long the verdict-event reader waits after a wake-up for more events to read at
 /// once: the most a flow record or monitor event is delayed by the batching.
 const EVENT_BATCH_WINDOW: Duration = Duration::from_millis(10);
 
+/// Decodes the verdict events of `reader` (naming things with `names`) onto `events` and
+/// into the flow buffer, on a thread of its own (not the actors' thread: a burst of drops
+/// must not delay the actors).
 fn feed_events(
     mut reader: EventReader,
     names: Arc<RwLock<DecodeContext>>,

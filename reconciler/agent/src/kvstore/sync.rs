@@ -44,7 +44,7 @@ pub struct Restored {
 /// history, after the grace otherwise).
 pub async fn restore(agent: &Agent, opts: &KvOptions) -> Restored {
     let dir = crate::state::StateDir::new(&agent.config.state_dir);
-    let snapshot: Snapshot = dir.load_kvstore().unwrap_or_else(|e| {
+    let snapshot: Snapshot<'static> = dir.load_kvstore().unwrap_or_else(|e| {
         tracing::warn!(error = %e, "kvstore: what the store taught before the restart is unreadable; starting without it");
         Snapshot::default()
     });
@@ -65,10 +65,10 @@ pub async fn restore(agent: &Agent, opts: &KvOptions) -> Restored {
 /// The watched store as the state directory keeps it.
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Snapshot {
+struct Snapshot<'a> {
     revision: i64,
     /// Every key with its value and the revision it was written at.
-    keys: BTreeMap<String, (String, i64)>,
+    keys: std::borrow::Cow<'a, BTreeMap<String, (String, i64)>>,
 }
 
 /// How long a label set whose number etcd gives other labels waits before it is tried again.
@@ -339,15 +339,16 @@ struct Store {
     identities: BTreeMap<u32, LabelSet>,
     ips: BTreeMap<String, IpEntry>,
     nodes: BTreeMap<String, NodeEntry>,
-    /// Every key held, with the revision it was last written at.
-    revisions: BTreeMap<String, i64>,
+    /// Every key held, with its value and the revision it was last written at (the
+    /// continuity check's evidence, and the state directory's snapshot).
+    raw: BTreeMap<String, (String, i64)>,
     /// The store revision this is the state at.
     revision: i64,
 }
 
 impl Store {
     fn put(&mut self, cluster: &str, key: &str, value: &[u8], mod_revision: i64) {
-        self.revisions.insert(key.to_string(), mod_revision);
+        self.raw.insert(key.to_string(), (String::from_utf8_lossy(value).into_owned(), mod_revision));
         match layout::parse_entry(cluster, key, value) {
             Ok(Entry::Identity(id, labels)) => {
                 self.identities.insert(id, labels);
@@ -364,7 +365,7 @@ impl Store {
     }
 
     fn delete(&mut self, key: &str) {
-        self.revisions.remove(key);
+        self.raw.remove(key);
         if let Some(id) = key.strip_prefix(layout::IDS).and_then(|s| s.parse::<u32>().ok()) {
             self.identities.remove(&id);
         }
@@ -383,8 +384,8 @@ impl Store {
             return false;
         }
         let mut evidence = false;
-        for (key, rev) in fresh.revisions.iter().filter(|(_, rev)| **rev <= self.revision) {
-            if self.revisions.get(key) != Some(rev) {
+        for (key, (_, rev)) in fresh.raw.iter().filter(|(_, (_, rev))| *rev <= self.revision) {
+            if self.raw.get(key).map(|(_, r)| r) != Some(rev) {
                 return false;
             }
             evidence = true;
@@ -392,16 +393,16 @@ impl Store {
         evidence
     }
 
-    fn from_snapshot(snapshot: &Snapshot, cluster: &str) -> Store {
+    fn from_snapshot(snapshot: &Snapshot<'_>, cluster: &str) -> Store {
         let mut store = Store { revision: snapshot.revision, ..Store::default() };
-        for (key, (value, rev)) in &snapshot.keys {
+        for (key, (value, rev)) in snapshot.keys.iter() {
             store.put(cluster, key, value.as_bytes(), *rev);
         }
         store
     }
 
     /// `self`, and of `older` what `self` lacks.
-    /// (The entries only: not the revisions, which only the watched store needs.)
+    /// (The entries only: not the raw keys, which only the watched store needs.)
     fn merged(&self, older: &Store) -> Store {
         let mut out = Store {
             identities: older.identities.clone(),
@@ -415,38 +416,35 @@ impl Store {
         out
     }
 
+    fn is_empty(&self) -> bool {
+        self.identities.is_empty() && self.ips.is_empty() && self.nodes.is_empty()
+    }
+
     /// What the mirror is given: `self`, with `older`'s entries it lacks, copied only when
     /// there are any (each watch message costs a look at the store, not a copy of it).
     fn with_older<'a>(&'a self, older: &Store) -> std::borrow::Cow<'a, Store> {
-        if older.identities.is_empty() && older.ips.is_empty() && older.nodes.is_empty() {
-            std::borrow::Cow::Borrowed(self)
-        } else {
-            std::borrow::Cow::Owned(self.merged(older))
-        }
+        if older.is_empty() { std::borrow::Cow::Borrowed(self) } else { std::borrow::Cow::Owned(self.merged(older)) }
     }
 }
 
-/// What the watcher last wrote to the state directory.
+/// When and at which revision the watcher last wrote the store to the state directory.
 struct Saved {
     revision: i64,
     at: Instant,
-    /// Every key with its value and revision (kept as it goes, for the snapshot).
-    keys: BTreeMap<String, (String, i64)>,
 }
 
 impl Saved {
-    /// Writes the snapshot when the store moved on: at most every second while watching
-    /// (`now`: at once, after a list and when the watch broke).
-    fn maybe_save(&mut self, state: &crate::state::StateDir, revision: i64, now: bool) {
-        if revision == self.revision || (!now && self.at.elapsed() < Duration::from_secs(1)) {
+    /// Writes `store` when it moved on: at most every second while watching (`now`: at
+    /// once, after a list and when the watch broke).
+    fn maybe_save(&mut self, state: &crate::state::StateDir, store: &Store, now: bool) {
+        if store.revision == self.revision || (!now && self.at.elapsed() < Duration::from_secs(1)) {
             return;
         }
-        let snapshot = Snapshot { revision, keys: std::mem::take(&mut self.keys) };
+        let snapshot = Snapshot { revision: store.revision, keys: std::borrow::Cow::Borrowed(&store.raw) };
         if let Err(e) = state.save_kvstore(&snapshot) {
             tracing::warn!(error = %e, "kvstore: saving what the store taught to the state directory failed");
         }
-        self.keys = snapshot.keys;
-        self.revision = revision;
+        self.revision = store.revision;
         self.at = Instant::now();
     }
 }
@@ -539,7 +537,7 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions, restored: Restored) {
     let Restored { mut store, mut mirror } = restored;
     let mut previous = Store::default();
     let state = crate::state::StateDir::new(&agent.config.state_dir);
-    let mut saved = Saved { revision: store.revision, at: Instant::now(), keys: BTreeMap::new() };
+    let mut saved = Saved { revision: store.revision, at: Instant::now() };
     let mut previous_until = Instant::now();
     let mut quiet = Quiet { last: None };
     let grace = opts.lease_ttl * 2;
@@ -573,12 +571,9 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions, restored: Restored) {
             h.counters.watch_revision = revision;
         }
         let mut fresh = Store::default();
-        saved.keys.clear();
         for kvp in ids.kvs().iter().chain(rest.kvs()) {
             if let Ok(key) = kvp.key_str() {
                 fresh.put(&opts.cluster, key, kvp.value(), kvp.mod_revision());
-                let value = String::from_utf8_lossy(kvp.value()).into_owned();
-                saved.keys.insert(key.to_string(), (value, kvp.mod_revision()));
             }
         }
         kv.replace_masters(ids.kvs().iter().filter_map(|kvp| {
@@ -586,9 +581,9 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions, restored: Restored) {
             Some((id, String::from_utf8_lossy(kvp.value()).into_owned()))
         }));
         fresh.revision = revision;
-        if store.continued_by(&fresh) {
-            // What the list lacks was deleted while the watch was broken: gone at once.
-        } else {
+        // A list that continues the history: what it lacks was deleted while the watch was
+        // broken, gone at once. Otherwise it is kept for the grace.
+        if !store.continued_by(&fresh) {
             previous = store.merged(&previous);
             previous_until = Instant::now() + grace;
         }
@@ -601,7 +596,7 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions, restored: Restored) {
             "kvstore: store listed; watching"
         );
         mirror.apply(&agent, &store.with_older(&previous), &opts).await;
-        saved.maybe_save(&state, store.revision, true);
+        saved.maybe_save(&state, &store, true);
         if let Ok(revision) = agent.resolver.send(crate::actors::resolver::CurrentRevision).await {
             crate::metrics::readiness().source_synced(crate::metrics::SOURCE_KVSTORE, revision);
         }
@@ -655,11 +650,7 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions, restored: Restored) {
                         kv.note_master(id, labels);
                     }
                     match ev.event_type() {
-                        EventType::Put => {
-                            store.put(&opts.cluster, key, kvp.value(), kvp.mod_revision());
-                            let value = String::from_utf8_lossy(kvp.value()).into_owned();
-                            saved.keys.insert(key.to_string(), (value, kvp.mod_revision()));
-                        }
+                        EventType::Put => store.put(&opts.cluster, key, kvp.value(), kvp.mod_revision()),
                         EventType::Delete => {
                             let own_ip = store.ips.get(key).is_some_and(|e| opts.node_addresses.contains(&e.host_ip));
                             let own_node = key == format!("{}{}", layout::nodes_prefix(&opts.cluster), opts.node);
@@ -668,18 +659,15 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions, restored: Restored) {
                             }
                             store.delete(key);
                             previous.delete(key);
-                            saved.keys.remove(key);
                         }
                     }
                 }
             }
-            if Instant::now() > previous_until && !previous.ips.is_empty() {
+            if Instant::now() > previous_until && !previous.is_empty() {
                 touched = true;
-            }
-            if Instant::now() > previous_until {
                 previous = Store::default();
             }
-            saved.maybe_save(&state, store.revision, false);
+            saved.maybe_save(&state, &store, false);
             if !touched {
                 continue;
             }
@@ -689,7 +677,7 @@ async fn watch(agent: Agent, kv: Arc<Kv>, opts: KvOptions, restored: Restored) {
             h.counters.remote_nodes = mirror.remote_nodes.len();
         }
         // The watch broke: what it brought is kept for a restart before etcd is back.
-        saved.maybe_save(&state, store.revision, true);
+        saved.maybe_save(&state, &store, true);
     }
 }
 
@@ -722,7 +710,7 @@ mod tests {
     #[test]
     fn a_list_continues_the_history_only_with_evidence_and_no_contradiction() {
         let store = |revision: i64, keys: &[(&str, i64)]| Store {
-            revisions: keys.iter().map(|(k, r)| ((*k).to_string(), *r)).collect(),
+            raw: keys.iter().map(|(k, r)| ((*k).to_string(), (String::new(), *r))).collect(),
             revision,
             ..Store::default()
         };
